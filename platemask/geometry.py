@@ -1,0 +1,87 @@
+"""Plate polygons: from a soft instance mask to a fail-safe outline, and outward growth.
+
+All functions are pure and work in pixel coordinates (x right, y down).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def box_polygon(box) -> np.ndarray:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+
+
+def polygon_area(poly: np.ndarray) -> float:
+    return float(abs(cv2.contourArea(np.asarray(poly, np.float32).reshape(-1, 1, 2))))
+
+
+def plate_height(poly: np.ndarray) -> float:
+    """Short side of the minimum-area rectangle: the plate's height whatever its tilt."""
+    (_, _), (w, h), _ = cv2.minAreaRect(np.asarray(poly, np.float32).reshape(-1, 1, 2))
+    return float(min(w, h))
+
+
+def failsafe_polygon(mask: np.ndarray, box, *, threshold: float = 0.4, ragged: float = 0.85,
+                     min_fill: float = 0.25) -> np.ndarray:
+    """Outline of one instance, biased to cover the plate rather than hug it.
+
+    ``mask`` is the instance's probability (or binary) map in image coordinates. The outline is the
+    convex hull of the pixels above ``threshold`` (plates are convex); where that hull fills less
+    than ``ragged`` of its minimum-area rectangle the rectangle is used instead (the union of the
+    two, since the rectangle contains the hull). A mask that covers less than ``min_fill`` of the
+    detection box, or is empty, is not trusted: the box itself is returned.
+    """
+    bx = box_polygon(box)
+    x0, y0, x1, y1 = (int(np.floor(v)) for v in box)
+    h, w = mask.shape[:2]
+    x0, y0 = max(x0 - 2, 0), max(y0 - 2, 0)
+    x1, y1 = min(x1 + 3, w), min(y1 + 3, h)
+    if x1 <= x0 or y1 <= y0:
+        return bx
+    sub = mask[y0:y1, x0:x1] >= threshold
+    ys, xs = np.nonzero(sub)
+    box_area = max(polygon_area(bx), 1.0)
+    if len(xs) < 3 or len(xs) < min_fill * box_area:
+        return bx
+    pts = np.stack([xs + x0, ys + y0], 1).astype(np.float32)
+    # pixel centres → pixel extents: grow each point to its pixel's corners
+    corners = np.concatenate([pts + d for d in ((0, 0), (1, 0), (1, 1), (0, 1))])
+    hull = cv2.convexHull(corners).reshape(-1, 2)
+    rect = cv2.boxPoints(cv2.minAreaRect(hull)).astype(np.float32)
+    if polygon_area(hull) < ragged * max(polygon_area(rect), 1.0):
+        return rect
+    return hull.astype(np.float32)
+
+
+def grow_polygon(poly: np.ndarray, margin: float, directions: int = 24) -> np.ndarray:
+    """Convex outline grown outward by ``margin`` px in every direction (Minkowski sum with a disc)."""
+    poly = np.asarray(poly, np.float32).reshape(-1, 2)
+    if margin <= 0:
+        return cv2.convexHull(poly).reshape(-1, 2).astype(np.float32)
+    a = np.linspace(0, 2 * np.pi, directions, endpoint=False)
+    # circumscribe the disc so the polygonal approximation is never inside it
+    r = margin / np.cos(np.pi / directions)
+    ring = np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32) * r
+    pts = (poly[:, None, :] + ring[None]).reshape(-1, 2)
+    return cv2.convexHull(pts).reshape(-1, 2).astype(np.float32)
+
+
+def polygon_box(poly: np.ndarray) -> list[float]:
+    p = np.asarray(poly, np.float32).reshape(-1, 2)
+    return [float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
+
+
+def clip_polygon(poly: np.ndarray, width: int, height: int) -> np.ndarray:
+    p = np.asarray(poly, np.float32).reshape(-1, 2).copy()
+    p[:, 0] = np.clip(p[:, 0], 0, width)
+    p[:, 1] = np.clip(p[:, 1], 0, height)
+    return p
+
+
+def intersection_over_smaller(a: np.ndarray, b: np.ndarray) -> float:
+    """Area shared by two convex polygons over the smaller one's area."""
+    inter, _ = cv2.intersectConvexConvex(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    small = min(polygon_area(a), polygon_area(b))
+    return float(inter) / small if small > 0 else 0.0

@@ -1,0 +1,201 @@
+"""Image decoding and encoding at the edges of the pipeline.
+
+Decoding applies EXIF orientation first (detection and output share one pixel frame), refuses
+decompression bombs before any pixel is decoded, and normalises the many modes photos come in.
+Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
+metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives, GPS and
+owner/serial tags are dropped unless asked to keep them.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+
+SUPPORTED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 80_000_000  # ~ 10000 x 8000; larger inputs are refused, not decoded
+MetadataPolicy = Literal["strip", "safe", "keep"]
+
+# Tags that identify a person, device or place (dropped by the 'safe' policy).
+_IDENTIFYING_EXIF = {
+    ExifTags.Base.BodySerialNumber, ExifTags.Base.LensSerialNumber, ExifTags.Base.CameraOwnerName,
+    ExifTags.Base.ImageUniqueID, ExifTags.Base.MakerNote, ExifTags.Base.UserComment, ExifTags.Base.Artist,
+    ExifTags.Base.Copyright, ExifTags.Base.ImageDescription, ExifTags.Base.HostComputer,
+    ExifTags.Base.XPAuthor, ExifTags.Base.XPComment, ExifTags.Base.XPSubject, ExifTags.Base.XPKeywords,
+    ExifTags.Base.XPTitle,
+}
+
+
+class ImageError(Exception):
+    """An input that cannot be processed. ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Decoded:
+    """A decoded photo in its display orientation.
+
+    ``pixels`` keeps the depth and channels to write back (uint8 RGB/L/RGBA/LA or uint16 L);
+    ``rgb`` is the uint8 RGB view the detector sees.
+    """
+
+    pixels: np.ndarray
+    mode: str  # PIL mode of ``pixels`` when written: 'RGB', 'RGBA', 'L', 'LA' or 'I;16'
+    format: str
+    rgb: np.ndarray
+    exif: Image.Exif | None = None
+    icc_profile: bytes | None = None
+    orientation: int = 1
+    source_mode: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def _to_rgb8(pixels: np.ndarray) -> np.ndarray:
+    a = pixels
+    if a.dtype == np.uint16:
+        a = (a >> 8).astype(np.uint8)
+    if a.ndim == 2:
+        return np.repeat(a[..., None], 3, axis=2)
+    if a.shape[2] == 2:  # LA
+        return np.repeat(a[..., :1], 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
+    m = img.mode
+    if m in ("RGB", "RGBA", "L", "LA"):
+        return np.asarray(img), m
+    if m in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img)
+        if m == "I":  # 32-bit container, PNG 16-bit grey lands here
+            a = np.clip(a, 0, 65535)
+        return a.astype(np.uint16), "I;16"
+    if m == "1":
+        return np.asarray(img.convert("L")), "L"
+    if m == "P" or m == "PA":
+        conv = img.convert("RGBA") if ("transparency" in img.info or m == "PA") else img.convert("RGB")
+        return np.asarray(conv), conv.mode
+    if m == "CMYK":  # written back as RGB: masked pixels are computed in RGB
+        return np.asarray(img.convert("RGB")), "RGB"
+    if m in ("F", "I;16S", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+        conv = img.convert("RGBA" if "A" in m or "a" in m else "RGB")
+        return np.asarray(conv), conv.mode
+    raise ImageError("unsupported_mode", f"pixel mode {m!r} is not supported")
+
+
+def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode ``data``; raise ImageError with a reason code for anything unusable."""
+    if not data:
+        raise ImageError("empty_file", "file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format or ""
+            if fmt not in SUPPORTED_FORMATS:
+                raise ImageError("unsupported_format", f"format {fmt or 'unknown'} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_FORMATS)})")
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError("too_large", f"{w}x{h} = {w * h / 1e6:.0f} MP exceeds the limit of "
+                                 f"{max_pixels / 1e6:.0f} MP (raise --max-pixels if this is a real photo)")
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "not a recognisable image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("too_large", f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise ImageError(reason, f"cannot decode: {exc}") from None
+    exif = img.getexif()
+    orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
+    icc = img.info.get("icc_profile")
+    source_mode = img.mode
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (ValueError, TypeError, OSError) as exc:  # broken EXIF: the photo itself is still fine
+        raise ImageError("corrupt", f"cannot apply EXIF orientation: {exc}") from None
+    pixels, mode = _normalise(img)
+    pixels = np.ascontiguousarray(pixels)
+    return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=_to_rgb8(pixels), exif=exif,
+                   icc_profile=icc, orientation=orientation, source_mode=source_mode)
+
+
+def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:
+    if exif is None or policy == "strip" or not len(exif):
+        return None
+    out = Image.Exif()
+    for k, v in exif.items():
+        if k in (ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation):
+            continue
+        if policy == "safe" and k in _IDENTIFYING_EXIF:
+            continue
+        out[k] = v
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    if sub:
+        kept = {k: v for k, v in sub.items() if policy == "keep" or k not in _IDENTIFYING_EXIF}
+        if kept:
+            out.get_ifd(ExifTags.IFD.Exif).update(kept)
+    if policy == "keep":
+        gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+        if gps:
+            out.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
+    out[ExifTags.Base.Orientation] = 1  # pixels are already upright
+    return out.tobytes()  # IFD1 (the embedded thumbnail: an unmasked copy) is never written
+
+
+def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata: MetadataPolicy = "safe") -> bytes:
+    """Encode masked ``pixels`` in ``dec``'s format and mode with the metadata policy applied."""
+    mode = dec.mode
+    img = Image.fromarray(pixels, mode="I;16" if mode == "I;16" else None)
+    fmt = dec.format
+    params: dict = {}
+    if dec.icc_profile and mode != "I;16":
+        params["icc_profile"] = dec.icc_profile
+    exif = _exif_for_output(dec.exif, metadata)
+    if fmt == "JPEG":
+        if img.mode in ("RGBA", "LA"):
+            img = img.convert(img.mode[:-1])
+        elif img.mode == "I;16":
+            img = Image.fromarray((pixels >> 8).astype(np.uint8))
+        params.update(quality=int(jpeg_quality), optimize=False, subsampling=0 if jpeg_quality >= 90 else 2)
+    elif fmt == "WEBP":
+        if img.mode == "I;16":
+            img = Image.fromarray((pixels >> 8).astype(np.uint8))
+        params.update(quality=int(jpeg_quality))
+    elif fmt == "PNG":
+        params.update(compress_level=6)
+    if exif:
+        params["exif"] = exif
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def extension_supported(key: str) -> bool:
+    return key.lower().endswith(EXTENSIONS)
+
+
+def content_type(fmt: str) -> str:
+    return {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "TIFF": "image/tiff"}.get(fmt, "application/octet-stream")

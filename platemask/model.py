@@ -1,0 +1,238 @@
+"""Mask R-CNN for licence plates: one builder, one loader, one saver.
+
+The architecture is torchvision's Mask R-CNN (detectron2 has no wheels for torch 2.x) on a
+MobileNetV2 backbone with an FPN built from its stride-8, 16 and 32 layers, anchors and heads
+sized for small, wide objects. Everything the loader needs is in ``config.json`` next to the
+weights, so a shipped model loads without the training code or the ImageNet weights package.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+CLASSES = ("__background__", "plate")
+
+# MobileNetV2 ``features`` indices whose outputs feed the FPN: stride 8 (32 ch), 16 (96 ch), 32 (320 ch).
+_MNV2_RETURN = {"6": "0", "13": "1", "17": "2"}
+_MNV2_CHANNELS = [32, 96, 320]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything that shapes the network. Stored in config.json; changing it needs retraining."""
+
+    backbone: str = "mobilenet_v2"
+    fpn_channels: int = 96
+    anchor_sizes: tuple[tuple[int, ...], ...] = ((12, 20), (32, 48), (72, 112), (160, 320))
+    aspect_ratios: tuple[float, ...] = (0.25, 0.5, 1.0)  # height / width: plates are wide
+    box_head_dim: int = 256
+    mask_head_channels: int = 96
+    mask_head_layers: int = 3
+    rpn_pre_nms_top_n_test: int = 600
+    rpn_post_nms_top_n_test: int = 200
+    rpn_pre_nms_top_n_train: int = 1000
+    rpn_post_nms_top_n_train: int = 400
+    rpn_batch_size_per_image: int = 128
+    box_batch_size_per_image: int = 96
+    box_detections_per_img: int = 60
+    box_score_thresh: float = 0.02
+    box_nms_thresh: float = 0.4
+    trainable_from: int = 4  # MobileNetV2 features[:trainable_from] stay frozen
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Architecture":
+        d = dict(d)
+        if "anchor_sizes" in d:
+            d["anchor_sizes"] = tuple(tuple(int(s) for s in lvl) for lvl in d["anchor_sizes"])
+        if "aspect_ratios" in d:
+            d["aspect_ratios"] = tuple(float(a) for a in d["aspect_ratios"])
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown architecture keys in config.json: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class ModelConfig:
+    """Contents of ``models/<name>/config.json``."""
+
+    name: str
+    architecture: Architecture = field(default_factory=Architecture)
+    input_max_side: int = 896  # long side the detector sees (images are only ever shrunk to it)
+    tile_above: float = 2.0  # also run tiles when the long side exceeds tile_above * input_max_side
+    tile_overlap: float = 0.2
+    score_threshold: float = 0.5  # operating threshold: a detection above it is masked
+    review_low: float = 0.15  # detections in [review_low, score_threshold) flag the image for review
+    review_high: float = 0.7  # masked detections below review_high also flag it
+    mask_threshold: float = 0.4  # per-pixel mask probability kept in the polygon
+    classes: tuple[str, ...] = CLASSES
+    weights: str = "weights.pt"
+    weights_sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d["architecture"] = Architecture.from_dict(d.get("architecture", {}))
+        d["classes"] = tuple(d.get("classes", CLASSES))
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown keys in config.json: {sorted(unknown)}")
+        return cls(**d)
+
+
+class PassThroughTransform(GeneralizedRCNNTransform):
+    """torchvision's transform minus resizing: ``platemask.preprocess`` resizes once, for every caller."""
+
+    def __init__(self, image_mean, image_std):
+        super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std, size_divisible=32)
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def build_model(*, arch: Architecture | None = None, imagenet_weights: str | Path | None = None) -> nn.Module:
+    """Assemble backbone, FPN and heads.
+
+    ``imagenet_weights`` is a torchvision ``mobilenet_v2`` state dict (training only). Without it the
+    backbone starts random, which is what loading a trained checkpoint wants.
+    """
+    from torchvision.models import mobilenet_v2
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    arch = arch or Architecture()
+    if arch.backbone != "mobilenet_v2":
+        raise ValueError(f"backbone={arch.backbone!r} is not supported; use 'mobilenet_v2'")
+    n_levels = len(_MNV2_RETURN) + 1  # + max-pool level
+    if len(arch.anchor_sizes) != n_levels:
+        raise ValueError(f"anchor_sizes has {len(arch.anchor_sizes)} levels but the FPN has {n_levels}")
+    per_level = {len(s) for s in arch.anchor_sizes}
+    if len(per_level) != 1:
+        raise ValueError(f"anchor_sizes must give the same number of sizes per level, got {arch.anchor_sizes}")
+    if not 0 <= arch.trainable_from <= 18:
+        raise ValueError(f"trainable_from={arch.trainable_from} must be within 0..18")
+
+    mnv2 = mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
+    if imagenet_weights is not None:
+        state = torch.load(str(imagenet_weights), map_location="cpu", weights_only=True)
+        missing, unexpected = mnv2.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "num_batches_tracked" not in k]
+        if missing:
+            raise ValueError(f"ImageNet weights {imagenet_weights} lack keys: {missing[:5]}")
+    features = mnv2.features[:18]  # drop the final 1x1 conv to 1280 channels: unused by the FPN
+    for i, layer in enumerate(features):
+        if i < arch.trainable_from:
+            layer.requires_grad_(False)
+    backbone = BackboneWithFPN(
+        features,
+        return_layers=_MNV2_RETURN,
+        in_channels_list=_MNV2_CHANNELS,
+        out_channels=arch.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+    anchors = AnchorGenerator(
+        sizes=arch.anchor_sizes, aspect_ratios=(arch.aspect_ratios,) * n_levels
+    )
+    num_anchors = anchors.num_anchors_per_location()[0]
+    c = arch.fpn_channels
+    box_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
+    mask_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=14, sampling_ratio=2)
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(c, num_anchors),
+        rpn_pre_nms_top_n_train=arch.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=arch.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=arch.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=arch.rpn_post_nms_top_n_test,
+        rpn_fg_iou_thresh=0.6,
+        rpn_bg_iou_thresh=0.3,
+        rpn_batch_size_per_image=arch.rpn_batch_size_per_image,
+        box_roi_pool=box_pool,
+        box_head=TwoMLPHead(c * 7 * 7, arch.box_head_dim),
+        box_predictor=FastRCNNPredictor(arch.box_head_dim, len(CLASSES)),
+        box_score_thresh=arch.box_score_thresh,
+        box_nms_thresh=arch.box_nms_thresh,
+        box_detections_per_img=arch.box_detections_per_img,
+        box_batch_size_per_image=arch.box_batch_size_per_image,
+        mask_roi_pool=mask_pool,
+        mask_head=MaskRCNNHeads(c, [arch.mask_head_channels] * arch.mask_head_layers, 1),
+        mask_predictor=MaskRCNNPredictor(arch.mask_head_channels, arch.mask_head_channels, len(CLASSES)),
+    )
+    # Resizing happens once, in platemask.preprocess, identically for training, the CLI and the
+    # container; torchvision's transform then only normalises and batches.
+    model.transform = PassThroughTransform(model.transform.image_mean, model.transform.image_std)
+    return model
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, *, half: bool = True) -> ModelConfig:
+    """Write ``weights.pt`` (fp16 unless ``half=False``) and ``config.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v)
+        for k, v in model.state_dict().items()
+    }
+    wpath = out / cfg.weights
+    torch.save(state, wpath)
+    cfg.weights_sha256 = sha256_file(wpath)
+    (out / "config.json").write_text(cfg.to_json())
+    return cfg
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no config.json in model directory {model_dir}: pass --model pointing at a folder made by "
+            "'platemask train --export' (it holds config.json and weights.pt)"
+        )
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
+    """Load a shipped model for inference (fp32 on CPU, fp16 weights are upcast)."""
+    cfg = load_config(model_dir)
+    wpath = Path(model_dir) / cfg.weights
+    if not wpath.is_file():
+        raise FileNotFoundError(f"model weights {wpath} are missing (config.json names {cfg.weights!r})")
+    if cfg.weights_sha256:
+        actual = sha256_file(wpath)
+        if actual != cfg.weights_sha256:
+            raise ValueError(
+                f"weights {wpath} have SHA-256 {actual[:12]}…, config.json expects {cfg.weights_sha256[:12]}…: "
+                "the model folder is corrupt or mixed; re-export it"
+            )
+    model = build_model(arch=cfg.architecture)
+    state = torch.load(str(wpath), map_location="cpu", weights_only=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state)
+    model.eval().to(device)
+    return model, cfg

@@ -1,0 +1,141 @@
+"""Segmentation: photos in, plate polygons out, in the photo's own pixel frame.
+
+One preprocessing path (``prepare``) serves training evaluation, the CLI, the DAG workers and the
+inference container, so the model sees the same pixels everywhere. A ``Segmenter`` is a callable
+that always returns one list of ``Plate`` per image (empty when nothing is found, never None).
+Large photos get a second, tiled pass at higher resolution so small plates are not lost; the
+detections of both passes are merged conservatively (overlapping outlines are united, not dropped).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .detections import Plate
+from .geometry import failsafe_polygon, grow_polygon, intersection_over_smaller
+from .model import ModelConfig, load_model
+
+
+@dataclass
+class View:
+    """A region of the photo (x0, y0, x1, y1) resized by ``scale`` for the detector."""
+
+    image_index: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    scale: float
+
+
+def prepare(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float) -> torch.Tensor:
+    """Crop, shrink (never enlarge) and convert to a float CHW tensor in [0, 1]."""
+    crop = rgb[y0:y1, x0:x1]
+    if scale != 1.0:
+        w = max(1, round((x1 - x0) * scale))
+        h = max(1, round((y1 - y0) * scale))
+        crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255.0)
+
+
+def plan_views(width: int, height: int, cfg: ModelConfig, index: int = 0) -> list[View]:
+    """The whole photo at ``input_max_side``, plus overlapping tiles when it is much larger."""
+    side = cfg.input_max_side
+    long = max(width, height)
+    views = [View(index, 0, 0, width, height, min(1.0, side / long))]
+    if long > cfg.tile_above * side:
+        # tiles at 2x the global resolution (capped at native): a plate 4x smaller than the
+        # detector can see in the global pass is still ~side/long*2 of its size here
+        tscale = min(1.0, cfg.tile_above * side / long)
+        tile = int(side / tscale)  # tile edge in photo pixels
+        step = max(1, int(tile * (1 - cfg.tile_overlap)))
+        xs = list(range(0, max(width - tile, 0) + 1, step))
+        ys = list(range(0, max(height - tile, 0) + 1, step))
+        if xs[-1] + tile < width:
+            xs.append(width - tile)
+        if ys[-1] + tile < height:
+            ys.append(height - tile)
+        for ty in ys:
+            for tx in xs:
+                views.append(View(index, tx, ty, min(tx + tile, width), min(ty + tile, height), tscale))
+    return views
+
+
+def merge_plates(plates: list[Plate], overlap: float = 0.3) -> list[Plate]:
+    """Unite detections of the same plate (from overlapping views): hull of both, highest score."""
+    plates = sorted(plates, key=lambda p: -p.score)
+    merged: list[Plate] = []
+    for p in plates:
+        for m in merged:
+            if intersection_over_smaller(grow_polygon(m.polygon, 0), grow_polygon(p.polygon, 0)) >= overlap:
+                m.polygon = grow_polygon(np.concatenate([m.polygon, p.polygon]), 0)
+                break
+        else:
+            merged.append(Plate(score=p.score, polygon=p.polygon.copy()))
+    return merged
+
+
+class Segmenter:
+    """``segmenter(list_of_rgb_uint8) -> list[list[Plate]]`` with detections at ``min_score`` or above.
+
+    ``min_score`` defaults to the model's ``review_low`` so QA sees near-misses; masking uses
+    ``cfg.score_threshold`` (or an override) to decide what to hide.
+    """
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_size: int = 4,
+                 min_score: float | None = None, threads: int | None = None):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available on this machine; use --device cpu")
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.model, self.cfg = load_model(model_dir, device=self.device)
+        self.model_dir = Path(model_dir)
+        self.batch_size = max(1, int(batch_size))
+        self.min_score = self.cfg.review_low if min_score is None else float(min_score)
+        if self.device.type == "cuda":
+            self.model.half()
+
+    @property
+    def model_info(self) -> dict:
+        return {"name": self.cfg.name, "weights_sha256": self.cfg.weights_sha256}
+
+    @torch.inference_mode()
+    def _run(self, tensors: list[torch.Tensor]) -> list[dict]:
+        outs = []
+        for i in range(0, len(tensors), self.batch_size):
+            chunk = [t.to(self.device, non_blocking=True) for t in tensors[i : i + self.batch_size]]
+            if self.device.type == "cuda":
+                chunk = [t.half() for t in chunk]
+            outs.extend({k: v.float().cpu() for k, v in o.items()} for o in self.model(chunk))
+        return outs
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[Plate]]:
+        views: list[View] = []
+        tensors: list[torch.Tensor] = []
+        for i, rgb in enumerate(images):
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected HxWx3 uint8 RGB, got {rgb.shape} {rgb.dtype}")
+            for v in plan_views(rgb.shape[1], rgb.shape[0], self.cfg, i):
+                views.append(v)
+                tensors.append(prepare(rgb, v.x0, v.y0, v.x1, v.y1, v.scale))
+        per_image: list[list[Plate]] = [[] for _ in images]
+        for v, out in zip(views, self._run(tensors)):
+            keep = out["scores"] >= self.min_score
+            for box, score, mask in zip(out["boxes"][keep], out["scores"][keep], out["masks"][keep]):
+                poly = failsafe_polygon(mask[0].numpy(), box.tolist(), threshold=self.cfg.mask_threshold)
+                poly = poly / v.scale + np.array([v.x0, v.y0], np.float32)
+                per_image[v.image_index].append(Plate(score=float(score), polygon=poly.astype(np.float32)))
+        results = []
+        for i, plates in enumerate(per_image):
+            h, w = images[i].shape[:2]
+            merged = merge_plates(plates)
+            for p in merged:
+                p.polygon[:, 0] = np.clip(p.polygon[:, 0], 0, w)
+                p.polygon[:, 1] = np.clip(p.polygon[:, 1], 0, h)
+            results.append(merged)
+        return results

