@@ -47,7 +47,7 @@ def failsafe_polygon(mask: np.ndarray, box, *, threshold: float = 0.4, ragged: f
         return bx
     pts = np.stack([xs + x0, ys + y0], 1).astype(np.float32)
     # pixel centres → pixel extents: grow each point to its pixel's corners
-    corners = np.concatenate([pts + d for d in ((0, 0), (1, 0), (1, 1), (0, 1))])
+    corners = np.concatenate([pts + d for d in ((0, 0), (1, 0), (1, 1), (0, 1))]).astype(np.float32)
     hull = cv2.convexHull(corners).reshape(-1, 2)
     rect = cv2.boxPoints(cv2.minAreaRect(hull)).astype(np.float32)
     if polygon_area(hull) < ragged * max(polygon_area(rect), 1.0):
@@ -64,7 +64,7 @@ def grow_polygon(poly: np.ndarray, margin: float, directions: int = 24) -> np.nd
     # circumscribe the disc so the polygonal approximation is never inside it
     r = margin / np.cos(np.pi / directions)
     ring = np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32) * r
-    pts = (poly[:, None, :] + ring[None]).reshape(-1, 2)
+    pts = (poly[:, None, :] + ring[None]).reshape(-1, 2).astype(np.float32)
     return cv2.convexHull(pts).reshape(-1, 2).astype(np.float32)
 
 

@@ -80,22 +80,22 @@ def _to_rgb8(pixels: np.ndarray) -> np.ndarray:
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     m = img.mode
     if m in ("RGB", "RGBA", "L", "LA"):
-        return np.asarray(img), m
+        return np.array(img), m
     if m in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img)
+        a = np.array(img)
         if m == "I":  # 32-bit container, PNG 16-bit grey lands here
             a = np.clip(a, 0, 65535)
         return a.astype(np.uint16), "I;16"
     if m == "1":
-        return np.asarray(img.convert("L")), "L"
+        return np.array(img.convert("L")), "L"
     if m == "P" or m == "PA":
         conv = img.convert("RGBA") if ("transparency" in img.info or m == "PA") else img.convert("RGB")
-        return np.asarray(conv), conv.mode
+        return np.array(conv), conv.mode
     if m == "CMYK":  # written back as RGB: masked pixels are computed in RGB
-        return np.asarray(img.convert("RGB")), "RGB"
+        return np.array(img.convert("RGB")), "RGB"
     if m in ("F", "I;16S", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
         conv = img.convert("RGBA" if "A" in m or "a" in m else "RGB")
-        return np.asarray(conv), conv.mode
+        return np.array(conv), conv.mode
     raise ImageError("unsupported_mode", f"pixel mode {m!r} is not supported")
 
 
@@ -113,8 +113,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
                                  f"(supported: {', '.join(SUPPORTED_FORMATS)})")
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError("too_large", f"{w}x{h} = {w * h / 1e6:.0f} MP exceeds the limit of "
-                                 f"{max_pixels / 1e6:.0f} MP (raise --max-pixels if this is a real photo)")
+                raise ImageError("too_large", f"{w}x{h} = {w * h:,} pixels exceeds the limit of "
+                                 f"{max_pixels:,} (raise --max-pixels if this is a real photo)")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -168,7 +168,7 @@ def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes |
 def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata: MetadataPolicy = "safe") -> bytes:
     """Encode masked ``pixels`` in ``dec``'s format and mode with the metadata policy applied."""
     mode = dec.mode
-    img = Image.fromarray(pixels, mode="I;16" if mode == "I;16" else None)
+    img = Image.fromarray(pixels)  # uint16 2-D arrays become I;16
     fmt = dec.format
     params: dict = {}
     if dec.icc_profile and mode != "I;16":

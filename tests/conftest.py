@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / "models" / "platemask-mnv2-fpn"
+REAL_DATA = Path(os.environ.get("PLATEMASK_REAL_DATA", ROOT.parent / "shared" / "datasets" / "plates-real-v1"))
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 92, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, **kw)
+    return buf.getvalue()
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    assert (MODEL_DIR / "config.json").is_file(), f"shipped model missing at {MODEL_DIR}"
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "annotations.json").is_file():
+        pytest.skip(f"real data set not present at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def scene():
+    """A generated 1280x720 car photo with two readable plates and their true corners."""
+    from platemask.synth import synth_car_scene
+
+    rng = np.random.default_rng(7)
+    img, quads, texts = synth_car_scene(rng, n_plates=1, plate_width=(150, 170))
+    return img, quads, texts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server), shared by the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_server, monkeypatch):
+    """boto3 configured for the moto server through the environment, as the CLI sees it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    return client

@@ -1,0 +1,133 @@
+"""The CLI contract other parts of the product rely on: paths, records, report, exit codes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from platemask.cli import main
+
+from conftest import jpeg_bytes, png_bytes
+
+RECORD_KEYS = {"key", "status", "width", "height", "plates", "model", "input_sha256", "output_sha256"}
+
+
+@pytest.fixture
+def photo_dir(tmp_path, scene):
+    src = tmp_path / "src"
+    (src / "day1" / "cam").mkdir(parents=True)
+    img, quads, _ = scene
+    (src / "car.jpg").write_bytes(jpeg_bytes(img))
+    (src / "day1" / "cam" / "car.png").write_bytes(png_bytes(img))
+    (src / "day1" / "empty_road.jpg").write_bytes(jpeg_bytes(np.full((360, 640, 3), 90, np.uint8)))
+    return src, quads
+
+
+def _records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_good_inputs_exit_0_and_mirror_paths(photo_dir, tmp_path, model_dir):
+    src, quads = photo_dir
+    dst = tmp_path / "dst"
+    before = _snapshot(src)
+    rc = main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(tmp_path / "d.jsonl"),
+               "--report", str(tmp_path / "r.json")])
+    assert rc == 0
+    assert _snapshot(src) == before  # originals untouched
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == [
+        "car.jpg", "day1/cam/car.png", "day1/empty_road.jpg"]
+    assert Image.open(dst / "car.jpg").format == "JPEG" and Image.open(dst / "day1/cam/car.png").format == "PNG"
+    recs = {r["key"]: r for r in _records(tmp_path / "d.jsonl")}
+    assert set(recs) == {"car.jpg", "day1/cam/car.png", "day1/empty_road.jpg"}
+    for r in recs.values():
+        assert RECORD_KEYS <= set(r)
+        assert r["status"] in ("masked", "no_plate")
+        assert r["model"]["name"] and len(r["model"]["weights_sha256"]) == 64
+        assert len(r["input_sha256"]) == 64 and len(r["output_sha256"]) == 64
+        for p in r["plates"]:
+            assert len(p["box"]) == 4 and len(p["polygon"]) >= 3 and 0 <= p["score"] <= 1
+            xs, ys = zip(*p["polygon"])
+            assert 0 <= min(xs) and max(xs) <= r["width"] and 0 <= min(ys) and max(ys) <= r["height"]
+    assert recs["car.jpg"]["status"] == "masked"
+    assert recs["day1/empty_road.jpg"]["status"] == "no_plate"
+    # the plate's true corners lie inside a reported polygon
+    poly = np.asarray(recs["car.jpg"]["plates"][0]["polygon"], np.float32).reshape(-1, 1, 2)
+    for x, y in quads[0]:
+        assert cv2.pointPolygonTest(poly, (float(x), float(y)), True) > -4
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["by_status"] == {"masked": 2, "no_plate": 1, "failed": 0}
+    for key in ("score_histogram", "plates_per_image", "review", "mask_area", "timings_s", "images_per_second",
+                "model", "thresholds", "failures_by_reason"):
+        assert key in report
+
+
+def test_failures_exit_3_and_are_never_written(photo_dir, tmp_path, model_dir):
+    src, _ = photo_dir
+    good = (src / "car.jpg").read_bytes()
+    (src / "zero.jpg").write_bytes(b"")
+    (src / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (src / "notes.txt").write_text("not an image")
+    (src / "huge.png").write_bytes(png_bytes(np.zeros((1000, 1500, 3), np.uint8)))
+    dst = tmp_path / "dst"
+    rc = main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(tmp_path / "d.jsonl"),
+               "--max-pixels", "1000000"])
+    assert rc == 3
+    recs = {r["key"]: r for r in _records(tmp_path / "d.jsonl")}
+    assert len(recs) == 7  # every input accounted for
+    expected = {"zero.jpg": "empty_file", "notes.txt": "not_an_image", "huge.png": "too_large"}
+    for key, reason in expected.items():
+        assert recs[key]["status"] == "failed" and recs[key]["reason"] == reason
+        assert key in recs[key]["error"]
+        assert not (dst / key).exists()
+    assert recs["truncated.jpg"]["status"] == "failed" and not (dst / "truncated.jpg").exists()
+    assert (dst / "car.jpg").exists()
+
+
+def test_mask_modes_change_the_plate(photo_dir, tmp_path, model_dir):
+    src, quads = photo_dir
+    x0, y0 = np.floor(quads[0].min(0)).astype(int)
+    x1, y1 = np.ceil(quads[0].max(0)).astype(int)
+    orig = np.asarray(Image.open(src / "day1/cam/car.png"))[y0:y1, x0:x1].astype(int)
+    for mode in ("pixelate", "solid"):
+        dst = tmp_path / mode
+        assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--mode", mode]) == 0
+        out = np.asarray(Image.open(dst / "day1/cam/car.png"))[y0:y1, x0:x1].astype(int)
+        assert np.abs(out - orig).mean() > 10
+
+
+@pytest.mark.parametrize("argv", [
+    ["mask"],
+    ["mask", "a", "b", "--threshold", "1.5"],
+    ["mask", "a", "b", "--mode", "swirl"],
+    ["mask", "a", "b", "--batch-size", "0"],
+])
+def test_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+
+
+def test_missing_source_and_same_folder_exit_2(tmp_path, model_dir):
+    assert main(["mask", str(tmp_path / "nope"), str(tmp_path / "out"), "--model", str(model_dir)]) == 2
+    (tmp_path / "x").mkdir()
+    assert main(["mask", str(tmp_path / "x"), str(tmp_path / "x"), "--model", str(model_dir)]) == 2
+    assert main(["mask", str(tmp_path / "x"), str(tmp_path / "y"), "--model", str(tmp_path / "no-model")]) == 2
+
+
+def test_real_cli_subprocess_smoke(photo_dir, tmp_path, model_dir):
+    """The installed entry point, as a user runs it: progress on stderr, exit code, output image."""
+    src, _ = photo_dir
+    proc = subprocess.run([sys.executable, "-m", "platemask.cli", "mask", str(src), str(tmp_path / "o"),
+                           "--model", str(model_dir), "--batch-size", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "images/s" in proc.stderr and "3/3 images" in proc.stderr
+    assert (tmp_path / "o" / "car.jpg").stat().st_size > 1000

@@ -1,0 +1,179 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import ExifTags, Image
+
+from platemask.imageio import ImageError, decode, encode
+
+from conftest import jpeg_bytes, png_bytes
+
+W, H = 64, 40  # stored (raw) size; a red dot at raw (x=10, y=5)
+
+
+def _raw_with_marker():
+    a = np.full((H, W, 3), 30, np.uint8)
+    a[3:8, 8:13] = (255, 0, 0)
+    return a
+
+
+def _expected_position(orientation):
+    """Where raw pixel (x, y) lands after applying EXIF orientation (the EXIF 2.3 definitions)."""
+    x, y = 10, 5
+    return {
+        1: (x, y, W, H),
+        2: (W - 1 - x, y, W, H),
+        3: (W - 1 - x, H - 1 - y, W, H),
+        4: (x, H - 1 - y, W, H),
+        5: (y, x, H, W),
+        6: (H - 1 - y, x, H, W),
+        7: (H - 1 - y, W - 1 - x, H, W),
+        8: (y, W - 1 - x, H, W),
+    }[orientation]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_and_baked_in(orientation):
+    img = Image.fromarray(_raw_with_marker())
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif.tobytes())
+    dec = decode(buf.getvalue())
+    ex, ey, ew, eh = _expected_position(orientation)
+    assert (dec.width, dec.height) == (ew, eh)
+    ys, xs = np.nonzero(dec.rgb[..., 0] > 200)
+    assert abs(xs.mean() - ex) <= 1 and abs(ys.mean() - ey) <= 1
+    assert dec.orientation == orientation
+    out = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata="keep")))
+    assert out.size == (ew, eh)
+    assert out.getexif().get(ExifTags.Base.Orientation, 1) == 1  # upright pixels, no second rotation
+
+
+def test_jpeg_in_jpeg_out_with_quality():
+    rgb = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    dec = decode(jpeg_bytes(rgb))
+    hi = encode(dec, dec.pixels, jpeg_quality=95)
+    lo = encode(dec, dec.pixels, jpeg_quality=30)
+    assert Image.open(io.BytesIO(hi)).format == "JPEG"
+    assert len(lo) < len(hi)
+
+
+def test_png_in_png_out_lossless():
+    rgb = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    dec = decode(png_bytes(rgb))
+    out = Image.open(io.BytesIO(encode(dec, dec.pixels)))
+    assert out.format == "PNG" and np.array_equal(np.asarray(out), rgb)
+
+
+def test_cmyk_jpeg_is_decoded_to_rgb():
+    img = Image.new("CMYK", (40, 30), (0, 255, 255, 0))  # red in CMYK
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    dec = decode(buf.getvalue())
+    assert dec.source_mode == "CMYK" and dec.mode == "RGB"
+    r, g, b = dec.rgb[15, 20].astype(int)
+    assert r > 200 and g < 60 and b < 60
+    assert Image.open(io.BytesIO(encode(dec, dec.pixels))).mode == "RGB"
+
+
+def test_16bit_grey_png_keeps_its_depth():
+    a = (np.arange(40 * 60, dtype=np.uint16).reshape(40, 60) * 27)
+    dec = decode(png_bytes(a))
+    assert dec.mode == "I;16" and dec.pixels.dtype == np.uint16
+    assert dec.rgb.dtype == np.uint8 and dec.rgb.shape == (40, 60, 3)
+    back = np.asarray(Image.open(io.BytesIO(encode(dec, dec.pixels))))
+    assert np.array_equal(back.astype(np.uint16), a)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "1"])
+def test_other_modes(mode):
+    img = Image.new("RGB", (30, 20), (200, 10, 10)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    dec = decode(buf.getvalue())
+    assert dec.rgb.shape == (20, 30, 3)
+    assert Image.open(io.BytesIO(encode(dec, dec.pixels))).size == (30, 20)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty_file"),
+    (b"hello, this is a text file\n" * 10, "not_an_image"),
+    (b"GIF89a" + b"\x00" * 100, None),  # GIF header: either not decodable or an unsupported format
+])
+def test_bad_inputs_have_reasons(data, reason):
+    with pytest.raises(ImageError) as e:
+        decode(data)
+    if reason:
+        assert e.value.reason == reason
+    assert str(e.value)
+
+
+def test_truncated_jpeg_fails():
+    rgb = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    data = jpeg_bytes(rgb)
+    with pytest.raises(ImageError) as e:
+        decode(data[: len(data) // 2])
+    assert e.value.reason in ("truncated", "corrupt")
+
+
+def test_pixel_limit_refuses_before_decoding():
+    data = png_bytes(np.zeros((100, 100, 3), np.uint8))
+    with pytest.raises(ImageError) as e:
+        decode(data, max_pixels=5000)
+    assert e.value.reason == "too_large" and "10,000 pixels" in str(e.value)
+
+
+def _exif_with_gps_and_serial():
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "Acme"
+    exif[ExifTags.Base.Artist] = "Jane Inspector"
+    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (52.0, 22.0, 0.0)})
+    exif.get_ifd(ExifTags.IFD.Exif).update({ExifTags.Base.BodySerialNumber: "SN-12345",
+                                            ExifTags.Base.ExposureTime: 0.01})
+    return exif
+
+
+@pytest.mark.parametrize("policy", ["strip", "safe", "keep"])
+def test_metadata_policy(policy):
+    rgb = np.full((40, 60, 3), 100, np.uint8)
+    dec = decode(jpeg_bytes(rgb, exif=_exif_with_gps_and_serial().tobytes()))
+    out = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata=policy))).getexif()
+    gps = out.get_ifd(ExifTags.IFD.GPSInfo)
+    sub = out.get_ifd(ExifTags.IFD.Exif)
+    if policy == "strip":
+        assert len(out) == 0
+    elif policy == "safe":
+        assert out.get(ExifTags.Base.Make) == "Acme"
+        assert not gps and ExifTags.Base.Artist not in out
+        assert ExifTags.Base.BodySerialNumber not in sub and ExifTags.Base.ExposureTime in sub
+    else:
+        assert gps and out.get(ExifTags.Base.Artist) == "Jane Inspector"
+
+
+def _exif_with_thumbnail(thumb: bytes) -> bytes:
+    """Big-endian TIFF EXIF with IFD0 (Make) and IFD1 holding a JPEG thumbnail (Pillow cannot write IFD1)."""
+    import struct
+
+    make = b"Acme\x00"
+    ifd0_off = 8
+    ifd0 = struct.pack(">H", 1) + struct.pack(">HHII", 0x010F, 2, len(make), 0) + struct.pack(">I", 0)
+    make_off = ifd0_off + len(ifd0)
+    ifd1_off = make_off + len(make)
+    thumb_off = ifd1_off + 2 + 2 * 12 + 4
+    ifd0 = struct.pack(">H", 1) + struct.pack(">HHII", 0x010F, 2, len(make), make_off) + struct.pack(">I", ifd1_off)
+    ifd1 = (struct.pack(">H", 2) + struct.pack(">HHII", 0x0201, 4, 1, thumb_off)
+            + struct.pack(">HHII", 0x0202, 4, 1, len(thumb)) + struct.pack(">I", 0))
+    return b"Exif\x00\x00" + b"MM\x00*" + struct.pack(">I", ifd0_off) + ifd0 + make + ifd1 + thumb
+
+
+def test_exif_thumbnail_never_survives():
+    """The EXIF thumbnail is an unmasked copy of the photo: it must be gone whatever the policy."""
+    thumb = jpeg_bytes(np.full((16, 16, 3), 250, np.uint8))
+    data = jpeg_bytes(np.full((40, 60, 3), 100, np.uint8), exif=_exif_with_thumbnail(thumb))
+    assert data.count(b"\xff\xd8") == 2  # the photo and its thumbnail
+    dec = decode(data)
+    assert dec.exif.get(ExifTags.Base.Make) == "Acme"
+    for policy in ("strip", "safe", "keep"):
+        out = encode(dec, dec.pixels, metadata=policy)
+        assert out.count(b"\xff\xd8") == 1, policy  # one JPEG start marker: no embedded thumbnail

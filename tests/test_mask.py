@@ -1,0 +1,106 @@
+import cv2
+import numpy as np
+import pytest
+
+from platemask.detections import Plate
+from platemask.geometry import box_polygon
+from platemask.mask import MaskStyle, apply_mask, masked_region
+from platemask.synth import paste_plate, render_plate
+
+
+def _plate_image(h=60):
+    rng = np.random.default_rng(3)
+    img = np.full((300, 500, 3), 120, np.uint8)
+    plate, _ = render_plate(rng, text="AB 123 CD", height=64)
+    aspect = plate.shape[1] / plate.shape[0]
+    w = h * aspect
+    quad = np.array([[100, 120], [100 + w, 120], [100 + w, 120 + h], [100, 120 + h]], np.float32)
+    paste_plate(img, plate, quad)
+    return img, Plate(0.9, quad)
+
+
+def _hf_energy(a):
+    return float(np.abs(cv2.Laplacian(a.astype(np.float32), cv2.CV_32F)).mean())
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "pixelate", "solid"])
+def test_every_mode_destroys_plate_detail_and_leaves_the_rest(mode):
+    img, plate = _plate_image()
+    out = apply_mask(img, [plate], MaskStyle(mode=mode))
+    x0, y0, x1, y1 = (int(v) for v in plate.box)
+    before, after = img[y0:y1, x0:x1], out[y0:y1, x0:x1]
+    assert _hf_energy(after) < 0.15 * _hf_energy(before)
+    # far from the plate nothing changes
+    assert np.array_equal(out[:, 400:], img[:, 400:])
+    assert np.array_equal(out[:60], img[:60])
+    assert out.dtype == img.dtype and out.shape == img.shape
+    assert not np.shares_memory(out, img)
+
+
+def test_core_is_fully_obscured_and_feather_only_outward():
+    img = np.zeros((200, 300), np.uint8)
+    img[::2, :] = 255  # stripes: any leak of the original shows up
+    plate = Plate(0.9, box_polygon([100, 80, 200, 110]))
+    style = MaskStyle(mode="solid", margin=0.2, feather=0.5)
+    out = apply_mask(img, [plate], style)
+    region, h = masked_region(plate, style)
+    core = np.zeros_like(img)
+    cv2.fillPoly(core, [np.round(region).astype(np.int32)], 1)
+    inside = out[cv2.erode(core, np.ones((3, 3), np.uint8)) > 0]  # 1 px off the rasterised edge
+    assert inside.min() == inside.max()  # one flat colour: no blend with the stripes inside the core
+    # the feather band lies outside the core and changes pixels there, decaying with distance
+    band = cv2.dilate(core, np.ones((5, 5), np.uint8)) - core
+    assert (out[band > 0] != img[band > 0]).any()
+    far = np.ones_like(core)
+    far[int(80 - 0.2 * h - 0.5 * h - 3): int(110 + 0.2 * h + 0.5 * h + 4), int(100 - 0.7 * h - 3): int(200 + 0.7 * h + 4)] = 0
+    assert np.array_equal(out[far > 0], img[far > 0])
+
+
+def test_margin_grows_with_plate_height():
+    small = masked_region(Plate(1, box_polygon([0, 0, 40, 10])), MaskStyle())[0]
+    big = masked_region(Plate(1, box_polygon([0, 0, 400, 100])), MaskStyle())[0]
+    assert small[:, 1].min() == pytest.approx(-2.0, abs=0.3)  # min_margin 2 px beats 0.2 * 10
+    assert big[:, 1].min() == pytest.approx(-20.0, abs=0.5)
+
+
+def test_pixel_block_follows_character_height():
+    img, _ = _plate_image()
+    for h in (30, 90):
+        plate = Plate(0.9, box_polygon([100, 100, 100 + 4 * h, 100 + h]))
+        out = apply_mask(np.random.default_rng(0).integers(0, 255, (400, 600, 3), dtype=np.uint8), [plate],
+                         MaskStyle(mode="pixelate", feather=0))
+        row = out[100 + h // 2, 100: 100 + 4 * h, 0].astype(int)
+        runs = np.diff(np.flatnonzero(np.diff(row) != 0))
+        assert np.median(runs) >= 0.5 * 0.6 * h  # blocks ~ one character height
+
+
+def test_blur_strength_scales_with_plate_size():
+    img, plate = _plate_image(h=100)
+    out = apply_mask(img, [plate], MaskStyle(mode="gaussian"))
+    x0, y0, x1, y1 = (int(v) for v in plate.box)
+    assert _hf_energy(out[y0:y1, x0:x1]) < 0.1 * _hf_energy(img[y0:y1, x0:x1])
+
+
+@pytest.mark.parametrize("shape,dtype", [((200, 300), np.uint8), ((200, 300), np.uint16), ((200, 300, 4), np.uint8),
+                                         ((200, 300, 2), np.uint8)])
+def test_modes_and_depths_are_preserved(shape, dtype):
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+    out = apply_mask(img, [Plate(0.9, box_polygon([100, 80, 200, 110]))])
+    assert out.dtype == dtype and out.shape == img.shape
+    assert not np.array_equal(out, img)
+    if len(shape) == 3:  # alpha untouched
+        assert np.array_equal(out[..., -1], img[..., -1])
+
+
+def test_no_plates_returns_identical_copy():
+    img = np.random.default_rng(0).integers(0, 255, (50, 60, 3), dtype=np.uint8)
+    out = apply_mask(img, [])
+    assert np.array_equal(out, img) and out is not img
+
+
+def test_bad_style_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        MaskStyle(mode="blur")
+    with pytest.raises(ValueError, match="margin"):
+        MaskStyle(margin=-1)

@@ -1,0 +1,106 @@
+"""The shipped model: it loads without training extras and finds plates (generated and real)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from platemask.model import Architecture, build_model, load_config, load_model
+from platemask.segment import Segmenter, merge_plates, plan_views
+from platemask.detections import Plate
+from platemask.geometry import box_polygon
+
+
+def test_config_is_complete(model_dir):
+    cfg = load_config(model_dir)
+    assert cfg.classes == ("__background__", "plate")
+    assert 0 < cfg.score_threshold < 1 and cfg.review_low <= cfg.score_threshold
+    assert cfg.input_max_side >= 512 and len(cfg.weights_sha256) == 64
+    assert (model_dir / "MODEL_CARD.md").is_file()
+    assert (model_dir / cfg.weights).stat().st_size < 40e6
+
+
+def test_corrupt_weights_are_refused(model_dir, tmp_path):
+    bad = tmp_path / "m"
+    shutil.copytree(model_dir, bad)
+    with open(bad / "weights.pt", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00" * 16)
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_model(bad)
+
+
+def test_builder_rejects_conflicting_arguments():
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        build_model(arch=Architecture(anchor_sizes=((16,), (32,), (64,))))
+    with pytest.raises(ValueError, match="backbone"):
+        build_model(arch=Architecture(backbone="resnet50"))
+    with pytest.raises(ValueError, match="unknown"):
+        Architecture.from_dict({"bogus": 1})
+
+
+def test_finds_plate_in_generated_photo(model_dir, scene):
+    img, quads, _ = scene
+    seg = Segmenter(model_dir)
+    plates = [p for p in seg([img])[0] if p.score >= seg.cfg.score_threshold]
+    assert plates, "no plate found in the generated photo"
+    import cv2
+    best = max(plates, key=lambda p: p.score)
+    poly = best.polygon.reshape(-1, 1, 2)
+    assert all(cv2.pointPolygonTest(poly, (float(x), float(y)), True) > -4 for x, y in quads[0])
+
+
+def test_empty_image_gives_empty_list(model_dir):
+    seg = Segmenter(model_dir)
+    assert seg([np.full((300, 400, 3), 128, np.uint8)]) == [[]]
+
+
+def test_large_photo_is_tiled_and_mapped_back(model_dir):
+    from platemask.synth import synth_car_scene
+
+    cfg = load_config(model_dir)
+    views = plan_views(4000, 3000, cfg)
+    assert len(views) > 1 and views[0].scale < views[1].scale
+    # tiles cover the whole photo
+    cover = np.zeros((3000, 4000), bool)
+    for v in views[1:]:
+        cover[v.y0:v.y1, v.x0:v.x1] = True
+    assert cover.all()
+    rng = np.random.default_rng(5)
+    img, quads, _ = synth_car_scene(rng, size=(3000, 4000), plate_width=(150, 170))
+    plates = [p for p in Segmenter(model_dir)([img])[0] if p.score >= cfg.score_threshold]
+    assert plates
+    centre = quads[0].mean(0)
+    assert any(p.polygon[:, 0].min() <= centre[0] <= p.polygon[:, 0].max() and
+               p.polygon[:, 1].min() <= centre[1] <= p.polygon[:, 1].max() for p in plates)
+
+
+def test_merge_unites_overlapping_detections():
+    a = Plate(0.9, box_polygon([100, 100, 160, 120]))
+    b = Plate(0.6, box_polygon([140, 100, 200, 121]))  # the same plate cut by a tile edge
+    c = Plate(0.7, box_polygon([400, 100, 460, 120]))
+    merged = merge_plates([a, b, c])
+    assert len(merged) == 2
+    top = max(merged, key=lambda p: p.score)
+    assert top.score == 0.9 and top.polygon[:, 0].max() == 200 and top.polygon[:, 0].min() == 100
+
+
+@pytest.mark.realdata
+def test_finds_plates_in_real_photos(model_dir, real_data):
+    """Held-out real photos with big, clear plates: the model must hide most of them."""
+    from platemask.coco import load_coco, split_records
+    from platemask.evaluate import analyse, metrics_at
+    from platemask.imageio import decode
+    from platemask.mask import MaskStyle
+
+    _, val = split_records(load_coco(real_data))
+    picks = [r for r in val if not r.negative and r.polygons and min(np.ptp(p[:, 0]) for p in r.polygons) >= 60][:8]
+    assert len(picks) >= 5
+    seg = Segmenter(model_dir)
+    cfg = seg.cfg
+    results = []
+    for r in picks:
+        dec = decode(r.path.read_bytes())
+        results.append(analyse(r, seg([dec.rgb])[0], dec.width, dec.height, MaskStyle()))
+    m = metrics_at(results, cfg.score_threshold)
+    assert m["recall"] >= 0.8, json.dumps(m)

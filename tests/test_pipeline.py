@@ -1,0 +1,100 @@
+"""Pipeline mechanics with a test double for the detector (the real model is tested in test_model.py)."""
+import numpy as np
+import pytest
+
+from platemask.detections import Plate
+from platemask.geometry import box_polygon
+from platemask.imageio import ImageError
+from platemask.pipeline import JobOptions, Progress, run_job
+from platemask.storage import LocalStore
+
+from conftest import jpeg_bytes
+
+
+def _store(tmp_path, n=7, bad=()):
+    src = LocalStore(tmp_path / "src", create=True)
+    for i in range(n):
+        src.write(f"p{i}.jpg", b"" if i in bad else jpeg_bytes(np.full((100, 200, 3), 20 * i, np.uint8)))
+    return src
+
+
+def _fixed(score):
+    def detect(keys, decoded):
+        return [[Plate(score, box_polygon([50, 40, 120, 60]))] for _ in keys]
+    return detect
+
+
+def test_every_key_gets_one_record_in_order(tmp_path):
+    src, dst = _store(tmp_path, bad=(3,)), LocalStore(tmp_path / "dst", create=True)
+    keys = list(src.iter_keys())
+    recs = run_job(src, dst, keys, _fixed(0.9), JobOptions(batch_size=3))
+    assert [r["key"] for r in recs] == keys
+    assert [r["status"] for r in recs].count("failed") == 1
+    assert sorted(dst.iter_keys()) == [k for k in keys if k != "p3.jpg"]
+
+
+def test_threshold_review_band(tmp_path):
+    src, dst = _store(tmp_path, n=1), LocalStore(tmp_path / "dst", create=True)
+    opts = JobOptions(threshold=0.5, review_low=0.2, review_high=0.8)
+    near = run_job(src, dst, ["p0.jpg"], _fixed(0.3), opts)[0]
+    assert near["status"] == "no_plate" and near["review"] and len(near["near_misses"]) == 1
+    weak = run_job(src, dst, ["p0.jpg"], _fixed(0.6), opts)[0]
+    assert weak["status"] == "masked" and weak["review"]
+    sure = run_job(src, dst, ["p0.jpg"], _fixed(0.95), opts)[0]
+    assert sure["status"] == "masked" and not sure["review"]
+    low = run_job(src, dst, ["p0.jpg"], _fixed(0.1), opts)[0]
+    assert low["status"] == "no_plate" and not low["review"]
+
+
+def test_detector_crash_fails_closed(tmp_path):
+    src, dst = _store(tmp_path, n=5), LocalStore(tmp_path / "dst", create=True)
+
+    def boom(keys, decoded):
+        raise RuntimeError("CUDA out of memory")
+
+    recs = run_job(src, dst, list(src.iter_keys()), boom, JobOptions(batch_size=2))
+    assert all(r["status"] == "failed" and r["reason"] == "detector_error" for r in recs)
+    assert "CUDA out of memory" in recs[0]["error"]
+    assert list(dst.iter_keys()) == []
+
+
+def test_per_image_detector_errors(tmp_path):
+    """A backend that has no result for one image (SageMaker's missing .out) fails only that image."""
+    src, dst = _store(tmp_path, n=3), LocalStore(tmp_path / "dst", create=True)
+
+    def partial(keys, decoded):
+        return [ImageError("no_output", f"no output for {k}") if k == "p1.jpg" else [] for k in keys]
+
+    recs = run_job(src, dst, list(src.iter_keys()), partial, JobOptions())
+    assert [r["status"] for r in recs] == ["no_plate", "failed", "no_plate"]
+    assert recs[1]["reason"] == "no_output" and sorted(dst.iter_keys()) == ["p0.jpg", "p2.jpg"]
+
+
+def test_write_error_fails_that_image(tmp_path):
+    src = _store(tmp_path, n=3)
+
+    class Flaky(LocalStore):
+        def write(self, key, data, content_type="application/octet-stream"):
+            if key == "p2.jpg":
+                raise OSError("disk full")
+            super().write(key, data, content_type)
+
+    dst = Flaky(tmp_path / "dst", create=True)
+    recs = run_job(src, dst, list(src.iter_keys()), _fixed(0.9), JobOptions())
+    assert recs[2]["status"] == "failed" and recs[2]["reason"] == "write_error" and "disk full" in recs[2]["error"]
+    assert recs[0]["status"] == "masked"
+
+
+def test_progress_line():
+    lines = []
+    p = Progress(4, every=0, emit=lines.append)
+    for s in ("masked", "failed", "no_plate", "masked"):
+        p.update(s)
+    assert len(lines) == 4 and lines[-1].startswith("4/4 images") and "1 failed" in lines[-1]
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="threshold"):
+        JobOptions(threshold=1.5)
+    with pytest.raises(ValueError, match="metadata"):
+        JobOptions(metadata="all")

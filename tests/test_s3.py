@@ -1,0 +1,48 @@
+"""SRC and DST on S3, against moto's server on 127.0.0.1 (a real HTTP endpoint for boto3)."""
+import json
+
+import numpy as np
+from PIL import Image
+import io
+
+from platemask.cli import main
+
+from conftest import jpeg_bytes
+
+
+def test_s3_to_s3(s3_env, scene, tmp_path, model_dir):
+    s3 = s3_env
+    s3.create_bucket(Bucket="photos")
+    img, _, _ = scene
+    s3.put_object(Bucket="photos", Key="raw/2026/11/20/car-1.jpg", Body=jpeg_bytes(img))
+    s3.put_object(Bucket="photos", Key="raw/2026/11/20/broken.jpg", Body=b"\xff\xd8\xff garbage")
+    s3.put_object(Bucket="photos", Key="raw/2026/11/21/road.jpg", Body=jpeg_bytes(np.full((200, 300, 3), 80, np.uint8)))
+    s3.put_object(Bucket="photos", Key="elsewhere/x.jpg", Body=jpeg_bytes(img))
+    rc = main(["mask", "s3://photos/raw", "s3://photos/masked/run1", "--model", str(model_dir),
+               "--detections", str(tmp_path / "d.jsonl")])
+    assert rc == 3  # the broken one
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="photos", Prefix="masked/")["Contents"])
+    assert keys == ["masked/run1/2026/11/20/car-1.jpg", "masked/run1/2026/11/21/road.jpg"]
+    body = s3.get_object(Bucket="photos", Key="masked/run1/2026/11/20/car-1.jpg")
+    assert body["ContentType"] == "image/jpeg"
+    assert Image.open(io.BytesIO(body["Body"].read())).size == (img.shape[1], img.shape[0])
+    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
+    assert set(recs) == {"2026/11/20/car-1.jpg", "2026/11/20/broken.jpg", "2026/11/21/road.jpg"}
+    assert recs["2026/11/20/car-1.jpg"]["status"] == "masked"
+    assert recs["2026/11/20/broken.jpg"]["status"] == "failed"
+    assert "s3://photos/raw/2026/11/20/broken.jpg" in recs["2026/11/20/broken.jpg"]["error"]
+    # originals untouched
+    assert s3.get_object(Bucket="photos", Key="raw/2026/11/20/car-1.jpg")["Body"].read() == jpeg_bytes(img)
+
+
+def test_s3_local_mix(s3_env, scene, tmp_path, model_dir):
+    s3 = s3_env
+    s3.create_bucket(Bucket="mix")
+    img, _, _ = scene
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(img))
+    assert main(["mask", str(src), "s3://mix/out", "--model", str(model_dir)]) == 0
+    assert s3.head_object(Bucket="mix", Key="out/a.jpg")["ContentLength"] > 0
+    assert main(["mask", "s3://mix/out", str(tmp_path / "back"), "--model", str(model_dir)]) == 0
+    assert (tmp_path / "back" / "a.jpg").exists()
