@@ -1,0 +1,100 @@
+"""Deployment settings in one object: defaults, then the environment, then an Airflow Variable.
+
+Tests build ``Settings(...)`` directly; the DAG calls ``Settings.load()`` inside tasks (never at
+import time). Environment variables are ``PLATEMASK_<FIELD>``; the Airflow Variable
+``platemask_settings`` holds a JSON object with the same field names.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+_REPO_MODEL = Path(__file__).resolve().parent.parent / "models" / "platemask-mnv2-fpn"
+
+
+@dataclass(frozen=True)
+class Settings:
+    bucket: str = "inspection-photos"
+    # Key layout. {region} and the date parts of a day partition are filled in; the photo's own
+    # path below the partition is kept when masking (masked/ mirrors raw/).
+    raw_prefix: str = "raw/{region}/{yyyy}/{mm}/{dd}/"
+    masked_root: str = "masked/{region}/"
+    audit_root: str = "audit/{region}/"
+    runs_root: str = "runs/{region}/{window}/"
+    qa_root: str = "qa/{region}/{window}/"
+    regions: tuple[str, ...] = ("DE", "PL", "TH", "US")
+    region_timezones: dict[str, str] = field(default_factory=lambda: {"DE": "Europe/Berlin", "PL": "Europe/Warsaw",
+                                                                      "TH": "Asia/Bangkok", "US": "America/New_York"})
+    # 'partition': a photo's time is its day partition; 'last_modified': S3 LastModified, within the
+    # day partitions the window touches (for windows that do not fall on midnights)
+    time_source: str = "partition"
+    shard_size: int = 200
+    max_shards: int = 256
+    aws_conn_id: str = "aws_default"
+    sse: str | None = None  # e.g. "AES256" or "aws:kms"
+    kms_key_id: str | None = None
+    model_dir: str = str(_REPO_MODEL)
+    device: str = "auto"  # auto: cuda when the worker has it
+    queue: str = "default"  # Celery queue for masking tasks; "gpu" to send them to GPU workers
+    pool: str = "default_pool"  # e.g. "platemask_gpu" with one slot per GPU
+    batch_size: int = 4
+    io_workers: int = 8
+    max_failure_rate: float = 0.02
+    deadline_hours: float = 6.0  # alert when a nightly run is not done this long after its window ends
+    review_samples: int = 6  # random before/after samples in the HTML report
+
+    def __post_init__(self):
+        if self.time_source not in ("partition", "last_modified"):
+            raise ValueError(f"time_source must be 'partition' or 'last_modified', got {self.time_source!r}")
+        if self.shard_size < 1 or not 1 <= self.max_shards <= 1000:
+            raise ValueError("shard_size must be >= 1 and max_shards within 1..1000 (Airflow maps at most 1024)")
+        if not 0 <= self.max_failure_rate <= 1:
+            raise ValueError(f"max_failure_rate must be within [0, 1], got {self.max_failure_rate}")
+        for r in self.regions:
+            if r not in self.region_timezones:
+                raise ValueError(f"region {r!r} has no time zone in region_timezones")
+
+    @classmethod
+    def load(cls, variable: dict | None = None, env: dict | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name in types:
+            raw = env.get(f"PLATEMASK_{name.upper()}")
+            if raw is None:
+                continue
+            if name in ("regions",):
+                values[name] = tuple(s.strip() for s in raw.split(",") if s.strip())
+            elif name in ("region_timezones",):
+                values[name] = json.loads(raw)
+            elif name in ("shard_size", "max_shards", "batch_size", "io_workers", "review_samples"):
+                values[name] = int(raw)
+            elif name in ("max_failure_rate", "deadline_hours"):
+                values[name] = float(raw)
+            else:
+                values[name] = raw or None if name in ("sse", "kms_key_id") else raw
+        if variable:
+            unknown = set(variable) - set(types)
+            if unknown:
+                raise ValueError(f"unknown keys in the platemask_settings Variable: {sorted(unknown)}")
+            values.update({k: tuple(v) if k == "regions" else v for k, v in variable.items()})
+        return cls(**values)
+
+    @classmethod
+    def from_airflow(cls) -> "Settings":
+        """Inside a task: environment plus the ``platemask_settings`` Variable, if it exists."""
+        from airflow.sdk import Variable
+
+        try:
+            raw = Variable.get("platemask_settings", default=None)
+        except Exception:  # noqa: BLE001 - no Variable backend reachable (e.g. parsing): env only
+            raw = None
+        return cls.load(json.loads(raw) if raw else None)
+
+    def with_(self, **kw) -> "Settings":
+        return replace(self, **kw)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
