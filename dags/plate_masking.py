@@ -1,0 +1,125 @@
+"""
+### Plate masking
+
+Every night, for each configured region, masks the licence plates in the inspection photos
+uploaded for the previous local day: **collect** the day partitions of `raw/{region}/…` into a
+manifest, **shard** it, **mask** each shard on a worker (mapped tasks; one model load per shard),
+then write **QA** (`qa/{region}/{window}/report.json` and `report.html`) and check the failure
+rate. Masked copies go to `masked/{region}/…` with the same relative path; originals are never
+modified. Photos already masked for the same source ETag and model are skipped, so reruns and
+retries only do what is missing.
+
+Trigger by hand with a region and, optionally, an explicit window; backfill a new region with
+`airflow backfill create --dag-id plate_masking --from-date … --to-date … --dag-run-conf '{"region": "TH"}'`.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import (Asset, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference, Param, AsyncCallback,
+                         dag, get_current_context, task)
+from airflow.sdk.exceptions import AirflowFailException
+
+from platemask.settings import Settings
+
+SETTINGS = Settings.load()  # environment only: no network, no database, no torch at parse time
+MASKED = Asset(name="platemask_masked", uri=f"s3://{SETTINGS.bucket}/masked/")
+QA = Asset(name="platemask_qa", uri=f"s3://{SETTINGS.bucket}/qa/")
+NULLABLE = {"type": ["null", "string"]}
+
+params = {
+    "region": Param("ALL", enum=["ALL", *SETTINGS.regions], title="Region",
+                    description="Region to process; ALL (the nightly default) processes every configured region."),
+    "window_start": Param(None, **NULLABLE, title="Window start",
+                          description="ISO date or date-time (region time if no offset). Leave empty for the run's night."),
+    "window_end": Param(None, **NULLABLE, title="Window end", description="Exclusive end, same format as the start."),
+    "backend": Param("local", enum=["local", "sagemaker"], title="Segmentation backend"),
+    "mode": Param("gaussian", enum=["gaussian", "pixelate", "solid"], title="Masking mode"),
+    "threshold": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Score threshold",
+                       description="Empty: the model's operating threshold (chosen for recall on held-out data)."),
+    "model": Param(None, **NULLABLE, title="Model folder", description="Empty: the deployed default model."),
+    "reprocess": Param(False, type="boolean", title="Redo photos already masked"),
+    "dry_run": Param(False, type="boolean", title="Dry run (collect and plan only; nothing masked)"),
+    "max_images": Param(None, type=["null", "integer"], minimum=1, title="At most this many photos per region"),
+    "max_failure_rate": Param(SETTINGS.max_failure_rate, type="number", minimum=0, maximum=1,
+                              title="Fail the run above this failure rate (after writing the QA report)"),
+}
+
+
+def _client():
+    from platemask.airflow_support import s3_client
+
+    return s3_client(Settings.from_airflow())
+
+
+@dag(
+    dag_id="plate_masking",
+    schedule=CronDataIntervalTimetable("0 1 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=2,
+    params=params,
+    doc_md=__doc__,
+    tags=["platemask", "privacy"],
+    default_args={"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True,
+                  "max_retry_delay": timedelta(minutes=10)},
+    # Alert when a run is not done deadline_hours after its logical date (the nightly window's end).
+    # PLATEMASK_DEADLINE_HOURS=0 leaves it off: Airflow 3.3.2's dag.test() crashes on DAGs with
+    # deadlines once the run succeeds (DagRun.update_state looks alerts up by id, gets dicts).
+    deadline=DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
+        interval=timedelta(hours=SETTINGS.deadline_hours),
+        callback=AsyncCallback("platemask.airflow_support.deadline_missed"),
+    ) if SETTINGS.deadline_hours > 0 else None,
+)
+def plate_masking():
+    @task
+    def plan() -> list[dict]:
+        from platemask.airflow_support import plan_from_context
+
+        return plan_from_context(get_current_context(), Settings.from_airflow())
+
+    @task(map_index_template="{{ task.op_kwargs['spec']['region'] }}")
+    def collect(spec: dict) -> dict:
+        from platemask import runs
+
+        return runs.collect(_client(), Settings.from_airflow(), runs.RunSpec.from_dict(spec))
+
+    @task
+    def shard(collected: list[dict]) -> list[dict]:
+        from platemask import runs
+
+        return runs.make_shards(_client(), Settings.from_airflow(), list(collected))
+
+    @task(queue=SETTINGS.queue, pool=SETTINGS.pool, max_active_tis_per_dagrun=None,
+          execution_timeout=timedelta(hours=4))
+    def mask(shard: dict) -> dict:
+        from platemask import runs
+        from platemask.airflow_support import detector_factory
+
+        settings = Settings.from_airflow()
+        model = get_current_context()["params"].get("model")
+        return runs.mask_shard(_client(), settings, shard, detector_factory(settings, model))
+
+    @task(trigger_rule="all_done")
+    def qa(collected: list[dict], results: list[dict]) -> list[dict]:
+        from platemask import runs
+
+        return runs.aggregate(_client(), Settings.from_airflow(), list(collected), [r for r in results if r])
+
+    @task(outlets=[MASKED, QA])
+    def check(reports: list[dict]) -> None:
+        from platemask import runs
+
+        try:
+            runs.check_failure_rate(reports)
+        except runs.RunError as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    collected = collect.expand(spec=plan())
+    results = mask.expand(shard=shard(collected))
+    check(qa(collected, results))
+
+
+plate_masking_dag = plate_masking()

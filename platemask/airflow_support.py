@@ -1,0 +1,70 @@
+"""Glue between the DAG and the package: connections, context, backends, alerts.
+
+Imported only inside task bodies (never at DAG parse time), so parsing stays free of torch,
+network and database access.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from .settings import Settings
+
+log = logging.getLogger("platemask")
+
+
+def s3_client(settings: Settings):
+    """A boto3 S3 client from the Airflow AWS connection (its ``endpoint_url`` extra reaches MinIO/moto)."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id=settings.aws_conn_id).get_conn()
+
+
+def plan_from_context(context: Any, settings: Settings) -> list[dict]:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from .runs import RunError, plan_runs
+
+    dag_run = context["dag_run"]
+    try:
+        specs = plan_runs(settings, dict(context["params"]), run_id=dag_run.run_id,
+                          data_interval_start=context.get("data_interval_start"),
+                          data_interval_end=context.get("data_interval_end"))
+    except RunError as exc:
+        raise AirflowFailException(f"invalid run parameters: {exc}") from None
+    for s in specs:
+        log.info("region %s: window %s .. %s (%s)", s.region, s.window_start, s.window_end, s.window.id)
+    return [s.as_dict() for s in specs]
+
+
+def _device(settings: Settings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def detector_factory(settings: Settings, model_dir: str | None = None) -> Callable:
+    """``factory(spec, entries) -> (detect, model_info, cfg)`` for the spec's backend."""
+
+    def factory(spec, entries):
+        if spec.backend == "local":
+            from .segment import Segmenter
+
+            seg = Segmenter(model_dir or settings.model_dir, device=_device(settings), batch_size=settings.batch_size)
+            log.info("model %s (%s) on %s", seg.cfg.name, seg.cfg.weights_sha256[:12], seg.device)
+            return (lambda keys, decoded: seg([d.rgb for d in decoded])), seg.model_info, seg.cfg
+        if spec.backend == "sagemaker":
+            from .sagemaker_backend import transform_detector
+
+            return transform_detector(settings, spec, entries, model_dir)
+        raise ValueError(f"unknown backend {spec.backend!r}")
+
+    return factory
+
+
+async def deadline_missed(**kwargs) -> None:
+    """Deadline alert: the nightly run is not done in time. Logged at ERROR by the triggerer;
+    wire a notifier here (Slack, SNS, e-mail) for paging."""
+    log.error("platemask: nightly plate masking missed its deadline: %s", {k: str(v) for k, v in kwargs.items()})
