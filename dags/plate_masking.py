@@ -24,8 +24,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from platemask.settings import Settings
 
 SETTINGS = Settings.load()  # environment only: no network, no database, no torch at parse time
-MASKED = Asset(name="platemask_masked", uri=f"s3://{SETTINGS.bucket}/masked/")
-QA = Asset(name="platemask_qa", uri=f"s3://{SETTINGS.bucket}/qa/")
+MASKED = Asset(f"s3://{SETTINGS.bucket}/masked/")  # name = URI: one asset per bucket
+QA = Asset(f"s3://{SETTINGS.bucket}/qa/")
 NULLABLE = {"type": ["null", "string"]}
 
 params = {
@@ -62,13 +62,14 @@ def _client():
     params=params,
     doc_md=__doc__,
     tags=["platemask", "privacy"],
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True,
+    default_args={"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": 2.0,
                   "max_retry_delay": timedelta(minutes=10)},
-    # Alert when a run is not done deadline_hours after its logical date (the nightly window's end).
-    # PLATEMASK_DEADLINE_HOURS=0 leaves it off: Airflow 3.3.2's dag.test() crashes on DAGs with
-    # deadlines once the run succeeds (DagRun.update_state looks alerts up by id, gets dicts).
+    # Alert (in the triggerer) when a run is not done deadline_hours after it was queued: a nightly
+    # run is queued when its window closes. PLATEMASK_DEADLINE_HOURS=0 leaves it off: Airflow
+    # 3.3.2's dag.test() crashes on DAGs with deadlines once the run succeeds (DagRun.update_state
+    # looks the alerts up by id and gets dicts), so tests and the demo turn it off.
     deadline=DeadlineAlert(
-        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
         interval=timedelta(hours=SETTINGS.deadline_hours),
         callback=AsyncCallback("platemask.airflow_support.deadline_missed"),
     ) if SETTINGS.deadline_hours > 0 else None,
@@ -80,10 +81,11 @@ def plate_masking():
 
         return plan_from_context(get_current_context(), Settings.from_airflow())
 
-    @task(map_index_template="{{ task.op_kwargs['spec']['region'] }}")
+    @task(map_index_template="{{ region }}")
     def collect(spec: dict) -> dict:
         from platemask import runs
 
+        get_current_context()["region"] = spec["region"]
         return runs.collect(_client(), Settings.from_airflow(), runs.RunSpec.from_dict(spec))
 
     @task
@@ -92,12 +94,13 @@ def plate_masking():
 
         return runs.make_shards(_client(), Settings.from_airflow(), list(collected))
 
-    @task(queue=SETTINGS.queue, pool=SETTINGS.pool, max_active_tis_per_dagrun=None,
-          execution_timeout=timedelta(hours=4))
+    @task(queue=SETTINGS.queue, pool=SETTINGS.pool, execution_timeout=timedelta(hours=4),
+          map_index_template="{{ shard_label }}")
     def mask(shard: dict) -> dict:
         from platemask import runs
         from platemask.airflow_support import detector_factory
 
+        get_current_context()["shard_label"] = f"{shard['spec']['region']} #{shard['index']} ({shard['count']} photos)"
         settings = Settings.from_airflow()
         model = get_current_context()["params"].get("model")
         return runs.mask_shard(_client(), settings, shard, detector_factory(settings, model))

@@ -3,6 +3,9 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "platemask-mnv2-fpn"
+# Airflow reads its configuration when first imported: point it at a throw-away home first.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="platemask-airflow-")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+
 REAL_DATA = Path(os.environ.get("PLATEMASK_REAL_DATA", ROOT.parent / "shared" / "datasets" / "plates-real-v1"))
 
 
@@ -78,3 +87,10 @@ def s3_env(moto_server, monkeypatch):
 
     client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     return client
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated SQLite metadata database in the throw-away AIRFLOW_HOME."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=300)
+    return os.environ["AIRFLOW_HOME"]
