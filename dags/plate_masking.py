@@ -17,8 +17,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import (Asset, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference, Param, AsyncCallback,
-                         dag, get_current_context, task)
+from airflow.sdk import (Asset, AsyncCallback, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference, Param,
+                         PokeReturnValue, dag, get_current_context, task, task_group)
 from airflow.sdk.exceptions import AirflowFailException
 
 from platemask.settings import Settings
@@ -51,6 +51,18 @@ def _client():
     from platemask.airflow_support import s3_client
 
     return s3_client(Settings.from_airflow())
+
+
+def _label(shard: dict) -> str:
+    return f"{shard['spec']['region']} #{shard['index']} ({shard['count']} photos)"
+
+
+def _stop_transform(context) -> None:
+    """on_failure_callback of the wait: a timed-out or failed wait stops its SageMaker job."""
+    from platemask.airflow_support import stop_transform
+
+    ti = context["ti"]
+    stop_transform(Settings.from_airflow(), ti.xcom_pull(task_ids="process.transform_submit", map_indexes=ti.map_index))
 
 
 @dag(
@@ -94,25 +106,59 @@ def plate_masking():
 
         return runs.make_shards(_client(), Settings.from_airflow(), list(collected))
 
-    @task(queue=SETTINGS.queue, pool=SETTINGS.pool, execution_timeout=timedelta(hours=4),
-          map_index_template="{{ shard_label }}")
-    def mask(shard: dict) -> dict:
-        from platemask import runs
-        from platemask.airflow_support import detector_factory
+    @task_group
+    def process(shard: dict):
+        """One shard: segmentation backend, then masking and upload."""
 
-        get_current_context()["shard_label"] = f"{shard['spec']['region']} #{shard['index']} ({shard['count']} photos)"
-        settings = Settings.from_airflow()
-        model = get_current_context()["params"].get("model")
-        return runs.mask_shard(_client(), settings, shard, detector_factory(settings, model))
+        @task(map_index_template="{{ shard_label }}")
+        def transform_submit(shard: dict) -> dict:
+            """backend=sagemaker: start (or find) the shard's Batch Transform job. local: nothing to do."""
+            get_current_context()["shard_label"] = _label(shard)
+            if shard["spec"]["backend"] != "sagemaker":
+                return shard
+            from platemask.airflow_support import submit_transform
+
+            return submit_transform(Settings.from_airflow(), shard, get_current_context()["params"].get("model"))
+
+        @task.sensor(mode="reschedule", poke_interval=SETTINGS.sagemaker_poll_seconds,
+                     timeout=SETTINGS.sagemaker_max_runtime_hours * 3600, max_wait=timedelta(minutes=10),
+                     exponential_backoff=True, map_index_template="{{ shard_label }}",
+                     on_failure_callback=_stop_transform)
+        def transform_wait(shard: dict) -> PokeReturnValue:
+            """Wait for the job without holding a worker slot (reschedule mode); stop it on timeout."""
+            get_current_context()["shard_label"] = _label(shard)
+            if shard["spec"]["backend"] != "sagemaker":
+                return PokeReturnValue(is_done=True, xcom_value=shard)
+            from platemask.airflow_support import poll_transform
+
+            done, shard = poll_transform(Settings.from_airflow(), shard)
+            return PokeReturnValue(is_done=done, xcom_value=shard)
+
+        @task(queue=SETTINGS.queue, pool=SETTINGS.pool, execution_timeout=timedelta(hours=4),
+              map_index_template="{{ shard_label }}")
+        def mask(shard: dict) -> dict:
+            """Mask the shard's photos (local model, or the transform job's polygons) and upload them."""
+            from platemask import runs
+            from platemask.airflow_support import detector_factory
+
+            get_current_context()["shard_label"] = _label(shard)
+            settings = Settings.from_airflow()
+            model = get_current_context()["params"].get("model")
+            return runs.mask_shard(_client(), settings, shard, detector_factory(settings, model))
+
+        return mask(transform_wait(transform_submit(shard)))
 
     @task(trigger_rule="all_done")
-    def qa(collected: list[dict], results: list[dict]) -> list[dict]:
+    def qa(collected: list[dict]) -> list[dict]:
+        """QA from the shards' detection files of this run; photos of failed shards count as failed."""
         from platemask import runs
 
-        return runs.aggregate(_client(), Settings.from_airflow(), list(collected), [r for r in results if r])
+        return runs.aggregate(_client(), Settings.from_airflow(), list(collected),
+                              run_id=get_current_context()["dag_run"].run_id)
 
     @task(outlets=[MASKED, QA])
     def check(reports: list[dict]) -> None:
+        """Fail the run when a region's failure rate is over the limit (the QA report is already written)."""
         from platemask import runs
 
         try:
@@ -121,8 +167,10 @@ def plate_masking():
             raise AirflowFailException(str(exc)) from None
 
     collected = collect.expand(spec=plan())
-    results = mask.expand(shard=shard(collected))
-    check(qa(collected, results))
+    processed = process.expand(shard=shard(collected))
+    reports = qa(collected)
+    processed >> reports
+    check(reports)
 
 
 plate_masking_dag = plate_masking()

@@ -46,9 +46,9 @@ def _device(settings: Settings) -> str:
 
 
 def detector_factory(settings: Settings, model_dir: str | None = None) -> Callable:
-    """``factory(spec, entries) -> (detect, model_info, cfg)`` for the spec's backend."""
+    """``factory(spec, entries, shard) -> (detect, model_info, cfg)`` for the spec's backend."""
 
-    def factory(spec, entries):
+    def factory(spec, entries, shard):
         if spec.backend == "local":
             from .segment import Segmenter
 
@@ -58,10 +58,47 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
         if spec.backend == "sagemaker":
             from .sagemaker_backend import transform_detector
 
-            return transform_detector(settings, spec, entries, model_dir)
+            if "transform" not in shard:
+                raise ValueError(f"shard {shard['shard']} has no transform job: was transform_submit skipped?")
+            return transform_detector(settings, spec, entries, model_dir, shard["transform"], s3_client(settings))
         raise ValueError(f"unknown backend {spec.backend!r}")
 
     return factory
+
+
+def sagemaker_hook(settings: Settings):
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+    return SageMakerHook(aws_conn_id=settings.sagemaker_conn_id or settings.aws_conn_id)
+
+
+def submit_transform(settings: Settings, shard: dict, model_dir: str | None) -> dict:
+    from .sagemaker_backend import submit
+
+    s3 = s3_client(settings)
+    runner = None
+    if settings.sagemaker_local_endpoint:
+        from .local_transform import run_local_transform
+
+        def runner(request):
+            return run_local_transform(request, settings.sagemaker_local_endpoint, s3, log=log.info)
+
+    return submit(sagemaker_hook(settings), s3, settings, shard, model_dir or settings.model_dir, local_runner=runner)
+
+
+def poll_transform(settings: Settings, shard: dict) -> tuple[bool, dict]:
+    from .sagemaker_backend import poll
+
+    done, shard = poll(sagemaker_hook(settings), shard)
+    log.info("transform job %s: %s", shard["transform"]["job"], shard["transform"]["state"])
+    return done, shard
+
+
+def stop_transform(settings: Settings, shard: dict | None) -> None:
+    from .sagemaker_backend import stop
+
+    if shard and shard.get("spec", {}).get("backend") == "sagemaker":
+        stop(sagemaker_hook(settings), shard)
 
 
 async def deadline_missed(**kwargs) -> None:

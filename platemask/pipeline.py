@@ -92,6 +92,24 @@ class Progress:
         return s
 
 
+def build_record(key: str, dec: Decoded, plates: list[Plate], opts: JobOptions, *, model: dict | None,
+                 input_sha256: str | None, output_sha256: str | None = None, output_key: str | None = None) -> dict:
+    """The detection record for one decoded image: the same for the CLI, the DAG and the container."""
+    to_mask = [p for p in plates if p.score >= opts.threshold]
+    near = [p for p in plates if opts.review_low <= p.score < opts.threshold]
+    why = []
+    if near:
+        why.append(f"{len(near)} detection(s) just below the threshold")
+    if any(p.score < opts.review_high for p in to_mask):
+        why.append("masked plate(s) with low confidence")
+    return record(
+        key, status="masked" if to_mask else "no_plate", width=dec.width, height=dec.height, plates=to_mask,
+        model=model, input_sha256=input_sha256, output_sha256=output_sha256, review=bool(why),
+        review_reason="; ".join(why), near_misses=[p.to_json() for p in near], output_key=output_key,
+        masked_area_px=round(sum(polygon_area(masked_region(p, opts.style)[0]) for p in to_mask), 1),
+    )
+
+
 def _sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
@@ -156,7 +174,6 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
         dec = item.dec
         try:
             to_mask = [p for p in plates if p.score >= opts.threshold]
-            near = [p for p in plates if opts.review_low <= p.score < opts.threshold]
             t0 = time.perf_counter()
             pixels = apply_mask(dec.pixels, to_mask, opts.style)
             timings.add("mask", time.perf_counter() - t0)
@@ -172,17 +189,8 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
         except Exception as exc:  # noqa: BLE001 - a write or encode failure fails this image only
             return fail(item, ImageError("write_error", f"cannot mask or write {dst.describe(dst_key(item.key))}: "
                                          f"{type(exc).__name__}: {exc}"), width=dec.width, height=dec.height)
-        why = []
-        if near:
-            why.append(f"{len(near)} detection(s) just below the threshold")
-        if any(p.score < opts.review_high for p in to_mask):
-            why.append("masked plate(s) with low confidence")
-        emit(record(
-            item.key, status="masked" if to_mask else "no_plate", width=dec.width, height=dec.height,
-            plates=to_mask, model=model, input_sha256=item.sha, output_sha256=_sha256(data), review=bool(why),
-            review_reason="; ".join(why), near_misses=[p.to_json() for p in near], output_key=dst.describe(out_key),
-            masked_area_px=round(sum(polygon_area(masked_region(p, opts.style)[0]) for p in to_mask), 1),
-        ))
+        emit(build_record(item.key, dec, plates, opts, model=model, input_sha256=item.sha,
+                          output_sha256=_sha256(data), output_key=dst.describe(out_key)))
 
     with ThreadPoolExecutor(opts.read_workers, thread_name_prefix="read") as readers, \
             ThreadPoolExecutor(opts.write_workers, thread_name_prefix="write") as writers:

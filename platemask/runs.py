@@ -236,7 +236,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
 
     spec = RunSpec.from_dict(shard["spec"])
     entries = _get_lines(client, shard["shard"])
-    detect, model_info, cfg = detector_factory(spec, entries)
+    detect, model_info, cfg = detector_factory(spec, entries, shard)
     model_sha = model_info["weights_sha256"]
     threshold = cfg.score_threshold if spec.threshold is None else spec.threshold
     with ThreadPoolExecutor(settings.io_workers) as pool:
@@ -282,7 +282,9 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
                "skipped": len(entries) - len(todo), "wall_seconds": round(wall, 3),
                "images_per_second": round(len(new) / wall, 3) if new and wall > 0 else None,
                "timings_s": {k: round(v, 3) for k, v in timings.as_dict().items()}, "model": model_info,
-               "failed": sum(r["status"] == "failed" for r in new), "dry_run": spec.dry_run, "threshold": threshold}
+               "failed": sum(r["status"] == "failed" for r in new), "dry_run": spec.dry_run, "threshold": threshold,
+               "run_id": spec.run_id, "backend": spec.backend, "transform": shard.get("transform"),
+               "would_process": len(todo) if spec.dry_run else 0}
     sum_uri = _put_json(client, settings, base + ".summary.json", summary)
     log(f"shard {shard['index']}: {summary['processed']} processed ({summary['failed']} failed), "
         f"{summary['skipped']} skipped, {summary['images_per_second'] or 0:.2f} images/s")
@@ -291,23 +293,47 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
 
 # ---------------------------------------------------------------- QA
 
-def aggregate(client, settings: Settings, collected: list[dict], results: list[dict],
+def _run_shard_results(client, settings: Settings, spec: RunSpec, run_id: str) -> tuple[list[dict], list[dict]]:
+    """Records and summaries this run wrote for the region's window (older runs' files are ignored)."""
+    bucket = settings.bucket
+    prefix = run_prefix(settings, spec) + "detections/"
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    records, summaries = [], []
+    for key in sorted(k for k in keys if k.endswith(".summary.json")):
+        summary = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        if summary.get("run_id") != run_id:
+            continue
+        summaries.append(summary)
+        records.extend(_get_lines(client, _uri(settings, key[: -len(".summary.json")] + ".jsonl")))
+    return records, summaries
+
+
+def aggregate(client, settings: Settings, collected: list[dict], *, run_id: str,
               log: Callable[[str], None] = print) -> list[dict]:
-    """Per region: merge shard records into qa/{region}/{window}/report.json and report.html."""
+    """Per region: merge this run's shard records into qa/{region}/{window}/report.json and report.html.
+
+    Photos of the manifest without a record (their shard's task failed for good) count as failed.
+    """
     from .qa import build_report, headline
     from .report_html import render_report
 
     out = []
     for c in collected:
         spec = RunSpec.from_dict(c["spec"])
-        mine = [r for r in results if r and r["spec"]["region"] == spec.region]
-        records, summaries = [], []
-        for r in mine:
-            records.extend(_get_lines(client, r["detections"]))
-            bucket, key = parse_s3_uri(r["summary"])
-            summaries.append(json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+        records, summaries = _run_shard_results(client, settings, spec, run_id)
         accounted = {rec["key"] for rec in records}
-        missing = c["count"] - len(accounted)
+        unrecorded = 0
+        if c["count"] > len(accounted) and not spec.dry_run:
+            # a shard's task failed for good: its photos are failures, listed by key, never published
+            from .detections import record
+
+            for e in _get_lines(client, c["manifest"]):
+                if e["key"] not in accounted:
+                    unrecorded += 1
+                    records.append(record(e["key"], status="failed", reason="shard_failed",
+                                          error=f"the masking task for this photo's shard failed in run {run_id}; "
+                                                "see the task log and rerun the window"))
         processed = [rec for rec in records if not rec.get("skipped")]
         wall = sum(s["wall_seconds"] for s in summaries)
         timings: dict[str, float] = {}
@@ -318,16 +344,14 @@ def aggregate(client, settings: Settings, collected: list[dict], results: list[d
         report = build_report(records, timings=timings, model=model, extra={
             "region": spec.region, "window": spec.window.as_dict(), "run_id": spec.run_id, "backend": spec.backend,
             "mode": spec.mode, "manifest": c["manifest"], "photos_in_window": c["count"],
-            "not_accounted_for": missing, "processed_this_run": len(processed),
+            "not_accounted_for": unrecorded, "processed_this_run": len(processed),
+            "would_process": sum(s.get("would_process", 0) for s in summaries) if spec.dry_run else None,
             "skipped_already_masked": len(records) - len(processed), "dry_run": spec.dry_run,
             "shards": sorted(summaries, key=lambda s: s["index"]),
             "mask_images_per_second": round(len(processed) / wall, 3) if wall > 0 and processed else None,
             "max_failure_rate": spec.max_failure_rate,
         })
         report["thresholds"] = {"score": next((s["threshold"] for s in summaries), spec.threshold)}
-        if missing:
-            report["by_status"]["failed"] += missing
-            report["failure_rate"] = report["by_status"]["failed"] / max(c["count"], 1)
         qa = qa_prefix(settings, spec)
         report_uri = _put_json(client, settings, qa + "report.json", report)
         html = render_report(report, records, client=client, settings=settings, spec=spec,

@@ -44,6 +44,23 @@ class Settings:
     max_failure_rate: float = 0.02
     deadline_hours: float = 6.0  # alert when a nightly run is not done this long after its window ends
     review_samples: int = 6  # random before/after samples in the HTML report
+    # --- backend "sagemaker" (Batch Transform on our container); see README "SageMaker"
+    sagemaker_conn_id: str | None = None  # AWS connection for SageMaker (default: aws_conn_id)
+    sagemaker_role_arn: str | None = None
+    sagemaker_image_uri: str | None = None
+    sagemaker_instance_type: str = "ml.g5.xlarge"
+    sagemaker_instance_count: int = 1
+    sagemaker_model_prefix: str = "sagemaker/models/"  # content-addressed model.tar.gz
+    sagemaker_output_prefix: str = "sagemaker/output/{region}/{window}/"
+    sagemaker_kms_key_id: str | None = None
+    sagemaker_max_concurrent: int = 4
+    sagemaker_invocation_timeout_s: int = 600
+    sagemaker_invocation_retries: int = 2
+    sagemaker_max_runtime_hours: float = 12.0
+    sagemaker_poll_seconds: int = 60
+    # development: run transform jobs against a container server at this URL (local runner) after
+    # registering them with the SageMaker API (moto in tests), e.g. http://127.0.0.1:8080
+    sagemaker_local_endpoint: str | None = None
 
     def __post_init__(self):
         if self.time_source not in ("partition", "last_modified"):
@@ -69,12 +86,14 @@ class Settings:
                 values[name] = tuple(s.strip() for s in raw.split(",") if s.strip())
             elif name in ("region_timezones",):
                 values[name] = json.loads(raw)
-            elif name in ("shard_size", "max_shards", "batch_size", "io_workers", "review_samples"):
+            elif types[name] in ("int",):
                 values[name] = int(raw)
-            elif name in ("max_failure_rate", "deadline_hours"):
+            elif types[name] in ("float",):
                 values[name] = float(raw)
+            elif "None" in str(types[name]):
+                values[name] = raw or None
             else:
-                values[name] = raw or None if name in ("sse", "kms_key_id") else raw
+                values[name] = raw
         if variable:
             unknown = set(variable) - set(types)
             if unknown:

@@ -52,8 +52,9 @@ def test_dagbag_has_no_import_errors():
 
 def test_structure_queue_pool_deadline(monkeypatch):
     dag = load_dag(monkeypatch, PLATEMASK_QUEUE="gpu", PLATEMASK_POOL="platemask_gpu", PLATEMASK_DEADLINE_HOURS="5")
-    assert set(dag.task_ids) == {"plan", "collect", "shard", "mask", "qa", "check"}
-    mask = dag.get_task("mask")
+    assert set(dag.task_ids) == {"plan", "collect", "shard", "process.transform_submit", "process.transform_wait",
+                                 "process.mask", "qa", "check"}
+    mask = dag.get_task("process.mask")
     assert mask.queue == "gpu" and mask.pool == "platemask_gpu"
     assert dag.get_task("qa").trigger_rule == "all_done"
     assert dag.deadline, "deadline alert missing"
@@ -152,6 +153,7 @@ def test_full_run_masks_the_window_then_rerun_changes_nothing(monkeypatch, bucke
     assert rep["failures_by_reason"] and any(i["key"].endswith("corrupt.jpg")
                                              for f in rep["failures_by_reason"].values() for i in f["items"])
     assert rep["photos_in_window"] == 4 and rep["not_accounted_for"] == 0 and len(rep["shards"]) == 2
+    assert dag.get_task("process.transform_wait").mode == "reschedule"
     assert rep["processed_this_run"] == 4 and rep["mask_images_per_second"] > 0
     html = s3.get_object(Bucket=bucket, Key=f"qa/DE/{DE_20}/report.html")["Body"].read().decode()
     assert "unmasked originals" in html and "data:image/jpeg;base64" in html

@@ -1,0 +1,194 @@
+"""SageMaker inference server (bring-your-own container): ``python -m platemask.serve serve``.
+
+Contract (SageMaker hosting and Batch Transform):
+  GET  /ping                   200 once the model is loaded in this worker, 503 before
+  GET  /execution-parameters   what Batch Transform should use (concurrency, payload, strategy)
+  POST /invocations            one image (image/jpeg, image/png, application/x-image) ->
+                               the CLI's detection record as JSON; 415 wrong type, 413 too large,
+                               400 undecodable, 503 not ready; nothing takes the server down
+
+Gunicorn runs ``SAGEMAKER_MODEL_SERVER_WORKERS`` workers (default: one per 2 cores, at least 1)
+on ``SAGEMAKER_BIND_TO_PORT`` (default 8080); each worker loads the model from ``/opt/ml/model``
+(``PLATEMASK_MODEL_DIR`` overrides) in a background thread so /ping answers at once.
+``SAGEMAKER_MAX_PAYLOAD_IN_MB`` (default 6) caps request bodies; ``SAGEMAKER_BATCH=true``
+(set by Batch Transform) lengthens the worker timeout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+from flask import Flask, Response, request
+
+ACCEPTED = ("image/jpeg", "image/png", "application/x-image", "image/webp", "image/tiff")
+log = logging.getLogger("platemask.serve")
+
+
+def _json(obj, status=200) -> Response:
+    return Response(json.dumps(obj), status=status, mimetype="application/json")
+
+
+class ModelHolder:
+    """Loads the segmenter once per worker, off the request path."""
+
+    def __init__(self, model_dir: str, device: str, threads: int | None):
+        self.model_dir, self.device, self.threads = model_dir, device, threads
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.segmenter = None
+        self.lock = threading.Lock()  # one inference at a time per worker: threads only serve /ping meanwhile
+
+    def load(self):
+        try:
+            from .segment import Segmenter
+
+            t0 = time.perf_counter()
+            self.segmenter = Segmenter(self.model_dir, device=self.device, batch_size=1, threads=self.threads)
+            log.info("model %s loaded in %.1f s", self.segmenter.cfg.name, time.perf_counter() - t0)
+            self.ready.set()
+        except Exception as exc:  # noqa: BLE001 - reported by /ping and /invocations, the server stays up
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("model load failed")
+
+    def start(self):
+        threading.Thread(target=self.load, name="model-load", daemon=True).start()
+
+
+def _device() -> str:
+    d = os.environ.get("PLATEMASK_DEVICE", "auto")
+    if d != "auto":
+        return d
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = None, load: bool = True,
+               workers: int | None = None) -> Flask:
+    from .imageio import ImageError, decode
+    from .pipeline import JobOptions, build_record
+
+    model_dir = model_dir or os.environ.get("PLATEMASK_MODEL_DIR", "/opt/ml/model")
+    max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
+    workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    holder = ModelHolder(model_dir, _device(), threads)
+    app = Flask("platemask")
+    app.config["MAX_CONTENT_LENGTH"] = int(max_payload_mb * 1024 * 1024)
+    app.extensions["platemask_model"] = holder
+    if load:
+        holder.start()
+
+    @app.get("/ping")
+    def ping():
+        if holder.ready.is_set():
+            return _json({"status": "ok", "model": holder.segmenter.model_info})
+        if holder.error:
+            return _json({"status": "error", "error": holder.error}, 500)
+        return _json({"status": "loading"}, 503)
+
+    @app.get("/execution-parameters")
+    def execution_parameters():
+        return _json({"MaxConcurrentTransforms": workers, "BatchStrategy": "SINGLE_RECORD",
+                      "MaxPayloadInMB": int(max_payload_mb)})
+
+    @app.post("/invocations")
+    def invocations():
+        ctype = (request.mimetype or "").lower()
+        if ctype not in ACCEPTED:
+            return _json({"error": f"unsupported content type {ctype or '(none)'}; send one of {', '.join(ACCEPTED)}",
+                          "reason": "unsupported_media_type"}, 415)
+        if not holder.ready.wait(timeout=60):
+            return _json({"error": holder.error or "model is still loading", "reason": "not_ready"}, 503)
+        data = request.get_data(cache=False)  # MAX_CONTENT_LENGTH answers 413 before this reads a byte too many
+        key = request.headers.get("X-Platemask-Key", "")
+        seg = holder.segmenter
+        try:
+            dec = decode(data)
+        except ImageError as exc:
+            return _json({"error": str(exc), "reason": exc.reason}, 400)
+        cfg = seg.cfg
+        threshold = float(os.environ.get("PLATEMASK_THRESHOLD") or cfg.score_threshold)
+        opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold),
+                          review_high=max(cfg.review_high, threshold))
+        with holder.lock:
+            plates = seg([dec.rgb])[0]
+        rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=hashlib.sha256(data).hexdigest())
+        return _json(rec)
+
+    @app.errorhandler(413)
+    def too_large(_exc):
+        return _json({"error": f"request body exceeds {max_payload_mb:g} MB (SAGEMAKER_MAX_PAYLOAD_IN_MB)",
+                      "reason": "payload_too_large"}, 413)
+
+    @app.errorhandler(405)
+    def not_allowed(_exc):
+        return _json({"error": "method not allowed", "reason": "method_not_allowed"}, 405)
+
+    @app.errorhandler(404)
+    def not_found(_exc):
+        return _json({"error": "not found; use /ping or /invocations", "reason": "not_found"}, 404)
+
+    @app.errorhandler(Exception)
+    def crashed(exc):  # one bad request never takes the worker down
+        log.exception("invocation failed")
+        return _json({"error": f"{type(exc).__name__}: {exc}", "reason": "server_error"}, 500)
+
+    return app
+
+
+def gunicorn_options() -> dict:
+    cores = os.cpu_count() or 1
+    workers = int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS") or max(1, cores // 2))
+    batch = os.environ.get("SAGEMAKER_BATCH", "false").lower() == "true"
+    return {
+        "bind": f"0.0.0.0:{int(os.environ.get('SAGEMAKER_BIND_TO_PORT', 8080))}",
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": 4,
+        "timeout": int(os.environ.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", 3600 if batch else 120)),
+        "graceful_timeout": 30,
+        "keepalive": 75,  # longer than SageMaker's idle connection reuse
+        "accesslog": "-",
+        "errorlog": "-",
+        "loglevel": os.environ.get("PLATEMASK_LOG_LEVEL", "info"),
+        "raw_env": [f"SAGEMAKER_MODEL_SERVER_WORKERS={workers}"],
+    }
+
+
+def serve() -> None:
+    from gunicorn.app.base import BaseApplication
+
+    opts = gunicorn_options()
+    os.environ["SAGEMAKER_MODEL_SERVER_WORKERS"] = str(opts["workers"])
+
+    class App(BaseApplication):
+        def load_config(self):
+            for k, v in opts.items():
+                self.cfg.set(k, v)
+
+        def load(self):
+            return create_app()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    log.info("serving on %s with %d worker(s), model %s", opts["bind"], opts["workers"],
+             os.environ.get("PLATEMASK_MODEL_DIR", "/opt/ml/model"))
+    App().run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["serve"]:
+        print("usage: python -m platemask.serve serve   (the SageMaker container contract)", file=sys.stderr)
+        return 2
+    serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
