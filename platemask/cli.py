@@ -142,6 +142,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_package_model(a: argparse.Namespace) -> int:
+    from .package import package_model
+
+    try:
+        blob, sha = package_model(a.model, a.out)
+    except FileNotFoundError as exc:
+        _log(f"platemask: error: {exc}")
+        return EXIT_USAGE
+    _log(f"wrote {a.out} ({len(blob) / 1e6:.1f} MB), sha256 {sha}")
+    print(sha)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="platemask", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -201,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", metavar="FILE.json")
     v.add_argument("--set-threshold", action="store_true", help="write the chosen operating threshold into the model's config.json")
     v.set_defaults(func=cmd_evaluate)
+
+    k = sub.add_parser("package-model", help="write model.tar.gz for SageMaker (reproducible: same model, same bytes)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("out", metavar="OUT.tar.gz")
+    k.add_argument("--model", default=str(default_model_dir()))
+    k.set_defaults(func=cmd_package_model)
     return p
 
 

@@ -1,0 +1,142 @@
+"""Contract tests of the inference container's server, started for real on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, _free_port, jpeg_bytes, png_bytes
+
+
+def call(url, body=None, ctype=None, method=None, timeout=60):
+    req = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"),
+                                 headers={"Content-Type": ctype} if ctype else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="2",
+               PLATEMASK_MODEL_DIR=str(model_dir), SAGEMAKER_MAX_PAYLOAD_IN_MB="2", PLATEMASK_DEVICE="cpu")
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    saw_loading = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            status, _ = call(url + "/ping", timeout=2)
+            if status == 503:
+                saw_loading = True
+            if status == 200:
+                break
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
+    yield url, proc, saw_loading
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_ping_is_503_until_the_model_is_loaded(model_dir):
+    from platemask.serve import create_app
+
+    app = create_app(str(model_dir), load=False)
+    client = app.test_client()
+    assert client.get("/ping").status_code == 503
+    app.extensions["platemask_model"].load()
+    t0 = time.perf_counter()
+    r = client.get("/ping")
+    assert r.status_code == 200 and time.perf_counter() - t0 < 2.0
+    assert r.get_json()["model"]["weights_sha256"]
+
+
+def test_a_broken_model_is_reported_not_hidden(tmp_path):
+    from platemask.serve import create_app
+
+    app = create_app(str(tmp_path / "nothing-here"), load=False)
+    app.extensions["platemask_model"].load()
+    r = app.test_client().get("/ping")
+    assert r.status_code == 500 and "config.json" in r.get_json()["error"]
+
+
+def test_jpeg_record_matches_the_cli_record(server, scene, tmp_path, model_dir):
+    url, _, _ = server
+    img, _, _ = scene
+    data = jpeg_bytes(img)
+    status, body = call(url + "/invocations", data, "image/jpeg")
+    assert status == 200
+    rec = json.loads(body)
+    # the same photo through the CLI
+    from platemask.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "car.jpg").write_bytes(data)
+    assert main(["mask", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model_dir),
+                 "--detections", str(tmp_path / "d.jsonl")]) == 0
+    cli = json.loads((tmp_path / "d.jsonl").read_text())
+    assert set(rec) == set(cli)
+    assert rec["status"] == cli["status"] == "masked"
+    assert rec["input_sha256"] == cli["input_sha256"] and (rec["width"], rec["height"]) == (cli["width"], cli["height"])
+    assert len(rec["plates"]) == len(cli["plates"])
+    for a, b in zip(rec["plates"], cli["plates"]):
+        assert abs(a["score"] - b["score"]) < 1e-3
+        assert np.abs(np.asarray(a["polygon"]) - np.asarray(b["polygon"])).max() < 1.0 if len(a["polygon"]) == len(b["polygon"]) else True
+        assert np.abs(np.asarray(a["box"]) - np.asarray(b["box"])).max() < 1.0
+    assert rec["output_sha256"] is None  # the container detects; masking happens in the DAG
+
+
+@pytest.mark.parametrize("ctype", ["image/png", "application/x-image"])
+def test_png_and_generic_image(server, scene, ctype):
+    url, _, _ = server
+    status, body = call(url + "/invocations", png_bytes(scene[0]), ctype)
+    assert status == 200 and json.loads(body)["status"] == "masked"
+
+
+def test_wrong_type_oversize_and_garbage(server):
+    url, _, _ = server
+    status, body = call(url + "/invocations", b"{}", "application/json")
+    assert status == 415 and json.loads(body)["reason"] == "unsupported_media_type"
+    status, body = call(url + "/invocations", os.urandom(3 * 1024 * 1024), "image/jpeg")
+    assert status == 413 and "2 MB" in json.loads(body)["error"]
+    status, body = call(url + "/invocations", b"\xff\xd8\xff this is no jpeg", "image/jpeg")
+    assert status == 400 and json.loads(body)["reason"] in ("not_an_image", "corrupt", "truncated")
+    status, body = call(url + "/invocations", b"", "image/png")
+    assert status == 400 and json.loads(body)["reason"] == "empty_file"
+    assert call(url + "/ping")[0] == 200  # still alive
+
+
+def test_concurrent_requests(server):
+    url, proc, _ = server
+    rng = np.random.default_rng(0)
+    bodies = [jpeg_bytes(rng.integers(0, 255, (360, 640, 3), dtype=np.uint8)) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: call(url + "/invocations", b, "image/jpeg", timeout=120), bodies))
+    assert [s for s, _ in results] == [200] * 8
+    assert all(json.loads(b)["status"] in ("masked", "no_plate") for _, b in results)
+    assert proc.poll() is None
+
+
+def test_execution_parameters(server):
+    url, _, _ = server
+    status, body = call(url + "/execution-parameters")
+    params = json.loads(body)
+    assert status == 200 and params == {"MaxConcurrentTransforms": 2, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 2}
