@@ -53,10 +53,10 @@ def model_name(model_sha: str, image_uri: str) -> str:
     return sagemaker_name("platemask", _short_hash(model_sha, image_uri, n=16))
 
 
-def job_name(spec: RunSpec, shard_index: int, entries: list[dict], model: str, attempt: int = 0) -> str:
-    """Deterministic per (region, window, shard content, model, mode); ``attempt`` only moves on
-    after a job with the previous name failed or was stopped."""
-    content = _short_hash(spec.window.id, shard_index, model, spec.mode,
+def job_name(spec: RunSpec, shard_index: int, entries: list[dict], model: str, attempt: int = 0, bucket: str = "") -> str:
+    """Deterministic per (bucket, region, window, shard content, model, mode); ``attempt`` only
+    moves on after a job with the previous name failed or was stopped."""
+    content = _short_hash(bucket, spec.window.id, shard_index, model, spec.mode,
                           *(f"{e['key']}@{e['etag']}" for e in entries), n=8)
     day = spec.window.start.strftime("%Y%m%d")
     return sagemaker_name("pm", spec.region.lower(), day, content, f"s{shard_index:04d}", f"a{attempt}")
@@ -159,7 +159,7 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str, *,
     manifest_key = run_prefix(settings, spec) + f"transform/{shard['index']:04d}.manifest"
     manifest_uri = _put_json(s3, settings, manifest_key, manifest_document(settings, entries))
     for attempt in range(10):
-        job = job_name(spec, shard["index"], entries, model, attempt)
+        job = job_name(spec, shard["index"], entries, model, attempt, settings.bucket)
         try:
             state = hook.describe_transform_job(job)["TransformJobStatus"]
         except Exception as exc:  # noqa: BLE001
