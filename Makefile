@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` (the main job on the embedded default) and `make test`.
-.PHONY: setup demo test bench evaluate
+.PHONY: setup demo airflow-ui test bench evaluate
 VENV := .venv/bin
 
 setup:
@@ -8,11 +8,16 @@ setup:
 demo: setup
 	$(VENV)/python -m platemask.demo
 
+airflow-ui: setup
+	$(VENV)/python -m platemask.demo --ui
+
 test: setup
 	$(VENV)/python -m pytest -q
 
 bench: setup
 	$(VENV)/python bench/bench_mask.py
+	$(VENV)/python bench/bench_serve.py
+	$(VENV)/python bench/bench_backends.py
 
 evaluate: setup
 	$(VENV)/platemask evaluate --data ../shared/datasets/plates-real-v1 --out evaluation.json
