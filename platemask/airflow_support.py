@@ -72,17 +72,17 @@ def sagemaker_hook(settings: Settings):
     return SageMakerHook(aws_conn_id=settings.sagemaker_conn_id or settings.aws_conn_id)
 
 
+def _local_runner(settings: Settings, s3) -> Callable[[dict], dict]:
+    from .local_transform import run_local_transform
+
+    return lambda request: run_local_transform(request, settings.sagemaker_local_endpoint, s3, log=log.info)
+
+
 def submit_transform(settings: Settings, shard: dict, model_dir: str | None) -> dict:
     from .sagemaker_backend import submit
 
     s3 = s3_client(settings)
-    runner = None
-    if settings.sagemaker_local_endpoint:
-        from .local_transform import run_local_transform
-
-        def runner(request):
-            return run_local_transform(request, settings.sagemaker_local_endpoint, s3, log=log.info)
-
+    runner = _local_runner(settings, s3) if settings.sagemaker_local_endpoint else None
     return submit(sagemaker_hook(settings), s3, settings, shard, model_dir or settings.model_dir, local_runner=runner)
 
 

@@ -109,7 +109,6 @@ def build_model(*, arch: Architecture | None = None, imagenet_weights: str | Pat
     backbone starts random, which is what loading a trained checkpoint wants.
     """
     from torchvision.models import mobilenet_v2
-    from torchvision.models._utils import IntermediateLayerGetter
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor

@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .augment import AugmentConfig, SampleMaker, SampleStream

@@ -89,6 +89,17 @@ def s3_env(moto_server, monkeypatch):
     return client
 
 
+@pytest.fixture
+def aws_conn(s3_env, moto_server, monkeypatch):
+    """The Airflow AWS connection (``aws_default``) pointing at the moto server; returns the S3 client."""
+    import json
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing",
+        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
+    return s3_env
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """A migrated SQLite metadata database in the throw-away AIRFLOW_HOME."""

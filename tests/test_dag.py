@@ -95,13 +95,10 @@ DAY = ("2026", "11", "20")
 
 
 @pytest.fixture
-def bucket_env(s3_env, monkeypatch, moto_server, airflow_db):
-    s3 = s3_env
+def bucket_env(aws_conn, monkeypatch, airflow_db):
+    s3 = aws_conn
     bucket = f"photos-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
     monkeypatch.setenv("PLATEMASK_BUCKET", bucket)
     monkeypatch.setenv("PLATEMASK_DEADLINE_HOURS", "0")
     monkeypatch.setenv("PLATEMASK_SHARD_SIZE", "2")

@@ -34,21 +34,18 @@ def test_airflow_discovers_the_plugin():
     assert any(a["url_prefix"] == "/plate-qa" for a in apps)
 
 
-def test_views_require_login(s3_env):
+def test_views_require_login():
     client = TestClient(_load_plugin().app)
     assert client.get("/").status_code in (401, 403)
     assert client.get("/report/DE/20261119T2300Z-20261120T2300Z").status_code in (401, 403)
 
 
 @pytest.fixture
-def qa_bucket(s3_env, monkeypatch, moto_server):
-    s3 = s3_env
+def qa_bucket(aws_conn, monkeypatch):
+    s3 = aws_conn
     bucket = f"qa-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     monkeypatch.setenv("PLATEMASK_BUCKET", bucket)
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
     for w, failed in (("20261118T2300Z-20261119T2300Z", 0), ("20261119T2300Z-20261120T2300Z", 5)):
         rep = {"images": 100, "photos_in_window": 100, "by_status": {"masked": 80, "no_plate": 15, "failed": failed},
                "failure_rate": failed / 100, "max_failure_rate": 0.02, "plates": 91, "review": {"count": 4},

@@ -80,13 +80,10 @@ def test_transform_request_and_manifest():
 # ------------------------------------------------------------------ against moto + the real server
 
 @pytest.fixture
-def sm_env(s3_env, moto_server, monkeypatch, scene):
-    s3 = s3_env
+def sm_env(aws_conn, monkeypatch, scene):
+    s3 = aws_conn
     bucket = f"sm-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
     settings = Settings(bucket=bucket, sagemaker_image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/platemask:test",
                         sagemaker_role_arn="arn:aws:iam::123456789012:role/platemask-sagemaker", shard_size=10)
     img = scene[0]
@@ -192,7 +189,7 @@ def _masked(s3, bucket):
     return out
 
 
-def test_dag_sagemaker_backend_matches_local(s3_env, moto_server, monkeypatch, airflow_db, server_url, model_dir):
+def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, server_url, model_dir):
     from io import BytesIO
 
     from PIL import Image
@@ -200,13 +197,10 @@ def test_dag_sagemaker_backend_matches_local(s3_env, moto_server, monkeypatch, a
     from platemask.synth import synth_car_scene
     from test_dag import load_dag
 
-    s3 = s3_env
+    s3 = aws_conn
     rng = np.random.default_rng(3)
     photos = {f"raw/DE/2026/11/20/insp{i}/p.jpg": jpeg_bytes(synth_car_scene(rng, plate_width=(80, 160))[0]) for i in range(3)}
     photos["raw/DE/2026/11/20/insp9/p.jpg"] = b"\xff\xd8\xff broken upload"
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}))
     monkeypatch.setenv("PLATEMASK_DEADLINE_HOURS", "0")
     monkeypatch.setenv("PLATEMASK_SAGEMAKER_IMAGE_URI", "123456789012.dkr.ecr.us-east-1.amazonaws.com/platemask:test")
     monkeypatch.setenv("PLATEMASK_SAGEMAKER_ROLE_ARN", "arn:aws:iam::123456789012:role/platemask")
