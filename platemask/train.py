@@ -157,5 +157,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, name: str, **config) 
     model = build_model(arch=arch)
     model.load_state_dict(state["model"])
     cfg = ModelConfig(name=name, architecture=arch, **config)
-    cfg.extra = {"trained_steps": int(state["step"]), "train": {k: v for k, v in state["meta"].items() if k != "architecture"}}
+    meta = {k: v for k, v in state["meta"].items() if k != "architecture"}
+    meta["data"] = Path(meta["data"]).name  # the data set's name, not this machine's path
+    cfg.extra = {"trained_steps": int(state["step"]), "trained_minutes": round(float(state.get("elapsed_s", 0)) / 60, 1),
+                 "train": meta}
     return save_model(model, cfg, out_dir)
