@@ -28,6 +28,10 @@ class AugmentConfig:
     tilt_prob: float = 0.5
     min_visible: float = 0.45  # keep a plate cut by the crop only if this much of it is inside
     min_side: float = 3.0
+    negative_fraction: float = 0.3  # share of samples drawn from negative images alone
+    # negative image's long side after rescale, in crop sizes: below 1 keeps the small native scale
+    # the detector sees at inference (a 256-px sticker photo is never enlarged there)
+    negative_scale: tuple[float, float] = (0.45, 2.2)
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -152,8 +156,11 @@ class SampleMaker:
     def _crop(self, img, polys, rng, focus: bool):
         c = self.cfg.crop
         h, w = img.shape[:2]
-        if h < c or w < c:  # pad with grey: reflection would mirror unlabelled plates in
-            img = cv2.copyMakeBorder(img, 0, max(0, c - h), 0, max(0, c - w), cv2.BORDER_CONSTANT, value=(114, 114, 114))
+        if h < c or w < c:  # pad with grey (reflection would mirror unlabelled plates in), image at a random place
+            top, left = int(rng.integers(0, max(0, c - h) + 1)), int(rng.integers(0, max(0, c - w) + 1))
+            img = cv2.copyMakeBorder(img, top, max(0, c - h) - top, left, max(0, c - w) - left,
+                                     cv2.BORDER_CONSTANT, value=(114, 114, 114))
+            polys = [p + np.array([left, top], np.float32) for p in polys]
             h, w = img.shape[:2]
         if focus and polys:
             p = polys[int(rng.integers(len(polys)))]
@@ -212,8 +219,9 @@ class SampleMaker:
         if negative and self.neg:
             rec = self.neg[int(rng.integers(len(self.neg)))]
             img = read_rgb(rec.path)
-            s = rng.uniform(1.0, 2.2) * cfg.crop / max(img.shape[:2])
-            img = cv2.resize(img, (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))))
+            s = rng.uniform(*cfg.negative_scale) * cfg.crop / max(img.shape[:2])
+            img = cv2.resize(img, (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))),
+                             interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
             crop, polys = self._crop(img, [], rng, focus=False)
         else:
             rec = self.pos[int(rng.integers(len(self.pos)))]
@@ -221,7 +229,8 @@ class SampleMaker:
             crop, polys = self._crop(img, polys, rng, focus=rng.random() < cfg.plate_focus)
             if self.neg and rng.random() < cfg.negative_paste_prob:
                 self._paste_negative(crop, polys, rng)
-        if rng.random() < cfg.synth_prob:
+        # negatives mostly stay pure: what they teach is the absence of a plate
+        if rng.random() < (cfg.synth_prob / 3 if negative else cfg.synth_prob):
             self._paste_synthetic(crop, polys, rng)
         if rng.random() < cfg.tilt_prob:
             crop, polys = self._tilt(crop, polys, rng)
@@ -258,8 +267,8 @@ def to_target(crop: np.ndarray, polys: list[np.ndarray]) -> tuple[torch.Tensor, 
 class SampleStream(torch.utils.data.IterableDataset):
     """Endless stream of samples; each worker gets its own seed so workers never repeat."""
 
-    def __init__(self, maker: SampleMaker, seed: int, negative_fraction: float = 0.18):
-        self.maker, self.seed, self.negative_fraction = maker, seed, negative_fraction
+    def __init__(self, maker: SampleMaker, seed: int):
+        self.maker, self.seed = maker, seed
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -269,7 +278,7 @@ class SampleStream(torch.utils.data.IterableDataset):
         cv2.setNumThreads(1)
         while True:
             try:
-                crop, polys = self.maker.sample(rng, negative=rng.random() < self.negative_fraction)
+                crop, polys = self.maker.sample(rng, negative=rng.random() < self.maker.cfg.negative_fraction)
             except ValueError as exc:  # an undecodable file: skip it, say so
                 print(f"skipping sample: {exc}", flush=True)
                 continue

@@ -104,7 +104,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     device = ("cuda" if _cuda() else "cpu") if a.device == "auto" else a.device
     ckpt = train(data=a.data, workdir=a.workdir, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                  device=device, max_minutes=a.max_minutes, seed=a.seed, val_fraction=a.val_fraction,
-                 crop=a.crop, workers=a.workers, imagenet_weights=a.imagenet_weights, log=_log)
+                 crop=a.crop, workers=a.workers, imagenet_weights=a.imagenet_weights, init_from=a.init_from,
+                 warmup=a.warmup, log=_log)
     if a.export:
         cfg = export(ckpt, a.export, name=a.name or Path(a.export).name)
         _log(f"exported {cfg.name} to {a.export} (weights {cfg.weights_sha256[:12]})")
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, default=9000)
     t.add_argument("--batch-size", type=_positive_int, default=4)
     t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--warmup", type=int, default=300, help="steps of linear LR warm-up")
+    t.add_argument("--init-from", metavar="MODEL_DIR", help="fine-tune from a shipped model folder instead of ImageNet")
     t.add_argument("--crop", type=_positive_int, default=448)
     t.add_argument("--max-minutes", type=float, default=None, help="time budget: the LR schedule ends when it runs out")
     t.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")

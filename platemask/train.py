@@ -61,9 +61,14 @@ def train(
     imagenet_weights: str | Path | None = None,
     workers: int = 1,
     crop: int = 448,
+    init_from: str | Path | None = None,
     log=print,
 ) -> Path:
-    """Train (or resume) into ``workdir``; returns the checkpoint path."""
+    """Train (or resume) into ``workdir``; returns the checkpoint path.
+
+    ``init_from`` is a shipped model folder to fine-tune from instead of starting at ImageNet
+    (ignored when ``workdir`` already holds a checkpoint: that one is resumed).
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = workdir / "last.ckpt"
@@ -74,8 +79,18 @@ def train(
     neg = [r for r in train_recs if r.negative]
     log(f"data {data}: train {len(pos)} positive + {len(neg)} negative images "
         f"({sum(len(r.polygons) for r in pos)} plates); held out {len(val_recs)}")
-    arch = Architecture()
-    model = build_model(arch=arch, imagenet_weights=imagenet_weights or imagenet_mobilenet_v2())
+    init_info = None
+    if init_from is not None and not ckpt_path.exists():
+        from .model import load_model
+
+        model, init_cfg = load_model(init_from)
+        arch = init_cfg.architecture
+        init_info = {"name": init_cfg.name, "weights_sha256": init_cfg.weights_sha256,
+                     "trained_steps": init_cfg.extra.get("trained_steps"), "train": init_cfg.extra.get("train")}
+        log(f"fine-tuning from {init_from} ({init_cfg.name}, weights {init_cfg.weights_sha256[:12]})")
+    else:
+        arch = Architecture()
+        model = build_model(arch=arch, imagenet_weights=imagenet_weights or imagenet_mobilenet_v2())
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -86,10 +101,11 @@ def train(
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
+        init_info = state["meta"].get("init_from")
         log(f"resumed from {ckpt_path} at step {step}")
     aug = AugmentConfig(crop=crop)
     meta = {"data": str(data), "val_fraction": val_fraction, "seed": seed, "steps": steps, "batch_size": batch_size,
-            "lr": lr, "augment": asdict(aug), "architecture": asdict(arch)}
+            "lr": lr, "augment": asdict(aug), "architecture": asdict(arch), "init_from": init_info}
     (workdir / "train_config.json").write_text(json.dumps(meta, indent=2))
     stream = SampleStream(SampleMaker(pos, neg, aug), seed=seed * 1000 + step)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,

@@ -83,3 +83,12 @@ def test_train_checkpoint_resume_export(tiny_coco, tmp_path):
                if p.is_floating_point())
     out = Segmenter(tmp_path / "model")([np.zeros((120, 160, 3), np.uint8)])
     assert isinstance(out, list) and isinstance(out[0], list)
+
+    # fine-tuning starts from the shipped weights (not ImageNet) and records where it came from
+    ft = train(data=tiny_coco, workdir=tmp_path / "ft", steps=1, batch_size=2, crop=128, workers=0,
+               val_fraction=0.25, warmup=1, init_from=tmp_path / "model", lr=0.0)
+    state = torch.load(ft, weights_only=False)
+    assert state["step"] == 1 and state["meta"]["init_from"]["weights_sha256"] == cfg.weights_sha256
+    shipped = torch.load(tmp_path / "model" / "weights.pt")
+    name = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.allclose(state["model"][name], shipped[name].float())  # lr 0: the weights are the shipped ones
