@@ -34,7 +34,8 @@ def build_report(records: Iterable[dict[str, Any]], *, timings: dict[str, float]
     scores = [p["score"] for r in done for p in r["plates"]]
     hist, _ = np.histogram(scores, bins=SCORE_BINS) if scores else (np.zeros(10, int), None)
     review = [
-        {"key": r["key"], "scores": [p["score"] for p in r["plates"]] + r.get("near_misses", []),
+        {"key": r["key"], "scores": [p["score"] for p in r["plates"]],
+         "near_miss_scores": [p["score"] for p in r.get("near_misses", [])],
          "why": r.get("review_reason", "")}
         for r in done if r.get("review")
     ]

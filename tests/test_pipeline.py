@@ -44,6 +44,10 @@ def test_threshold_review_band(tmp_path):
     assert sure["status"] == "masked" and not sure["review"]
     low = run_job(src, dst, ["p0.jpg"], _fixed(0.1), opts)[0]
     assert low["status"] == "no_plate" and not low["review"]
+    from platemask.qa import build_report
+
+    review = build_report([near, weak, sure, low])["review"]["items"]
+    assert [(r["scores"], r["near_miss_scores"]) for r in review] == [([], [0.3]), ([0.6], [])]
 
 
 def test_detector_crash_fails_closed(tmp_path):
