@@ -32,6 +32,10 @@ class AugmentConfig:
     # negative image's long side after rescale, in crop sizes: below 1 keeps the small native scale
     # the detector sees at inference (a 256-px sticker photo is never enlarged there)
     negative_scale: tuple[float, float] = (0.45, 2.2)
+    # zoom out: the whole photo shrunk to fit inside the crop (long side in crop sizes), so a
+    # close-up plate that fills the frame is learnt as one plate (the detector's coarse view)
+    zoom_out_prob: float = 0.12
+    zoom_out_side: tuple[float, float] = (0.5, 1.0)
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -143,11 +147,14 @@ class SampleMaker:
             raise ValueError("training needs at least one image with a plate")
         self.pos, self.neg, self.cfg = positives, negatives, cfg
 
-    def _rescaled(self, rec: Record, rng) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _rescaled(self, rec: Record, rng, zoom_out: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         img = read_rgb(rec.path)
         h, w = img.shape[:2]
-        lo, hi = self.cfg.long_side
-        target = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        if zoom_out:
+            target = rng.uniform(*self.cfg.zoom_out_side) * self.cfg.crop
+        else:
+            lo, hi = self.cfg.long_side
+            target = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         s = target / max(h, w)
         img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))),
                          interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
@@ -225,7 +232,7 @@ class SampleMaker:
             crop, polys = self._crop(img, [], rng, focus=False)
         else:
             rec = self.pos[int(rng.integers(len(self.pos)))]
-            img, polys = self._rescaled(rec, rng)
+            img, polys = self._rescaled(rec, rng, zoom_out=rng.random() < cfg.zoom_out_prob)
             crop, polys = self._crop(img, polys, rng, focus=rng.random() < cfg.plate_focus)
             if self.neg and rng.random() < cfg.negative_paste_prob:
                 self._paste_negative(crop, polys, rng)

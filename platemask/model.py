@@ -68,6 +68,7 @@ class ModelConfig:
     input_max_side: int = 896  # long side the detector sees (images are only ever shrunk to it)
     tile_above: float = 2.0  # also run tiles when the long side exceeds tile_above * input_max_side
     tile_overlap: float = 0.2
+    coarse_side: int = 0  # also run the whole photo at this long side (finds close-ups filling the frame); 0 = off
     score_threshold: float = 0.5  # operating threshold: a detection above it is masked
     review_low: float = 0.15  # detections in [review_low, score_threshold) flag the image for review
     review_high: float = 0.7  # masked detections below review_high also flag it

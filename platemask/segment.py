@@ -30,6 +30,7 @@ class View:
     x1: int
     y1: int
     scale: float
+    min_box: float = 0.0  # detections whose box long side (view pixels) is smaller are left to the finer views
 
 
 def prepare(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float) -> torch.Tensor:
@@ -43,7 +44,7 @@ def prepare(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float) -
 
 
 def plan_views(width: int, height: int, cfg: ModelConfig, index: int = 0) -> list[View]:
-    """The whole photo at ``input_max_side``, plus overlapping tiles when it is much larger."""
+    """The whole photo at ``input_max_side`` (and at ``coarse_side``), plus overlapping tiles when it is much larger."""
     side = cfg.input_max_side
     long = max(width, height)
     views = [View(index, 0, 0, width, height, min(1.0, side / long))]
@@ -62,6 +63,10 @@ def plan_views(width: int, height: int, cfg: ModelConfig, index: int = 0) -> lis
         for ty in ys:
             for tx in xs:
                 views.append(View(index, tx, ty, min(tx + tile, width), min(ty + tile, height), tscale))
+    if cfg.coarse_side and long > 1.25 * cfg.coarse_side:
+        # a plate photographed up close is larger than the detector's anchors at input_max_side;
+        # the coarse view shows it at the scale training's zoom-out taught (whole photo in one crop)
+        views.append(View(index, 0, 0, width, height, cfg.coarse_side / long, min_box=0.3 * cfg.coarse_side))
     return views
 
 
@@ -126,6 +131,9 @@ class Segmenter:
         per_image: list[list[Plate]] = [[] for _ in images]
         for v, out in zip(views, self._run(tensors)):
             keep = out["scores"] >= self.min_score
+            if v.min_box:
+                b = out["boxes"]
+                keep &= torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) >= v.min_box
             for box, score, mask in zip(out["boxes"][keep], out["scores"][keep], out["masks"][keep]):
                 poly = failsafe_polygon(mask[0].numpy(), box.tolist(), threshold=self.cfg.mask_threshold)
                 poly = poly / v.scale + np.array([v.x0, v.y0], np.float32)

@@ -75,6 +75,18 @@ def test_large_photo_is_tiled_and_mapped_back(model_dir):
                p.polygon[:, 1].min() <= centre[1] <= p.polygon[:, 1].max() for p in plates)
 
 
+def test_coarse_view_for_close_ups(model_dir):
+    from dataclasses import replace
+
+    cfg = load_config(model_dir)
+    cfg = replace(cfg, coarse_side=448)
+    views = plan_views(1024, 683, cfg)
+    assert [round(v.scale, 3) for v in views] == [round(896 / 1024, 3), round(448 / 1024, 3)]
+    assert views[0].min_box == 0 and views[1].min_box > 0  # the coarse view only keeps big plates
+    assert len(plan_views(500, 300, cfg)) == 1  # a small photo needs no coarse view
+    assert len(plan_views(1024, 683, replace(cfg, coarse_side=0))) == 1
+
+
 def test_merge_unites_overlapping_detections():
     a = Plate(0.9, box_polygon([100, 100, 160, 120]))
     b = Plate(0.6, box_polygon([140, 100, 200, 121]))  # the same plate cut by a tile edge

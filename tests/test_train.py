@@ -66,6 +66,19 @@ def test_samples_carry_negatives_and_valid_targets(tiny_coco):
         assert ((b >= 0) & (b <= 128)).all()
 
 
+def test_zoom_out_puts_the_whole_photo_in_the_crop(tiny_coco):
+    recs = load_coco(tiny_coco)
+    cfg = AugmentConfig(crop=256, zoom_out_prob=1.0, zoom_out_side=(0.5, 0.9), synth_prob=0.0, tilt_prob=0.0,
+                        negative_paste_prob=0.0)
+    maker = SampleMaker([r for r in recs if not r.negative], [], cfg)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        crop, polys = maker.sample(rng)
+        assert crop.shape == (256, 256, 3) and len(polys) == 1  # the photo's one plate, never cut away
+        grey = (np.abs(crop.astype(int) - 114).max(axis=2) <= 40)
+        assert grey.mean() > 0.15  # padding around the shrunk photo
+
+
 def test_train_checkpoint_resume_export(tiny_coco, tmp_path):
     from platemask.train import export, train
 
