@@ -236,3 +236,31 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> 
     model.load_state_dict(state)
     model.eval().to(device)
     return model, cfg
+
+
+def fuse_frozen_bn(module: nn.Module) -> nn.Module:
+    """Fold every ``FrozenBatchNorm2d`` that follows a ``Conv2d`` into the conv's weights and bias.
+
+    Inference only (the result has no batch norm left to train). Same outputs up to float rounding;
+    on a CPU it halves the backbone's time, which is dominated by MobileNetV2's many cheap layers.
+    """
+    from torchvision.ops import FrozenBatchNorm2d
+
+    for child in module.children():
+        fuse_frozen_bn(child)
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = module._modules[a], module._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d)):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+            with torch.no_grad():
+                fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+                base = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
+                fused.bias.copy_((base - bn.running_mean) * scale + bn.bias)
+            module._modules[a] = fused.to(conv.weight.device)
+            module._modules[b] = nn.Identity()
+    return module

@@ -17,7 +17,7 @@ import torch
 
 from .detections import Plate
 from .geometry import failsafe_polygon, grow_polygon, intersection_over_smaller
-from .model import ModelConfig, load_model
+from .model import ModelConfig, fuse_frozen_bn, load_model
 
 
 @dataclass
@@ -99,6 +99,10 @@ class Segmenter:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model, self.cfg = load_model(model_dir, device=self.device)
+        fuse_frozen_bn(self.model)
+        if self.device.type == "cpu":
+            # oneDNN's depthwise convolutions are much faster on NHWC (measured 2x on MobileNetV2)
+            self.model.to(memory_format=torch.channels_last)
         self.model_dir = Path(model_dir)
         self.batch_size = max(1, int(batch_size))
         self.min_score = self.cfg.review_low if min_score is None else float(min_score)
@@ -111,12 +115,17 @@ class Segmenter:
 
     @torch.inference_mode()
     def _run(self, tensors: list[torch.Tensor]) -> list[dict]:
-        outs = []
-        for i in range(0, len(tensors), self.batch_size):
-            chunk = [t.to(self.device, non_blocking=True) for t in tensors[i : i + self.batch_size]]
+        # a batch is padded to its largest member: batch views of like size together (a coarse
+        # view next to a full-size one would otherwise cost as much as the full-size one)
+        order = sorted(range(len(tensors)), key=lambda i: (tensors[i].shape[-2] * tensors[i].shape[-1], i))
+        outs: list[dict] = [{} for _ in tensors]
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i : i + self.batch_size]
+            chunk = [tensors[j].to(self.device, non_blocking=True) for j in idx]
             if self.device.type == "cuda":
                 chunk = [t.half() for t in chunk]
-            outs.extend({k: v.float().cpu() for k, v in o.items()} for o in self.model(chunk))
+            for j, o in zip(idx, self.model(chunk)):
+                outs[j] = {k: v.float().cpu() for k, v in o.items()}
         return outs
 
     def __call__(self, images: list[np.ndarray]) -> list[list[Plate]]:

@@ -87,6 +87,45 @@ def test_coarse_view_for_close_ups(model_dir):
     assert len(plan_views(1024, 683, replace(cfg, coarse_side=0))) == 1
 
 
+def test_batching_views_of_mixed_sizes_keeps_each_image_its_own_plates(model_dir, scene):
+    """Views are batched by size (padding); every image must still get exactly its own detections."""
+    import cv2
+    from dataclasses import replace
+
+    img, quads, _ = scene
+    small = cv2.resize(img, (640, 360), interpolation=cv2.INTER_AREA)
+    seg = Segmenter(model_dir, batch_size=3)
+    seg.cfg = replace(seg.cfg, coarse_side=448)  # 1280-px photo: full view + coarse view
+    blank = np.full((500, 700, 3), 128, np.uint8)
+    together = seg([blank, img, small])
+    alone = [seg([x])[0] for x in (blank, img, small)]
+    assert together[0] == [] and alone[0] == []
+    for t, a in zip(together[1:], alone[1:]):
+        assert len(t) == len(a) >= 1
+        for p, q in zip(sorted(t, key=lambda p: p.score), sorted(a, key=lambda p: p.score)):
+            assert abs(p.score - q.score) < 0.05
+            assert np.abs(p.polygon.mean(axis=0) - q.polygon.mean(axis=0)).max() < 4
+
+
+def test_fusing_batch_norm_keeps_the_outputs(model_dir):
+    import copy
+
+    import torch
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from platemask.model import fuse_frozen_bn
+
+    model, _ = load_model(model_dir)
+    fused = fuse_frozen_bn(copy.deepcopy(model))
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fused.modules())
+    x = torch.rand(1, 3, 256, 320)
+    with torch.inference_mode():
+        a, b = model.backbone(x), fused.backbone(x)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-3 * float(a[k].abs().max())), k
+
+
 def test_merge_unites_overlapping_detections():
     a = Plate(0.9, box_polygon([100, 100, 160, 120]))
     b = Plate(0.6, box_polygon([140, 100, 200, 121]))  # the same plate cut by a tile edge
