@@ -153,21 +153,27 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
     engine = RapidOCR()
 
     def read(img: np.ndarray, box) -> tuple[str, float]:
-        x0, y0, x1, y1 = box
-        pw, ph = x1 - x0, y1 - y0
-        x0, y0 = int(max(0, x0 - 0.25 * pw)), int(max(0, y0 - 0.4 * ph))
-        x1, y1 = int(min(img.shape[1], x1 + 0.25 * pw)), int(min(img.shape[0], y1 + 0.4 * ph))
+        """Text OCR finds on the plate: lines whose centre lies in the labelled box. The crop has
+        context around the plate (OCR needs it), but badges and dealer frames there are not the plate."""
+        bx0, by0, bx1, by1 = box
+        pw, ph = bx1 - bx0, by1 - by0
+        x0, y0 = int(max(0, bx0 - 0.25 * pw)), int(max(0, by0 - 0.4 * ph))
+        x1, y1 = int(min(img.shape[1], bx1 + 0.25 * pw)), int(min(img.shape[0], by1 + 0.4 * ph))
         crop = img[y0:y1, x0:x1]
         if crop.size == 0:
             return "", 0.0
         s = max(1.0, 64.0 / max(crop.shape[0], 1))
         crop = cv2.resize(crop, None, fx=s, fy=s, interpolation=cv2.INTER_CUBIC)
         out, _ = engine(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-        if not out:
+        lines = []
+        for quad, txt, conf in out or []:
+            cx, cy = np.asarray(quad, np.float32).mean(axis=0) / s + [x0, y0]
+            if bx0 - 0.05 * pw <= cx <= bx1 + 0.05 * pw and by0 - 0.1 * ph <= cy <= by1 + 0.1 * ph:
+                lines.append((txt, float(conf)))
+        if not lines:
             return "", 0.0
-        text = "".join(ch for _, txt, _ in out for ch in str(txt) if ch.isalnum()).upper()
-        conf = float(np.mean([float(c) for _, _, c in out]))
-        return text, conf
+        text = "".join(ch for txt, _ in lines for ch in str(txt) if ch.isalnum()).upper()
+        return text, float(np.mean([c for _, c in lines]))
 
     readable = leaked_chars = leaked_3gram = missed_readable = checked = 0
     examples = []
