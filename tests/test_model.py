@@ -138,15 +138,19 @@ def test_merge_unites_overlapping_detections():
 
 @pytest.mark.realdata
 def test_finds_plates_in_real_photos(model_dir, real_data):
-    """Held-out real photos with big, clear plates: the model must hide most of them."""
+    """Held-out real photos whose plates are all >= 60 px wide: the model must hide nearly all of them.
+
+    24 photos rather than a handful: the labels carry some noise (a shop sign boxed as a plate),
+    and one such label must not decide the outcome; the full split is `platemask evaluate`'s job.
+    """
     from platemask.coco import load_coco, split_records
     from platemask.evaluate import analyse, metrics_at
     from platemask.imageio import decode
     from platemask.mask import MaskStyle
 
     _, val = split_records(load_coco(real_data))
-    picks = [r for r in val if not r.negative and r.polygons and min(np.ptp(p[:, 0]) for p in r.polygons) >= 60][:8]
-    assert len(picks) >= 5
+    picks = [r for r in val if not r.negative and r.polygons and min(np.ptp(p[:, 0]) for p in r.polygons) >= 60][:24]
+    assert len(picks) >= 20
     seg = Segmenter(model_dir)
     cfg = seg.cfg
     results = []
@@ -154,4 +158,4 @@ def test_finds_plates_in_real_photos(model_dir, real_data):
         dec = decode(r.path.read_bytes())
         results.append(analyse(r, seg([dec.rgb])[0], dec.width, dec.height, MaskStyle()))
     m = metrics_at(results, cfg.score_threshold)
-    assert m["recall"] >= 0.8, json.dumps(m)
+    assert m["recall"] >= 0.9, json.dumps(m)
