@@ -115,9 +115,9 @@ class Segmenter:
 
     @torch.inference_mode()
     def _run(self, tensors: list[torch.Tensor]) -> list[dict]:
-        # a batch is padded to its largest member: batch views of like size together (a coarse
+        # a batch is padded to its largest member: batch views of the same shape together (a coarse
         # view next to a full-size one would otherwise cost as much as the full-size one)
-        order = sorted(range(len(tensors)), key=lambda i: (*tensors[i].shape[-2:], i))  # same shapes side by side
+        order = sorted(range(len(tensors)), key=lambda i: (*tensors[i].shape[-2:], i))
         outs: list[dict] = [{} for _ in tensors]
         for i in range(0, len(order), self.batch_size):
             idx = order[i : i + self.batch_size]
