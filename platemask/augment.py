@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -142,10 +143,20 @@ def _free_spot(rng, size, box_wh, taken, tries=8):
 class SampleMaker:
     """Makes (crop, polygons) training samples from records; deterministic given the RNG."""
 
-    def __init__(self, positives: list[Record], negatives: list[Record], cfg: AugmentConfig = AugmentConfig()):
+    def __init__(self, positives: list[Record], negatives: list[Record], cfg: AugmentConfig = AugmentConfig(),
+                 negative_weights: Sequence[float] | None = None):
         if not positives:
             raise ValueError("training needs at least one image with a plate")
         self.pos, self.neg, self.cfg = positives, negatives, cfg
+        self.neg_p = None  # uniform unless hard-negative weights are given (see platemask.mining)
+        if negative_weights is not None:
+            w = np.asarray(negative_weights, np.float64)
+            if w.shape != (len(negatives),) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"negative_weights needs {len(negatives)} non-negative weights, not all zero")
+            self.neg_p = w / w.sum()
+
+    def _negative(self, rng) -> Record:
+        return self.neg[int(rng.choice(len(self.neg), p=self.neg_p))]
 
     def _rescaled(self, rec: Record, rng, zoom_out: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         img = read_rgb(rec.path)
@@ -180,7 +191,7 @@ class SampleMaker:
         return crop, _crop_polys(polys, x0, y0, c, self.cfg.min_visible)
 
     def _paste_negative(self, crop, polys, rng):
-        rec = self.neg[int(rng.integers(len(self.neg)))]
+        rec = self._negative(rng)
         patch = read_rgb(rec.path)
         side = int(rng.uniform(0.2, 0.6) * self.cfg.crop)
         patch = cv2.resize(patch, (side, int(side * rng.uniform(0.6, 1.2))), interpolation=cv2.INTER_AREA)
@@ -224,7 +235,7 @@ class SampleMaker:
     def sample(self, rng: np.random.Generator, negative: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         cfg = self.cfg
         if negative and self.neg:
-            rec = self.neg[int(rng.integers(len(self.neg)))]
+            rec = self._negative(rng)
             img = read_rgb(rec.path)
             s = rng.uniform(*cfg.negative_scale) * cfg.crop / max(img.shape[:2])
             img = cv2.resize(img, (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))),

@@ -105,7 +105,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     ckpt = train(data=a.data, workdir=a.workdir, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                  device=device, max_minutes=a.max_minutes, seed=a.seed, val_fraction=a.val_fraction,
                  crop=a.crop, workers=a.workers, imagenet_weights=a.imagenet_weights, init_from=a.init_from,
-                 warmup=a.warmup, log=_log)
+                 warmup=a.warmup, negative_fraction=a.negative_fraction, hard_negative_gain=a.hard_negative_gain,
+                 hard_roi_fraction=a.hard_roi_fraction, log=_log)
     if a.export:
         cfg = export(ckpt, a.export, name=a.name or Path(a.export).name)
         _log(f"exported {cfg.name} to {a.export} (weights {cfg.weights_sha256[:12]})")
@@ -187,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=300, help="steps of linear LR warm-up")
     t.add_argument("--init-from", metavar="MODEL_DIR", help="fine-tune from a shipped model folder instead of ImageNet")
     t.add_argument("--crop", type=_positive_int, default=448)
+    t.add_argument("--negative-fraction", type=float, default=0.3, help="share of samples drawn from negative photos alone")
+    t.add_argument("--hard-negative-gain", type=float, default=8.0,
+                   help="draw each negative with weight 1 + gain * the plate score the current model gives it (0: uniform)")
+    t.add_argument("--hard-roi-fraction", type=float, default=0.5,
+                   help="share of box-head negatives on a negative photo taken from its most plate-like proposals (0: random)")
     t.add_argument("--max-minutes", type=float, default=None, help="time budget: the LR schedule ends when it runs out")
     t.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     t.add_argument("--workers", type=int, default=1)

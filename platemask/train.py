@@ -12,10 +12,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .augment import AugmentConfig, SampleMaker, SampleStream
 from .coco import load_coco, split_records
+from .mining import HardNegativeSampler, hardness_weights, score_negatives
 from .model import Architecture, ModelConfig, build_model, save_model
 
 
@@ -62,12 +64,19 @@ def train(
     workers: int = 1,
     crop: int = 448,
     init_from: str | Path | None = None,
+    negative_fraction: float = 0.3,
+    hard_negative_gain: float = 8.0,
+    hard_roi_fraction: float = 0.5,
     log=print,
 ) -> Path:
     """Train (or resume) into ``workdir``; returns the checkpoint path.
 
     ``init_from`` is a shipped model folder to fine-tune from instead of starting at ImageNet
     (ignored when ``workdir`` already holds a checkpoint: that one is resumed).
+    ``hard_negative_gain`` weights each training negative by the plate score the current model
+    gives it (re-measured on every start and resume; not on a start from ImageNet, whose scores
+    mean nothing yet); ``hard_roi_fraction`` is the share of box-head negatives on a negative
+    image taken from its most plate-like proposals. 0 turns either off (see platemask.mining).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -103,11 +112,24 @@ def train(
         elapsed_before = float(state.get("elapsed_s", 0.0))
         init_info = state["meta"].get("init_from")
         log(f"resumed from {ckpt_path} at step {step}")
-    aug = AugmentConfig(crop=crop)
+    aug = AugmentConfig(crop=crop, negative_fraction=negative_fraction)
+    if hard_roi_fraction:
+        model.roi_heads.fg_bg_sampler = HardNegativeSampler(
+            arch.box_batch_size_per_image, model.roi_heads.fg_bg_sampler.positive_fraction, hard_roi_fraction)
+    neg_weights = None
+    if hard_negative_gain and neg and (step > 0 or init_info is not None):
+        t_mine = time.time()
+        scores = score_negatives(model, neg, device=device)
+        neg_weights = hardness_weights(scores, hard_negative_gain)
+        hard = sum(s >= 0.3 for s in scores)
+        log(f"hard negatives: {hard}/{len(neg)} training negatives score >= 0.3 "
+            f"(they now make up {neg_weights[np.asarray(scores) >= 0.3].sum() / neg_weights.sum():.0%} "
+            f"of negative draws); scored in {time.time() - t_mine:.0f} s")
     meta = {"data": str(data), "val_fraction": val_fraction, "seed": seed, "steps": steps, "batch_size": batch_size,
-            "lr": lr, "augment": asdict(aug), "architecture": asdict(arch), "init_from": init_info}
+            "lr": lr, "augment": asdict(aug), "architecture": asdict(arch), "init_from": init_info,
+            "hard_negative_gain": hard_negative_gain, "hard_roi_fraction": hard_roi_fraction}
     (workdir / "train_config.json").write_text(json.dumps(meta, indent=2))
-    stream = SampleStream(SampleMaker(pos, neg, aug), seed=seed * 1000 + step)
+    stream = SampleStream(SampleMaker(pos, neg, aug, negative_weights=neg_weights), seed=seed * 1000 + step)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
                                          collate_fn=_collate, persistent_workers=workers > 0)
     first_step = step
