@@ -11,8 +11,7 @@ Two levers, both training-only (the shipped model does not change shape):
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,15 +28,12 @@ def hardness_weights(scores: Sequence[float], gain: float = 8.0) -> np.ndarray:
 
 @torch.no_grad()
 def score_negatives(model: torch.nn.Module, records: Sequence[Record], *, max_side: int = 896,
-                    device: str | torch.device = "cpu", batch_size: int = 4,
-                    read: Callable[[Path], np.ndarray] | None = None) -> list[float]:
+                    device: str | torch.device = "cpu", batch_size: int = 4) -> list[float]:
     """Highest plate score the model gives each negative photo, seen as inference sees it
     (whole photo, shrunk to ``max_side`` when larger, never enlarged)."""
-    import cv2
-
     from .augment import read_rgb
+    from .segment import prepare
 
-    read = read or read_rgb
     was_training = model.training
     model.eval()
     scores: list[float] = []
@@ -45,11 +41,9 @@ def score_negatives(model: torch.nn.Module, records: Sequence[Record], *, max_si
         for i in range(0, len(records), batch_size):
             batch = []
             for rec in records[i : i + batch_size]:
-                rgb = read(rec.path)
-                s = min(1.0, max_side / max(rgb.shape[:2]))
-                if s < 1.0:
-                    rgb = cv2.resize(rgb, (round(rgb.shape[1] * s), round(rgb.shape[0] * s)), interpolation=cv2.INTER_AREA)
-                batch.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0).to(device))
+                rgb = read_rgb(rec.path)
+                h, w = rgb.shape[:2]
+                batch.append(prepare(rgb, 0, 0, w, h, min(1.0, max_side / max(h, w))).to(device))
             for out in model(batch):
                 scores.append(float(out["scores"].max()) if out["scores"].numel() else 0.0)
     finally:
