@@ -121,9 +121,9 @@ def train(
         t_mine = time.time()
         scores = score_negatives(model, neg, device=device)
         neg_weights = hardness_weights(scores, hard_negative_gain)
-        hard = sum(s >= 0.3 for s in scores)
-        log(f"hard negatives: {hard}/{len(neg)} training negatives score >= 0.3 "
-            f"(they now make up {neg_weights[np.asarray(scores) >= 0.3].sum() / neg_weights.sum():.0%} "
+        hard = np.asarray(scores) >= 0.3
+        log(f"hard negatives: {int(hard.sum())}/{len(neg)} training negatives score >= 0.3 "
+            f"(they now make up {neg_weights[hard].sum() / neg_weights.sum():.0%} "
             f"of negative draws); scored in {time.time() - t_mine:.0f} s")
     meta = {"data": str(data), "val_fraction": val_fraction, "seed": seed, "steps": steps, "batch_size": batch_size,
             "lr": lr, "augment": asdict(aug), "architecture": asdict(arch), "init_from": init_info,
