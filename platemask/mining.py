@@ -18,6 +18,7 @@ import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 from .coco import Record
+from .model import ModelConfig
 
 
 def hardness_weights(scores: Sequence[float], gain: float = 8.0) -> np.ndarray:
@@ -27,7 +28,8 @@ def hardness_weights(scores: Sequence[float], gain: float = 8.0) -> np.ndarray:
 
 
 @torch.no_grad()
-def score_negatives(model: torch.nn.Module, records: Sequence[Record], *, max_side: int = 896,
+def score_negatives(model: torch.nn.Module, records: Sequence[Record], *,
+                    max_side: int = ModelConfig.input_max_side,
                     device: str | torch.device = "cpu", batch_size: int = 4) -> list[float]:
     """Highest plate score the model gives each negative photo, seen as inference sees it
     (whole photo, shrunk to ``max_side`` when larger, never enlarged)."""
