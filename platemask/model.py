@@ -76,7 +76,16 @@ class ModelConfig:
     classes: tuple[str, ...] = CLASSES
     weights: str = "weights.pt"
     weights_sha256: str = ""
+    verifier: dict[str, Any] = field(default_factory=dict)  # second-look classifier (platemask.verify); {} = none
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self, *, verify: bool = True) -> dict[str, str]:
+        """What detection records name as their model: the detector's weights, and the verifier's when used
+        (a run skips an image only when both match what masked it before)."""
+        info = {"name": self.name, "weights_sha256": self.weights_sha256}
+        if verify and self.verifier:
+            info["verifier_sha256"] = self.verifier.get("weights_sha256", "")
+        return info
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -214,10 +214,12 @@ def _read_audit(client, settings: Settings, key: str) -> dict | None:
         return None  # a broken audit record is redone, not trusted
 
 
-def _already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit: dict | None, model_sha: str) -> bool:
+def _already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit: dict | None, model_info: dict) -> bool:
     if audit is None or audit.get("status") == "failed":
         return False
-    if audit.get("source_etag") != entry["etag"] or (audit.get("model") or {}).get("weights_sha256") != model_sha:
+    masked_by = audit.get("model") or {}
+    if audit.get("source_etag") != entry["etag"] or any(
+            masked_by.get(k) != model_info.get(k) for k in ("weights_sha256", "verifier_sha256")):
         return False
     if audit.get("mode") != spec.mode or audit.get("threshold") != spec.threshold:
         return False
@@ -237,13 +239,12 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     spec = RunSpec.from_dict(shard["spec"])
     entries = _get_lines(client, shard["shard"])
     detect, model_info, cfg = detector_factory(spec, entries, shard)
-    model_sha = model_info["weights_sha256"]
     threshold = cfg.score_threshold if spec.threshold is None else spec.threshold
     with ThreadPoolExecutor(settings.io_workers) as pool:
         audits = list(pool.map(lambda e: _read_audit(client, settings, audit_key(settings, spec.region, e["key"])), entries))
         done = [False] * len(entries)
         if not spec.reprocess:
-            done = list(pool.map(lambda ea: _already_done(client, settings, spec, ea[0], ea[1], model_sha),
+            done = list(pool.map(lambda ea: _already_done(client, settings, spec, ea[0], ea[1], model_info),
                                  zip(entries, audits)))
     todo = [e for e, d in zip(entries, done) if not d]
     etags = {e["key"]: e["etag"] for e in entries}

@@ -223,7 +223,7 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
 
     with ThreadPoolExecutor(settings.io_workers) as pool:
         outputs = dict(zip([e["key"] for e in entries], pool.map(fetch, [e["key"] for e in entries])))
-    model_info = {"name": cfg.name, "weights_sha256": cfg.weights_sha256, "backend": "sagemaker", "transform_job": transform["job"]}
+    model_info = {**cfg.identity(), "backend": "sagemaker", "transform_job": transform["job"]}
 
     def detect(keys, decoded):
         res = []

@@ -18,6 +18,7 @@ import torch
 from .detections import Plate
 from .geometry import failsafe_polygon, grow_polygon, intersection_over_smaller
 from .model import ModelConfig, fuse_frozen_bn, load_model
+from .verify import fuse, load_verifier
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Segmenter:
     """
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_size: int = 4,
-                 min_score: float | None = None, threads: int | None = None):
+                 min_score: float | None = None, threads: int | None = None, verify: bool = True):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but CUDA is not available on this machine; use --device cpu")
         if threads:
@@ -108,10 +109,13 @@ class Segmenter:
         self.min_score = self.cfg.review_low if min_score is None else float(min_score)
         if self.device.type == "cuda":
             self.model.half()
+        self.verifier = None
+        if verify and self.cfg.verifier:
+            self.verifier = load_verifier(self.model_dir, self.cfg.verifier, device=self.device)
 
     @property
     def model_info(self) -> dict:
-        return {"name": self.cfg.name, "weights_sha256": self.cfg.weights_sha256}
+        return self.cfg.identity(verify=self.verifier is not None)
 
     @torch.inference_mode()
     def _run(self, tensors: list[torch.Tensor]) -> list[dict]:
@@ -154,5 +158,9 @@ class Segmenter:
             for p in merged:
                 p.polygon[:, 0] = np.clip(p.polygon[:, 0], 0, w)
                 p.polygon[:, 1] = np.clip(p.polygon[:, 1], 0, h)
+            if self.verifier is not None and merged:
+                for p, prob in zip(merged, self.verifier(images[i], [p.box for p in merged])):
+                    p.score = fuse(p.score, prob)
+                merged = [p for p in merged if p.score >= self.min_score]
             results.append(merged)
         return results

