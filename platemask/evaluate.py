@@ -132,13 +132,26 @@ def metrics_at(results: list[ImageResult], t: float, cover: float = 0.8, min_wid
 
 
 def choose_threshold(curve: list[dict], target_recall: float, max_fp_rate: float) -> tuple[float, str]:
-    """Recall first: the highest threshold that keeps recall >= target; else the best recall
-    whose false-positive image rate stays within ``max_fp_rate``."""
+    """Recall first.
+
+    1. Among thresholds that meet both targets (recall >= ``target_recall``, false-positive image
+       rate <= ``max_fp_rate``), the one with the highest recall (ties: the higher threshold);
+    2. else the highest threshold that keeps recall >= target (recall is not traded for precision);
+    3. else the best recall whose false-positive image rate stays within ``max_fp_rate``.
+    """
+    def fp(m):
+        return m["false_positive_image_rate"] or 0.0
+
+    both = [m for m in curve if m["recall"] is not None and m["recall"] >= target_recall and fp(m) <= max_fp_rate]
+    if both:
+        m = max(both, key=lambda m: (m["recall"], m["threshold"]))
+        return m["threshold"], (f"highest recall among thresholds with recall >= {target_recall} and false-positive "
+                                f"image rate <= {max_fp_rate}")
     ok = [m for m in curve if m["recall"] is not None and m["recall"] >= target_recall]
     if ok:
         m = max(ok, key=lambda m: m["threshold"])
-        return m["threshold"], f"highest threshold with recall >= {target_recall}"
-    within = [m for m in curve if (m["false_positive_image_rate"] or 0) <= max_fp_rate]
+        return m["threshold"], f"highest threshold with recall >= {target_recall} (no threshold meets the FP limit too)"
+    within = [m for m in curve if fp(m) <= max_fp_rate]
     pool = within or curve
     m = max(pool, key=lambda m: (m["recall"] or 0, m["threshold"]))
     return m["threshold"], (f"no threshold reaches recall {target_recall}: best recall with false-positive "
