@@ -228,7 +228,14 @@ def random_box(width: int, height: int, rng: np.random.Generator, avoid: Sequenc
 
 
 def photometric(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Brightness/contrast, blur and JPEG, as cameras and uploads vary them."""
+    """Brightness/contrast, blur and JPEG, as cameras and uploads vary them; and polarity and
+    colour order, for both classes alike: plates come dark-on-light and light-on-dark, white,
+    yellow, blue or green, and the real photos show mostly the first (a verifier that learnt
+    "dark text on white" would veto a black plate the detector found)."""
+    if rng.random() < 0.25:
+        crop = 255 - crop
+    if rng.random() < 0.3:
+        crop = crop[:, :, rng.permutation(3)]
     x = crop.astype(np.float32)
     x = (x - 128) * rng.uniform(0.7, 1.3) + 128 + rng.uniform(-30, 30)
     x = np.clip(x, 0, 255).astype(np.uint8)
