@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", required=True, help="COCO folder (annotations.json + images); only its training split is used")
     r.add_argument("--model", required=True, help="model folder to add the verifier to")
     r.add_argument("--workdir", required=True, help="cache of the detector's detections on the training photos")
-    r.add_argument("--epochs", type=_positive_int, default=6)
+    r.add_argument("--epochs", type=_positive_int, default=8)
     r.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--val-fraction", type=float, default=0.15)

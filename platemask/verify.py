@@ -276,7 +276,7 @@ def collect_detections(model_dir: str | Path, records, *, min_score: float = 0.0
     return rows
 
 
-def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs: int = 6, batch_size: int = 64,
+def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs: int = 8, batch_size: int = 64,
                    lr: float = 3e-4, randoms_per_image: float = 0.5, randoms_per_negative: float = 8.0,
                    hard_repeats: int = 3, seed: int = 0,
                    imagenet_weights: str | Path | None = None, device: str = "cpu", log=print) -> nn.Module:
@@ -299,7 +299,6 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
     net = build_verifier(imagenet_weights).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    steps_per_epoch = None
     step = 0
     t0 = time.time()
     for epoch in range(epochs):
@@ -369,7 +368,7 @@ def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
     return cfg.verifier
 
 
-def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path, *, epochs: int = 6,
+def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path, *, epochs: int = 8,
                     val_fraction: float = 0.15, seed: int = 0, imagenet_weights: str | Path | None = None,
                     device: str = "cpu", log=print) -> dict:
     """Train a verifier for the detector in ``model_dir`` on the training split of ``data`` and add it there.
