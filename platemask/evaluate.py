@@ -19,7 +19,7 @@ import numpy as np
 
 from .coco import Record, load_coco, split_records
 from .detections import Plate
-from .geometry import polygon_box
+from .geometry import box_iou, polygon_box
 from .imageio import decode
 from .mask import MaskStyle, apply_mask, masked_region
 
@@ -40,14 +40,6 @@ class ImageResult:
     gt_iou_best: list[list[tuple[float, float]]] = field(default_factory=list)
 
 
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / u if u > 0 else 0.0
-
-
 def analyse(record: Record, plates: list[Plate], width: int, height: int, style: MaskStyle) -> ImageResult:
     res = ImageResult(record, plates)
     gt_boxes = [polygon_box(p) for p in record.polygons]
@@ -66,7 +58,7 @@ def analyse(record: Record, plates: list[Plate], width: int, height: int, style:
                 continue
             cv2.fillPoly(union, [np.round((r - [x0, y0]) * 4).astype(np.int32)], 1, shift=2)
             curve.append((plates[i].score, float(union.mean())))
-            ious.append((plates[i].score, _iou(polygon_box(plates[i].polygon), gb)))
+            ious.append((plates[i].score, box_iou(polygon_box(plates[i].polygon), gb)))
         res.cover_curves.append(curve)
         res.gt_iou_best.append(ious)
     gt_mask = np.zeros((height, width), np.uint8)
@@ -78,7 +70,7 @@ def analyse(record: Record, plates: list[Plate], width: int, height: int, style:
         area = float(m.sum())
         inside = float((m & gt_mask).sum())
         db = polygon_box(p.polygon)
-        on_plate = any(_iou(db, gb) >= 0.3 for gb in gt_boxes) or (area > 0 and inside / area >= 0.5)
+        on_plate = any(box_iou(db, gb) >= 0.3 for gb in gt_boxes) or (area > 0 and inside / area >= 0.5)
         res.det_on_plate.append(on_plate)
         res.det_region_px.append(area)
         res.det_outside_px.append(area - inside)

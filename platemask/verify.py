@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .geometry import box_iou
+
 # crop the verifier sees: height x width, the box in its central half (context = box size again)
 INPUT_HW = (64, 128)
 CONTEXT = 2.0
@@ -138,14 +140,6 @@ class Example:
     kind: str  # "plate", "detection", "random"
 
 
-def _box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / u if u > 0 else 0.0
-
-
 def covers(box: Sequence[float], plate: Sequence[float]) -> float:
     """Share of ``plate``'s area inside ``box``."""
     ix = max(0.0, min(box[2], plate[2]) - max(box[0], plate[0]))
@@ -222,7 +216,7 @@ def random_box(width: int, height: int, rng: np.random.Generator, avoid: Sequenc
             cy = (gy + rng.random()) * height / density.shape[0]
             x0, y0 = cx - bw / 2, cy - bh / 2
         b = (x0, y0, x0 + bw, y0 + bh)
-        if all(_box_iou(b, a) == 0.0 for a in avoid):
+        if all(box_iou(b, a) == 0.0 for a in avoid):
             return b
     return None
 

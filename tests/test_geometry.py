@@ -72,3 +72,12 @@ def test_intersection_over_smaller():
     b = box_polygon([5, 0, 8, 10])
     assert intersection_over_smaller(a, b) == pytest.approx(1.0)
     assert intersection_over_smaller(a, box_polygon([20, 20, 30, 30])) == 0.0
+
+
+def test_box_iou():
+    from platemask.geometry import box_iou
+
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == 50 / 150
+    assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0  # degenerate boxes do not divide by zero
