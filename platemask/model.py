@@ -112,19 +112,39 @@ class PassThroughTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def mobilenet_v2_features(imagenet_weights: str | Path | None = None, trainable_from: int = 4) -> nn.Sequential:
+    """MobileNetV2's ``features[:18]`` (the final 1x1 conv to 1280 channels dropped) with frozen batch
+    norm and layers below ``trainable_from`` frozen; ImageNet-initialised when ``imagenet_weights`` is
+    given (training only), random otherwise (what loading a trained checkpoint wants)."""
+    from torchvision.models import mobilenet_v2
+    from torchvision.ops import FrozenBatchNorm2d
+
+    mnv2 = mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
+    if imagenet_weights is not None:
+        state = torch.load(str(imagenet_weights), map_location="cpu", weights_only=True)
+        missing, unexpected = mnv2.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "num_batches_tracked" not in k]
+        if missing:
+            raise ValueError(f"ImageNet weights {imagenet_weights} lack keys: {missing[:5]}")
+    features = mnv2.features[:18]
+    for i, layer in enumerate(features):
+        if i < trainable_from:
+            layer.requires_grad_(False)
+    return features
+
+
 def build_model(*, arch: Architecture | None = None, imagenet_weights: str | Path | None = None) -> nn.Module:
     """Assemble backbone, FPN and heads.
 
     ``imagenet_weights`` is a torchvision ``mobilenet_v2`` state dict (training only). Without it the
     backbone starts random, which is what loading a trained checkpoint wants.
     """
-    from torchvision.models import mobilenet_v2
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
     from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.models.detection.rpn import RPNHead
-    from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+    from torchvision.ops import MultiScaleRoIAlign
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     arch = arch or Architecture()
@@ -139,17 +159,7 @@ def build_model(*, arch: Architecture | None = None, imagenet_weights: str | Pat
     if not 0 <= arch.trainable_from <= 18:
         raise ValueError(f"trainable_from={arch.trainable_from} must be within 0..18")
 
-    mnv2 = mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
-    if imagenet_weights is not None:
-        state = torch.load(str(imagenet_weights), map_location="cpu", weights_only=True)
-        missing, unexpected = mnv2.load_state_dict(state, strict=False)
-        missing = [k for k in missing if "num_batches_tracked" not in k]
-        if missing:
-            raise ValueError(f"ImageNet weights {imagenet_weights} lack keys: {missing[:5]}")
-    features = mnv2.features[:18]  # drop the final 1x1 conv to 1280 channels: unused by the FPN
-    for i, layer in enumerate(features):
-        if i < arch.trainable_from:
-            layer.requires_grad_(False)
+    features = mobilenet_v2_features(imagenet_weights, arch.trainable_from)
     backbone = BackboneWithFPN(
         features,
         return_layers=_MNV2_RETURN,

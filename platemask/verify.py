@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .geometry import box_iou
+from .geometry import box_iou, polygon_box
 
 # crop the verifier sees: height x width, the box in its central half (context = box size again)
 INPUT_HW = (64, 128)
@@ -67,18 +67,9 @@ def to_batch(crops: Sequence[np.ndarray]) -> torch.Tensor:
 
 def build_verifier(imagenet_weights: str | Path | None = None, trainable_from: int = 4) -> nn.Module:
     """MobileNetV2 features (frozen batch norm, stem frozen) -> global average -> one logit."""
-    from torchvision.models import mobilenet_v2
-    from torchvision.ops import FrozenBatchNorm2d
+    from .model import mobilenet_v2_features
 
-    mnv2 = mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
-    if imagenet_weights is not None:
-        state = torch.load(str(imagenet_weights), map_location="cpu", weights_only=True)
-        mnv2.load_state_dict(state, strict=False)
-    features = mnv2.features[:18]
-    for i, layer in enumerate(features):
-        if i < trainable_from:
-            layer.requires_grad_(False)
-    return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(320, 1))
+    return nn.Sequential(mobilenet_v2_features(imagenet_weights, trainable_from), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(320, 1))
 
 
 def fuse(det_score: float, plate_prob: float) -> float:
@@ -258,8 +249,7 @@ def collect_detections(model_dir: str | Path, records, *, min_score: float = 0.0
         dec = decode(Path(rec.path).read_bytes())
         plates = seg([dec.rgb])[0]
         rows.append({"path": str(rec.path), "negative": rec.negative,
-                     "gt": [[float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
-                            for p in rec.polygons],
+                     "gt": [[float(v) for v in polygon_box(p)] for p in rec.polygons],
                      "plates": [p.to_json() for p in plates]})
         if (i + 1) % 100 == 0:
             rate = (i + 1) / (time.time() - t0)
