@@ -143,7 +143,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         write_report(report, a.out)
     at = report["at_operating_threshold"]
     print(json.dumps({"operating_threshold": report["operating_threshold"], **{k: at[k] for k in (
-        "recall", "recall_iou50", "precision", "false_positive_image_rate", "mean_box_coverage", "over_masking")},
+        "recall", "recall_iou50", "precision", "false_positive_image_rate", "fp_by_category", "mean_box_coverage",
+        "over_masking")},
         "recall_by_plate_width": report["recall_by_plate_width"], "ocr": {k: v for k, v in report.get("ocr", {}).items() if k != "examples"}},
         indent=2))
     if a.set_threshold:
@@ -192,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_mask)
 
     t = sub.add_parser("train", help="train (or resume) the plate Mask R-CNN", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", required=True, help="COCO folder (annotations.json + images)")
+    t.add_argument("--data", required=True, action="append",
+                   help="COCO folder (annotations.json + images); repeat for several (e.g. plates and interior negatives)")
     t.add_argument("--workdir", required=True, help="checkpoints go here; an existing last.ckpt is resumed")
     t.add_argument("--steps", type=_positive_int, default=9000)
     t.add_argument("--batch-size", type=_positive_int, default=4)
@@ -217,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("train-verifier", help="train the second-look plate classifier for a model folder (adds verifier.pt)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--data", required=True, help="COCO folder (annotations.json + images); only its training split is used")
+    r.add_argument("--data", required=True, action="append",
+                   help="COCO folder (annotations.json + images), repeatable; only the training split is used")
     r.add_argument("--model", required=True, help="model folder to add the verifier to")
     r.add_argument("--workdir", required=True, help="cache of the detector's detections on the training photos")
     r.add_argument("--epochs", type=_positive_int, default=8)
@@ -237,11 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("evaluate", help="recall/precision/FP-rate/PR curve on the held-out split", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     v.add_argument("--model", default=str(default_model_dir()))
-    v.add_argument("--data", required=True)
+    v.add_argument("--data", required=True, action="append",
+                   help="COCO folder, repeatable; false positives are reported per negative category")
     v.add_argument("--val-fraction", type=float, default=0.15)
     v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    v.add_argument("--target-recall", type=_fraction, default=0.95)
-    v.add_argument("--max-fp-rate", type=_fraction, default=0.03)
+    v.add_argument("--target-recall", type=_fraction, default=0.97)
+    v.add_argument("--max-fp-rate", type=_fraction, default=0.01, help="per negative category")
     v.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out images")
     v.add_argument("--no-ocr", action="store_true", help="skip the OCR readability check")
     v.add_argument("--out", metavar="FILE.json")

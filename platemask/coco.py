@@ -1,8 +1,16 @@
 """COCO plate annotations: loading, the held-out split, and per-image records.
 
-The split is a pure function of each image's identity (Open Images id, else SHA-1, else file
-name), so training, evaluation and the model card agree on it without a stored list, and a
-photo that upstream exported twice can never land on both sides.
+The split is a pure function of each image's split group, so training, evaluation and the
+model card agree on it without a stored list. The group is the image's identity (Open Images
+id, else SHA-1, else file name), so a photo that upstream exported twice can never land on both
+sides; for sets whose images carry a ``date`` (the interior negatives: a few dozen vehicles
+photographed on many days) it is the source and the day, so the same cluster photographed on
+one day never lands on both sides either.
+
+Several data sets can be used together (``--data A --data B``): each record keeps its
+``category`` (``plate`` for photos with plates, else the set's ``negative_kind``, e.g.
+``vin_plate_closeup``, ``odometer_digital``), and evaluation reports false positives per
+category, so a new kind of negative slots in as one more folder.
 """
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -26,10 +35,19 @@ class Record:
     image_id: int = 0
     identity: str = ""
     source: str = ""
+    category: str = "plate"
+    split_group: str = ""
 
 
 def identity(img: dict) -> str:
     return str(img.get("open_images_id") or img.get("sha1") or img["file_name"])
+
+
+def split_group(img: dict) -> str:
+    """What the split hashes: the day for sets photographed over many days, else the identity."""
+    if img.get("date"):
+        return f"{img.get('source', '')}:{img['date']}"
+    return identity(img)
 
 
 def split_of(ident: str, val_fraction: float = 0.15) -> str:
@@ -65,23 +83,35 @@ def load_coco(root: str | Path, annotations: str = "annotations.json", category:
     records = []
     for img in doc["images"]:
         polys = by_image.get(img["id"], [])
+        negative = bool(img.get("negative")) or not polys
         records.append(
             Record(
                 path=root / img["file_name"],
                 width=int(img["width"]),
                 height=int(img["height"]),
                 polygons=polys,
-                negative=bool(img.get("negative")) or not polys,
+                negative=negative,
                 image_id=int(img["id"]),
                 identity=identity(img),
                 source=str(img.get("source", "")),
+                category=str(img.get("negative_kind") or ("negative" if negative else "plate")),
+                split_group=split_group(img),
             )
         )
     return records
 
 
+def load_datasets(roots: str | Path | Sequence[str | Path]) -> list[Record]:
+    """Records of one or several COCO folders, in the order given (image ids stay per folder)."""
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    if not roots:
+        raise ValueError("no data set given: pass at least one COCO folder")
+    return [r for root in roots for r in load_coco(root)]
+
+
 def split_records(records: list[Record], val_fraction: float = 0.15) -> tuple[list[Record], list[Record]]:
     train, val = [], []
     for r in records:
-        (val if split_of(r.identity, val_fraction) == "val" else train).append(r)
+        (val if split_of(r.split_group or r.identity, val_fraction) == "val" else train).append(r)
     return train, val

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .augment import AugmentConfig, SampleMaker, SampleStream
-from .coco import load_coco, split_records
+from .coco import load_datasets, split_records
 from .mining import HardNegativeSampler, hardness_weights, score_negatives
 from .model import Architecture, ModelConfig, build_model, save_model
 
@@ -82,7 +82,7 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = workdir / "last.ckpt"
     torch.manual_seed(seed)
-    records = load_coco(data)
+    records = load_datasets(data)
     train_recs, val_recs = split_records(records, val_fraction)
     pos = [r for r in train_recs if not r.negative]
     neg = [r for r in train_recs if r.negative]
@@ -125,7 +125,7 @@ def train(
         log(f"hard negatives: {int(hard.sum())}/{len(neg)} training negatives score >= 0.3 "
             f"(they now make up {neg_weights[hard].sum() / neg_weights.sum():.0%} "
             f"of negative draws); scored in {time.time() - t_mine:.0f} s")
-    meta = {"data": str(data), "val_fraction": val_fraction, "seed": seed, "steps": steps, "batch_size": batch_size,
+    meta = {"data": [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)], "val_fraction": val_fraction, "seed": seed, "steps": steps, "batch_size": batch_size,
             "lr": lr, "augment": asdict(aug), "architecture": asdict(arch), "init_from": init_info,
             "hard_negative_gain": hard_negative_gain, "hard_roi_fraction": hard_roi_fraction}
     (workdir / "train_config.json").write_text(json.dumps(meta, indent=2))
@@ -196,7 +196,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, name: str, **config) 
     model.load_state_dict(state["model"])
     cfg = ModelConfig(name=name, architecture=arch, **config)
     meta = {k: v for k, v in state["meta"].items() if k != "architecture"}
-    meta["data"] = Path(meta["data"]).name  # the data set's name, not this machine's path
+    data = meta["data"] if isinstance(meta["data"], list) else [meta["data"]]
+    meta["data"] = [Path(d).name for d in data]  # the data sets' names, not this machine's paths
     cfg.extra = {"trained_steps": int(state["step"]), "trained_minutes": round(float(state.get("elapsed_s", 0)) / 60, 1),
                  "train": meta}
     return save_model(model, cfg, out_dir)

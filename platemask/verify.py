@@ -361,11 +361,11 @@ def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path
     detector and the split are unchanged), so a second run only pays for the classifier.
     """
     from .augment import read_rgb
-    from .coco import load_coco, split_records
+    from .coco import load_datasets, split_records
     from .model import load_config
 
     cfg = load_config(model_dir)
-    train_recs, _ = split_records(load_coco(data), val_fraction)
+    train_recs, _ = split_records(load_datasets(data), val_fraction)
     workdir = Path(workdir)
     cache = workdir / f"detections-{cfg.weights_sha256[:12]}-{len(train_recs)}.jsonl"
     images = collect_detections(model_dir, train_recs, cache=cache, log=log)
@@ -375,7 +375,7 @@ def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path
     net = train_verifier(images, rgbs, epochs=epochs, seed=seed, imagenet_weights=imagenet_weights,
                          device=device, log=log).cpu()
     ex = examples_from(images)
-    info = {"trained_on": Path(data).name, "val_fraction": val_fraction, "epochs": epochs, "seed": seed,
+    info = {"trained_on": [Path(d).name for d in ([data] if isinstance(data, (str, Path)) else data)], "val_fraction": val_fraction, "epochs": epochs, "seed": seed,
             "detector_weights_sha256": cfg.weights_sha256,
             "plates": sum(e.label for e in ex), "negative_detections": sum(1 - e.label for e in ex)}
     return save_verifier(net, model_dir, info)
