@@ -38,7 +38,7 @@ def main() -> None:
 
     from platemask.demo import _free_port
     from platemask.local_transform import wait_ready
-    from platemask.synth import synth_car_scene
+    from platemask.training.synth import synth_car_scene
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = _free_port(9150)

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from platemask.synth import synth_car_scene  # noqa: E402
+from platemask.training.synth import synth_car_scene  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from platemask.local_transform import _http, wait_ready  # noqa: E402
-from platemask.synth import synth_car_scene  # noqa: E402
+from platemask.training.synth import synth_car_scene  # noqa: E402
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import export, train
+    from .training.train import export, train
 
     device = ("cuda" if _cuda() else "cpu") if a.device == "auto" else a.device
     ckpt = train(data=a.data, workdir=a.workdir, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
@@ -114,8 +114,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_train_verifier(a: argparse.Namespace) -> int:
-    from .train import imagenet_mobilenet_v2
-    from .verify import train_for_model
+    from .training.train import imagenet_mobilenet_v2
+    from .training.verifier import train_for_model
 
     device = ("cuda" if _cuda() else "cpu") if a.device == "auto" else a.device
     spec = train_for_model(a.model, a.data, a.workdir, epochs=a.epochs, val_fraction=a.val_fraction, seed=a.seed,
@@ -126,7 +126,7 @@ def cmd_train_verifier(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .train import export
+    from .training.train import export
 
     overrides = {k: getattr(a, k) for k in ("score_threshold", "input_max_side") if getattr(a, k) is not None}
     cfg = export(a.checkpoint, a.out, name=a.name or Path(a.out).name, **overrides)
@@ -135,7 +135,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate, write_report
+    from .training.evaluate import evaluate, write_report
 
     report = evaluate(a.model, a.data, val_fraction=a.val_fraction, device=a.device, target_recall=a.target_recall,
                       max_fp_rate=a.max_fp_rate, limit=a.limit, ocr=not a.no_ocr, log=_log)

@@ -58,7 +58,7 @@ def seed(client, n: int = 24) -> dict:
     import numpy as np
     from PIL import Image
 
-    from .synth import synth_car_scene
+    from .training.synth import synth_car_scene
 
     client.create_bucket(Bucket=BUCKET)
     rng = np.random.default_rng(2026)

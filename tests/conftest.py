@@ -51,7 +51,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def scene():
     """A generated 1280x720 car photo with two readable plates and their true corners."""
-    from platemask.synth import synth_car_scene
+    from platemask.training.synth import synth_car_scene
 
     rng = np.random.default_rng(7)
     img, quads, texts = synth_car_scene(rng, n_plates=1, plate_width=(150, 170))

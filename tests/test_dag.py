@@ -102,7 +102,7 @@ def bucket_env(aws_conn, monkeypatch, airflow_db):
     monkeypatch.setenv("PLATEMASK_BUCKET", bucket)
     monkeypatch.setenv("PLATEMASK_DEADLINE_HOURS", "0")
     monkeypatch.setenv("PLATEMASK_SHARD_SIZE", "2")
-    from platemask.synth import synth_car_scene
+    from platemask.training.synth import synth_car_scene
 
     rng = np.random.default_rng(11)
     keys = {}

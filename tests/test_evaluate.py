@@ -1,5 +1,5 @@
 """The operating threshold rule: recall first, then the false-positive budget."""
-from platemask.evaluate import choose_threshold
+from platemask.training.evaluate import choose_threshold
 
 
 def _curve(rows):

@@ -5,7 +5,7 @@ import pytest
 from platemask.detections import Plate
 from platemask.geometry import box_polygon
 from platemask.mask import MaskStyle, apply_mask, masked_region
-from platemask.synth import paste_plate, render_plate
+from platemask.training.synth import paste_plate, render_plate
 
 
 def _plate_image(h=60):
@@ -109,8 +109,8 @@ def test_bad_style_rejected():
 @pytest.mark.parametrize("mode", ["gaussian", "pixelate", "solid"])
 def test_ocr_reads_the_plate_before_and_nothing_of_it_after_masking(scene, tmp_path, mode):
     """The evaluation's unreadability check, end to end on a generated photo with true corners."""
-    from platemask.coco import Record
-    from platemask.evaluate import analyse, ocr_check
+    from platemask.training.coco import Record
+    from platemask.training.evaluate import analyse, ocr_check
 
     img, quads, texts = scene
     path = tmp_path / "car.png"

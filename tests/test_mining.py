@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from platemask.augment import AugmentConfig, SampleMaker
-from platemask.coco import Record
-from platemask.mining import HardNegativeSampler, hardness_weights, score_negatives
+from platemask.training.augment import AugmentConfig, SampleMaker
+from platemask.training.coco import Record
+from platemask.training.mining import HardNegativeSampler, hardness_weights, score_negatives
 from platemask.model import load_model
 
 

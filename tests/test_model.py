@@ -56,7 +56,7 @@ def test_empty_image_gives_empty_list(model_dir):
 
 
 def test_large_photo_is_tiled_and_mapped_back(model_dir):
-    from platemask.synth import synth_car_scene
+    from platemask.training.synth import synth_car_scene
 
     cfg = load_config(model_dir)
     views = plan_views(4000, 3000, cfg)
@@ -143,8 +143,8 @@ def test_finds_plates_in_real_photos(model_dir, real_data):
     24 photos rather than a handful: the labels carry some noise (a shop sign boxed as a plate),
     and one such label must not decide the outcome; the full split is `platemask evaluate`'s job.
     """
-    from platemask.coco import load_coco, split_records
-    from platemask.evaluate import analyse, metrics_at
+    from platemask.training.coco import load_coco, split_records
+    from platemask.training.evaluate import analyse, metrics_at
     from platemask.imageio import decode
     from platemask.mask import MaskStyle
 

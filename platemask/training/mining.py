@@ -18,7 +18,7 @@ import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 from .coco import Record
-from .model import ModelConfig
+from ..model import ModelConfig
 
 
 def hardness_weights(scores: Sequence[float], gain: float = 8.0) -> np.ndarray:
@@ -34,7 +34,7 @@ def score_negatives(model: torch.nn.Module, records: Sequence[Record], *,
     """Highest plate score the model gives each negative photo, seen as inference sees it
     (whole photo, shrunk to ``max_side`` when larger, never enlarged)."""
     from .augment import read_rgb
-    from .segment import prepare
+    from ..segment import prepare
 
     was_training = model.training
     model.eval()

@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 
 from .coco import Record, load_datasets, split_records
-from .detections import Plate
-from .geometry import box_iou, polygon_box
-from .imageio import decode
-from .mask import MaskStyle, apply_mask, masked_region
+from ..detections import Plate
+from ..geometry import box_iou, polygon_box
+from ..imageio import decode
+from ..mask import MaskStyle, apply_mask, masked_region
 
 THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
 SIZE_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 1e9))
@@ -227,7 +227,7 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
 def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0.15, device: str = "cpu",
              target_recall: float = 0.97, max_fp_rate: float = 0.01, cover: float = 0.8, min_width: float = 16.0,
              limit: int | None = None, ocr: bool = True, log=print) -> dict[str, Any]:
-    from .segment import Segmenter
+    from ..segment import Segmenter
 
     seg = Segmenter(model_dir, device=device, min_score=min(THRESHOLDS), batch_size=2)
     style = MaskStyle()

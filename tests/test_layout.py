@@ -1,0 +1,65 @@
+"""Layout: the inference side never imports training code, and the package has no import circles."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "platemask"
+# what the container, the CLI's mask command and the DAG workers load
+INFERENCE = ["platemask.segment", "platemask.serve", "platemask.pipeline", "platemask.runs", "platemask.verify",
+             "platemask.sagemaker_backend", "platemask.mask", "platemask.imageio"]
+
+
+@pytest.mark.parametrize("module", INFERENCE)
+def test_inference_modules_do_not_import_training(module):
+    code = (f"import sys, importlib; importlib.import_module({module!r}); "
+            "bad = sorted(m for m in sys.modules if m.startswith('platemask.training')); "
+            "print(','.join(bad)); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{module} pulls in training modules: {proc.stdout.strip()} {proc.stderr[-2000:]}"
+
+
+def _imports(path: Path) -> set[str]:
+    """platemask modules a file imports, at module level or inside functions."""
+    mod = ".".join(path.relative_to(PKG.parent).with_suffix("").parts)
+    pkg = mod.rsplit(".", 1)[0] if path.name != "__init__.py" else mod
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [target + "." + a.name for a in node.names]
+            for t in [target, *names]:
+                if t.startswith("platemask") and (PKG.parent / (t.replace(".", "/") + ".py")).is_file():
+                    out.add(t)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("platemask.")}
+    out.discard(mod)
+    return out
+
+
+def test_no_import_circles():
+    graph = {".".join(p.relative_to(PKG.parent).with_suffix("").parts): _imports(p) for p in PKG.rglob("*.py")}
+    seen, stack, cycles = set(), [], []
+
+    def visit(n):
+        if n in stack:
+            cycles.append(stack[stack.index(n):] + [n])
+            return
+        if n in seen:
+            return
+        seen.add(n)
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            visit(m)
+        stack.pop()
+
+    for n in sorted(graph):
+        visit(n)
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
