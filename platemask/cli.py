@@ -145,15 +145,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(json.dumps({"operating_threshold": report["operating_threshold"], **{k: at[k] for k in (
         "recall", "recall_iou50", "precision", "false_positive_image_rate", "fp_by_category", "mean_box_coverage",
         "over_masking")},
-        "recall_by_plate_width": report["recall_by_plate_width"], "ocr": {k: v for k, v in report.get("ocr", {}).items() if k != "examples"}},
-        indent=2))
+        "recall_by_plate_width": report["recall_by_plate_width"], "ocr": {k: v for k, v in report.get("ocr", {}).items() if k != "examples"},
+        "review": {k: v for k, v in report["review"].items()}}, indent=2))
     if a.set_threshold:
         from .model import load_config
 
         cfg = load_config(a.model)
         cfg.score_threshold = report["operating_threshold"]
+        cfg.review_low, cfg.review_high = report["review"]["review_low"], report["review"]["review_high"]
+        cfg.calibration = report["calibration"]["knots"]
         (Path(a.model) / "config.json").write_text(cfg.to_json())
-        _log(f"set score_threshold={cfg.score_threshold} in {a.model}/config.json")
+        _log(f"set score_threshold={cfg.score_threshold}, review band [{cfg.review_low}, {cfg.review_high}) and the "
+             f"calibration map in {a.model}/config.json")
     return EXIT_OK
 
 

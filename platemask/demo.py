@@ -136,10 +136,16 @@ def main(argv=None) -> int:
     if a.ui:
         print("starting `airflow standalone` on http://localhost:8080 (no login: all users are admins in this demo);\n"
               "unpause plate_masking, trigger it with region DE and window 2026-11-20 .. 2026-11-21, or backfill:\n"
+              "(the window holds one deliberately truncated upload: 1 of 25 photos = 4 %, above the default\n"
+              " max_failure_rate of 2 %, so a run with the defaults fails its QA check by design and names the\n"
+              " photo; set max_failure_rate to 0.05 in the trigger form to see a green run)\n"
               "  airflow backfill create --dag-id plate_masking --from-date 2026-11-20 --to-date 2026-11-21 "
               "--dag-run-conf '{\"region\": \"DE\"}'\n"
               f"the embedded S3 keeps running here ({endpoint}); Ctrl-C stops both.")
         env2 = dict(os.environ, AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True")
+        # `airflow standalone` starts its components as `airflow ...` by name: put this venv's bin first
+        # so it works without an activated virtualenv
+        env2["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env2.get("PATH", "")
         try:
             return subprocess.call([sys.executable, "-m", "airflow", "standalone"], env=env2)
         finally:

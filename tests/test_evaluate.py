@@ -1,4 +1,8 @@
 """The operating threshold rule: recall first, then the false-positive budget."""
+from pathlib import Path
+
+import numpy as np
+
 from platemask.training.evaluate import choose_threshold
 
 
@@ -22,3 +26,85 @@ def test_best_recall_within_budget_when_the_recall_target_is_out_of_reach():
     curve = _curve([(0.3, 0.93, 0.05), (0.5, 0.92, 0.02), (0.7, 0.90, 0.0)])
     t, why = choose_threshold(curve, 0.95, 0.03)
     assert t == 0.5 and "no threshold reaches recall" in why
+
+
+def test_fp_limit_holds_per_negative_category():
+    # overall 1 of 200 negatives (0.5 %), but that one is 1 of 20 odometer photos (5 %): the limit must see it
+    curve = [{"threshold": 0.3, "recall": 0.98, "false_positive_image_rate": 0.005, "worst_category_fp_rate": 0.05},
+             {"threshold": 0.5, "recall": 0.975, "false_positive_image_rate": 0.0, "worst_category_fp_rate": 0.0}]
+    t, _ = choose_threshold(curve, 0.97, 0.01)
+    assert t == 0.5
+
+
+def _result(category, negative, dets, gt_cover=None, size=(100, 100)):
+    """An ImageResult with detections ``[(score, on_plate)]`` and per labelled plate a coverage curve."""
+    from platemask.detections import Plate
+    from platemask.training.coco import Record
+    from platemask.training.evaluate import ImageResult
+
+    rec = Record(path=Path("x.jpg"), width=size[0], height=size[1], negative=negative, category=category,
+                 polygons=[np.zeros((4, 2), np.float32)] * len(gt_cover or []))
+    r = ImageResult(rec, [Plate(s, np.array([[0, 0], [10, 0], [10, 5], [0, 5]], np.float32)) for s, _ in dets])
+    r.det_on_plate = [ok for _, ok in dets]
+    r.det_region_px = [50.0] * len(dets)
+    r.det_outside_px = [0.0] * len(dets)
+    r.cover_curves = [c for c in gt_cover or []]
+    r.gt_iou_best = [[] for _ in gt_cover or []]
+    return r
+
+
+def test_metrics_report_false_positives_per_category():
+    from platemask.training.evaluate import metrics_at
+
+    results = [_result("odometer_digital", True, [(0.6, False)]), _result("odometer_digital", True, []),
+               _result("vin_plate_closeup", True, [(0.2, False)]), _result("plate", False, [(0.9, True)], [[(0.9, 1.0)]])]
+    m = metrics_at(results, 0.5)
+    assert m["fp_by_category"]["odometer_digital"] == {"images": 2, "masked": 1, "rate": 0.5}
+    assert m["fp_by_category"]["vin_plate_closeup"]["masked"] == 0
+    assert m["worst_category_fp_rate"] == 0.5 and m["false_positive_image_rate"] == 1 / 3
+
+
+def test_isotonic_calibration_is_monotone_and_matches_frequencies():
+    from platemask.review import calibrate
+    from platemask.training.evaluate import isotonic
+
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 1, 4000)
+    labels = (rng.uniform(0, 1, 4000) < scores ** 2).astype(float)  # true probability = score^2
+    knots = isotonic(scores, labels)
+    ps = [calibrate(s, knots) for s in np.linspace(0, 1, 50)]
+    assert all(b >= a for a, b in zip(ps, ps[1:]))
+    assert abs(calibrate(0.5, knots) - 0.25) < 0.08 and abs(calibrate(0.9, knots) - 0.81) < 0.08
+    assert calibrate(0.5, []) is None
+
+
+def test_review_reasons_cover_near_misses_weak_masks_and_unusual_results():
+    from platemask.review import review_band, review_reasons
+
+    band = review_band(0.3, 0.2, 0.5)
+    assert review_reasons([0.9, 0.1], band) == []
+    assert "just below" in review_reasons([0.25], band)[0]
+    assert "low confidence" in review_reasons([0.4], band)[0]
+    assert any("masks (more than" in w for w in review_reasons([0.95] * 7, band))
+    assert any("of the photo" in w for w in review_reasons([0.95], band, masked_fraction=0.5))
+    # a run above the model's band still reviews what it masks with low confidence
+    assert review_band(0.6, 0.2, 0.5).high == 0.6 and review_band(0.1, 0.2, 0.5).low == 0.1
+
+
+def test_review_band_is_chosen_within_the_budget_and_catches_misses():
+    from platemask.training.evaluate import choose_review_band
+
+    # 30 photos (budget: 3): one plate missed at 0.5 with a near miss at 0.42, a stray detection at 0.45 on
+    # another photo, one odometer masked at 0.55, one plate masked at 0.6; the rest clean
+    results = [_result("plate", False, [(0.9, True)], [[(0.9, 1.0)]]) for _ in range(26)]
+    results += [_result("plate", False, [(0.42, True)], [[(0.42, 1.0)]]),
+                _result("odometer_digital", True, [(0.55, False)]),
+                _result("plate", False, [(0.45, False)], [[(0.95, 1.0)]]),
+                _result("plate", False, [(0.6, True)], [[(0.6, 1.0)]])]
+    band = choose_review_band(results, 0.5, max_rate=0.10)
+    assert band["flagged_rate"] <= 0.10
+    assert band["missed_plates"] == 1 and band["missed_plates_flagged"] == 1
+    assert band["negatives_masked_flagged"] == 1  # the odometer: masked at 0.55, inside [0.5, high)
+    assert band["review_high"] <= 0.6  # flagging the confident 0.6 mask too would exceed the budget
+    tight = choose_review_band(results, 0.5, max_rate=0.05)  # budget 1 photo: catching the miss would take 2
+    assert tight["flagged_images"] <= 1

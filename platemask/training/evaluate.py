@@ -160,6 +160,102 @@ def choose_threshold(curve: list[dict], target_recall: float, max_fp_rate: float
                             f"image rate <= {max_fp_rate}" if within else "best recall (no threshold meets the FP limit)")
 
 
+def isotonic(scores: np.ndarray, labels: np.ndarray) -> list[list[float]]:
+    """Isotonic regression (pool adjacent violators) of ``labels`` (1 = plate) on ``scores``:
+    knots ``[[score, probability], ...]``, ascending, for :func:`platemask.review.calibrate`."""
+    order = np.argsort(scores, kind="stable")
+    xs, ys = np.asarray(scores, np.float64)[order], np.asarray(labels, np.float64)[order]
+    blocks: list[list[float]] = []  # [sum of labels, count, min score, max score]
+    for x, y in zip(xs, ys):
+        blocks.append([y, 1.0, x, x])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
+            s_, n_, lo, hi = blocks.pop()
+            blocks[-1][0] += s_
+            blocks[-1][1] += n_
+            blocks[-1][3] = hi
+    knots = []
+    for s_, n_, lo, hi in blocks:
+        p = round(s_ / n_, 4)
+        knots.append([round(float(lo), 4), p])
+        if hi > lo:
+            knots.append([round(float(hi), 4), p])
+    return knots
+
+
+def detection_labels(results: list[ImageResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Every detection's fused score and whether it is a plate (overlaps a labelled one). Unlabelled
+    real plates count as not plates, so calibrated probabilities err low."""
+    scores, labels = [], []
+    for r in results:
+        for p, ok in zip(r.plates, r.det_on_plate):
+            scores.append(p.score)
+            labels.append(0 if r.record.negative else int(ok))
+    return np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+
+
+def reliability(scores: np.ndarray, labels: np.ndarray, knots, bins=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
+                                                                          0.8, 0.9, 1.0001)) -> list[dict]:
+    """Reliability table: per score bin, detections, mean fused score, mean calibrated probability
+    and the observed share of plates."""
+    from ..review import calibrate
+
+    rows = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        sel = (scores >= lo) & (scores < hi)
+        n = int(sel.sum())
+        cal = [calibrate(float(s), knots) for s in scores[sel]] if knots else []
+        rows.append({"bin": [lo, round(min(hi, 1.0), 2)], "detections": n,
+                     "mean_score": round(float(scores[sel].mean()), 3) if n else None,
+                     "mean_calibrated": round(float(np.mean(cal)), 3) if cal else None,
+                     "plate_share": round(float(labels[sel].mean()), 3) if n else None})
+    return rows
+
+
+def review_outcome(results: list[ImageResult], t: float, low: float, high: float, cover: float = 0.8,
+                   style: MaskStyle | None = None) -> dict[str, Any]:
+    """What a review list with band [low, high) around threshold ``t`` flags on ``results``, and
+    what it catches: plates left visible (misses) and photos masked without a plate."""
+    from ..review import review_band, review_reasons
+
+    band = review_band(t, low, high)
+    flagged = misses = caught_misses = false_masked = caught_false = 0
+    for r in results:
+        scores = [p.score for p in r.plates]
+        masked_px = sum(a for p, a in zip(r.plates, r.det_region_px) if p.score >= t)
+        frac = masked_px / max(r.record.width * r.record.height, 1)
+        why = review_reasons(scores, band, masked_fraction=frac)
+        flagged += bool(why)
+        for curve in r.cover_curves:
+            if _coverage_at(curve, t) < cover:
+                misses += 1
+                caught_misses += bool(why)
+        wrong = any(p.score >= t and (r.record.negative or not ok) for p, ok in zip(r.plates, r.det_on_plate))
+        if r.record.negative and wrong:
+            false_masked += 1
+            caught_false += bool(why)
+    n = len(results)
+    return {"review_low": low, "review_high": high, "flagged_images": flagged,
+            "flagged_rate": flagged / n if n else 0.0, "missed_plates": misses, "missed_plates_flagged": caught_misses,
+            "negatives_masked": false_masked, "negatives_masked_flagged": caught_false}
+
+
+def choose_review_band(results: list[ImageResult], t: float, max_rate: float = 0.10) -> dict[str, Any]:
+    """The band that catches the most missed plates (then most false masks on negatives) while
+    flagging at most ``max_rate`` of the photos; ties go to the shorter list."""
+    lows = [x for x in THRESHOLDS if x < t] + [t]
+    highs = [t] + [x for x in THRESHOLDS if x > t]
+    best = None
+    for lo in lows:
+        for hi in highs:
+            o = review_outcome(results, t, lo, hi)
+            if o["flagged_rate"] > max_rate:
+                continue
+            key = (o["missed_plates_flagged"], o["negatives_masked_flagged"], -o["flagged_images"], -lo, hi)
+            if best is None or key > best[0]:
+                best = (key, o)
+    return best[1] if best else review_outcome(results, t, t, t)
+
+
 def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_width: int = 40,
               limit: int = 200, log=print) -> dict[str, Any]:
     """Read each labelled plate with RapidOCR before and after masking at threshold ``t``."""
@@ -226,7 +322,7 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
 
 def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0.15, device: str = "cpu",
              target_recall: float = 0.97, max_fp_rate: float = 0.01, cover: float = 0.8, min_width: float = 16.0,
-             limit: int | None = None, ocr: bool = True, log=print) -> dict[str, Any]:
+             limit: int | None = None, ocr: bool = True, max_review_rate: float = 0.10, log=print) -> dict[str, Any]:
     from ..segment import Segmenter
 
     seg = Segmenter(model_dir, device=device, min_score=min(THRESHOLDS), batch_size=2)
@@ -276,6 +372,23 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
         "pr_curve": curve,
         "seconds": round(time.time() - t0, 1),
     }
+    # calibration: fitted on every other held-out photo, its reliability shown on the rest, then the
+    # shipped map is fitted on all of them
+    sc_a, lb_a = detection_labels(results[0::2])
+    sc_b, lb_b = detection_labels(results[1::2])
+    sc_all, lb_all = detection_labels(results)
+    knots = isotonic(sc_all, lb_all) if len(sc_all) else []
+    report["calibration"] = {
+        "knots": knots,
+        "reliability_other_half": reliability(sc_b, lb_b, isotonic(sc_a, lb_a) if len(sc_a) else []),
+        "reliability_all": reliability(sc_all, lb_all, knots),
+        "note": "a detection is a plate when it overlaps a labelled one; unlabelled plates count against it",
+    }
+    band = choose_review_band(results, chosen, max_review_rate)
+    report["review"] = {**band, "max_rate": max_review_rate,
+                        "by_category": {c: review_outcome([r for r in results if r.record.category == c], chosen,
+                                                          band["review_low"], band["review_high"])["flagged_rate"]
+                                        for c in sorted({r.record.category for r in results})}}
     if ocr:
         report["ocr"] = ocr_check(results, chosen, style, log=log)
     return report
