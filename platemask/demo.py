@@ -53,6 +53,14 @@ def _env(endpoint: str, *, deadline: bool) -> dict:
     return env
 
 
+def standalone_env(base) -> dict:
+    """Environment for `airflow standalone`: it starts its components as `airflow ...` by name, so
+    this interpreter's bin folder goes first on PATH (works without an activated virtualenv)."""
+    env = dict(base, AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
 def seed(client, n: int = 24) -> dict:
     """Generated photos for the demo window, its neighbours and another region."""
     import numpy as np
@@ -142,10 +150,7 @@ def main(argv=None) -> int:
               "  airflow backfill create --dag-id plate_masking --from-date 2026-11-20 --to-date 2026-11-21 "
               "--dag-run-conf '{\"region\": \"DE\"}'\n"
               f"the embedded S3 keeps running here ({endpoint}); Ctrl-C stops both.")
-        env2 = dict(os.environ, AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True")
-        # `airflow standalone` starts its components as `airflow ...` by name: put this venv's bin first
-        # so it works without an activated virtualenv
-        env2["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env2.get("PATH", "")
+        env2 = standalone_env(os.environ)
         try:
             return subprocess.call([sys.executable, "-m", "airflow", "standalone"], env=env2)
         finally:
