@@ -1,0 +1,89 @@
+"""GPU benchmark: detector (+ verifier) throughput at 1280x720 by batch size, fp16 on CUDA.
+
+    .venv/bin/python bench/bench_gpu.py [--images 256] [--batch-sizes 1,4,8,16,32] [--model DIR]
+
+Runs unchanged on a GPU machine (``--device cuda`` is the default when CUDA is available) and on
+CPU (for comparison; use small ``--images``). Prints, per batch size: model-only images/s (the
+Segmenter on decoded photos: views, detector, masks to polygons, verifier), then the end-to-end CLI
+figure at the best batch size (decode, detect, mask, encode, write; start-up reported apart), and
+the GPU's name and peak memory. Nothing here is timed in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from platemask.segment import Segmenter  # noqa: E402
+from platemask.training.synth import synth_car_scene  # noqa: E402
+
+
+def photos(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img, _, _ = synth_car_scene(rng, n_plates=int(rng.integers(0, 3)), plate_width=(40, 140))
+        out.append(cv2.resize(img, (1280, 720)) if img.shape[:2] != (720, 1280) else img)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-sizes", default="1,4,8,16,32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=str(ROOT / "models" / "platemask-mnv2-fpn"))
+    ap.add_argument("--no-cli", action="store_true", help="skip the end-to-end CLI run")
+    a = ap.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device here: nothing to measure (run with --device cpu for a CPU comparison)")
+        return
+    imgs = photos(a.images)
+    gpu = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
+    print(f"device {a.device} ({gpu}), torch {torch.__version__}, {a.images} photos of 1280x720")
+    best = (0.0, 1)
+    for bs in [int(x) for x in a.batch_sizes.split(",")]:
+        seg = Segmenter(a.model, device=a.device, batch_size=bs)
+        seg(imgs[:bs])  # warm-up: cuDNN autotuning, allocator
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for i in range(0, len(imgs), bs):
+            seg(imgs[i : i + bs])
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        rate = len(imgs) / dt
+        mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if a.device.startswith("cuda") else ""
+        print(f"batch {bs:3d}: model-only {rate:8.1f} images/s ({1000 * dt / len(imgs):.1f} ms/image){mem}")
+        best = max(best, (rate, bs))
+    if a.no_cli:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "src", Path(tmp) / "dst"
+        src.mkdir()
+        for i, img in enumerate(imgs):
+            cv2.imwrite(str(src / f"car{i:04d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--report", str(Path(tmp) / "r.json"),
+               "--device", a.device, "--batch-size", str(best[1]), "--model", a.model]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        r = json.loads((Path(tmp) / "r.json").read_text())
+    print(f"end to end (CLI, batch {best[1]}): {r['images_per_second']:.1f} images/s in the masking loop; "
+          f"{len(imgs) / wall:.1f} images/s for the whole command ({wall - r['wall_seconds']:.1f} s start-up)")
+
+
+if __name__ == "__main__":
+    main()
