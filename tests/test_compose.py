@@ -216,6 +216,7 @@ def test_every_long_running_service_has_a_healthcheck():
     for name in ("airflow-worker", "airflow-worker-gpu"):
         assert "inspect ping" in _healthcheck(name) and "celery@$${HOSTNAME}" in COMPOSE_TEXT
     assert "REDISCLI_AUTH" in _healthcheck("redis")  # the broker has a password, so does its health check
+    assert SERVICES["redis"]["command"][:2] == ["redis-server", "--requirepass"]  # as the redis user, not root
 
 
 def test_admin_password_is_persisted_on_a_volume():
