@@ -95,7 +95,11 @@ def _ctx():
 
     from platemask.settings import Settings
 
-    settings = Settings.from_airflow()
+    try:
+        settings = Settings.from_airflow()
+    except ValueError as exc:  # a bad PLATEMASK_* value or platemask_settings Variable
+        raise StarletteHTTPException(500, f"the platemask settings are invalid: {exc}. Fix the platemask_settings "
+                                          "Variable or the api-server's PLATEMASK_* environment.") from exc
     # the UI's own client: short timeouts, so an S3 outage gives an error page in seconds, not minutes
     client = S3Hook(aws_conn_id=settings.aws_conn_id, config=Config(**UI_S3_CONFIG)).get_conn()
     return settings, client

@@ -197,6 +197,14 @@ def test_missing_bucket_gives_a_readable_502(api, aws_conn, monkeypatch):
     assert "NoSuchBucket" in r.text and "PLATEMASK_BUCKET" in r.text
 
 
+def test_bad_settings_give_a_readable_500(api, qa_bucket, monkeypatch):
+    client, tokens = api
+    monkeypatch.setenv("PLATEMASK_TIME_SOURCE", "<b>mtime</b>")
+    r = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert r.status_code == 500 and r.headers["content-type"].startswith("text/html")
+    assert "platemask settings are invalid" in r.text and "time_source" in r.text and "<b>" not in r.text
+
+
 def test_index_escapes_every_field():
     """render_index alone: whatever a row holds, no markup gets through (numbers included)."""
     from platemask.qa_index import render_index, summarise
