@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` (the main job on the embedded default) and `make test`.
-.PHONY: setup demo airflow-ui test bench evaluate
+.PHONY: setup demo airflow-ui test bench evaluate env
 VENV := .venv/bin
 
 setup:
@@ -21,3 +21,7 @@ bench: setup
 
 evaluate: setup
 	$(VENV)/platemask evaluate --data ../shared/datasets/plates-real-v1 --out evaluation.json
+
+# the compose deployment's secrets: writes .env (git-ignored, 0600) with random values; existing values are kept
+env:
+	python3 scripts/deploy_env.py generate

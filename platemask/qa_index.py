@@ -1,8 +1,15 @@
-"""Recent QA runs per region, read from the QA prefix: what the "Plate QA" Airflow view shows."""
+"""Recent QA runs per region, read from the QA prefix: what the "Plate QA" Airflow view shows.
+
+Everything read from ``report.json`` is untrusted text here: anyone who can write to ``qa/`` can
+put anything in it. Rows keep only the fields the page shows, and ``render_index`` escapes every
+one of them, numbers included. S3 failures become a ``QAStoreError`` that says which key, what
+failed and what to do; the plugin turns it into a readable page with a 404/502/503 status.
+"""
 from __future__ import annotations
 
 import html
 import json
+import math
 import re
 
 from .settings import Settings
@@ -11,6 +18,8 @@ WINDOW_ID = re.compile(r"^\d{8}T\d{4}Z-\d{8}T\d{4}Z$")
 REGION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
+# --- the QA key layout: the only place the view builds S3 keys --------------------------------
+
 def qa_key(settings: Settings, region: str, window: str, name: str) -> str:
     """Key of a QA file, refusing anything that is not a plain region and window id."""
     if not REGION.match(region) or not WINDOW_ID.match(window):
@@ -18,29 +27,126 @@ def qa_key(settings: Settings, region: str, window: str, name: str) -> str:
     return settings.qa_root.format(region=region, window=window) + name
 
 
+def qa_windows_prefix(settings: Settings, region: str) -> str:
+    """The prefix below which a region's window folders are listed (``qa/{region}/``)."""
+    if not REGION.match(region):
+        raise ValueError(f"not a region: {region!r}")
+    return settings.qa_root.split("{window}")[0].format(region=region)
+
+
+# --- S3 failures a reviewer can act on ----------------------------------------------------------
+
+class QAStoreError(Exception):
+    """Reading QA data from S3 failed: which key, what failed, what to do, and the HTTP status."""
+
+    def __init__(self, status: int, title: str, where: str, what: str, todo: str):
+        super().__init__(f"{title}: {where}: {what}")
+        self.status, self.title, self.where, self.what, self.todo = status, title, where, what, todo
+
+
+def store_error(exc: Exception, *, bucket: str, key: str, action: str, conn_id: str) -> QAStoreError:
+    """Classify a boto3 failure while ``action`` (e.g. "reading") ``s3://bucket/key``.
+
+    404: the object is not there. 502: S3 answered but refused (no bucket, access denied, ...).
+    503: S3 could not be reached or asked (endpoint down, no credentials, timeout).
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    where = f"s3://{bucket}/{key}"
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", "?"))
+        what = f"S3 answered {code}: {err.get('Message') or exc}"
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return QAStoreError(404, "No QA report here", where, what,
+                                "The run for this window may not have reached its QA step yet, or its QA task "
+                                "failed: check the plate_masking run for this window in the Airflow UI.")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            todo = (f"The credentials of the Airflow connection '{conn_id}' may not read the QA prefix: "
+                    f"grant s3:ListBucket on the bucket and s3:GetObject on qa/* (see README, deployment).")
+        elif code == "NoSuchBucket":
+            todo = (f"Bucket '{bucket}' does not exist at the endpoint of connection '{conn_id}': "
+                    "check PLATEMASK_BUCKET (or the platemask_settings Variable) and the connection's endpoint_url.")
+        else:
+            todo = "Try again in a minute; if it persists, check the S3 service and the api-server log."
+        return QAStoreError(502, f"S3 refused {action} the QA data", where, what, todo)
+    if isinstance(exc, BotoCoreError):
+        return QAStoreError(503, "S3 is unreachable", where, f"{type(exc).__name__}: {exc}",
+                            f"Check that S3 (MinIO in the compose deployment) is running and that the Airflow "
+                            f"connection '{conn_id}' has the right endpoint_url and credentials, then reload this page.")
+    raise TypeError(f"not a boto3 error: {exc!r}")
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def _number(v):
+    """A real number from report.json, or None (bools, strings, NaN and the like are not numbers)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        return None
+    return v
+
+
+def summarise(region: str, window: str, report) -> dict:
+    """The row the index shows for one report.json; fields of the wrong type become None (shown "?")."""
+    if not isinstance(report, dict):
+        return {"region": region, "window": window, "error": f"report.json is a {type(report).__name__}, not an object"}
+
+    def sub(name):
+        v = report.get(name)
+        return v if isinstance(v, dict) else {}
+
+    by_status, review = sub("by_status"), sub("review")
+    return {
+        "region": region, "window": window, "window_start": sub("window").get("start"),
+        "run_id": report.get("run_id"), "photos": _number(report.get("photos_in_window", report.get("images"))),
+        "masked": _number(by_status.get("masked")), "no_plate": _number(by_status.get("no_plate")),
+        "failed": _number(by_status.get("failed")),
+        "failure_rate": _number(report.get("failure_rate")), "max_failure_rate": _number(report.get("max_failure_rate")),
+        "plates": _number(report.get("plates")), "review": _number(review.get("count")),
+        "images_per_second": _number(report.get("mask_images_per_second")), "model": sub("model").get("name"),
+    }
+
+
 def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[dict]:
-    """Newest first per region; each row holds the headline numbers of one report.json."""
+    """Newest first per region; each row holds the headline numbers of one report.json.
+
+    Listing a region's prefix failing raises ``QAStoreError`` (the page cannot be trusted without
+    it); one unreadable report.json becomes a row that says why, without hiding the others.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
     rows = []
     for region in settings.regions:
-        base = settings.qa_root.split("{window}")[0].format(region=region)
+        base = qa_windows_prefix(settings, region)
         windows = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=base, Delimiter="/"):
-            windows += [p["Prefix"][len(base):].strip("/") for p in page.get("CommonPrefixes", [])]
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=base, Delimiter="/"):
+                windows += [p["Prefix"][len(base):].strip("/") for p in page.get("CommonPrefixes", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise store_error(exc, bucket=settings.bucket, key=base, action="listing",
+                              conn_id=settings.aws_conn_id) from exc
         for w in sorted((w for w in windows if WINDOW_ID.match(w)), reverse=True)[:per_region]:
+            key = qa_key(settings, region, w, "report.json")
             try:
-                body = client.get_object(Bucket=settings.bucket, Key=qa_key(settings, region, w, "report.json"))["Body"].read()
-                r = json.loads(body)
-            except Exception as exc:  # noqa: BLE001 - one unreadable report must not hide the others
-                rows.append({"region": region, "window": w, "error": f"{type(exc).__name__}: {exc}"})
+                report = json.loads(client.get_object(Bucket=settings.bucket, Key=key)["Body"].read())
+            except (ClientError, BotoCoreError) as exc:
+                err = store_error(exc, bucket=settings.bucket, key=key, action="reading", conn_id=settings.aws_conn_id)
+                if err.status == 503:  # S3 went away mid-page: say so instead of a page of error rows
+                    raise err from exc
+                rows.append({"region": region, "window": w, "error": f"{err.what} ({err.where})"})
                 continue
-            rows.append({
-                "region": region, "window": w, "window_start": (r.get("window") or {}).get("start"),
-                "run_id": r.get("run_id"), "photos": r.get("photos_in_window", r.get("images")), **r["by_status"],
-                "failure_rate": r.get("failure_rate"), "max_failure_rate": r.get("max_failure_rate"),
-                "plates": r.get("plates"), "review": r["review"]["count"],
-                "images_per_second": r.get("mask_images_per_second"), "model": (r.get("model") or {}).get("name"),
-            })
+            except ValueError as exc:  # not JSON / not UTF-8
+                rows.append({"region": region, "window": w, "error": f"report.json is not valid JSON: {exc}"})
+                continue
+            rows.append(summarise(region, w, report))
     return rows
+
+
+# --- rendering ----------------------------------------------------------------------------------------
+
+def _cell(v, fmt=str) -> str:
+    """One table cell's text, escaped whatever its type; None shows as "?"."""
+    return "?" if v is None else html.escape(fmt(v))
 
 
 def render_index(rows: list[dict], report_href) -> str:
@@ -49,14 +155,16 @@ def render_index(rows: list[dict], report_href) -> str:
     for r in rows:
         link = f'<a href="{esc(report_href(r["region"], r["window"]))}">report</a>'
         if "error" in r:
-            body.append(f"<tr><td>{esc(r['region'])}</td><td>{esc(r['window'])}</td><td colspan=9>unreadable: {esc(r['error'])}</td><td>{link}</td></tr>")
+            body.append(f"<tr><td>{esc(str(r['region']))}</td><td>{esc(str(r['window']))}</td>"
+                        f"<td colspan=9>unreadable: {esc(str(r['error']))}</td><td>{link}</td></tr>")
             continue
-        over = (r["failure_rate"] or 0) > (r["max_failure_rate"] or 0)
+        over = r["failure_rate"] is not None and r["failure_rate"] > (r["max_failure_rate"] or 0)
         body.append(
-            f"<tr{' class=bad' if over else ''}><td>{esc(r['region'])}</td><td>{esc(str(r['window_start'] or r['window']))}</td>"
-            f"<td>{r['photos']}</td><td>{r['masked']}</td><td>{r['no_plate']}</td><td>{r['failed']}</td>"
-            f"<td>{(r['failure_rate'] or 0):.2%}</td><td>{r['plates']}</td><td>{r['review']}</td>"
-            f"<td>{r['images_per_second'] or ''}</td><td>{esc(str(r['model']))}</td><td>{link}</td></tr>")
+            f"<tr{' class=bad' if over else ''}><td>{_cell(r['region'])}</td><td>{_cell(r['window_start'] or r['window'])}</td>"
+            f"<td>{_cell(r['photos'])}</td><td>{_cell(r['masked'])}</td><td>{_cell(r['no_plate'])}</td><td>{_cell(r['failed'])}</td>"
+            f"<td>{_cell(r['failure_rate'], '{:.2%}'.format)}</td><td>{_cell(r['plates'])}</td><td>{_cell(r['review'])}</td>"
+            f"<td>{'' if r['images_per_second'] is None else _cell(r['images_per_second'])}</td><td>{_cell(r['model'])}</td>"
+            f"<td>{link}</td></tr>")
     return ("<!doctype html><html><head><meta charset=utf-8><title>Plate QA</title><style>"
             "body{font-family:system-ui,sans-serif;margin:1.5em} td,th{border:1px solid #ccc;padding:3px 8px}"
             "table{border-collapse:collapse} .bad{background:#fdd}</style></head><body><h1>Plate QA — recent runs</h1>"
@@ -64,3 +172,12 @@ def render_index(rows: list[dict], report_href) -> str:
             "<table><tr><th>region</th><th>window</th><th>photos</th><th>masked</th><th>no plate</th><th>failed</th>"
             "<th>failure rate</th><th>plates</th><th>review</th><th>images/s</th><th>model</th><th></th></tr>"
             + "".join(body) + "</table>" + ("" if rows else "<p>No QA reports yet.</p>") + "</body></html>")
+
+
+def render_problem(title: str, paragraphs: list[str]) -> str:
+    """A plain error page for the view; every paragraph is escaped."""
+    esc = html.escape
+    return ("<!doctype html><html><head><meta charset=utf-8><title>Plate QA: " + esc(title) + "</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:1.5em} .box{background:#fee;border:1px solid #c88;padding:8px 12px}"
+            "</style></head><body><h1>Plate QA: " + esc(title) + "</h1><div class=box>"
+            + "".join(f"<p>{esc(p)}</p>" for p in paragraphs) + "</div></body></html>")

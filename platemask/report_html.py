@@ -14,6 +14,15 @@ from PIL import Image, ImageDraw
 
 THUMB = 360
 MAX_REVIEW = 30
+# The page may be opened straight from S3 or a download: it carries its own policy (no script,
+# no fetches; inline styles and data: thumbnails only). The Plate QA view adds sandbox on top.
+CSP_META = ('<meta http-equiv="Content-Security-Policy" '
+            'content="default-src \'none\'; img-src data:; style-src \'unsafe-inline\'; base-uri \'none\'; form-action \'none\'">')
+
+
+def _e(v) -> str:
+    """Any value as escaped text: keys, reasons and numbers alike come from data someone else wrote."""
+    return "" if v is None else html.escape(str(v))
 
 
 def _thumb(data: bytes, plates: list[dict], near: list[dict]) -> str:
@@ -50,8 +59,8 @@ def _pair(client, settings, spec, rec: dict) -> str:
             cells.append(f'<img src="{_thumb(masked, [], [])}" alt="after">')
         except Exception as exc:  # noqa: BLE001
             cells.append(f"<div class=miss>masked copy unavailable: {esc(str(exc))}</div>")
-    scores = ", ".join(f"{p['score']:.2f}" for p in rec["plates"])
-    near = ", ".join(f"{p['score']:.2f}" for p in rec.get("near_misses", []))
+    scores = _e(", ".join(f"{p['score']:.2f}" for p in rec["plates"]))
+    near = _e(", ".join(f"{p['score']:.2f}" for p in rec.get("near_misses", [])))
     why = rec.get("review_reason") or rec.get("error") or ""
     return (f"<figure>{''.join(cells)}<figcaption><code>{esc(rec['key'])}</code> — {esc(rec['status'])}"
             f"{'; masked ' + scores if scores else ''}{'; near misses ' + near if near else ''}"
@@ -67,37 +76,37 @@ def render_report(report: dict, records: list[dict], *, client, settings, spec, 
     pool = [r for r in records if r["status"] == "masked" and not r.get("review")]
     picks = rng.sample(pool, min(samples, len(pool)))
     fails = "".join(
-        f"<tr><td>{esc(reason)}</td><td>{info['count']}</td><td>{'<br>'.join(esc(i['key']) for i in info['items'][:50])}</td></tr>"
+        f"<tr><td>{_e(reason)}</td><td>{_e(info['count'])}</td><td>{'<br>'.join(esc(i['key']) for i in info['items'][:50])}</td></tr>"
         for reason, info in report["failures_by_reason"].items())
     shards = "".join(
-        f"<tr><td>{sh['index']}</td><td>{sh['photos']}</td><td>{sh['processed']}</td><td>{sh['skipped']}</td>"
-        f"<td>{sh['failed']}</td><td>{sh['wall_seconds']}</td><td>{sh['images_per_second'] or ''}</td></tr>"
+        f"<tr><td>{_e(sh['index'])}</td><td>{_e(sh['photos'])}</td><td>{_e(sh['processed'])}</td><td>{_e(sh['skipped'])}</td>"
+        f"<td>{_e(sh['failed'])}</td><td>{_e(sh['wall_seconds'])}</td><td>{_e(sh['images_per_second'] or '')}</td></tr>"
         for sh in report.get("shards", []))
     hist = report["score_histogram"]
-    bars = "".join(f"<tr><td>{lo:.1f}–{lo + 0.1:.1f}</td><td>{c}</td><td><div class=bar style='width:{min(c, 400)}px'></div></td></tr>"
+    bars = "".join(f"<tr><td>{lo:.1f}–{lo + 0.1:.1f}</td><td>{_e(c)}</td><td><div class=bar style='width:{min(int(c), 400)}px'></div></td></tr>"
                    for lo, c in zip(hist["bins"][:-1], hist["counts"]))
     area = (report["mask_area"].get("fraction_of_image") or {})
     model = report.get("model") or {}
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Plate QA {esc(spec.region)} {esc(spec.window.id)}</title>
-<meta name="robots" content="noindex"><style>
+{CSP_META}<meta name="robots" content="noindex"><style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;vertical-align:top}}
 figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-width:760px}} img{{margin:2px}} .bar{{background:#4a7;height:10px}}
 .warn{{background:#fee;padding:8px;border:1px solid #c88}} .miss{{display:inline-block;width:{THUMB}px;color:#a00}}</style></head><body>
 <h1>Plate QA — {esc(spec.region)}, window {esc(spec.window.start.isoformat())} → {esc(spec.window.end.isoformat())}</h1>
 <p class=warn>This page shows thumbnails of <b>unmasked originals</b>. It lives only in the QA prefix; do not copy it elsewhere.</p>
-<table><tr><th>photos in window</th><td>{report.get('photos_in_window', report['images'])}</td></tr>
-<tr><th>masked</th><td>{s['masked']}</td></tr><tr><th>no plate</th><td>{s['no_plate']}</td></tr>
-<tr><th>failed (never published)</th><td>{s['failed']} ({report['failure_rate']:.2%}; limit {report.get('max_failure_rate', 0):.2%})</td></tr>
-<tr><th>skipped (already masked with this model)</th><td>{report.get('skipped_already_masked', 0)}</td></tr>
-<tr><th>plates masked</th><td>{report['plates']}</td></tr><tr><th>for review</th><td>{report['review']['count']}</td></tr>
-<tr><th>masked area, median fraction of photo</th><td>{(area.get('median') or 0):.3%}</td></tr>
-<tr><th>mask images/s</th><td>{report.get('mask_images_per_second') or ''}</td></tr>
-<tr><th>model</th><td>{esc(str(model.get('name')))} <code>{esc(str(model.get('weights_sha256', ''))[:12])}</code>, threshold {report.get('thresholds', {}).get('score')}</td></tr>
+<table><tr><th>photos in window</th><td>{_e(report.get('photos_in_window', report['images']))}</td></tr>
+<tr><th>masked</th><td>{_e(s['masked'])}</td></tr><tr><th>no plate</th><td>{_e(s['no_plate'])}</td></tr>
+<tr><th>failed (never published)</th><td>{_e(s['failed'])} ({_e(format(report['failure_rate'], '.2%'))}; limit {_e(format(report.get('max_failure_rate', 0), '.2%'))})</td></tr>
+<tr><th>skipped (already masked with this model)</th><td>{_e(report.get('skipped_already_masked', 0))}</td></tr>
+<tr><th>plates masked</th><td>{_e(report['plates'])}</td></tr><tr><th>for review</th><td>{_e(report['review']['count'])}</td></tr>
+<tr><th>masked area, median fraction of photo</th><td>{_e(format(area.get('median') or 0, '.3%'))}</td></tr>
+<tr><th>mask images/s</th><td>{_e(report.get('mask_images_per_second') or '')}</td></tr>
+<tr><th>model</th><td>{esc(str(model.get('name')))} <code>{esc(str(model.get('weights_sha256', ''))[:12])}</code>, threshold {_e(report.get('thresholds', {}).get('score'))}</td></tr>
 <tr><th>run</th><td>{esc(spec.run_id)}, backend {esc(spec.backend)}, mode {esc(spec.mode)}</td></tr></table>
 <h2>Failures by reason</h2>{'<table><tr><th>reason</th><th>count</th><th>keys</th></tr>' + fails + '</table>' if fails else '<p>none</p>'}
 <h2>Score histogram (masked plates)</h2><table>{bars}</table>
 <h2>Shards</h2><table><tr><th>#</th><th>photos</th><th>processed</th><th>skipped</th><th>failed</th><th>seconds</th><th>images/s</th></tr>{shards}</table>
-<h2>Review ({report['review']['count']}{', first ' + str(MAX_REVIEW) if report['review']['count'] > MAX_REVIEW else ''})</h2>
+<h2>Review ({_e(report['review']['count'])}{', first ' + str(MAX_REVIEW) if report['review']['count'] > MAX_REVIEW else ''})</h2>
 <p>Red: masked plate outline. Yellow: detection just below the threshold (not masked).</p>
 {''.join(_pair(client, settings, spec, r) for r in review) or '<p>nothing to review</p>'}
 <h2>Random samples</h2>{''.join(_pair(client, settings, spec, r) for r in picks) or '<p>no masked photos</p>'}

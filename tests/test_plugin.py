@@ -1,12 +1,22 @@
-"""The "Plate QA" Airflow UI view: registered as a plugin, authenticated, reads QA from S3."""
+"""The "Plate QA" Airflow UI view: registered as a plugin, reviewers only, safe with hostile QA data.
+
+The view is exercised through the real Airflow api-server app (``create_app``), which mounts the
+plugin found in the plugins folder, with real JWTs issued by the SimpleAuthManager's /auth/token
+for a VIEWER and a USER ("reviewer"), and a real S3 endpoint (moto's server).
+"""
 import importlib.util
 import json
+import secrets
+import socket
 import uuid
 
 import pytest
 from fastapi.testclient import TestClient
 
 from conftest import ROOT
+
+W_OLD, W_NEW = "20261118T2300Z-20261119T2300Z", "20261119T2300Z-20261120T2300Z"
+STRICT_CSP = ("sandbox", "default-src 'none'", "img-src data:", "style-src 'unsafe-inline'")
 
 
 def _load_plugin():
@@ -34,10 +44,33 @@ def test_airflow_discovers_the_plugin():
     assert any(a["url_prefix"] == "/plate-qa" for a in apps)
 
 
-def test_views_require_login():
-    client = TestClient(_load_plugin().app)
-    assert client.get("/").status_code in (401, 403)
-    assert client.get("/report/DE/20261119T2300Z-20261120T2300Z").status_code in (401, 403)
+@pytest.fixture(scope="module")
+def api(airflow_db, tmp_path_factory):
+    """The real api-server app with SimpleAuthManager users viewer (VIEWER) and reviewer (USER), and their tokens."""
+    passwords = {"viewer": secrets.token_urlsafe(16), "reviewer": secrets.token_urlsafe(16)}
+    pw_file = tmp_path_factory.mktemp("auth") / "simple_auth_manager_passwords.json"
+    pw_file.write_text(json.dumps(passwords))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW__CORE__AUTH_MANAGER",
+                  "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")
+        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "viewer:viewer,reviewer:user")
+        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(pw_file))
+        from airflow.api_fastapi.app import create_app, purge_cached_app
+
+        purge_cached_app()
+        client = TestClient(create_app())
+        tokens = {}
+        for user, password in passwords.items():
+            r = client.post("/auth/token", json={"username": user, "password": password})
+            assert r.status_code == 201, r.text
+            tokens[user] = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        yield client, tokens
+        purge_cached_app()
+
+
+def _put_report(s3, bucket, window, report, html):
+    s3.put_object(Bucket=bucket, Key=f"qa/DE/{window}/report.json", Body=json.dumps(report).encode())
+    s3.put_object(Bucket=bucket, Key=f"qa/DE/{window}/report.html", Body=html.encode())
 
 
 @pytest.fixture
@@ -46,27 +79,167 @@ def qa_bucket(aws_conn, monkeypatch):
     bucket = f"qa-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     monkeypatch.setenv("PLATEMASK_BUCKET", bucket)
-    for w, failed in (("20261118T2300Z-20261119T2300Z", 0), ("20261119T2300Z-20261120T2300Z", 5)):
+    for w, failed in ((W_OLD, 0), (W_NEW, 5)):
         rep = {"images": 100, "photos_in_window": 100, "by_status": {"masked": 80, "no_plate": 15, "failed": failed},
                "failure_rate": failed / 100, "max_failure_rate": 0.02, "plates": 91, "review": {"count": 4},
                "mask_images_per_second": 3.5, "model": {"name": "platemask-mnv2-fpn"}, "window": {"start": w}}
-        s3.put_object(Bucket=bucket, Key=f"qa/DE/{w}/report.json", Body=json.dumps(rep).encode())
-        s3.put_object(Bucket=bucket, Key=f"qa/DE/{w}/report.html", Body=f"<html>report {w}</html>".encode())
+        _put_report(s3, bucket, w, rep, f"<html>report {w}</html>")
     return bucket
 
 
-def test_index_and_report_for_a_logged_in_user(qa_bucket):
-    mod = _load_plugin()
-    mod.app.dependency_overrides[mod.get_user] = lambda: object()
-    client = TestClient(mod.app)
-    page = client.get("/")
-    assert page.status_code == 200
+def _assert_strict_headers(resp):
+    csp = resp.headers["content-security-policy"]
+    assert all(part in csp for part in STRICT_CSP), csp
+    assert "script-src" not in csp  # default-src 'none' covers scripts: none at all
+    assert resp.headers["x-content-type-options"] == "nosniff"
+    assert resp.headers["cache-control"] == "no-store"
+
+
+def test_no_login_is_refused_with_a_readable_page(api, qa_bucket):
+    client, _ = api
+    assert client.get("/api/v2/version").status_code == 200  # what the compose health check asks, without a login
+    for path in ("/plate-qa/", f"/plate-qa/report/DE/{W_NEW}"):
+        r = client.get(path)
+        assert r.status_code == 401 and r.headers["content-type"].startswith("text/html")
+        assert "Log in to Airflow" in r.text and "report " + W_NEW not in r.text
+
+
+def test_viewer_is_denied(api, qa_bucket):
+    client, tokens = api
+    assert client.get("/api/v2/dags", headers=tokens["viewer"]).status_code == 200  # a real, logged-in Viewer
+    for path in ("/plate-qa/", f"/plate-qa/report/DE/{W_NEW}"):
+        r = client.get(path, headers=tokens["viewer"])
+        assert r.status_code == 403, (path, r.text)
+        assert r.headers["content-type"].startswith("text/html")
+        assert "reviewers only" in r.text and "plate_masking" in r.text and "Viewer role is not enough" in r.text
+        assert "report " + W_NEW not in r.text and "platemask-mnv2-fpn" not in r.text  # nothing from S3
+        _assert_strict_headers(r)
+
+
+def test_reviewer_sees_index_and_report(api, qa_bucket):
+    client, tokens = api
+    page = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert page.status_code == 200, page.text
     text = page.text
     assert text.index("20261119T2300Z") < text.index("20261118T2300Z")  # newest first
     assert "5.00%" in text and "class=bad" in text  # over the failure limit is flagged
-    assert 'href="report/DE/20261119T2300Z-20261120T2300Z"' in text
-    rep = client.get("/report/DE/20261119T2300Z-20261120T2300Z")
-    assert rep.status_code == 200 and "report 20261119T2300Z" in rep.text
-    assert rep.headers["cache-control"] == "no-store"
-    assert client.get("/report/DE/..%2F..%2Fraw").status_code == 404
-    assert client.get("/report/DE/20261201T2300Z-20261202T2300Z").status_code == 404
+    assert f'href="report/DE/{W_NEW}"' in text
+    _assert_strict_headers(page)
+    rep = client.get(f"/plate-qa/report/DE/{W_NEW}", headers=tokens["reviewer"])
+    assert rep.status_code == 200 and rep.text == f"<html>report {W_NEW}</html>"
+    assert rep.headers["content-type"] == "text/html; charset=utf-8"
+    _assert_strict_headers(rep)
+    assert client.get("/plate-qa/report/DE/..%2F..%2Fraw", headers=tokens["reviewer"]).status_code == 404
+    missing = client.get("/plate-qa/report/DE/20261201T2300Z-20261202T2300Z", headers=tokens["reviewer"])
+    assert missing.status_code == 404
+    assert f"s3://{qa_bucket}/qa/DE/20261201T2300Z-20261202T2300Z/report.html" in missing.text
+    assert "QA task" in missing.text  # what to do
+
+
+def test_malicious_report_is_escaped_and_report_html_cannot_run_script(api, aws_conn, qa_bucket):
+    client, tokens = api
+    evil = "<script>alert(document.cookie)</script>"
+    img = '"><img src=x onerror=alert(1)>'
+    w = "20261120T2300Z-20261121T2300Z"
+    _put_report(aws_conn, qa_bucket, w, {
+        "photos_in_window": evil, "by_status": {"masked": img, "no_plate": evil, "failed": evil, "region": evil},
+        "failure_rate": evil, "max_failure_rate": img, "plates": {"x": evil}, "review": {"count": evil},
+        "mask_images_per_second": img, "model": {"name": evil}, "window": {"start": img}, "run_id": evil,
+    }, f"<html><body>{evil}<img src=x onerror=alert(2)></body></html>")
+    page = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert page.status_code == 200, page.text
+    assert "<script" not in page.text and "<img" not in page.text
+    assert "&lt;script&gt;alert(document.cookie)&lt;/script&gt;" in page.text  # the model name, escaped
+    assert "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in page.text  # the window start, escaped
+    assert W_NEW in page.text  # the good reports are still listed
+    # the served report.html keeps its bytes, but the browser is told to run nothing in it
+    rep = client.get(f"/plate-qa/report/DE/{w}", headers=tokens["reviewer"])
+    assert rep.status_code == 200
+    _assert_strict_headers(rep)
+
+
+def test_unreadable_report_json_is_one_row_not_a_broken_page(api, aws_conn, qa_bucket):
+    client, tokens = api
+    w = "20261121T2300Z-20261122T2300Z"
+    aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{w}/report.json", Body=b"{not json <b>")
+    page = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert page.status_code == 200
+    assert "report.json is not valid JSON" in page.text and W_NEW in page.text and "<b>" not in page.text
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_s3_down_gives_a_readable_503(api, qa_bucket, monkeypatch):
+    client, tokens = api
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing",
+        "extra": {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "region_name": "us-east-1"}}))
+    for path, key in (("/plate-qa/", f"s3://{qa_bucket}/qa/DE/"),
+                      (f"/plate-qa/report/DE/{W_NEW}", f"s3://{qa_bucket}/qa/DE/{W_NEW}/report.html")):
+        r = client.get(path, headers=tokens["reviewer"])
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"].startswith("text/html")
+        assert "S3 is unreachable" in r.text and key in r.text  # which key
+        assert "EndpointConnectionError" in r.text  # what failed
+        assert "aws_default" in r.text and "endpoint_url" in r.text  # what to do
+        _assert_strict_headers(r)
+
+
+def test_missing_bucket_gives_a_readable_502(api, aws_conn, monkeypatch):
+    client, tokens = api
+    monkeypatch.setenv("PLATEMASK_BUCKET", f"absent-{uuid.uuid4().hex[:8]}")
+    r = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert r.status_code == 502, r.text
+    assert "NoSuchBucket" in r.text and "PLATEMASK_BUCKET" in r.text
+
+
+def test_bad_settings_give_a_readable_500(api, qa_bucket, monkeypatch):
+    client, tokens = api
+    monkeypatch.setenv("PLATEMASK_TIME_SOURCE", "<b>mtime</b>")
+    r = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert r.status_code == 500 and r.headers["content-type"].startswith("text/html")
+    assert "platemask settings are invalid" in r.text and "time_source" in r.text and "<b>" not in r.text
+
+
+def test_index_escapes_every_field():
+    """render_index alone: whatever a row holds, no markup gets through (numbers included)."""
+    from platemask.qa_index import render_index, summarise
+
+    evil = "<svg onload=alert(1)>"
+    row = summarise("DE", W_NEW, {"photos_in_window": 10, "by_status": {"masked": 7, "no_plate": 2, "failed": 1},
+                                  "failure_rate": 0.1, "max_failure_rate": 0.02, "plates": 9, "review": {"count": 1},
+                                  "model": {"name": evil}, "window": {"start": evil}})
+    row["photos"] = evil  # a caller that forgot to check types still gets escaped output
+    out = render_index([row, {"region": evil, "window": W_OLD, "error": evil}], lambda r, w: f"report/{r}/{w}")
+    assert "<svg" not in out and out.count("&lt;svg onload=alert(1)&gt;") == 6  # 4 cells, the error, the link
+    assert "10.00%" in out and "class=bad" in out
+
+
+def test_report_html_escapes_what_it_was_given_and_carries_its_own_csp(aws_conn):
+    """report.html itself: hostile photo keys, reasons and shard summaries stay text; no script can run."""
+    from platemask.detections import record
+    from platemask.qa import build_report
+    from platemask.report_html import render_report
+    from platemask.runs import RunSpec
+    from platemask.settings import Settings
+
+    evil = "<script>alert(1)</script>"
+    bucket = f"qa-{uuid.uuid4().hex[:8]}"
+    aws_conn.create_bucket(Bucket=bucket)
+    records = [record(f"raw/DE/2026/11/19/{evil}.jpg", status="failed", reason=evil, error=evil),
+               record(f"raw/DE/2026/11/19/{evil}2.jpg", status="no_plate", review=True, review_reason=evil)]
+    report = build_report(records, model={"name": evil, "weights_sha256": evil}, extra={
+        "shards": [{"index": evil, "photos": evil, "processed": 1, "skipped": 0, "failed": evil,
+                    "wall_seconds": evil, "images_per_second": evil}],
+        "photos_in_window": evil, "mask_images_per_second": evil, "max_failure_rate": 0.02})
+    report["thresholds"] = {"score": evil}
+    page = render_report(report, records, client=aws_conn, settings=Settings(bucket=bucket),
+                         spec=RunSpec(region="DE", window_start="2026-11-19T00:00:00+01:00",
+                                      window_end="2026-11-20T00:00:00+01:00", run_id=evil))
+    assert "<script" not in page and page.count("&lt;script&gt;") >= 10
+    assert ("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+            "style-src 'unsafe-inline';") in page
