@@ -356,6 +356,7 @@ def aggregate(client, settings: Settings, collected: list[dict], *, run_id: str,
         qa = qa_prefix(settings, spec)
         report_uri = _put_json(client, settings, qa + "report.json", report)
         html = render_report(report, records, client=client, settings=settings, spec=spec,
+                             masked_key=lambda k: masked_key(settings, spec.region, k),
                              samples=settings.review_samples, rng=random.Random(spec.window.id))
         S3Store(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id).write(
             qa + "report.html", html.encode(), "text/html; charset=utf-8")
