@@ -66,20 +66,22 @@ class Timings:
 
 
 class Progress:
-    """Count, images/s and ETA on stderr (or a logger), at most every ``every`` seconds."""
+    """Count, images/s and ETA on stderr (or a logger), at most every ``every`` seconds (thread-safe)."""
 
     def __init__(self, total: int | None, *, every: float = 2.0, emit: Callable[[str], None] | None = None):
         self.total, self.every, self.done, self.failed = total, every, 0, 0
         self.start = self.last = time.monotonic()
         self.emit = emit or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._lock = threading.Lock()
 
     def update(self, status: str):
-        self.done += 1
-        self.failed += status == "failed"
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            self.emit(self.line())
+        with self._lock:
+            self.done += 1
+            self.failed += status == "failed"
+            now = time.monotonic()
+            if now - self.last >= self.every or self.done == self.total:
+                self.last = now
+                self.emit(self.line())
 
     def line(self) -> str:
         el = max(time.monotonic() - self.start, 1e-9)
@@ -143,12 +145,14 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
     lock = threading.Lock()
 
     def emit(rec: dict):
+        # Records come from the main thread and from every writer thread: one at a time, so that
+        # ``on_record`` (which may append to one shared file) and the progress counter never race.
         with lock:
             records[rec["key"]] = rec
-        if on_record:
-            on_record(rec)
-        if progress:
-            progress.update(rec["status"])
+            if on_record:
+                on_record(rec)
+            if progress:
+                progress.update(rec["status"])
 
     def load(key: str) -> _Loaded:
         t0 = time.perf_counter()
