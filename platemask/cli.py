@@ -44,10 +44,11 @@ def cmd_mask(a: argparse.Namespace) -> int:
     from .pipeline import JobOptions, Progress, Timings, run_job
     from .qa import build_report, headline
     from .segment import Segmenter
-    from .storage import open_store
+    from .storage import open_store, overlap
 
-    if a.src.rstrip("/") == a.dst.rstrip("/"):
-        _log("platemask: error: SRC and DST are the same place; originals are never overwritten. Pick another DST.")
+    clash = overlap(a.src, a.dst)
+    if clash:
+        _log(f"platemask: error: {clash}; originals are never overwritten. Pick a DST outside SRC.")
         return EXIT_USAGE
     if not a.src.startswith("s3://") and not Path(a.src).is_dir():
         _log(f"platemask: error: SRC {a.src} is not a folder (or an s3://bucket/prefix URI)")

@@ -19,7 +19,7 @@ from .detections import Plate, record
 from .geometry import polygon_area
 from .imageio import DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, content_type, decode, encode
 from .mask import MaskStyle, apply_mask, masked_region
-from .storage import Store
+from .storage import Store, normalise_key
 
 # detector(keys, decoded images) -> per image: plates (any score) or an ImageError for that image
 Detector = Callable[[Sequence[str], Sequence[Decoded]], Sequence["list[Plate] | ImageError"]]
@@ -127,6 +127,28 @@ def _prefetch(fn, items: Iterable, pool: ThreadPoolExecutor, depth: int) -> Iter
         yield pending.popleft().result()
 
 
+def _output_keys(keys: Sequence[str], dst_key: Callable[[str], str]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """Each key's output key, and the keys refused with (reason, message): an unsafe output key,
+    or one output claimed by several inputs (all of them are refused, each naming the others)."""
+    out: dict[str, str] = {}
+    refused: dict[str, tuple[str, str]] = {}
+    claimed: dict[str, list[str]] = {}
+    for k in keys:
+        try:
+            out[k] = dst_key(k)
+        except ValueError as exc:
+            refused[k] = ("unsafe_key", f"{exc}; rename the object so that its path stays inside the destination")
+            continue
+        claimed.setdefault(out[k], []).append(k)
+    for o, ks in claimed.items():
+        if len(ks) > 1:
+            for i, k in enumerate(ks):
+                others = ", ".join(repr(x) for j, x in enumerate(ks) if j != i)
+                refused[k] = ("output_collision", f"writes the same output {o!r} as {others}; neither is written "
+                              "(rename one of them so their paths differ after removing '..', '.' and '//')")
+    return out, refused
+
+
 @dataclass
 class _Loaded:
     key: str
@@ -138,11 +160,17 @@ class _Loaded:
 def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts: JobOptions, *,
             model: dict | None = None, on_record: Callable[[dict], None] | None = None,
             progress: Progress | None = None, timings: Timings | None = None,
-            dst_key: Callable[[str], str] = lambda k: k) -> list[dict]:
-    """Mask ``keys`` from ``src`` into ``dst``; returns one record per key, in input order."""
+            dst_key: Callable[[str], str] = normalise_key) -> list[dict]:
+    """Mask ``keys`` from ``src`` into ``dst``; returns one record per key, in input order.
+
+    ``dst_key`` maps an input key to its output key (by default the same path, normalised). An input
+    whose output key is unsafe (ValueError from ``dst_key``), or shared with another input, fails
+    before anything is read or written: nothing is overwritten and each one has its record.
+    """
     timings = timings or Timings()
     records: dict[str, dict] = {}
     lock = threading.Lock()
+    out_keys, refused = _output_keys(keys, dst_key)
 
     def emit(rec: dict):
         # Records come from the main thread and from every writer thread: one at a time, so that
@@ -185,13 +213,13 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             data = encode(dec, pixels, jpeg_quality=opts.jpeg_quality, metadata=opts.metadata)
             timings.add("encode", time.perf_counter() - t1)
             t2 = time.perf_counter()
-            out_key = dst_key(item.key)
+            out_key = out_keys[item.key]
             dst.write(out_key, data, content_type(dec.format))
             timings.add("write", time.perf_counter() - t2)
         except ImageError as exc:
             return fail(item, exc, width=dec.width, height=dec.height)
         except Exception as exc:  # noqa: BLE001 - a write or encode failure fails this image only
-            return fail(item, ImageError("write_error", f"cannot mask or write {dst.describe(dst_key(item.key))}: "
+            return fail(item, ImageError("write_error", f"cannot mask or write {dst.describe(out_keys[item.key])}: "
                                          f"{type(exc).__name__}: {exc}"), width=dec.width, height=dec.height)
         emit(build_record(item.key, dec, plates, opts, model=model, input_sha256=item.sha,
                           output_sha256=_sha256(data), output_key=dst.describe(out_key)))
@@ -221,7 +249,10 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             while len(pending) > 2 * opts.write_workers:
                 pending.popleft().result()
 
-        for item in _prefetch(load, keys, readers, depth=max(2 * opts.batch_size, opts.read_workers)):
+        for key, (reason, message) in refused.items():
+            emit(record(key, status="failed", error=f"{src.describe(key)}: {message}", reason=reason, model=model))
+        todo = [k for k in keys if k not in refused]
+        for item in _prefetch(load, todo, readers, depth=max(2 * opts.batch_size, opts.read_workers)):
             if item.error is not None:
                 fail(item, item.error)
                 continue
