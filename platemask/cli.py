@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=_positive_int, default=4)
     m.add_argument("--jpeg-quality", type=int, choices=range(1, 101), metavar="1..100", default=92)
     m.add_argument("--metadata", choices=("strip", "safe", "keep"), default="safe",
-                   help="strip: no EXIF; safe: drop GPS, serials, owner and comments; keep: all but the thumbnail")
+                   help="strip: no EXIF; safe: keep only camera make/model, exposure, date-time and colour (no GPS, XMP, IPTC, "
+                        "serials, names, maker notes); keep: all EXIF but the thumbnail")
     m.add_argument("--max-pixels", type=_positive_int, default=80_000_000, help="refuse larger images (decompression bombs)")
     m.set_defaults(func=cmd_mask)
 

@@ -3,8 +3,10 @@
 Decoding applies EXIF orientation first (detection and output share one pixel frame), refuses
 decompression bombs before any pixel is decoded, and normalises the many modes photos come in.
 Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
-metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives, GPS and
-owner/serial tags are dropped unless asked to keep them.
+metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
+default) keeps only an allow-list (camera make and model, exposure settings, date-time, colour space
+and the ICC profile; orientation reset to 1 as the pixels are upright); ``strip`` keeps no EXIF;
+``keep`` keeps all EXIF but the thumbnail. XMP, IPTC, comments and PNG text chunks are never written.
 """
 from __future__ import annotations
 
@@ -21,14 +23,26 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 80_000_000  # ~ 10000 x 8000; larger inputs are refused, not decoded
 MetadataPolicy = Literal["strip", "safe", "keep"]
 
-# Tags that identify a person, device or place (dropped by the 'safe' policy).
-_IDENTIFYING_EXIF = {
-    ExifTags.Base.BodySerialNumber, ExifTags.Base.LensSerialNumber, ExifTags.Base.CameraOwnerName,
-    ExifTags.Base.ImageUniqueID, ExifTags.Base.MakerNote, ExifTags.Base.UserComment, ExifTags.Base.Artist,
-    ExifTags.Base.Copyright, ExifTags.Base.ImageDescription, ExifTags.Base.HostComputer,
-    ExifTags.Base.XPAuthor, ExifTags.Base.XPComment, ExifTags.Base.XPSubject, ExifTags.Base.XPKeywords,
-    ExifTags.Base.XPTitle,
-}
+# The 'safe' policy is an allow-list: what a reviewer needs to judge a photo and nothing that can
+# name a person, device or place. Everything else goes: GPS, XMP (also inside EXIF, tag 0x02BC),
+# IPTC (0x83BB), maker notes, serial numbers, owner/artist/document names, comments, the thumbnail.
+_B = ExifTags.Base
+SAFE_IFD0 = frozenset({
+    _B.Make, _B.Model, _B.DateTime, _B.XResolution, _B.YResolution, _B.ResolutionUnit,
+})
+SAFE_EXIF_IFD = frozenset({
+    # exposure settings
+    _B.ExposureTime, _B.FNumber, _B.ExposureProgram, _B.ISOSpeedRatings, _B.SensitivityType,
+    _B.RecommendedExposureIndex, _B.ISOSpeed, _B.ShutterSpeedValue, _B.ApertureValue, _B.BrightnessValue,
+    _B.ExposureBiasValue, _B.MaxApertureValue, _B.MeteringMode, _B.LightSource, _B.Flash, _B.FocalLength,
+    _B.ExposureIndex, _B.ExposureMode, _B.WhiteBalance, _B.DigitalZoomRatio, _B.FocalLengthIn35mmFilm,
+    _B.SceneCaptureType,
+    # date-time
+    _B.DateTimeOriginal, _B.DateTimeDigitized, _B.OffsetTime, _B.OffsetTimeOriginal, _B.OffsetTimeDigitized,
+    _B.SubsecTime, _B.SubsecTimeOriginal, _B.SubsecTimeDigitized,
+    # colour
+    _B.ColorSpace, _B.Gamma, _B.ExifVersion,
+})
 
 
 class ImageError(Exception):
@@ -146,21 +160,19 @@ def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes |
     if exif is None or policy == "strip" or not len(exif):
         return None
     out = Image.Exif()
-    for k, v in exif.items():
-        if k in (ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation):
-            continue
-        if policy == "safe" and k in _IDENTIFYING_EXIF:
-            continue
-        out[k] = v
     sub = exif.get_ifd(ExifTags.IFD.Exif)
-    if sub:
-        kept = {k: v for k, v in sub.items() if policy == "keep" or k not in _IDENTIFYING_EXIF}
-        if kept:
-            out.get_ifd(ExifTags.IFD.Exif).update(kept)
-    if policy == "keep":
+    if policy == "safe":
+        out.update({k: v for k, v in exif.items() if k in SAFE_IFD0})
+        kept = {k: v for k, v in sub.items() if k in SAFE_EXIF_IFD}
+    else:  # keep
+        out.update({k: v for k, v in exif.items() if k not in (
+            ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)})
+        kept = dict(sub)
         gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
         if gps:
             out.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
+    if kept:
+        out.get_ifd(ExifTags.IFD.Exif).update(kept)
     out[ExifTags.Base.Orientation] = 1  # pixels are already upright
     return out.tobytes()  # IFD1 (the embedded thumbnail: an unmasked copy) is never written
 

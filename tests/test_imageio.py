@@ -177,3 +177,60 @@ def test_exif_thumbnail_never_survives():
     for policy in ("strip", "safe", "keep"):
         out = encode(dec, dec.pixels, metadata=policy)
         assert out.count(b"\xff\xd8") == 1, policy  # one JPEG start marker: no embedded thumbnail
+
+
+XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       b'<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:exif="http://ns.adobe.com/exif/1.0/" '
+       b'exif:GPSLatitude="52,31.5N" exif:GPSLongitude="13,24.2E"><dc:creator>Jane Inspector</dc:creator>'
+       b'</rdf:Description></rdf:RDF></x:xmpmeta>')
+IPTC = b"\x1c\x02\x50\x00\x0eJane Inspector\x1c\x02\x5a\x00\x06Berlin"
+PERSONAL = [b"Jane Inspector", b"52,31.5N", b"Berlin", b"SN-777", b"LENS-42", b"Fleet car 17", b"owner Max",
+            b"workstation-9", b"maker-secret", b"uid-0042"]
+
+
+def _personal_exif() -> Image.Exif:
+    """Everything a phone or a DAM may put in EXIF, personal or not."""
+    B = ExifTags.Base
+    exif = Image.Exif()
+    exif.update({B.Make: "Acme", B.Model: "Phone 9", B.DateTime: "2026:11:20 10:11:12", B.Orientation: 1,
+                 B.XMLPacket: XMP, 0x83BB: IPTC, B.CameraSerialNumber: "SN-777", B.DocumentName: "Fleet car 17",
+                 B.HostComputer: "workstation-9", B.Artist: "Jane Inspector", B.Copyright: "owner Max"})
+    exif.get_ifd(ExifTags.IFD.Exif).update({
+        B.ExposureTime: 0.01, B.FNumber: 2.8, B.ISOSpeedRatings: 200, B.DateTimeOriginal: "2026:11:20 10:11:12",
+        B.ColorSpace: 1, B.BodySerialNumber: "SN-777", B.LensSerialNumber: "LENS-42", B.CameraOwnerName: "owner Max",
+        B.MakerNote: b"maker-secret", B.UserComment: b"ASCII\x00\x00\x00Jane Inspector", B.ImageUniqueID: "uid-0042"})
+    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (52.0, 31.0, 30.0), 3: "E", 4: (13.0, 24.0, 12.0)})
+    return exif
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_safe_metadata_keeps_only_the_allow_list(fmt):
+    """Issue 12: GPS and the creator survived 'safe' inside EXIF's XMP tag (0x02BC), as did IPTC-NAA (0x83BB),
+    CameraSerialNumber and DocumentName, in JPEG and WebP."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buf = io.BytesIO()
+    extra = {"xmp": XMP, "comment": b"Jane Inspector"} if fmt == "JPEG" else {"xmp": XMP}
+    Image.fromarray(np.full((40, 60, 3), 100, np.uint8)).save(buf, format=fmt, exif=_personal_exif().tobytes(),
+                                                              icc_profile=icc, **extra)
+    data = buf.getvalue()
+    assert all(p in data for p in PERSONAL)  # the input carries them all
+    dec = decode(data)
+    out_bytes = encode(dec, dec.pixels, metadata="safe")
+    for p in PERSONAL:
+        assert p not in out_bytes, p
+    out = Image.open(io.BytesIO(out_bytes))
+    assert out.format == fmt and "xmp" not in out.info and "comment" not in out.info
+    exif = out.getexif()
+    B = ExifTags.Base
+    assert dict(exif) == {B.Make: "Acme", B.Model: "Phone 9", B.DateTime: "2026:11:20 10:11:12", B.Orientation: 1,
+                          ExifTags.IFD.Exif: exif[ExifTags.IFD.Exif]}
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    assert set(sub) == {B.ExposureTime, B.FNumber, B.ISOSpeedRatings, B.DateTimeOriginal, B.ColorSpace}
+    assert float(sub[B.ExposureTime]) == 0.01 and sub[B.ISOSpeedRatings] == 200
+    assert not exif.get_ifd(ExifTags.IFD.GPSInfo)
+    assert out.info.get("icc_profile") == icc
+    # 'keep' is the explicit opt-in that keeps EXIF as it was (but the thumbnail)
+    kept = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata="keep"))).getexif()
+    assert kept.get(B.CameraSerialNumber) == "SN-777" and kept.get_ifd(ExifTags.IFD.GPSInfo)
