@@ -41,7 +41,8 @@ def _log(msg: str):
 
 def cmd_mask(a: argparse.Namespace) -> int:
     from .mask import MaskStyle
-    from .pipeline import JobOptions, Progress, Timings, run_job
+    from .model import load_config
+    from .pipeline import JobOptions, Progress, Timings, check_threshold, run_job
     from .qa import build_report, headline
     from .segment import Segmenter
     from .storage import open_store, overlap
@@ -54,6 +55,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
         _log(f"platemask: error: SRC {a.src} is not a folder (or an s3://bucket/prefix URI)")
         return EXIT_USAGE
     try:
+        check_threshold(a.threshold, load_config(a.model).score_threshold, unsafe=a.unsafe_threshold)
         seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size)
     except (FileNotFoundError, ValueError) as exc:
         _log(f"platemask: error: {exc}")
@@ -172,6 +174,8 @@ def cmd_package_model(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import HARD_MASK_SCORE, UNSAFE_THRESHOLD_MARGIN
+
     p = argparse.ArgumentParser(prog="platemask", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dst", metavar="DST")
     m.add_argument("--model", default=str(default_model_dir()), help="model folder (config.json + weights)")
     m.add_argument("--mode", choices=("gaussian", "pixelate", "solid"), default="gaussian")
-    m.add_argument("--threshold", type=_fraction, default=None, help="score to mask at (default: the model's operating threshold)")
+    m.add_argument("--threshold", type=_fraction, default=None,
+                   help="score to mask at (default: the model's operating threshold; above it + "
+                        f"{UNSAFE_THRESHOLD_MARGIN:g} needs --unsafe-threshold; detections >= {HARD_MASK_SCORE:g} "
+                        "are always masked)")
+    m.add_argument("--unsafe-threshold", action="store_true",
+                   help="allow a --threshold well above the model's operating threshold (plates the model found "
+                        "may be published unmasked)")
     m.add_argument("--detections", metavar="FILE.jsonl", help="write one detection record per input")
     m.add_argument("--report", metavar="FILE.json", help="write the QA summary")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -25,6 +25,30 @@ from .storage import Store, normalise_key
 Detector = Callable[[Sequence[str], Sequence[Decoded]], Sequence["list[Plate] | ImageError"]]
 
 
+# Threshold limits (one home; the CLI, the DAG's Params and the container read them from here).
+HARD_MASK_SCORE = 0.9  # a detection scoring at least this is always masked, whatever the threshold
+UNSAFE_THRESHOLD_MARGIN = 0.1  # thresholds above the model's operating threshold + this need an explicit opt-in
+
+
+def check_threshold(threshold: float | None, operating: float, *, unsafe: bool = False) -> None:
+    """Refuse (ValueError naming the fix) a threshold above the model's operating threshold plus
+    ``UNSAFE_THRESHOLD_MARGIN`` unless ``unsafe``: it would publish plates the model found as unmasked."""
+    if threshold is None or unsafe:
+        return
+    limit = operating + UNSAFE_THRESHOLD_MARGIN
+    if threshold > limit + 1e-9:
+        raise ValueError(
+            f"threshold {threshold:g} is above the model's operating threshold {operating:g} + {UNSAFE_THRESHOLD_MARGIN:g}: "
+            f"plates scored between {limit:g} and {threshold:g} would be published unmasked (detections >= "
+            f"{HARD_MASK_SCORE:g} are always masked). Use a threshold <= {limit:g}, or opt in explicitly "
+            "(--unsafe-threshold; the DAG Param unsafe_threshold)")
+
+
+def plates_to_mask(plates: Sequence[Plate], threshold: float) -> list[Plate]:
+    """The plates to hide: at or above ``threshold``, and always those scoring >= ``HARD_MASK_SCORE``."""
+    return [p for p in plates if p.score >= min(threshold, HARD_MASK_SCORE)]
+
+
 @dataclass(frozen=True)
 class JobOptions:
     threshold: float = 0.5  # plates at or above are masked
@@ -97,8 +121,8 @@ class Progress:
 def build_record(key: str, dec: Decoded, plates: list[Plate], opts: JobOptions, *, model: dict | None,
                  input_sha256: str | None, output_sha256: str | None = None, output_key: str | None = None) -> dict:
     """The detection record for one decoded image: the same for the CLI, the DAG and the container."""
-    to_mask = [p for p in plates if p.score >= opts.threshold]
-    near = [p for p in plates if opts.review_low <= p.score < opts.threshold]
+    to_mask = plates_to_mask(plates, opts.threshold)
+    near = [p for p in plates if opts.review_low <= p.score < min(opts.threshold, HARD_MASK_SCORE)]
     why = []
     if near:
         why.append(f"{len(near)} detection(s) just below the threshold")
@@ -205,7 +229,7 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
     def finish(item: _Loaded, plates: list[Plate]):
         dec = item.dec
         try:
-            to_mask = [p for p in plates if p.score >= opts.threshold]
+            to_mask = plates_to_mask(plates, opts.threshold)
             t0 = time.perf_counter()
             pixels = apply_mask(dec.pixels, to_mask, opts.style)
             timings.add("mask", time.perf_counter() - t0)
