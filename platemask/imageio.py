@@ -1,6 +1,7 @@
 """Image decoding and encoding at the edges of the pipeline.
 
-Decoding applies EXIF orientation first (detection and output share one pixel frame), refuses
+Decoding reads phones' MPO as the JPEG of its first frame (the other frames dropped and counted),
+refuses other multi-page or animated files rather than cut them silently, applies EXIF orientation first (detection and output share one pixel frame), refuses
 decompression bombs before any pixel is decoded, and normalises the many modes photos come in.
 Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
 metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
@@ -19,6 +20,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 SUPPORTED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}
+# Read as another format: MPO (phones' multi-picture JPEG) is masked and written as a plain JPEG of its first frame.
+READ_AS = {"MPO": "JPEG"}
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 80_000_000  # ~ 10000 x 8000; larger inputs are refused, not decoded
 MetadataPolicy = Literal["strip", "safe", "keep"]
@@ -70,6 +73,7 @@ class Decoded:
     orientation: int = 1
     source_mode: str = ""
     info: dict = field(default_factory=dict)
+    frames_dropped: int = 0  # MPO (multi-picture JPEG): frames after the first, not written
 
     @property
     def width(self) -> int:
@@ -117,20 +121,28 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data``; raise ImageError with a reason code for anything unusable."""
     if not data:
         raise ImageError("empty_file", "file is empty (0 bytes)")
+    frames_dropped = 0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format or ""
-            if fmt not in SUPPORTED_FORMATS:
+            if fmt not in SUPPORTED_FORMATS and fmt not in READ_AS:
                 raise ImageError("unsupported_format", f"format {fmt or 'unknown'} is not supported "
-                                 f"(supported: {', '.join(SUPPORTED_FORMATS)})")
+                                 f"(supported: {', '.join([*SUPPORTED_FORMATS, *READ_AS])})")
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("too_large", f"{w}x{h} = {w * h:,} pixels exceeds the limit of "
                                  f"{max_pixels:,} (raise --max-pixels if this is a real photo)")
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
+            frames = getattr(img, "n_frames", 1)
+            if fmt in READ_AS:  # MPO: phone JPEG + MP extension: the first frame is the photo, the rest previews/depth
+                fmt, frames_dropped = READ_AS[fmt], frames - 1
+            elif frames > 1:  # masking one page and dropping (or passing through) the others would lose or leak
+                raise ImageError("multi_page_unsupported", f"{fmt} file with {frames} pages/frames: only single-image "
+                                 "files are masked (a page left out would be lost, one passed through would leak); "
+                                 "split it into one file per page or frame (e.g. 'magick in.tif page-%d.tif') "
+                                 "and mask those")
+            img.seek(0)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             img.load()
     except ImageError:
@@ -153,7 +165,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     pixels, mode = _normalise(img)
     pixels = np.ascontiguousarray(pixels)
     return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=_to_rgb8(pixels), exif=exif,
-                   icc_profile=icc, orientation=orientation, source_mode=source_mode)
+                   icc_profile=icc, orientation=orientation, source_mode=source_mode, frames_dropped=frames_dropped)
 
 
 def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:

@@ -133,6 +133,10 @@ def build_record(key: str, dec: Decoded, plates: list[Plate], opts: JobOptions, 
         model=model, input_sha256=input_sha256, output_sha256=output_sha256, review=bool(why),
         review_reason="; ".join(why), near_misses=[p.to_json() for p in near], output_key=output_key,
         masked_area_px=round(sum(polygon_area(masked_region(p, opts.style)[0]) for p in to_mask), 1),
+        **({"frames_dropped": dec.frames_dropped,
+            "note": f"multi-picture JPEG (MPO): the first frame was masked and written as a plain JPEG; "
+                    f"{dec.frames_dropped} other frame(s) (previews, depth maps) were dropped"}
+           if dec.frames_dropped else {}),
     )
 
 

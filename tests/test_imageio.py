@@ -234,3 +234,39 @@ def test_safe_metadata_keeps_only_the_allow_list(fmt):
     # 'keep' is the explicit opt-in that keeps EXIF as it was (but the thumbnail)
     kept = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata="keep"))).getexif()
     assert kept.get(B.CameraSerialNumber) == "SN-777" and kept.get_ifd(ExifTags.IFD.GPSInfo)
+
+
+def _frames(n, size=(60, 40)):
+    return [Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)) for i in range(n)]
+
+
+def _save_all(fmt, frames, **kw) -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], **kw)
+    return buf.getvalue()
+
+
+def test_mpo_from_phones_is_read_as_its_first_frame():
+    """Issue 12: JPEGs with an MP extension (Pillow: 'MPO') failed as unsupported_format."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "Acme"
+    data = _save_all("MPO", _frames(3), exif=exif.tobytes())
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    dec = decode(data)
+    assert dec.format == "JPEG" and dec.frames_dropped == 2 and (dec.width, dec.height) == (60, 40)
+    assert np.abs(dec.rgb[20, 30].astype(int) - (0, 100, 200)).max() < 8  # the first frame
+    out = encode(dec, dec.pixels)
+    back = Image.open(io.BytesIO(out))
+    assert back.format == "JPEG" and getattr(back, "n_frames", 1) == 1 and out.count(b"\xff\xd8") == 1
+    assert back.getexif().get(ExifTags.Base.Make) == "Acme"
+
+
+@pytest.mark.parametrize("fmt,kw", [("TIFF", {}), ("WEBP", {"duration": 100}), ("PNG", {"duration": 100})])
+def test_multi_page_files_are_refused_not_cut(fmt, kw):
+    """Issue 12: only page 1 of a multi-page TIFF was written, silently. Animated WebP/PNG alike."""
+    data = _save_all(fmt, _frames(3), **kw)
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
+    with pytest.raises(ImageError) as e:
+        decode(data)
+    assert e.value.reason == "multi_page_unsupported" and "3 pages" in str(e.value) and "split" in str(e.value)
+    assert decode(_save_all(fmt, _frames(1), **kw)).frames_dropped == 0  # a single page is fine

@@ -149,3 +149,28 @@ def test_records_reach_on_record_one_at_a_time(tmp_path, write_delay):
     assert sorted(r["key"] for r in written) == sorted(keys) and len(recs) == n
     assert progress.done == n and len(lines) == n and lines[-1].startswith(f"{n}/{n} images")
     assert progress.failed == sum(r["status"] == "failed" for r in written) == len(range(0, n, 37))
+
+
+def test_mpo_is_masked_as_jpeg_and_the_dropped_frames_are_recorded(tmp_path):
+    import io
+
+    from PIL import Image
+
+    def frames():  # fresh images per save: Pillow keeps one save's encoder settings on the image
+        return [Image.new("RGB", (200, 100), (v, v, v)) for v in (60, 120)]
+
+    first, *rest = frames()
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=rest)
+    src, dst = LocalStore(tmp_path / "src", create=True), LocalStore(tmp_path / "dst", create=True)
+    src.write("phone.jpg", buf.getvalue())
+    tiff = io.BytesIO()
+    first, *rest = frames()
+    first.save(tiff, format="TIFF", save_all=True, append_images=rest)
+    src.write("scan.tif", tiff.getvalue())
+    phone, scan = run_job(src, dst, ["phone.jpg", "scan.tif"], _fixed(0.9), JobOptions())
+    assert phone["status"] == "masked" and phone["frames_dropped"] == 1 and "MPO" in phone["note"]
+    out = Image.open(tmp_path / "dst" / "phone.jpg")
+    assert out.format == "JPEG" and getattr(out, "n_frames", 1) == 1
+    assert scan["status"] == "failed" and scan["reason"] == "multi_page_unsupported" and "scan.tif" in scan["error"]
+    assert sorted(dst.iter_keys()) == ["phone.jpg"]
