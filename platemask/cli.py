@@ -35,6 +35,15 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _max_pixels(s: str) -> int:
+    from .imageio import check_max_pixels
+
+    try:
+        return check_max_pixels(int(s))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
@@ -174,6 +183,7 @@ def cmd_package_model(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
     from .pipeline import HARD_MASK_SCORE, UNSAFE_THRESHOLD_MARGIN
 
     p = argparse.ArgumentParser(prog="platemask", description=__doc__,
@@ -201,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--metadata", choices=("strip", "safe", "keep"), default="safe",
                    help="strip: no EXIF; safe: keep only camera make/model, exposure, date-time and colour (no GPS, XMP, IPTC, "
                         "serials, names, maker notes); keep: all EXIF but the thumbnail")
-    m.add_argument("--max-pixels", type=_positive_int, default=80_000_000, help="refuse larger images (decompression bombs)")
+    m.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images (decompression bombs); at most {MAX_PIXELS_CEILING:,}")
     m.set_defaults(func=cmd_mask)
 
     t = sub.add_parser("train", help="train (or resume) the plate Mask R-CNN", formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -23,7 +23,19 @@ SUPPORTED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".t
 # Read as another format: MPO (phones' multi-picture JPEG) is masked and written as a plain JPEG of its first frame.
 READ_AS = {"MPO": "JPEG"}
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 80_000_000  # ~ 10000 x 8000; larger inputs are refused, not decoded
+# The pixel limit (one home): inputs above ``max_pixels`` are refused before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 80_000_000  # ~ 10000 x 8000
+MAX_PIXELS_CEILING = 250_000_000  # the most --max-pixels accepts (~ 20000 x 12500; ~3 GB of RAM per image in flight)
+# Pillow's own bomb guard (89.5 MP by default) refused first whatever --max-pixels said: it now
+# warns (which decode treats as too large) above our ceiling, so our limit is the one that decides.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS_CEILING
+
+
+def check_max_pixels(max_pixels: int) -> int:
+    """``max_pixels`` if within 1..MAX_PIXELS_CEILING, else ValueError naming the range."""
+    if not 1 <= max_pixels <= MAX_PIXELS_CEILING:
+        raise ValueError(f"max_pixels must be within 1..{MAX_PIXELS_CEILING:,}, got {max_pixels:,}")
+    return max_pixels
 MetadataPolicy = Literal["strip", "safe", "keep"]
 
 # The 'safe' policy is an allow-list: what a reviewer needs to judge a photo and nothing that can
@@ -119,6 +131,7 @@ def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data``; raise ImageError with a reason code for anything unusable."""
+    check_max_pixels(max_pixels)
     if not data:
         raise ImageError("empty_file", "file is empty (0 bytes)")
     frames_dropped = 0
@@ -133,7 +146,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("too_large", f"{w}x{h} = {w * h:,} pixels exceeds the limit of "
-                                 f"{max_pixels:,} (raise --max-pixels if this is a real photo)")
+                                 f"{max_pixels:,} (raise --max-pixels, up to {MAX_PIXELS_CEILING:,}, if this is a real photo)")
             frames = getattr(img, "n_frames", 1)
             if fmt in READ_AS:  # MPO: phone JPEG + MP extension: the first frame is the photo, the rest previews/depth
                 fmt, frames_dropped = READ_AS[fmt], frames - 1

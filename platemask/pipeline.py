@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .detections import Plate, record
 from .geometry import polygon_area
-from .imageio import DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, content_type, decode, encode
+from .imageio import DEFAULT_MAX_PIXELS, Decoded, check_max_pixels, ImageError, MetadataPolicy, content_type, decode, encode
 from .mask import MaskStyle, apply_mask, masked_region
 from .storage import Store, normalise_key
 
@@ -71,6 +71,7 @@ class JobOptions:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
         if self.metadata not in ("strip", "safe", "keep"):
             raise ValueError(f"metadata must be strip, safe or keep, got {self.metadata!r}")
+        check_max_pixels(self.max_pixels)
 
 
 class Timings:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from platemask.cli import main
+from platemask.cli import build_parser, main
 
 from conftest import jpeg_bytes, png_bytes
 
@@ -131,3 +131,12 @@ def test_real_cli_subprocess_smoke(photo_dir, tmp_path, model_dir):
     assert proc.returncode == 0, proc.stderr
     assert "images/s" in proc.stderr and "3/3 images" in proc.stderr
     assert (tmp_path / "o" / "car.jpg").stat().st_size > 1000
+
+
+def test_max_pixels_is_bounded():
+    from platemask.imageio import MAX_PIXELS_CEILING
+
+    with pytest.raises(SystemExit) as e:
+        main(["mask", "a", "b", "--max-pixels", str(MAX_PIXELS_CEILING + 1)])
+    assert e.value.code == 2
+    assert build_parser().parse_args(["mask", "a", "b", "--max-pixels", str(MAX_PIXELS_CEILING)]).max_pixels == MAX_PIXELS_CEILING

@@ -270,3 +270,20 @@ def test_multi_page_files_are_refused_not_cut(fmt, kw):
         decode(data)
     assert e.value.reason == "multi_page_unsupported" and "3 pages" in str(e.value) and "split" in str(e.value)
     assert decode(_save_all(fmt, _frames(1), **kw)).frames_dropped == 0  # a single page is fine
+
+
+def test_max_pixels_can_be_raised_past_pillows_own_guard():
+    """Issue 12: '--max-pixels' above ~89.5 MP changed nothing: Pillow's MAX_IMAGE_PIXELS refused first."""
+    from platemask.imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
+
+    side = 9500  # 90.25 MP: above Pillow's default guard (89.5 MP) and our default limit
+    buf = io.BytesIO()
+    Image.new("1", (side, side), 1).save(buf, format="PNG")
+    data = buf.getvalue()
+    with pytest.raises(ImageError) as e:
+        decode(data)
+    assert e.value.reason == "too_large" and f"{DEFAULT_MAX_PIXELS:,}" in str(e.value) and "--max-pixels" in str(e.value)
+    dec = decode(data, max_pixels=100_000_000)
+    assert (dec.width, dec.height) == (side, side)
+    with pytest.raises(ValueError, match="max_pixels"):
+        decode(data, max_pixels=MAX_PIXELS_CEILING + 1)
