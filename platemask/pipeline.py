@@ -195,6 +195,8 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
     ``dst_key`` maps an input key to its output key (by default the same path, normalised). An input
     whose output key is unsafe (ValueError from ``dst_key``), or shared with another input, fails
     before anything is read or written: nothing is overwritten and each one has its record.
+    ``on_record`` and ``progress`` are called one record at a time (never concurrently), so a
+    callback may append to one file without a lock of its own.
     """
     timings = timings or Timings()
     records: dict[str, dict] = {}
