@@ -1,8 +1,9 @@
 """Image decoding and encoding at the edges of the pipeline.
 
 Decoding reads phones' MPO as the JPEG of its first frame (the other frames dropped and counted),
-refuses other multi-page or animated files rather than cut them silently, applies EXIF orientation first (detection and output share one pixel frame), refuses
-decompression bombs before any pixel is decoded, and normalises the many modes photos come in.
+refuses other multi-page or animated files rather than cut them silently, applies EXIF orientation
+first (detection and output share one pixel frame), refuses decompression bombs before any pixel is
+decoded, and normalises the many modes photos come in.
 Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
 metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
 default) keeps only an allow-list (camera make and model, exposure settings, date-time, colour space

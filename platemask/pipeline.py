@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .detections import Plate, record
 from .geometry import polygon_area
-from .imageio import DEFAULT_MAX_PIXELS, Decoded, check_max_pixels, ImageError, MetadataPolicy, content_type, decode, encode
+from .imageio import (DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, check_max_pixels, content_type, decode,
+                      encode)
 from .mask import MaskStyle, apply_mask, masked_region
 from .storage import Store, normalise_key
 
@@ -38,7 +39,8 @@ def check_threshold(threshold: float | None, operating: float, *, unsafe: bool =
     limit = operating + UNSAFE_THRESHOLD_MARGIN
     if threshold > limit + 1e-9:
         raise ValueError(
-            f"threshold {threshold:g} is above the model's operating threshold {operating:g} + {UNSAFE_THRESHOLD_MARGIN:g}: "
+            f"threshold {threshold:g} is above the model's operating threshold {operating:g} "
+            f"+ {UNSAFE_THRESHOLD_MARGIN:g}: "
             f"plates scored between {limit:g} and {threshold:g} would be published unmasked (detections >= "
             f"{HARD_MASK_SCORE:g} are always masked). Use a threshold <= {limit:g}, or opt in explicitly "
             "(--unsafe-threshold; the DAG Param unsafe_threshold)")
@@ -156,7 +158,8 @@ def _prefetch(fn, items: Iterable, pool: ThreadPoolExecutor, depth: int) -> Iter
         yield pending.popleft().result()
 
 
-def _output_keys(keys: Sequence[str], dst_key: Callable[[str], str]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+def _output_keys(keys: Sequence[str],
+                 dst_key: Callable[[str], str]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
     """Each key's output key, and the keys refused with (reason, message): an unsafe output key,
     or one output claimed by several inputs (all of them are refused, each naming the others)."""
     out: dict[str, str] = {}
