@@ -80,6 +80,14 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_st
     threshold = params.get("threshold")
     if threshold is not None and not 0 <= float(threshold) <= 1:
         raise RunError(f"threshold must be within [0, 1], got {threshold}")
+    if threshold is not None and not params.get("unsafe_threshold"):
+        from .model import load_config
+        from .pipeline import check_threshold
+
+        try:
+            check_threshold(float(threshold), load_config(params.get("model") or settings.model_dir).score_threshold)
+        except (FileNotFoundError, ValueError) as exc:
+            raise RunError(str(exc)) from None
     max_images = params.get("max_images")
     if max_images is not None and int(max_images) < 1:
         raise RunError(f"max_images must be >= 1 or empty, got {max_images}")
