@@ -71,8 +71,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
         return EXIT_USAGE
     cfg = seg.cfg
     threshold = cfg.score_threshold if a.threshold is None else a.threshold
-    opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold), review_high=max(cfg.review_high, threshold),
-                      style=MaskStyle(mode=a.mode), jpeg_quality=a.jpeg_quality, metadata=a.metadata,
+    opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=a.mode), jpeg_quality=a.jpeg_quality, metadata=a.metadata,
                       max_pixels=a.max_pixels, batch_size=a.batch_size)
     src, dst = open_store(a.src), open_store(a.dst, create=True)
     try:

@@ -20,6 +20,7 @@ from .geometry import polygon_area
 from .imageio import (DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, check_max_pixels, content_type, decode,
                       encode)
 from .mask import MaskStyle, apply_mask, masked_region
+from .review import calibrate, review_band, review_reasons
 from .storage import Store, normalise_key
 
 # detector(keys, decoded images) -> per image: plates (any score) or an ImageError for that image
@@ -63,6 +64,16 @@ class JobOptions:
     batch_size: int = 4
     read_workers: int = 8
     write_workers: int = 3
+    calibration: tuple = ()  # the model's isotonic score -> P(plate) map (platemask.review.calibrate)
+
+    @classmethod
+    def for_model(cls, cfg, threshold: float | None = None, **kw) -> "JobOptions":
+        """Options for a model's ``config.json`` at ``threshold`` (default: its operating threshold):
+        the review band and the calibration come from the model (one rule: platemask.review)."""
+        t = cfg.score_threshold if threshold is None else threshold
+        band = review_band(t, cfg.review_low, cfg.review_high)
+        return cls(threshold=t, review_low=band.low, review_high=band.high,
+                   calibration=tuple(tuple(k) for k in cfg.calibration), **kw)
 
     def __post_init__(self):
         for name in ("threshold", "review_low", "review_high"):
@@ -125,22 +136,25 @@ def build_record(key: str, dec: Decoded, plates: list[Plate], opts: JobOptions, 
                  input_sha256: str | None, output_sha256: str | None = None, output_key: str | None = None) -> dict:
     """The detection record for one decoded image: the same for the CLI, the DAG and the container."""
     to_mask = plates_to_mask(plates, opts.threshold)
-    near = [p for p in plates if opts.review_low <= p.score < min(opts.threshold, HARD_MASK_SCORE)]
-    why = []
-    if near:
-        why.append(f"{len(near)} detection(s) just below the threshold")
-    if any(p.score < opts.review_high for p in to_mask):
-        why.append("masked plate(s) with low confidence")
-    return record(
+    effective = min(opts.threshold, HARD_MASK_SCORE)
+    band = review_band(effective, opts.review_low, opts.review_high)
+    near = [p for p in plates if band.low <= p.score < effective]
+    area = sum(polygon_area(masked_region(p, opts.style)[0]) for p in to_mask)
+    why = review_reasons([p.score for p in plates], band, masked_fraction=area / max(dec.width * dec.height, 1))
+    rec = record(
         key, status="masked" if to_mask else "no_plate", width=dec.width, height=dec.height, plates=to_mask,
         model=model, input_sha256=input_sha256, output_sha256=output_sha256, review=bool(why),
         review_reason="; ".join(why), near_misses=[p.to_json() for p in near], output_key=output_key,
-        masked_area_px=round(sum(polygon_area(masked_region(p, opts.style)[0]) for p in to_mask), 1),
+        masked_area_px=round(area, 1),
         **({"frames_dropped": dec.frames_dropped,
             "note": f"multi-picture JPEG (MPO): the first frame was masked and written as a plain JPEG; "
                     f"{dec.frames_dropped} other frame(s) (previews, depth maps) were dropped"}
            if dec.frames_dropped else {}),
     )
+    if opts.calibration:  # the probability that each detection is a plate, for reviewers
+        for p in rec["plates"] + rec["near_misses"]:
+            p["p_plate"] = calibrate(p["score"], opts.calibration)
+    return rec
 
 
 def _sha256(b: bytes) -> str:

@@ -50,6 +50,28 @@ def test_threshold_review_band(tmp_path):
     assert [(r["scores"], r["near_miss_scores"]) for r in review] == [([], [0.3]), ([0.6], [])]
 
 
+def test_review_flags_unusual_results_and_records_calibrated_probabilities(tmp_path):
+    src, dst = _store(tmp_path, n=1), LocalStore(tmp_path / "dst", create=True)
+    opts = JobOptions(threshold=0.5, review_low=0.4, review_high=0.6, calibration=((0.0, 0.0), (0.5, 0.3), (1.0, 0.9)))
+    # a confident detection covering most of the 200x100 photo: masked, but a human should look
+    huge = run_job(src, dst, ["p0.jpg"], lambda k, d: [[Plate(0.95, box_polygon([5, 5, 195, 95]))] for _ in k], opts)[0]
+    assert huge["status"] == "masked" and huge["review"] and "of the photo" in huge["review_reason"]
+    many = run_job(src, dst, ["p0.jpg"], lambda k, d: [[Plate(0.95, box_polygon([10 * i, 0, 10 * i + 4, 3]))
+                                                          for i in range(8)] for _ in k], opts)[0]
+    assert many["review"] and "8 masks" in many["review_reason"]
+    sure = run_job(src, dst, ["p0.jpg"], _fixed(0.75), opts)[0]
+    assert not sure["review"] and sure["plates"][0]["p_plate"] == pytest.approx(0.6)
+
+
+def test_options_for_a_model_take_its_review_band_and_calibration():
+    from platemask.model import ModelConfig
+
+    cfg = ModelConfig(name="m", score_threshold=0.3, review_low=0.2, review_high=0.5, calibration=[[0, 0], [1, 1]])
+    assert (JobOptions.for_model(cfg).threshold, JobOptions.for_model(cfg).review_low) == (0.3, 0.2)
+    run = JobOptions.for_model(cfg, 0.6)  # a run above the model's band still reviews its weak masks
+    assert (run.threshold, run.review_low, run.review_high, run.calibration) == (0.6, 0.2, 0.6, ((0, 0), (1, 1)))
+
+
 def test_detector_crash_fails_closed(tmp_path):
     src, dst = _store(tmp_path, n=5), LocalStore(tmp_path / "dst", create=True)
 
