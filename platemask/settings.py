@@ -50,6 +50,9 @@ class Settings:
     sagemaker_image_uri: str | None = None
     sagemaker_instance_type: str = "ml.g5.xlarge"
     sagemaker_instance_count: int = 1
+    # GPU instance types only: the Batch Transform AMI (NVIDIA driver 535 runs CUDA 12.x builds; the
+    # default AMI's driver 470 does not) -- see README "SageMaker"
+    sagemaker_transform_ami_version: str | None = "al2-ami-sagemaker-batch-gpu-535"
     sagemaker_model_prefix: str = "sagemaker/models/"  # content-addressed model.tar.gz
     sagemaker_output_prefix: str = "sagemaker/output/{region}/{window}/"
     sagemaker_kms_key_id: str | None = None
