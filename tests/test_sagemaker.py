@@ -411,3 +411,15 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
         a = np.asarray(Image.open(BytesIO(masked["local"][k])), np.int16)
         b = np.asarray(Image.open(BytesIO(masked["sagemaker"][k])), np.int16)
         assert np.abs(a - b).mean() < 0.5, k  # same polygons, same masking
+
+
+def test_inference_image_pairs_a_cuda12_torch_with_the_535_driver_ami():
+    """No Docker engine here: read the Dockerfile. Driver 535 runs CUDA 12.x builds, not CUDA 13."""
+    from conftest import ROOT
+
+    text = (ROOT / "containers" / "inference" / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-(base|runtime)-ubuntu\d+\.\d+", args["BASE_IMAGE"])
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", args["TORCH_INDEX_URL"])
+    assert args["TORCH_CUDA"] == "12." and text.index("ARG BASE_IMAGE") < text.index("FROM ${BASE_IMAGE}")
+    assert Settings().sagemaker_transform_ami_version == "al2-ami-sagemaker-batch-gpu-535"
