@@ -274,13 +274,20 @@ def poll(hook, shard: dict, *, resubmit: Callable[[dict], dict] | None = None) -
 
 
 def stop(hook, shard: dict) -> None:
-    t = (shard or {}).get("transform")
-    if t:
+    """Stop the shard's job and any later attempt the wait started (its XCom only names the first)."""
+    t = (shard or {}).get("transform") or {}
+    job = t.get("job")
+    if not job:
+        return
+    names = [job]
+    if re.search(r"-a\d+$", job):
+        names += [re.sub(r"-a\d+$", f"-a{n}", job) for n in range(int(t.get("attempt", 0)) + 1, MAX_ATTEMPTS)]
+    for name in names:
         try:
-            hook.get_conn().stop_transform_job(TransformJobName=t["job"])
-            log.warning("stopped transform job %s", t["job"])
-        except Exception as exc:  # noqa: BLE001 - already finished jobs cannot be stopped
-            log.info("could not stop %s: %s", t["job"], exc)
+            hook.get_conn().stop_transform_job(TransformJobName=name)
+            log.warning("stopped transform job %s", name)
+        except Exception as exc:  # noqa: BLE001 - finished or never started jobs cannot be stopped
+            log.info("could not stop %s: %s", name, exc)
 
 
 def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], model_dir: str | None,
