@@ -254,21 +254,28 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
 
 
 def poll(hook, shard: dict, *, resubmit: Callable[[dict], dict] | None = None) -> tuple[bool, dict]:
-    """(done, shard with the job's final state) for the wait sensor. With ``resubmit`` (``submit``
-    bound to its clients), a failed or stopped job that made progress is followed by a job over
-    the photos it left without output, and the wait goes on."""
+    """(done, shard with the final state of the job in charge) for the wait sensor.
+
+    ``shard`` is what the submit task returned (a reschedule sensor keeps no state between
+    pokes). With ``resubmit`` (``submit`` bound to its clients), a failed or stopped job is
+    followed through the run's attempts: ``submit`` reuses the attempt in charge or starts one over
+    the photos still without output, and the wait goes on; it ends at an attempt without progress.
+    """
     t = shard["transform"]
     if t.get("job") is None:
         return True, shard
     desc = hook.describe_transform_job(t["job"])
     state = desc["TransformJobStatus"]
-    if state in ENDED_EARLY and resubmit is not None:
-        again = resubmit(shard)
-        if again["transform"]["job"] != t["job"]:
-            log.warning("transform job %s %s (%s): the photos it left without output go to %s", t["job"], state,
-                        desc.get("FailureReason"), again["transform"]["job"])
-            return False, again
-        t = again["transform"]
+    while state in ENDED_EARLY and resubmit is not None:
+        again = resubmit(shard)["transform"]
+        if again["job"] == t["job"]:
+            t = again  # the walk ended here: outputs of every attempt, this job's FailureReason
+            break
+        log.warning("transform job %s %s (%s): the photos it left without output are with %s", t["job"], state,
+                    desc.get("FailureReason"), again["job"])
+        t = again
+        desc = hook.describe_transform_job(t["job"])
+        state = desc["TransformJobStatus"]
     done = state in TERMINAL
     return done, {**shard, "transform": {**t, "state": state, "failure_reason": desc.get("FailureReason")}}
 

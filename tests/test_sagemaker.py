@@ -175,13 +175,13 @@ def _run_shard(s3, settings, shard, model_dir):
 
     hook = sagemaker_hook(settings, s3)
     submitted = submit(hook, s3, settings, shard, str(model_dir))
-    for _ in range(5):
-        done, submitted = poll(hook, submitted, resubmit=lambda sh: submit(hook, s3, settings, sh, str(model_dir)))
+    for _ in range(3):  # each poke starts from the submit task's XCom, as a reschedule sensor does
+        done, waited = poll(hook, submitted, resubmit=lambda sh: submit(hook, s3, settings, sh, str(model_dir)))
         if done:
             break
     assert done
-    result = mask_shard(s3, settings, submitted, detector_factory(settings, str(model_dir)), log=lambda m: None)
-    return submitted, _records(s3, settings, result)
+    result = mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)), log=lambda m: None)
+    return waited, _records(s3, settings, result)
 
 
 def _published(s3, settings) -> set[str]:
@@ -247,26 +247,37 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/a1.jpg": jpeg_bytes(scene[0][:, ::-1]),
               "raw/DE/2026/11/20/b2.png": big, "raw/DE/2026/11/20/c3.jpg": jpeg_bytes(scene[0])}
     shard = _shard_of(s3, settings, photos)
-    waited, recs = _run_shard(s3, settings, shard, model_dir)
-    t = waited["transform"]
-    assert t["state"] == "Failed" and "b2.png" in t["failure_reason"]  # 413, or the connection it closed
-    assert t["attempt"] == 1 and len(t["outputs"]) == 2
-    # the second attempt's manifest held only the photos the first left without output
-    from platemask.airflow_support import sagemaker_hook
+    from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.local_transform import read_manifest
+    from platemask.runs import mask_shard
+    from platemask.sagemaker_backend import poll, submit
 
-    desc = sagemaker_hook(settings, s3).describe_transform_job(t["job"])
+    hook = sagemaker_hook(settings, s3)
+    resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
+    submitted = submit(hook, s3, settings, shard, str(model_dir))
+    assert submitted["transform"]["attempt"] == 0 and submitted["transform"]["submitted"] == 4
+    done, waited = poll(hook, submitted, resubmit=resubmit)
+    t = waited["transform"]
+    assert done and t["state"] == "Failed" and "b2.png" in t["failure_reason"]  # 413, or the connection it closed
+    assert t["attempt"] == 1 and len(t["outputs"]) == 2
+    desc = hook.describe_transform_job(t["job"])
     assert desc["TransformJobStatus"] == "Failed" and desc["FailureReason"] == t["failure_reason"]
+    # the second attempt's manifest held only the photos the first left without output
     manifest = desc["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"]
     assert read_manifest(s3, manifest)[1] == ["raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"]
+    # the next poke starts from the same XCom (a reschedule sensor keeps no state): same end, no new job
+    jobs = lambda: sorted(j["TransformJobName"] for j in hook.get_conn().list_transform_jobs(  # noqa: E731
+        MaxResults=100)["TransformJobSummaries"])
+    before = jobs()
+    assert poll(hook, submitted, resubmit=resubmit) == (True, waited) and jobs() == before
+    recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
+                                             log=lambda m: None))
     assert set(recs) == set(photos)
     assert recs["raw/DE/2026/11/20/a0.jpg"]["status"] == recs["raw/DE/2026/11/20/a1.jpg"]["status"] == "masked"
     for k in ("raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"):
         assert recs[k]["status"] == "failed" and recs[k]["reason"] == "transform_job_failed" and "b2.png" in recs[k]["error"]
     assert _published(s3, settings) == {"masked/DE/2026/11/20/a0.jpg", "masked/DE/2026/11/20/a1.jpg"}
     # the next run submits only what is still to do
-    from platemask.sagemaker_backend import submit
-
     again = submit(sagemaker_hook(settings, s3), s3, settings, _shard_of(s3, settings, dict.fromkeys(photos), run_id="r2"),
                    str(model_dir))
     assert again["transform"]["photos"] == 2
