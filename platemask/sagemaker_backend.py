@@ -73,7 +73,9 @@ def job_name(spec: RunSpec, shard_index: int, entries: list[dict], model: str, a
     content = _short_hash(bucket, spec.window.id, spec.run_id, shard_index, model, spec.mode, spec.threshold,
                           *(f"{e['key']}@{e['etag']}" for e in entries), n=8)
     day = spec.window.start.strftime("%Y%m%d")
-    return sagemaker_name("pm", spec.region.lower(), day, content, f"s{shard_index:04d}", f"a{attempt}")
+    threshold = "tdef" if spec.threshold is None else f"t{round(spec.threshold * 1000):04d}"  # readable in the console
+    return sagemaker_name("pm", spec.region.lower(), day, threshold, f"m{model[-6:]}", content, f"s{shard_index:04d}",
+                          f"a{attempt}")
 
 
 def payload_mb(entries: list[dict]) -> int:

@@ -55,6 +55,8 @@ def test_job_names_are_valid_deterministic_and_content_bound():
     changed = [dict(ENTRIES[0], etag="new"), *ENTRIES[1:]]
     assert job_name(SPEC, 7, changed, model) != n0  # a re-uploaded photo is a new job
     assert job_name(RunSpec(**{**SPEC.as_dict(), "threshold": 0.3}), 7, ENTRIES, model) != n0
+    assert "-t0300-" in job_name(RunSpec(**{**SPEC.as_dict(), "threshold": 0.3}), 7, ENTRIES, model)
+    assert "-tdef-" in n0 and f"-m{model[-6:]}-" in n0  # threshold and model readable in the console
     assert job_name(RunSpec(**{**SPEC.as_dict(), "run_id": "manual__x"}), 7, ENTRIES, model) != n0  # a run's own jobs
     long = RunSpec(**{**SPEC.as_dict(), "region": "A_VERY_LONG_REGION_NAME_WITH_UNDERSCORES_AND_MORE"})
     assert NAME_RE.match(job_name(long, 9999, ENTRIES, model, attempt=9))
