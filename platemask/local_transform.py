@@ -35,7 +35,13 @@ def _http(method: str, url: str, body: bytes | None = None, headers: dict | None
         return e.code, e.read()
 
 
+class ContainerUnhealthy(RuntimeError):
+    """/ping reports an error for good (model failed to load, CUDA required but unusable)."""
+
+
 def wait_ready(endpoint: str, timeout: float = 180.0) -> None:
+    """Until /ping answers 200; a container that reports ``"status": "error"`` fails at once
+    (SageMaker would fail the job at its health-check timeout; the outcome is the same)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while True:
@@ -44,6 +50,11 @@ def wait_ready(endpoint: str, timeout: float = 180.0) -> None:
             if status == 200:
                 return
             last = f"{status} {body.decode(errors='replace')[:300]}"
+            try:
+                if json.loads(body).get("status") == "error":
+                    raise ContainerUnhealthy(f"container at {endpoint} failed its /ping health check: {last}")
+            except (ValueError, AttributeError):
+                pass
         except (urllib.error.URLError, OSError) as exc:
             last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
@@ -88,8 +99,8 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     t0 = time.perf_counter()
     try:
         wait_ready(endpoint)
-    except TimeoutError as exc:  # SageMaker: the container failed its ping health check
-        reason = f"AlgorithmError: the container did not pass the /ping health check: {exc}"
+    except (TimeoutError, ContainerUnhealthy) as exc:  # SageMaker: the container failed its ping health check
+        reason = f"ClientError: the container did not pass the /ping health check: {exc}"
         log(f"local transform {name}: Failed ({reason})")
         return {"TransformJobStatus": "Failed", "FailureReason": reason, "records": len(rel_keys), "done": 0,
                 "failed": [], "not_started": len(rel_keys), "seconds": round(time.perf_counter() - t0, 3)}

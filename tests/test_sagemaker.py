@@ -354,6 +354,40 @@ def test_local_backend_reads_only_the_listed_version(sm_env, model_dir):
     assert _published(s3, settings) == {"masked/DE/2026/11/20/car1.jpg"}
 
 
+def test_a_gpu_job_without_cuda_fails_loudly_and_nothing_is_published(sm_env, model_dir, tmp_path):
+    """The real server with PLATEMASK_REQUIRE_CUDA=1 (what a ml.g5 job sets) on this CPU machine:
+    the job fails on the health check with the reason, and every photo is a failure."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT, _free_port
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here")
+    s3, settings, shard = sm_env
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_REQUIRE_CUDA="1")
+    env.pop("PLATEMASK_DEVICE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        settings = _local(settings, f"http://127.0.0.1:{port}", sagemaker_instance_type="ml.g5.xlarge")
+        waited, recs = _run_shard(s3, settings, shard, model_dir)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    t = waited["transform"]
+    assert t["state"] == "Failed" and "cuda_unavailable" in t["failure_reason"] and t["attempt"] == 0
+    assert len(recs) == 3 and all(r["status"] == "failed" for r in recs.values())
+    assert recs["raw/DE/2026/11/20/car0.jpg"]["reason"] == "transform_job_failed"
+    assert "CUDA is not usable" in recs["raw/DE/2026/11/20/car0.jpg"]["error"]
+    assert _published(s3, settings) == set()
+
+
 @pytest.fixture(scope="module")
 def server_url(model_dir):
     import os
