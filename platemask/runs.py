@@ -183,7 +183,9 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
 def make_shards(client, settings: Settings, collected: list[dict], log: Callable[[str], None] = print) -> list[dict]:
     """Cut each manifest into shards; the total stays under ``max_shards`` (Airflow maps < 1024)."""
     total = sum(c["count"] for c in collected)
-    size = max(settings.shard_size, math.ceil(total / settings.max_shards)) if total else settings.shard_size
+    sagemaker = any(c["spec"]["backend"] == "sagemaker" for c in collected)
+    base = settings.sagemaker_shard_size if sagemaker else settings.shard_size  # a shard is one transform job
+    size = max(base, math.ceil(total / settings.max_shards)) if total else base
     shards = []
     for c in collected:
         if not c["count"]:
