@@ -134,7 +134,7 @@ def plate_masking():
                 return PokeReturnValue(is_done=True, xcom_value=shard)
             from platemask.airflow_support import poll_transform
 
-            done, shard = poll_transform(Settings.from_airflow(), shard)
+            done, shard = poll_transform(Settings.from_airflow(), shard, get_current_context()["params"].get("model"))
             return PokeReturnValue(is_done=done, xcom_value=shard)
 
         @task(queue=SETTINGS.queue, pool=SETTINGS.pool, execution_timeout=timedelta(hours=4),

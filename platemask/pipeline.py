@@ -234,6 +234,8 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
         t0 = time.perf_counter()
         try:
             data = src.read(key)
+        except ImageError as exc:  # the store's own verdict on this input (e.g. source_changed), reason kept
+            return _Loaded(key, error=exc)
         except Exception as exc:  # noqa: BLE001 - any storage error fails this image only, with its reason
             return _Loaded(key, error=ImageError("read_error", f"cannot read {src.describe(key)}: {exc}"))
         finally:

@@ -117,8 +117,11 @@ class S3Store:
                 if k and not k.endswith("/"):
                     yield k
 
-    def read(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+    def read(self, key: str, *, if_match: str | None = None) -> bytes:
+        """The object's bytes; with ``if_match`` (an ETag) only that version, else S3 answers
+        412 ``PreconditionFailed`` (a ClientError) and nothing is returned."""
+        extra = {"IfMatch": if_match} if if_match else {}
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"].read()
 
     def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         extra = {}
