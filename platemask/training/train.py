@@ -6,6 +6,7 @@ killed run resumes where it stopped (``--resume``, the default when a checkpoint
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -119,7 +120,15 @@ def train(
     neg_weights = None
     if hard_negative_gain and neg and (step > 0 or init_info is not None):
         t_mine = time.time()
-        scores = score_negatives(model, neg, device=device)
+        # scores of the same model on the same negatives are cached: a restart does not pay for them again
+        model_sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+        cache = workdir / f"negative-scores-{model_sha[:12]}-{len(neg)}.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else None
+        if cached and cached.get("paths") == [str(r.path) for r in neg]:
+            scores = cached["scores"]
+        else:
+            scores = score_negatives(model, neg, device=device)
+            cache.write_text(json.dumps({"paths": [str(r.path) for r in neg], "scores": scores}))
         neg_weights = hardness_weights(scores, hard_negative_gain)
         hard = np.asarray(scores) >= 0.3
         log(f"hard negatives: {int(hard.sum())}/{len(neg)} training negatives score >= 0.3 "
@@ -130,8 +139,11 @@ def train(
             "hard_negative_gain": hard_negative_gain, "hard_roi_fraction": hard_roi_fraction}
     (workdir / "train_config.json").write_text(json.dumps(meta, indent=2))
     stream = SampleStream(SampleMaker(pos, neg, aug, negative_weights=neg_weights), seed=seed * 1000 + step)
+    # spawn, not fork: the mining pass above ran torch and OpenCV thread pools in this process, and a
+    # forked worker inherits their locks (seen: the worker hung in cv2.setNumThreads for 30 minutes)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=_collate, persistent_workers=workers > 0)
+                                         collate_fn=_collate, persistent_workers=workers > 0,
+                                         multiprocessing_context="spawn" if workers > 0 else None)
     first_step = step
     start = last_ckpt = time.time()
     ema: dict[str, float] = {}
