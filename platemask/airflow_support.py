@@ -13,11 +13,22 @@ from .settings import Settings
 log = logging.getLogger("platemask")
 
 
+def s3_client_config(settings: Settings):
+    """Adaptive retries (throttling and 5xx back off client-side) and a connection pool as large as the
+    I/O threads of a mask task (readers, writers and audit lookups), so no thread waits for a connection."""
+    from botocore.config import Config
+
+    return Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=2 * settings.io_workers + 4)
+
+
 def s3_client(settings: Settings):
-    """A boto3 S3 client from the Airflow AWS connection (its ``endpoint_url`` extra reaches MinIO/moto)."""
+    """A boto3 S3 client from the Airflow AWS connection (its ``endpoint_url`` extra reaches MinIO/moto);
+    the connection's own ``config_kwargs``, if any, win over ``s3_client_config``."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    return S3Hook(aws_conn_id=settings.aws_conn_id).get_conn()
+    config = s3_client_config(settings)
+    from_conn = S3Hook(aws_conn_id=settings.aws_conn_id).conn_config.botocore_config
+    return S3Hook(aws_conn_id=settings.aws_conn_id, config=config.merge(from_conn) if from_conn else config).get_conn()
 
 
 def plan_from_context(context: Any, settings: Settings) -> list[dict]:

@@ -144,3 +144,12 @@ def test_a_rerun_redoes_exactly_the_photos_whose_result_would_change(photos, mod
     assert _mask(s3, settings, spec(threshold=0.35), changed) == (1, n - 1)
     assert _mask(s3, settings, spec(threshold=0.35, mode="pixelate"), changed) == (n, 0)  # another mode
     assert _mask(s3, settings, spec(threshold=0.35, mode="pixelate", reprocess=True), changed) == (n, 0)  # forced
+
+
+def test_the_dag_s3_client_retries_adaptively_with_a_pool_for_its_threads(aws_conn):
+    from platemask.airflow_support import s3_client
+
+    client = s3_client(Settings(io_workers=12))
+    assert client.meta.config.retries["mode"] == "adaptive" and client.meta.config.retries["total_max_attempts"] >= 8
+    assert client.meta.config.max_pool_connections == 28
+    assert client.list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200  # still reaches the connection's endpoint
