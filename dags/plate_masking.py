@@ -102,19 +102,22 @@ def plate_masking():
         return plan_from_context(get_current_context(), Settings.from_airflow())
 
     @task.sensor(mode="reschedule", poke_interval=SETTINGS.lock_poll_seconds,
-                 timeout=max(60.0, SETTINGS.lock_wait_minutes * 60), retries=0)
+                 timeout=SETTINGS.lock_wait_minutes * 60 + 3600, retries=0)  # the timeout is a backstop
     def hold(specs: list[dict]) -> PokeReturnValue:
         """One run masks a region-window at a time: take each region's S3 lock, or wait (no worker
         slot held) for the run that holds it; fail naming that run once lock_wait_minutes are over."""
         from platemask.airflow_support import hold_locks, lock_wait_message
 
         settings = Settings.from_airflow()
-        done, blocking = hold_locks(get_current_context(), settings, specs)
+        context = get_current_context()
+        done, blocking = hold_locks(context, settings, specs)
         if done:
             return PokeReturnValue(is_done=True, xcom_value=specs)
         message = lock_wait_message(blocking, settings)
-        if settings.lock_wait_minutes <= 0:
-            raise AirflowFailException(message)
+        now = pendulum.now("UTC")
+        waited = now - (context["ti"].get_first_reschedule_date(context) or now)
+        if waited >= timedelta(minutes=settings.lock_wait_minutes):
+            raise AirflowFailException(f"{message} Waited {waited}.")
         print(message)
         return PokeReturnValue(is_done=False)
 

@@ -84,7 +84,7 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
 def lock_wait_message(blocking: list[dict], settings: Settings) -> str:
     return "; ".join(f"region {b.get('region')} window {b.get('window')} is being masked by run {b.get('run_id')} "
                      f"(since {b.get('since')})" for b in blocking) + (
-        f". This run waits up to {settings.lock_wait_minutes:g} min for it (lock_wait_minutes), then fails: "
+        f". This run waits up to {settings.lock_wait_minutes:g} min (lock_wait_minutes) for it, then fails: "
         "let that run finish, then rerun this one.")
 
 

@@ -282,8 +282,47 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
 
 # ---------------------------------------------------------------- collect
 
+def _list(client, settings: Settings, prefix: str):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None]) -> list[dict]:
+    """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
+    after their night's run, or missed by it). A day whose nightly window another run holds is left to it."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    z = ZoneInfo(settings.region_timezones[spec.region])
+    out = []
+    for i in range(settings.late_days, 0, -1):
+        d, e = first_day - timedelta(days=i), first_day - timedelta(days=i - 1)
+        night = RunSpec(region=spec.region, window_start=datetime(d.year, d.month, d.day, tzinfo=z).isoformat(),
+                        window_end=datetime(e.year, e.month, e.day, tzinfo=z).isoformat())
+        try:
+            lock = _get_json(client, settings, lock_key(settings, night))
+        except ValueError:
+            lock = None
+        if lock and lock[0].get("state") == "held" and lock[0].get("run_id") != spec.run_id:
+            log(f"{spec.region} {d}: late photos left to run {lock[0].get('run_id')}, which holds that night")
+            continue
+        prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
+        audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
+        audited = {o["Key"] for o in _list(client, settings, audit_prefix)}
+        late = [{"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
+                 "supported": extension_supported(o["Key"]), "late": True}
+                for o in _list(client, settings, prefix)
+                if not o["Key"].endswith("/") and not o["Key"].rsplit("/", 1)[-1].startswith(".")
+                and audit_key(settings, spec.region, o["Key"]) not in audited]
+        if late:
+            log(f"{spec.region} {d}: {len(late)} late photo(s) without an audit record under s3://{settings.bucket}/{prefix}")
+        out += late
+    return out
+
+
 def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print) -> dict:
-    """List only the partitions the window covers, keep supported images in it, write the manifest."""
+    """List only the partitions the window covers, keep supported images in it, add the late photos of
+    the days before (``late_days``), write the manifest."""
     w = spec.window
     tz = settings.region_timezones[spec.region]
     days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
@@ -303,18 +342,22 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
                 entries.append({"key": key, "size": int(obj["Size"]), "etag": obj["ETag"].strip('"'),
                                 "supported": extension_supported(key)})
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
+    in_window = len(entries)
+    if settings.late_days:
+        entries += _late_entries(client, settings, spec, (days or w.days(tz))[0], log)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # unsupported extensions stay in the manifest: they are accounted for (and fail with a reason)
-    in_window = len(entries)
+    n_all = len(entries)
     if spec.max_images:
         entries = entries[: spec.max_images]
     key = run_prefix(settings, spec) + "manifest.jsonl"
     uri = _put_json(client, settings, key, entries, lines=True)
     log(f"{spec.region} window {w.id}: {len(entries)} photos in {len(days)} partition(s) -> {uri}"
         + (f" ({len(skipped_ext)} with unsupported extensions)" if skipped_ext else "")
-        + (f" (max_images: {len(entries)} of {in_window})" if len(entries) < in_window else ""))
-    collected = {"spec": spec.as_dict(), "manifest": uri, "count": len(entries), "photos_in_window": in_window}
+        + (f" (max_images: {len(entries)} of {n_all})" if len(entries) < n_all else ""))
+    collected = {"spec": spec.as_dict(), "manifest": uri, "count": len(entries), "photos_in_window": in_window,
+                 "late": sum(bool(e.get("late")) for e in entries)}
     _put_json(client, settings, run_prefix(settings, spec) + "collected.json", collected)  # last: present = collected
     return collected
 
@@ -600,7 +643,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
             "region": spec.region, "window": spec.window.as_dict(), "run_id": spec.run_id, "run_key": spec.run_key,
             "backend": spec.backend, "mode": spec.mode, "collected": c is not None,
             "manifest": c and c["manifest"], "photos_in_window": c and c.get("photos_in_window", c["count"]),
-            "planned": c and c["count"], "max_images": spec.max_images,
+            "planned": c and c["count"], "late": c and c.get("late", 0), "max_images": spec.max_images,
             "not_accounted_for": unrecorded, "duplicate_records": sum(n > 1 for n in seen.values()),
             "records_outside_manifest": len(set(seen) - planned) if manifest else 0,
             "processed_this_run": len(processed),
@@ -625,7 +668,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
                 store.write(qa_prefix(settings, spec) + name, store.read(own + name), ctype)
         from .qa import headline
 
-        log(f"{spec.region} {spec.window.id}: " + (headline(report) if c else "not collected")
+        log(f"{spec.region} {spec.window.id}: " + (headline(report) + f"; late: {report['late']}" if c else "not collected")
             + f" -> {report_uri}" + (" (latest)" if latest else "") + "".join(f"; PROBLEM: {p}" for p in problems))
         out.append({"region": spec.region, "window": spec.window.id, "run_id": spec.run_id, "report": report_uri,
                     "html": _uri(settings, own + "report.html"), "latest": latest, "dry_run": spec.dry_run,

@@ -45,6 +45,9 @@ class Settings:
     batch_size: int = 4
     io_workers: int = 8
     max_failure_rate: float = 0.02
+    # each run also picks up photos of this many day partitions before its window that have no audit
+    # record (uploaded after their night's run); 0 = off
+    late_days: int = 3
     retries: int = 3  # task retries (exponential backoff from 20 s)
     # one run masks a region-window at a time (an S3 lock object); another run waits this long for
     # it (reschedule sensor, no worker slot held), then fails naming the run holding it; 0 = fail at once
@@ -77,7 +80,7 @@ class Settings:
             raise ValueError("shard_size must be >= 1 and max_shards within 1..1000 (Airflow maps at most 1024)")
         if "{run}" not in self.runs_root:
             raise ValueError(f"runs_root must contain {{run}} (runs of one window must not share files), got {self.runs_root!r}")
-        if self.retries < 0 or self.lock_wait_minutes < 0 or self.lock_poll_seconds < 1:
+        if self.retries < 0 or self.late_days < 0 or self.lock_wait_minutes < 0 or self.lock_poll_seconds < 1:
             raise ValueError("retries and lock_wait_minutes must be >= 0, lock_poll_seconds >= 1")
         if not 0 <= self.max_failure_rate <= 1:
             raise ValueError(f"max_failure_rate must be within [0, 1], got {self.max_failure_rate}")

@@ -109,6 +109,7 @@ def bucket_env(aws_conn, monkeypatch, airflow_db):
     monkeypatch.setenv("PLATEMASK_BUCKET", bucket)
     monkeypatch.setenv("PLATEMASK_DEADLINE_HOURS", "0")
     monkeypatch.setenv("PLATEMASK_SHARD_SIZE", "2")
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "0")  # the 19th's photo stays out of the 20th's runs
     monkeypatch.setenv("PLATEMASK_RETRIES", "0")  # a failure here is meant to be permanent: no waiting for retries
     from platemask.synth import synth_car_scene
 

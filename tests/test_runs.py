@@ -153,3 +153,31 @@ def test_the_dag_s3_client_retries_adaptively_with_a_pool_for_its_threads(aws_co
     assert client.meta.config.retries["mode"] == "adaptive" and client.meta.config.retries["total_max_attempts"] >= 8
     assert client.meta.config.max_pool_connections == 28
     assert client.list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200  # still reaches the connection's endpoint
+
+
+def test_late_photos_of_the_days_before_are_picked_up_once_and_reported(photos, model_dir):
+    from platemask.runs import aggregate
+
+    s3, settings, keys = photos
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
+    late = "raw/DE/2026/11/19/late.jpg"
+    for key in (late, "raw/DE/2026/11/19/done.jpg", "raw/DE/2026/11/18/held.jpg", "raw/DE/2026/11/16/too-old.jpg"):
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=body)
+    s3.put_object(Bucket=settings.bucket, Key="audit/DE/2026/11/19/done.jpg.json", Body=b'{"status": "masked"}')
+    night_18 = RunSpec(region="DE", run_id="scheduled__18", window_start="2026-11-17T23:00:00+00:00",
+                       window_end="2026-11-18T23:00:00+00:00")
+    assert acquire_lock(s3, settings, night_18, is_live=lambda lock: True) is None  # that night's run is masking it
+
+    spec = RunSpec(region="DE", run_id="scheduled__20", **WINDOW)
+    c = collect(s3, settings, spec)
+    manifest = [json.loads(x) for x in s3.get_object(Bucket=settings.bucket, Key=c["manifest"].split("/", 3)[3])["Body"]
+                .read().decode().splitlines()]
+    assert sorted(e["key"] for e in manifest) == sorted(keys + [late])
+    assert [e["key"] for e in manifest if e.get("late")] == [late] and c["late"] == 1 and c["photos_in_window"] == 4
+    assert _mask(s3, settings, spec, model_dir) == (5, 0)  # collects again: the same manifest
+    (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    qa = json.loads(s3.get_object(Bucket=settings.bucket, Key=report["report"].split("/", 3)[3])["Body"].read())
+    assert qa["late"] == 1 and qa["images"] == 5 and report["passed"]
+    assert "masked/DE/2026/11/19/late.jpg" in {o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket)["Contents"]}
+    # the next night finds it audited: not late any more
+    assert collect(s3, settings, RunSpec(region="DE", run_id="scheduled__20b", **WINDOW))["late"] == 0
