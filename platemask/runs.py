@@ -588,6 +588,8 @@ def verdict(report: dict) -> list[str]:
                         "task failed for good (counted as failed, reason shard_failed); rerun the window")
     if report.get("duplicate_records"):
         problems.append(f"{report['duplicate_records']} photo(s) have more than one record")
+    if report.get("records_outside_manifest"):
+        problems.append(f"{report['records_outside_manifest']} record(s) are for photos not in the manifest")
     if report["failure_rate"] > report["max_failure_rate"]:
         problems.append(f"failure rate {report['failure_rate']:.1%} exceeds {report['max_failure_rate']:.1%}")
     return problems
@@ -611,7 +613,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
     with reason ``shard_failed``; a region whose collect failed gets a report that says so.
     """
     from .detections import record
-    from .qa import build_report
+    from .qa import build_report, headline
     from .report_html import render_report
 
     out = []
@@ -666,8 +668,6 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
         if latest:  # the window's latest report: one run at a time holds the lock, so copies never interleave
             for name, ctype in (("report.json", "application/json"), ("report.html", "text/html; charset=utf-8")):
                 store.write(qa_prefix(settings, spec) + name, store.read(own + name), ctype)
-        from .qa import headline
-
         log(f"{spec.region} {spec.window.id}: " + (headline(report) + f"; late: {report['late']}" if c else "not collected")
             + f" -> {report_uri}" + (" (latest)" if latest else "") + "".join(f"; PROBLEM: {p}" for p in problems))
         out.append({"region": spec.region, "window": spec.window.id, "run_id": spec.run_id, "report": report_uri,

@@ -181,3 +181,25 @@ def test_late_photos_of_the_days_before_are_picked_up_once_and_reported(photos, 
     assert "masked/DE/2026/11/19/late.jpg" in {o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket)["Contents"]}
     # the next night finds it audited: not late any more
     assert collect(s3, settings, RunSpec(region="DE", run_id="scheduled__20b", **WINDOW))["late"] == 0
+
+
+def test_check_wants_a_passing_report_for_every_planned_region():
+    from platemask.runs import RunError, asset_extra, check_reports, verdict
+
+    base = {"collected": True, "not_accounted_for": 0, "duplicate_records": 0, "records_outside_manifest": 0,
+            "failure_rate": 0.0, "max_failure_rate": 0.02}
+    assert verdict(base) == []
+    assert "no record" in verdict(dict(base, not_accounted_for=2))[0]
+    assert "more than one record" in verdict(dict(base, duplicate_records=1))[0]
+    assert "exceeds" in verdict(dict(base, failure_rate=0.5))[0]
+    assert "not collected" in verdict(dict(base, collected=False))[0]
+    specs = [{"region": "DE", "run_id": "r"}, {"region": "PL", "run_id": "r"}]
+    de = {"region": "DE", "window": "w", "run_id": "r", "report": "s3://b/qa/DE/w/runs/k/report.json",
+          "html": "s3://b/qa/DE/w/runs/k/report.html", "passed": True, "problems": [], "dry_run": False, "photos": 3,
+          "by_status": {"masked": 2, "no_plate": 1, "failed": 0}}
+    with pytest.raises(RunError, match="PL: no QA report"):
+        check_reports(specs, [de])
+    check_reports(specs[:1], [de])
+    assert asset_extra(de) == {"region": "DE", "window": "w", "run_id": "r", "report": de["report"],
+                               "counts": {"photos": 3, "masked": 2, "no_plate": 1, "failed": 0}}
+    assert asset_extra(dict(de, dry_run=True)) is None and asset_extra(dict(de, passed=False)) is None
