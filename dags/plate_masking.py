@@ -102,7 +102,7 @@ def plate_masking():
         return plan_from_context(get_current_context(), Settings.from_airflow())
 
     @task.sensor(mode="reschedule", poke_interval=SETTINGS.lock_poll_seconds,
-                 timeout=SETTINGS.lock_wait_minutes * 60 + 3600, retries=0)  # the timeout is a backstop
+                 timeout=SETTINGS.lock_wait_minutes * 60 + 3600)  # the timeout is a backstop
     def hold(specs: list[dict]) -> PokeReturnValue:
         """One run masks a region-window at a time: take each region's S3 lock, or wait (no worker
         slot held) for the run that holds it; fail naming that run once lock_wait_minutes are over."""
