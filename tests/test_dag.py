@@ -165,6 +165,8 @@ def test_full_run_masks_the_window_then_rerun_changes_nothing(monkeypatch, bucke
     assert "unmasked originals" in html and "data:image/jpeg;base64" in html
     manifest = s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/{run_key(dr.run_id)}/manifest.jsonl")["Body"].read().decode().splitlines()
     assert {json.loads(line)["key"] for line in manifest} == set(keys[("DE", "20")]) | {"raw/DE/2026/11/20/corrupt.jpg"}
+    _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, rep)
+    assert [e["region"] for _, e in _asset_events(dr.run_id)] == ["DE", "DE"]
     raw_before = _objects(s3, bucket, "raw/")
 
     # the same window again: nothing redone, nothing changed, no duplicates
@@ -189,6 +191,7 @@ def test_failure_rate_over_the_limit_fails_the_run_after_writing_qa(monkeypatch,
     rep = _report(s3, bucket, "DE", DE_20)
     assert rep["by_status"]["failed"] == 1 and rep["run_id"] == dr.run_id
     assert "masked/DE/2026/11/20/zero.jpg" not in _objects(s3, bucket, "masked/")
+    assert _asset_events(dr.run_id) == []  # QA did not pass: no event
 
 
 def test_nightly_run_takes_the_previous_local_day_and_honours_region_conf(monkeypatch, bucket_env):
