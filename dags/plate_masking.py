@@ -4,10 +4,18 @@
 Every night, for each configured region, masks the licence plates in the inspection photos
 uploaded for the previous local day: **collect** the day partitions of `raw/{region}/…` into a
 manifest, **shard** it, **mask** each shard on a worker (mapped tasks; one model load per shard),
-then write **QA** (`qa/{region}/{window}/report.json` and `report.html`) and check the failure
-rate. Masked copies go to `masked/{region}/…` with the same relative path; originals are never
-modified. Photos already masked for the same source ETag and model are skipped, so reruns and
-retries only do what is missing.
+then write **QA** (`qa/{region}/{window}/runs/{run}/report.json` and `report.html`, copied to
+`qa/{region}/{window}/` as the window's latest) and **check** it. Masked copies go to
+`masked/{region}/…` with the same relative path; originals are never modified. A photo is redone
+only when what would change its masked copy changed (source, model, config, threshold, mode,
+metadata policy, code version), so reruns and retries only do what is missing.
+
+**The run's state is the truth:** it fails when any planned region could not be collected,
+sharded, masked or reported, when a photo has no record, or above the failure limit, always after
+writing the QA report (a watcher task downstream of everything fails the run). `masked`/`qa` Asset
+events are emitted per region whose QA passed (extra: region, window, run, report, counts), never
+for dry runs. One run at a time masks a region-window (`hold` takes an S3 lock; another run waits
+for it, then fails naming the run that holds it); every run writes under its own run key.
 
 Trigger by hand with a region and, optionally, an explicit window; backfill a new region with
 `airflow backfill create --dag-id plate_masking --from-date … --to-date … --dag-run-conf '{"region": "TH"}'`.
@@ -77,7 +85,7 @@ def _stop_transform(context) -> None:
     params=params,
     doc_md=__doc__,
     tags=["platemask", "privacy"],
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": 2.0,
+    default_args={"retries": SETTINGS.retries, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": 2.0,
                   "max_retry_delay": timedelta(minutes=10)},
     # Alert (in the triggerer) when a run is not done deadline_hours after it was queued: a nightly
     # run is queued when its window closes. PLATEMASK_DEADLINE_HOURS=0 leaves it off: Airflow
@@ -96,6 +104,26 @@ def plate_masking():
 
         return plan_from_context(get_current_context(), Settings.from_airflow())
 
+    @task.sensor(mode="reschedule", poke_interval=SETTINGS.lock_poll_seconds,
+                 timeout=SETTINGS.lock_wait_minutes * 60 + 3600)  # the timeout is a backstop
+    def hold(specs: list[dict]) -> PokeReturnValue:
+        """One run masks a region-window at a time: take each region's S3 lock, or wait (no worker
+        slot held) for the run that holds it; fail naming that run once lock_wait_minutes are over."""
+        from platemask.airflow_support import hold_locks, lock_wait_message
+
+        settings = Settings.from_airflow()
+        context = get_current_context()
+        done, blocking = hold_locks(context, settings, specs)
+        if done:
+            return PokeReturnValue(is_done=True, xcom_value=specs)
+        message = lock_wait_message(blocking, settings)
+        now = pendulum.now("UTC")
+        waited = now - (context["ti"].get_first_reschedule_date(context) or now)
+        if waited >= timedelta(minutes=settings.lock_wait_minutes):
+            raise AirflowFailException(f"{message} Waited {waited}.")
+        print(message)
+        return PokeReturnValue(is_done=False)
+
     @task(map_index_template="{{ region }}")
     def collect(spec: dict) -> dict:
         from platemask import runs
@@ -103,11 +131,12 @@ def plate_masking():
         get_current_context()["region"] = spec["region"]
         return runs.collect(_client(), Settings.from_airflow(), runs.RunSpec.from_dict(spec))
 
-    @task
-    def shard(collected: list[dict]) -> list[dict]:
+    @task(trigger_rule="all_done")
+    def shard(specs: list[dict]) -> list[dict]:
+        """Shards of every region that was collected: one region's failed collect does not stop the others."""
         from platemask import runs
 
-        return runs.make_shards(_client(), Settings.from_airflow(), list(collected))
+        return runs.make_shards(_client(), Settings.from_airflow(), list(specs))
 
     @task_group
     def process(shard: dict):
@@ -152,28 +181,67 @@ def plate_masking():
         return mask(transform_wait(transform_submit(shard)))
 
     @task(trigger_rule="all_done")
-    def qa(collected: list[dict]) -> list[dict]:
-        """QA from the shards' detection files of this run; photos of failed shards count as failed."""
+    def qa(specs: list[dict]) -> list[dict]:
+        """QA per planned region from this run's records, whatever happened upstream: photos of failed
+        shards count as failed (shard_failed), a region that was not collected is reported as such."""
         from platemask import runs
 
-        return runs.aggregate(_client(), Settings.from_airflow(), list(collected),
+        return runs.aggregate(_client(), Settings.from_airflow(), list(specs),
                               run_id=get_current_context()["dag_run"].run_id)
 
-    @task(outlets=[MASKED, QA])
-    def check(reports: list[dict]) -> None:
-        """Fail the run when a region's failure rate is over the limit (the QA report is already written)."""
+    @task
+    def check(specs: list[dict], reports: list[dict]) -> None:
+        """Fail unless every planned region has a passing QA report: each photo of its manifest exactly one
+        record, failure rate within the limit (the reports are already written)."""
         from platemask import runs
 
         try:
-            runs.check_failure_rate(reports)
+            runs.check_reports(list(specs), list(reports))
         except runs.RunError as exc:
             raise AirflowFailException(str(exc)) from None
 
-    collected = collect.expand(spec=plan())
-    processed = process.expand(shard=shard(collected))
-    reports = qa(collected)
+    @task(outlets=[MASKED, QA], map_index_template="{{ region }}")
+    def publish(report: dict) -> None:
+        """Asset events for one region, only when its QA passed and it was not a dry run."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from platemask import runs
+
+        context = get_current_context()
+        context["region"] = report["region"]
+        extra = runs.asset_extra(report)
+        if extra is None:
+            raise AirflowSkipException(f"{report['region']}: no Asset event ("
+                                       + ("dry run" if report["dry_run"] else "; ".join(report["problems"])) + ")")
+        for asset in (MASKED, QA):
+            context["outlet_events"][asset].extra = extra
+
+    @task(trigger_rule="all_done")
+    def release(specs: list[dict]) -> None:
+        """Release this run's region-window locks (after QA has updated the latest reports)."""
+        from platemask.airflow_support import release_locks
+
+        release_locks(Settings.from_airflow(), list(specs))
+
+    @task(trigger_rule="one_failed", retries=0)
+    def watcher() -> None:
+        """Downstream of every task: fails the run when anything failed, so its final state is the truth."""
+        raise AirflowFailException("a task of this run failed (see the failed tasks' logs and the QA reports): "
+                                   "the run is failed even though its QA reports were written")
+
+    specs = plan()
+    held = hold(specs)
+    collected = collect.expand(spec=held)
+    shards = shard(specs)
+    collected >> shards
+    processed = process.expand(shard=shards)
+    reports = qa(specs)
     processed >> reports
-    check(reports)
+    checked = check(specs, reports)
+    published = publish.expand(report=reports)
+    released = release(specs)
+    reports >> released
+    [specs, held, collected, shards, processed, reports, checked, published, released] >> watcher()
 
 
 plate_masking_dag = plate_masking()

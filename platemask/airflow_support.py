@@ -13,11 +13,22 @@ from .settings import Settings
 log = logging.getLogger("platemask")
 
 
+def s3_client_config(settings: Settings):
+    """Adaptive retries (throttling and 5xx back off client-side) and a connection pool as large as the
+    I/O threads of a mask task (readers, writers and audit lookups), so no thread waits for a connection."""
+    from botocore.config import Config
+
+    return Config(retries={"mode": "adaptive", "max_attempts": 8}, max_pool_connections=2 * settings.io_workers + 4)
+
+
 def s3_client(settings: Settings):
-    """A boto3 S3 client from the Airflow AWS connection (its ``endpoint_url`` extra reaches MinIO/moto)."""
+    """A boto3 S3 client from the Airflow AWS connection (its ``endpoint_url`` extra reaches MinIO/moto);
+    the connection's own ``config_kwargs``, if any, win over ``s3_client_config``."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    return S3Hook(aws_conn_id=settings.aws_conn_id).get_conn()
+    config = s3_client_config(settings)
+    from_conn = S3Hook(aws_conn_id=settings.aws_conn_id).conn_config.botocore_config
+    return S3Hook(aws_conn_id=settings.aws_conn_id, config=config.merge(from_conn) if from_conn else config).get_conn()
 
 
 def plan_from_context(context: Any, settings: Settings) -> list[dict]:
@@ -35,6 +46,54 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
     for s in specs:
         log.info("region %s: window %s .. %s (%s)", s.region, s.window_start, s.window_end, s.window.id)
     return [s.as_dict() for s in specs]
+
+
+def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
+    """``is_live(lock)``: whether the run named by a lock document is still queued or running."""
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    def is_live(lock: dict) -> bool:
+        run_id = lock.get("run_id")
+        return bool(run_id) and RuntimeTaskInstance.get_dr_count(
+            dag_id=lock.get("dag_id") or dag_id, run_ids=[run_id], states=["queued", "running"]) > 0
+
+    return is_live
+
+
+def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[bool, list[dict]]:
+    """Take the region-window lock of every region this run masks (in region order, so two runs
+    never wait on each other). Returns (all held, the other runs' locks still in the way).
+    Dry runs write nothing shared and take no lock."""
+    from .runs import RunSpec, acquire_lock
+
+    client = s3_client(settings)
+    dag_id = context["dag_run"].dag_id
+    is_live = _run_is_live(dag_id)
+    blocking = []
+    for d in sorted(specs, key=lambda d: d["region"]):
+        spec = RunSpec.from_dict(d)
+        if spec.dry_run:
+            continue
+        held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info)
+        if held is not None:
+            blocking.append(held)
+            break  # in order: wait for this one before taking the next
+    return not blocking, blocking
+
+
+def lock_wait_message(blocking: list[dict], settings: Settings) -> str:
+    return "; ".join(f"region {b.get('region')} window {b.get('window')} is being masked by run {b.get('run_id')} "
+                     f"(since {b.get('since')})" for b in blocking) + (
+        f". This run waits up to {settings.lock_wait_minutes:g} min (lock_wait_minutes) for it, then fails: "
+        "let that run finish, then rerun this one.")
+
+
+def release_locks(settings: Settings, specs: list[dict]) -> None:
+    from .runs import RunSpec, release_lock
+
+    client = s3_client(settings)
+    for d in specs:
+        release_lock(client, settings, RunSpec.from_dict(d), log=log.info)
 
 
 def _device(settings: Settings) -> str:

@@ -7,11 +7,18 @@ Layout (all under ``settings.bucket``):
   raw/{region}/{yyyy}/{mm}/{dd}/...            originals (read only, never modified)
   masked/{region}/{yyyy}/{mm}/{dd}/...         masked copies, same relative path
   audit/{region}/{yyyy}/{mm}/{dd}/....json     one audit record per photo (source ETag, model, result)
-  runs/{region}/{window}/manifest.jsonl        what the run covers: key, size, ETag
-  runs/{region}/{window}/shards/NNNN.jsonl     the manifest cut into shards
-  runs/{region}/{window}/detections/NNNN.jsonl detection records per shard (+ NNNN.summary.json)
-  qa/{region}/{window}/report.json|report.html QA; the HTML embeds thumbnails of originals, so
-                                               it stays in the QA prefix with its access rules
+  runs/{region}/{window}/{run}/collected.json  what collect found (written last: present = collected)
+  runs/{region}/{window}/{run}/manifest.jsonl  what the run covers: key, size, ETag
+  runs/{region}/{window}/{run}/shards/NNNN.jsonl      the manifest cut into shards
+  runs/{region}/{window}/{run}/detections/NNNN.jsonl  detection records per shard (+ NNNN.summary.json)
+  runs/{region}/{window}/lock.json             which run masks this region-window now (S3 conditional writes)
+  qa/{region}/{window}/runs/{run}/report.json|report.html   the run's QA
+  qa/{region}/{window}/report.json|report.html the latest non-dry run's QA (a copy; what the Plate QA
+                                               view reads). The HTML embeds thumbnails of originals,
+                                               so it stays in the QA prefix with its access rules
+
+``{run}`` is ``run_key(run_id)``: runs of one window never share a file, and only one run at a time
+holds a region-window's lock, so a manual or dry run never shortens another run's coverage.
 """
 from __future__ import annotations
 
@@ -19,9 +26,10 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -32,6 +40,15 @@ from .windows import Window, resolve_window
 
 BACKENDS = ("local", "sagemaker")
 MODES = ("gaussian", "pixelate", "solid")
+S3_MAX_KEY_BYTES = 1024  # S3 refuses longer keys (KeyTooLongError)
+
+
+def run_key(run_id: str) -> str:
+    """A readable, key-safe, stable name for a run: its run_id with unsafe characters replaced, plus a
+    short hash of the exact run_id (two run_ids never share a key), e.g.
+    ``manual__2026-11-25T10-00-00.123-00-00-1a2b3c4d``."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-.")[:80] or "run"
+    return f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
 class RunError(Exception):
@@ -55,6 +72,10 @@ class RunSpec:
     @property
     def window(self) -> Window:
         return Window(datetime.fromisoformat(self.window_start), datetime.fromisoformat(self.window_end))
+
+    @property
+    def run_key(self) -> str:
+        return run_key(self.run_id)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,11 +150,23 @@ def audit_key(settings: Settings, region: str, raw_key: str) -> str:
 
 
 def run_prefix(settings: Settings, spec: RunSpec) -> str:
-    return settings.runs_root.format(region=spec.region, window=spec.window.id)
+    """This run's own files for the region-window (manifest, shards, detections)."""
+    return settings.runs_root.format(region=spec.region, window=spec.window.id, run=spec.run_key)
+
+
+def lock_key(settings: Settings, spec: RunSpec) -> str:
+    """The region-window's lock object: beside the runs' folders, shared by every run of the window."""
+    return settings.runs_root.split("{run}")[0].format(region=spec.region, window=spec.window.id) + "lock.json"
 
 
 def qa_prefix(settings: Settings, spec: RunSpec) -> str:
+    """The region-window's QA folder: the latest run's report.json/report.html (the Plate QA view reads these)."""
     return settings.qa_root.format(region=spec.region, window=spec.window.id)
+
+
+def qa_run_prefix(settings: Settings, spec: RunSpec) -> str:
+    """This run's own QA report."""
+    return qa_prefix(settings, spec) + f"runs/{spec.run_key}/"
 
 
 def _uri(settings: Settings, key: str) -> str:
@@ -153,10 +186,151 @@ def _get_lines(client, uri: str) -> list[dict]:
     return [json.loads(line) for line in body.splitlines() if line.strip()]
 
 
+def _code(exc) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+_MISSING = ("NoSuchKey", "404", "NotFound")
+_PRECONDITION = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def _get_json(client, settings: Settings, key: str) -> tuple[dict, str] | None:
+    """(object, ETag) of a JSON object, or None when it does not exist."""
+    from botocore.exceptions import ClientError
+
+    try:
+        obj = client.get_object(Bucket=settings.bucket, Key=key)
+    except ClientError as exc:
+        if _code(exc) in _MISSING:
+            return None
+        raise
+    return json.loads(obj["Body"].read()), obj["ETag"]
+
+
+# ---------------------------------------------------------------- one run per region-window
+
+def _put_conditional(client, settings: Settings, key: str, doc: dict, **condition) -> None:
+    extra = {}
+    if settings.sse:
+        extra["ServerSideEncryption"] = settings.sse
+        if settings.kms_key_id:
+            extra["SSEKMSKeyId"] = settings.kms_key_id
+    client.put_object(Bucket=settings.bucket, Key=key, Body=json.dumps(doc, sort_keys=True).encode(),
+                      ContentType="application/json", **condition, **extra)
+
+
+def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable[[dict], bool],
+                 log: Callable[[str], None] = print) -> dict | None:
+    """Take the region-window's lock for this run and return None, or return the lock document of
+    the other (live) run that holds it.
+
+    Atomic through S3 conditional writes: ``IfNoneMatch="*"`` creates the lock; a released lock, or
+    one left behind by a run that is no longer running (``is_live(lock)`` false), is taken over with
+    ``IfMatch`` on its ETag, so of two runs racing exactly one wins. A retry of the holder finds its
+    own lock (re-entrant).
+    """
+    from botocore.exceptions import ClientError
+
+    key = lock_key(settings, spec)
+    mine = {"state": "held", "run_id": spec.run_id, "run_key": spec.run_key, "region": spec.region,
+            "window": spec.window.id, "since": datetime.now(timezone.utc).isoformat()}
+    for _ in range(10):
+        try:
+            _put_conditional(client, settings, key, mine, IfNoneMatch="*")
+            log(f"{spec.region} {spec.window.id}: lock s3://{settings.bucket}/{key} taken by run {spec.run_id}")
+            return None
+        except ClientError as exc:
+            if _code(exc) not in _PRECONDITION:
+                raise
+        try:
+            found = _get_json(client, settings, key)
+        except ValueError:
+            found = None, None  # unreadable lock: no owner to wait for
+        if found is None:
+            continue  # gone in between: try to create it again
+        held, etag = found
+        held = held if isinstance(held, dict) else {}
+        if held.get("state") == "held" and held.get("run_id") == spec.run_id:
+            return None
+        if held.get("state") == "held" and is_live(held):
+            return held
+        try:
+            _put_conditional(client, settings, key, mine, IfMatch=etag)
+        except ClientError as exc:
+            if _code(exc) in _PRECONDITION or _code(exc) in _MISSING:
+                continue  # another run took it in between: look again
+            raise
+        log(f"{spec.region} {spec.window.id}: lock taken by run {spec.run_id} "
+            f"(it was {held.get('state', 'unreadable')}" + (f" by run {held['run_id']}, no longer running)" if held.get("run_id") else ")"))
+        return None
+    raise RuntimeError(f"could not take or read the lock s3://{settings.bucket}/{key}: it changed 10 times in a row")
+
+
+def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print) -> bool:
+    """Mark this run's lock of the region-window released (a lock of another run is left alone)."""
+    from botocore.exceptions import ClientError
+
+    key = lock_key(settings, spec)
+    try:
+        found = _get_json(client, settings, key)
+    except ValueError:
+        return False
+    if found is None or found[0].get("state") != "held" or found[0].get("run_id") != spec.run_id:
+        return False
+    try:
+        _put_conditional(client, settings, key, dict(found[0], state="released",
+                                                      released=datetime.now(timezone.utc).isoformat()), IfMatch=found[1])
+    except ClientError as exc:
+        if _code(exc) in _PRECONDITION:
+            return False  # taken over meanwhile (this run was thought dead): not ours any more
+        raise
+    log(f"{spec.region} {spec.window.id}: lock released by run {spec.run_id}")
+    return True
+
+
 # ---------------------------------------------------------------- collect
 
+def _list(client, settings: Settings, prefix: str):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None]) -> list[dict]:
+    """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
+    after their night's run, or missed by it). A day whose nightly window another run holds is left to it."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    z = ZoneInfo(settings.region_timezones[spec.region])
+    out = []
+    for i in range(settings.late_days, 0, -1):
+        d, e = first_day - timedelta(days=i), first_day - timedelta(days=i - 1)
+        night = RunSpec(region=spec.region, window_start=datetime(d.year, d.month, d.day, tzinfo=z).isoformat(),
+                        window_end=datetime(e.year, e.month, e.day, tzinfo=z).isoformat())
+        try:
+            lock = _get_json(client, settings, lock_key(settings, night))
+        except ValueError:
+            lock = None
+        if lock and lock[0].get("state") == "held" and lock[0].get("run_id") != spec.run_id:
+            log(f"{spec.region} {d}: late photos left to run {lock[0].get('run_id')}, which holds that night")
+            continue
+        prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
+        audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
+        audited = {o["Key"] for o in _list(client, settings, audit_prefix)}
+        late = [{"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
+                 "supported": extension_supported(o["Key"]), "late": True}
+                for o in _list(client, settings, prefix)
+                if not o["Key"].endswith("/") and not o["Key"].rsplit("/", 1)[-1].startswith(".")
+                and audit_key(settings, spec.region, o["Key"]) not in audited]
+        if late:
+            log(f"{spec.region} {d}: {len(late)} late photo(s) without an audit record under s3://{settings.bucket}/{prefix}")
+        out += late
+    return out
+
+
 def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print) -> dict:
-    """List only the partitions the window covers, keep supported images in it, write the manifest."""
+    """List only the partitions the window covers, keep supported images in it, add the late photos of
+    the days before (``late_days``), write the manifest."""
     w = spec.window
     tz = settings.region_timezones[spec.region]
     days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
@@ -176,20 +350,43 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
                 entries.append({"key": key, "size": int(obj["Size"]), "etag": obj["ETag"].strip('"'),
                                 "supported": extension_supported(key)})
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
+    in_window = len(entries)
+    if settings.late_days:
+        entries += _late_entries(client, settings, spec, (days or w.days(tz))[0], log)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # unsupported extensions stay in the manifest: they are accounted for (and fail with a reason)
+    n_all = len(entries)
     if spec.max_images:
         entries = entries[: spec.max_images]
     key = run_prefix(settings, spec) + "manifest.jsonl"
     uri = _put_json(client, settings, key, entries, lines=True)
     log(f"{spec.region} window {w.id}: {len(entries)} photos in {len(days)} partition(s) -> {uri}"
-        + (f" ({len(skipped_ext)} with unsupported extensions)" if skipped_ext else ""))
-    return {"spec": spec.as_dict(), "manifest": uri, "count": len(entries)}
+        + (f" ({len(skipped_ext)} with unsupported extensions)" if skipped_ext else "")
+        + (f" (max_images: {len(entries)} of {n_all})" if len(entries) < n_all else ""))
+    collected = {"spec": spec.as_dict(), "manifest": uri, "count": len(entries), "photos_in_window": in_window,
+                 "late": sum(bool(e.get("late")) for e in entries)}
+    _put_json(client, settings, run_prefix(settings, spec) + "collected.json", collected)  # last: present = collected
+    return collected
 
 
-def make_shards(client, settings: Settings, collected: list[dict], log: Callable[[str], None] = print) -> list[dict]:
-    """Cut each manifest into shards; the total stays under ``max_shards`` (Airflow maps < 1024)."""
+def load_collected(client, settings: Settings, spec: RunSpec) -> dict | None:
+    """What this run's collect found for the region, or None when its collect did not finish."""
+    found = _get_json(client, settings, run_prefix(settings, spec) + "collected.json")
+    return None if found is None else found[0]
+
+
+def make_shards(client, settings: Settings, specs: list[dict], log: Callable[[str], None] = print) -> list[dict]:
+    """Cut each collected region's manifest into shards; the total stays under ``max_shards``
+    (Airflow maps < 1024). A region whose collect failed is left out (QA reports it, the run fails);
+    the other regions are still masked."""
+    collected = []
+    for d in specs:
+        c = load_collected(client, settings, RunSpec.from_dict(d))
+        if c is None:
+            log(f"{d['region']}: not collected (its collect task failed); its photos are not sharded")
+        else:
+            collected.append(c)
     total = sum(c["count"] for c in collected)
     sagemaker = any(c["spec"]["backend"] == "sagemaker" for c in collected)
     base = settings.sagemaker_shard_size if sagemaker else settings.shard_size  # a shard is one transform job
@@ -210,31 +407,76 @@ def make_shards(client, settings: Settings, collected: list[dict], log: Callable
 
 # ---------------------------------------------------------------- mask one shard
 
-def _read_audit(client, settings: Settings, key: str) -> dict | None:
-    from botocore.exceptions import ClientError
+def code_version() -> str:
+    """The installed platemask version: part of a result's identity (new masking code redoes photos)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("platemask")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def model_config_sha256(cfg: Any) -> str:
+    """Digest of the model configuration that changes what is masked: everything in config.json but
+    its name, training provenance (``extra``) and the review band (which only flags photos). The
+    operating threshold is in it too, and the threshold actually applied is also recorded on its own."""
+    d = asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
+    for k in ("name", "extra", "review_low", "review_high"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def result_identity(*, etag: str, model_info: dict, cfg: Any, threshold: float, mode: str, metadata: str) -> dict:
+    """Everything that changes a photo's masked copy. A rerun skips a photo only when its audit record
+    holds the same identity; the source's SHA-256 is recorded beside it (``input_sha256``): the
+    ETag, which changes whenever the object is rewritten, is what can be checked without reading it."""
+    return {"source_etag": etag, "weights_sha256": model_info.get("weights_sha256"),
+            "verifier_sha256": model_info.get("verifier_sha256"), "model_config_sha256": model_config_sha256(cfg),
+            "threshold": float(threshold), "mode": mode, "metadata": metadata, "code_version": code_version()}
+
+
+def _read_audit(client, settings: Settings, key: str, log: Callable[[str], None] = print) -> dict | None:
+    """The photo's audit record, or None when there is none or it cannot be read (the photo is then
+    redone: idempotent, and better than trusting what cannot be checked)."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-            return None
-        raise
+        if _code(exc) not in _MISSING:
+            log(f"cannot read audit record s3://{settings.bucket}/{key} ({_code(exc)}): the photo is redone")
+        return None
+    except BotoCoreError as exc:
+        log(f"cannot read audit record s3://{settings.bucket}/{key} ({exc}): the photo is redone")
+        return None
     try:
         return json.loads(body)
     except ValueError:
         return None  # a broken audit record is redone, not trusted
 
 
-def _already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit: dict | None, model_info: dict) -> bool:
-    if audit is None or audit.get("status") == "failed":
+def _already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit: dict | None, identity: dict) -> bool:
+    """Skip a photo only when its audit record holds exactly this result identity and its masked copy exists."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if audit is None or audit.get("status") == "failed" or audit.get("identity") != identity:
         return False
-    masked_by = audit.get("model") or {}
-    if audit.get("source_etag") != entry["etag"] or any(
-            masked_by.get(k) != model_info.get(k) for k in ("weights_sha256", "verifier_sha256")):
-        return False
-    if audit.get("mode") != spec.mode or audit.get("threshold") != spec.threshold:
-        return False
-    return S3Store(settings.bucket, client=client).exists(masked_key(settings, spec.region, entry["key"]))
+    try:
+        return S3Store(settings.bucket, client=client).exists(masked_key(settings, spec.region, entry["key"]))
+    except (ClientError, BotoCoreError):
+        return False  # cannot tell: redo it
+
+
+def key_too_long(settings: Settings, region: str, raw_key: str) -> str | None:
+    """Why a photo's outputs cannot be written to S3 (a key over 1,024 bytes), or None. Checked before
+    anything of the photo is written, so it is never published without its audit record."""
+    for what, key in (("masked copy", masked_key(settings, region, raw_key)), ("audit record", audit_key(settings, region, raw_key))):
+        n = len(key.encode("utf-8"))
+        if n > S3_MAX_KEY_BYTES:
+            return (f"s3://{settings.bucket}/{raw_key}: its {what} key would be {n} bytes, over S3's "
+                    f"{S3_MAX_KEY_BYTES}-byte limit; shorten the photo's path below raw/ (nothing was published)")
+    return None
 
 
 class ManifestSource:
@@ -275,13 +517,18 @@ class ManifestSource:
 
 def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callable, *,
                log: Callable[[str], None] = print) -> dict:
-    """Mask one shard: skip what is already done for this source ETag and model, do the rest.
+    """Mask one shard: skip photos whose result identity is unchanged, do the rest, one record each.
 
     ``detector_factory(spec, entries) -> (detect, model_info, cfg)`` builds the backend's detector
     (the local model, or SageMaker's .out files) once per shard. Originals are read through
     ``ManifestSource`` (pinned to the manifest's ETags; a detector that knows the hashes of the
-    bytes it detected on exposes them as ``detect.expected_sha256``).
+    bytes it detected on exposes them as ``detect.expected_sha256``). A problem with one photo
+    (read, source changed, decode, detect, mask, encode, write, key too long, audit write) fails
+    that photo only, with its reason; the shard goes on.
     """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .detections import record
     from .mask import MaskStyle
     from .pipeline import JobOptions, Progress, Timings, run_job
 
@@ -289,40 +536,57 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     entries = _get_lines(client, shard["shard"])
     detect, model_info, cfg = detector_factory(spec, entries, shard)
     threshold = cfg.score_threshold if spec.threshold is None else spec.threshold
-    with ThreadPoolExecutor(settings.io_workers) as pool:
-        audits = list(pool.map(lambda e: _read_audit(client, settings, audit_key(settings, spec.region, e["key"])), entries))
-        done = [False] * len(entries)
-        if not spec.reprocess:
-            done = list(pool.map(lambda ea: _already_done(client, settings, spec, ea[0], ea[1], model_info),
-                                 zip(entries, audits)))
-    todo = [e for e, d in zip(entries, done) if not d]
+    opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=spec.mode), batch_size=settings.batch_size, read_workers=settings.io_workers,
+                      write_workers=max(2, settings.io_workers // 2))
     etags = {e["key"]: e["etag"] for e in entries}
+    identity = {e["key"]: result_identity(etag=e["etag"], model_info=model_info, cfg=cfg, threshold=threshold,
+                                          mode=spec.mode, metadata=opts.metadata) for e in entries}
+    too_long = {e["key"]: why for e in entries if (why := key_too_long(settings, spec.region, e["key"]))}
+    fits = [e for e in entries if e["key"] not in too_long]
+    with ThreadPoolExecutor(settings.io_workers) as pool:
+        audits = list(pool.map(lambda e: _read_audit(client, settings, audit_key(settings, spec.region, e["key"]), log), fits))
+        done = [False] * len(fits)
+        if not spec.reprocess:
+            done = list(pool.map(lambda ea: _already_done(client, settings, spec, ea[0], ea[1], identity[ea[0]["key"]]),
+                                 zip(fits, audits)))
+    todo = [e for e, d in zip(fits, done) if not d]
     records: list[dict] = [dict(a, skipped=True) for a, d in zip(audits, done) if d]
-    log(f"shard {shard['shard']}: {len(entries)} photos, {len(records)} already masked with this model, {len(todo)} to do")
+    log(f"shard {shard['shard']}: {len(entries)} photos, {len(records)} already done with the same result identity, "
+        f"{len(todo)} to do" + (f", {len(too_long)} with keys too long for S3" if too_long else ""))
     store = S3Store(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id)
     timings = Timings()
     t0 = time.perf_counter()
+
+    def stamp(rec: dict) -> dict:
+        rec.update(source_etag=etags[rec["key"]], identity=identity[rec["key"]], run_id=spec.run_id,
+                   window=spec.window.id, mode=spec.mode, threshold=threshold, threshold_param=spec.threshold,
+                   backend=spec.backend, processed_at=datetime.now(timezone.utc).isoformat(),
+                   masked_key=masked_key(settings, spec.region, rec["key"]) if rec["status"] != "failed" else None)
+        return rec
+
     if spec.dry_run:
         log(f"dry run: would mask {len(todo)} photos; nothing written")
         new = []
     else:
-        opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold),
-                          review_high=max(cfg.review_high, threshold), style=MaskStyle(mode=spec.mode),
-                          batch_size=settings.batch_size, read_workers=settings.io_workers,
-                          write_workers=max(2, settings.io_workers // 2))
-
         def write_audit(rec: dict):
-            rec.update(source_etag=etags[rec["key"]], run_id=spec.run_id, window=spec.window.id, mode=spec.mode,
-                       threshold=spec.threshold, backend=spec.backend,
-                       masked_key=masked_key(settings, spec.region, rec["key"]) if rec["status"] != "failed" else None,
-                       processed_at=datetime.now(timezone.utc).isoformat())
-            store.write(audit_key(settings, spec.region, rec["key"]), json.dumps(rec, sort_keys=True).encode(),
-                        "application/json")
+            stamp(rec)
+            akey = audit_key(settings, spec.region, rec["key"])
+            try:
+                store.write(akey, json.dumps(rec, sort_keys=True).encode(), "application/json")
+            except (ClientError, BotoCoreError) as exc:
+                # the photo fails alone; when its masked copy was already written, the record says so
+                written = rec["masked_key"]
+                rec.update(status="failed", reason="audit_write_failed", masked_key=None, unaudited_masked_copy=written,
+                           error=f"cannot write the audit record s3://{settings.bucket}/{akey}: {exc}"
+                                 + (f"; the masked copy s3://{settings.bucket}/{written} was written before this "
+                                    "failure and has no audit record (rerun the window to redo it)" if written else ""))
+                log(f"{rec['key']}: {rec['error']}")
 
         source = ManifestSource(store, etags, getattr(detect, "expected_sha256", None))
-        new = run_job(source, store, [e["key"] for e in todo], detect, opts, model=model_info, timings=timings,
-                      on_record=write_audit, progress=Progress(len(todo), every=10.0, emit=log),
-                      dst_key=lambda k: masked_key(settings, spec.region, k))
+        new = [stamp(record(k, status="failed", reason="key_too_long", error=why)) for k, why in too_long.items()]
+        new += run_job(source, store, [e["key"] for e in todo], detect, opts, model=model_info, timings=timings,
+                       on_record=write_audit, progress=Progress(len(todo), every=10.0, emit=log),
+                       dst_key=lambda k: masked_key(settings, spec.region, k))
     wall = time.perf_counter() - t0
     records.extend(new)
     order = {e["key"]: i for i, e in enumerate(entries)}
@@ -330,7 +594,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     base = run_prefix(settings, spec) + f"detections/{shard['index']:04d}"
     det_uri = _put_json(client, settings, base + ".jsonl", records, lines=True)
     summary = {"shard": shard["shard"], "index": shard["index"], "photos": len(entries), "processed": len(new),
-               "skipped": len(entries) - len(todo), "wall_seconds": round(wall, 3),
+               "skipped": len(entries) - len(todo) - len(too_long), "wall_seconds": round(wall, 3),
                "images_per_second": round(len(new) / wall, 3) if new and wall > 0 else None,
                "timings_s": {k: round(v, 3) for k, v in timings.as_dict().items()}, "model": model_info,
                "failed": sum(r["status"] == "failed" for r in new), "dry_run": spec.dry_run, "threshold": threshold,
@@ -344,8 +608,8 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
 
 # ---------------------------------------------------------------- QA
 
-def _run_shard_results(client, settings: Settings, spec: RunSpec, run_id: str) -> tuple[list[dict], list[dict]]:
-    """Records and summaries this run wrote for the region's window (older runs' files are ignored)."""
+def _run_shard_results(client, settings: Settings, spec: RunSpec) -> tuple[list[dict], list[dict]]:
+    """Records and summaries this run wrote for the region's window (its own run-keyed folder)."""
     bucket = settings.bucket
     prefix = run_prefix(settings, spec) + "detections/"
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -353,39 +617,71 @@ def _run_shard_results(client, settings: Settings, spec: RunSpec, run_id: str) -
     records, summaries = [], []
     for key in sorted(k for k in keys if k.endswith(".summary.json")):
         summary = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        if summary.get("run_id") != run_id:
+        if summary.get("run_id") != spec.run_id:
             continue
         summaries.append(summary)
         records.extend(_get_lines(client, _uri(settings, key[: -len(".summary.json")] + ".jsonl")))
     return records, summaries
 
 
-def aggregate(client, settings: Settings, collected: list[dict], *, run_id: str,
-              log: Callable[[str], None] = print) -> list[dict]:
-    """Per region: merge this run's shard records into qa/{region}/{window}/report.json and report.html.
+def verdict(report: dict) -> list[str]:
+    """What keeps a region's run from being trusted (pure); empty when its QA passed."""
+    problems = []
+    if not report.get("collected", True):
+        problems.append("not collected: its collect task failed (see the task log); nothing was masked")
+        return problems
+    if report.get("not_accounted_for"):
+        problems.append(f"{report['not_accounted_for']} photo(s) of the manifest have no record: their shard's masking "
+                        "task failed for good (counted as failed, reason shard_failed); rerun the window")
+    if report.get("duplicate_records"):
+        problems.append(f"{report['duplicate_records']} photo(s) have more than one record")
+    if report.get("records_outside_manifest"):
+        problems.append(f"{report['records_outside_manifest']} record(s) are for photos not in the manifest")
+    if report["failure_rate"] > report["max_failure_rate"]:
+        problems.append(f"failure rate {report['failure_rate']:.1%} exceeds {report['max_failure_rate']:.1%}")
+    return problems
 
-    Photos of the manifest without a record (their shard's task failed for good) count as failed.
+
+def _holds_lock(client, settings: Settings, spec: RunSpec) -> bool:
+    try:
+        found = _get_json(client, settings, lock_key(settings, spec))
+    except ValueError:
+        return False
+    return found is not None and found[0].get("state") == "held" and found[0].get("run_id") == spec.run_id
+
+
+def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Per planned region: merge this run's shard records into its QA report (report.json and
+    report.html under qa/{region}/{window}/runs/{run}/), then, for a run that holds the region-window's
+    lock and is not a dry run, copy them to qa/{region}/{window}/ (the latest report).
+
+    Photos of the manifest without a record (their shard's task failed for good) count as failed
+    with reason ``shard_failed``; a region whose collect failed gets a report that says so.
     """
+    from .detections import record
     from .qa import build_report, headline
     from .report_html import render_report
 
     out = []
-    for c in collected:
-        spec = RunSpec.from_dict(c["spec"])
-        records, summaries = _run_shard_results(client, settings, spec, run_id)
-        accounted = {rec["key"] for rec in records}
+    for d in specs:
+        spec = RunSpec.from_dict(d)
+        c = load_collected(client, settings, spec)
+        records, summaries = _run_shard_results(client, settings, spec) if c else ([], [])
+        manifest = _get_lines(client, c["manifest"]) if c and not spec.dry_run else []
+        planned = {e["key"] for e in manifest}
+        seen: dict[str, int] = {}
+        for rec in records:
+            seen[rec["key"]] = seen.get(rec["key"], 0) + 1
         unrecorded = 0
-        if c["count"] > len(accounted) and not spec.dry_run:
-            # a shard's task failed for good: its photos are failures, listed by key, never published
-            from .detections import record
-
-            for e in _get_lines(client, c["manifest"]):
-                if e["key"] not in accounted:
-                    unrecorded += 1
-                    records.append(record(e["key"], status="failed", reason="shard_failed",
-                                          error=f"the masking task for this photo's shard failed in run {run_id}; "
-                                                "see the task log and rerun the window"))
-        processed = [rec for rec in records if not rec.get("skipped")]
+        for e in manifest:
+            if e["key"] not in seen:
+                # a shard's task failed for good: its photos' fate is unknown; failures, never published by this run
+                unrecorded += 1
+                records.append(record(e["key"], status="failed", reason="shard_failed",
+                                      error=f"the masking task for this photo's shard failed in run {run_id}; "
+                                            "see the task log and rerun the window"))
+        processed = [rec for rec in records if not rec.get("skipped") and rec.get("reason") != "shard_failed"]
         wall = sum(s["wall_seconds"] for s in summaries)
         timings: dict[str, float] = {}
         for s in summaries:
@@ -393,33 +689,60 @@ def aggregate(client, settings: Settings, collected: list[dict], *, run_id: str,
                 timings[k] = timings.get(k, 0.0) + v
         model = next((s["model"] for s in summaries), None)
         report = build_report(records, timings=timings, model=model, extra={
-            "region": spec.region, "window": spec.window.as_dict(), "run_id": spec.run_id, "backend": spec.backend,
-            "mode": spec.mode, "manifest": c["manifest"], "photos_in_window": c["count"],
-            "not_accounted_for": unrecorded, "processed_this_run": len(processed),
+            "region": spec.region, "window": spec.window.as_dict(), "run_id": spec.run_id, "run_key": spec.run_key,
+            "backend": spec.backend, "mode": spec.mode, "collected": c is not None,
+            "manifest": c and c["manifest"], "photos_in_window": c and c.get("photos_in_window", c["count"]),
+            "planned": c and c["count"], "late": c and c.get("late", 0), "max_images": spec.max_images,
+            "not_accounted_for": unrecorded, "duplicate_records": sum(n > 1 for n in seen.values()),
+            "records_outside_manifest": len(set(seen) - planned) if manifest else 0,
+            "processed_this_run": len(processed),
             "would_process": sum(s.get("would_process", 0) for s in summaries) if spec.dry_run else None,
-            "skipped_already_masked": len(records) - len(processed), "dry_run": spec.dry_run,
+            "skipped_already_masked": sum(bool(rec.get("skipped")) for rec in records), "dry_run": spec.dry_run,
             "shards": sorted(summaries, key=lambda s: s["index"]),
             "mask_images_per_second": round(len(processed) / wall, 3) if wall > 0 and processed else None,
             "max_failure_rate": spec.max_failure_rate,
         })
         report["thresholds"] = {"score": next((s["threshold"] for s in summaries), spec.threshold)}
-        qa = qa_prefix(settings, spec)
-        report_uri = _put_json(client, settings, qa + "report.json", report)
+        problems = verdict(report)
+        report["verdict"] = {"passed": not problems, "problems": problems}
+        own = qa_run_prefix(settings, spec)
+        report_uri = _put_json(client, settings, own + "report.json", report)
         html = render_report(report, records, client=client, settings=settings, spec=spec,
                              masked_key=lambda k: masked_key(settings, spec.region, k),
                              samples=settings.review_samples, rng=random.Random(spec.window.id))
-        S3Store(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id).write(
-            qa + "report.html", html.encode(), "text/html; charset=utf-8")
-        log(f"{spec.region} {spec.window.id}: " + headline(report) + f" -> {report_uri}")
-        out.append({"region": spec.region, "window": spec.window.id, "report": report_uri,
-                    "html": _uri(settings, qa + "report.html"), "failure_rate": report["failure_rate"],
-                    "max_failure_rate": spec.max_failure_rate, "by_status": report["by_status"],
-                    "review": report["review"]["count"], "plates": report["plates"]})
+        store = S3Store(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id)
+        store.write(own + "report.html", html.encode(), "text/html; charset=utf-8")
+        latest = not spec.dry_run and _holds_lock(client, settings, spec)
+        if latest:  # the window's latest report: one run at a time holds the lock, so copies never interleave
+            for name, ctype in (("report.json", "application/json"), ("report.html", "text/html; charset=utf-8")):
+                store.write(qa_prefix(settings, spec) + name, store.read(own + name), ctype)
+        log(f"{spec.region} {spec.window.id}: " + (headline(report) + f"; late: {report['late']}" if c else "not collected")
+            + f" -> {report_uri}" + (" (latest)" if latest else "") + "".join(f"; PROBLEM: {p}" for p in problems))
+        out.append({"region": spec.region, "window": spec.window.id, "run_id": spec.run_id, "report": report_uri,
+                    "html": _uri(settings, own + "report.html"), "latest": latest, "dry_run": spec.dry_run,
+                    "failure_rate": report["failure_rate"], "max_failure_rate": spec.max_failure_rate,
+                    "by_status": report["by_status"], "photos": report["images"], "review": report["review"]["count"],
+                    "plates": report["plates"], "passed": not problems, "problems": problems})
     return out
 
 
-def check_failure_rate(reports: list[dict]) -> None:
-    bad = [r for r in reports if r["failure_rate"] > r["max_failure_rate"]]
-    if bad:
-        raise RunError("; ".join(f"{r['region']} {r['window']}: failure rate {r['failure_rate']:.1%} exceeds "
-                                 f"{r['max_failure_rate']:.1%} (see {r['html']})" for r in bad))
+def check_reports(specs: list[dict], reports: list[dict]) -> None:
+    """Raise ``RunError`` unless every planned region has a QA report that passed (every manifest
+    entry has exactly one record, failure rate within its limit)."""
+    problems = []
+    have = {(r["region"], r["run_id"]) for r in reports}
+    for d in specs:
+        if (d["region"], d["run_id"]) not in have:
+            problems.append(f"{d['region']}: no QA report")
+    problems += [f"{r['region']} {r['window']}: {p} (see {r['html']})" for r in reports for p in r["problems"]]
+    if problems:
+        raise RunError("; ".join(problems))
+
+
+def asset_extra(report: dict) -> dict | None:
+    """The Asset event's ``extra`` for a region whose QA passed; None when no event may be emitted
+    (QA did not pass, or a dry run that masked nothing)."""
+    if not report["passed"] or report["dry_run"]:
+        return None
+    return {"region": report["region"], "window": report["window"], "run_id": report["run_id"],
+            "report": report["report"], "counts": {"photos": report["photos"], **report["by_status"]}}

@@ -164,8 +164,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
                                 input_sha256=sha))
         cfg = seg.cfg
         threshold = float(os.environ.get("PLATEMASK_THRESHOLD") or cfg.score_threshold)
-        opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold),
-                          review_high=max(cfg.review_high, threshold))
+        opts = JobOptions.for_model(cfg, threshold)
         with holder.lock:
             plates = seg([dec.rgb])[0]
         rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=sha)

@@ -22,7 +22,10 @@ class Settings:
     raw_prefix: str = "raw/{region}/{yyyy}/{mm}/{dd}/"
     masked_root: str = "masked/{region}/"
     audit_root: str = "audit/{region}/"
-    runs_root: str = "runs/{region}/{window}/"
+    # A run's files are keyed by run ({run}: a readable key derived from the run_id), so runs of one
+    # window never share a manifest, shards or detections. qa_root holds the window's latest report
+    # (what the Plate QA view reads); each run's own report is under qa_root + "runs/{run}/".
+    runs_root: str = "runs/{region}/{window}/{run}/"
     qa_root: str = "qa/{region}/{window}/"
     regions: tuple[str, ...] = ("DE", "PL", "TH", "US")
     region_timezones: dict[str, str] = field(default_factory=lambda: {"DE": "Europe/Berlin", "PL": "Europe/Warsaw",
@@ -42,6 +45,14 @@ class Settings:
     batch_size: int = 4
     io_workers: int = 8
     max_failure_rate: float = 0.02
+    # each run also picks up photos of this many day partitions before its window that have no audit
+    # record (uploaded after their night's run); 0 = off
+    late_days: int = 3
+    retries: int = 3  # task retries (exponential backoff from 20 s)
+    # one run masks a region-window at a time (an S3 lock object); another run waits this long for
+    # it (reschedule sensor, no worker slot held), then fails naming the run holding it; 0 = fail at once
+    lock_wait_minutes: float = 360.0
+    lock_poll_seconds: int = 60
     deadline_hours: float = 6.0  # alert when a nightly run is not done this long after its window ends
     review_samples: int = 6  # random before/after samples in the HTML report
     # --- backend "sagemaker" (Batch Transform on our container); see README "SageMaker"
@@ -74,6 +85,10 @@ class Settings:
         if self.shard_size < 1 or self.sagemaker_shard_size < 1 or not 1 <= self.max_shards <= 1000:
             raise ValueError("shard_size and sagemaker_shard_size must be >= 1 and max_shards within 1..1000 "
                              "(Airflow maps at most 1024)")
+        if "{run}" not in self.runs_root:
+            raise ValueError(f"runs_root must contain {{run}} (runs of one window must not share files), got {self.runs_root!r}")
+        if self.retries < 0 or self.late_days < 0 or self.lock_wait_minutes < 0 or self.lock_poll_seconds < 1:
+            raise ValueError("retries and lock_wait_minutes must be >= 0, lock_poll_seconds >= 1")
         if not 0 <= self.max_failure_rate <= 1:
             raise ValueError(f"max_failure_rate must be within [0, 1], got {self.max_failure_rate}")
         for r in self.regions:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, jpeg_bytes
+from platemask.runs import run_key
 
 DAG_FILE = ROOT / "dags" / "plate_masking.py"
 
@@ -52,14 +53,20 @@ def test_dagbag_has_no_import_errors():
 
 def test_structure_queue_pool_deadline(monkeypatch):
     dag = load_dag(monkeypatch, PLATEMASK_QUEUE="gpu", PLATEMASK_POOL="platemask_gpu", PLATEMASK_DEADLINE_HOURS="5")
-    assert set(dag.task_ids) == {"plan", "collect", "shard", "process.transform_submit", "process.transform_wait",
-                                 "process.mask", "qa", "check"}
+    assert set(dag.task_ids) == {"plan", "hold", "collect", "shard", "process.transform_submit", "process.transform_wait",
+                                 "process.mask", "qa", "check", "publish", "release", "watcher"}
     mask = dag.get_task("process.mask")
     assert mask.queue == "gpu" and mask.pool == "platemask_gpu"
-    assert dag.get_task("qa").trigger_rule == "all_done"
+    assert dag.get_task("qa").trigger_rule == "all_done" and dag.get_task("release").trigger_rule == "all_done"
     assert dag.deadline, "deadline alert missing"
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
-    assert {o.name for o in dag.get_task("check").outlets} == {"s3://inspection-photos/masked/", "s3://inspection-photos/qa/"}
+    assert {o.name for o in dag.get_task("publish").outlets} == {"s3://inspection-photos/masked/", "s3://inspection-photos/qa/"}
+    assert not dag.get_task("check").outlets
+    # the run's state is the watcher's: the only leaf, downstream of every task, fails when one failed
+    assert [t.task_id for t in dag.leaves] == ["watcher"] and dag.get_task("watcher").trigger_rule == "one_failed"
+    assert dag.get_task("watcher").upstream_task_ids >= set(dag.task_ids) - {"watcher", "process.transform_submit",
+                                                                           "process.transform_wait"}
+    assert dag.get_task("hold").mode == "reschedule"
     assert load_dag(monkeypatch, PLATEMASK_DEADLINE_HOURS="0").deadline in (None, [])
 
 
@@ -102,6 +109,8 @@ def bucket_env(aws_conn, monkeypatch, airflow_db):
     monkeypatch.setenv("PLATEMASK_BUCKET", bucket)
     monkeypatch.setenv("PLATEMASK_DEADLINE_HOURS", "0")
     monkeypatch.setenv("PLATEMASK_SHARD_SIZE", "2")
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "0")  # the 19th's photo stays out of the 20th's runs
+    monkeypatch.setenv("PLATEMASK_RETRIES", "0")  # a failure here is meant to be permanent: no waiting for retries
     from platemask.training.synth import synth_car_scene
 
     rng = np.random.default_rng(11)
@@ -154,8 +163,10 @@ def test_full_run_masks_the_window_then_rerun_changes_nothing(monkeypatch, bucke
     assert rep["processed_this_run"] == 4 and rep["mask_images_per_second"] > 0
     html = s3.get_object(Bucket=bucket, Key=f"qa/DE/{DE_20}/report.html")["Body"].read().decode()
     assert "unmasked originals" in html and "data:image/jpeg;base64" in html
-    manifest = s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/manifest.jsonl")["Body"].read().decode().splitlines()
+    manifest = s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/{run_key(dr.run_id)}/manifest.jsonl")["Body"].read().decode().splitlines()
     assert {json.loads(line)["key"] for line in manifest} == set(keys[("DE", "20")]) | {"raw/DE/2026/11/20/corrupt.jpg"}
+    _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, rep)
+    assert [e["region"] for _, e in _asset_events(dr.run_id)] == ["DE", "DE"]
     raw_before = _objects(s3, bucket, "raw/")
 
     # the same window again: nothing redone, nothing changed, no duplicates
@@ -180,6 +191,7 @@ def test_failure_rate_over_the_limit_fails_the_run_after_writing_qa(monkeypatch,
     rep = _report(s3, bucket, "DE", DE_20)
     assert rep["by_status"]["failed"] == 1 and rep["run_id"] == dr.run_id
     assert "masked/DE/2026/11/20/zero.jpg" not in _objects(s3, bucket, "masked/")
+    assert _asset_events(dr.run_id) == []  # QA did not pass: no event
 
 
 def test_nightly_run_takes_the_previous_local_day_and_honours_region_conf(monkeypatch, bucket_env):
@@ -225,3 +237,213 @@ def test_backfill_creates_runs_with_the_region_conf(monkeypatch, bucket_env):
     assert [w.start.astimezone(ZoneInfo("Asia/Bangkok")).day for w in windows] == [10, 11, 12]
     assert [w.start for w in windows[1:]] == [w.end for w in windows[:-1]]
     assert all((w.end - w.start).total_seconds() == 86400 for w in windows)
+
+
+# ------------------------------------------------------------------ runs tell the truth (issue 10)
+
+PL_20 = "20261119T2300Z-20261120T2300Z"  # 2026-11-20 in Europe/Warsaw, in UTC
+DE_CONF = {"region": "DE", "window_start": "2026-11-20", "window_end": "2026-11-21", "max_failure_rate": 0.5}
+
+
+def _asset_events(run_id: str) -> list[tuple[str, dict]]:
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return sorted(((e.uri, e.extra) for e in session.query(AssetEvent).filter(AssetEvent.source_run_id == run_id)),
+                      key=lambda x: (x[1].get("region", ""), x[0]))
+
+
+def _ti_states(dr) -> dict[str, str]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dr.dag_id, TaskInstance.run_id == dr.run_id).all()
+        out = {}
+        for ti in tis:
+            out.setdefault(ti.task_id, []).append(str(ti.state))
+        return {k: ",".join(sorted(v)) for k, v in out.items()}
+
+
+def _client_error(op: str, code: str, status: int, message: str):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+
+
+def _inject_faults(monkeypatch, fault):
+    """The DAG's S3 client, with a botocore hook before each request: S3's 1,024-byte key limit (moto does
+    not enforce it) and ``fault(operation, params)``, which returns an error to raise or None."""
+    import platemask.airflow_support as support
+
+    real = support.s3_client
+
+    def hook(params, model, **_):
+        key = params.get("Key")
+        if key is not None and len(key.encode()) > 1024:
+            raise _client_error(model.name, "KeyTooLongError", 400, "Your key is too long")
+        err = fault(model.name, params)
+        if err is not None:
+            raise err
+
+    def client(settings):
+        c = real(settings)
+        c.meta.events.register("before-parameter-build.s3", hook)
+        return c
+
+    monkeypatch.setattr(support, "s3_client", client)
+
+
+def _records(s3, bucket, region, window, rid) -> list[dict]:
+    """Every detection record this run wrote for the region-window."""
+    prefix = f"runs/{region}/{window}/{run_key(rid)}/detections/"
+    out = []
+    for key in _objects(s3, bucket, prefix):
+        if key.endswith(".jsonl"):
+            out += [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines()]
+    return out
+
+
+def _manifest(s3, bucket, region, window, rid) -> list[str]:
+    body = s3.get_object(Bucket=bucket, Key=f"runs/{region}/{window}/{run_key(rid)}/manifest.jsonl")["Body"].read()
+    return [json.loads(x)["key"] for x in body.decode().splitlines()]
+
+
+def _assert_accounted(s3, bucket, region, window, rid, report):
+    """Every input exactly one record; nothing failed published by this run; nothing published without its record;
+    QA counts equal the manifest."""
+    manifest = _manifest(s3, bucket, region, window, rid)
+    recs = _records(s3, bucket, region, window, rid)
+    assert sorted(r["key"] for r in recs) == sorted(manifest)
+    masked = _objects(s3, bucket, f"masked/{region}/")
+    for r in recs:
+        out = r["key"].replace("raw/", "masked/", 1)
+        if r["status"] == "failed":
+            assert out not in masked or r.get("unaudited_masked_copy") == out, r
+        else:
+            assert out in masked
+            audit = json.loads(s3.get_object(Bucket=bucket, Key=r["key"].replace("raw/", "audit/", 1) + ".json")["Body"].read())
+            assert audit["status"] == r["status"] and audit["output_sha256"] == r["output_sha256"]
+    assert report["images"] == len(manifest) == sum(report["by_status"].values())
+    assert report["not_accounted_for"] == 0 and report["duplicate_records"] == 0
+
+
+def test_a_plan_that_fails_fails_the_run_and_publishes_nothing(monkeypatch, bucket_env):
+    dag = load_dag(monkeypatch)
+    dr = dag.test(run_conf={"region": "DE", "window_start": "2026-11-21", "window_end": "2026-11-20"})
+    assert dr.state == "failed"
+    assert _ti_states(dr)["plan"] == "failed" and _ti_states(dr)["watcher"] == "failed"
+    assert _asset_events(dr.run_id) == []
+
+
+def test_one_region_failing_to_collect_fails_the_run_but_the_others_are_masked(monkeypatch, bucket_env):
+    s3, bucket, keys = bucket_env
+    monkeypatch.setenv("PLATEMASK_REGIONS", "DE,PL")
+    _inject_faults(monkeypatch, lambda op, p: _client_error(op, "AccessDenied", 403, "Access Denied")
+                   if op == "ListObjectsV2" and p.get("Prefix", "").startswith("raw/PL/") else None)
+    dag = load_dag(monkeypatch)
+    dr = dag.test(logical_date=datetime(2026, 11, 21, 1, tzinfo=timezone.utc), run_conf={"max_failure_rate": 0.5})
+    assert dr.state == "failed"
+    states = _ti_states(dr)
+    assert states["collect"] == "failed,success" and states["check"] == "failed" and states["watcher"] == "failed"
+    # DE, healthy, is masked completely, and reported
+    assert sorted(_objects(s3, bucket, "masked/")) == sorted(k.replace("raw/", "masked/", 1) for k in keys[("DE", "20")])
+    de = _report(s3, bucket, "DE", DE_20)
+    assert de["run_id"] == dr.run_id and de["verdict"] == {"passed": True, "problems": []}
+    _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, de)
+    # PL has a report saying it was not collected, and fails the run
+    pl = _report(s3, bucket, "PL", PL_20)
+    assert pl["collected"] is False and not pl["verdict"]["passed"] and "not collected" in pl["verdict"]["problems"][0]
+    # Asset events for DE only, saying what was produced
+    events = _asset_events(dr.run_id)
+    assert [uri.rstrip("/") for uri, _ in events] == [f"s3://{bucket}/masked", f"s3://{bucket}/qa"]
+    for _, extra in events:
+        assert extra["region"] == "DE" and extra["window"] == DE_20 and extra["run_id"] == dr.run_id
+        assert extra["report"] == f"s3://{bucket}/qa/DE/{DE_20}/runs/{run_key(dr.run_id)}/report.json"
+        assert extra["counts"] == {"photos": 3, **de["by_status"]}
+
+
+def test_a_dry_run_masks_nothing_publishes_nothing_and_leaves_the_latest_report(monkeypatch, bucket_env):
+    s3, bucket, _ = bucket_env
+    dag = load_dag(monkeypatch)
+    dr = dag.test(run_conf={**DE_CONF, "dry_run": True})
+    assert dr.state == "success"
+    assert _objects(s3, bucket, "masked/") == {} and _objects(s3, bucket, "audit/") == {}
+    assert _asset_events(dr.run_id) == []
+    assert f"qa/DE/{DE_20}/report.json" not in _objects(s3, bucket, "qa/")  # not the window's latest
+    own = json.loads(s3.get_object(Bucket=bucket, Key=f"qa/DE/{DE_20}/runs/{run_key(dr.run_id)}/report.json")["Body"].read())
+    assert own["dry_run"] and own["would_process"] == 3
+    assert f"runs/DE/{DE_20}/lock.json" not in _objects(s3, bucket, "runs/")  # a dry run takes no lock
+
+
+def _live_run(run_id: str, state: str = "running"):
+    """A run of plate_masking in the metadata DB (what the scheduler would have created)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        existing = session.query(DagRun).filter(DagRun.dag_id == "plate_masking", DagRun.run_id == run_id).one_or_none()
+        if existing is None:
+            session.add(DagRun(dag_id="plate_masking", run_id=run_id, run_type="manual", state=state,
+                               run_after=datetime(2026, 11, 21, 1, tzinfo=timezone.utc), conf={}))
+        else:
+            existing.state = state
+
+
+def test_a_second_run_of_a_window_waits_for_the_first_then_takes_over_a_dead_ones_lock(monkeypatch, bucket_env, capfd):
+    s3, bucket, keys = bucket_env
+    monkeypatch.setenv("PLATEMASK_LOCK_WAIT_MINUTES", "0")  # fail at once instead of waiting
+    dag = load_dag(monkeypatch)
+    holder = f"manual__holder-{uuid.uuid4().hex[:6]}"
+    _live_run(holder)
+    lock = {"state": "held", "run_id": holder, "run_key": run_key(holder), "region": "DE", "window": DE_20,
+            "since": "2026-11-21T01:00:00+00:00"}
+    s3.put_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/lock.json", Body=json.dumps(lock).encode())
+    dr = dag.test(run_conf={**DE_CONF, "max_images": 1})
+    assert dr.state == "failed" and _ti_states(dr)["hold"] == "failed"
+    captured = capfd.readouterr()
+    assert f"region DE window {DE_20} is being masked by run {holder}" in captured.out + captured.err
+    assert _objects(s3, bucket, "masked/") == {} and _asset_events(dr.run_id) == []
+    assert json.loads(s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/lock.json")["Body"].read()) == lock  # untouched
+    assert f"qa/DE/{DE_20}/report.json" not in _objects(s3, bucket, "qa/")  # no latest report from a run without the lock
+
+    _live_run(holder, state="failed")  # the holder died without releasing its lock
+    dr2 = load_dag(monkeypatch).test(run_conf=DE_CONF)  # a fresh DAG: dag.test() keeps the last run's conf in its params
+    assert dr2.state == "success"
+    assert sorted(_objects(s3, bucket, "masked/")) == sorted(k.replace("raw/", "masked/", 1) for k in keys[("DE", "20")])
+    released = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/lock.json")["Body"].read())
+    assert released["run_id"] == dr2.run_id and released["state"] == "released"
+    assert _report(s3, bucket, "DE", DE_20)["run_id"] == dr2.run_id
+
+
+def test_one_bad_photo_fails_alone_and_its_shard_goes_on(monkeypatch, bucket_env):
+    """A permanent S3 500 on one photo's audit record and a legal 1,020-byte key whose audit key is over
+    S3's limit: each gives that photo one failed record; the rest of their shards are masked."""
+    s3, bucket, keys = bucket_env
+    from platemask.training.synth import synth_car_scene
+
+    img, _, _ = synth_car_scene(np.random.default_rng(3), plate_width=(120, 160))
+    long_key = "raw/DE/2026/11/20/" + "x" * 998 + ".jpg"
+    assert len(long_key.encode()) == 1020
+    s3.put_object(Bucket=bucket, Key=long_key, Body=jpeg_bytes(img))
+    bad_audit = "audit/DE/2026/11/20/car1.jpg.json"
+    _inject_faults(monkeypatch, lambda op, p: _client_error(op, "InternalError", 500, "We encountered an internal error")
+                   if op == "PutObject" and p.get("Key") == bad_audit else None)
+    dag = load_dag(monkeypatch)
+    dr = dag.test(run_conf=DE_CONF)
+    assert dr.state == "success" and _ti_states(dr)["process.mask"] == "success,success"
+    recs = {r["key"]: r for r in _records(s3, bucket, "DE", DE_20, dr.run_id)}
+    car1 = recs["raw/DE/2026/11/20/car1.jpg"]
+    assert car1["status"] == "failed" and car1["reason"] == "audit_write_failed" and bad_audit in car1["error"]
+    assert car1["unaudited_masked_copy"] == "masked/DE/2026/11/20/car1.jpg" and "was written before" in car1["error"]
+    assert recs[long_key]["status"] == "failed" and recs[long_key]["reason"] == "key_too_long"
+    assert "1027 bytes" in recs[long_key]["error"]
+    assert long_key.replace("raw/", "masked/", 1) not in _objects(s3, bucket, "masked/")  # checked before publishing
+    for k in ("raw/DE/2026/11/20/car0.jpg", "raw/DE/2026/11/20/car2.jpg"):  # their shard mates are masked
+        assert recs[k]["status"] == "masked"
+    rep = _report(s3, bucket, "DE", DE_20)
+    assert rep["by_status"] == {"masked": 2, "no_plate": 0, "failed": 2}
+    assert set(rep["failures_by_reason"]) == {"audit_write_failed", "key_too_long"}  # none "shard_failed"
+    _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, rep)
+    assert [e["region"] for _, e in _asset_events(dr.run_id)] == ["DE", "DE"]

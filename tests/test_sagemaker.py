@@ -287,7 +287,7 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
 
 def test_a_photo_replaced_after_detection_is_never_published(sm_env, model_dir, server_url):
     """Same size, other bytes: the mask step refuses them (IfMatch on the listed ETag) and the next run masks them."""
-    from platemask.synth import synth_car_scene
+    from platemask.training.synth import synth_car_scene
 
     s3, settings, shard = sm_env
     settings = _local(settings, server_url)
@@ -317,7 +317,7 @@ def test_a_photo_replaced_after_detection_is_never_published(sm_env, model_dir, 
 def test_bytes_the_container_did_not_see_are_never_published(sm_env, model_dir, server_url, scene):
     """Listed as A, replaced by B before the job (the container detects on B), A put back before
     the mask step: the ETag matches again, the SHA-256 does not."""
-    from platemask.synth import synth_car_scene
+    from platemask.training.synth import synth_car_scene
 
     s3, settings, shard = sm_env
     settings = _local(settings, server_url)
@@ -341,7 +341,7 @@ def test_bytes_the_container_did_not_see_are_never_published(sm_env, model_dir, 
 def test_local_backend_reads_only_the_listed_version(sm_env, model_dir):
     from platemask.airflow_support import detector_factory
     from platemask.runs import mask_shard
-    from platemask.synth import synth_car_scene
+    from platemask.training.synth import synth_car_scene
 
     s3, settings, shard = sm_env
     shard = {**shard, "spec": dict(shard["spec"], backend="local")}

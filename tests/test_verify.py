@@ -135,10 +135,18 @@ def test_a_new_verifier_means_images_are_masked_again():
         def head_object(self, **_):
             return {}
 
+    from platemask.model import ModelConfig
+    from platemask.runs import result_identity
+
     spec = RunSpec(region="eu", window_start="2026-11-24T00:00:00+00:00", window_end="2026-11-25T00:00:00+00:00")
     entry = {"key": "raw/eu/2026/11/24/a.jpg", "etag": "e1"}
     used = {"name": "m", "weights_sha256": "d1", "verifier_sha256": "v1"}
-    audit = {"status": "masked", "source_etag": "e1", "model": used, "mode": spec.mode, "threshold": spec.threshold}
-    assert _already_done(Client(), Settings(), spec, entry, audit, dict(used))
-    assert not _already_done(Client(), Settings(), spec, entry, audit, dict(used, verifier_sha256="v2"))
-    assert not _already_done(Client(), Settings(), spec, entry, audit, {"name": "m", "weights_sha256": "d1"})
+
+    def ident(model):
+        return result_identity(etag="e1", model_info=model, cfg=ModelConfig(name="m"), threshold=0.3, mode=spec.mode,
+                               metadata="safe")
+
+    audit = {"status": "masked", "source_etag": "e1", "model": used, "identity": ident(used)}
+    assert _already_done(Client(), Settings(), spec, entry, audit, ident(dict(used)))
+    assert not _already_done(Client(), Settings(), spec, entry, audit, ident(dict(used, verifier_sha256="v2")))
+    assert not _already_done(Client(), Settings(), spec, entry, audit, ident({"name": "m", "weights_sha256": "d1"}))

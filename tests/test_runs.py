@@ -1,0 +1,205 @@
+"""The run steps on S3 (moto's server), below the DAG: run isolation, the region-window lock, result identity."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from conftest import jpeg_bytes
+from platemask.runs import RunSpec, acquire_lock, collect, lock_key, make_shards, release_lock, run_key
+from platemask.settings import Settings
+
+WINDOW = {"window_start": "2026-11-19T23:00:00+00:00", "window_end": "2026-11-20T23:00:00+00:00"}
+
+
+@pytest.fixture
+def photos(s3_env):
+    from platemask.training.synth import synth_car_scene
+
+    s3 = s3_env
+    bucket = f"runs-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    rng = np.random.default_rng(5)
+    keys = []
+    for i in range(4):
+        img, _, _ = synth_car_scene(rng, plate_width=(120, 160))
+        keys.append(f"raw/DE/2026/11/20/car{i}.jpg")
+        s3.put_object(Bucket=bucket, Key=keys[-1], Body=jpeg_bytes(img))
+    return s3, Settings(bucket=bucket, shard_size=2, io_workers=2, batch_size=2), keys
+
+
+def _shard_keys(s3, shards):
+    out = []
+    for sh in shards:
+        bucket, key = sh["shard"][5:].split("/", 1)
+        out += [json.loads(x)["key"] for x in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines()]
+    return out
+
+
+def test_run_keys_are_readable_stable_and_distinct():
+    a = run_key("scheduled__2026-11-21T01:00:00+00:00")
+    assert a.startswith("scheduled__2026-11-21T01-00-00-00-00-") and a == run_key("scheduled__2026-11-21T01:00:00+00:00")
+    assert run_key("manual__a/b") != run_key("manual__a:b")  # same sanitised text, different runs
+    with pytest.raises(ValueError, match="must contain"):
+        Settings(runs_root="runs/{region}/{window}/")
+
+
+def test_a_manual_run_during_the_nightly_run_does_not_shorten_it(photos):
+    """The reported incident: a max_images run of the same window collected between the nightly run's
+    collect and shard steps. Each run keeps its own manifest and shards."""
+    s3, settings, keys = photos
+    nightly = RunSpec(region="DE", run_id="scheduled__2026-11-21T01:00:00+00:00", **WINDOW)
+    manual = RunSpec(region="DE", run_id="manual__2026-11-21T01:05:00+00:00", max_images=1, dry_run=True, **WINDOW)
+    collect(s3, settings, nightly)
+    collect(s3, settings, manual)
+    nightly_shards = make_shards(s3, settings, [nightly.as_dict()])
+    manual_shards = make_shards(s3, settings, [manual.as_dict()])
+    assert sorted(_shard_keys(s3, nightly_shards)) == keys
+    assert _shard_keys(s3, manual_shards) == keys[:1]
+    assert all(run_key(nightly.run_id) in sh["shard"] for sh in nightly_shards)
+
+
+def test_the_lock_lets_one_run_mask_a_region_window(photos):
+    s3, settings, _ = photos
+    a = RunSpec(region="DE", run_id="scheduled__a", **WINDOW)
+    b = RunSpec(region="DE", run_id="manual__b", **WINDOW)
+    live = {"scheduled__a", "manual__b"}
+    is_live = lambda lock: lock["run_id"] in live  # noqa: E731 - what Airflow says about the run
+    assert acquire_lock(s3, settings, a, is_live=is_live) is None
+    held = acquire_lock(s3, settings, b, is_live=is_live)
+    assert held["run_id"] == "scheduled__a" and held["state"] == "held"
+    assert acquire_lock(s3, settings, a, is_live=is_live) is None  # a retry of the holder: re-entrant
+    assert not release_lock(s3, settings, b)  # b cannot release a's lock
+    assert release_lock(s3, settings, a)
+    assert acquire_lock(s3, settings, b, is_live=is_live) is None  # released: b takes it
+    live.discard("manual__b")  # b dies holding it
+    assert acquire_lock(s3, settings, a, is_live=is_live) is None
+    doc = json.loads(s3.get_object(Bucket=settings.bucket, Key=lock_key(settings, a))["Body"].read())
+    assert doc["run_id"] == "scheduled__a" and doc["state"] == "held"
+
+
+def test_two_runs_racing_for_a_free_lock_get_exactly_one(photos):
+    s3, settings, _ = photos
+    specs = [RunSpec(region="DE", run_id=f"manual__{i}", **WINDOW) for i in range(6)]
+    release_lock(s3, settings, specs[0])
+    results, barrier = {}, threading.Barrier(len(specs))
+
+    def race(spec):
+        barrier.wait()
+        results[spec.run_id] = acquire_lock(s3, settings, spec, is_live=lambda lock: True)
+
+    threads = [threading.Thread(target=race, args=(s,)) for s in specs]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    winners = [rid for rid, held in results.items() if held is None]
+    assert len(winners) == 1
+    assert all(held["run_id"] == winners[0] for held in results.values() if held is not None)
+
+
+# ------------------------------------------------------------------ result identity
+
+def _mask(s3, settings, spec, model_dir):
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+
+    settings = settings.with_(shard_size=10)  # one shard: one model load
+    collect(s3, settings, spec)
+    out = [mask_shard(s3, settings, sh, detector_factory(settings, str(model_dir)), log=lambda m: None)
+           for sh in make_shards(s3, settings, [spec.as_dict()])]
+    return sum(o["processed"] for o in out), sum(o["skipped"] for o in out)
+
+
+def test_a_rerun_redoes_exactly_the_photos_whose_result_would_change(photos, model_dir, tmp_path):
+    s3, settings, keys = photos
+    n = len(keys)
+    runs = iter(range(100))
+
+    def spec(**kw):
+        return RunSpec(region="DE", run_id=f"manual__{next(runs)}", **WINDOW, **kw)
+
+    assert _mask(s3, settings, spec(), model_dir) == (n, 0)
+    audit = json.loads(s3.get_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car0.jpg.json")["Body"].read())
+    ident = audit["identity"]
+    assert ident["threshold"] == 0.3 and audit["threshold"] == 0.3 and audit["threshold_param"] is None
+    assert set(ident) == {"source_etag", "weights_sha256", "verifier_sha256", "model_config_sha256", "threshold",
+                          "mode", "metadata", "code_version"}
+    assert audit["input_sha256"] and ident["metadata"] == "safe"
+    assert _mask(s3, settings, spec(), model_dir) == (0, n)  # nothing changed: nothing redone
+
+    # the same weights with another operating threshold in config.json: every photo's result changes
+    changed = tmp_path / "model"
+    shutil.copytree(model_dir, changed)
+    cfg = json.loads((changed / "config.json").read_text())
+    cfg["score_threshold"] = 0.35
+    (changed / "config.json").write_text(json.dumps(cfg))
+    assert _mask(s3, settings, spec(), changed) == (n, 0)
+    # the threshold actually applied is what counts: 0.35 given as a Param is the same result
+    assert _mask(s3, settings, spec(threshold=0.35), changed) == (0, n)
+    # a changed source is redone alone
+    s3.copy_object(Bucket=settings.bucket, Key=keys[1], CopySource={"Bucket": settings.bucket, "Key": keys[0]})
+    assert _mask(s3, settings, spec(threshold=0.35), changed) == (1, n - 1)
+    assert _mask(s3, settings, spec(threshold=0.35, mode="pixelate"), changed) == (n, 0)  # another mode
+    assert _mask(s3, settings, spec(threshold=0.35, mode="pixelate", reprocess=True), changed) == (n, 0)  # forced
+
+
+def test_the_dag_s3_client_retries_adaptively_with_a_pool_for_its_threads(aws_conn):
+    from platemask.airflow_support import s3_client
+
+    client = s3_client(Settings(io_workers=12))
+    assert client.meta.config.retries["mode"] == "adaptive" and client.meta.config.retries["total_max_attempts"] >= 8
+    assert client.meta.config.max_pool_connections == 28
+    assert client.list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200  # still reaches the connection's endpoint
+
+
+def test_late_photos_of_the_days_before_are_picked_up_once_and_reported(photos, model_dir):
+    from platemask.runs import aggregate
+
+    s3, settings, keys = photos
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
+    late = "raw/DE/2026/11/19/late.jpg"
+    for key in (late, "raw/DE/2026/11/19/done.jpg", "raw/DE/2026/11/18/held.jpg", "raw/DE/2026/11/16/too-old.jpg"):
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=body)
+    s3.put_object(Bucket=settings.bucket, Key="audit/DE/2026/11/19/done.jpg.json", Body=b'{"status": "masked"}')
+    night_18 = RunSpec(region="DE", run_id="scheduled__18", window_start="2026-11-17T23:00:00+00:00",
+                       window_end="2026-11-18T23:00:00+00:00")
+    assert acquire_lock(s3, settings, night_18, is_live=lambda lock: True) is None  # that night's run is masking it
+
+    spec = RunSpec(region="DE", run_id="scheduled__20", **WINDOW)
+    c = collect(s3, settings, spec)
+    manifest = [json.loads(x) for x in s3.get_object(Bucket=settings.bucket, Key=c["manifest"].split("/", 3)[3])["Body"]
+                .read().decode().splitlines()]
+    assert sorted(e["key"] for e in manifest) == sorted(keys + [late])
+    assert [e["key"] for e in manifest if e.get("late")] == [late] and c["late"] == 1 and c["photos_in_window"] == 4
+    assert _mask(s3, settings, spec, model_dir) == (5, 0)  # collects again: the same manifest
+    (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    qa = json.loads(s3.get_object(Bucket=settings.bucket, Key=report["report"].split("/", 3)[3])["Body"].read())
+    assert qa["late"] == 1 and qa["images"] == 5 and report["passed"]
+    assert "masked/DE/2026/11/19/late.jpg" in {o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket)["Contents"]}
+    # the next night finds it audited: not late any more
+    assert collect(s3, settings, RunSpec(region="DE", run_id="scheduled__20b", **WINDOW))["late"] == 0
+
+
+def test_check_wants_a_passing_report_for_every_planned_region():
+    from platemask.runs import RunError, asset_extra, check_reports, verdict
+
+    base = {"collected": True, "not_accounted_for": 0, "duplicate_records": 0, "records_outside_manifest": 0,
+            "failure_rate": 0.0, "max_failure_rate": 0.02}
+    assert verdict(base) == []
+    assert "no record" in verdict(dict(base, not_accounted_for=2))[0]
+    assert "more than one record" in verdict(dict(base, duplicate_records=1))[0]
+    assert "exceeds" in verdict(dict(base, failure_rate=0.5))[0]
+    assert "not collected" in verdict(dict(base, collected=False))[0]
+    specs = [{"region": "DE", "run_id": "r"}, {"region": "PL", "run_id": "r"}]
+    de = {"region": "DE", "window": "w", "run_id": "r", "report": "s3://b/qa/DE/w/runs/k/report.json",
+          "html": "s3://b/qa/DE/w/runs/k/report.html", "passed": True, "problems": [], "dry_run": False, "photos": 3,
+          "by_status": {"masked": 2, "no_plate": 1, "failed": 0}}
+    with pytest.raises(RunError, match="PL: no QA report"):
+        check_reports(specs, [de])
+    check_reports(specs[:1], [de])
+    assert asset_extra(de) == {"region": "DE", "window": "w", "run_id": "r", "report": de["report"],
+                               "counts": {"photos": 3, "masked": 2, "no_plate": 1, "failed": 0}}
+    assert asset_extra(dict(de, dry_run=True)) is None and asset_extra(dict(de, passed=False)) is None
