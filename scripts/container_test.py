@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the container running after the tests")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     a = p.parse_args(argv)
+    # CI's `timeout` sends SIGTERM: unwind so the container is removed (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_all = time.monotonic()
     try:
         ensure_engine(a.engine_wait, Path(tempfile.gettempdir()) / "platemask-dockerd.log")
