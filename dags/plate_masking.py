@@ -37,7 +37,10 @@ params = {
     "backend": Param("local", enum=["local", "sagemaker"], title="Segmentation backend"),
     "mode": Param("gaussian", enum=["gaussian", "pixelate", "solid"], title="Masking mode"),
     "threshold": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Score threshold",
-                       description="Empty: the model's operating threshold (chosen for recall on held-out data)."),
+                       description="Empty: the model's operating threshold (chosen for recall on held-out data). "
+                                   "Well above it needs 'Unsafe threshold'; very confident detections are always masked."),
+    "unsafe_threshold": Param(False, type="boolean", title="Unsafe threshold",
+                              description="Allow a threshold well above the model's operating threshold."),
     "model": Param(None, **NULLABLE, title="Model folder", description="Empty: the deployed default model."),
     "reprocess": Param(False, type="boolean", title="Redo photos already masked"),
     "dry_run": Param(False, type="boolean", title="Dry run (collect and plan only; nothing masked)"),
@@ -131,7 +134,7 @@ def plate_masking():
                 return PokeReturnValue(is_done=True, xcom_value=shard)
             from platemask.airflow_support import poll_transform
 
-            done, shard = poll_transform(Settings.from_airflow(), shard)
+            done, shard = poll_transform(Settings.from_airflow(), shard, get_current_context()["params"].get("model"))
             return PokeReturnValue(is_done=done, xcom_value=shard)
 
         @task(queue=SETTINGS.queue, pool=SETTINGS.pool, execution_timeout=timedelta(hours=4),

@@ -66,31 +66,34 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
     return factory
 
 
-def sagemaker_hook(settings: Settings):
+def sagemaker_hook(settings: Settings, s3=None):
+    """The provider's SageMakerHook; with ``sagemaker_local_endpoint`` its transform jobs run on that
+    local container server (``LocalTransformHook``), their outcome reported by DescribeTransformJob."""
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-    return SageMakerHook(aws_conn_id=settings.sagemaker_conn_id or settings.aws_conn_id)
+    hook = SageMakerHook(aws_conn_id=settings.sagemaker_conn_id or settings.aws_conn_id)
+    if not settings.sagemaker_local_endpoint:
+        return hook
+    from .local_transform import LocalTransformHook
 
-
-def _local_runner(settings: Settings, s3) -> Callable[[dict], dict]:
-    from .local_transform import run_local_transform
-
-    return lambda request: run_local_transform(request, settings.sagemaker_local_endpoint, s3, log=log.info)
+    return LocalTransformHook(hook, settings.sagemaker_local_endpoint, s3 or s3_client(settings), log=log.info)
 
 
 def submit_transform(settings: Settings, shard: dict, model_dir: str | None) -> dict:
     from .sagemaker_backend import submit
 
     s3 = s3_client(settings)
-    runner = _local_runner(settings, s3) if settings.sagemaker_local_endpoint else None
-    return submit(sagemaker_hook(settings), s3, settings, shard, model_dir or settings.model_dir, local_runner=runner)
+    return submit(sagemaker_hook(settings, s3), s3, settings, shard, model_dir or settings.model_dir)
 
 
-def poll_transform(settings: Settings, shard: dict) -> tuple[bool, dict]:
-    from .sagemaker_backend import poll
+def poll_transform(settings: Settings, shard: dict, model_dir: str | None = None) -> tuple[bool, dict]:
+    """Poke of the wait: a failed or stopped job that made progress is followed by one over the rest."""
+    from .sagemaker_backend import poll, submit
 
-    done, shard = poll(sagemaker_hook(settings), shard)
-    log.info("transform job %s: %s", shard["transform"]["job"], shard["transform"]["state"])
+    s3 = s3_client(settings)
+    hook = sagemaker_hook(settings, s3)
+    done, shard = poll(hook, shard, resubmit=lambda sh: submit(hook, s3, settings, sh, model_dir or settings.model_dir))
+    log.info("transform job %s: %s", shard["transform"]["job"], shard["transform"].get("state", "submitted"))
     return done, shard
 
 

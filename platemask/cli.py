@@ -35,32 +35,43 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _max_pixels(s: str) -> int:
+    from .imageio import check_max_pixels
+
+    try:
+        return check_max_pixels(int(s))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
 def cmd_mask(a: argparse.Namespace) -> int:
     from .mask import MaskStyle
-    from .pipeline import JobOptions, Progress, Timings, run_job
+    from .model import load_config
+    from .pipeline import JobOptions, Progress, Timings, check_threshold, run_job
     from .qa import build_report, headline
     from .segment import Segmenter
-    from .storage import open_store
+    from .storage import open_store, overlap
 
-    if a.src.rstrip("/") == a.dst.rstrip("/"):
-        _log("platemask: error: SRC and DST are the same place; originals are never overwritten. Pick another DST.")
+    clash = overlap(a.src, a.dst)
+    if clash:
+        _log(f"platemask: error: {clash}; originals are never overwritten. Pick a DST outside SRC.")
         return EXIT_USAGE
     if not a.src.startswith("s3://") and not Path(a.src).is_dir():
         _log(f"platemask: error: SRC {a.src} is not a folder (or an s3://bucket/prefix URI)")
         return EXIT_USAGE
     try:
+        check_threshold(a.threshold, load_config(a.model).score_threshold, unsafe=a.unsafe_threshold)
         seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size)
     except (FileNotFoundError, ValueError) as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
     cfg = seg.cfg
     threshold = cfg.score_threshold if a.threshold is None else a.threshold
-    opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold), review_high=max(cfg.review_high, threshold),
-                      style=MaskStyle(mode=a.mode), jpeg_quality=a.jpeg_quality, metadata=a.metadata,
+    opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=a.mode), jpeg_quality=a.jpeg_quality, metadata=a.metadata,
                       max_pixels=a.max_pixels, batch_size=a.batch_size)
     src, dst = open_store(a.src), open_store(a.dst, create=True)
     try:
@@ -119,7 +130,8 @@ def cmd_train_verifier(a: argparse.Namespace) -> int:
 
     device = ("cuda" if _cuda() else "cpu") if a.device == "auto" else a.device
     spec = train_for_model(a.model, a.data, a.workdir, epochs=a.epochs, val_fraction=a.val_fraction, seed=a.seed,
-                           imagenet_weights=a.imagenet_weights or imagenet_mobilenet_v2(), device=device, log=_log)
+                           imagenet_weights=a.imagenet_weights or imagenet_mobilenet_v2(), device=device,
+                           positive_fraction=a.positive_fraction, log=_log)
     _log(f"added verifier {spec['weights_sha256'][:12]} to {a.model}: re-run 'platemask evaluate --set-threshold' "
          "to choose the operating threshold for the fused score")
     return EXIT_OK
@@ -174,6 +186,9 @@ def cmd_package_model(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
+    from .pipeline import HARD_MASK_SCORE, UNSAFE_THRESHOLD_MARGIN
+
     p = argparse.ArgumentParser(prog="platemask", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,15 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dst", metavar="DST")
     m.add_argument("--model", default=str(default_model_dir()), help="model folder (config.json + weights)")
     m.add_argument("--mode", choices=("gaussian", "pixelate", "solid"), default="gaussian")
-    m.add_argument("--threshold", type=_fraction, default=None, help="score to mask at (default: the model's operating threshold)")
+    m.add_argument("--threshold", type=_fraction, default=None,
+                   help="score to mask at (default: the model's operating threshold; above it + "
+                        f"{UNSAFE_THRESHOLD_MARGIN:g} needs --unsafe-threshold; detections >= {HARD_MASK_SCORE:g} "
+                        "are always masked)")
+    m.add_argument("--unsafe-threshold", action="store_true",
+                   help="allow a --threshold well above the model's operating threshold (plates the model found "
+                        "may be published unmasked)")
     m.add_argument("--detections", metavar="FILE.jsonl", help="write one detection record per input")
     m.add_argument("--report", metavar="FILE.json", help="write the QA summary")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     m.add_argument("--batch-size", type=_positive_int, default=4)
     m.add_argument("--jpeg-quality", type=int, choices=range(1, 101), metavar="1..100", default=92)
     m.add_argument("--metadata", choices=("strip", "safe", "keep"), default="safe",
-                   help="strip: no EXIF; safe: drop GPS, serials, owner and comments; keep: all but the thumbnail")
-    m.add_argument("--max-pixels", type=_positive_int, default=80_000_000, help="refuse larger images (decompression bombs)")
+                   help="strip: no EXIF; safe: keep only camera make/model, exposure, date-time and colour (no GPS, XMP, IPTC, "
+                        "serials, names, maker notes); keep: all EXIF but the thumbnail")
+    m.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images (decompression bombs); at most {MAX_PIXELS_CEILING:,}")
     m.set_defaults(func=cmd_mask)
 
     t = sub.add_parser("train", help="train (or resume) the plate Mask R-CNN", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -227,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True, help="model folder to add the verifier to")
     r.add_argument("--workdir", required=True, help="cache of the detector's detections on the training photos")
     r.add_argument("--epochs", type=_positive_int, default=8)
+    r.add_argument("--positive-fraction", type=_fraction, default=1.0,
+                   help="share of the training photos with plates to run the detector over (all negatives are used)")
     r.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--val-fraction", type=float, default=0.15)

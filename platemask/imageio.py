@@ -1,10 +1,14 @@
 """Image decoding and encoding at the edges of the pipeline.
 
-Decoding applies EXIF orientation first (detection and output share one pixel frame), refuses
-decompression bombs before any pixel is decoded, and normalises the many modes photos come in.
+Decoding reads phones' MPO as the JPEG of its first frame (the other frames dropped and counted),
+refuses other multi-page or animated files rather than cut them silently, applies EXIF orientation
+first (detection and output share one pixel frame), refuses decompression bombs before any pixel is
+decoded, and normalises the many modes photos come in.
 Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
-metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives, GPS and
-owner/serial tags are dropped unless asked to keep them.
+metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
+default) keeps only an allow-list (camera make and model, exposure settings, date-time, colour space
+and the ICC profile; orientation reset to 1 as the pixels are upright); ``strip`` keeps no EXIF;
+``keep`` keeps all EXIF but the thumbnail. XMP, IPTC, comments and PNG text chunks are never written.
 """
 from __future__ import annotations
 
@@ -17,18 +21,44 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 SUPPORTED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}
+# Read as another format: MPO (phones' multi-picture JPEG) is masked and written as a plain JPEG of its first frame.
+READ_AS = {"MPO": "JPEG"}
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 80_000_000  # ~ 10000 x 8000; larger inputs are refused, not decoded
+# The pixel limit (one home): inputs above ``max_pixels`` are refused before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 80_000_000  # ~ 10000 x 8000
+MAX_PIXELS_CEILING = 250_000_000  # the most --max-pixels accepts (~ 20000 x 12500; ~3 GB of RAM per image in flight)
+# Pillow's own bomb guard (89.5 MP by default) refused first whatever --max-pixels said: it now
+# warns (which decode treats as too large) above our ceiling, so our limit is the one that decides.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS_CEILING
+
+
+def check_max_pixels(max_pixels: int) -> int:
+    """``max_pixels`` if within 1..MAX_PIXELS_CEILING, else ValueError naming the range."""
+    if not 1 <= max_pixels <= MAX_PIXELS_CEILING:
+        raise ValueError(f"max_pixels must be within 1..{MAX_PIXELS_CEILING:,}, got {max_pixels:,}")
+    return max_pixels
 MetadataPolicy = Literal["strip", "safe", "keep"]
 
-# Tags that identify a person, device or place (dropped by the 'safe' policy).
-_IDENTIFYING_EXIF = {
-    ExifTags.Base.BodySerialNumber, ExifTags.Base.LensSerialNumber, ExifTags.Base.CameraOwnerName,
-    ExifTags.Base.ImageUniqueID, ExifTags.Base.MakerNote, ExifTags.Base.UserComment, ExifTags.Base.Artist,
-    ExifTags.Base.Copyright, ExifTags.Base.ImageDescription, ExifTags.Base.HostComputer,
-    ExifTags.Base.XPAuthor, ExifTags.Base.XPComment, ExifTags.Base.XPSubject, ExifTags.Base.XPKeywords,
-    ExifTags.Base.XPTitle,
-}
+# The 'safe' policy is an allow-list: what a reviewer needs to judge a photo and nothing that can
+# name a person, device or place. Everything else goes: GPS, XMP (also inside EXIF, tag 0x02BC),
+# IPTC (0x83BB), maker notes, serial numbers, owner/artist/document names, comments, the thumbnail.
+_B = ExifTags.Base
+SAFE_IFD0 = frozenset({
+    _B.Make, _B.Model, _B.DateTime, _B.XResolution, _B.YResolution, _B.ResolutionUnit,
+})
+SAFE_EXIF_IFD = frozenset({
+    # exposure settings
+    _B.ExposureTime, _B.FNumber, _B.ExposureProgram, _B.ISOSpeedRatings, _B.SensitivityType,
+    _B.RecommendedExposureIndex, _B.ISOSpeed, _B.ShutterSpeedValue, _B.ApertureValue, _B.BrightnessValue,
+    _B.ExposureBiasValue, _B.MaxApertureValue, _B.MeteringMode, _B.LightSource, _B.Flash, _B.FocalLength,
+    _B.ExposureIndex, _B.ExposureMode, _B.WhiteBalance, _B.DigitalZoomRatio, _B.FocalLengthIn35mmFilm,
+    _B.SceneCaptureType,
+    # date-time
+    _B.DateTimeOriginal, _B.DateTimeDigitized, _B.OffsetTime, _B.OffsetTimeOriginal, _B.OffsetTimeDigitized,
+    _B.SubsecTime, _B.SubsecTimeOriginal, _B.SubsecTimeDigitized,
+    # colour
+    _B.ColorSpace, _B.Gamma, _B.ExifVersion,
+})
 
 
 class ImageError(Exception):
@@ -56,6 +86,7 @@ class Decoded:
     orientation: int = 1
     source_mode: str = ""
     info: dict = field(default_factory=dict)
+    frames_dropped: int = 0  # MPO (multi-picture JPEG): frames after the first, not written
 
     @property
     def width(self) -> int:
@@ -101,22 +132,31 @@ def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data``; raise ImageError with a reason code for anything unusable."""
+    check_max_pixels(max_pixels)
     if not data:
         raise ImageError("empty_file", "file is empty (0 bytes)")
+    frames_dropped = 0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format or ""
-            if fmt not in SUPPORTED_FORMATS:
+            if fmt not in SUPPORTED_FORMATS and fmt not in READ_AS:
                 raise ImageError("unsupported_format", f"format {fmt or 'unknown'} is not supported "
-                                 f"(supported: {', '.join(SUPPORTED_FORMATS)})")
+                                 f"(supported: {', '.join([*SUPPORTED_FORMATS, *READ_AS])})")
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("too_large", f"{w}x{h} = {w * h:,} pixels exceeds the limit of "
-                                 f"{max_pixels:,} (raise --max-pixels if this is a real photo)")
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
+                                 f"{max_pixels:,} (raise --max-pixels, up to {MAX_PIXELS_CEILING:,}, if this is a real photo)")
+            frames = getattr(img, "n_frames", 1)
+            if fmt in READ_AS:  # MPO: phone JPEG + MP extension: the first frame is the photo, the rest previews/depth
+                fmt, frames_dropped = READ_AS[fmt], frames - 1
+            elif frames > 1:  # masking one page and dropping (or passing through) the others would lose or leak
+                raise ImageError("multi_page_unsupported", f"{fmt} file with {frames} pages/frames: only single-image "
+                                 "files are masked (a page left out would be lost, one passed through would leak); "
+                                 "split it into one file per page or frame (e.g. 'magick in.tif page-%d.tif') "
+                                 "and mask those")
+            img.seek(0)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             img.load()
     except ImageError:
@@ -139,28 +179,26 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     pixels, mode = _normalise(img)
     pixels = np.ascontiguousarray(pixels)
     return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=_to_rgb8(pixels), exif=exif,
-                   icc_profile=icc, orientation=orientation, source_mode=source_mode)
+                   icc_profile=icc, orientation=orientation, source_mode=source_mode, frames_dropped=frames_dropped)
 
 
 def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:
     if exif is None or policy == "strip" or not len(exif):
         return None
     out = Image.Exif()
-    for k, v in exif.items():
-        if k in (ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation):
-            continue
-        if policy == "safe" and k in _IDENTIFYING_EXIF:
-            continue
-        out[k] = v
     sub = exif.get_ifd(ExifTags.IFD.Exif)
-    if sub:
-        kept = {k: v for k, v in sub.items() if policy == "keep" or k not in _IDENTIFYING_EXIF}
-        if kept:
-            out.get_ifd(ExifTags.IFD.Exif).update(kept)
-    if policy == "keep":
+    if policy == "safe":
+        out.update({k: v for k, v in exif.items() if k in SAFE_IFD0})
+        kept = {k: v for k, v in sub.items() if k in SAFE_EXIF_IFD}
+    else:  # keep
+        out.update({k: v for k, v in exif.items() if k not in (
+            ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)})
+        kept = dict(sub)
         gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
         if gps:
             out.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
+    if kept:
+        out.get_ifd(ExifTags.IFD.Exif).update(kept)
     out[ExifTags.Base.Orientation] = 1  # pixels are already upright
     return out.tobytes()  # IFD1 (the embedded thumbnail: an unmasked copy) is never written
 

@@ -4,12 +4,19 @@ Given a CreateTransformJob request, it reads the manifest from S3, waits for ``/
 ``/execution-parameters``, then POSTs each object to ``/invocations`` as SageMaker would (the
 job's ContentType and Accept, one record per request with SplitType=None, at most
 MaxConcurrentTransforms at once, retries on 5xx and timeouts up to InvocationsMaxRetries) and
-writes the response to ``{S3OutputPath}/{key relative to the manifest prefix}.out``. A record
-that fails gets no ``.out``, as with SageMaker.
+writes the response to ``{S3OutputPath}/{key relative to the manifest prefix}.out``.
+
+Like Batch Transform, a record answered with a non-2xx status (after the retries for 5xx and
+timeouts), or over MaxPayloadInMB, fails the whole job: no new records are started, the
+``.out`` files of records finished before stay, and the job ends ``Failed`` with a
+``FailureReason``. ``LocalTransformHook`` puts that outcome where the backend looks for it:
+DescribeTransformJob (moto's answer, which always says ``Completed``, overlaid with the
+runner's outcome, stored next to the job's output as ``{S3OutputPath}.local-job.json``).
 """
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,17 +35,31 @@ def _http(method: str, url: str, body: bytes | None = None, headers: dict | None
         return e.code, e.read()
 
 
+class ContainerUnhealthy(RuntimeError):
+    """/ping reports an error for good (model failed to load, CUDA required but unusable)."""
+
+
 def wait_ready(endpoint: str, timeout: float = 180.0) -> None:
+    """Until /ping answers 200; a container that reports ``"status": "error"`` fails at once
+    (SageMaker would fail the job at its health-check timeout; the outcome is the same)."""
     deadline = time.monotonic() + timeout
+    last = "no answer"
     while True:
         try:
-            status, _ = _http("GET", endpoint.rstrip("/") + "/ping", timeout=2)
+            status, body = _http("GET", endpoint.rstrip("/") + "/ping", timeout=2)
             if status == 200:
                 return
-        except (urllib.error.URLError, OSError):
-            pass
+            last = f"{status} {body.decode(errors='replace')[:300]}"
+            try:
+                if json.loads(body).get("status") == "error":
+                    raise ContainerUnhealthy(f"container at {endpoint} failed its /ping health check: {last}")
+            except (ValueError, AttributeError):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
-            raise TimeoutError(f"container at {endpoint} did not answer /ping with 200 within {timeout:.0f} s")
+            raise TimeoutError(f"container at {endpoint} did not answer /ping with 200 within {timeout:.0f} s "
+                               f"(last answer: {last})")
         time.sleep(0.5)
 
 
@@ -50,7 +71,14 @@ def read_manifest(s3, uri: str) -> tuple[str, list[str]]:
     return doc[0]["prefix"], [str(k) for k in doc[1:]]
 
 
+def job_state_key(output_path: str) -> tuple[str, str]:
+    """Where the runner keeps a job's outcome: next to (not inside) the job's output folder."""
+    bucket, prefix = parse_s3_uri(output_path.rstrip("/") + "/")
+    return bucket, prefix.rstrip("/") + ".local-job.json"
+
+
 def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str], None] = print) -> dict:
+    """Run the job; returns its outcome (``TransformJobStatus``, ``FailureReason``, per-record stats)."""
     src = request["TransformInput"]["DataSource"]["S3DataSource"]
     if src["S3DataType"] != "ManifestFile":
         raise ValueError("the local runner implements S3DataType=ManifestFile only")
@@ -67,15 +95,29 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     retries = client_cfg.get("InvocationsMaxRetries", 3)
     concurrency = int(request.get("MaxConcurrentTransforms") or 1)
     max_bytes = int(request.get("MaxPayloadInMB", 6)) * 1024 * 1024
-    wait_ready(endpoint)
+    name = request["TransformJobName"]
+    t0 = time.perf_counter()
+    try:
+        wait_ready(endpoint)
+    except (TimeoutError, ContainerUnhealthy) as exc:  # SageMaker: the container failed its ping health check
+        reason = f"ClientError: the container did not pass the /ping health check: {exc}"
+        log(f"local transform {name}: Failed ({reason})")
+        return {"TransformJobStatus": "Failed", "FailureReason": reason, "records": len(rel_keys), "done": 0,
+                "failed": [], "not_started": len(rel_keys), "seconds": round(time.perf_counter() - t0, 3)}
     status, body = _http("GET", endpoint.rstrip("/") + "/execution-parameters")
     if status == 200 and not request.get("MaxConcurrentTransforms"):
         concurrency = int(json.loads(body).get("MaxConcurrentTransforms", 1))
     url = endpoint.rstrip("/") + "/invocations"
+    job_failed = threading.Event()
+
+    not_started = "not started: the job had failed"
 
     def one(rel: str) -> tuple[str, int | None, str]:
+        if job_failed.is_set():
+            return rel, None, not_started
         data = s3.get_object(Bucket=in_bucket, Key=in_prefix + rel)["Body"].read()
         if len(data) > max_bytes:
+            job_failed.set()
             return rel, 413, f"record is {len(data)} bytes, over MaxPayloadInMB"
         last = ""
         for attempt in range(retries + 1):
@@ -88,16 +130,64 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
                 s3.put_object(Bucket=out_bucket, Key=out_prefix + rel + ".out", Body=resp, ContentType=accept, **extra)
                 return rel, status, ""
             if status is not None and 400 <= status < 500:
+                job_failed.set()
                 return rel, status, resp.decode(errors="replace")[:500]
             last = last or resp.decode(errors="replace")[:500]
             time.sleep(min(2 ** attempt * 0.2, 5))
+        job_failed.set()
         return rel, status, last
 
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, rel_keys))
     wall = time.perf_counter() - t0
-    failed = [{"key": k, "status": s, "error": e} for k, s, e in results if e]
-    log(f"local transform {request['TransformJobName']}: {len(rel_keys) - len(failed)}/{len(rel_keys)} records "
-        f"in {wall:.1f} s ({len(rel_keys) / wall if wall else 0:.2f} records/s, concurrency {concurrency})")
-    return {"records": len(rel_keys), "failed": failed, "seconds": round(wall, 3)}
+    failed = [{"key": k, "status": s, "error": e} for k, s, e in results if e and e != not_started]
+    skipped = sum(1 for _, _, e in results if e == not_started)
+    done = len(rel_keys) - len(failed) - skipped
+    outcome = {"TransformJobStatus": "Failed" if failed else "Completed", "records": len(rel_keys), "done": done,
+               "failed": failed, "not_started": skipped, "seconds": round(wall, 3)}
+    if failed:
+        first = failed[0]
+        outcome["FailureReason"] = (f"ClientError: record {prefix}{first['key']} got "
+                                    f"{first['status'] or 'no answer'} from the container: {first['error'][:300]}")
+    log(f"local transform {name}: {outcome['TransformJobStatus']}, {done}/{len(rel_keys)} records in {wall:.1f} s "
+        f"({done / wall if wall else 0:.2f} records/s, concurrency {concurrency})"
+        + (f"; {outcome['FailureReason']}" if failed else ""))
+    return outcome
+
+
+class LocalTransformHook:
+    """A SageMaker hook whose transform jobs run on a local container server.
+
+    The API side (models, job registration, names, tags) goes to the wrapped hook (the Amazon
+    provider's ``SageMakerHook``, against moto in tests); ``create_transform_job`` then runs the
+    job with ``run_local_transform`` and stores its outcome, and ``describe_transform_job``
+    reports that outcome (status and FailureReason) as SageMaker would.
+    """
+
+    def __init__(self, hook, endpoint: str, s3, *, log: Callable[[str], None] = print):
+        self.hook, self.endpoint, self.s3, self.log = hook, endpoint, s3, log
+
+    def __getattr__(self, name):  # describe_model, create_model, get_conn, ...
+        return getattr(self.hook, name)
+
+    def create_transform_job(self, config: dict, wait_for_completion: bool = False, **kw):
+        response = self.hook.create_transform_job(config, wait_for_completion=False, **kw)
+        try:
+            outcome = run_local_transform(config, self.endpoint, self.s3, log=self.log)
+        except Exception as exc:  # noqa: BLE001 - the job's boundary: any crash is the job's FailureReason, as on AWS
+            outcome = {"TransformJobStatus": "Failed", "FailureReason": f"InternalServerError: {type(exc).__name__}: {exc}"}
+        bucket, key = job_state_key(config["TransformOutput"]["S3OutputPath"])
+        self.s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(outcome).encode(), ContentType="application/json")
+        return response
+
+    def describe_transform_job(self, name: str) -> dict:
+        desc = self.hook.describe_transform_job(name)
+        bucket, key = job_state_key(desc["TransformOutput"]["S3OutputPath"])
+        try:
+            outcome = json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except self.s3.exceptions.NoSuchKey:
+            return {**desc, "TransformJobStatus": "InProgress"}  # registered, not (yet) run here
+        desc = {**desc, "TransformJobStatus": outcome["TransformJobStatus"]}
+        if outcome.get("FailureReason"):
+            desc["FailureReason"] = outcome["FailureReason"]
+        return desc

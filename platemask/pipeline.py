@@ -17,12 +17,39 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .detections import Plate, record
 from .geometry import polygon_area
-from .imageio import DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, content_type, decode, encode
+from .imageio import (DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, check_max_pixels, content_type, decode,
+                      encode)
 from .mask import MaskStyle, apply_mask, masked_region
-from .storage import Store
+from .review import calibrate, review_band, review_reasons
+from .storage import Store, normalise_key
 
 # detector(keys, decoded images) -> per image: plates (any score) or an ImageError for that image
 Detector = Callable[[Sequence[str], Sequence[Decoded]], Sequence["list[Plate] | ImageError"]]
+
+
+# Threshold limits (one home; the CLI, the DAG's Params and the container read them from here).
+HARD_MASK_SCORE = 0.9  # a detection scoring at least this is always masked, whatever the threshold
+UNSAFE_THRESHOLD_MARGIN = 0.1  # thresholds above the model's operating threshold + this need an explicit opt-in
+
+
+def check_threshold(threshold: float | None, operating: float, *, unsafe: bool = False) -> None:
+    """Refuse (ValueError naming the fix) a threshold above the model's operating threshold plus
+    ``UNSAFE_THRESHOLD_MARGIN`` unless ``unsafe``: it would publish plates the model found as unmasked."""
+    if threshold is None or unsafe:
+        return
+    limit = operating + UNSAFE_THRESHOLD_MARGIN
+    if threshold > limit + 1e-9:
+        raise ValueError(
+            f"threshold {threshold:g} is above the model's operating threshold {operating:g} "
+            f"+ {UNSAFE_THRESHOLD_MARGIN:g}: "
+            f"plates scored between {limit:g} and {threshold:g} would be published unmasked (detections >= "
+            f"{HARD_MASK_SCORE:g} are always masked). Use a threshold <= {limit:g}, or opt in explicitly "
+            "(--unsafe-threshold; the DAG Param unsafe_threshold)")
+
+
+def plates_to_mask(plates: Sequence[Plate], threshold: float) -> list[Plate]:
+    """The plates to hide: at or above ``threshold``, and always those scoring >= ``HARD_MASK_SCORE``."""
+    return [p for p in plates if p.score >= min(threshold, HARD_MASK_SCORE)]
 
 
 @dataclass(frozen=True)
@@ -37,6 +64,16 @@ class JobOptions:
     batch_size: int = 4
     read_workers: int = 8
     write_workers: int = 3
+    calibration: tuple = ()  # the model's isotonic score -> P(plate) map (platemask.review.calibrate)
+
+    @classmethod
+    def for_model(cls, cfg, threshold: float | None = None, **kw) -> "JobOptions":
+        """Options for a model's ``config.json`` at ``threshold`` (default: its operating threshold):
+        the review band and the calibration come from the model (one rule: platemask.review)."""
+        t = cfg.score_threshold if threshold is None else threshold
+        band = review_band(t, cfg.review_low, cfg.review_high)
+        return cls(threshold=t, review_low=band.low, review_high=band.high,
+                   calibration=tuple(tuple(k) for k in cfg.calibration), **kw)
 
     def __post_init__(self):
         for name in ("threshold", "review_low", "review_high"):
@@ -47,6 +84,7 @@ class JobOptions:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
         if self.metadata not in ("strip", "safe", "keep"):
             raise ValueError(f"metadata must be strip, safe or keep, got {self.metadata!r}")
+        check_max_pixels(self.max_pixels)
 
 
 class Timings:
@@ -66,20 +104,22 @@ class Timings:
 
 
 class Progress:
-    """Count, images/s and ETA on stderr (or a logger), at most every ``every`` seconds."""
+    """Count, images/s and ETA on stderr (or a logger), at most every ``every`` seconds (thread-safe)."""
 
     def __init__(self, total: int | None, *, every: float = 2.0, emit: Callable[[str], None] | None = None):
         self.total, self.every, self.done, self.failed = total, every, 0, 0
         self.start = self.last = time.monotonic()
         self.emit = emit or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._lock = threading.Lock()
 
     def update(self, status: str):
-        self.done += 1
-        self.failed += status == "failed"
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            self.emit(self.line())
+        with self._lock:
+            self.done += 1
+            self.failed += status == "failed"
+            now = time.monotonic()
+            if now - self.last >= self.every or self.done == self.total:
+                self.last = now
+                self.emit(self.line())
 
     def line(self) -> str:
         el = max(time.monotonic() - self.start, 1e-9)
@@ -95,19 +135,26 @@ class Progress:
 def build_record(key: str, dec: Decoded, plates: list[Plate], opts: JobOptions, *, model: dict | None,
                  input_sha256: str | None, output_sha256: str | None = None, output_key: str | None = None) -> dict:
     """The detection record for one decoded image: the same for the CLI, the DAG and the container."""
-    to_mask = [p for p in plates if p.score >= opts.threshold]
-    near = [p for p in plates if opts.review_low <= p.score < opts.threshold]
-    why = []
-    if near:
-        why.append(f"{len(near)} detection(s) just below the threshold")
-    if any(p.score < opts.review_high for p in to_mask):
-        why.append("masked plate(s) with low confidence")
-    return record(
+    to_mask = plates_to_mask(plates, opts.threshold)
+    effective = min(opts.threshold, HARD_MASK_SCORE)
+    band = review_band(effective, opts.review_low, opts.review_high)
+    near = [p for p in plates if band.low <= p.score < effective]
+    area = sum(polygon_area(masked_region(p, opts.style)[0]) for p in to_mask)
+    why = review_reasons([p.score for p in plates], band, masked_fraction=area / max(dec.width * dec.height, 1))
+    rec = record(
         key, status="masked" if to_mask else "no_plate", width=dec.width, height=dec.height, plates=to_mask,
         model=model, input_sha256=input_sha256, output_sha256=output_sha256, review=bool(why),
         review_reason="; ".join(why), near_misses=[p.to_json() for p in near], output_key=output_key,
-        masked_area_px=round(sum(polygon_area(masked_region(p, opts.style)[0]) for p in to_mask), 1),
+        masked_area_px=round(area, 1),
+        **({"frames_dropped": dec.frames_dropped,
+            "note": f"multi-picture JPEG (MPO): the first frame was masked and written as a plain JPEG; "
+                    f"{dec.frames_dropped} other frame(s) (previews, depth maps) were dropped"}
+           if dec.frames_dropped else {}),
     )
+    if opts.calibration:  # the probability that each detection is a plate, for reviewers
+        for p in rec["plates"] + rec["near_misses"]:
+            p["p_plate"] = calibrate(p["score"], opts.calibration)
+    return rec
 
 
 def _sha256(b: bytes) -> str:
@@ -125,6 +172,29 @@ def _prefetch(fn, items: Iterable, pool: ThreadPoolExecutor, depth: int) -> Iter
         yield pending.popleft().result()
 
 
+def _output_keys(keys: Sequence[str],
+                 dst_key: Callable[[str], str]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """Each key's output key, and the keys refused with (reason, message): an unsafe output key,
+    or one output claimed by several inputs (all of them are refused, each naming the others)."""
+    out: dict[str, str] = {}
+    refused: dict[str, tuple[str, str]] = {}
+    claimed: dict[str, list[str]] = {}
+    for k in keys:
+        try:
+            out[k] = dst_key(k)
+        except ValueError as exc:
+            refused[k] = ("unsafe_key", f"{exc}; rename the object so that its path stays inside the destination")
+            continue
+        claimed.setdefault(out[k], []).append(k)
+    for o, ks in claimed.items():
+        if len(ks) > 1:
+            for i, k in enumerate(ks):
+                others = ", ".join(repr(x) for j, x in enumerate(ks) if j != i)
+                refused[k] = ("output_collision", f"writes the same output {o!r} as {others}; neither is written "
+                              "(rename one of them so their paths differ after removing '..', '.' and '//')")
+    return out, refused
+
+
 @dataclass
 class _Loaded:
     key: str
@@ -136,24 +206,36 @@ class _Loaded:
 def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts: JobOptions, *,
             model: dict | None = None, on_record: Callable[[dict], None] | None = None,
             progress: Progress | None = None, timings: Timings | None = None,
-            dst_key: Callable[[str], str] = lambda k: k) -> list[dict]:
-    """Mask ``keys`` from ``src`` into ``dst``; returns one record per key, in input order."""
+            dst_key: Callable[[str], str] = normalise_key) -> list[dict]:
+    """Mask ``keys`` from ``src`` into ``dst``; returns one record per key, in input order.
+
+    ``dst_key`` maps an input key to its output key (by default the same path, normalised). An input
+    whose output key is unsafe (ValueError from ``dst_key``), or shared with another input, fails
+    before anything is read or written: nothing is overwritten and each one has its record.
+    ``on_record`` and ``progress`` are called one record at a time (never concurrently), so a
+    callback may append to one file without a lock of its own.
+    """
     timings = timings or Timings()
     records: dict[str, dict] = {}
     lock = threading.Lock()
+    out_keys, refused = _output_keys(keys, dst_key)
 
     def emit(rec: dict):
+        # Records come from the main thread and from every writer thread: one at a time, so that
+        # ``on_record`` (which may append to one shared file) and the progress counter never race.
         with lock:
             records[rec["key"]] = rec
-        if on_record:
-            on_record(rec)
-        if progress:
-            progress.update(rec["status"])
+            if on_record:
+                on_record(rec)
+            if progress:
+                progress.update(rec["status"])
 
     def load(key: str) -> _Loaded:
         t0 = time.perf_counter()
         try:
             data = src.read(key)
+        except ImageError as exc:  # the store's own verdict on this input (e.g. source_changed), reason kept
+            return _Loaded(key, error=exc)
         except Exception as exc:  # noqa: BLE001 - any storage error fails this image only, with its reason
             return _Loaded(key, error=ImageError("read_error", f"cannot read {src.describe(key)}: {exc}"))
         finally:
@@ -173,7 +255,7 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
     def finish(item: _Loaded, plates: list[Plate]):
         dec = item.dec
         try:
-            to_mask = [p for p in plates if p.score >= opts.threshold]
+            to_mask = plates_to_mask(plates, opts.threshold)
             t0 = time.perf_counter()
             pixels = apply_mask(dec.pixels, to_mask, opts.style)
             timings.add("mask", time.perf_counter() - t0)
@@ -181,13 +263,13 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             data = encode(dec, pixels, jpeg_quality=opts.jpeg_quality, metadata=opts.metadata)
             timings.add("encode", time.perf_counter() - t1)
             t2 = time.perf_counter()
-            out_key = dst_key(item.key)
+            out_key = out_keys[item.key]
             dst.write(out_key, data, content_type(dec.format))
             timings.add("write", time.perf_counter() - t2)
         except ImageError as exc:
             return fail(item, exc, width=dec.width, height=dec.height)
         except Exception as exc:  # noqa: BLE001 - a write or encode failure fails this image only
-            return fail(item, ImageError("write_error", f"cannot mask or write {dst.describe(dst_key(item.key))}: "
+            return fail(item, ImageError("write_error", f"cannot mask or write {dst.describe(out_keys[item.key])}: "
                                          f"{type(exc).__name__}: {exc}"), width=dec.width, height=dec.height)
         emit(build_record(item.key, dec, plates, opts, model=model, input_sha256=item.sha,
                           output_sha256=_sha256(data), output_key=dst.describe(out_key)))
@@ -217,7 +299,10 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             while len(pending) > 2 * opts.write_workers:
                 pending.popleft().result()
 
-        for item in _prefetch(load, keys, readers, depth=max(2 * opts.batch_size, opts.read_workers)):
+        for key, (reason, message) in refused.items():
+            emit(record(key, status="failed", error=f"{src.describe(key)}: {message}", reason=reason, model=model))
+        todo = [k for k in keys if k not in refused]
+        for item in _prefetch(load, todo, readers, depth=max(2 * opts.batch_size, opts.read_workers)):
             if item.error is not None:
                 fail(item, item.error)
                 continue

@@ -42,9 +42,7 @@ def _thumb(data: bytes, plates: list[dict], near: list[dict]) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _pair(client, settings, spec, rec: dict) -> str:
-    from .runs import masked_key
-
+def _pair(client, settings, masked_key, rec: dict) -> str:
     esc = html.escape
     cells = []
     try:
@@ -54,7 +52,7 @@ def _pair(client, settings, spec, rec: dict) -> str:
         cells.append(f"<div class=miss>original unavailable: {esc(str(exc))}</div>")
     if rec["status"] != "failed":
         try:
-            mk = masked_key(settings, spec.region, rec["key"])
+            mk = masked_key(rec["key"])
             masked = client.get_object(Bucket=settings.bucket, Key=mk)["Body"].read()
             cells.append(f'<img src="{_thumb(masked, [], [])}" alt="after">')
         except Exception as exc:  # noqa: BLE001
@@ -67,8 +65,9 @@ def _pair(client, settings, spec, rec: dict) -> str:
             f"{'; ' + esc(why) if why else ''}</figcaption></figure>")
 
 
-def render_report(report: dict, records: list[dict], *, client, settings, spec, samples: int = 6,
+def render_report(report: dict, records: list[dict], *, client, settings, spec, masked_key, samples: int = 6,
                   rng: random.Random | None = None) -> str:
+    """The QA page; ``masked_key(raw_key)`` names a photo's masked copy (the run's key layout)."""
     rng = rng or random.Random(0)
     esc = html.escape
     s = report["by_status"]
@@ -108,8 +107,8 @@ figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-wi
 <h2>Shards</h2><table><tr><th>#</th><th>photos</th><th>processed</th><th>skipped</th><th>failed</th><th>seconds</th><th>images/s</th></tr>{shards}</table>
 <h2>Review ({_e(report['review']['count'])}{', first ' + str(MAX_REVIEW) if report['review']['count'] > MAX_REVIEW else ''})</h2>
 <p>Red: masked plate outline. Yellow: detection just below the threshold (not masked).</p>
-{''.join(_pair(client, settings, spec, r) for r in review) or '<p>nothing to review</p>'}
-<h2>Random samples</h2>{''.join(_pair(client, settings, spec, r) for r in picks) or '<p>no masked photos</p>'}
+{''.join(_pair(client, settings, masked_key, r) for r in review) or '<p>nothing to review</p>'}
+<h2>Random samples</h2>{''.join(_pair(client, settings, masked_key, r) for r in picks) or '<p>no masked photos</p>'}
 </body></html>"""
 
 

@@ -15,6 +15,7 @@ Layout (all under ``settings.bucket``):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from .imageio import extension_supported
+from .imageio import ImageError, extension_supported
 from .settings import Settings
 from .storage import S3Store, parse_s3_uri
 from .windows import Window, resolve_window
@@ -80,6 +81,14 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_st
     threshold = params.get("threshold")
     if threshold is not None and not 0 <= float(threshold) <= 1:
         raise RunError(f"threshold must be within [0, 1], got {threshold}")
+    if threshold is not None and not params.get("unsafe_threshold"):
+        from .model import load_config
+        from .pipeline import check_threshold
+
+        try:
+            check_threshold(float(threshold), load_config(params.get("model") or settings.model_dir).score_threshold)
+        except (FileNotFoundError, ValueError) as exc:
+            raise RunError(str(exc)) from None
     max_images = params.get("max_images")
     if max_images is not None and int(max_images) < 1:
         raise RunError(f"max_images must be >= 1 or empty, got {max_images}")
@@ -182,7 +191,9 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
 def make_shards(client, settings: Settings, collected: list[dict], log: Callable[[str], None] = print) -> list[dict]:
     """Cut each manifest into shards; the total stays under ``max_shards`` (Airflow maps < 1024)."""
     total = sum(c["count"] for c in collected)
-    size = max(settings.shard_size, math.ceil(total / settings.max_shards)) if total else settings.shard_size
+    sagemaker = any(c["spec"]["backend"] == "sagemaker" for c in collected)
+    base = settings.sagemaker_shard_size if sagemaker else settings.shard_size  # a shard is one transform job
+    size = max(base, math.ceil(total / settings.max_shards)) if total else base
     shards = []
     for c in collected:
         if not c["count"]:
@@ -226,12 +237,50 @@ def _already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit:
     return S3Store(settings.bucket, client=client).exists(masked_key(settings, spec.region, entry["key"]))
 
 
+class ManifestSource:
+    """The originals exactly as the manifest listed them (fail closed on any change).
+
+    Every read is pinned to the listed ETag (S3 ``IfMatch``): a photo re-uploaded since it was
+    listed is not read at all. Where the detection was made elsewhere (SageMaker's ``.out``
+    records carry the SHA-256 of the bytes the container saw), the bytes read must have that
+    hash too. Either way a mismatch is ``ImageError("source_changed")``: the photo's record is
+    ``failed``, nothing is published, and the next run (which lists the new ETag) picks it up.
+    """
+
+    def __init__(self, store: S3Store, etags: dict[str, str], expected_sha256: dict[str, str] | None = None):
+        self.store, self.etags, self.expected = store, etags, expected_sha256 or {}
+        self.uri = store.uri
+
+    def read(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        etag = self.etags[key]
+        try:
+            data = self.store.read(key, if_match=f'"{etag}"')
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+                raise
+            raise ImageError("source_changed", f"{self.describe(key)} changed since it was listed (ETag {etag} "
+                             "no longer matches): not masked; the next run processes the new upload") from None
+        want = self.expected.get(key)
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise ImageError("source_changed", f"{self.describe(key)}: the bytes read (ETag {etag}) are not the bytes "
+                             "the detector saw (input_sha256 differs): not masking with another photo's polygons; "
+                             "the next run processes it again")
+        return data
+
+    def describe(self, key: str) -> str:
+        return self.store.describe(key)
+
+
 def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callable, *,
                log: Callable[[str], None] = print) -> dict:
     """Mask one shard: skip what is already done for this source ETag and model, do the rest.
 
     ``detector_factory(spec, entries) -> (detect, model_info, cfg)`` builds the backend's detector
-    (the local model, or SageMaker's .out files) once per shard.
+    (the local model, or SageMaker's .out files) once per shard. Originals are read through
+    ``ManifestSource`` (pinned to the manifest's ETags; a detector that knows the hashes of the
+    bytes it detected on exposes them as ``detect.expected_sha256``).
     """
     from .mask import MaskStyle
     from .pipeline import JobOptions, Progress, Timings, run_job
@@ -270,7 +319,8 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
             store.write(audit_key(settings, spec.region, rec["key"]), json.dumps(rec, sort_keys=True).encode(),
                         "application/json")
 
-        new = run_job(store, store, [e["key"] for e in todo], detect, opts, model=model_info, timings=timings,
+        source = ManifestSource(store, etags, getattr(detect, "expected_sha256", None))
+        new = run_job(source, store, [e["key"] for e in todo], detect, opts, model=model_info, timings=timings,
                       on_record=write_audit, progress=Progress(len(todo), every=10.0, emit=log),
                       dst_key=lambda k: masked_key(settings, spec.region, k))
     wall = time.perf_counter() - t0
@@ -356,6 +406,7 @@ def aggregate(client, settings: Settings, collected: list[dict], *, run_id: str,
         qa = qa_prefix(settings, spec)
         report_uri = _put_json(client, settings, qa + "report.json", report)
         html = render_report(report, records, client=client, settings=settings, spec=spec,
+                             masked_key=lambda k: masked_key(settings, spec.region, k),
                              samples=settings.review_samples, rng=random.Random(spec.window.id))
         S3Store(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id).write(
             qa + "report.html", html.encode(), "text/html; charset=utf-8")

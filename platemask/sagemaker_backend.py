@@ -1,11 +1,17 @@
 """Backend "sagemaker": segmentation as a SageMaker Batch Transform job on our container.
 
 Per shard: package the model (content-addressed, uploaded once), create the SageMaker model
-(idempotent), write a ManifestFile of the shard's photos, start a transform job with a
-deterministic name (a retry finds and reuses its job instead of starting a duplicate), wait
-without a worker slot (the DAG's reschedule sensor), then mask with the polygons from the
-``{output}/{key}.out`` files. A photo without ``.out`` (SageMaker skips failed records) fails
-with a reason and is never published.
+(idempotent), write a ManifestFile of the shard's photos still to do (no audit record for this
+source ETag, model, mode and threshold), start a transform job with a deterministic name (a
+retry finds and reuses its job instead of starting a duplicate), wait without a worker slot
+(the DAG's reschedule sensor), then mask with the polygons from the ``{output}/{key}.out`` files.
+
+Batch Transform fails the whole job when one record gets a non-2xx answer, so the container
+answers 200 with a ``failed`` record for a photo it cannot decode (that photo's failure, not the
+job's). A job that fails or is stopped anyway keeps the ``.out`` files of the records it
+finished: they are used, and the next attempt's manifest holds only the rest; attempts stop when
+one makes no progress. A photo without ``.out`` fails with the job's FailureReason, a photo
+whose bytes are not the ones the container saw fails ``source_changed``; neither is published.
 
 The SageMaker client is the Airflow Amazon provider's ``SageMakerHook`` (any object with its
 create/describe methods works, which keeps this module testable without Airflow).
@@ -24,7 +30,7 @@ from .detections import Plate
 from .imageio import ImageError
 from .model import load_config
 from .package import package_model
-from .runs import RunError, RunSpec, _get_lines, _put_json, run_prefix
+from .runs import RunError, RunSpec, _already_done, _get_lines, _put_json, _read_audit, audit_key, run_prefix
 from .settings import Settings
 from .storage import S3Store, parse_s3_uri
 
@@ -34,6 +40,13 @@ MAX_PAYLOAD_MB = 100  # SageMaker's limit for MaxPayloadInMB, and for MaxConcurr
 NAME_MAX = 63
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9-]+")
 TERMINAL = ("Completed", "Failed", "Stopped")
+ENDED_EARLY = ("Failed", "Stopped")
+MAX_ATTEMPTS = 10
+GPU_INSTANCE = re.compile(r"^ml\.[gp]\d")  # ml.g4dn/g5/g6/p3/p4d/p5...: NVIDIA GPUs
+
+
+def gpu_instance(instance_type: str) -> bool:
+    return bool(GPU_INSTANCE.match(instance_type))
 
 
 def _short_hash(*parts: Any, n: int = 10) -> str:
@@ -54,12 +67,15 @@ def model_name(model_sha: str, image_uri: str) -> str:
 
 
 def job_name(spec: RunSpec, shard_index: int, entries: list[dict], model: str, attempt: int = 0, bucket: str = "") -> str:
-    """Deterministic per (bucket, region, window, shard content, model, mode); ``attempt`` only
-    moves on after a job with the previous name failed or was stopped."""
-    content = _short_hash(bucket, spec.window.id, shard_index, model, spec.mode,
+    """Deterministic per (bucket, region, window, run, shard content, model, mode, threshold):
+    a retry in the same run finds its job; ``attempt`` only moves on after a job with the
+    previous name failed or was stopped; a new run starts its own jobs."""
+    content = _short_hash(bucket, spec.window.id, spec.run_id, shard_index, model, spec.mode, spec.threshold,
                           *(f"{e['key']}@{e['etag']}" for e in entries), n=8)
     day = spec.window.start.strftime("%Y%m%d")
-    return sagemaker_name("pm", spec.region.lower(), day, content, f"s{shard_index:04d}", f"a{attempt}")
+    threshold = "tdef" if spec.threshold is None else f"t{round(spec.threshold * 1000):04d}"  # readable in the console
+    return sagemaker_name("pm", spec.region.lower(), day, threshold, f"m{model[-6:]}", content, f"s{shard_index:04d}",
+                          f"a{attempt}")
 
 
 def payload_mb(entries: list[dict]) -> int:
@@ -89,6 +105,12 @@ def transform_request(settings: Settings, spec: RunSpec, *, job: str, model: str
     resources: dict = {"InstanceType": settings.sagemaker_instance_type, "InstanceCount": settings.sagemaker_instance_count}
     if settings.sagemaker_kms_key_id:
         resources["VolumeKmsKeyId"] = settings.sagemaker_kms_key_id
+    env = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": str(mb), "PLATEMASK_THRESHOLD": "" if spec.threshold is None else str(spec.threshold)}
+    if gpu_instance(settings.sagemaker_instance_type):
+        # the container refuses to pass /ping without working CUDA: a GPU job never runs on the CPU
+        env["PLATEMASK_REQUIRE_CUDA"] = "1"
+        if settings.sagemaker_transform_ami_version:
+            resources["TransformAmiVersion"] = settings.sagemaker_transform_ami_version
     return {
         "TransformJobName": job,
         "ModelName": model,
@@ -97,8 +119,7 @@ def transform_request(settings: Settings, spec: RunSpec, *, job: str, model: str
         "BatchStrategy": "SingleRecord",
         "ModelClientConfig": {"InvocationsTimeoutInSeconds": settings.sagemaker_invocation_timeout_s,
                               "InvocationsMaxRetries": settings.sagemaker_invocation_retries},
-        "Environment": {"SAGEMAKER_MAX_PAYLOAD_IN_MB": str(mb), "PLATEMASK_THRESHOLD": ""
-                        if spec.threshold is None else str(spec.threshold)},
+        "Environment": env,
         "TransformInput": {
             "DataSource": {"S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": manifest_uri}},
             "ContentType": "application/x-image",
@@ -150,92 +171,197 @@ def ensure_model(hook, s3, settings: Settings, model_dir: str) -> tuple[str, str
     return name, sha
 
 
-def submit(hook, s3, settings: Settings, shard: dict, model_dir: str, *,
-           local_runner: Callable[[dict], dict] | None = None) -> dict:
-    """Start (or find) this shard's transform job. Returns the shard dict with a ``transform`` entry."""
+def photos_to_do(s3, settings: Settings, spec: RunSpec, entries: list[dict], identity: dict) -> list[dict]:
+    """The shard's photos without an audit record for this source ETag, model, mode and threshold
+    (all of them with ``reprocess``): the same rule as the mask step's skip."""
+    if spec.reprocess:
+        return list(entries)
+
+    def done(e: dict) -> bool:
+        audit = _read_audit(s3, settings, audit_key(settings, spec.region, e["key"]))
+        return _already_done(s3, settings, spec, e, audit, identity)
+
+    with ThreadPoolExecutor(settings.io_workers) as pool:
+        flags = list(pool.map(done, entries))
+    return [e for e, d in zip(entries, flags) if not d]
+
+
+def outputs_present(s3, output: str) -> set[str]:
+    """Keys (relative to the manifest prefix, the bucket root) a job wrote a ``.out`` for."""
+    bucket, prefix = parse_s3_uri(output)
+    found = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.update(o["Key"][len(prefix):-len(".out")] for o in page.get("Contents", []) if o["Key"].endswith(".out"))
+    return found
+
+
+def _describe(hook, job: str) -> dict | None:
+    try:
+        return hook.describe_transform_job(job)
+    except Exception as exc:  # noqa: BLE001 - boto's ClientError; anything but "not found" is re-raised
+        if not _not_found(exc):
+            raise
+        return None
+
+
+def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
+    """Start (or find) this shard's transform job. Returns the shard dict with a ``transform`` entry.
+
+    Walks the attempts of this run: a running or completed job is reused; a failed or stopped one
+    contributes the ``.out`` files it wrote and the next attempt gets a manifest of the rest. An
+    attempt that ended without any new output ends the walk (no job over the same photos again
+    and again): the mask step then fails the rest with that job's FailureReason.
+    """
     spec = RunSpec.from_dict(shard["spec"])
     entries = _get_lines(s3, shard["shard"])
     model, model_sha = ensure_model(hook, s3, settings, model_dir)
-    manifest_key = run_prefix(settings, spec) + f"transform/{shard['index']:04d}.manifest"
-    manifest_uri = _put_json(s3, settings, manifest_key, manifest_document(settings, entries))
-    for attempt in range(10):
-        job = job_name(spec, shard["index"], entries, model, attempt, settings.bucket)
-        try:
-            state = hook.describe_transform_job(job)["TransformJobStatus"]
-        except Exception as exc:  # noqa: BLE001
-            if not _not_found(exc):
-                raise
-            state = None
-        if state in ("Failed", "Stopped"):
-            continue  # that attempt is over; the next name starts a fresh job
-        request = transform_request(settings, spec, job=job, model=model, manifest_uri=manifest_uri, entries=entries)
-        if state is None:
+    todo = photos_to_do(s3, settings, spec, entries, load_config(model_dir).identity())
+    base = {"model": model, "model_sha256": model_sha, "photos": len(todo)}
+    if not todo:
+        log.info("shard %s: all %d photos already masked with this model: no transform job", shard["shard"], len(entries))
+        return {**shard, "transform": {**base, "job": None, "state": "Completed", "outputs": []}}
+    todo_keys = {e["key"] for e in todo}
+    earlier: list[str] = []  # outputs of this run's failed or stopped attempts, newest first
+    have: set[str] = set()
+    last: dict = {}
+    for attempt in range(MAX_ATTEMPTS):
+        job = job_name(spec, shard["index"], todo, model, attempt, settings.bucket)
+        output = output_uri(settings, spec, job)
+        t = {**base, "job": job, "attempt": attempt, "output": output, "outputs": [output, *earlier]}
+        desc = _describe(hook, job)
+        if desc is None:
+            rest = [e for e in todo if e["key"] not in have]
+            manifest_uri = _put_json(s3, settings, run_prefix(settings, spec) + f"transform/{job}.manifest",
+                                     manifest_document(settings, rest))
+            request = transform_request(settings, spec, job=job, model=model, manifest_uri=manifest_uri, entries=rest)
+            log.info("starting transform job %s (%d photos, %d already done by earlier attempts, MaxPayloadInMB %d, "
+                     "MaxConcurrentTransforms %d)", job, len(rest), len(have), request["MaxPayloadInMB"],
+                     request["MaxConcurrentTransforms"])
             hook.create_transform_job(request, wait_for_completion=False)
-            log.info("started transform job %s (%d photos, MaxPayloadInMB %d, MaxConcurrentTransforms %d)", job,
-                     len(entries), request["MaxPayloadInMB"], request["MaxConcurrentTransforms"])
-            if local_runner is not None:
-                local_runner(request)
-        else:
+            return {**shard, "transform": {**t, "submitted": len(rest)}}
+        state = desc["TransformJobStatus"]
+        if state not in ENDED_EARLY:
             log.info("transform job %s already exists (%s): reusing it", job, state)
-        return {**shard, "transform": {"job": job, "output": request["TransformOutput"]["S3OutputPath"],
-                                       "model": model, "model_sha256": model_sha, "attempt": attempt}}
-    raise RunError(f"shard {shard['shard']}: 10 transform attempts failed; see the jobs' FailureReason")
+            return {**shard, "transform": t}
+        got = outputs_present(s3, output) & todo_keys
+        new = got - have
+        have |= got
+        earlier.insert(0, output)
+        last = {**t, "outputs": list(earlier), "state": state, "failure_reason": desc.get("FailureReason")}
+        log.warning("transform job %s %s (%s): %d photos done by it, %d of %d still without output", job, state,
+                    desc.get("FailureReason") or "no reason given", len(new), len(todo_keys - have), len(todo))
+        if not new or have == todo_keys:
+            break
+    return {**shard, "transform": last}
 
 
-def poll(hook, shard: dict) -> tuple[bool, dict]:
-    """(done, shard with the job's final state) for the wait sensor."""
+def poll(hook, shard: dict, *, resubmit: Callable[[dict], dict] | None = None) -> tuple[bool, dict]:
+    """(done, shard with the final state of the job in charge) for the wait sensor.
+
+    ``shard`` is what the submit task returned (a reschedule sensor keeps no state between
+    pokes). With ``resubmit`` (``submit`` bound to its clients), a failed or stopped job is
+    followed through the run's attempts: ``submit`` reuses the attempt in charge or starts one over
+    the photos still without output, and the wait goes on; it ends at an attempt without progress.
+    """
     t = shard["transform"]
+    if t.get("job") is None:
+        return True, shard
     desc = hook.describe_transform_job(t["job"])
     state = desc["TransformJobStatus"]
+    while state in ENDED_EARLY and resubmit is not None:
+        again = resubmit(shard)["transform"]
+        if again["job"] == t["job"]:
+            t = again  # the walk ended here: outputs of every attempt, this job's FailureReason
+            break
+        log.warning("transform job %s %s (%s): the photos it left without output are with %s", t["job"], state,
+                    desc.get("FailureReason"), again["job"])
+        t = again
+        desc = hook.describe_transform_job(t["job"])
+        state = desc["TransformJobStatus"]
     done = state in TERMINAL
     return done, {**shard, "transform": {**t, "state": state, "failure_reason": desc.get("FailureReason")}}
 
 
 def stop(hook, shard: dict) -> None:
-    t = (shard or {}).get("transform")
-    if t:
+    """Stop the shard's job and any later attempt the wait started (its XCom only names the first)."""
+    t = (shard or {}).get("transform") or {}
+    job = t.get("job")
+    if not job:
+        return
+    names = [job]
+    if re.search(r"-a\d+$", job):
+        names += [re.sub(r"-a\d+$", f"-a{n}", job) for n in range(int(t.get("attempt", 0)) + 1, MAX_ATTEMPTS)]
+    for name in names:
         try:
-            hook.get_conn().stop_transform_job(TransformJobName=t["job"])
-            log.warning("stopped transform job %s", t["job"])
-        except Exception as exc:  # noqa: BLE001 - already finished jobs cannot be stopped
-            log.info("could not stop %s: %s", t["job"], exc)
+            hook.get_conn().stop_transform_job(TransformJobName=name)
+            log.warning("stopped transform job %s", name)
+        except Exception as exc:  # noqa: BLE001 - finished or never started jobs cannot be stopped
+            log.info("could not stop %s: %s", name, exc)
 
 
 def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], model_dir: str | None,
                        transform: dict, s3) -> tuple:
-    """Detector that reads the job's ``.out`` records instead of running a model."""
+    """Detector that reads the job's ``.out`` records instead of running a model.
+
+    Each photo's record comes from the newest attempt that wrote one. ``detect.expected_sha256``
+    holds the SHA-256 of the bytes the container saw per key: the mask step reads the original
+    through ``runs.ManifestSource``, which refuses other bytes (``source_changed``).
+    """
+    from botocore.exceptions import ClientError
+
     cfg = load_config(model_dir or settings.model_dir)
-    out_bucket, out_prefix = parse_s3_uri(transform["output"])
-    why = transform.get("failure_reason") or f"job ended {transform.get('state', 'without a state')}"
+    outputs = transform.get("outputs") or ([transform["output"]] if transform.get("output") else [])
+    job = transform.get("job")
+    state = transform.get("state") or "without a state"
+    why = transform.get("failure_reason") or f"job ended {state}"
 
     def fetch(key: str) -> dict | ImageError:
-        from botocore.exceptions import ClientError
+        for out in outputs:
+            out_bucket, out_prefix = parse_s3_uri(out)
+            try:
+                body = s3.get_object(Bucket=out_bucket, Key=out_prefix + key + ".out")["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    continue
+                return ImageError("transform_output_unreadable", f"cannot read {out}{key}.out: {exc}")
+            try:
+                rec = json.loads(body)
+            except ValueError:
+                return ImageError("bad_transform_output", f"unreadable output for {key} from {out}")
+            return rec if isinstance(rec, dict) else ImageError("bad_transform_output", f"{out}{key}.out is no record")
+        if state in ENDED_EARLY:
+            return ImageError("transform_job_failed", f"transform job {job} ended {state} before it processed "
+                              f"s3://{settings.bucket}/{key} ({why}); not published, the next run redoes it")
+        return ImageError("no_transform_output", f"transform job {job} wrote no output for "
+                          f"s3://{settings.bucket}/{key} ({why}); not published, the next run redoes it")
 
-        try:
-            body = s3.get_object(Bucket=out_bucket, Key=out_prefix + key + ".out")["Body"].read()
-        except ClientError:
-            return ImageError("no_transform_output", f"transform job {transform['job']} wrote no output for "
-                              f"s3://{settings.bucket}/{key} ({why}); SageMaker skips records the container refused")
-        try:
-            return json.loads(body)
-        except ValueError:
-            return ImageError("bad_transform_output", f"unreadable output for {key} from job {transform['job']}")
-
+    keys = [e["key"] for e in entries]
     with ThreadPoolExecutor(settings.io_workers) as pool:
-        outputs = dict(zip([e["key"] for e in entries], pool.map(fetch, [e["key"] for e in entries])))
-    model_info = {**cfg.identity(), "backend": "sagemaker", "transform_job": transform["job"]}
+        outputs_by_key = dict(zip(keys, pool.map(fetch, keys)))
+    model_info = {**cfg.identity(), "backend": "sagemaker", "transform_job": job}
+    identity = cfg.identity()
+
+    def check(key: str, rec: dict | ImageError | None, dec) -> list[Plate] | ImageError:
+        if rec is None:
+            return ImageError("no_transform_output", f"{key} was not in the transform job")
+        if isinstance(rec, ImageError):
+            return rec
+        if rec.get("status") == "failed":  # the container's verdict on this photo
+            return ImageError(rec.get("reason") or "container_failed",
+                              f"the container could not process it: {rec.get('error') or 'no message'}")
+        seen = rec.get("model") or {}
+        wrong = [k for k in ("weights_sha256", "verifier_sha256") if identity.get(k) and seen.get(k) != identity.get(k)]
+        if wrong or not rec.get("input_sha256"):
+            return ImageError("detection_mismatch", f"{key}: the .out record is not from this model "
+                              f"({', '.join(wrong)} differ) or has no input_sha256; not masking with it")
+        if (rec.get("width"), rec.get("height")) != (dec.width, dec.height):
+            return ImageError("detection_mismatch", f"{key}: the container saw {rec.get('width')}x{rec.get('height')}, "
+                              f"the worker decoded {dec.width}x{dec.height}; not masking with misplaced polygons")
+        return [Plate.from_json(p) for p in rec.get("plates", []) + rec.get("near_misses", [])]
 
     def detect(keys, decoded):
-        res = []
-        for key, dec in zip(keys, decoded):
-            rec = outputs.get(key)
-            if isinstance(rec, ImageError) or rec is None:
-                res.append(rec or ImageError("no_transform_output", f"{key} was not in the transform job"))
-            elif (rec.get("width"), rec.get("height")) != (dec.width, dec.height):
-                res.append(ImageError("detection_mismatch", f"{key}: the container saw {rec.get('width')}x{rec.get('height')}, "
-                                      f"the worker decoded {dec.width}x{dec.height}; not masking with misplaced polygons"))
-            else:
-                res.append([Plate.from_json(p) for p in rec.get("plates", []) + rec.get("near_misses", [])])
-        return res
+        return [check(key, outputs_by_key.get(key), dec) for key, dec in zip(keys, decoded)]
 
+    detect.expected_sha256 = {k: r["input_sha256"] for k, r in outputs_by_key.items()
+                              if isinstance(r, dict) and r.get("input_sha256")}
     return detect, model_info, cfg

@@ -4,14 +4,19 @@ Contract (SageMaker hosting and Batch Transform):
   GET  /ping                   200 once the model is loaded in this worker, 503 before
   GET  /execution-parameters   what Batch Transform should use (concurrency, payload, strategy)
   POST /invocations            one image (image/jpeg, image/png, application/x-image) ->
-                               the CLI's detection record as JSON; 415 wrong type, 413 too large,
-                               400 undecodable, 503 not ready; nothing takes the server down
+                               the CLI's detection record as JSON. A photo that cannot be decoded
+                               or exceeds the pixel limit is answered 200 with a ``failed`` record
+                               (reason, error): Batch Transform fails the whole job on any non-2xx
+                               answer, so only contract errors are non-2xx (415 wrong type, 413
+                               body over the limit, 503 not ready); nothing takes the server down
 
 Gunicorn runs ``SAGEMAKER_MODEL_SERVER_WORKERS`` workers (default: one per 2 cores, at least 1)
 on ``SAGEMAKER_BIND_TO_PORT`` (default 8080); each worker loads the model from ``/opt/ml/model``
 (``PLATEMASK_MODEL_DIR`` overrides) in a background thread so /ping answers at once.
 ``SAGEMAKER_MAX_PAYLOAD_IN_MB`` (default 6) caps request bodies; ``SAGEMAKER_BATCH=true``
-(set by Batch Transform) lengthens the worker timeout.
+(set by Batch Transform) lengthens the worker timeout. ``PLATEMASK_REQUIRE_CUDA=1`` (set by the
+backend for GPU instance types) makes /ping answer 503 ``cuda_unavailable`` when CUDA cannot run
+a kernel, so a job that paid for a GPU fails loudly instead of running on the CPU.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import time
 from flask import Flask, Response, request
 
 ACCEPTED = ("image/jpeg", "image/png", "application/x-image", "image/webp", "image/tiff")
+REQUIRE_CUDA_ENV = "PLATEMASK_REQUIRE_CUDA"
 log = logging.getLogger("platemask.serve")
 
 
@@ -36,14 +42,29 @@ def _json(obj, status=200) -> Response:
 class ModelHolder:
     """Loads the segmenter once per worker, off the request path."""
 
-    def __init__(self, model_dir: str, device: str, threads: int | None):
+    def __init__(self, model_dir: str, device: str, threads: int | None, *, require_cuda: bool = False):
         self.model_dir, self.device, self.threads = model_dir, device, threads
-        self.ready = threading.Event()
+        self.require_cuda = require_cuda
+        self.ready = threading.Event()  # model loaded
+        self.settled = threading.Event()  # loaded or failed for good: requests stop waiting
         self.error: str | None = None
+        self.cuda_error: str | None = None
         self.segmenter = None
         self.lock = threading.Lock()  # one inference at a time per worker: threads only serve /ping meanwhile
 
     def load(self):
+        try:
+            self._load()
+        finally:
+            self.settled.set()
+
+    def _load(self):
+        if self.require_cuda:
+            self.cuda_error = cuda_problem(self.device)
+            if self.cuda_error:
+                log.error("%s=1 but %s; /ping answers 503 so the transform job fails instead of running on the CPU",
+                          REQUIRE_CUDA_ENV, self.cuda_error)
+                return
         try:
             from .segment import Segmenter
 
@@ -59,10 +80,33 @@ class ModelHolder:
         threading.Thread(target=self.load, name="model-load", daemon=True).start()
 
 
+def cuda_problem(device: str) -> str | None:
+    """Why CUDA cannot run this model here (None when it can): no GPU, a driver older than the
+    torch build needs, or a build without kernels for this GPU all end up here."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return f"the server was configured for device {device!r} (PLATEMASK_DEVICE), not cuda"
+    if not torch.cuda.is_available():
+        return (f"CUDA is not usable: torch {torch.__version__} (built for CUDA {torch.version.cuda or 'none'}) finds "
+                "no usable GPU (no device, no driver, or a driver older than this build needs)")
+    try:
+        (torch.ones(1, device=device) + 1).item()
+    except RuntimeError as exc:
+        return f"CUDA is not usable: a test kernel on {device} failed: {exc}"
+    return None
+
+
+def _require_cuda() -> bool:
+    return os.environ.get(REQUIRE_CUDA_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def _device() -> str:
     d = os.environ.get("PLATEMASK_DEVICE", "auto")
     if d != "auto":
         return d
+    if _require_cuda():
+        return "cuda"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,6 +114,7 @@ def _device() -> str:
 
 def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = None, load: bool = True,
                workers: int | None = None) -> Flask:
+    from .detections import record
     from .imageio import ImageError, decode
     from .pipeline import JobOptions, build_record
 
@@ -77,7 +122,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
     workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    holder = ModelHolder(model_dir, _device(), threads)
+    holder = ModelHolder(model_dir, _device(), threads, require_cuda=_require_cuda())
     app = Flask("platemask")
     app.config["MAX_CONTENT_LENGTH"] = int(max_payload_mb * 1024 * 1024)
     app.extensions["platemask_model"] = holder
@@ -88,6 +133,8 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     def ping():
         if holder.ready.is_set():
             return _json({"status": "ok", "model": holder.segmenter.model_info})
+        if holder.cuda_error:
+            return _json({"status": "error", "reason": "cuda_unavailable", "error": holder.cuda_error}, 503)
         if holder.error:
             return _json({"status": "error", "error": holder.error}, 500)
         return _json({"status": "loading"}, 503)
@@ -103,22 +150,25 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         if ctype not in ACCEPTED:
             return _json({"error": f"unsupported content type {ctype or '(none)'}; send one of {', '.join(ACCEPTED)}",
                           "reason": "unsupported_media_type"}, 415)
-        if not holder.ready.wait(timeout=60):
-            return _json({"error": holder.error or "model is still loading", "reason": "not_ready"}, 503)
+        if not (holder.settled.wait(timeout=60) and holder.ready.is_set()):
+            return _json({"error": holder.cuda_error or holder.error or "model is still loading",
+                          "reason": "cuda_unavailable" if holder.cuda_error else "not_ready"}, 503)
         data = request.get_data(cache=False)  # MAX_CONTENT_LENGTH answers 413 before this reads a byte too many
         key = request.headers.get("X-Platemask-Key", "")
         seg = holder.segmenter
+        sha = hashlib.sha256(data).hexdigest()
         try:
             dec = decode(data)
-        except ImageError as exc:
-            return _json({"error": str(exc), "reason": exc.reason}, 400)
+        except ImageError as exc:  # this photo's failure, not the job's: 200 with a failed record
+            return _json(record(key, status="failed", reason=exc.reason, error=str(exc), model=seg.model_info,
+                                input_sha256=sha))
         cfg = seg.cfg
         threshold = float(os.environ.get("PLATEMASK_THRESHOLD") or cfg.score_threshold)
         opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold),
                           review_high=max(cfg.review_high, threshold))
         with holder.lock:
             plates = seg([dec.rgb])[0]
-        rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=hashlib.sha256(data).hexdigest())
+        rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=sha)
         return _json(rec)
 
     @app.errorhandler(413)

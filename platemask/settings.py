@@ -49,7 +49,13 @@ class Settings:
     sagemaker_role_arn: str | None = None
     sagemaker_image_uri: str | None = None
     sagemaker_instance_type: str = "ml.g5.xlarge"
-    sagemaker_instance_count: int = 1
+    sagemaker_instance_count: int = 1  # instances per job; SageMaker spreads a job's manifest objects over them
+    # backend=sagemaker: photos per shard, i.e. per transform job (each job pays its instances'
+    # start-up, minutes): a region-window up to this size is one job, a larger one ceil(n / size)
+    sagemaker_shard_size: int = 5000
+    # GPU instance types only: the Batch Transform AMI (NVIDIA driver 535 runs CUDA 12.x builds; the
+    # default AMI's driver 470 does not) -- see README "SageMaker"
+    sagemaker_transform_ami_version: str | None = "al2-ami-sagemaker-batch-gpu-535"
     sagemaker_model_prefix: str = "sagemaker/models/"  # content-addressed model.tar.gz
     sagemaker_output_prefix: str = "sagemaker/output/{region}/{window}/"
     sagemaker_kms_key_id: str | None = None
@@ -65,8 +71,9 @@ class Settings:
     def __post_init__(self):
         if self.time_source not in ("partition", "last_modified"):
             raise ValueError(f"time_source must be 'partition' or 'last_modified', got {self.time_source!r}")
-        if self.shard_size < 1 or not 1 <= self.max_shards <= 1000:
-            raise ValueError("shard_size must be >= 1 and max_shards within 1..1000 (Airflow maps at most 1024)")
+        if self.shard_size < 1 or self.sagemaker_shard_size < 1 or not 1 <= self.max_shards <= 1000:
+            raise ValueError("shard_size and sagemaker_shard_size must be >= 1 and max_shards within 1..1000 "
+                             "(Airflow maps at most 1024)")
         if not 0 <= self.max_failure_rate <= 1:
             raise ValueError(f"max_failure_rate must be within [0, 1], got {self.max_failure_rate}")
         for r in self.regions:

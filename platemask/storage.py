@@ -1,11 +1,17 @@
 """Where photos come from and go to: a local folder or an S3 prefix, behind one small interface.
 
 Keys are always relative to the store's root and use '/' separators. Writes are atomic (local:
-temp file + rename; S3: single PUT), so a reader never sees half an image.
+temp file + rename; S3: single PUT), so a reader never sees half an image. Local files are written
+with the permissions the process's umask gives any new file (not the temp file's 0600).
+
+``normalise_key`` and ``overlap`` are the guards that keep originals untouched: an output key has
+no empty, '.' or '..' segments and cannot climb out of its destination, and a source and a
+destination that are the same place, or nested one in the other, are refused.
 """
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -22,12 +28,27 @@ class Store(Protocol):
     def describe(self, key: str) -> str: ...
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask must set one to read one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 class LocalStore:
     def __init__(self, root: str | Path, *, create: bool = False):
         self.root = Path(root)
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         self.uri = str(self.root)
+        self.file_mode = 0o666 & ~_umask()  # what open() would give a new file
 
     def _path(self, key: str) -> Path:
         p = (self.root / key).resolve()
@@ -53,6 +74,7 @@ class LocalStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                os.fchmod(f.fileno(), self.file_mode)  # mkstemp makes 0600
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -95,8 +117,11 @@ class S3Store:
                 if k and not k.endswith("/"):
                     yield k
 
-    def read(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+    def read(self, key: str, *, if_match: str | None = None) -> bytes:
+        """The object's bytes; with ``if_match`` (an ETag) only that version, else S3 answers
+        412 ``PreconditionFailed`` (a ClientError) and nothing is returned."""
+        extra = {"IfMatch": if_match} if if_match else {}
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"].read()
 
     def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         extra = {}
@@ -126,6 +151,53 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if u.scheme != "s3" or not u.netloc:
         raise ValueError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
     return u.netloc, u.path.lstrip("/")
+
+
+def normalise_key(key: str) -> str:
+    """``key`` as a clean relative path: no empty or '.' segments, '..' resolved, no leading '/'.
+
+    Two inputs whose keys normalise alike would write one output (``a/../b.jpg`` and ``b.jpg``,
+    ``x//y.jpg`` and ``x/y.jpg``); a key that climbs above the root raises ValueError.
+    """
+    parts: list[str] = []
+    for seg in key.split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if not parts:
+                raise ValueError(f"key {key!r} climbs out of the destination ('..' above its root)")
+            parts.pop()
+        else:
+            parts.append(seg)
+    if not parts:
+        raise ValueError(f"key {key!r} names no file")
+    return "/".join(parts)
+
+
+def _location(uri: str) -> tuple[str, tuple[str, ...]]:
+    """Where ``uri`` points, normalised for comparison: (root, path segments)."""
+    if uri.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(uri)
+        return f"s3://{bucket}", tuple(s for s in posixpath.normpath("/" + prefix).split("/") if s)
+    return "file", Path(os.path.realpath(Path(uri).expanduser())).parts
+
+
+def overlap(src: str, dst: str) -> str | None:
+    """Why writing ``dst`` could touch ``src``'s originals, or None when they are apart.
+
+    Compares resolved local paths (symlinks, '.', '..', trailing '/') and S3 bucket + prefix with
+    empty and dot segments collapsed; equal or nested either way is an overlap.
+    """
+    (sr, sp), (dr, dp) = _location(src), _location(dst)
+    if sr != dr:
+        return None
+    if sp == dp:
+        return f"SRC {src} and DST {dst} are the same place"
+    if dp[:len(sp)] == sp:
+        return f"DST {dst} lies inside SRC {src}"
+    if sp[:len(dp)] == dp:
+        return f"SRC {src} lies inside DST {dst}"
+    return None
 
 
 def open_store(uri: str, *, create: bool = False, client=None) -> Store:

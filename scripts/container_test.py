@@ -8,7 +8,9 @@ Steps (each prints what it does and how long it took):
      reused on later runs) with python3/pip/venv and this machine's extra CA certificates, so pip
      inside the build can reach PyPI through a TLS-inspecting proxy. That base never leaves the machine.
   3. ``docker build --network host`` of ``containers/inference/Dockerfile`` (kept for reuse: a
-     second run is served from Docker's layer cache).
+     second run is served from Docker's layer cache). Torch comes from the Dockerfile's
+     ``TORCH_INDEX_URL`` (a CUDA 12.x build) when that index is reachable, else from PyPI (a CUDA 13
+     build: the same server, not the production torch build; the run says so).
   4. ``platemask package-model`` → model.tar.gz, unpacked as SageMaker does, mounted read-only at
      ``/opt/ml/model``; ``docker run --network host ... IMAGE serve`` on a free port
      (``SAGEMAKER_BIND_TO_PORT``); /ping must turn 200 within SageMaker's 4 minutes.
@@ -44,6 +46,7 @@ LOCAL_BASE = "platemask-base:bookworm"
 DEBIAN_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 SAGEMAKER_PING_LIMIT_S = 240  # SageMaker gives a container 4 minutes to answer /ping
 CONTAINER_CA = "/etc/ssl/certs/ca-certificates.crt"  # Debian/Ubuntu bundle path inside the build
+PYPI_INDEX = "https://pypi.org/simple"
 
 
 class Skip(Exception):
@@ -72,12 +75,34 @@ def docker_ok() -> bool:
         return False
 
 
-def default_base() -> str:
-    """The production base: the Dockerfile's own ``ARG BASE_IMAGE=`` default (one home for the fact)."""
-    m = re.search(r"^ARG BASE_IMAGE=(\S+)", DOCKERFILE.read_text(), re.M)
+def dockerfile_arg(name: str) -> str:
+    """The default of ``ARG name=...`` in the Dockerfile (one home for the fact)."""
+    m = re.search(rf"^ARG {name}=(\S+)", DOCKERFILE.read_text(), re.M)
     if not m:
-        raise RuntimeError(f"{DOCKERFILE} has no `ARG BASE_IMAGE=<default>` line")
+        raise RuntimeError(f"{DOCKERFILE} has no `ARG {name}=<default>` line")
     return m.group(1)
+
+
+def reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return True
+    except urllib.error.HTTPError:
+        return True  # something answered
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def torch_build_args(given: list[str]) -> list[str]:
+    """The Dockerfile's torch index (a CUDA 12.x build) when reachable, else PyPI's torch (CUDA 13)."""
+    if any(g.startswith("TORCH_INDEX_URL=") for g in given):
+        return []
+    index = dockerfile_arg("TORCH_INDEX_URL")
+    if reachable(index.rstrip("/") + "/torch/"):
+        return []
+    log(f"{index} is unreachable here: building with PyPI's torch (a CUDA 13 build, TORCH_CUDA=13.); the "
+        "server contract is the same, but the image tested is not the production torch build")
+    return ["--build-arg", f"TORCH_INDEX_URL={PYPI_INDEX}", "--build-arg", "TORCH_CUDA=13."]
 
 
 def ensure_engine(wait_s: float, log_path: Path) -> None:
@@ -144,7 +169,7 @@ def make_local_base() -> None:
 
 
 def ensure_base(requested: str | None) -> str:
-    base = requested or default_base()
+    base = requested or dockerfile_arg("BASE_IMAGE")
     if image_exists(base):
         return base
     log(f"pulling {base} ...")
@@ -162,9 +187,12 @@ def ensure_base(requested: str | None) -> str:
     return LOCAL_BASE
 
 
-def build(image: str, base: str) -> float:
+def build(image: str, base: str, build_args: list[str]) -> float:
     cmd = ["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}",
-           "--build-arg", f"PIP_CERT={CONTAINER_CA}", "-f", str(DOCKERFILE), "-t", image, str(ROOT)]
+           "--build-arg", f"PIP_CERT={CONTAINER_CA}", *torch_build_args(build_args)]
+    for b in build_args:
+        cmd += ["--build-arg", b]
+    cmd += ["-f", str(DOCKERFILE), "-t", image, str(ROOT)]
     log("$ " + " ".join(cmd))
     t0 = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
@@ -279,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-wait", type=float, default=90, help="seconds to wait for a started dockerd")
     p.add_argument("--require-docker", action="store_true", help="fail (not skip) when no Docker engine can be had")
     p.add_argument("--images", type=int, default=16, help="photos for the throughput measurement")
+    p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", dest="build_args",
+                   help="extra docker build argument (e.g. TORCH_INDEX_URL=..., TORCH_CUDA=...)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra container environment")
     p.add_argument("--keep", action="store_true", help="leave the container running after the tests")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
@@ -298,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_build:
             base = ensure_base(a.base)
             numbers["base image"] = base
-            numbers["build s"] = round(build(a.image, base), 1)
+            numbers["build s"] = round(build(a.image, base, a.build_args), 1)
             log(f"built {a.image} in {numbers['build s']} s")
             run(["docker", "image", "prune", "-f"], capture=True)  # dangling layers of earlier builds
         size = int(run(["docker", "image", "inspect", "-f", "{{.Size}}", a.image], capture=True).stdout)

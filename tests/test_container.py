@@ -8,6 +8,7 @@ Without PLATEMASK_CONTAINER_URL every test here skips, so ``make test`` needs no
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -129,12 +130,13 @@ def test_invocations_give_the_cli_record(ready, kind, scene, tmp_path, model_dir
         assert np.abs(np.asarray(a["box"]) - np.asarray(b["box"])).max() < 1.0
 
 
-def test_undecodable_photo_is_reported_and_the_server_stays_up(ready):
-    """Accepts both contracts: 400 + reason (serve.py today) or 200 + a `failed` record (the planned
-    change that lets Batch Transform write a record for it). Either way the reason is named."""
-    status, body = call("/invocations", b"\xff\xd8\xff this is no jpeg", "image/jpeg")
-    assert (status, body.get("status", "failed")) in ((400, "failed"), (200, "failed")), (status, body)
-    assert body["reason"] in ("not_an_image", "corrupt", "truncated"), body
+def test_undecodable_photo_is_a_failed_record_and_the_server_stays_up(ready):
+    """200 with a `failed` record (serve.py): Batch Transform fails the whole job on any non-2xx."""
+    data = b"\xff\xd8\xff this is no jpeg"
+    status, body = call("/invocations", data, "image/jpeg")
+    assert status == 200, (status, body)
+    assert body["status"] == "failed" and body["reason"] in ("not_an_image", "corrupt", "truncated"), body
+    assert body["error"] and body["input_sha256"] == hashlib.sha256(data).hexdigest()
     assert call("/ping")[0] == 200
 
 

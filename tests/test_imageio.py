@@ -177,3 +177,113 @@ def test_exif_thumbnail_never_survives():
     for policy in ("strip", "safe", "keep"):
         out = encode(dec, dec.pixels, metadata=policy)
         assert out.count(b"\xff\xd8") == 1, policy  # one JPEG start marker: no embedded thumbnail
+
+
+XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       b'<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:exif="http://ns.adobe.com/exif/1.0/" '
+       b'exif:GPSLatitude="52,31.5N" exif:GPSLongitude="13,24.2E"><dc:creator>Jane Inspector</dc:creator>'
+       b'</rdf:Description></rdf:RDF></x:xmpmeta>')
+IPTC = b"\x1c\x02\x50\x00\x0eJane Inspector\x1c\x02\x5a\x00\x06Berlin"
+PERSONAL = [b"Jane Inspector", b"52,31.5N", b"Berlin", b"SN-777", b"LENS-42", b"Fleet car 17", b"owner Max",
+            b"workstation-9", b"maker-secret", b"uid-0042"]
+
+
+def _personal_exif() -> Image.Exif:
+    """Everything a phone or a DAM may put in EXIF, personal or not."""
+    B = ExifTags.Base
+    exif = Image.Exif()
+    exif.update({B.Make: "Acme", B.Model: "Phone 9", B.DateTime: "2026:11:20 10:11:12", B.Orientation: 1,
+                 B.XMLPacket: XMP, 0x83BB: IPTC, B.CameraSerialNumber: "SN-777", B.DocumentName: "Fleet car 17",
+                 B.HostComputer: "workstation-9", B.Artist: "Jane Inspector", B.Copyright: "owner Max"})
+    exif.get_ifd(ExifTags.IFD.Exif).update({
+        B.ExposureTime: 0.01, B.FNumber: 2.8, B.ISOSpeedRatings: 200, B.DateTimeOriginal: "2026:11:20 10:11:12",
+        B.ColorSpace: 1, B.BodySerialNumber: "SN-777", B.LensSerialNumber: "LENS-42", B.CameraOwnerName: "owner Max",
+        B.MakerNote: b"maker-secret", B.UserComment: b"ASCII\x00\x00\x00Jane Inspector", B.ImageUniqueID: "uid-0042"})
+    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (52.0, 31.0, 30.0), 3: "E", 4: (13.0, 24.0, 12.0)})
+    return exif
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_safe_metadata_keeps_only_the_allow_list(fmt):
+    """Issue 12: GPS and the creator survived 'safe' inside EXIF's XMP tag (0x02BC), as did IPTC-NAA (0x83BB),
+    CameraSerialNumber and DocumentName, in JPEG and WebP."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buf = io.BytesIO()
+    extra = {"xmp": XMP, "comment": b"Jane Inspector"} if fmt == "JPEG" else {"xmp": XMP}
+    Image.fromarray(np.full((40, 60, 3), 100, np.uint8)).save(buf, format=fmt, exif=_personal_exif().tobytes(),
+                                                              icc_profile=icc, **extra)
+    data = buf.getvalue()
+    assert all(p in data for p in PERSONAL)  # the input carries them all
+    dec = decode(data)
+    out_bytes = encode(dec, dec.pixels, metadata="safe")
+    for p in PERSONAL:
+        assert p not in out_bytes, p
+    out = Image.open(io.BytesIO(out_bytes))
+    assert out.format == fmt and "xmp" not in out.info and "comment" not in out.info
+    exif = out.getexif()
+    B = ExifTags.Base
+    assert dict(exif) == {B.Make: "Acme", B.Model: "Phone 9", B.DateTime: "2026:11:20 10:11:12", B.Orientation: 1,
+                          ExifTags.IFD.Exif: exif[ExifTags.IFD.Exif]}
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    assert set(sub) == {B.ExposureTime, B.FNumber, B.ISOSpeedRatings, B.DateTimeOriginal, B.ColorSpace}
+    assert float(sub[B.ExposureTime]) == 0.01 and sub[B.ISOSpeedRatings] == 200
+    assert not exif.get_ifd(ExifTags.IFD.GPSInfo)
+    assert out.info.get("icc_profile") == icc
+    # 'keep' is the explicit opt-in that keeps EXIF as it was (but the thumbnail)
+    kept = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata="keep"))).getexif()
+    assert kept.get(B.CameraSerialNumber) == "SN-777" and kept.get_ifd(ExifTags.IFD.GPSInfo)
+
+
+def _frames(n, size=(60, 40)):
+    return [Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)) for i in range(n)]
+
+
+def _save_all(fmt, frames, **kw) -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], **kw)
+    return buf.getvalue()
+
+
+def test_mpo_from_phones_is_read_as_its_first_frame():
+    """Issue 12: JPEGs with an MP extension (Pillow: 'MPO') failed as unsupported_format."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "Acme"
+    data = _save_all("MPO", _frames(3), exif=exif.tobytes())
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    dec = decode(data)
+    assert dec.format == "JPEG" and dec.frames_dropped == 2 and (dec.width, dec.height) == (60, 40)
+    assert np.abs(dec.rgb[20, 30].astype(int) - (0, 100, 200)).max() < 8  # the first frame
+    out = encode(dec, dec.pixels)
+    back = Image.open(io.BytesIO(out))
+    assert back.format == "JPEG" and getattr(back, "n_frames", 1) == 1 and out.count(b"\xff\xd8") == 1
+    assert back.getexif().get(ExifTags.Base.Make) == "Acme"
+
+
+@pytest.mark.parametrize("fmt,kw", [("TIFF", {}), ("WEBP", {"duration": 100}), ("PNG", {"duration": 100})])
+def test_multi_page_files_are_refused_not_cut(fmt, kw):
+    """Issue 12: only page 1 of a multi-page TIFF was written, silently. Animated WebP/PNG alike."""
+    data = _save_all(fmt, _frames(3), **kw)
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
+    with pytest.raises(ImageError) as e:
+        decode(data)
+    assert e.value.reason == "multi_page_unsupported" and "3 pages" in str(e.value) and "split" in str(e.value)
+    assert decode(_save_all(fmt, _frames(1), **kw)).frames_dropped == 0  # a single page is fine
+
+
+def test_max_pixels_can_be_raised_past_pillows_own_guard():
+    """Issue 12: '--max-pixels' above ~89.5 MP changed nothing: Pillow's MAX_IMAGE_PIXELS refused first."""
+    from platemask.imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
+
+    side = 9500  # 90.25 MP: above Pillow's default guard (89.5 MP) and our default limit
+    buf = io.BytesIO()
+    Image.new("1", (side, side), 1).save(buf, format="PNG")
+    data = buf.getvalue()
+    with pytest.raises(ImageError) as e:
+        decode(data)
+    assert e.value.reason == "too_large" and f"{DEFAULT_MAX_PIXELS:,}" in str(e.value) and "--max-pixels" in str(e.value)
+    dec = decode(data, max_pixels=100_000_000)
+    assert (dec.width, dec.height) == (side, side)
+    with pytest.raises(ValueError, match="max_pixels"):
+        decode(data, max_pixels=MAX_PIXELS_CEILING + 1)

@@ -50,6 +50,28 @@ def test_threshold_review_band(tmp_path):
     assert [(r["scores"], r["near_miss_scores"]) for r in review] == [([], [0.3]), ([0.6], [])]
 
 
+def test_review_flags_unusual_results_and_records_calibrated_probabilities(tmp_path):
+    src, dst = _store(tmp_path, n=1), LocalStore(tmp_path / "dst", create=True)
+    opts = JobOptions(threshold=0.5, review_low=0.4, review_high=0.6, calibration=((0.0, 0.0), (0.5, 0.3), (1.0, 0.9)))
+    # a confident detection covering most of the 200x100 photo: masked, but a human should look
+    huge = run_job(src, dst, ["p0.jpg"], lambda k, d: [[Plate(0.95, box_polygon([5, 5, 195, 95]))] for _ in k], opts)[0]
+    assert huge["status"] == "masked" and huge["review"] and "of the photo" in huge["review_reason"]
+    many = run_job(src, dst, ["p0.jpg"], lambda k, d: [[Plate(0.95, box_polygon([10 * i, 0, 10 * i + 4, 3]))
+                                                          for i in range(8)] for _ in k], opts)[0]
+    assert many["review"] and "8 masks" in many["review_reason"]
+    sure = run_job(src, dst, ["p0.jpg"], _fixed(0.75), opts)[0]
+    assert not sure["review"] and sure["plates"][0]["p_plate"] == pytest.approx(0.6)
+
+
+def test_options_for_a_model_take_its_review_band_and_calibration():
+    from platemask.model import ModelConfig
+
+    cfg = ModelConfig(name="m", score_threshold=0.3, review_low=0.2, review_high=0.5, calibration=[[0, 0], [1, 1]])
+    assert (JobOptions.for_model(cfg).threshold, JobOptions.for_model(cfg).review_low) == (0.3, 0.2)
+    run = JobOptions.for_model(cfg, 0.6)  # a run above the model's band still reviews its weak masks
+    assert (run.threshold, run.review_low, run.review_high, run.calibration) == (0.6, 0.2, 0.6, ((0, 0), (1, 1)))
+
+
 def test_detector_crash_fails_closed(tmp_path):
     src, dst = _store(tmp_path, n=5), LocalStore(tmp_path / "dst", create=True)
 
@@ -102,3 +124,75 @@ def test_options_are_validated():
         JobOptions(threshold=1.5)
     with pytest.raises(ValueError, match="metadata"):
         JobOptions(metadata="all")
+
+
+@pytest.mark.parametrize("write_delay", [0.0, 0.004], ids=["fast_store", "slow_store"])
+def test_records_reach_on_record_one_at_a_time(tmp_path, write_delay):
+    """Issue 12: the CLI appends each record to one text file from ``on_record``; called from several
+    writer threads at once, that file got lost records and binary garbage. Records are emitted one at a time."""
+    import json
+    import random
+    import threading
+    import time
+
+    n = 240
+    src = LocalStore(tmp_path / "src", create=True)
+    tiny = jpeg_bytes(np.full((8, 8, 3), 128, np.uint8))
+    for i in range(n):
+        src.write(f"d{i % 7}/p{i:03d}.jpg", b"" if i % 37 == 0 else tiny)  # some failures come from the main thread
+    rng = random.Random(0)
+
+    class Store(LocalStore):
+        def write(self, key, data, content_type="application/octet-stream"):
+            time.sleep(write_delay * rng.random())
+            super().write(key, data, content_type)
+
+    dst = Store(tmp_path / "dst", create=True)
+    inside, most = [0], [0]
+    guard = threading.Lock()
+    jsonl = tmp_path / "d.jsonl"
+    with open(jsonl, "w") as f:
+        def on_record(rec):
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            f.write(json.dumps(rec) + "\n")  # what the CLI does
+            time.sleep(0.0005)  # a slow consumer widens any race
+            with guard:
+                inside[0] -= 1
+
+        lines = []
+        progress = Progress(n, every=0, emit=lines.append)
+        keys = list(src.iter_keys())
+        recs = run_job(src, dst, keys, _fixed(0.9), JobOptions(batch_size=5, read_workers=8, write_workers=8),
+                       on_record=on_record, progress=progress)
+    assert most[0] == 1, f"on_record ran {most[0]} times at once"
+    written = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert sorted(r["key"] for r in written) == sorted(keys) and len(recs) == n
+    assert progress.done == n and len(lines) == n and lines[-1].startswith(f"{n}/{n} images")
+    assert progress.failed == sum(r["status"] == "failed" for r in written) == len(range(0, n, 37))
+
+
+def test_mpo_is_masked_as_jpeg_and_the_dropped_frames_are_recorded(tmp_path):
+    import io
+
+    from PIL import Image
+
+    def frames():  # fresh images per save: Pillow keeps one save's encoder settings on the image
+        return [Image.new("RGB", (200, 100), (v, v, v)) for v in (60, 120)]
+
+    first, *rest = frames()
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=rest)
+    src, dst = LocalStore(tmp_path / "src", create=True), LocalStore(tmp_path / "dst", create=True)
+    src.write("phone.jpg", buf.getvalue())
+    tiff = io.BytesIO()
+    first, *rest = frames()
+    first.save(tiff, format="TIFF", save_all=True, append_images=rest)
+    src.write("scan.tif", tiff.getvalue())
+    phone, scan = run_job(src, dst, ["phone.jpg", "scan.tif"], _fixed(0.9), JobOptions())
+    assert phone["status"] == "masked" and phone["frames_dropped"] == 1 and "MPO" in phone["note"]
+    out = Image.open(tmp_path / "dst" / "phone.jpg")
+    assert out.format == "JPEG" and getattr(out, "n_frames", 1) == 1
+    assert scan["status"] == "failed" and scan["reason"] == "multi_page_unsupported" and "scan.tif" in scan["error"]
+    assert sorted(dst.iter_keys()) == ["phone.jpg"]

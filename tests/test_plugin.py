@@ -238,6 +238,7 @@ def test_report_html_escapes_what_it_was_given_and_carries_its_own_csp(aws_conn)
         "photos_in_window": evil, "mask_images_per_second": evil, "max_failure_rate": 0.02})
     report["thresholds"] = {"score": evil}
     page = render_report(report, records, client=aws_conn, settings=Settings(bucket=bucket),
+                         masked_key=lambda k: k.replace("raw/", "masked/", 1),
                          spec=RunSpec(region="DE", window_start="2026-11-19T00:00:00+01:00",
                                       window_end="2026-11-20T00:00:00+01:00", run_id=evil))
     assert "<script" not in page and page.count("&lt;script&gt;") >= 10

@@ -2,6 +2,7 @@
 against moto, the local transform runner against the real server, and the DAG end to end."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -53,6 +54,10 @@ def test_job_names_are_valid_deterministic_and_content_bound():
     assert job_name(SPEC, 7, ENTRIES, model, attempt=1) != n0
     changed = [dict(ENTRIES[0], etag="new"), *ENTRIES[1:]]
     assert job_name(SPEC, 7, changed, model) != n0  # a re-uploaded photo is a new job
+    assert job_name(RunSpec(**{**SPEC.as_dict(), "threshold": 0.3}), 7, ENTRIES, model) != n0
+    assert "-t0300-" in job_name(RunSpec(**{**SPEC.as_dict(), "threshold": 0.3}), 7, ENTRIES, model)
+    assert "-tdef-" in n0 and f"-m{model[-6:]}-" in n0  # threshold and model readable in the console
+    assert job_name(RunSpec(**{**SPEC.as_dict(), "run_id": "manual__x"}), 7, ENTRIES, model) != n0  # a run's own jobs
     long = RunSpec(**{**SPEC.as_dict(), "region": "A_VERY_LONG_REGION_NAME_WITH_UNDERSCORES_AND_MORE"})
     assert NAME_RE.match(job_name(long, 9999, ENTRIES, model, attempt=9))
 
@@ -79,6 +84,16 @@ def test_transform_request_and_manifest():
     assert req["TransformOutput"]["KmsKeyId"] == s.sagemaker_kms_key_id
     assert req["ModelClientConfig"]["InvocationsTimeoutInSeconds"] > 0 and req["ModelClientConfig"]["InvocationsMaxRetries"] >= 1
     assert manifest_document(s, ENTRIES) == [{"prefix": "s3://photos/"}, *(e["key"] for e in ENTRIES)]
+
+
+def test_gpu_jobs_require_cuda_on_the_535_driver_ami():
+    gpu = transform_request(Settings(sagemaker_instance_type="ml.g5.xlarge"), SPEC, job="j", model="m",
+                            manifest_uri="s3://b/m", entries=ENTRIES)
+    assert gpu["Environment"]["PLATEMASK_REQUIRE_CUDA"] == "1"
+    assert gpu["TransformResources"]["TransformAmiVersion"] == "al2-ami-sagemaker-batch-gpu-535"
+    cpu = transform_request(Settings(sagemaker_instance_type="ml.c5.2xlarge"), SPEC, job="j", model="m",
+                            manifest_uri="s3://b/m", entries=ENTRIES)
+    assert "PLATEMASK_REQUIRE_CUDA" not in cpu["Environment"] and "TransformAmiVersion" not in cpu["TransformResources"]
 
 
 # ------------------------------------------------------------------ against moto + the real server
@@ -128,38 +143,249 @@ def test_submit_through_the_provider_is_idempotent(sm_env, model_dir):
     assert len(models) == 1 and models[0].endswith("/model.tar.gz")  # uploaded once, content-addressed
 
 
-def test_local_runner_and_missing_outputs_fail_closed(sm_env, model_dir, server_url):
+def _records(s3, settings, result) -> dict:
+    key = result["detections"].split(f"s3://{settings.bucket}/")[1]
+    recs = [json.loads(line) for line in s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read().splitlines()]
+    by_key = {r["key"]: r for r in recs}
+    assert len(by_key) == len(recs)  # exactly one record per photo
+    return by_key
+
+
+def _local(settings, server_url, **kw):
+    return settings.with_(sagemaker_local_endpoint=server_url, **kw)
+
+
+def _shard_of(s3, settings, photos: dict, *, run_id="manual__1", index=0) -> dict:
+    """Upload ``photos`` (key -> bytes; None: keep what is there) and write a shard as collect+shard would."""
+    entries = []
+    for key, body in photos.items():
+        if body is not None:
+            s3.put_object(Bucket=settings.bucket, Key=key, Body=body)
+        head = s3.head_object(Bucket=settings.bucket, Key=key)
+        entries.append({"key": key, "size": head["ContentLength"], "etag": head["ETag"].strip('"')})
+    spec = RunSpec(**{**SPEC.as_dict(), "run_id": run_id})
+    shard_key = f"runs/DE/{spec.window.id}/{run_id}/shards/{index:04d}.jsonl"
+    s3.put_object(Bucket=settings.bucket, Key=shard_key, Body="".join(json.dumps(e) + "\n" for e in entries).encode())
+    return {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": index, "count": len(entries)}
+
+
+def _run_shard(s3, settings, shard, model_dir):
+    """transform_submit, transform_wait (until done) and mask, as the DAG runs them."""
     from platemask.airflow_support import detector_factory, sagemaker_hook
-    from platemask.local_transform import run_local_transform
     from platemask.runs import mask_shard
     from platemask.sagemaker_backend import poll, submit
 
-    s3, settings, shard = sm_env
-    hook = sagemaker_hook(settings)
-    stats = {}
-    submitted = submit(hook, s3, settings, shard, str(model_dir),
-                       local_runner=lambda req: stats.update(run_local_transform(req, server_url, s3)))
-    assert stats["records"] == 3 and len(stats["failed"]) == 1 and stats["failed"][0]["status"] == 400
-    out = submitted["transform"]["output"].split(f"s3://{settings.bucket}/")[1]
-    outs = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix=out)["Contents"])
-    assert outs == [out + "raw/DE/2026/11/20/car0.jpg.out", out + "raw/DE/2026/11/20/car1.jpg.out"]
-    _, waited = poll(hook, submitted)
+    hook = sagemaker_hook(settings, s3)
+    submitted = submit(hook, s3, settings, shard, str(model_dir))
+    for _ in range(3):  # each poke starts from the submit task's XCom, as a reschedule sensor does
+        done, waited = poll(hook, submitted, resubmit=lambda sh: submit(hook, s3, settings, sh, str(model_dir)))
+        if done:
+            break
+    assert done
     result = mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)), log=lambda m: None)
-    recs = {r["key"]: r for r in map(json.loads, s3.get_object(
-        Bucket=settings.bucket, Key=result["detections"].split(f"s3://{settings.bucket}/")[1])["Body"].read().splitlines())}
+    return waited, _records(s3, settings, result)
+
+
+def _published(s3, settings) -> set[str]:
+    return {o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix="masked/").get("Contents", [])}
+
+
+def _audit(s3, settings, key) -> dict:
+    return json.loads(s3.get_object(Bucket=settings.bucket, Key="audit/" + key.split("raw/", 1)[1] + ".json")["Body"].read())
+
+
+def test_local_runner_and_missing_outputs_fail_closed(sm_env, model_dir, server_url):
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+
+    s3, settings, shard = sm_env
+    settings = _local(settings, server_url)
+    waited, recs = _run_shard(s3, settings, shard, model_dir)
+    assert waited["transform"]["state"] == "Completed"
+    out = waited["transform"]["output"].split(f"s3://{settings.bucket}/")[1]
+    outs = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix=out)["Contents"])
+    assert outs == [out + f"raw/DE/2026/11/20/car{i}.jpg.out" for i in range(3)]
     assert recs["raw/DE/2026/11/20/car0.jpg"]["status"] == "masked"
-    bad = recs["raw/DE/2026/11/20/car2.jpg"]
-    # the worker cannot decode it either, so it fails there first; with a decodable photo and no .out:
-    assert bad["status"] == "failed"
+    assert recs["raw/DE/2026/11/20/car2.jpg"]["status"] == "failed"
+    # a decodable photo without .out:
     s3.delete_object(Bucket=settings.bucket, Key=out + "raw/DE/2026/11/20/car1.jpg.out")
     spec = dict(waited["spec"], reprocess=True)
     result = mask_shard(s3, settings, {**waited, "spec": spec}, detector_factory(settings, str(model_dir)), log=lambda m: None)
-    recs = {r["key"]: r for r in map(json.loads, s3.get_object(
-        Bucket=settings.bucket, Key=result["detections"].split(f"s3://{settings.bucket}/")[1])["Body"].read().splitlines())}
-    miss = recs["raw/DE/2026/11/20/car1.jpg"]
+    miss = _records(s3, settings, result)["raw/DE/2026/11/20/car1.jpg"]
     assert miss["status"] == "failed" and miss["reason"] == "no_transform_output" and waited["transform"]["job"] in miss["error"]
-    audit = json.loads(s3.get_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car1.jpg.json")["Body"].read())
+    audit = _audit(s3, settings, "raw/DE/2026/11/20/car1.jpg")
     assert audit["status"] == "failed" and audit["masked_key"] is None
+
+
+def test_an_undecodable_photo_is_its_own_failure_not_the_jobs(sm_env, model_dir, server_url):
+    """The container answers 200 with a failed record; the job completes; that photo alone fails."""
+    s3, settings, shard = sm_env
+    settings = _local(settings, server_url)
+    waited, recs = _run_shard(s3, settings, shard, model_dir)
+    t = waited["transform"]
+    assert t["state"] == "Completed" and t["attempt"] == 0 and not t.get("failure_reason")
+    out_bucket, out_prefix = t["output"][len("s3://"):].split("/", 1)
+    bad = json.loads(s3.get_object(Bucket=out_bucket, Key=out_prefix + "raw/DE/2026/11/20/car2.jpg.out")["Body"].read())
+    assert bad["status"] == "failed" and bad["reason"] in ("not_an_image", "corrupt", "truncated") and bad["input_sha256"]
+    assert set(recs) == {f"raw/DE/2026/11/20/car{i}.jpg" for i in range(3)}
+    assert [recs[f"raw/DE/2026/11/20/car{i}.jpg"]["status"] for i in range(3)] == ["masked", "masked", "failed"]
+    assert _published(s3, settings) == {"masked/DE/2026/11/20/car0.jpg", "masked/DE/2026/11/20/car1.jpg"}
+
+
+def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn, model_dir, server_url, scene):
+    """A record the container refuses (413: over its SAGEMAKER_MAX_PAYLOAD_IN_MB of 6) fails the job
+    as on AWS; what the job finished is used, only the rest goes to the next attempt, attempts stop
+    when one makes no progress, and the photos left are failures with the job's FailureReason."""
+    s3 = aws_conn
+    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
+                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=1,
+                        sagemaker_local_endpoint=server_url)
+    s3.create_bucket(Bucket=settings.bucket)
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
+    from conftest import png_bytes
+
+    big = png_bytes(noise)
+    assert len(big) > 6 * 2**20
+    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/a1.jpg": jpeg_bytes(scene[0][:, ::-1]),
+              "raw/DE/2026/11/20/b2.png": big, "raw/DE/2026/11/20/c3.jpg": jpeg_bytes(scene[0])}
+    shard = _shard_of(s3, settings, photos)
+    from platemask.airflow_support import detector_factory, sagemaker_hook
+    from platemask.local_transform import read_manifest
+    from platemask.runs import mask_shard
+    from platemask.sagemaker_backend import poll, submit
+
+    hook = sagemaker_hook(settings, s3)
+    resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
+    submitted = submit(hook, s3, settings, shard, str(model_dir))
+    assert submitted["transform"]["attempt"] == 0 and submitted["transform"]["submitted"] == 4
+    done, waited = poll(hook, submitted, resubmit=resubmit)
+    t = waited["transform"]
+    assert done and t["state"] == "Failed" and "b2.png" in t["failure_reason"]  # 413, or the connection it closed
+    assert t["attempt"] == 1 and len(t["outputs"]) == 2
+    desc = hook.describe_transform_job(t["job"])
+    assert desc["TransformJobStatus"] == "Failed" and desc["FailureReason"] == t["failure_reason"]
+    # the second attempt's manifest held only the photos the first left without output
+    manifest = desc["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"]
+    assert read_manifest(s3, manifest)[1] == ["raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"]
+    # the next poke starts from the same XCom (a reschedule sensor keeps no state): same end, no new job
+    jobs = lambda: sorted(j["TransformJobName"] for j in hook.get_conn().list_transform_jobs(  # noqa: E731
+        MaxResults=100)["TransformJobSummaries"])
+    before = jobs()
+    assert poll(hook, submitted, resubmit=resubmit) == (True, waited) and jobs() == before
+    recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
+                                             log=lambda m: None))
+    assert set(recs) == set(photos)
+    assert recs["raw/DE/2026/11/20/a0.jpg"]["status"] == recs["raw/DE/2026/11/20/a1.jpg"]["status"] == "masked"
+    for k in ("raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"):
+        assert recs[k]["status"] == "failed" and recs[k]["reason"] == "transform_job_failed" and "b2.png" in recs[k]["error"]
+    assert _published(s3, settings) == {"masked/DE/2026/11/20/a0.jpg", "masked/DE/2026/11/20/a1.jpg"}
+    # the next run submits only what is still to do
+    again = submit(sagemaker_hook(settings, s3), s3, settings, _shard_of(s3, settings, dict.fromkeys(photos), run_id="r2"),
+                   str(model_dir))
+    assert again["transform"]["photos"] == 2
+
+
+def test_a_photo_replaced_after_detection_is_never_published(sm_env, model_dir, server_url):
+    """Same size, other bytes: the mask step refuses them (IfMatch on the listed ETag) and the next run masks them."""
+    from platemask.synth import synth_car_scene
+
+    s3, settings, shard = sm_env
+    settings = _local(settings, server_url)
+    from platemask.airflow_support import detector_factory, sagemaker_hook
+    from platemask.runs import mask_shard
+    from platemask.sagemaker_backend import poll, submit
+
+    hook = sagemaker_hook(settings, s3)
+    _, waited = poll(hook, submit(hook, s3, settings, shard, str(model_dir)))
+    key = "raw/DE/2026/11/20/car0.jpg"
+    other = synth_car_scene(np.random.default_rng(99), n_plates=1, plate_width=(150, 170))[0]  # 1280x720 too
+    s3.put_object(Bucket=settings.bucket, Key=key, Body=jpeg_bytes(other))
+    recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
+                                             log=lambda m: None))
+    assert len(recs) == 3
+    assert recs[key]["status"] == "failed" and recs[key]["reason"] == "source_changed"
+    assert "masked/DE/2026/11/20/car0.jpg" not in _published(s3, settings)
+    assert _audit(s3, settings, key)["status"] == "failed"
+    # the next run lists the new ETag and masks the new upload
+    nxt = _shard_of(s3, settings, dict.fromkeys(f"raw/DE/2026/11/20/car{i}.jpg" for i in range(3)), run_id="r2")
+    waited2, recs2 = _run_shard(s3, settings, nxt, model_dir)
+    assert waited2["transform"]["photos"] == 2  # car0 (new upload) and the undecodable car2; car1 is done
+    assert recs2[key]["status"] == "masked" and recs2["raw/DE/2026/11/20/car1.jpg"].get("skipped")
+    assert _audit(s3, settings, key)["input_sha256"] == hashlib.sha256(jpeg_bytes(other)).hexdigest()
+
+
+def test_bytes_the_container_did_not_see_are_never_published(sm_env, model_dir, server_url, scene):
+    """Listed as A, replaced by B before the job (the container detects on B), A put back before
+    the mask step: the ETag matches again, the SHA-256 does not."""
+    from platemask.synth import synth_car_scene
+
+    s3, settings, shard = sm_env
+    settings = _local(settings, server_url)
+    key = "raw/DE/2026/11/20/car1.jpg"
+    original = s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=settings.bucket, Key=key, Body=jpeg_bytes(synth_car_scene(np.random.default_rng(5))[0]))
+    from platemask.airflow_support import detector_factory, sagemaker_hook
+    from platemask.runs import mask_shard
+    from platemask.sagemaker_backend import poll, submit
+
+    hook = sagemaker_hook(settings, s3)
+    _, waited = poll(hook, submit(hook, s3, settings, shard, str(model_dir)))
+    s3.put_object(Bucket=settings.bucket, Key=key, Body=original)
+    recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
+                                             log=lambda m: None))
+    assert recs[key]["status"] == "failed" and recs[key]["reason"] == "source_changed" and "input_sha256" in recs[key]["error"]
+    assert recs["raw/DE/2026/11/20/car0.jpg"]["status"] == "masked"
+    assert "masked/DE/2026/11/20/car1.jpg" not in _published(s3, settings)
+
+
+def test_local_backend_reads_only_the_listed_version(sm_env, model_dir):
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+    from platemask.synth import synth_car_scene
+
+    s3, settings, shard = sm_env
+    shard = {**shard, "spec": dict(shard["spec"], backend="local")}
+    key = "raw/DE/2026/11/20/car0.jpg"
+    s3.put_object(Bucket=settings.bucket, Key=key, Body=jpeg_bytes(synth_car_scene(np.random.default_rng(11))[0]))
+    recs = _records(s3, settings, mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)),
+                                             log=lambda m: None))
+    assert recs[key]["status"] == "failed" and recs[key]["reason"] == "source_changed"
+    assert recs["raw/DE/2026/11/20/car1.jpg"]["status"] == "masked"
+    assert _published(s3, settings) == {"masked/DE/2026/11/20/car1.jpg"}
+
+
+def test_a_gpu_job_without_cuda_fails_loudly_and_nothing_is_published(sm_env, model_dir, tmp_path):
+    """The real server with PLATEMASK_REQUIRE_CUDA=1 (what a ml.g5 job sets) on this CPU machine:
+    the job fails on the health check with the reason, and every photo is a failure."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT, _free_port
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here")
+    s3, settings, shard = sm_env
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_REQUIRE_CUDA="1")
+    env.pop("PLATEMASK_DEVICE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        settings = _local(settings, f"http://127.0.0.1:{port}", sagemaker_instance_type="ml.g5.xlarge")
+        waited, recs = _run_shard(s3, settings, shard, model_dir)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    t = waited["transform"]
+    assert t["state"] == "Failed" and "cuda_unavailable" in t["failure_reason"] and t["attempt"] == 0
+    assert len(recs) == 3 and all(r["status"] == "failed" for r in recs.values())
+    assert recs["raw/DE/2026/11/20/car0.jpg"]["reason"] == "transform_job_failed"
+    assert "CUDA is not usable" in recs["raw/DE/2026/11/20/car0.jpg"]["error"]
+    assert _published(s3, settings) == set()
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +458,37 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
         a = np.asarray(Image.open(BytesIO(masked["local"][k])), np.int16)
         b = np.asarray(Image.open(BytesIO(masked["sagemaker"][k])), np.int16)
         assert np.abs(a - b).mean() < 0.5, k  # same polygons, same masking
+
+
+def test_inference_image_pairs_a_cuda12_torch_with_the_535_driver_ami():
+    """No Docker engine here: read the Dockerfile. Driver 535 runs CUDA 12.x builds, not CUDA 13."""
+    from conftest import ROOT
+
+    text = (ROOT / "containers" / "inference" / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-(base|runtime)-ubuntu\d+\.\d+", args["BASE_IMAGE"])
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", args["TORCH_INDEX_URL"])
+    assert args["TORCH_CUDA"] == "12." and text.index("ARG BASE_IMAGE") < text.index("FROM ${BASE_IMAGE}")
+    assert Settings().sagemaker_transform_ami_version == "al2-ami-sagemaker-batch-gpu-535"
+
+
+def test_a_region_window_is_one_transform_job_up_to_sagemaker_shard_size(aws_conn):
+    """Every job pays its instances' start-up: backend=sagemaker cuts shards (= jobs) of up to
+    sagemaker_shard_size photos, scaled inside the job by InstanceCount, not 200-photo jobs."""
+    from platemask.runs import make_shards
+
+    s3 = aws_conn
+    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", shard_size=200, sagemaker_shard_size=5000)
+    s3.create_bucket(Bucket=settings.bucket)
+    entries = [{"key": f"raw/DE/2026/11/20/p{i:04d}.jpg", "size": 1000, "etag": f"e{i}"} for i in range(450)]
+    s3.put_object(Bucket=settings.bucket, Key="m.jsonl", Body="".join(json.dumps(e) + "\n" for e in entries).encode())
+    counts = {}
+    for backend in ("local", "sagemaker"):
+        spec = RunSpec(**{**SPEC.as_dict(), "backend": backend})
+        collected = [{"spec": spec.as_dict(), "manifest": f"s3://{settings.bucket}/m.jsonl", "count": len(entries)}]
+        counts[backend] = [sh["count"] for sh in make_shards(s3, settings, collected, log=lambda m: None)]
+    assert counts == {"local": [200, 200, 50], "sagemaker": [450]}
+    spec = RunSpec(**{**SPEC.as_dict(), "backend": "sagemaker"})
+    collected = [{"spec": spec.as_dict(), "manifest": f"s3://{settings.bucket}/m.jsonl", "count": len(entries)}]
+    assert [sh["count"] for sh in make_shards(s3, settings.with_(sagemaker_shard_size=300), collected,
+                                              log=lambda m: None)] == [300, 150]

@@ -120,11 +120,67 @@ def test_wrong_type_oversize_and_garbage(server):
     assert status == 415 and json.loads(body)["reason"] == "unsupported_media_type"
     status, body = call(url + "/invocations", os.urandom(3 * 1024 * 1024), "image/jpeg")
     assert status == 413 and "2 MB" in json.loads(body)["error"]
-    status, body = call(url + "/invocations", b"\xff\xd8\xff this is no jpeg", "image/jpeg")
-    assert status == 400 and json.loads(body)["reason"] in ("not_an_image", "corrupt", "truncated")
-    status, body = call(url + "/invocations", b"", "image/png")
-    assert status == 400 and json.loads(body)["reason"] == "empty_file"
     assert call(url + "/ping")[0] == 200  # still alive
+
+
+def test_a_photo_it_cannot_decode_is_a_failed_record_not_an_http_error(server):
+    """Batch Transform fails the whole job on any non-2xx answer: a bad photo is that photo's failure."""
+    import hashlib
+
+    url, _, _ = server
+    garbage = b"\xff\xd8\xff this is no jpeg"
+    status, body = call(url + "/invocations", garbage, "image/jpeg")
+    rec = json.loads(body)
+    assert status == 200 and rec["status"] == "failed" and rec["reason"] in ("not_an_image", "corrupt", "truncated")
+    assert rec["error"] and rec["input_sha256"] == hashlib.sha256(garbage).hexdigest() and rec["plates"] == []
+    assert rec["model"]["weights_sha256"]
+    status, body = call(url + "/invocations", b"", "image/png")
+    assert status == 200 and json.loads(body)["reason"] == "empty_file"
+    # over the pixel limit: refused before decoding, as a failed record
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (12000, 8000)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 2 * 2**20
+    status, body = call(url + "/invocations", buf.getvalue(), "image/png")
+    assert status == 200 and json.loads(body)["status"] == "failed" and json.loads(body)["reason"] == "too_large"
+    assert call(url + "/ping")[0] == 200
+
+
+def test_a_gpu_job_without_usable_cuda_fails_its_health_check(model_dir, tmp_path):
+    """PLATEMASK_REQUIRE_CUDA=1 (set for ml.g*/ml.p* jobs) on a machine where CUDA cannot run: the
+    real gunicorn server answers /ping 503 cuda_unavailable and says why in its log."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here: the check passes (covered by the GPU run)")
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_REQUIRE_CUDA="1")
+    env.pop("PLATEMASK_DEVICE", None)
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        url, body, deadline = f"http://127.0.0.1:{port}", {}, time.monotonic() + 120
+        while time.monotonic() < deadline and body.get("reason") != "cuda_unavailable":
+            try:
+                status, raw = call(url + "/ping", timeout=2)
+                body = json.loads(raw)
+                assert status != 200, "a GPU job must not pass /ping on the CPU"
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        assert body.get("reason") == "cuda_unavailable" and status == 503, (body, log.read_text()[-2000:])
+        assert "CUDA is not usable" in body["error"]
+        status, raw = call(url + "/invocations", b"\xff\xd8\xff", "image/jpeg", timeout=90)
+        assert status == 503 and json.loads(raw)["reason"] == "cuda_unavailable"
+        assert "PLATEMASK_REQUIRE_CUDA=1 but CUDA is not usable" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_concurrent_requests(server):

@@ -253,7 +253,7 @@ def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
 
 def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path, *, epochs: int = 8,
                     val_fraction: float = 0.15, seed: int = 0, imagenet_weights: str | Path | None = None,
-                    device: str = "cpu", log=print) -> dict:
+                    device: str = "cpu", positive_fraction: float = 1.0, log=print) -> dict:
     """Train a verifier for the detector in ``model_dir`` on the training split of ``data`` and add it there.
 
     The detector's detections on the training photos are cached in ``workdir`` (re-used while the
@@ -261,10 +261,17 @@ def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path
     """
     from ..model import load_config
     from .augment import read_rgb
-    from .coco import load_datasets, split_records
+    from .coco import load_datasets, split_of, split_records
 
     cfg = load_config(model_dir)
     train_recs, _ = split_records(load_datasets(data), val_fraction)
+    if positive_fraction < 1.0:
+        # a stable subset of the photos with plates (by identity), every negative: the detector pass over
+        # the training photos dominates the cost on a CPU, and negatives are what the verifier is for
+        keep = [r for r in train_recs if r.negative or split_of(r.identity + ":verifier", 1.0 - positive_fraction) == "train"]
+        log(f"verifier: {sum(not r.negative for r in keep)} of {sum(not r.negative for r in train_recs)} photos with "
+            f"plates (positive_fraction {positive_fraction}), all {sum(r.negative for r in keep)} negatives")
+        train_recs = keep
     workdir = Path(workdir)
     cache = workdir / f"detections-{cfg.weights_sha256[:12]}-{len(train_recs)}.jsonl"
     images = collect_detections(model_dir, train_recs, cache=cache, log=log)
@@ -274,7 +281,8 @@ def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path
     net = train_verifier(images, rgbs, epochs=epochs, seed=seed, imagenet_weights=imagenet_weights,
                          device=device, log=log).cpu()
     ex = examples_from(images)
-    info = {"trained_on": [Path(d).name for d in ([data] if isinstance(data, (str, Path)) else data)], "val_fraction": val_fraction, "epochs": epochs, "seed": seed,
+    info = {"trained_on": [Path(d).name for d in ([data] if isinstance(data, (str, Path)) else data)],
+            "val_fraction": val_fraction, "epochs": epochs, "seed": seed, "positive_fraction": positive_fraction,
             "detector_weights_sha256": cfg.weights_sha256,
             "plates": sum(e.label for e in ex), "negative_detections": sum(1 - e.label for e in ex)}
     return save_verifier(net, model_dir, info)
