@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` (the main job on the embedded default) and `make test`.
-.PHONY: setup demo airflow-ui test bench evaluate env
+.PHONY: setup demo airflow-ui test container-test bench evaluate env
 VENV := .venv/bin
 
 setup:
@@ -13,6 +13,11 @@ airflow-ui: setup
 
 test: setup
 	$(VENV)/python -m pytest -q
+
+# builds containers/inference/Dockerfile, runs it as SageMaker does and runs tests/test_container.py
+# against it; starts a Docker engine when none runs (as root), skips with the reason when it cannot
+container-test: setup
+	$(VENV)/python scripts/container_test.py
 
 bench: setup
 	$(VENV)/python bench/bench_mask.py
