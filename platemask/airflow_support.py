@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from .constants import resolve_device
 from .settings import Settings
 
 log = logging.getLogger("platemask")
@@ -97,11 +98,7 @@ def release_locks(settings: Settings, specs: list[dict]) -> None:
 
 
 def _device(settings: Settings) -> str:
-    if settings.device != "auto":
-        return settings.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(settings.device)
 
 
 def detector_factory(settings: Settings, model_dir: str | None = None) -> Callable:

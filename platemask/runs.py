@@ -33,13 +33,12 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from .constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
 from .imageio import ImageError, extension_supported
 from .settings import Settings
 from .storage import S3Store, parse_s3_uri
 from .windows import Window, resolve_window
 
-BACKENDS = ("local", "sagemaker")
-MODES = ("gaussian", "pixelate", "solid")
 S3_MAX_KEY_BYTES = 1024  # S3 refuses longer keys (KeyTooLongError)
 
 
@@ -61,8 +60,8 @@ class RunSpec:
     window_start: str
     window_end: str
     run_id: str = "manual"
-    backend: str = "local"
-    mode: str = "gaussian"
+    backend: str = DEFAULT_BACKEND
+    mode: str = DEFAULT_MASK_MODE
     threshold: float | None = None
     reprocess: bool = False
     dry_run: bool = False
@@ -93,12 +92,12 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_st
     for r in regions:
         if r not in settings.regions:
             raise RunError(f"region {r!r} is not configured; configured regions: {', '.join(settings.regions)}")
-    backend = params.get("backend") or "local"
+    backend = params.get("backend") or DEFAULT_BACKEND
     if backend not in BACKENDS:
         raise RunError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    mode = params.get("mode") or "gaussian"
-    if mode not in MODES:
-        raise RunError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = params.get("mode") or DEFAULT_MASK_MODE
+    if mode not in MASK_MODES:
+        raise RunError(f"mode must be one of {MASK_MODES}, got {mode!r}")
     threshold = params.get("threshold")
     if threshold is not None and not 0 <= float(threshold) <= 1:
         raise RunError(f"threshold must be within [0, 1], got {threshold}")
