@@ -40,7 +40,6 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
     dag_run = context["dag_run"]
     try:
         specs = plan_runs(settings, dict(context["params"]), run_id=dag_run.run_id,
-                          data_interval_start=context.get("data_interval_start"),
                           data_interval_end=context.get("data_interval_end"))
     except RunError as exc:
         raise AirflowFailException(f"invalid run parameters: {exc}") from None

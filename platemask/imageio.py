@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -85,7 +85,6 @@ class Decoded:
     icc_profile: bytes | None = None
     orientation: int = 1
     source_mode: str = ""
-    info: dict = field(default_factory=dict)
     frames_dropped: int = 0  # MPO (multi-picture JPEG): frames after the first, not written
 
     @property

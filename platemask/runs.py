@@ -84,8 +84,7 @@ class RunSpec:
         return cls(**d)
 
 
-def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_start: datetime | None,
-              data_interval_end: datetime | None) -> list[RunSpec]:
+def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_end: datetime | None) -> list[RunSpec]:
     """Validate the run's Params and turn them into one RunSpec per region (pure)."""
     region = params.get("region") or "ALL"
     regions = list(settings.regions) if region == "ALL" else [region]
@@ -120,8 +119,7 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_st
     for r in regions:
         try:
             w = resolve_window(tz=settings.region_timezones[r], window_start=params.get("window_start"),
-                               window_end=params.get("window_end"), data_interval_start=data_interval_start,
-                               data_interval_end=data_interval_end)
+                               window_end=params.get("window_end"), data_interval_end=data_interval_end)
         except ValueError as exc:
             raise RunError(f"region {r}: {exc}") from None
         specs.append(RunSpec(region=r, window_start=w.start.isoformat(), window_end=w.end.isoformat(), run_id=run_id,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .constants import REPO_MODEL_DIR
 
@@ -135,6 +135,3 @@ class Settings:
 
     def with_(self, **kw) -> "Settings":
         return replace(self, **kw)
-
-    def as_dict(self) -> dict:
-        return asdict(self)

@@ -51,7 +51,7 @@ def test_every_mode_is_accepted_by_runs_and_mask(mode):
 
     (spec,) = plan_runs(Settings(), {"region": "DE", "mode": mode, "window_start": "2026-11-20",
                                          "window_end": "2026-11-21"}, run_id="r",
-                        data_interval_start=None, data_interval_end=None)
+                        data_interval_end=None)
     assert spec.mode == mode and MaskStyle(mode=mode).mode == mode
 
 
