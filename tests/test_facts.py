@@ -23,7 +23,7 @@ def _option(parser, command: str, flag: str):
     return next(a for a in sub.choices[command]._actions if flag in a.option_strings)
 
 
-def _dag_params(monkeypatch):
+def _dag_params():
     spec = importlib.util.spec_from_file_location(f"plate_masking_{uuid.uuid4().hex}", ROOT / "dags" / "plate_masking.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -37,8 +37,8 @@ def test_cli_choices_are_the_shared_tuples():
     assert tuple(metadata.choices) == METADATA_POLICIES and metadata.default == DEFAULT_METADATA_POLICY
 
 
-def test_dag_params_enums_are_the_shared_tuples(monkeypatch):
-    params = _dag_params(monkeypatch)
+def test_dag_params_enums_are_the_shared_tuples():
+    params = _dag_params()
     for name, values, default in (("mode", MASK_MODES, DEFAULT_MASK_MODE), ("backend", BACKENDS, DEFAULT_BACKEND)):
         param = params.get_param(name)
         assert tuple(param.schema["enum"]) == values and param.value == default
