@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from platemask.constants import resolve_device  # noqa: E402
 from platemask.segment import Segmenter  # noqa: E402
 from platemask.training.synth import synth_car_scene  # noqa: E402
 
@@ -41,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,4,8,16,32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--model", default=str(ROOT / "models" / "platemask-mnv2-fpn"))
     ap.add_argument("--no-cli", action="store_true", help="skip the end-to-end CLI run")
     a = ap.parse_args()

@@ -29,6 +29,7 @@ from airflow.sdk import (Asset, AsyncCallback, CronDataIntervalTimetable, Deadli
                          PokeReturnValue, dag, get_current_context, task, task_group)
 from airflow.sdk.exceptions import AirflowFailException
 
+from platemask.constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
 from platemask.settings import Settings
 
 SETTINGS = Settings.load()  # environment only: no network, no database, no torch at parse time
@@ -42,8 +43,8 @@ params = {
     "window_start": Param(None, **NULLABLE, title="Window start",
                           description="ISO date or date-time (region time if no offset). Leave empty for the run's night."),
     "window_end": Param(None, **NULLABLE, title="Window end", description="Exclusive end, same format as the start."),
-    "backend": Param("local", enum=["local", "sagemaker"], title="Segmentation backend"),
-    "mode": Param("gaussian", enum=["gaussian", "pixelate", "solid"], title="Masking mode"),
+    "backend": Param(DEFAULT_BACKEND, enum=list(BACKENDS), title="Segmentation backend"),
+    "mode": Param(DEFAULT_MASK_MODE, enum=list(MASK_MODES), title="Masking mode"),
     "threshold": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Score threshold",
                        description="Empty: the model's operating threshold (chosen for recall on held-out data). "
                                    "Well above it needs 'Unsafe threshold'; very confident detections are always masked."),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from .constants import resolve_device
 from .settings import Settings
 
 log = logging.getLogger("platemask")
@@ -39,7 +40,6 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
     dag_run = context["dag_run"]
     try:
         specs = plan_runs(settings, dict(context["params"]), run_id=dag_run.run_id,
-                          data_interval_start=context.get("data_interval_start"),
                           data_interval_end=context.get("data_interval_end"))
     except RunError as exc:
         raise AirflowFailException(f"invalid run parameters: {exc}") from None
@@ -97,11 +97,7 @@ def release_locks(settings: Settings, specs: list[dict]) -> None:
 
 
 def _device(settings: Settings) -> str:
-    if settings.device != "auto":
-        return settings.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(settings.device)
 
 
 def detector_factory(settings: Settings, model_dir: str | None = None) -> Callable:

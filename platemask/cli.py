@@ -8,17 +8,18 @@ import argparse
 import json
 import sys
 import time
+import os
 from pathlib import Path
 
+from .constants import (DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES, METADATA_POLICIES,
+                        MODEL_DIR_ENV, REPO_MODEL_DIR, resolve_device)
+
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "platemask-mnv2-fpn"
 
 
 def default_model_dir() -> Path:
-    """``$PLATEMASK_MODEL`` if set, else the model shipped in the repository's ``models/``."""
-    import os
-
-    return Path(os.environ.get("PLATEMASK_MODEL") or DEFAULT_MODEL)
+    """``$PLATEMASK_MODEL_DIR`` if set, else the model shipped in the repository's ``models/``."""
+    return Path(os.environ.get(MODEL_DIR_ENV) or REPO_MODEL_DIR)
 
 
 def _fraction(s: str) -> float:
@@ -112,7 +113,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from .training.train import export, train
 
-    device = ("cuda" if _cuda() else "cpu") if a.device == "auto" else a.device
+    device = resolve_device(a.device)
     ckpt = train(data=a.data, workdir=a.workdir, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                  device=device, max_minutes=a.max_minutes, seed=a.seed, val_fraction=a.val_fraction,
                  crop=a.crop, workers=a.workers, imagenet_weights=a.imagenet_weights, init_from=a.init_from,
@@ -128,7 +129,7 @@ def cmd_train_verifier(a: argparse.Namespace) -> int:
     from .training.train import imagenet_mobilenet_v2
     from .training.verifier import train_for_model
 
-    device = ("cuda" if _cuda() else "cpu") if a.device == "auto" else a.device
+    device = resolve_device(a.device)
     spec = train_for_model(a.model, a.data, a.workdir, epochs=a.epochs, val_fraction=a.val_fraction, seed=a.seed,
                            imagenet_weights=a.imagenet_weights or imagenet_mobilenet_v2(), device=device,
                            positive_fraction=a.positive_fraction, log=_log)
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("src", metavar="SRC")
     m.add_argument("dst", metavar="DST")
     m.add_argument("--model", default=str(default_model_dir()), help="model folder (config.json + weights)")
-    m.add_argument("--mode", choices=("gaussian", "pixelate", "solid"), default="gaussian")
+    m.add_argument("--mode", choices=MASK_MODES, default=DEFAULT_MASK_MODE)
     m.add_argument("--threshold", type=_fraction, default=None,
                    help="score to mask at (default: the model's operating threshold; above it + "
                         f"{UNSAFE_THRESHOLD_MARGIN:g} needs --unsafe-threshold; detections >= {HARD_MASK_SCORE:g} "
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     m.add_argument("--batch-size", type=_positive_int, default=4)
     m.add_argument("--jpeg-quality", type=int, choices=range(1, 101), metavar="1..100", default=92)
-    m.add_argument("--metadata", choices=("strip", "safe", "keep"), default="safe",
+    m.add_argument("--metadata", choices=METADATA_POLICIES, default=DEFAULT_METADATA_POLICY,
                    help="strip: no EXIF; safe: keep only camera make/model, exposure, date-time and colour (no GPS, XMP, IPTC, "
                         "serials, names, maker notes); keep: all EXIF but the thumbnail")
     m.add_argument("--max-pixels", type=_max_pixels, default=DEFAULT_MAX_PIXELS,
@@ -286,15 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--model", default=str(default_model_dir()))
     k.set_defaults(func=cmd_package_model)
     return p
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

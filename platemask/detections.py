@@ -61,7 +61,3 @@ def record(key: str, *, status: str, width: int | None = None, height: int | Non
         rec["reason"] = reason or "error"
     rec.update(extra)
     return rec
-
-
-def plates_from_record(rec: dict[str, Any]) -> list[Plate]:
-    return [Plate.from_json(p) for p in rec.get("plates", [])]

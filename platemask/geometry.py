@@ -82,13 +82,6 @@ def polygon_box(poly: np.ndarray) -> list[float]:
     return [float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
 
 
-def clip_polygon(poly: np.ndarray, width: int, height: int) -> np.ndarray:
-    p = np.asarray(poly, np.float32).reshape(-1, 2).copy()
-    p[:, 0] = np.clip(p[:, 0], 0, width)
-    p[:, 1] = np.clip(p[:, 1], 0, height)
-    return p
-
-
 def intersection_over_smaller(a: np.ndarray, b: np.ndarray) -> float:
     """Area shared by two convex polygons over the smaller one's area."""
     inter, _ = cv2.intersectConvexConvex(np.asarray(a, np.float32), np.asarray(b, np.float32))

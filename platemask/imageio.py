@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .constants import DEFAULT_METADATA_POLICY, MetadataPolicy
 
 SUPPORTED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}
 # Read as another format: MPO (phones' multi-picture JPEG) is masked and written as a plain JPEG of its first frame.
@@ -37,7 +38,6 @@ def check_max_pixels(max_pixels: int) -> int:
     if not 1 <= max_pixels <= MAX_PIXELS_CEILING:
         raise ValueError(f"max_pixels must be within 1..{MAX_PIXELS_CEILING:,}, got {max_pixels:,}")
     return max_pixels
-MetadataPolicy = Literal["strip", "safe", "keep"]
 
 # The 'safe' policy is an allow-list: what a reviewer needs to judge a photo and nothing that can
 # name a person, device or place. Everything else goes: GPS, XMP (also inside EXIF, tag 0x02BC),
@@ -85,7 +85,6 @@ class Decoded:
     icc_profile: bytes | None = None
     orientation: int = 1
     source_mode: str = ""
-    info: dict = field(default_factory=dict)
     frames_dropped: int = 0  # MPO (multi-picture JPEG): frames after the first, not written
 
     @property
@@ -203,7 +202,7 @@ def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes |
     return out.tobytes()  # IFD1 (the embedded thumbnail: an unmasked copy) is never written
 
 
-def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata: MetadataPolicy = "safe") -> bytes:
+def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata: MetadataPolicy = DEFAULT_METADATA_POLICY) -> bytes:
     """Encode masked ``pixels`` in ``dec``'s format and mode with the metadata policy applied."""
     mode = dec.mode
     img = Image.fromarray(pixels)  # uint16 2-D arrays become I;16

@@ -8,22 +8,21 @@ follow the character height, not a fixed kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import cv2
 import numpy as np
 
+from .constants import DEFAULT_MASK_MODE, MASK_MODES
+from .constants import MaskMode as Mode
 from .detections import Plate
 from .geometry import grow_polygon, plate_height
 
-Mode = Literal["gaussian", "pixelate", "solid"]
-MODES = ("gaussian", "pixelate", "solid")
 CHAR_HEIGHT = 0.6  # characters are ~60% of plate height
 
 
 @dataclass(frozen=True)
 class MaskStyle:
-    mode: Mode = "gaussian"
+    mode: Mode = DEFAULT_MASK_MODE
     margin: float = 0.2  # growth, as a fraction of plate height (at least min_margin px)
     min_margin: float = 2.0
     feather: float = 0.25  # outward blend band, fraction of plate height
@@ -31,8 +30,8 @@ class MaskStyle:
     pixel_block: float = 1.0  # pixelate block edge, multiples of character height
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in MASK_MODES:
+            raise ValueError(f"mode must be one of {MASK_MODES}, got {self.mode!r}")
         for name in ("margin", "min_margin", "feather", "blur_sigma", "pixel_block"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

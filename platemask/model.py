@@ -105,7 +105,8 @@ class ModelConfig:
 
 
 class PassThroughTransform(GeneralizedRCNNTransform):
-    """torchvision's transform minus resizing: ``platemask.preprocess`` resizes once, for every caller."""
+    """torchvision's transform minus resizing: callers hand over images already at the detector's size
+    (``platemask.segment.prepare`` for the CLI, the DAG workers and the container; fixed-size crops in training)."""
 
     def __init__(self, image_mean, image_std):
         super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std, size_divisible=32)
@@ -199,8 +200,9 @@ def build_model(*, arch: Architecture | None = None, imagenet_weights: str | Pat
         mask_head=MaskRCNNHeads(c, [arch.mask_head_channels] * arch.mask_head_layers, 1),
         mask_predictor=MaskRCNNPredictor(arch.mask_head_channels, arch.mask_head_channels, len(CLASSES)),
     )
-    # Resizing happens once, in platemask.preprocess, identically for training, the CLI and the
-    # container; torchvision's transform then only normalises and batches.
+    # Resizing happens once, before the model: platemask.segment (plan_views/prepare) for the CLI, the DAG
+    # workers and the container alike; training feeds fixed-size crops. torchvision's transform then
+    # only normalises and batches.
     model.transform = PassThroughTransform(model.transform.image_mean, model.transform.image_std)
     return model
 

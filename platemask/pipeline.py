@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from .constants import DEFAULT_METADATA_POLICY, METADATA_POLICIES
 from .detections import Plate, record
 from .geometry import polygon_area
 from .imageio import (DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, check_max_pixels, content_type, decode,
@@ -59,7 +60,7 @@ class JobOptions:
     review_high: float = 0.7  # masked plates below this also put it there
     style: MaskStyle = field(default_factory=MaskStyle)
     jpeg_quality: int = 92
-    metadata: MetadataPolicy = "safe"
+    metadata: MetadataPolicy = DEFAULT_METADATA_POLICY
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 4
     read_workers: int = 8
@@ -82,8 +83,8 @@ class JobOptions:
                 raise ValueError(f"{name} must be within [0, 1], got {v}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
-        if self.metadata not in ("strip", "safe", "keep"):
-            raise ValueError(f"metadata must be strip, safe or keep, got {self.metadata!r}")
+        if self.metadata not in METADATA_POLICIES:
+            raise ValueError(f"metadata must be one of {METADATA_POLICIES}, got {self.metadata!r}")
         check_max_pixels(self.max_pixels)
 
 

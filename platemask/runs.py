@@ -33,13 +33,12 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from .constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
 from .imageio import ImageError, extension_supported
 from .settings import Settings
 from .storage import S3Store, parse_s3_uri
 from .windows import Window, resolve_window
 
-BACKENDS = ("local", "sagemaker")
-MODES = ("gaussian", "pixelate", "solid")
 S3_MAX_KEY_BYTES = 1024  # S3 refuses longer keys (KeyTooLongError)
 
 
@@ -61,8 +60,8 @@ class RunSpec:
     window_start: str
     window_end: str
     run_id: str = "manual"
-    backend: str = "local"
-    mode: str = "gaussian"
+    backend: str = DEFAULT_BACKEND
+    mode: str = DEFAULT_MASK_MODE
     threshold: float | None = None
     reprocess: bool = False
     dry_run: bool = False
@@ -85,20 +84,19 @@ class RunSpec:
         return cls(**d)
 
 
-def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_start: datetime | None,
-              data_interval_end: datetime | None) -> list[RunSpec]:
+def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_end: datetime | None) -> list[RunSpec]:
     """Validate the run's Params and turn them into one RunSpec per region (pure)."""
     region = params.get("region") or "ALL"
     regions = list(settings.regions) if region == "ALL" else [region]
     for r in regions:
         if r not in settings.regions:
             raise RunError(f"region {r!r} is not configured; configured regions: {', '.join(settings.regions)}")
-    backend = params.get("backend") or "local"
+    backend = params.get("backend") or DEFAULT_BACKEND
     if backend not in BACKENDS:
         raise RunError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    mode = params.get("mode") or "gaussian"
-    if mode not in MODES:
-        raise RunError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = params.get("mode") or DEFAULT_MASK_MODE
+    if mode not in MASK_MODES:
+        raise RunError(f"mode must be one of {MASK_MODES}, got {mode!r}")
     threshold = params.get("threshold")
     if threshold is not None and not 0 <= float(threshold) <= 1:
         raise RunError(f"threshold must be within [0, 1], got {threshold}")
@@ -121,8 +119,7 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_st
     for r in regions:
         try:
             w = resolve_window(tz=settings.region_timezones[r], window_start=params.get("window_start"),
-                               window_end=params.get("window_end"), data_interval_start=data_interval_start,
-                               data_interval_end=data_interval_end)
+                               window_end=params.get("window_end"), data_interval_end=data_interval_end)
         except ValueError as exc:
             raise RunError(f"region {r}: {exc}") from None
         specs.append(RunSpec(region=r, window_start=w.start.isoformat(), window_end=w.end.isoformat(), run_id=run_id,

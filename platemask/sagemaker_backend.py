@@ -26,6 +26,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR
 from .detections import Plate
 from .imageio import ImageError
 from .model import load_config
@@ -164,7 +165,7 @@ def ensure_model(hook, s3, settings: Settings, model_dir: str) -> tuple[str, str
         hook.create_model({
             "ModelName": name, "ExecutionRoleArn": settings.sagemaker_role_arn,
             "PrimaryContainer": {"Image": settings.sagemaker_image_uri, "ModelDataUrl": f"s3://{settings.bucket}/{key}",
-                                 "Environment": {"PLATEMASK_MODEL_DIR": "/opt/ml/model"}},
+                                 "Environment": {MODEL_DIR_ENV: SAGEMAKER_MODEL_DIR}},
             "Tags": [{"Key": "platemask:model_sha256", "Value": sha}],
         })
         log.info("created SageMaker model %s", name)

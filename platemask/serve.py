@@ -30,6 +30,8 @@ import time
 
 from flask import Flask, Response, request
 
+from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR, resolve_device
+
 ACCEPTED = ("image/jpeg", "image/png", "application/x-image", "image/webp", "image/tiff")
 REQUIRE_CUDA_ENV = "PLATEMASK_REQUIRE_CUDA"
 log = logging.getLogger("platemask.serve")
@@ -103,13 +105,7 @@ def _require_cuda() -> bool:
 
 def _device() -> str:
     d = os.environ.get("PLATEMASK_DEVICE", "auto")
-    if d != "auto":
-        return d
-    if _require_cuda():
-        return "cuda"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if d == "auto" and _require_cuda() else resolve_device(d)
 
 
 def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = None, load: bool = True,
@@ -118,7 +114,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     from .imageio import ImageError, decode
     from .pipeline import JobOptions, build_record
 
-    model_dir = model_dir or os.environ.get("PLATEMASK_MODEL_DIR", "/opt/ml/model")
+    model_dir = model_dir or os.environ.get(MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR)
     max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
     workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -226,7 +222,7 @@ def serve() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     log.info("serving on %s with %d worker(s), model %s", opts["bind"], opts["workers"],
-             os.environ.get("PLATEMASK_MODEL_DIR", "/opt/ml/model"))
+             os.environ.get(MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR))
     App().run()
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field, fields, replace
 
-_REPO_MODEL = Path(__file__).resolve().parent.parent / "models" / "platemask-mnv2-fpn"
+from .constants import REPO_MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class Settings:
     aws_conn_id: str = "aws_default"
     sse: str | None = None  # e.g. "AES256" or "aws:kms"
     kms_key_id: str | None = None
-    model_dir: str = str(_REPO_MODEL)
+    model_dir: str = str(REPO_MODEL_DIR)  # env PLATEMASK_MODEL_DIR (constants.MODEL_DIR_ENV)
     device: str = "auto"  # auto: cuda when the worker has it
     queue: str = "default"  # Celery queue for masking tasks; "gpu" to send them to GPU workers
     pool: str = "default_pool"  # e.g. "platemask_gpu" with one slot per GPU
@@ -136,6 +135,3 @@ class Settings:
 
     def with_(self, **kw) -> "Settings":
         return replace(self, **kw)
-
-    def as_dict(self) -> dict:
-        return asdict(self)

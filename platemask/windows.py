@@ -72,7 +72,7 @@ def nightly_window(run_end: datetime, tz: str) -> Window:
 
 
 def resolve_window(*, tz: str, window_start: str | None = None, window_end: str | None = None,
-                   data_interval_start: datetime | None = None, data_interval_end: datetime | None = None) -> Window:
+                   data_interval_end: datetime | None = None) -> Window:
     """The window for a run.
 
     Explicit ``window_start``/``window_end`` (a manual run) win; either alone is an error. Otherwise

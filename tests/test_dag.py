@@ -90,8 +90,8 @@ def test_plan_refuses_bad_windows_with_a_clear_message():
     s = Settings()
     with pytest.raises(RunError, match="before its end"):
         plan_runs(s, {"region": "DE", "window_start": "2026-11-21", "window_end": "2026-11-20"}, run_id="r",
-                  data_interval_start=None, data_interval_end=None)
-    specs = plan_runs(s, {"region": "ALL"}, run_id="r", data_interval_start=None,
+                  data_interval_end=None)
+    specs = plan_runs(s, {"region": "ALL"}, run_id="r",
                       data_interval_end=datetime(2026, 11, 21, 1, tzinfo=timezone.utc))
     assert [x.region for x in specs] == list(s.regions)
 
@@ -228,7 +228,7 @@ def test_backfill_creates_runs_with_the_region_conf(monkeypatch, bucket_env):
         for r in runs:
             assert r.run_type == "backfill" and r.conf == {"region": "TH"}
             params = merged_params(dag, r.conf)
-            (spec,) = plan_runs(Settings.load(), params, run_id=r.run_id, data_interval_start=r.data_interval_start,
+            (spec,) = plan_runs(Settings.load(), params, run_id=r.run_id,
                                 data_interval_end=r.data_interval_end)
             assert spec.region == "TH"
             windows.append(spec.window)

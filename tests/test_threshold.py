@@ -84,7 +84,7 @@ def test_dag_params_need_unsafe_threshold(model_dir):
     from platemask.settings import Settings
 
     s = Settings(model_dir=str(model_dir))
-    kw = dict(run_id="r", data_interval_start=None, data_interval_end=None)
+    kw = dict(run_id="r", data_interval_end=None)
     base = {"region": "DE", "window_start": "2026-11-20", "window_end": "2026-11-21"}
     with pytest.raises(RunError, match="unsafe_threshold"):
         plan_runs(s, {**base, "threshold": 1.0}, **kw)

@@ -9,8 +9,7 @@ UTC = timezone.utc
 
 
 def test_nightly_window_is_the_previous_local_day():
-    w = resolve_window(tz="Europe/Berlin", data_interval_start=datetime(2026, 11, 20, 2, tzinfo=UTC),
-                       data_interval_end=datetime(2026, 11, 21, 2, tzinfo=UTC))
+    w = resolve_window(tz="Europe/Berlin", data_interval_end=datetime(2026, 11, 21, 2, tzinfo=UTC))
     assert w.start == datetime(2026, 11, 20, tzinfo=ZoneInfo("Europe/Berlin"))
     assert w.end == datetime(2026, 11, 21, tzinfo=ZoneInfo("Europe/Berlin"))
     assert w.partition_days("Europe/Berlin") == [date(2026, 11, 20)]
@@ -19,7 +18,7 @@ def test_nightly_window_is_the_previous_local_day():
 
 def test_empty_cron_interval_still_gives_a_full_day():
     t = datetime(2026, 11, 21, 2, tzinfo=UTC)
-    w = resolve_window(tz="UTC", data_interval_start=t, data_interval_end=t)
+    w = resolve_window(tz="UTC", data_interval_end=t)  # a cron trigger: start == end
     assert (w.start, w.end) == (datetime(2026, 11, 20, tzinfo=ZoneInfo("UTC")), datetime(2026, 11, 21, tzinfo=ZoneInfo("UTC")))
 
 

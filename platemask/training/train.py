@@ -2,7 +2,7 @@
 
 Designed for a 2-core CPU as well as a GPU: the network sees fixed-size crops (not whole
 photos), samples few RoIs, keeps the stem frozen, and writes a checkpoint every few minutes so a
-killed run resumes where it stopped (``--resume``, the default when a checkpoint exists).
+killed run resumes where it stopped (run it again with the same ``--workdir``: its ``last.ckpt`` is resumed).
 """
 from __future__ import annotations
 
