@@ -117,6 +117,12 @@ class Segmenter:
         self.model_dir = Path(model_dir)
         self.batch_size = max(1, int(batch_size))
         self.min_score = self.cfg.review_low if min_score is None else float(min_score)
+        # The model pastes a view-sized mask for every detection over its own floor (0.02, there for
+        # training): ~3 MB each at 896 px, up to 60 a view. Nothing below min_score is used, and
+        # dropping those first changes nothing above it (NMS and the top-k only let a higher score
+        # suppress a lower one); 1 % under min_score as the model keeps scores strictly above it.
+        heads = self.model.roi_heads
+        heads.score_thresh = max(heads.score_thresh, 0.99 * self.min_score)
         if self.device.type == "cuda":
             self.model.half()
         self.verifier = None
