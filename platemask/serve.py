@@ -10,12 +10,17 @@ Contract (SageMaker hosting and Batch Transform):
 Gunicorn runs ``SAGEMAKER_MODEL_SERVER_WORKERS`` workers (default: one per 2 cores, at least 1)
 on ``SAGEMAKER_BIND_TO_PORT`` (default 8080); each worker loads the model from ``/opt/ml/model``
 (``PLATEMASK_MODEL_DIR`` overrides) in a background thread so /ping answers at once.
-``SAGEMAKER_MAX_PAYLOAD_IN_MB`` (default 6) caps request bodies; ``SAGEMAKER_BATCH=true``
-(set by Batch Transform) lengthens the worker timeout.
+``SAGEMAKER_MAX_PAYLOAD_IN_MB`` (default 6) caps request bodies, chunked ones included (read in
+chunks, 413 as soon as one passes it); ``SAGEMAKER_BATCH=true`` (set by Batch Transform) lengthens
+the worker timeout. Each worker runs ``PLATEMASK_SERVER_THREADS`` threads (default 8) so /ping is
+answered while inferences run, and decodes at most ``PLATEMASK_PIXEL_BUDGET_MB`` of pixels at once
+(the pipeline's default; a larger photo is decoded alone): parallel 79 MP requests wait their turn
+instead of each holding its own copy.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ import threading
 import time
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 ACCEPTED = ("image/jpeg", "image/png", "application/x-image", "image/webp", "image/tiff")
 log = logging.getLogger("platemask.serve")
@@ -31,6 +37,20 @@ log = logging.getLogger("platemask.serve")
 
 def _json(obj, status=200) -> Response:
     return Response(json.dumps(obj), status=status, mimetype="application/json")
+
+
+def read_body(stream, limit: int, chunk: int = 1 << 20) -> bytes:
+    """The whole request body, read ``chunk`` bytes at a time; RequestEntityTooLarge (413) as soon
+    as it passes ``limit`` bytes, having buffered at most ``limit + 1``. For chunked uploads (no
+    Content-Length), which Werkzeug's ``get_data`` silently cut at the limit."""
+    buf = bytearray()
+    while True:
+        part = stream.read(min(chunk, limit + 1 - len(buf)))
+        if not part:
+            return bytes(buf)
+        buf += part
+        if len(buf) > limit:
+            raise RequestEntityTooLarge()
 
 
 class ModelHolder:
@@ -70,17 +90,23 @@ def _device() -> str:
 
 def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = None, load: bool = True,
                workers: int | None = None) -> Flask:
-    from .imageio import ImageError, decode
-    from .pipeline import JobOptions, build_record
+    from .imageio import ImageError, decode, decoded_nbytes
+    from .pipeline import JobOptions, PixelBudget, build_record
 
     model_dir = model_dir or os.environ.get("PLATEMASK_MODEL_DIR", "/opt/ml/model")
     max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
     workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     holder = ModelHolder(model_dir, _device(), threads)
+    budget_mb = int(os.environ.get("PLATEMASK_PIXEL_BUDGET_MB") or JobOptions.pixel_budget_mb)
+    budget = PixelBudget(budget_mb * 1024 * 1024)  # decoded pixels in this worker, all requests together
+    turns = itertools.count()
+    turns_lock = threading.Lock()
     app = Flask("platemask")
-    app.config["MAX_CONTENT_LENGTH"] = int(max_payload_mb * 1024 * 1024)
+    max_payload = int(max_payload_mb * 1024 * 1024)
+    app.config["MAX_CONTENT_LENGTH"] = max_payload
     app.extensions["platemask_model"] = holder
+    app.extensions["platemask_budget"] = budget
     if load:
         holder.start()
 
@@ -105,26 +131,39 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
                           "reason": "unsupported_media_type"}, 415)
         if not holder.ready.wait(timeout=60):
             return _json({"error": holder.error or "model is still loading", "reason": "not_ready"}, 503)
-        data = request.get_data(cache=False)  # MAX_CONTENT_LENGTH answers 413 before this reads a byte too many
+        if request.content_length is not None and request.content_length > max_payload:
+            raise RequestEntityTooLarge()
+        # gunicorn ends chunked bodies itself (wsgi.input_terminated): read them raw, in chunks
+        raw = "wsgi.input_terminated" in request.environ and request.content_length is None
+        data = read_body(request.environ["wsgi.input"] if raw else request.stream, max_payload)
         key = request.headers.get("X-Platemask-Key", "")
         seg = holder.segmenter
+        nbytes = decoded_nbytes(data)
+        with turns_lock:  # turns are taken in the order they are drawn
+            budget.reserve(next(turns), nbytes)
         try:
-            dec = decode(data)
+            return _json(infer(seg, key, data))
         except ImageError as exc:
             return _json({"error": str(exc), "reason": exc.reason}, 400)
+        finally:
+            budget.release(nbytes)
+
+    def infer(seg, key: str, data: bytes) -> dict:
+        dec = decode(data)
         cfg = seg.cfg
         threshold = float(os.environ.get("PLATEMASK_THRESHOLD") or cfg.score_threshold)
         opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold),
                           review_high=max(cfg.review_high, threshold))
         with holder.lock:
             plates = seg([dec.rgb])[0]
-        rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=hashlib.sha256(data).hexdigest())
-        return _json(rec)
+        return build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=hashlib.sha256(data).hexdigest())
 
     @app.errorhandler(413)
     def too_large(_exc):
-        return _json({"error": f"request body exceeds {max_payload_mb:g} MB (SAGEMAKER_MAX_PAYLOAD_IN_MB)",
+        resp = _json({"error": f"request body exceeds {max_payload_mb:g} MB (SAGEMAKER_MAX_PAYLOAD_IN_MB)",
                       "reason": "payload_too_large"}, 413)
+        resp.headers["Connection"] = "close"  # the rest of the body is not read: do not reuse the connection
+        return resp
 
     @app.errorhandler(405)
     def not_allowed(_exc):
@@ -150,7 +189,9 @@ def gunicorn_options() -> dict:
         "bind": f"0.0.0.0:{int(os.environ.get('SAGEMAKER_BIND_TO_PORT', 8080))}",
         "workers": workers,
         "worker_class": "gthread",
-        "threads": 4,
+        # inferences hold a thread each (one runs the model, others decode or wait their turn):
+        # enough threads that /ping always finds a free one
+        "threads": int(os.environ.get("PLATEMASK_SERVER_THREADS") or 8),
         "timeout": int(os.environ.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", 3600 if batch else 120)),
         "graceful_timeout": 30,
         "keepalive": 75,  # longer than SageMaker's idle connection reuse
