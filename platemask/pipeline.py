@@ -6,6 +6,7 @@ any stage is reported with its reason and never written to the destination.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import sys
 import threading
@@ -79,6 +80,22 @@ class JobOptions:
         check_max_pixels(self.max_pixels)
         if self.pixel_budget_mb < 1:
             raise ValueError(f"pixel_budget_mb must be >= 1, got {self.pixel_budget_mb}")
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Have glibc give photo-sized buffers back to the OS when they are freed (once per process).
+
+    glibc raises its mmap threshold after each large free, up to 32 MB; from then on Pillow's 16 MB
+    image blocks and numpy's strips come from per-thread heaps, which keep freed memory: with a
+    dozen reader and writer threads that was GBs (12 x 79 MP photos: 4.9 GB peak RSS, 2.3 GB with a
+    fixed 1 MB threshold). False where there is no glibc ``mallopt`` (nothing to do there).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3
+    return bool(mallopt(m_mmap_threshold, threshold))
 
 
 class PixelBudget:
@@ -280,6 +297,7 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
     """
     timings = timings or Timings()
     budget = budget or PixelBudget(opts.pixel_budget_mb * 1024 * 1024)
+    return_freed_memory_to_os()
     records: dict[str, dict] = {}
     lock = threading.Lock()
     out_keys, refused = _output_keys(keys, dst_key)
