@@ -1,12 +1,15 @@
 """Benchmark: peak memory (RSS) of ``platemask mask`` on large photos, and on one small photo.
 
     .venv/bin/python bench/bench_memory.py [--images 12] [--megapixels 79] [--cache DIR] [-- extra CLI args]
+    .venv/bin/python bench/bench_memory.py --server [--images 4]
 
 Generates one large JPEG (smooth gradients with mild noise: cheap to make, realistic to decode)
 once into ``--cache`` (default: a folder in the system temp dir, reused by later runs), links it
 ``--images`` times into a source folder, runs the real CLI in a subprocess and prints its peak
 resident memory (``ru_maxrss`` of the child, so the model, torch and every thread are counted) and
 images/s. Then does the same for one small (1280x720) photo, the floor the model and torch set.
+``--server`` instead starts the container server (one gunicorn worker), posts ``--images`` large
+photos at once and prints the worker's peak RSS (VmHWM) and the slowest /ping meanwhile.
 """
 from __future__ import annotations
 
@@ -73,6 +76,57 @@ def run_cli(photo: Path, n: int, extra: list[str]) -> tuple[float, float, int]:
         return int(rss_kb) / 1024**2, float(wall), int(rc)
 
 
+def run_server(photo: Path, n: int) -> None:
+    """One worker, ``n`` parallel requests of ``photo``: the worker's peak RSS and the slowest /ping."""
+    import socket
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = ROOT / "models" / "platemask-mnv2-fpn"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAGEMAKER_BIND_TO_PORT": str(port), "PLATEMASK_DEVICE": "cpu",
+           "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "100", "PLATEMASK_MODEL_DIR": str(model)}
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def call(path, body=None, timeout=600):
+        req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "image/jpeg"} if body else {})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+
+    try:
+        for _ in range(600):
+            try:
+                if call("/ping", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        worker = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        data = photo.read_bytes()
+        slowest, t0 = 0.0, time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(call, "/invocations", data) for _ in range(n)]
+            while not all(f.done() for f in futures):
+                t = time.perf_counter()
+                try:
+                    call("/ping", timeout=30)
+                    slowest = max(slowest, time.perf_counter() - t)
+                except OSError:
+                    slowest = float("inf")
+                time.sleep(0.5)
+            statuses = [f.result()[0] for f in futures]
+        wall = time.perf_counter() - t0
+        hwm = next(line for line in Path(f"/proc/{worker}/status").read_text().splitlines() if line.startswith("VmHWM"))
+        print(f"server, {n} parallel requests: statuses {statuses}, worker peak RSS "
+              f"{int(hwm.split()[1]) / 1024**2:.2f} GB, {wall:.1f} s, slowest /ping {slowest:.2f} s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=12)
@@ -80,6 +134,7 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "platemask-bench-memory"),
                     help="where the generated photos are kept between runs")
     ap.add_argument("--skip-small", action="store_true", help="do not measure the one small photo")
+    ap.add_argument("--server", action="store_true", help="measure the container server instead of the CLI")
     ap.add_argument("extra", nargs="*", help="extra arguments for 'platemask mask' (after --)")
     a = ap.parse_args()
     cache = Path(a.cache)
@@ -91,6 +146,8 @@ def main() -> None:
     make_photo(big, width, height)
     print(f"photo {big.name}: {width}x{height} = {width * height / 1e6:.1f} MP, {big.stat().st_size / 1e6:.1f} MB "
           f"(ready in {time.perf_counter() - t0:.1f} s)")
+    if a.server:
+        return run_server(big, a.images)
     rss, wall, rc = run_cli(big, a.images, a.extra)
     print(f"{a.images} x {width * height / 1e6:.0f} MP: peak RSS {rss:.2f} GB, {wall:.1f} s wall "
           f"({a.images / wall:.2f} images/s, model load included), exit {rc}")
