@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 ACCEPTED = ("image/jpeg", "image/png", "application/x-image", "image/webp", "image/tiff")
@@ -142,22 +142,23 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         nbytes = decoded_nbytes(data)
         with turns_lock:  # turns are taken in the order they are drawn
             budget.reserve(next(turns), nbytes)
+        g.platemask_reserved = nbytes  # given back by release_pixels, however this request ends
         try:
-            return _json(infer(seg, key, data))
+            dec = decode(data)
         except ImageError as exc:
             return _json({"error": str(exc), "reason": exc.reason}, 400)
-        finally:
-            budget.release(nbytes)
-
-    def infer(seg, key: str, data: bytes) -> dict:
-        dec = decode(data)
         cfg = seg.cfg
         threshold = float(os.environ.get("PLATEMASK_THRESHOLD") or cfg.score_threshold)
         opts = JobOptions(threshold=threshold, review_low=min(cfg.review_low, threshold),
                           review_high=max(cfg.review_high, threshold))
         with holder.lock:
             plates = seg([dec.rgb])[0]
-        return build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=hashlib.sha256(data).hexdigest())
+        rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=hashlib.sha256(data).hexdigest())
+        return _json(rec)
+
+    @app.teardown_request
+    def release_pixels(_exc):
+        budget.release(g.pop("platemask_reserved", 0))
 
     @app.errorhandler(413)
     def too_large(_exc):

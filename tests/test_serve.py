@@ -248,3 +248,36 @@ def test_ping_answers_while_large_inferences_run(one_worker_server):
     assert [s for s, _ in results] == [200] * 4
     assert all((json.loads(b)["width"], json.loads(b)["height"]) == (4000, 3000) for _, b in results)
     assert len(pings) >= 3 and max(pings) < 5
+
+
+def test_worker_decodes_within_its_pixel_budget(model_dir, monkeypatch):
+    """Parallel requests to one worker take turns for a 1 MB budget (one 640x480 photo at a time);
+    every reservation is given back, failed requests' too."""
+    from platemask.serve import create_app
+
+    monkeypatch.setenv("PLATEMASK_PIXEL_BUDGET_MB", "1")
+    app = create_app(str(model_dir), load=False)
+    app.extensions["platemask_model"].load()
+    budget = app.extensions["platemask_budget"]
+    seen = []
+    reserve = budget.reserve
+
+    def watched(ticket, nbytes):
+        reserve(ticket, nbytes)
+        seen.append((budget.in_use, budget.holders))
+
+    monkeypatch.setattr(budget, "reserve", watched)
+    rng = np.random.default_rng(1)
+    bodies = [jpeg_bytes(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(4)]
+    bodies.append(bodies[0][: len(bodies[0]) // 2])  # truncated: fails after reserving
+
+    def post(body):
+        r = app.test_client().post("/invocations", data=body, content_type="image/jpeg")
+        return r.status_code
+
+    with ThreadPoolExecutor(5) as pool:
+        statuses = list(pool.map(post, bodies))
+    assert statuses == [200] * 4 + [400]
+    assert len(seen) == 5 and max(n for _, n in seen) == 1
+    assert budget.high_water == 640 * 480 * 3 <= budget.capacity
+    assert budget.in_use == 0 and budget.holders == 0
