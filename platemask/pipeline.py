@@ -65,7 +65,8 @@ class JobOptions:
     read_workers: int = 8
     write_workers: int = 3
     # decoded pixels in flight, all stages together (MB; one 79 MP RGB photo is 237 MB). Peak memory
-    # is about the model's floor plus 2.7x this (Pillow's copy while decoding and encoding).
+    # is about the floor torch and the model set (~1.1 GB) plus 2-3x this (Pillow's own copy of a
+    # photo while decoding and encoding it): 2.3 GB for 12 x 79 MP photos (bench/bench_memory.py)
     pixel_budget_mb: int = 512
 
     def __post_init__(self):
