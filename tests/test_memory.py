@@ -204,3 +204,18 @@ def test_freed_photos_go_back_to_the_os():
     if out == ["no-glibc"]:
         pytest.skip("no glibc mallopt here")
     assert int(out[-1]) < 100, f"{out[-1]} MB still held after every photo was freed"
+
+
+def test_view_size_is_the_tensor_the_detector_sees():
+    """The Segmenter batches views by ``View.size`` before building their tensors (one batch at a
+    time); it must be the shape ``prepare`` makes, or batches (and detections) would change."""
+    from platemask.model import ModelConfig
+    from platemask.segment import plan_views, prepare
+
+    cfg = ModelConfig(name="views")
+    for w, h in [(4000, 3000), (3001, 1999), (1280, 720), (500, 300), (1800, 1801)]:
+        rgb = np.zeros((h, w, 3), np.uint8)
+        views = plan_views(w, h, cfg)
+        assert views
+        for v in views:
+            assert tuple(prepare(rgb, v.x0, v.y0, v.x1, v.y1, v.scale).shape[1:]) == v.size
