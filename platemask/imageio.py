@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from .constants import DEFAULT_METADATA_POLICY, MetadataPolicy
 
@@ -107,10 +107,59 @@ def _to_rgb8(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a[..., :3])
 
 
+# EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_STRIP_BYTES = 16 << 20  # rows copied out of Pillow at a time
+
+
+def _array(img: Image.Image) -> np.ndarray:
+    """``np.array(img)`` in strips of rows: Pillow's array interface first copies the whole image
+    into one ``bytes`` (a second full-size copy beside the result: 237 MB more for a 79 MP photo)."""
+    w, h = img.size
+    first = np.asarray(img.crop((0, 0, w, min(1, h))))
+    out = np.empty((h, *first.shape[1:]), first.dtype)
+    step = max(1, _STRIP_BYTES // max(1, first.nbytes))
+    for y in range(0, h, step):
+        out[y:y + step] = np.asarray(img.crop((0, y, w, min(y + step, h))))
+    return out
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes a pixel of a source ``mode`` takes once decoded: ``pixels`` plus a separate ``rgb`` unless RGB."""
+    if mode in ("L", "1"):
+        return 1 + 3
+    if mode in ("LA", "La") or mode.startswith("I"):
+        return 2 + 3
+    if mode in ("RGBA", "RGBa", "P", "PA"):  # P counted as RGBA: it may carry transparency
+        return 4 + 3
+    return 3  # RGB, and what is converted to it (CMYK, YCbCr, LAB, HSV, RGBX, F)
+
+
+def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Bytes ``decode(data)`` will hold in memory (``pixels`` and ``rgb``), from the header alone.
+
+    0 when the header is unreadable or the photo is over ``max_pixels``: ``decode`` refuses those
+    before decoding any pixel. Lets a caller reserve memory before the (large) decode happens.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                mode = img.mode
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
+        return 0
+    if w * h > max_pixels:
+        return 0
+    return w * h * _bytes_per_pixel(mode)
+
+
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     m = img.mode
     if m in ("RGB", "RGBA", "L", "LA"):
-        return np.array(img), m
+        return _array(img), m
     if m in ("I;16", "I;16B", "I;16L", "I"):
         a = np.array(img)
         if m == "I":  # 32-bit container, PNG 16-bit grey lands here
@@ -120,12 +169,12 @@ def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
         return np.array(img.convert("L")), "L"
     if m == "P" or m == "PA":
         conv = img.convert("RGBA") if ("transparency" in img.info or m == "PA") else img.convert("RGB")
-        return np.array(conv), conv.mode
+        return _array(conv), conv.mode
     if m == "CMYK":  # written back as RGB: masked pixels are computed in RGB
-        return np.array(img.convert("RGB")), "RGB"
+        return _array(img.convert("RGB")), "RGB"
     if m in ("F", "I;16S", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
         conv = img.convert("RGBA" if "A" in m or "a" in m else "RGB")
-        return np.array(conv), conv.mode
+        return _array(conv), conv.mode
     raise ImageError("unsupported_mode", f"pixel mode {m!r} is not supported")
 
 
@@ -171,11 +220,15 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
     icc = img.info.get("icc_profile")
     source_mode = img.mode
-    try:
-        img = ImageOps.exif_transpose(img)
-    except (ValueError, TypeError, OSError) as exc:  # broken EXIF: the photo itself is still fine
-        raise ImageError("corrupt", f"cannot apply EXIF orientation: {exc}") from None
+    method = _UPRIGHT.get(orientation)
+    if method is not None:  # no copy when already upright (ImageOps.exif_transpose copies the whole photo)
+        try:
+            img = img.transpose(method)
+        except (ValueError, TypeError, OSError) as exc:
+            raise ImageError("corrupt", f"cannot apply EXIF orientation: {exc}") from None
     pixels, mode = _normalise(img)
+    img.close()  # the Pillow copy (4 bytes a pixel for RGB) goes before the RGB view is made
+    del img
     pixels = np.ascontiguousarray(pixels)
     return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=_to_rgb8(pixels), exif=exif,
                    icc_profile=icc, orientation=orientation, source_mode=source_mode, frames_dropped=frames_dropped)

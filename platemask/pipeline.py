@@ -6,12 +6,13 @@ any stage is reported with its reason and never written to the destination.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -19,7 +20,7 @@ from .constants import DEFAULT_METADATA_POLICY, METADATA_POLICIES
 from .detections import Plate, record
 from .geometry import polygon_area
 from .imageio import (DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, check_max_pixels, content_type, decode,
-                      encode)
+                      decoded_nbytes, encode)
 from .mask import MaskStyle, apply_mask, masked_region
 from .review import calibrate, review_band, review_reasons
 from .storage import Store, normalise_key
@@ -76,6 +77,11 @@ class JobOptions:
         return cls(threshold=t, review_low=band.low, review_high=band.high,
                    calibration=tuple(tuple(k) for k in cfg.calibration), **kw)
 
+    # decoded pixels in flight, all stages together (MB; one 79 MP RGB photo is 237 MB). Peak memory
+    # is about the floor torch and the model set (~1.1 GB) plus 2-3x this (Pillow's own copy of a
+    # photo while decoding and encoding it): 2.3 GB for 12 x 79 MP photos (bench/bench_memory.py)
+    pixel_budget_mb: int = 512
+
     def __post_init__(self):
         for name in ("threshold", "review_low", "review_high"):
             v = getattr(self, name)
@@ -86,6 +92,85 @@ class JobOptions:
         if self.metadata not in METADATA_POLICIES:
             raise ValueError(f"metadata must be one of {METADATA_POLICIES}, got {self.metadata!r}")
         check_max_pixels(self.max_pixels)
+        if self.pixel_budget_mb < 1:
+            raise ValueError(f"pixel_budget_mb must be >= 1, got {self.pixel_budget_mb}")
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Have glibc give photo-sized buffers back to the OS when they are freed (once per process).
+
+    glibc raises its mmap threshold after each large free, up to 32 MB; from then on Pillow's 16 MB
+    image blocks and numpy's strips come from per-thread heaps, which keep freed memory: with a
+    dozen reader and writer threads that was GBs (12 x 79 MP photos: 4.9 GB peak RSS, 2.3 GB with a
+    fixed 1 MB threshold). False where there is no glibc ``mallopt`` (nothing to do there).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3
+    return bool(mallopt(m_mmap_threshold, threshold))
+
+
+class PixelBudget:
+    """Bytes of decoded pixels in flight, shared by a job's stages (thread-safe).
+
+    A photo reserves its decoded size (from its header) before it is decoded and releases it once
+    its record is emitted. Reservations are granted in input order (``ticket`` 0, 1, 2, ...: every
+    ticket is presented exactly once, with 0 bytes for a photo that will not be decoded), so a
+    photo waiting for room waits only on photos before it, which the job can always finish: the
+    job flushes a partial batch to the detector when ``blocked``. A photo larger than the whole
+    budget proceeds alone, once nothing else is held. ``high_water`` is the most ever held.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 byte, got {capacity}")
+        self.capacity = capacity
+        self.in_use = 0
+        self.holders = 0
+        self.high_water = 0
+        self._next = 0
+        self._blocked = False
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def reserve(self, ticket: int, nbytes: int) -> None:
+        """Wait for ``ticket``'s turn and for room for ``nbytes``, then hold them (0: just pass the turn)."""
+        with self._cond:
+            while ticket != self._next or (nbytes and self.holders and self.in_use + nbytes > self.capacity):
+                if self._closed:
+                    raise RuntimeError("the job stopped: no memory will be released for this photo")
+                if ticket == self._next:  # only the head of the line waits for room (the others, for their turn)
+                    self._blocked = True
+                self._cond.wait()
+            self._blocked = False
+            self._next += 1
+            if nbytes:
+                self.in_use += nbytes
+                self.holders += 1
+                self.high_water = max(self.high_water, self.in_use)
+            self._cond.notify_all()
+
+    def release(self, nbytes: int) -> None:
+        if not nbytes:
+            return
+        with self._cond:
+            self.in_use -= nbytes
+            self.holders -= 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """The job stopped (an exception): wake every waiting reader instead of leaving it waiting forever."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the next photo in line waits for room (the job should flush what it holds)."""
+        with self._cond:
+            return self._blocked
 
 
 class Timings:
@@ -162,15 +247,24 @@ def _sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def _prefetch(fn, items: Iterable, pool: ThreadPoolExecutor, depth: int) -> Iterator[Any]:
-    """``map(fn, items)`` in order, with at most ``depth`` calls in flight."""
+def _prefetch(fn, items: Iterable, pool: ThreadPoolExecutor, depth: int,
+              stalled: Callable[[], None] | None = None) -> Iterator[Any]:
+    """``map(fn, items)`` in order, with at most ``depth`` calls in flight; ``stalled`` is called
+    every 50 ms while the next result is not ready."""
     pending: deque[Future] = deque()
+
+    def take():
+        f = pending.popleft()
+        while stalled is not None and not wait([f], timeout=0.05).done:
+            stalled()
+        return f.result()
+
     for item in items:
         pending.append(pool.submit(fn, item))
         if len(pending) >= depth:
-            yield pending.popleft().result()
+            yield take()
     while pending:
-        yield pending.popleft().result()
+        yield take()
 
 
 def _output_keys(keys: Sequence[str],
@@ -202,21 +296,25 @@ class _Loaded:
     sha: str | None = None
     dec: Decoded | None = None
     error: ImageError | None = None
+    reserved: int = 0  # bytes held in the job's PixelBudget until this photo's record is emitted
 
 
 def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts: JobOptions, *,
             model: dict | None = None, on_record: Callable[[dict], None] | None = None,
             progress: Progress | None = None, timings: Timings | None = None,
-            dst_key: Callable[[str], str] = normalise_key) -> list[dict]:
+            dst_key: Callable[[str], str] = normalise_key, budget: PixelBudget | None = None) -> list[dict]:
     """Mask ``keys`` from ``src`` into ``dst``; returns one record per key, in input order.
 
     ``dst_key`` maps an input key to its output key (by default the same path, normalised). An input
     whose output key is unsafe (ValueError from ``dst_key``), or shared with another input, fails
     before anything is read or written: nothing is overwritten and each one has its record.
     ``on_record`` and ``progress`` are called one record at a time (never concurrently), so a
-    callback may append to one file without a lock of its own.
+    callback may append to one file without a lock of its own. Decoded photos in flight are
+    bounded by ``budget`` (by default ``opts.pixel_budget_mb``; pass one to watch its high-water mark).
     """
     timings = timings or Timings()
+    budget = budget or PixelBudget(opts.pixel_budget_mb * 1024 * 1024)
+    return_freed_memory_to_os()
     records: dict[str, dict] = {}
     lock = threading.Lock()
     out_keys, refused = _output_keys(keys, dst_key)
@@ -231,34 +329,62 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             if progress:
                 progress.update(rec["status"])
 
-    def load(key: str) -> _Loaded:
-        t0 = time.perf_counter()
+    def load(job: tuple[int, str]) -> _Loaded:
+        ticket, key = job
+        reserved = False
         try:
-            data = src.read(key)
-        except ImageError as exc:  # the store's own verdict on this input (e.g. source_changed), reason kept
-            return _Loaded(key, error=exc)
-        except Exception as exc:  # noqa: BLE001 - any storage error fails this image only, with its reason
-            return _Loaded(key, error=ImageError("read_error", f"cannot read {src.describe(key)}: {exc}"))
+            t0 = time.perf_counter()
+            try:
+                data = src.read(key)
+            except ImageError as exc:  # the store's own verdict on this input (e.g. source_changed), reason kept
+                return _Loaded(key, error=exc)
+            except Exception as exc:  # noqa: BLE001 - any storage error fails this image only, with its reason
+                return _Loaded(key, error=ImageError("read_error", f"cannot read {src.describe(key)}: {exc}"))
+            finally:
+                timings.add("read", time.perf_counter() - t0)
+            item = _Loaded(key, _sha256(data), reserved=decoded_nbytes(data, max_pixels=opts.max_pixels))
+            t_wait = time.perf_counter()
+            budget.reserve(ticket, item.reserved)  # before decoding: the header gave the size
+            reserved = True
+            timings.add("memory_wait", time.perf_counter() - t_wait)
+            t1 = time.perf_counter()
+            try:
+                item.dec = decode(data, max_pixels=opts.max_pixels)
+            except ImageError as exc:
+                item.error = exc
+                release(item)
+            finally:
+                timings.add("decode", time.perf_counter() - t1)
+            return item
         finally:
-            timings.add("read", time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        try:
-            return _Loaded(key, _sha256(data), decode(data, max_pixels=opts.max_pixels))
-        except ImageError as exc:
-            return _Loaded(key, _sha256(data), error=exc)
-        finally:
-            timings.add("decode", time.perf_counter() - t1)
+            if not reserved:  # every ticket is presented once, or the photos after it would wait forever
+                budget.reserve(ticket, 0)
+
+    def release(item: _Loaded):
+        budget.release(item.reserved)
+        item.reserved = 0
 
     def fail(item: _Loaded, err: ImageError, **kw):
-        emit(record(item.key, status="failed", error=f"{src.describe(item.key)}: {err}", reason=err.reason,
-                    model=model, input_sha256=item.sha, **kw))
+        try:
+            emit(record(item.key, status="failed", error=f"{src.describe(item.key)}: {err}", reason=err.reason,
+                        model=model, input_sha256=item.sha, **kw))
+        finally:
+            release(item)
 
     def finish(item: _Loaded, plates: list[Plate]):
+        try:
+            _finish(item, plates)
+        finally:
+            item.dec = None  # the photo's pixels go with its reservation
+            release(item)
+
+    def _finish(item: _Loaded, plates: list[Plate]):
         dec = item.dec
         try:
             to_mask = plates_to_mask(plates, opts.threshold)
             t0 = time.perf_counter()
-            pixels = apply_mask(dec.pixels, to_mask, opts.style)
+            # in place: detection is done, nothing reads the original pixels again
+            pixels = apply_mask(dec.pixels, to_mask, opts.style, copy=False)
             timings.add("mask", time.perf_counter() - t0)
             t1 = time.perf_counter()
             data = encode(dec, pixels, jpeg_quality=opts.jpeg_quality, metadata=opts.metadata)
@@ -300,17 +426,27 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             while len(pending) > 2 * opts.write_workers:
                 pending.popleft().result()
 
-        for key, (reason, message) in refused.items():
-            emit(record(key, status="failed", error=f"{src.describe(key)}: {message}", reason=reason, model=model))
-        todo = [k for k in keys if k not in refused]
-        for item in _prefetch(load, todo, readers, depth=max(2 * opts.batch_size, opts.read_workers)):
-            if item.error is not None:
-                fail(item, item.error)
-                continue
-            batch.append(item)
-            if len(batch) >= opts.batch_size:
+        def stalled():
+            # the next photo waits for memory held by the batch being gathered: detect what we have
+            if batch and budget.blocked:
                 flush()
-        flush()
-        for f in pending:
-            f.result()
+
+        try:
+            for key, (reason, message) in refused.items():
+                emit(record(key, status="failed", error=f"{src.describe(key)}: {message}", reason=reason, model=model))
+            todo = list(enumerate(k for k in keys if k not in refused))
+            for item in _prefetch(load, todo, readers, depth=max(2 * opts.batch_size, opts.read_workers), stalled=stalled):
+                if item.error is not None:
+                    fail(item, item.error)
+                    continue
+                batch.append(item)
+                if len(batch) >= opts.batch_size:
+                    flush()
+            flush()
+            for f in pending:
+                f.result()
+        except BaseException:
+            budget.close()  # readers waiting for memory stop, so the pools can shut down
+            readers.shutdown(cancel_futures=True)
+            raise
     return [records[k] for k in keys]

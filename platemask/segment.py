@@ -33,13 +33,23 @@ class View:
     scale: float
     min_box: float = 0.0  # detections whose box long side (view pixels) is smaller are left to the finer views
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the tensor the detector sees."""
+        return _scaled(self.x0, self.y0, self.x1, self.y1, self.scale)
+
+
+def _scaled(x0: int, y0: int, x1: int, y1: int, scale: float) -> tuple[int, int]:
+    if scale == 1.0:
+        return y1 - y0, x1 - x0
+    return max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale))
+
 
 def prepare(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float) -> torch.Tensor:
     """Crop, shrink (never enlarge) and convert to a float CHW tensor in [0, 1]."""
     crop = rgb[y0:y1, x0:x1]
     if scale != 1.0:
-        w = max(1, round((x1 - x0) * scale))
-        h = max(1, round((y1 - y0) * scale))
+        h, w = _scaled(x0, y0, x1, y1, scale)
         crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255.0)
 
@@ -107,6 +117,12 @@ class Segmenter:
         self.model_dir = Path(model_dir)
         self.batch_size = max(1, int(batch_size))
         self.min_score = self.cfg.review_low if min_score is None else float(min_score)
+        # The model pastes a view-sized mask for every detection over its own floor (0.02, there for
+        # training): ~3 MB each at 896 px, up to 60 a view. Nothing below min_score is used, and
+        # dropping those first changes nothing above it (NMS and the top-k only let a higher score
+        # suppress a lower one); 1 % under min_score as the model keeps scores strictly above it.
+        heads = self.model.roi_heads
+        heads.score_thresh = max(heads.score_thresh, 0.99 * self.min_score)
         if self.device.type == "cuda":
             self.model.half()
         self.verifier = None
@@ -118,39 +134,45 @@ class Segmenter:
         return self.cfg.identity(verify=self.verifier is not None)
 
     @torch.inference_mode()
-    def _run(self, tensors: list[torch.Tensor]) -> list[dict]:
+    def _run(self, views: list[View], images: list[np.ndarray]) -> list[list[Plate]]:
+        """Each view's plates. Tensors are made one batch at a time (a 79 MP photo has 8 views, 10 MB
+        each as float) and each batch's outputs (full-view masks per detection) become polygons at once."""
         # a batch is padded to its largest member: batch views of the same shape together (a coarse
         # view next to a full-size one would otherwise cost as much as the full-size one)
-        order = sorted(range(len(tensors)), key=lambda i: (*tensors[i].shape[-2:], i))
-        outs: list[dict] = [{} for _ in tensors]
+        order = sorted(range(len(views)), key=lambda i: (*views[i].size, i))
+        plates: list[list[Plate]] = [[] for _ in views]
         for i in range(0, len(order), self.batch_size):
             idx = order[i : i + self.batch_size]
-            chunk = [tensors[j].to(self.device, non_blocking=True) for j in idx]
+            chunk = [prepare(images[views[j].image_index], views[j].x0, views[j].y0, views[j].x1, views[j].y1,
+                             views[j].scale).to(self.device, non_blocking=True) for j in idx]
             if self.device.type == "cuda":
                 chunk = [t.half() for t in chunk]
             for j, o in zip(idx, self.model(chunk)):
-                outs[j] = {k: v.float().cpu() for k, v in o.items()}
-        return outs
+                plates[j] = self._plates(views[j], o)
+        return plates
+
+    def _plates(self, v: View, out: dict) -> list[Plate]:
+        """One view's detections at ``min_score`` or above, in the photo's pixel frame."""
+        scores, boxes = out["scores"].float(), out["boxes"].float()
+        keep = scores >= self.min_score
+        if v.min_box:
+            keep &= torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= v.min_box
+        plates = []
+        for box, score, mask in zip(boxes[keep].cpu(), scores[keep].cpu(), out["masks"][keep].float().cpu()):
+            poly = failsafe_polygon(mask[0].numpy(), box.tolist(), threshold=self.cfg.mask_threshold)
+            poly = poly / v.scale + np.array([v.x0, v.y0], np.float32)
+            plates.append(Plate(score=float(score), polygon=poly.astype(np.float32)))
+        return plates
 
     def __call__(self, images: list[np.ndarray]) -> list[list[Plate]]:
         views: list[View] = []
-        tensors: list[torch.Tensor] = []
         for i, rgb in enumerate(images):
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected HxWx3 uint8 RGB, got {rgb.shape} {rgb.dtype}")
-            for v in plan_views(rgb.shape[1], rgb.shape[0], self.cfg, i):
-                views.append(v)
-                tensors.append(prepare(rgb, v.x0, v.y0, v.x1, v.y1, v.scale))
+            views.extend(plan_views(rgb.shape[1], rgb.shape[0], self.cfg, i))
         per_image: list[list[Plate]] = [[] for _ in images]
-        for v, out in zip(views, self._run(tensors)):
-            keep = out["scores"] >= self.min_score
-            if v.min_box:
-                b = out["boxes"]
-                keep &= torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) >= v.min_box
-            for box, score, mask in zip(out["boxes"][keep], out["scores"][keep], out["masks"][keep]):
-                poly = failsafe_polygon(mask[0].numpy(), box.tolist(), threshold=self.cfg.mask_threshold)
-                poly = poly / v.scale + np.array([v.x0, v.y0], np.float32)
-                per_image[v.image_index].append(Plate(score=float(score), polygon=poly.astype(np.float32)))
+        for v, plates in zip(views, self._run(views, images)):  # in view order, as merge_plates saw them
+            per_image[v.image_index].extend(plates)
         results = []
         for i, plates in enumerate(per_image):
             h, w = images[i].shape[:2]

@@ -13,14 +13,19 @@ Contract (SageMaker hosting and Batch Transform):
 Gunicorn runs ``SAGEMAKER_MODEL_SERVER_WORKERS`` workers (default: one per 2 cores, at least 1)
 on ``SAGEMAKER_BIND_TO_PORT`` (default 8080); each worker loads the model from ``/opt/ml/model``
 (``PLATEMASK_MODEL_DIR`` overrides) in a background thread so /ping answers at once.
-``SAGEMAKER_MAX_PAYLOAD_IN_MB`` (default 6) caps request bodies; ``SAGEMAKER_BATCH=true``
-(set by Batch Transform) lengthens the worker timeout. ``PLATEMASK_REQUIRE_CUDA=1`` (set by the
-backend for GPU instance types) makes /ping answer 503 ``cuda_unavailable`` when CUDA cannot run
-a kernel, so a job that paid for a GPU fails loudly instead of running on the CPU.
+``SAGEMAKER_MAX_PAYLOAD_IN_MB`` (default 6) caps request bodies, chunked ones included (read in
+chunks, 413 as soon as one passes it); ``SAGEMAKER_BATCH=true`` (set by Batch Transform) lengthens
+the worker timeout. ``PLATEMASK_REQUIRE_CUDA=1`` (set by the backend for GPU instance types) makes
+/ping answer 503 ``cuda_unavailable`` when CUDA cannot run a kernel, so a job that paid for a GPU
+fails loudly instead of running on the CPU. Each worker runs ``PLATEMASK_SERVER_THREADS`` threads
+(default 8) so /ping is answered while inferences run, and decodes at most
+``PLATEMASK_PIXEL_BUDGET_MB`` of pixels at once (the pipeline's default; a larger photo is decoded
+alone): parallel 79 MP requests wait their turn instead of each holding its own copy.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -28,7 +33,8 @@ import sys
 import threading
 import time
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR, resolve_device
 
@@ -39,6 +45,20 @@ log = logging.getLogger("platemask.serve")
 
 def _json(obj, status=200) -> Response:
     return Response(json.dumps(obj), status=status, mimetype="application/json")
+
+
+def read_body(stream, limit: int, chunk: int = 1 << 20) -> bytes:
+    """The whole request body, read ``chunk`` bytes at a time; RequestEntityTooLarge (413) as soon
+    as it passes ``limit`` bytes, having buffered at most ``limit + 1``. For chunked uploads (no
+    Content-Length), which Werkzeug's ``get_data`` silently cut at the limit."""
+    buf = bytearray()
+    while True:
+        part = stream.read(min(chunk, limit + 1 - len(buf)))
+        if not part:
+            return bytes(buf)
+        buf += part
+        if len(buf) > limit:
+            raise RequestEntityTooLarge()
 
 
 class ModelHolder:
@@ -111,17 +131,24 @@ def _device() -> str:
 def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = None, load: bool = True,
                workers: int | None = None) -> Flask:
     from .detections import record
-    from .imageio import ImageError, decode
-    from .pipeline import JobOptions, build_record
+    from .imageio import ImageError, decode, decoded_nbytes
+    from .pipeline import JobOptions, PixelBudget, build_record, return_freed_memory_to_os
 
     model_dir = model_dir or os.environ.get(MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR)
     max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
     workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     holder = ModelHolder(model_dir, _device(), threads, require_cuda=_require_cuda())
+    budget_mb = int(os.environ.get("PLATEMASK_PIXEL_BUDGET_MB") or JobOptions.pixel_budget_mb)
+    budget = PixelBudget(budget_mb * 1024 * 1024)  # decoded pixels in this worker, all requests together
+    return_freed_memory_to_os()
+    turns = itertools.count()
+    turns_lock = threading.Lock()
     app = Flask("platemask")
-    app.config["MAX_CONTENT_LENGTH"] = int(max_payload_mb * 1024 * 1024)
+    max_payload = int(max_payload_mb * 1024 * 1024)
+    app.config["MAX_CONTENT_LENGTH"] = max_payload
     app.extensions["platemask_model"] = holder
+    app.extensions["platemask_budget"] = budget
     if load:
         holder.start()
 
@@ -149,10 +176,18 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         if not (holder.settled.wait(timeout=60) and holder.ready.is_set()):
             return _json({"error": holder.cuda_error or holder.error or "model is still loading",
                           "reason": "cuda_unavailable" if holder.cuda_error else "not_ready"}, 503)
-        data = request.get_data(cache=False)  # MAX_CONTENT_LENGTH answers 413 before this reads a byte too many
+        if request.content_length is not None and request.content_length > max_payload:
+            raise RequestEntityTooLarge()
+        # gunicorn ends chunked bodies itself (wsgi.input_terminated): read them raw, in chunks
+        raw = "wsgi.input_terminated" in request.environ and request.content_length is None
+        data = read_body(request.environ["wsgi.input"] if raw else request.stream, max_payload)
         key = request.headers.get("X-Platemask-Key", "")
         seg = holder.segmenter
         sha = hashlib.sha256(data).hexdigest()
+        nbytes = decoded_nbytes(data)
+        with turns_lock:  # turns are taken in the order they are drawn
+            budget.reserve(next(turns), nbytes)
+        g.platemask_reserved = nbytes  # given back by release_pixels, however this request ends
         try:
             dec = decode(data)
         except ImageError as exc:  # this photo's failure, not the job's: 200 with a failed record
@@ -166,10 +201,16 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=sha)
         return _json(rec)
 
+    @app.teardown_request
+    def release_pixels(_exc):
+        budget.release(g.pop("platemask_reserved", 0))
+
     @app.errorhandler(413)
     def too_large(_exc):
-        return _json({"error": f"request body exceeds {max_payload_mb:g} MB (SAGEMAKER_MAX_PAYLOAD_IN_MB)",
+        resp = _json({"error": f"request body exceeds {max_payload_mb:g} MB (SAGEMAKER_MAX_PAYLOAD_IN_MB)",
                       "reason": "payload_too_large"}, 413)
+        resp.headers["Connection"] = "close"  # the rest of the body is not read: do not reuse the connection
+        return resp
 
     @app.errorhandler(405)
     def not_allowed(_exc):
@@ -195,7 +236,9 @@ def gunicorn_options() -> dict:
         "bind": f"0.0.0.0:{int(os.environ.get('SAGEMAKER_BIND_TO_PORT', 8080))}",
         "workers": workers,
         "worker_class": "gthread",
-        "threads": 4,
+        # inferences hold a thread each (one runs the model, others decode or wait their turn):
+        # enough threads that /ping always finds a free one
+        "threads": int(os.environ.get("PLATEMASK_SERVER_THREADS") or 8),
         "timeout": int(os.environ.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", 3600 if batch else 120)),
         "graceful_timeout": 30,
         "keepalive": 75,  # longer than SageMaker's idle connection reuse

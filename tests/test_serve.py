@@ -199,3 +199,141 @@ def test_execution_parameters(server):
     status, body = call(url + "/execution-parameters")
     params = json.loads(body)
     assert status == 200 and params == {"MaxConcurrentTransforms": 2, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 2}
+
+
+def _post_chunked(url, parts, ctype="image/jpeg", timeout=60):
+    """POST a body with Transfer-Encoding: chunked (no Content-Length), as streaming clients send it."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request("POST", "/invocations", body=iter(parts), headers={"Content-Type": ctype}, encode_chunked=True)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_chunked_upload_over_the_limit_is_413(server, scene):
+    url, _, _ = server
+    mb = 1024 * 1024
+    status, body = _post_chunked(url, [os.urandom(256 * 1024) for _ in range(12)])  # 3 MB, limit 2 MB
+    assert status == 413 and json.loads(body)["reason"] == "payload_too_large", body[:300]
+    data = jpeg_bytes(scene[0])  # under the limit, chunked: read whole, not cut
+    assert len(data) < 2 * mb
+    status, body = _post_chunked(url, [data[i:i + 4096] for i in range(0, len(data), 4096)])
+    assert status == 200 and json.loads(body)["status"] == "masked"
+    assert call(url + "/ping")[0] == 200
+
+
+def test_read_body_stops_at_the_limit():
+    import io
+
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    from platemask.serve import read_body
+
+    class Counting(io.BytesIO):
+        def read(self, n=-1):
+            out = super().read(n)
+            self.taken = getattr(self, "taken", 0) + len(out)
+            return out
+
+    assert read_body(io.BytesIO(b"x" * 1000), 1000, chunk=64) == b"x" * 1000  # exactly the limit is fine
+    stream = Counting(b"x" * 10_000_000)
+    with pytest.raises(RequestEntityTooLarge):
+        read_body(stream, 1000, chunk=64)
+    assert stream.taken == 1001  # never buffered past the limit
+
+
+def _gradient_jpeg(w, h, seed):
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None]
+    img = np.stack([np.broadcast_to(x, (h, w)), np.broadcast_to(y, (h, w)), (x + y) / 2], axis=2)
+    img = img + rng.normal(0, 2, (1, w, 1))
+    return jpeg_bytes(np.clip(img, 0, 255).astype(np.uint8), quality=80)
+
+
+@pytest.fixture(scope="module")
+def one_worker_server(model_dir, tmp_path_factory):
+    """One worker, a 40 MB pixel budget (three 12 MP photos do not fit at once), big payloads allowed."""
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+               PLATEMASK_MODEL_DIR=str(model_dir), SAGEMAKER_MAX_PAYLOAD_IN_MB="20", PLATEMASK_DEVICE="cpu",
+               PLATEMASK_PIXEL_BUDGET_MB="40")
+    env.pop("PLATEMASK_SERVER_THREADS", None)
+    log = tmp_path_factory.mktemp("serve1") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if call(url + "/ping", timeout=2)[0] == 200:
+                break
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_ping_answers_while_large_inferences_run(one_worker_server):
+    """4 parallel 12 MP requests to one worker (the issue: 4 x 79 MP, /ping timed out after 10 s)."""
+    url = one_worker_server
+    bodies = [_gradient_jpeg(4000, 3000, i) for i in range(4)]
+    pings: list[float] = []
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(call, url + "/invocations", b, "image/jpeg", timeout=600) for b in bodies]
+        time.sleep(0.5)
+        while not all(f.done() for f in futures):
+            t0 = time.monotonic()
+            status, _ = call(url + "/ping", timeout=5)  # urllib raises on a timeout: the test fails there
+            assert status == 200
+            pings.append(time.monotonic() - t0)
+            time.sleep(0.3)
+        results = [f.result() for f in futures]
+    assert [s for s, _ in results] == [200] * 4
+    assert all((json.loads(b)["width"], json.loads(b)["height"]) == (4000, 3000) for _, b in results)
+    assert len(pings) >= 3 and max(pings) < 5
+
+
+def test_worker_decodes_within_its_pixel_budget(model_dir, monkeypatch):
+    """Parallel requests to one worker take turns for a 1 MB budget (one 640x480 photo at a time);
+    every reservation is given back, failed requests' too."""
+    from platemask.serve import create_app
+
+    monkeypatch.setenv("PLATEMASK_PIXEL_BUDGET_MB", "1")
+    app = create_app(str(model_dir), load=False)
+    app.extensions["platemask_model"].load()
+    budget = app.extensions["platemask_budget"]
+    seen = []
+    reserve = budget.reserve
+
+    def watched(ticket, nbytes):
+        reserve(ticket, nbytes)
+        seen.append((budget.in_use, budget.holders))
+
+    monkeypatch.setattr(budget, "reserve", watched)
+    rng = np.random.default_rng(1)
+    bodies = [jpeg_bytes(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(4)]
+    bodies.append(bodies[0][: len(bodies[0]) // 2])  # truncated: fails after reserving
+
+    def post(body):
+        r = app.test_client().post("/invocations", data=body, content_type="image/jpeg")
+        return r.status_code
+
+    with ThreadPoolExecutor(5) as pool:
+        statuses = list(pool.map(post, bodies))
+    assert statuses == [200] * 4 + [400]
+    assert len(seen) == 5 and max(n for _, n in seen) == 1
+    assert budget.high_water == 640 * 480 * 3 <= budget.capacity
+    assert budget.in_use == 0 and budget.holders == 0
