@@ -84,7 +84,6 @@ class Decoded:
     exif: Image.Exif | None = None
     icc_profile: bytes | None = None
     orientation: int = 1
-    source_mode: str = ""
     frames_dropped: int = 0  # MPO (multi-picture JPEG): frames after the first, not written
 
     @property
@@ -219,7 +218,6 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     exif = img.getexif()
     orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
     icc = img.info.get("icc_profile")
-    source_mode = img.mode
     method = _UPRIGHT.get(orientation)
     if method is not None:  # no copy when already upright (ImageOps.exif_transpose copies the whole photo)
         try:
@@ -231,7 +229,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     del img
     pixels = np.ascontiguousarray(pixels)
     return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=_to_rgb8(pixels), exif=exif,
-                   icc_profile=icc, orientation=orientation, source_mode=source_mode, frames_dropped=frames_dropped)
+                   icc_profile=icc, orientation=orientation, frames_dropped=frames_dropped)
 
 
 def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 from .constants import REPO_MODEL_DIR
 
@@ -132,6 +132,3 @@ class Settings:
         except Exception:  # noqa: BLE001 - no Variable backend reachable (e.g. parsing): env only
             raw = None
         return cls.load(json.loads(raw) if raw else None)
-
-    def with_(self, **kw) -> "Settings":
-        return replace(self, **kw)

@@ -1,6 +1,7 @@
 """The run steps on S3 (moto's server), below the DAG: run isolation, the region-window lock, result identity."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -106,7 +107,7 @@ def _mask(s3, settings, spec, model_dir):
     from platemask.airflow_support import detector_factory
     from platemask.runs import mask_shard
 
-    settings = settings.with_(shard_size=10)  # one shard: one model load
+    settings = dataclasses.replace(settings, shard_size=10)  # one shard: one model load
     collect(s3, settings, spec)
     out = [mask_shard(s3, settings, sh, detector_factory(settings, str(model_dir)), log=lambda m: None)
            for sh in make_shards(s3, settings, [spec.as_dict()])]

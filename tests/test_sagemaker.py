@@ -2,6 +2,7 @@
 against moto, the local transform runner against the real server, and the DAG end to end."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -152,7 +153,7 @@ def _records(s3, settings, result) -> dict:
 
 
 def _local(settings, server_url, **kw):
-    return settings.with_(sagemaker_local_endpoint=server_url, **kw)
+    return dataclasses.replace(settings, sagemaker_local_endpoint=server_url, **kw)
 
 
 def _shard_of(s3, settings, photos: dict, *, run_id="manual__1", index=0) -> dict:
@@ -490,5 +491,5 @@ def test_a_region_window_is_one_transform_job_up_to_sagemaker_shard_size(aws_con
     assert counts == {"local": [200, 200, 50], "sagemaker": [450]}
     spec = RunSpec(**{**SPEC.as_dict(), "backend": "sagemaker"})
     collected = [{"spec": spec.as_dict(), "manifest": f"s3://{settings.bucket}/m.jsonl", "count": len(entries)}]
-    assert [sh["count"] for sh in make_shards(s3, settings.with_(sagemaker_shard_size=300), collected,
+    assert [sh["count"] for sh in make_shards(s3, dataclasses.replace(settings, sagemaker_shard_size=300), collected,
                                               log=lambda m: None)] == [300, 150]
