@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from .constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
+from .constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES
 from .imageio import ImageError, extension_supported
 from .settings import Settings
 from .storage import S3Store, parse_s3_uri
@@ -433,6 +433,15 @@ def result_identity(*, etag: str, model_info: dict, cfg: Any, threshold: float, 
             "threshold": float(threshold), "mode": mode, "metadata": metadata, "code_version": code_version()}
 
 
+def photo_identities(spec: RunSpec, entries: list[dict], model_info: dict, cfg: Any,
+                     metadata: str = DEFAULT_METADATA_POLICY) -> dict[str, dict]:
+    """Each manifest entry's result identity for this run (the threshold applied is the run's, else
+    the model's operating threshold): the one rule both the mask step and SageMaker's submit use."""
+    threshold = cfg.score_threshold if spec.threshold is None else spec.threshold
+    return {e["key"]: result_identity(etag=e["etag"], model_info=model_info, cfg=cfg, threshold=threshold,
+                                      mode=spec.mode, metadata=metadata) for e in entries}
+
+
 def _read_audit(client, settings: Settings, key: str, log: Callable[[str], None] = print) -> dict | None:
     """The photo's audit record, or None when there is none or it cannot be read (the photo is then
     redone: idempotent, and better than trusting what cannot be checked)."""
@@ -536,8 +545,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=spec.mode), batch_size=settings.batch_size, read_workers=settings.io_workers,
                       write_workers=max(2, settings.io_workers // 2))
     etags = {e["key"]: e["etag"] for e in entries}
-    identity = {e["key"]: result_identity(etag=e["etag"], model_info=model_info, cfg=cfg, threshold=threshold,
-                                          mode=spec.mode, metadata=opts.metadata) for e in entries}
+    identity = photo_identities(spec, entries, model_info, cfg, opts.metadata)
     too_long = {e["key"]: why for e in entries if (why := key_too_long(settings, spec.region, e["key"]))}
     fits = [e for e in entries if e["key"] not in too_long]
     with ThreadPoolExecutor(settings.io_workers) as pool:

@@ -31,7 +31,8 @@ from .detections import Plate
 from .imageio import ImageError
 from .model import load_config
 from .package import package_model
-from .runs import RunError, RunSpec, _already_done, _get_lines, _put_json, _read_audit, audit_key, run_prefix
+from .runs import (RunError, RunSpec, _already_done, _get_lines, _put_json, _read_audit, audit_key, photo_identities,
+                   run_prefix)
 from .settings import Settings
 from .storage import S3Store, parse_s3_uri
 
@@ -172,15 +173,17 @@ def ensure_model(hook, s3, settings: Settings, model_dir: str) -> tuple[str, str
     return name, sha
 
 
-def photos_to_do(s3, settings: Settings, spec: RunSpec, entries: list[dict], identity: dict) -> list[dict]:
-    """The shard's photos without an audit record for this source ETag, model, mode and threshold
-    (all of them with ``reprocess``): the same rule as the mask step's skip."""
+def photos_to_do(s3, settings: Settings, spec: RunSpec, entries: list[dict], cfg) -> list[dict]:
+    """The shard's photos without an audit record for their result identity (source ETag, model,
+    config, threshold, mode, metadata policy, code; all of them with ``reprocess``): the same rule
+    as the mask step's skip."""
     if spec.reprocess:
         return list(entries)
+    identity = photo_identities(spec, entries, cfg.identity(), cfg)
 
     def done(e: dict) -> bool:
         audit = _read_audit(s3, settings, audit_key(settings, spec.region, e["key"]))
-        return _already_done(s3, settings, spec, e, audit, identity)
+        return _already_done(s3, settings, spec, e, audit, identity[e["key"]])
 
     with ThreadPoolExecutor(settings.io_workers) as pool:
         flags = list(pool.map(done, entries))
@@ -216,7 +219,7 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     spec = RunSpec.from_dict(shard["spec"])
     entries = _get_lines(s3, shard["shard"])
     model, model_sha = ensure_model(hook, s3, settings, model_dir)
-    todo = photos_to_do(s3, settings, spec, entries, load_config(model_dir).identity())
+    todo = photos_to_do(s3, settings, spec, entries, load_config(model_dir))
     base = {"model": model, "model_sha256": model_sha, "photos": len(todo)}
     if not todo:
         log.info("shard %s: all %d photos already masked with this model: no transform job", shard["shard"], len(entries))

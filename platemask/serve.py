@@ -61,6 +61,23 @@ def read_body(stream, limit: int, chunk: int = 1 << 20) -> bytes:
             raise RequestEntityTooLarge()
 
 
+DRAIN_CAP_BYTES = 64 << 20  # an over-limit body is read and dropped up to this, then the connection is cut
+
+
+def drain(stream, cap: int, chunk: int = 1 << 20) -> int:
+    """Read and drop up to ``cap`` bytes of ``stream`` (never holding more than ``chunk``)."""
+    n = 0
+    try:
+        while n < cap:
+            part = stream.read(min(chunk, cap - n))
+            if not part:
+                break
+            n += len(part)
+    except (OSError, ValueError):  # the client went away: nothing more to read
+        pass
+    return n
+
+
 class ModelHolder:
     """Loads the segmenter once per worker, off the request path."""
 
@@ -209,7 +226,13 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     def too_large(_exc):
         resp = _json({"error": f"request body exceeds {max_payload_mb:g} MB (SAGEMAKER_MAX_PAYLOAD_IN_MB)",
                       "reason": "payload_too_large"}, 413)
-        resp.headers["Connection"] = "close"  # the rest of the body is not read: do not reuse the connection
+        # read (and drop) what the client is still sending, up to a cap, so it reads this answer
+        # instead of a broken pipe; past the cap the connection is cut
+        # (the raw input: Werkzeug's request.stream itself refuses a body over the limit)
+        n = request.content_length
+        if n is not None or "wsgi.input_terminated" in request.environ:
+            drain(request.environ["wsgi.input"], DRAIN_CAP_BYTES if n is None else min(n, DRAIN_CAP_BYTES))
+        resp.headers["Connection"] = "close"  # do not reuse the connection
         return resp
 
     @app.errorhandler(405)

@@ -476,20 +476,23 @@ def test_inference_image_pairs_a_cuda12_torch_with_the_535_driver_ami():
 def test_a_region_window_is_one_transform_job_up_to_sagemaker_shard_size(aws_conn):
     """Every job pays its instances' start-up: backend=sagemaker cuts shards (= jobs) of up to
     sagemaker_shard_size photos, scaled inside the job by InstanceCount, not 200-photo jobs."""
-    from platemask.runs import make_shards
+    from platemask.runs import make_shards, run_prefix
 
     s3 = aws_conn
     settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", shard_size=200, sagemaker_shard_size=5000)
     s3.create_bucket(Bucket=settings.bucket)
     entries = [{"key": f"raw/DE/2026/11/20/p{i:04d}.jpg", "size": 1000, "etag": f"e{i}"} for i in range(450)]
     s3.put_object(Bucket=settings.bucket, Key="m.jsonl", Body="".join(json.dumps(e) + "\n" for e in entries).encode())
-    counts = {}
-    for backend in ("local", "sagemaker"):
-        spec = RunSpec(**{**SPEC.as_dict(), "backend": backend})
-        collected = [{"spec": spec.as_dict(), "manifest": f"s3://{settings.bucket}/m.jsonl", "count": len(entries)}]
-        counts[backend] = [sh["count"] for sh in make_shards(s3, settings, collected, log=lambda m: None)]
+
+    def collected(backend):  # what collect leaves for the region: make_shards reads it back
+        spec = RunSpec(**{**SPEC.as_dict(), "backend": backend, "run_id": f"manual__{backend}"})
+        found = {"spec": spec.as_dict(), "manifest": f"s3://{settings.bucket}/m.jsonl", "count": len(entries)}
+        s3.put_object(Bucket=settings.bucket, Key=run_prefix(settings, spec) + "collected.json",
+                      Body=json.dumps(found).encode())
+        return [spec.as_dict()]
+
+    counts = {backend: [sh["count"] for sh in make_shards(s3, settings, collected(backend), log=lambda m: None)]
+              for backend in ("local", "sagemaker")}
     assert counts == {"local": [200, 200, 50], "sagemaker": [450]}
-    spec = RunSpec(**{**SPEC.as_dict(), "backend": "sagemaker"})
-    collected = [{"spec": spec.as_dict(), "manifest": f"s3://{settings.bucket}/m.jsonl", "count": len(entries)}]
-    assert [sh["count"] for sh in make_shards(s3, dataclasses.replace(settings, sagemaker_shard_size=300), collected,
-                                              log=lambda m: None)] == [300, 150]
+    assert [sh["count"] for sh in make_shards(s3, dataclasses.replace(settings, sagemaker_shard_size=300),
+                                              collected("sagemaker"), log=lambda m: None)] == [300, 150]

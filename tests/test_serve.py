@@ -333,7 +333,7 @@ def test_worker_decodes_within_its_pixel_budget(model_dir, monkeypatch):
 
     with ThreadPoolExecutor(5) as pool:
         statuses = list(pool.map(post, bodies))
-    assert statuses == [200] * 4 + [400]
+    assert statuses == [200] * 5  # the truncated photo is a failed record (tested above), not an HTTP error
     assert len(seen) == 5 and max(n for _, n in seen) == 1
     assert budget.high_water == 640 * 480 * 3 <= budget.capacity
     assert budget.in_use == 0 and budget.holders == 0
