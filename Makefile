@@ -25,7 +25,7 @@ bench: setup
 	$(VENV)/python bench/bench_backends.py
 
 evaluate: setup
-	$(VENV)/platemask evaluate --data ../shared/datasets/plates-real-v1 --out evaluation.json
+	$(VENV)/platemask evaluate --data ../shared/datasets/plates-real-v1 --data ../shared/datasets/negatives-interior-v1 --out evaluation.json
 
 # the compose deployment's secrets: writes .env (git-ignored, 0600) with random values; existing values are kept
 env:

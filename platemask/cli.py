@@ -151,7 +151,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .training.evaluate import evaluate, write_report
 
     report = evaluate(a.model, a.data, val_fraction=a.val_fraction, device=a.device, target_recall=a.target_recall,
-                      max_fp_rate=a.max_fp_rate, limit=a.limit, ocr=not a.no_ocr, log=_log)
+                      max_fp_rate=a.max_fp_rate, limit=a.limit, ocr=not a.no_ocr, cache_dir=a.cache_dir, log=_log)
     if a.out:
         write_report(report, a.out)
     at = report["at_operating_threshold"]
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-fp-rate", type=_fraction, default=0.01, help="per negative category")
     v.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out images")
     v.add_argument("--no-ocr", action="store_true", help="skip the OCR readability check")
+    v.add_argument("--cache-dir", metavar="DIR", help="keep the detector's plates per photo here (keyed by the "
+                   "detector): evaluating a new verifier or threshold rule then skips the detector pass")
     v.add_argument("--out", metavar="FILE.json")
     v.add_argument("--set-threshold", action="store_true", help="write the chosen operating threshold into the model's config.json")
     v.set_defaults(func=cmd_evaluate)

@@ -180,9 +180,14 @@ class Segmenter:
             for p in merged:
                 p.polygon[:, 0] = np.clip(p.polygon[:, 0], 0, w)
                 p.polygon[:, 1] = np.clip(p.polygon[:, 1], 0, h)
-            if self.verifier is not None and merged:
-                for p, prob in zip(merged, self.verifier(images[i], [p.box for p in merged])):
-                    p.score = fuse(p.score, prob)
-                merged = [p for p in merged if p.score >= self.min_score]
-            results.append(merged)
+            results.append(self.verify_plates(images[i], merged))
         return results
+
+    def verify_plates(self, rgb: np.ndarray, plates: list[Plate]) -> list[Plate]:
+        """The verifier's second opinion fused into each detector score; what falls under ``min_score``
+        is dropped. Without a verifier the plates are returned as they are."""
+        if self.verifier is None or not plates:
+            return plates
+        for p, prob in zip(plates, self.verifier(rgb, [p.box for p in plates])):
+            p.score = fuse(p.score, prob)
+        return [p for p in plates if p.score >= self.min_score]

@@ -108,3 +108,50 @@ def test_review_band_is_chosen_within_the_budget_and_catches_misses():
     assert band["review_high"] <= 0.6  # flagging the confident 0.6 mask too would exceed the budget
     tight = choose_review_band(results, 0.5, max_rate=0.05)  # budget 1 photo: catching the miss would take 2
     assert tight["flagged_images"] <= 1
+
+
+def test_detector_cache_gives_the_same_report_without_the_detector_pass(model_dir, tmp_path, monkeypatch):
+    """``evaluate --cache-dir``: the detector's plates are kept per photo; a second evaluation (e.g.
+    of a new verifier) re-applies the verifier to them and reports exactly what a full pass reports."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    from platemask.segment import Segmenter
+    from platemask.training.evaluate import evaluate
+    from platemask.training.synth import synth_car_scene
+
+    root = tmp_path / "coco"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    images, anns = [], []
+    for i in range(12):
+        img, quads, _ = synth_car_scene(rng, size=(360, 480), n_plates=0 if i >= 9 else 1, plate_width=(60, 90))
+        cv2.imwrite(str(root / f"images/{i}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        images.append({"id": i + 1, "file_name": f"images/{i}.jpg", "width": 480, "height": 360, "sha1": f"e{i}",
+                       **({"negative": True} if i >= 9 else {})})
+        for q in quads:
+            (x0, y0), (x1, y1) = q.min(0), q.max(0)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                         "segmentation": [q.reshape(-1).tolist()]})
+    (root / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "plate"}]}))
+
+    def run(**kw):
+        rep = evaluate(model_dir, root, val_fraction=1.0, ocr=False, log=lambda m: None, **kw)
+        rep.pop("seconds")
+        return json.loads(json.dumps(rep, default=str))
+
+    full = run()
+    assert full["data"]["images"] == 12
+    assert run(cache_dir=tmp_path / "cache") == full  # fills the cache
+    (cache,) = (tmp_path / "cache").glob("detections-*.jsonl")
+    assert len(cache.read_text().splitlines()) == 12
+
+    def no_detector(*a, **k):
+        raise AssertionError("the detector ran although its plates were cached")
+
+    monkeypatch.setattr(Segmenter, "_run", no_detector)
+    assert run(cache_dir=tmp_path / "cache") == full

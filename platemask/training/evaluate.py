@@ -320,9 +320,48 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
             "not_hidden_by_detector": missed_readable, "examples": examples, "min_plate_width_px": min_width}
 
 
+class DetectorCache:
+    """The detector's own plates (before the verifier) per held-out photo, in a JSONL file named for
+    everything that changes them: the weights, the views (sizes, tiling), the mask threshold, the score
+    floor. A new verifier or threshold rule is then evaluated without the detector pass that
+    dominates the cost on a CPU; a changed detector gets a new file."""
+
+    def __init__(self, cache_dir: str | Path, seg):
+        import hashlib
+
+        cfg = seg.cfg
+        key = json.dumps({"weights": cfg.weights_sha256, "architecture": cfg.architecture,
+                          "views": [cfg.input_max_side, cfg.coarse_side, cfg.tile_above, cfg.tile_overlap],
+                          "mask_threshold": cfg.mask_threshold, "min_score": seg.min_score}, sort_keys=True, default=str)
+        self.path = Path(cache_dir) / f"detections-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.seg, self.known = seg, {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by an interrupted run: recomputed
+                self.known[d["path"]] = d["plates"]
+
+    def plates(self, rec: Record, rgb: np.ndarray) -> list[Plate]:
+        key = str(Path(rec.path).resolve())
+        if key not in self.known:
+            verifier, self.seg.verifier = self.seg.verifier, None
+            try:
+                found = self.seg([rgb])[0]
+            finally:
+                self.seg.verifier = verifier
+            self.known[key] = [[p.score, p.polygon.tolist()] for p in found]
+            with self.path.open("a") as f:
+                f.write(json.dumps({"path": key, "plates": self.known[key]}) + "\n")
+        return [Plate(score=float(s), polygon=np.asarray(poly, np.float32)) for s, poly in self.known[key]]
+
+
 def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0.15, device: str = "cpu",
              target_recall: float = 0.97, max_fp_rate: float = 0.01, cover: float = 0.8, min_width: float = 16.0,
-             limit: int | None = None, ocr: bool = True, max_review_rate: float = 0.10, log=print) -> dict[str, Any]:
+             limit: int | None = None, ocr: bool = True, max_review_rate: float = 0.10,
+             cache_dir: str | Path | None = None, log=print) -> dict[str, Any]:
     from ..segment import Segmenter
 
     seg = Segmenter(model_dir, device=device, min_score=min(THRESHOLDS), batch_size=2)
@@ -330,10 +369,14 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
     _, val = split_records(load_datasets(data), val_fraction)
     if limit:
         val = val[:limit]
+    cached = DetectorCache(cache_dir, seg) if cache_dir else None
     results, t0 = [], time.time()
     for i, rec in enumerate(val):
         dec = decode(Path(rec.path).read_bytes())
-        plates = seg([dec.rgb])[0]
+        if cached is None:
+            plates = seg([dec.rgb])[0]
+        else:  # the detector's plates from the cache (or computed and cached), then the verifier
+            plates = seg.verify_plates(dec.rgb, cached.plates(rec, dec.rgb))
         results.append(analyse(rec, plates, dec.width, dec.height, style))
         if (i + 1) % 25 == 0:
             rate = (i + 1) / (time.time() - t0)
