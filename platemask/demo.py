@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -91,7 +92,8 @@ def truncated_note(photos_in_window: int, limit: float = Settings.max_failure_ra
                        "report lists that photo as failed (truncated), never published")
     return head + (f"above the default max_failure_rate of {limit:.0%}: a run with the defaults masks the "
                    f"rest, then fails its QA check naming that photo; set max_failure_rate to {rate:.2f} "
-                   f"or more to see a green run, or seed at least {int(1 / limit)} photos (--photos)")
+                   "or more to see a green run"
+                   + (f", or seed more photos (--photos {math.ceil(1 / limit) - 1})" if limit > 0 else ""))
 
 
 def seed(client, n: int = PHOTOS) -> dict:
@@ -261,6 +263,9 @@ def main(argv=None) -> int:
     with _logs_to(log) as say:
         try:
             return _run(a, demo, log, say, t_start)
+        except KeyboardInterrupt:
+            say(f"interrupted; the full log: {log}")
+            return 130
         except BaseException as e:
             say(f"the demo stopped: {type(e).__name__}: {e}\nthe full log (Airflow's and the tasks'): {log}")
             raise
