@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -178,14 +178,33 @@ def _logs_to(path: Path):
 _TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(\S+) map_index=(-?\d+)")
 
 
-def _progress(log: Path, say, stop: threading.Event, t0: float) -> None:
-    """Follow the log and print one console line per finished task."""
+def _count(client, prefix: str) -> int | None:
+    """Objects under ``prefix``; None when S3 could not be listed (progress only: never fatal)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return sum(page.get("KeyCount", 0) for page in
+                   client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix))
+    except (BotoCoreError, ClientError):
+        return None
+
+
+def _progress(log: Path, say, stop: threading.Event, t0: float, count_records=None, every_s: float = 30) -> None:
+    """Follow the log and print one console line per finished task; every ``every_s`` seconds, the
+    photos with an audit record so far (``count_records()``), when that number changed."""
+    shown, next_count = 0, time.perf_counter() + every_s
     with open(log, errors="replace") as f:
         while True:
             line = f.readline()
             if not line:
                 if stop.is_set():
                     return
+                if count_records and time.perf_counter() >= next_count:
+                    next_count = time.perf_counter() + every_s
+                    n = count_records()
+                    if n is not None and n != shown:
+                        shown = n
+                        say(f"  {time.perf_counter() - t0:6.1f} s  {n} photos masked or recorded so far")
                 time.sleep(0.2)
                 continue
             m = _TASK_END.search(line)
@@ -213,8 +232,12 @@ def _ui(a, log: Path, say, endpoint: str, photos_in_window: int) -> int:
     url = f"http://localhost:{port}"
     say(f"starting `airflow standalone` on {url} (no login: all users are admins in this demo); log: {log}")
     say(truncated_note(photos_in_window))
-    # its output (and its components') goes where this process's goes: the log
-    proc = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=standalone_env(os.environ, port))
+    # Its output (and its components') goes where this process's goes: the log. It runs in its own
+    # process group: a terminal's Ctrl-C hitting every component at once left standalone's shutdown
+    # hanging (over a minute, components left running); this process forwards Ctrl-C to standalone
+    # alone, which stops its components (seconds), and ends whatever is left in the group.
+    proc = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=standalone_env(os.environ, port),
+                            stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         t0 = time.monotonic()
         report = None
@@ -235,13 +258,36 @@ def _ui(a, log: Path, say, endpoint: str, photos_in_window: int) -> int:
                 f"--dag-run-conf '{{\"region\": \"{REGION}\"}}'\n"
                 f"the embedded S3 keeps running here ({endpoint}); Ctrl-C stops both.")
         return proc.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to standalone too: it stops its components
+    except KeyboardInterrupt:
         say("stopping `airflow standalone` ...")
+        if _stop_group(proc):
+            say("stopped")
+            return 0
+        say(f"`airflow standalone` did not stop within a minute of Ctrl-C; its processes were ended (see {log})")
+        return 1
+    finally:
+        _stop_group(proc)  # however this ends (an error, standalone gone): leave nothing of it running
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 60) -> bool:
+    """Stop a process started in its own group and everything in that group: Ctrl-C to the process
+    (standalone then stops its components), then SIGTERM and SIGKILL to the group for whatever is
+    left (e.g. a component that did not exit in time). True when the process exited within ``grace_s``."""
+    graceful = True
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # standalone stops its components (SIGTERM to each)
         try:
-            return proc.wait(timeout=60)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            return proc.wait()
+            graceful = False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)  # only the group's leftovers, if any
+        except ProcessLookupError:
+            break
+        time.sleep(3)
+    proc.wait()
+    return graceful
 
 
 def main(argv=None) -> int:
@@ -313,7 +359,12 @@ def _nightly(client, demo: Path, log: Path, say, t_start: float, in_window: int)
         f"Airflow's log and the task logs go to {log}")
     t0 = time.perf_counter()
     stop = threading.Event()
-    follower = threading.Thread(target=_progress, args=(log, say, stop, t0), daemon=True)
+    import boto3
+
+    audit = Settings.load().audit_root.format(region=REGION)  # one audit record per photo, as it is done
+    counter = boto3.client("s3", endpoint_url=client.meta.endpoint_url)  # one client per thread
+    follower = threading.Thread(target=_progress, daemon=True,
+                                args=(log, say, stop, t0, lambda: _count(counter, audit)))
     follower.start()
     try:
         dr = mod.plate_masking_dag.test(logical_date=NIGHT, run_conf=conf)
@@ -335,7 +386,7 @@ def _nightly(client, demo: Path, log: Path, say, t_start: float, in_window: int)
     say(f"\n=== plate_masking {dr.run_id} -> {dr.state} in {dag_s:.1f} s ===")
     say("window:", rep["window"]["start"], "..", rep["window"]["end"], f"({rep['window']['id']})",
         f"+ {rep.get('late', 0)} late photo(s) from earlier days" if rep.get("late") else "")
-    say("QA:", headline(rep), f"; failure rate {rep['failure_rate']:.1%} (limit {rep['max_failure_rate']:.0%})")
+    say(f"QA: {headline(rep)}; failure rate {rep['failure_rate']:.1%} (limit {rep['max_failure_rate']:.0%})")
     for reason, info in rep["failures_by_reason"].items():
         for item in info["items"]:
             say(f"  failed ({reason}): {item['key']} — never published")

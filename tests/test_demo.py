@@ -1,6 +1,7 @@
 """The demo's entry points, run as a user runs them: `make demo` shows progress and the run's summary
 (Airflow's logs go to a file it names), `make airflow-ui` starts from a fresh clone without an
 activated virtualenv, and the seeded truncated upload stays within the default failure limit."""
+import contextlib
 import json
 import os
 import re
@@ -67,7 +68,7 @@ def test_make_demo_prints_a_short_summary_and_names_the_airflow_log(tmp_path):
     console = (out.stdout + out.stderr).splitlines()
     log = demo / "airflow.log"
     assert out.returncode == 0, "\n".join(console[-40:]) + "\n" + (log.read_text()[-5000:] if log.exists() else "")
-    assert len(console) <= 45, "\n".join(console)
+    assert len(console) <= 60, "\n".join(console)
     text = "\n".join(console)
     assert not re.search(r"\[(info|warning|debug) *\]|\[DAG TEST\]", text), text  # no Airflow log lines
     assert re.search(r"^=== plate_masking \S+ -> success in [\d.]+ s ===$", text, re.M), text
@@ -96,20 +97,34 @@ def _health(port: int):
         return None
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    # zombies still count for killpg(0): look for live members
+def _descendants(pid: int) -> set[int]:
+    """Live (not zombie) processes below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    live = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            live.add(pid)
+    return live
 
 
 def test_make_airflow_ui_starts_without_an_activated_venv(tmp_path):
@@ -129,6 +144,7 @@ def test_make_airflow_ui_starts_without_an_activated_venv(tmp_path):
                                  "--s3-port", str(_free_port())], env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True,  # its own process group: stopped as a terminal's Ctrl-C does
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started: set[int] = set()
     try:
         deadline = time.monotonic() + 600
         log_file = demo / "airflow.log"
@@ -145,17 +161,24 @@ def test_make_airflow_ui_starts_without_an_activated_venv(tmp_path):
         assert "FileNotFoundError" not in log
         assert len(shown.splitlines()) <= 12, shown  # standalone's own output goes to the log
         assert "api-server |" in log and "scheduler  |" in log
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        proc.wait(timeout=120)
-        end = time.monotonic() + 30
-        while _group_alive(proc.pid) and time.monotonic() < end:
-            time.sleep(1)
-        assert not _group_alive(proc.pid), "components left running after Ctrl-C"
+        started = _descendants(proc.pid)  # standalone and its components
+        assert len(started) >= 5, started
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        rc = proc.wait(timeout=200)
+        stopped = console.read_text()
+        assert not _alive(started), "left running after Ctrl-C: " + ", ".join(
+            Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ") for p in _alive(started))
         assert _health(port) is None
+        # standalone stops its components itself (within a minute), or the demo ends them and says so
+        assert (rc, stopped.splitlines()[-1]) == (0, "stopped") or (
+            rc == 1 and "did not stop within a minute of Ctrl-C; its processes were ended" in stopped), (rc, stopped)
+        print(f"stopped in {time.monotonic() - t0:.1f} s, exit code {rc}")
     finally:
-        if proc.poll() is None or _group_alive(proc.pid):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        leftovers = _alive(started | _descendants(proc.pid))
+        for pid in leftovers:  # only what this test started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
             proc.wait(timeout=30)
