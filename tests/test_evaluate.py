@@ -126,11 +126,11 @@ def test_detector_cache_gives_the_same_report_without_the_detector_pass(model_di
     (root / "images").mkdir(parents=True)
     rng = np.random.default_rng(3)
     images, anns = [], []
-    for i in range(12):
-        img, quads, _ = synth_car_scene(rng, size=(360, 480), n_plates=0 if i >= 9 else 1, plate_width=(60, 90))
+    for i in range(6):
+        img, quads, _ = synth_car_scene(rng, size=(240, 320), n_plates=0 if i >= 4 else 1, plate_width=(50, 70))
         cv2.imwrite(str(root / f"images/{i}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        images.append({"id": i + 1, "file_name": f"images/{i}.jpg", "width": 480, "height": 360, "sha1": f"e{i}",
-                       **({"negative": True} if i >= 9 else {})})
+        images.append({"id": i + 1, "file_name": f"images/{i}.jpg", "width": 320, "height": 240, "sha1": f"e{i}",
+                       **({"negative": True} if i >= 4 else {})})
         for q in quads:
             (x0, y0), (x1, y1) = q.min(0), q.max(0)
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
@@ -145,10 +145,10 @@ def test_detector_cache_gives_the_same_report_without_the_detector_pass(model_di
         return json.loads(json.dumps(rep, default=str))
 
     full = run()
-    assert full["data"]["images"] == 12
+    assert full["data"]["images"] == 6
     assert run(cache_dir=tmp_path / "cache") == full  # fills the cache
     (cache,) = (tmp_path / "cache").glob("detections-*.jsonl")
-    assert len(cache.read_text().splitlines()) == 12
+    assert len(cache.read_text().splitlines()) == 6
 
     def no_detector(*a, **k):
         raise AssertionError("the detector ran although its plates were cached")
