@@ -228,13 +228,13 @@ def test_transient_faults_are_survived_and_the_run_is_complete(world, fault_tabl
     policies = TRANSIENT[scenario]()
     w.proxy.fault = lambda req: next((f for f in (p(req) for p in policies) if f is not None), None)
     dr, events = run_dag(w, DE)
+    check_run(w, fault_table, scenario, run_id=dr.run_id, state=dr.state, expect_state="success",
+              regions={"DE": DE_20}, events=events, expect_events=["DE"], raw_before=before,
+              note=f"{w.proxy.faults()} faults injected")
     assert w.proxy.faults() >= 4, w.proxy.seen  # the faults really hit the run's requests
     if "10 in a row" in scenario:
         assert sum(op == "PUT" and k == "masked/DE/2026/11/20/car0.jpg" and f is not None
                    for op, k, f in w.proxy.seen) == 10
-    check_run(w, fault_table, scenario, run_id=dr.run_id, state=dr.state, expect_state="success",
-              regions={"DE": DE_20}, events=events, expect_events=["DE"], raw_before=before,
-              note=f"{w.proxy.faults()} faults injected")
 
 
 # ------------------------------------------------------------------ permanent per-photo faults
