@@ -108,8 +108,9 @@ class S3Store:
     including ``AWS_ENDPOINT_URL`` for MinIO or moto, unless one is passed in.
 
     A write whose client retries are spent on a transient error (a 5xx storm, throttling, broken
-    connections) is tried again ``write_retries`` times, ``retry_delay`` s, then twice that, apart: a
-    PUT of the whole body is idempotent, and a photo is not failed for a minute of S3 trouble."""
+    connections) is tried again ``write_retries`` times, ``retry_delay`` s, then twice that, apart (a
+    PUT of the whole body is idempotent), so a photo does not fail on a burst of S3 errors a little
+    longer than the client's own retries ride out. Other errors (denied, bad key) are not retried."""
 
     write_retries = 2
     retry_delay = 1.0

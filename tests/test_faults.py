@@ -208,7 +208,7 @@ TRANSIENT = {  # scenario -> its fault policies, made fresh per run (the first t
     # (throttling: botocore backs off 1 s and adaptive mode slows the client down, so photo writes only)
     "503 SlowDown on every photo write": lambda: [first_attempt(
         lambda r: r.method == "PUT" and r.key.startswith(("masked/", "audit/")), ("status", 503, "SlowDown"))],
-    # and ten 500s in a row on one masked copy's upload: more than botocore's 8 attempts, so the
+    # and ten 500s in a row on one masked copy's upload: more than the client's 9 attempts (8 retries), so the
     # write is retried within the run (S3Store.write) instead of failing the photo
     "500 InternalError on every read, 10 in a row on one upload": lambda: [
         always(_storm_on_one_upload, ("status", 500, "InternalError"), times=10),
@@ -235,6 +235,35 @@ def test_transient_faults_are_survived_and_the_run_is_complete(world, fault_tabl
     if "10 in a row" in scenario:
         assert sum(op == "PUT" and k == "masked/DE/2026/11/20/car0.jpg" and f is not None
                    for op, k, f in w.proxy.seen) == 10
+
+
+def test_the_in_run_write_retry_is_bounded_and_only_for_transient_errors(world):
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    import boto3
+    from platemask.storage import S3Store
+
+    w = world
+    client = boto3.client("s3", endpoint_url=w.proxy.url, region_name="us-east-1",
+                          config=Config(retries={"mode": "adaptive", "total_max_attempts": 2}))
+    store = S3Store(w.bucket, client=client)
+    store.retry_delay = 0.01
+
+    def puts(key):
+        return sum(op == "PUT" and k == key for op, k, _ in w.proxy.seen)
+
+    w.proxy.fault = always(lambda r: r.key == "denied", ("status", 403, "AccessDenied"))
+    with pytest.raises(ClientError, match="AccessDenied"):
+        store.write("denied", b"x")
+    assert puts("denied") == 1  # not transient: not retried at all
+    w.proxy.fault = always(lambda r: r.key == "down", ("status", 503, "ServiceUnavailable"))
+    with pytest.raises(ClientError, match="ServiceUnavailable"):
+        store.write("down", b"x")
+    assert puts("down") == 3 * 2  # the client's 2 attempts, 3 times: bounded
+    w.proxy.fault = always(lambda r: r.key == "storm", "reset", times=3)
+    store.write("storm", b"x")  # 2 resets spend the client's attempts, the in-run retry gets through
+    assert w.read("storm") == b"x" and puts("storm") == 4
 
 
 # ------------------------------------------------------------------ permanent per-photo faults
