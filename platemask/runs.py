@@ -474,6 +474,18 @@ def _already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit:
         return False  # cannot tell: redo it
 
 
+def _unpublish(client, settings: Settings, key: str, log: Callable[[str], None]) -> bool:
+    """Remove a masked copy whose audit record could not be written; False when that fails too."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.delete_object(Bucket=settings.bucket, Key=key)
+        return True
+    except (ClientError, BotoCoreError) as exc:
+        log(f"cannot remove s3://{settings.bucket}/{key}, which has no audit record: {exc}")
+        return False
+
+
 def key_too_long(settings: Settings, region: str, raw_key: str) -> str | None:
     """Why a photo's outputs cannot be written to S3 (a key over 1,024 bytes), or None. Checked before
     anything of the photo is written, so it is never published without its audit record."""
@@ -579,12 +591,16 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
             try:
                 store.write(akey, json.dumps(rec, sort_keys=True).encode(), "application/json")
             except (ClientError, BotoCoreError) as exc:
-                # the photo fails alone; when its masked copy was already written, the record says so
+                # the photo fails alone, and is not published without its record: its masked copy goes
                 written = rec["masked_key"]
-                rec.update(status="failed", reason="audit_write_failed", masked_key=None, unaudited_masked_copy=written,
+                left = written if written and not _unpublish(client, settings, written, log) else None
+                rec.update(status="failed", reason="audit_write_failed", masked_key=None, unaudited_masked_copy=left,
                            error=f"cannot write the audit record s3://{settings.bucket}/{akey}: {exc}"
-                                 + (f"; the masked copy s3://{settings.bucket}/{written} was written before this "
-                                    "failure and has no audit record (rerun the window to redo it)" if written else ""))
+                                 + (f"; its masked copy s3://{settings.bucket}/{written} was removed (never published "
+                                    "without its record); rerun the window to redo it" if written and not left else "")
+                                 + (f"; the masked copy s3://{settings.bucket}/{left} was written before this failure "
+                                    "and could not be removed: it has no audit record (delete it, or rerun the "
+                                    "window to redo it)" if left else ""))
                 log(f"{rec['key']}: {rec['error']}")
 
         source = ManifestSource(store, etags, getattr(detect, "expected_sha256", None))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import urlparse
@@ -87,9 +88,32 @@ class LocalStore:
         return str(self.root / key)
 
 
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                    "ServiceUnavailable", "RequestLimitExceeded"}
+
+
+def transient_s3_error(exc: BaseException) -> bool:
+    """Whether an S3 call that failed after the client's own retries may still succeed when repeated
+    a little later: a 5xx or throttling answer, or a connection that broke (reset, cut, timed out)."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
+    return isinstance(exc, (BotoConnectionError, HTTPClientError))
+
+
 class S3Store:
     """An S3 prefix. The client comes from boto3's usual configuration (profile, env, role),
-    including ``AWS_ENDPOINT_URL`` for MinIO or moto, unless one is passed in."""
+    including ``AWS_ENDPOINT_URL`` for MinIO or moto, unless one is passed in.
+
+    A write whose client retries are spent on a transient error (a 5xx storm, throttling, broken
+    connections) is tried again ``write_retries`` times, ``retry_delay`` s, then twice that, apart (a
+    PUT of the whole body is idempotent), so a photo does not fail on a burst of S3 errors a little
+    longer than the client's own retries ride out. Other errors (denied, bad key) are not retried."""
+
+    write_retries = 2
+    retry_delay = 1.0
 
     def __init__(self, bucket: str, prefix: str = "", *, client=None, sse: str | None = None,
                  kms_key_id: str | None = None):
@@ -129,7 +153,17 @@ class S3Store:
             extra["ServerSideEncryption"] = self.sse
             if self.kms_key_id:
                 extra["SSEKMSKeyId"] = self.kms_key_id
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type, **extra)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for attempt in range(self.write_retries + 1):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
+                                       **extra)
+                return
+            except (ClientError, BotoCoreError) as exc:
+                if attempt == self.write_retries or not transient_s3_error(exc):
+                    raise
+            time.sleep(self.retry_delay * 2 ** attempt)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -436,7 +436,9 @@ def test_one_bad_photo_fails_alone_and_its_shard_goes_on(monkeypatch, bucket_env
     recs = {r["key"]: r for r in _records(s3, bucket, "DE", DE_20, dr.run_id)}
     car1 = recs["raw/DE/2026/11/20/car1.jpg"]
     assert car1["status"] == "failed" and car1["reason"] == "audit_write_failed" and bad_audit in car1["error"]
-    assert car1["unaudited_masked_copy"] == "masked/DE/2026/11/20/car1.jpg" and "was written before" in car1["error"]
+    # never published without its record: the masked copy written before the failure is removed again
+    assert car1["unaudited_masked_copy"] is None and "masked/DE/2026/11/20/car1.jpg was removed" in car1["error"]
+    assert "masked/DE/2026/11/20/car1.jpg" not in _objects(s3, bucket, "masked/")
     assert recs[long_key]["status"] == "failed" and recs[long_key]["reason"] == "key_too_long"
     assert "1027 bytes" in recs[long_key]["error"]
     assert long_key.replace("raw/", "masked/", 1) not in _objects(s3, bucket, "masked/")  # checked before publishing
