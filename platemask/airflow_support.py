@@ -114,7 +114,7 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
             from .sagemaker_backend import transform_detector
 
             if "transform" not in shard:
-                raise ValueError(f"shard {shard['shard']} has no transform job: was transform_submit skipped?")
+                raise ValueError(f"shard {shard['shard']} has no transform job: did the sagemaker.submit task run?")
             return transform_detector(settings, spec, entries, model_dir, shard["transform"], s3_client(settings))
         raise ValueError(f"unknown backend {spec.backend!r}")
 

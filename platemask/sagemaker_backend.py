@@ -26,7 +26,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR
+from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR, TRANSFORM_JOB_ENDED
 from .detections import Plate
 from .imageio import ImageError
 from .model import load_config
@@ -41,7 +41,7 @@ log = logging.getLogger("platemask.sagemaker")
 MAX_PAYLOAD_MB = 100  # SageMaker's limit for MaxPayloadInMB, and for MaxConcurrentTransforms x MaxPayloadInMB
 NAME_MAX = 63
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9-]+")
-TERMINAL = ("Completed", "Failed", "Stopped")
+TERMINAL = TRANSFORM_JOB_ENDED
 ENDED_EARLY = ("Failed", "Stopped")
 MAX_ATTEMPTS = 10
 GPU_INSTANCE = re.compile(r"^ml\.[gp]\d")  # ml.g4dn/g5/g6/p3/p4d/p5...: NVIDIA GPUs

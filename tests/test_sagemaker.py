@@ -170,19 +170,31 @@ def _shard_of(s3, settings, photos: dict, *, run_id="manual__1", index=0) -> dic
     return {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": index, "count": len(entries)}
 
 
+def _wait(hook, submitted: dict, resubmit=None, timeout: float = 180) -> dict:
+    """Poll as the DAG's wait does, each check from the submit task's XCom, until the jobs are done
+    (the local runner's jobs run in the background: InProgress at first, as on AWS)."""
+    import time
+
+    from platemask.sagemaker_backend import poll
+
+    deadline = time.monotonic() + timeout
+    while True:
+        done, waited = poll(hook, submitted, resubmit=resubmit)
+        if done:
+            return waited
+        assert time.monotonic() < deadline, f"transform job {waited['transform']['job']} not done in {timeout} s"
+        time.sleep(0.2)
+
+
 def _run_shard(s3, settings, shard, model_dir):
     """transform_submit, transform_wait (until done) and mask, as the DAG runs them."""
     from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import submit
 
     hook = sagemaker_hook(settings, s3)
     submitted = submit(hook, s3, settings, shard, str(model_dir))
-    for _ in range(3):  # each poke starts from the submit task's XCom, as a reschedule sensor does
-        done, waited = poll(hook, submitted, resubmit=lambda sh: submit(hook, s3, settings, sh, str(model_dir)))
-        if done:
-            break
-    assert done
+    waited = _wait(hook, submitted, resubmit=lambda sh: submit(hook, s3, settings, sh, str(model_dir)))
     result = mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)), log=lambda m: None)
     return waited, _records(s3, settings, result)
 
@@ -259,9 +271,9 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
     submitted = submit(hook, s3, settings, shard, str(model_dir))
     assert submitted["transform"]["attempt"] == 0 and submitted["transform"]["submitted"] == 4
-    done, waited = poll(hook, submitted, resubmit=resubmit)
+    waited = _wait(hook, submitted, resubmit=resubmit)
     t = waited["transform"]
-    assert done and t["state"] == "Failed" and "b2.png" in t["failure_reason"]  # 413, or the connection it closed
+    assert t["state"] == "Failed" and "b2.png" in t["failure_reason"]  # 413, or the connection it closed
     assert t["attempt"] == 1 and len(t["outputs"]) == 2
     desc = hook.describe_transform_job(t["job"])
     assert desc["TransformJobStatus"] == "Failed" and desc["FailureReason"] == t["failure_reason"]
@@ -294,10 +306,10 @@ def test_a_photo_replaced_after_detection_is_never_published(sm_env, model_dir, 
     settings = _local(settings, server_url)
     from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import submit
 
     hook = sagemaker_hook(settings, s3)
-    _, waited = poll(hook, submit(hook, s3, settings, shard, str(model_dir)))
+    waited = _wait(hook, submit(hook, s3, settings, shard, str(model_dir)))
     key = "raw/DE/2026/11/20/car0.jpg"
     other = synth_car_scene(np.random.default_rng(99), n_plates=1, plate_width=(150, 170))[0]  # 1280x720 too
     s3.put_object(Bucket=settings.bucket, Key=key, Body=jpeg_bytes(other))
@@ -327,10 +339,10 @@ def test_bytes_the_container_did_not_see_are_never_published(sm_env, model_dir, 
     s3.put_object(Bucket=settings.bucket, Key=key, Body=jpeg_bytes(synth_car_scene(np.random.default_rng(5))[0]))
     from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import submit
 
     hook = sagemaker_hook(settings, s3)
-    _, waited = poll(hook, submit(hook, s3, settings, shard, str(model_dir)))
+    waited = _wait(hook, submit(hook, s3, settings, shard, str(model_dir)))
     s3.put_object(Bucket=settings.bucket, Key=key, Body=original)
     recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
                                              log=lambda m: None))
@@ -420,13 +432,16 @@ def _masked(s3, bucket):
     return out
 
 
-def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, server_url, model_dir):
+def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, server_url, model_dir, capfd):
+    """Both backends through dag.test(): same records and pixels. The SageMaker path's wait defers
+    (the local runner's job is InProgress at the first check, as on AWS), dag.test runs the trigger
+    in-process, the task resumes and the CPU-queue mask step reads the job's output."""
     from io import BytesIO
 
     from PIL import Image
 
     from platemask.training.synth import synth_car_scene
-    from test_dag import load_dag
+    from test_dag import _ti_states, load_dag
 
     s3 = aws_conn
     rng = np.random.default_rng(3)
@@ -437,6 +452,7 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
     monkeypatch.setenv("PLATEMASK_SAGEMAKER_ROLE_ARN", "arn:aws:iam::123456789012:role/platemask")
     monkeypatch.setenv("PLATEMASK_SAGEMAKER_LOCAL_ENDPOINT", server_url)
     monkeypatch.setenv("PLATEMASK_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("PLATEMASK_SAGEMAKER_POLL_SECONDS", "1")
     reports, masked = {}, {}
     for backend in ("local", "sagemaker"):
         bucket = f"cmp-{backend}-{uuid.uuid4().hex[:6]}"
@@ -448,6 +464,14 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
         dr = dag.test(logical_date=datetime(2026, 11, 21, 1, tzinfo=timezone.utc),
                       run_conf={"region": "DE", "backend": backend, "max_failure_rate": 0.5})
         assert dr.state == "success", backend
+        states, logs = _ti_states(dr), "".join(capfd.readouterr())  # the run's log lines (structlog prints them)
+        if backend == "sagemaker":
+            assert states["process.mask"] == "skipped" and states["sagemaker.mask"] == "success"
+            assert states["sagemaker.wait"] == "success"
+            assert "running trigger in line" in logs and "InProgress; next check" in logs
+        else:
+            assert states["process.mask"] == "success" and states["sagemaker.mask"] == "skipped"
+            assert "running trigger in line" not in logs
         reports[backend] = json.loads(s3.get_object(Bucket=bucket, Key="qa/DE/20261119T2300Z-20261120T2300Z/report.json")["Body"].read())
         masked[backend] = {k.split("/", 1)[1]: v for k, v in _masked(s3, bucket).items()}
     loc, sm = reports["local"], reports["sagemaker"]
