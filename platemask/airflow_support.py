@@ -142,7 +142,8 @@ def submit_transform(settings: Settings, shard: dict, model_dir: str | None) -> 
 
 
 def poll_transform(settings: Settings, shard: dict, model_dir: str | None = None) -> tuple[bool, dict]:
-    """Poke of the wait: a failed or stopped job that made progress is followed by one over the rest."""
+    """One check of the deferred wait (``transform_wait``): a failed or stopped job that made progress
+    is followed by one over the rest."""
     from .sagemaker_backend import poll, submit
 
     s3 = s3_client(settings)

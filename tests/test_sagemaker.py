@@ -59,8 +59,30 @@ def test_job_names_are_valid_deterministic_and_content_bound():
     assert "-t0300-" in job_name(RunSpec(**{**SPEC.as_dict(), "threshold": 0.3}), 7, ENTRIES, model)
     assert "-tdef-" in n0 and f"-m{model[-6:]}-" in n0  # threshold and model readable in the console
     assert job_name(RunSpec(**{**SPEC.as_dict(), "run_id": "manual__x"}), 7, ENTRIES, model) != n0  # a run's own jobs
+    other_model = model_name("b" * 64, "123.dkr.ecr.eu-west-1.amazonaws.com/platemask:1")
+    assert job_name(SPEC, 7, ENTRIES, other_model) != n0
     long = RunSpec(**{**SPEC.as_dict(), "region": "A_VERY_LONG_REGION_NAME_WITH_UNDERSCORES_AND_MORE"})
     assert NAME_RE.match(job_name(long, 9999, ENTRIES, model, attempt=9))
+
+
+def test_job_names_follow_the_container_environment_not_the_mask_mode():
+    """The container ignores the mode (the mask step applies it): a retry with another mode finds
+    the same job. What it reads from the job (threshold, CUDA requirement) makes another job: a
+    shard retried on a CPU instance after its GPU job failed must not find the failed GPU job."""
+    from platemask.sagemaker_backend import container_environment
+
+    model = model_name("a" * 64, "123.dkr.ecr.eu-west-1.amazonaws.com/platemask:1")
+
+    def name(spec, settings):
+        return job_name(spec, 0, ENTRIES, model, 0, "photos", container_environment(settings, spec, ENTRIES))
+
+    gpu, cpu = Settings(sagemaker_instance_type="ml.g5.xlarge"), Settings(sagemaker_instance_type="ml.c5.2xlarge")
+    pixelate = RunSpec(**{**SPEC.as_dict(), "mode": "pixelate"})
+    assert name(pixelate, gpu) == name(SPEC, gpu)
+    assert name(SPEC, cpu) != name(SPEC, gpu)
+    assert name(RunSpec(**{**SPEC.as_dict(), "threshold": 0.3}), gpu) != name(SPEC, gpu)
+    req = transform_request(gpu, SPEC, job="j", model=model, manifest_uri="s3://b/m", entries=ENTRIES)
+    assert req["Environment"] == container_environment(gpu, SPEC, ENTRIES)  # one rule for the name and the job
 
 
 def test_payload_limits():
@@ -497,6 +519,18 @@ def test_inference_image_pairs_a_cuda12_torch_with_the_535_driver_ami():
     assert Settings().sagemaker_transform_ami_version == "al2-ami-sagemaker-batch-gpu-535"
 
 
+def test_inference_image_installs_dependencies_before_the_source():
+    """A code change must not reinstall ~6 GB of wheels: every pip install of dependencies comes
+    before the source is copied, and the package itself is installed without dependencies."""
+    from conftest import ROOT
+
+    text = (ROOT / "containers" / "inference" / "Dockerfile").read_text()
+    source = text.index("COPY platemask")
+    assert text.index("-r /tmp/requirements.txt") < source and text.index("--index-url \"$TORCH_INDEX_URL\"") < source
+    assert "optional-dependencies']['serve']" in text[:source]
+    assert "pip install --no-cache-dir --no-deps ." in text[source:] and ".[serve]" not in text
+
+
 def test_a_region_window_is_one_transform_job_up_to_sagemaker_shard_size(aws_conn):
     """Every job pays its instances' start-up: backend=sagemaker cuts shards (= jobs) of up to
     sagemaker_shard_size photos, scaled inside the job by InstanceCount, not 200-photo jobs."""
@@ -520,3 +554,78 @@ def test_a_region_window_is_one_transform_job_up_to_sagemaker_shard_size(aws_con
     assert counts == {"local": [200, 200, 50], "sagemaker": [450]}
     assert [sh["count"] for sh in make_shards(s3, dataclasses.replace(settings, sagemaker_shard_size=300),
                                               collected("sagemaker"), log=lambda m: None)] == [300, 150]
+
+
+# ------------------------------------------------------------------ the deferred wait's trigger
+
+def _registered_job(s3, **settings_kw):
+    """A transform job registered with the SageMaker API (moto), not run: the local runner's
+    DescribeTransformJob says InProgress until the job's outcome is stored, as AWS does while it runs."""
+    from platemask.airflow_support import sagemaker_hook
+
+    settings = Settings(bucket=f"tr-{uuid.uuid4().hex[:8]}", **settings_kw)
+    s3.create_bucket(Bucket=settings.bucket)
+    s3.put_object(Bucket=settings.bucket, Key="m.manifest", Body=json.dumps(manifest_document(settings, ENTRIES)).encode())
+    job = f"pm-trigger-{uuid.uuid4().hex[:8]}"
+    request = transform_request(settings, SPEC, job=job, model="platemask-m", entries=ENTRIES,
+                                manifest_uri=f"s3://{settings.bucket}/m.manifest")
+    hook = sagemaker_hook(settings, s3)
+    getattr(hook, "hook", hook).create_transform_job(request, wait_for_completion=False)  # register only
+    return settings, job, request
+
+
+def _trigger(settings, job, *, deadline_s: float = 3600, poll: float = 0.2):
+    from datetime import timedelta
+
+    from platemask.transform_wait import TransformJobTrigger
+
+    deadline = (datetime.now(timezone.utc) + timedelta(seconds=deadline_s)).isoformat()
+    trigger = TransformJobTrigger(job=job, settings=dataclasses.asdict(settings), deadline=deadline, poll_seconds=poll)
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "platemask.transform_wait.TransformJobTrigger"
+    return TransformJobTrigger(**kwargs)  # as the triggerer builds it from the stored kwargs
+
+
+def test_trigger_waits_while_in_progress_and_fires_with_the_failure(aws_conn):
+    import asyncio
+
+    from platemask.local_transform import job_state_key
+
+    s3 = aws_conn
+    settings, job, request = _registered_job(s3, sagemaker_local_endpoint="http://127.0.0.1:9")
+
+    async def scenario():
+        run = asyncio.ensure_future(anext(_trigger(settings, job).run()))
+        await asyncio.sleep(1.5)
+        assert not run.done()  # InProgress: still waiting (several polls), nothing fired
+        bucket, key = job_state_key(request["TransformOutput"]["S3OutputPath"])
+        outcome = {"TransformJobStatus": "Failed", "FailureReason": "ClientError: record b2.png got 413"}
+        await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=key, Body=json.dumps(outcome).encode())
+        return await asyncio.wait_for(run, 30)
+
+    event = asyncio.run(scenario())
+    assert event.payload["job"] == job and event.payload["state"] == "Failed" and not event.payload["timed_out"]
+    assert event.payload["failure_reason"] == "ClientError: record b2.png got 413"
+
+
+def test_trigger_fires_at_once_for_a_completed_job_and_at_the_deadline_for_a_running_one(aws_conn):
+    import asyncio
+
+    s3 = aws_conn
+    settings, job, _ = _registered_job(s3)  # moto alone: its jobs are Completed at once
+    event = asyncio.run(asyncio.wait_for(anext(_trigger(settings, job).run()), 30))
+    assert event.payload["state"] == "Completed" and not event.payload["timed_out"]
+    settings, job, _ = _registered_job(s3, sagemaker_local_endpoint="http://127.0.0.1:9")  # never runs
+    event = asyncio.run(asyncio.wait_for(anext(_trigger(settings, job, deadline_s=1).run()), 30))
+    assert event.payload["state"] == "InProgress" and event.payload["timed_out"]
+
+
+def test_a_wait_past_its_deadline_fails_without_retry():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from platemask.transform_wait import TransformWaitOperator
+
+    op = TransformWaitOperator(task_id="wait", shard={"spec": {"region": "DE"}, "index": 0, "count": 3})
+    with pytest.raises(AirflowFailException, match="still InProgress after sagemaker_max_runtime_hours"):
+        op.resume({"params": {}}, event={"job": "pm-x", "state": "InProgress", "failure_reason": None,
+                                         "deadline": "2026-11-21T00:00:00+00:00", "timed_out": True})
