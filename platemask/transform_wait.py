@@ -1,13 +1,14 @@
 """Deferrable wait for a shard's SageMaker transform job: no worker slot is held while it runs.
 
-``TransformWaitOperator`` checks the job on a worker with ``sagemaker_backend.poll`` (a failed or
-stopped job that made progress is followed by an attempt over the photos still without output),
-and while the job in charge runs it defers to ``TransformJobTrigger``. The trigger polls
+``TransformWaitOperator`` defers at once to ``TransformJobTrigger`` (the job was started seconds
+before), and after every trigger event checks the job on a worker with ``sagemaker_backend.poll``
+(a failed or stopped job that made progress is followed by an attempt over the photos still
+without output, and the wait defers again on that attempt). The trigger polls
 DescribeTransformJob in the triggerer (the same hook as the tasks, so a local transform runner's
 outcome is seen too) until the job ends or the wait's deadline passes; the task then resumes on a
 worker and checks again: a new attempt means another deferral, a finished one returns the shard
 with the job's final state for the mask step. Past ``sagemaker_max_runtime_hours`` (counted from
-the first check) the task fails without retry; the DAG's ``on_failure_callback`` stops the jobs.
+the wait's start) the task fails without retry; the DAG's ``on_failure_callback`` stops the jobs.
 
 Importing this module (the DAG file does, at parse time) touches no network and no torch.
 """
@@ -43,6 +44,7 @@ class TransformJobTrigger(BaseTrigger):
     def __init__(self, job: str, settings: dict, deadline: str, poll_seconds: float = 60.0):
         super().__init__()
         self.job, self.settings, self.deadline, self.poll_seconds = job, settings, deadline, float(poll_seconds)
+        self._hook = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
@@ -50,9 +52,11 @@ class TransformJobTrigger(BaseTrigger):
 
     def _describe(self) -> dict:
         """Blocking (boto3): run in a thread, never on the triggerer's event loop."""
-        from .airflow_support import sagemaker_hook
+        if self._hook is None:
+            from .airflow_support import sagemaker_hook
 
-        return sagemaker_hook(Settings.load(variable=self.settings, env={})).describe_transform_job(self.job)
+            self._hook = sagemaker_hook(Settings.load(variable=self.settings, env={}))
+        return self._hook.describe_transform_job(self.job)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         deadline = datetime.fromisoformat(self.deadline)
@@ -89,7 +93,11 @@ class TransformWaitOperator(BaseOperator):
         context["shard_label"] = shard_label(self.shard)
         settings = Settings.from_airflow()
         deadline = datetime.now(timezone.utc) + timedelta(hours=settings.sagemaker_max_runtime_hours)
-        return self._check(context, settings, deadline)
+        job = self.shard["transform"].get("job")
+        if job is None:  # nothing to do: every photo already masked with this model
+            return self._check(context, settings, deadline)
+        # the job was started seconds ago: defer at once (the trigger's first check may find it ended)
+        self._defer(job, settings, deadline)
 
     def resume(self, context, event: dict) -> dict:
         context["shard_label"] = shard_label(self.shard)
@@ -110,9 +118,12 @@ class TransformWaitOperator(BaseOperator):
         done, shard = poll_transform(settings, self.shard, context["params"].get("model"))
         if done:
             return shard
+        self._defer(shard["transform"]["job"], settings, deadline)
+
+    def _defer(self, job: str, settings: Settings, deadline: datetime) -> None:
         left = deadline - datetime.now(timezone.utc)
-        trigger = TransformJobTrigger(job=shard["transform"]["job"], settings=dataclasses.asdict(settings),
-                                      deadline=deadline.isoformat(), poll_seconds=settings.sagemaker_poll_seconds)
+        trigger = TransformJobTrigger(job=job, settings=dataclasses.asdict(settings), deadline=deadline.isoformat(),
+                                      poll_seconds=settings.sagemaker_poll_seconds)
         # the trigger fires at the deadline; the deferral's own timeout is only a backstop behind it
         self.defer(trigger=trigger, method_name="resume",
                    timeout=max(left, timedelta(0)) + timedelta(seconds=3 * settings.sagemaker_poll_seconds + 60))

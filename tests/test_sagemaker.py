@@ -454,9 +454,25 @@ def _masked(s3, bucket):
     return out
 
 
-def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, server_url, model_dir, capfd):
+def _count_trigger_runs(monkeypatch) -> list[str]:
+    """Record each job the deferred wait's trigger runs for (dag.test() runs triggers in-process):
+    a spy around the real ``run``, which it leaves as it is."""
+    from platemask.transform_wait import TransformJobTrigger
+
+    jobs: list[str] = []
+    real = TransformJobTrigger.run
+
+    def run(self):
+        jobs.append(self.job)
+        return real(self)
+
+    monkeypatch.setattr(TransformJobTrigger, "run", run)
+    return jobs
+
+
+def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, server_url, model_dir):
     """Both backends through dag.test(): same records and pixels. The SageMaker path's wait defers
-    (the local runner's job is InProgress at the first check, as on AWS), dag.test runs the trigger
+    (the local runner's job runs in the background, as on AWS), dag.test runs the trigger
     in-process, the task resumes and the CPU-queue mask step reads the job's output."""
     from io import BytesIO
 
@@ -475,6 +491,7 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
     monkeypatch.setenv("PLATEMASK_SAGEMAKER_LOCAL_ENDPOINT", server_url)
     monkeypatch.setenv("PLATEMASK_MODEL_DIR", str(model_dir))
     monkeypatch.setenv("PLATEMASK_SAGEMAKER_POLL_SECONDS", "1")
+    triggered = _count_trigger_runs(monkeypatch)
     reports, masked = {}, {}
     for backend in ("local", "sagemaker"):
         bucket = f"cmp-{backend}-{uuid.uuid4().hex[:6]}"
@@ -486,14 +503,14 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
         dr = dag.test(logical_date=datetime(2026, 11, 21, 1, tzinfo=timezone.utc),
                       run_conf={"region": "DE", "backend": backend, "max_failure_rate": 0.5})
         assert dr.state == "success", backend
-        states, logs = _ti_states(dr), "".join(capfd.readouterr())  # the run's log lines (structlog prints them)
+        states = _ti_states(dr)
         if backend == "sagemaker":
             assert states["process.mask"] == "skipped" and states["sagemaker.mask"] == "success"
             assert states["sagemaker.wait"] == "success"
-            assert "running trigger in line" in logs and "InProgress; next check" in logs
+            assert len(triggered) == 1 and triggered[0].endswith("-a0")  # the wait deferred to the trigger, once
         else:
             assert states["process.mask"] == "success" and states["sagemaker.mask"] == "skipped"
-            assert "running trigger in line" not in logs
+            assert triggered == []
         reports[backend] = json.loads(s3.get_object(Bucket=bucket, Key="qa/DE/20261119T2300Z-20261120T2300Z/report.json")["Body"].read())
         masked[backend] = {k.split("/", 1)[1]: v for k, v in _masked(s3, bucket).items()}
     loc, sm = reports["local"], reports["sagemaker"]
@@ -505,6 +522,45 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
         a = np.asarray(Image.open(BytesIO(masked["local"][k])), np.int16)
         b = np.asarray(Image.open(BytesIO(masked["sagemaker"][k])), np.int16)
         assert np.abs(a - b).mean() < 0.5, k  # same polygons, same masking
+
+
+def test_dag_a_failed_job_is_resumed_with_the_rest_of_its_photos(aws_conn, monkeypatch, airflow_db, server_url,
+                                                                  model_dir, scene):
+    """Through dag.test(): the first job fails on a record the container refuses (413: over its
+    6 MB limit) after finishing two photos; on resume the wait starts an attempt over the other
+    two and defers again; that one makes no progress, the wait ends, the two done photos are
+    published and the rest fail with the job's reason (the run within its failure limit)."""
+    from conftest import png_bytes
+    from test_dag import _ti_states, load_dag
+
+    s3 = aws_conn
+    big = png_bytes(np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8))
+    assert len(big) > 6 * 2**20
+    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/a1.jpg": jpeg_bytes(scene[0][:, ::-1]),
+              "raw/DE/2026/11/20/b2.png": big, "raw/DE/2026/11/20/c3.jpg": jpeg_bytes(scene[0])}
+    bucket = f"fail-{uuid.uuid4().hex[:6]}"
+    s3.create_bucket(Bucket=bucket)
+    for k, v in photos.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    for k, v in {"BUCKET": bucket, "DEADLINE_HOURS": "0", "MODEL_DIR": str(model_dir), "SAGEMAKER_POLL_SECONDS": "1",
+                 "SAGEMAKER_IMAGE_URI": "123456789012.dkr.ecr.us-east-1.amazonaws.com/platemask:test",
+                 "SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/platemask",
+                 "SAGEMAKER_LOCAL_ENDPOINT": server_url, "SAGEMAKER_MAX_CONCURRENT": "1"}.items():
+        monkeypatch.setenv(f"PLATEMASK_{k}", v)
+    triggered = _count_trigger_runs(monkeypatch)
+    dag = load_dag(monkeypatch)
+    dr = dag.test(logical_date=datetime(2026, 11, 21, 1, tzinfo=timezone.utc),
+                  run_conf={"region": "DE", "backend": "sagemaker", "max_failure_rate": 0.5})
+    assert dr.state == "success" and _ti_states(dr)["sagemaker.wait"] == "success"
+    # deferred on attempt 0; resumed when it failed, started attempt 1 over the rest, deferred on it
+    assert [j[-3:] for j in triggered] == ["-a0", "-a1"]
+    rep = json.loads(s3.get_object(Bucket=bucket, Key="qa/DE/20261119T2300Z-20261120T2300Z/report.json")["Body"].read())
+    assert rep["by_status"] == {"masked": 2, "no_plate": 0, "failed": 2}
+    failed = {i["key"] for i in rep["failures_by_reason"]["transform_job_failed"]["items"]}
+    assert failed == {"raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"}
+    assert rep["shards"][0]["transform"]["job"].endswith("-a1")
+    published = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="masked/").get("Contents", [])}
+    assert published == {"masked/DE/2026/11/20/a0.jpg", "masked/DE/2026/11/20/a1.jpg"}
 
 
 def test_inference_image_pairs_a_cuda12_torch_with_the_535_driver_ami():
@@ -581,9 +637,11 @@ def _trigger(settings, job, *, deadline_s: float = 3600, poll: float = 0.2):
 
     deadline = (datetime.now(timezone.utc) + timedelta(seconds=deadline_s)).isoformat()
     trigger = TransformJobTrigger(job=job, settings=dataclasses.asdict(settings), deadline=deadline, poll_seconds=poll)
+    from airflow.sdk.serde import deserialize, serialize
+
     classpath, kwargs = trigger.serialize()
     assert classpath == "platemask.transform_wait.TransformJobTrigger"
-    return TransformJobTrigger(**kwargs)  # as the triggerer builds it from the stored kwargs
+    return TransformJobTrigger(**deserialize(serialize(kwargs)))  # as the triggerer builds it from the stored kwargs
 
 
 def test_trigger_waits_while_in_progress_and_fires_with_the_failure(aws_conn):
