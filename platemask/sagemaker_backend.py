@@ -4,7 +4,8 @@ Per shard: package the model (content-addressed, uploaded once), create the Sage
 (idempotent), write a ManifestFile of the shard's photos still to do (no audit record for this
 source ETag, model, mode and threshold), start a transform job with a deterministic name (a
 retry finds and reuses its job instead of starting a duplicate), wait without a worker slot
-(the DAG's deferred wait, ``platemask.transform_wait``), then mask with the polygons from the ``{output}/{key}.out`` files.
+(the DAG's deferred wait, ``platemask.transform_wait``), then mask with the polygons from the
+``{output}/{key}.out`` files.
 
 Batch Transform fails the whole job when one record gets a non-2xx answer, so the container
 answers 200 with a ``failed`` record for a photo it cannot decode (that photo's failure, not the
