@@ -31,6 +31,8 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from platemask.constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
 from platemask.settings import Settings
+from platemask.transform_wait import TransformWaitOperator
+from platemask.transform_wait import shard_label as _label
 
 SETTINGS = Settings.load()  # environment only: no network, no database, no torch at parse time
 MASKED = Asset(f"s3://{SETTINGS.bucket}/masked/")  # name = URI: one asset per bucket
@@ -65,16 +67,12 @@ def _client():
     return s3_client(Settings.from_airflow())
 
 
-def _label(shard: dict) -> str:
-    return f"{shard['spec']['region']} #{shard['index']} ({shard['count']} photos)"
-
-
 def _stop_transform(context) -> None:
     """on_failure_callback of the wait: a timed-out or failed wait stops its SageMaker job."""
     from platemask.airflow_support import stop_transform
 
     ti = context["ti"]
-    stop_transform(Settings.from_airflow(), ti.xcom_pull(task_ids="process.transform_submit", map_indexes=ti.map_index))
+    stop_transform(Settings.from_airflow(), ti.xcom_pull(task_ids="sagemaker.submit", map_indexes=ti.map_index))
 
 
 @dag(
@@ -139,47 +137,45 @@ def plate_masking():
 
         return runs.make_shards(_client(), Settings.from_airflow(), list(specs))
 
+    @task
+    def of_backend(shards: list[dict], backend: str) -> list[dict]:
+        """The shards of one backend: each backend's task group maps over its own, the other's over
+        none (skipped without taking a worker slot or a GPU pool slot)."""
+        return [s for s in shards if s["spec"]["backend"] == backend]
+
+    def _mask(shard: dict) -> dict:
+        """Mask the shard's photos (local model, or the transform job's polygons) and upload them."""
+        from platemask import runs
+        from platemask.airflow_support import detector_factory
+
+        get_current_context()["shard_label"] = _label(shard)
+        settings = Settings.from_airflow()
+        model = get_current_context()["params"].get("model")
+        return runs.mask_shard(_client(), settings, shard, detector_factory(settings, model))
+
     @task_group
     def process(shard: dict):
-        """One shard: segmentation backend, then masking and upload."""
+        """backend=local: one shard masked with the model on a worker: the GPU queue and pool."""
+        task(_mask, task_id="mask", queue=SETTINGS.queue, pool=SETTINGS.pool, execution_timeout=timedelta(hours=4),
+             map_index_template="{{ shard_label }}")(shard)
+
+    @task_group
+    def sagemaker(shard: dict):
+        """backend=sagemaker: one shard's Batch Transform job (submit, deferred wait: no worker slot
+        while it runs), then masking with its polygons: only blurring, so the CPU queue and pool."""
 
         @task(map_index_template="{{ shard_label }}")
-        def transform_submit(shard: dict) -> dict:
-            """backend=sagemaker: start (or find) the shard's Batch Transform job. local: nothing to do."""
-            get_current_context()["shard_label"] = _label(shard)
-            if shard["spec"]["backend"] != "sagemaker":
-                return shard
+        def submit(shard: dict) -> dict:
+            """Start (or find) the shard's Batch Transform job."""
             from platemask.airflow_support import submit_transform
 
+            get_current_context()["shard_label"] = _label(shard)
             return submit_transform(Settings.from_airflow(), shard, get_current_context()["params"].get("model"))
 
-        @task.sensor(mode="reschedule", poke_interval=SETTINGS.sagemaker_poll_seconds,
-                     timeout=SETTINGS.sagemaker_max_runtime_hours * 3600, max_wait=timedelta(minutes=10),
-                     exponential_backoff=True, map_index_template="{{ shard_label }}",
-                     on_failure_callback=_stop_transform)
-        def transform_wait(shard: dict) -> PokeReturnValue:
-            """Wait for the job without holding a worker slot (reschedule mode); stop it on timeout."""
-            get_current_context()["shard_label"] = _label(shard)
-            if shard["spec"]["backend"] != "sagemaker":
-                return PokeReturnValue(is_done=True, xcom_value=shard)
-            from platemask.airflow_support import poll_transform
-
-            done, shard = poll_transform(Settings.from_airflow(), shard, get_current_context()["params"].get("model"))
-            return PokeReturnValue(is_done=done, xcom_value=shard)
-
-        @task(queue=SETTINGS.queue, pool=SETTINGS.pool, execution_timeout=timedelta(hours=4),
-              map_index_template="{{ shard_label }}")
-        def mask(shard: dict) -> dict:
-            """Mask the shard's photos (local model, or the transform job's polygons) and upload them."""
-            from platemask import runs
-            from platemask.airflow_support import detector_factory
-
-            get_current_context()["shard_label"] = _label(shard)
-            settings = Settings.from_airflow()
-            model = get_current_context()["params"].get("model")
-            return runs.mask_shard(_client(), settings, shard, detector_factory(settings, model))
-
-        return mask(transform_wait(transform_submit(shard)))
+        waited = TransformWaitOperator(task_id="wait", shard=submit(shard), map_index_template="{{ shard_label }}",
+                                       on_failure_callback=_stop_transform).output
+        task(_mask, task_id="mask", queue=SETTINGS.cpu_queue, pool=SETTINGS.cpu_pool,
+             execution_timeout=timedelta(hours=4), map_index_template="{{ shard_label }}")(waited)
 
     @task(trigger_rule="all_done")
     def qa(specs: list[dict]) -> list[dict]:
@@ -235,14 +231,15 @@ def plate_masking():
     collected = collect.expand(spec=held)
     shards = shard(specs)
     collected >> shards
-    processed = process.expand(shard=shards)
+    by_backend = [of_backend.override(task_id=f"{b}_shards")(shards, b) for b in ("local", "sagemaker")]
+    processed = [process.expand(shard=by_backend[0]), sagemaker.expand(shard=by_backend[1])]
     reports = qa(specs)
     processed >> reports
     checked = check(specs, reports)
     published = publish.expand(report=reports)
     released = release(specs)
     reports >> released
-    [specs, held, collected, shards, processed, reports, checked, published, released] >> watcher()
+    [specs, held, collected, shards, *by_backend, *processed, reports, checked, published, released] >> watcher()
 
 
 plate_masking_dag = plate_masking()

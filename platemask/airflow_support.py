@@ -114,7 +114,7 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
             from .sagemaker_backend import transform_detector
 
             if "transform" not in shard:
-                raise ValueError(f"shard {shard['shard']} has no transform job: was transform_submit skipped?")
+                raise ValueError(f"shard {shard['shard']} has no transform job: did the sagemaker.submit task run?")
             return transform_detector(settings, spec, entries, model_dir, shard["transform"], s3_client(settings))
         raise ValueError(f"unknown backend {spec.backend!r}")
 
@@ -142,7 +142,8 @@ def submit_transform(settings: Settings, shard: dict, model_dir: str | None) -> 
 
 
 def poll_transform(settings: Settings, shard: dict, model_dir: str | None = None) -> tuple[bool, dict]:
-    """Poke of the wait: a failed or stopped job that made progress is followed by one over the rest."""
+    """One check of the deferred wait (``transform_wait``): a failed or stopped job that made progress
+    is followed by one over the rest."""
     from .sagemaker_backend import poll, submit
 
     s3 = s3_client(settings)

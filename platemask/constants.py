@@ -31,6 +31,8 @@ DEFAULT_BACKEND: Backend = "local"
 MODEL_DIR_ENV = "PLATEMASK_MODEL_DIR"
 REPO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "platemask-mnv2-fpn"
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"  # where SageMaker unpacks ModelDataUrl in the container
+# DescribeTransformJob states in which a job has ended (the submit/poll logic and the deferred wait's trigger)
+TRANSFORM_JOB_ENDED: tuple[str, ...] = ("Completed", "Failed", "Stopped")
 
 
 def resolve_device(device: str) -> str:

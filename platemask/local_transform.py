@@ -11,7 +11,9 @@ timeouts), or over MaxPayloadInMB, fails the whole job: no new records are start
 ``.out`` files of records finished before stay, and the job ends ``Failed`` with a
 ``FailureReason``. ``LocalTransformHook`` puts that outcome where the backend looks for it:
 DescribeTransformJob (moto's answer, which always says ``Completed``, overlaid with the
-runner's outcome, stored next to the job's output as ``{S3OutputPath}.local-job.json``).
+runner's outcome, stored next to the job's output as ``{S3OutputPath}.local-job.json``; until
+it is stored the job is ``InProgress``, as a running job on AWS, so the DAG's deferred wait
+really waits).
 """
 from __future__ import annotations
 
@@ -171,14 +173,25 @@ class LocalTransformHook:
         return getattr(self.hook, name)
 
     def create_transform_job(self, config: dict, wait_for_completion: bool = False, **kw):
+        """Register the job, then run it: in a background thread unless ``wait_for_completion``
+        (as on AWS, the call returns at once and DescribeTransformJob says ``InProgress`` until
+        the outcome is stored). The thread is not a daemon: a task process that started a job
+        ends only after it."""
         response = self.hook.create_transform_job(config, wait_for_completion=False, **kw)
+        if wait_for_completion:
+            self._run(config)
+        else:
+            threading.Thread(target=self._run, args=(config,), name=f"local-transform-{config['TransformJobName']}",
+                             daemon=False).start()
+        return response
+
+    def _run(self, config: dict) -> None:
         try:
             outcome = run_local_transform(config, self.endpoint, self.s3, log=self.log)
         except Exception as exc:  # noqa: BLE001 - the job's boundary: any crash is the job's FailureReason, as on AWS
             outcome = {"TransformJobStatus": "Failed", "FailureReason": f"InternalServerError: {type(exc).__name__}: {exc}"}
         bucket, key = job_state_key(config["TransformOutput"]["S3OutputPath"])
         self.s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(outcome).encode(), ContentType="application/json")
-        return response
 
     def describe_transform_job(self, name: str) -> dict:
         desc = self.hook.describe_transform_job(name)

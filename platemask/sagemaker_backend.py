@@ -4,7 +4,8 @@ Per shard: package the model (content-addressed, uploaded once), create the Sage
 (idempotent), write a ManifestFile of the shard's photos still to do (no audit record for this
 source ETag, model, mode and threshold), start a transform job with a deterministic name (a
 retry finds and reuses its job instead of starting a duplicate), wait without a worker slot
-(the DAG's reschedule sensor), then mask with the polygons from the ``{output}/{key}.out`` files.
+(the DAG's deferred wait, ``platemask.transform_wait``), then mask with the polygons from the
+``{output}/{key}.out`` files.
 
 Batch Transform fails the whole job when one record gets a non-2xx answer, so the container
 answers 200 with a ``failed`` record for a photo it cannot decode (that photo's failure, not the
@@ -26,7 +27,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR
+from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR, TRANSFORM_JOB_ENDED
 from .detections import Plate
 from .imageio import ImageError
 from .model import load_config
@@ -41,7 +42,7 @@ log = logging.getLogger("platemask.sagemaker")
 MAX_PAYLOAD_MB = 100  # SageMaker's limit for MaxPayloadInMB, and for MaxConcurrentTransforms x MaxPayloadInMB
 NAME_MAX = 63
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9-]+")
-TERMINAL = ("Completed", "Failed", "Stopped")
+TERMINAL = TRANSFORM_JOB_ENDED
 ENDED_EARLY = ("Failed", "Stopped")
 MAX_ATTEMPTS = 10
 GPU_INSTANCE = re.compile(r"^ml\.[gp]\d")  # ml.g4dn/g5/g6/p3/p4d/p5...: NVIDIA GPUs
@@ -68,11 +69,25 @@ def model_name(model_sha: str, image_uri: str) -> str:
     return sagemaker_name("platemask", _short_hash(model_sha, image_uri, n=16))
 
 
-def job_name(spec: RunSpec, shard_index: int, entries: list[dict], model: str, attempt: int = 0, bucket: str = "") -> str:
-    """Deterministic per (bucket, region, window, run, shard content, model, mode, threshold):
-    a retry in the same run finds its job; ``attempt`` only moves on after a job with the
-    previous name failed or was stopped; a new run starts its own jobs."""
-    content = _short_hash(bucket, spec.window.id, spec.run_id, shard_index, model, spec.mode, spec.threshold,
+def container_environment(settings: Settings, spec: RunSpec, entries: list[dict]) -> dict[str, str]:
+    """The job's Environment: all the container reads from the job besides the model (pure)."""
+    env = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": str(payload_mb(entries)),
+           "PLATEMASK_THRESHOLD": "" if spec.threshold is None else str(spec.threshold)}
+    if gpu_instance(settings.sagemaker_instance_type):
+        # the container refuses to pass /ping without working CUDA: a GPU job never runs on the CPU
+        env["PLATEMASK_REQUIRE_CUDA"] = "1"
+    return env
+
+
+def job_name(spec: RunSpec, shard_index: int, entries: list[dict], model: str, attempt: int = 0, bucket: str = "",
+             environment: dict[str, str] | None = None) -> str:
+    """Deterministic per (bucket, region, window, run, shard content, model, container environment):
+    everything that changes the container's output (the model and image via ``model``, the
+    threshold and the CUDA requirement via ``environment``) and nothing it ignores (the mask mode
+    is applied later, by the mask step). A retry in the same run finds its job; ``attempt`` only
+    moves on after a job with the previous name failed or was stopped; a new run starts its own jobs."""
+    env = sorted((environment or {}).items())
+    content = _short_hash(bucket, spec.window.id, spec.run_id, shard_index, model, spec.threshold, *env,
                           *(f"{e['key']}@{e['etag']}" for e in entries), n=8)
     day = spec.window.start.strftime("%Y%m%d")
     threshold = "tdef" if spec.threshold is None else f"t{round(spec.threshold * 1000):04d}"  # readable in the console
@@ -107,12 +122,9 @@ def transform_request(settings: Settings, spec: RunSpec, *, job: str, model: str
     resources: dict = {"InstanceType": settings.sagemaker_instance_type, "InstanceCount": settings.sagemaker_instance_count}
     if settings.sagemaker_kms_key_id:
         resources["VolumeKmsKeyId"] = settings.sagemaker_kms_key_id
-    env = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": str(mb), "PLATEMASK_THRESHOLD": "" if spec.threshold is None else str(spec.threshold)}
-    if gpu_instance(settings.sagemaker_instance_type):
-        # the container refuses to pass /ping without working CUDA: a GPU job never runs on the CPU
-        env["PLATEMASK_REQUIRE_CUDA"] = "1"
-        if settings.sagemaker_transform_ami_version:
-            resources["TransformAmiVersion"] = settings.sagemaker_transform_ami_version
+    env = container_environment(settings, spec, entries)
+    if gpu_instance(settings.sagemaker_instance_type) and settings.sagemaker_transform_ami_version:
+        resources["TransformAmiVersion"] = settings.sagemaker_transform_ami_version
     return {
         "TransformJobName": job,
         "ModelName": model,
@@ -229,7 +241,7 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     have: set[str] = set()
     last: dict = {}
     for attempt in range(MAX_ATTEMPTS):
-        job = job_name(spec, shard["index"], todo, model, attempt, settings.bucket)
+        job = job_name(spec, shard["index"], todo, model, attempt, settings.bucket, container_environment(settings, spec, todo))
         output = output_uri(settings, spec, job)
         t = {**base, "job": job, "attempt": attempt, "output": output, "outputs": [output, *earlier]}
         desc = _describe(hook, job)
@@ -260,10 +272,10 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
 
 
 def poll(hook, shard: dict, *, resubmit: Callable[[dict], dict] | None = None) -> tuple[bool, dict]:
-    """(done, shard with the final state of the job in charge) for the wait sensor.
+    """(done, shard with the final state of the job in charge): one check of the deferred wait.
 
-    ``shard`` is what the submit task returned (a reschedule sensor keeps no state between
-    pokes). With ``resubmit`` (``submit`` bound to its clients), a failed or stopped job is
+    ``shard`` is what the submit task returned (each check, first or after a resume, starts
+    from it). With ``resubmit`` (``submit`` bound to its clients), a failed or stopped job is
     followed through the run's attempts: ``submit`` reuses the attempt in charge or starts one over
     the photos still without output, and the wait goes on; it ends at an attempt without progress.
     """

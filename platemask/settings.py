@@ -41,6 +41,10 @@ class Settings:
     device: str = "auto"  # auto: cuda when the worker has it
     queue: str = "default"  # Celery queue for masking tasks; "gpu" to send them to GPU workers
     pool: str = "default_pool"  # e.g. "platemask_gpu" with one slot per GPU
+    # backend=sagemaker: the mask step only reads the job's polygons and blurs (no model), so it runs
+    # here, not on the GPU queue/pool above
+    cpu_queue: str = "default"
+    cpu_pool: str = "default_pool"
     batch_size: int = 4
     io_workers: int = 8
     max_failure_rate: float = 0.02

@@ -52,11 +52,23 @@ def test_dagbag_has_no_import_errors():
 
 
 def test_structure_queue_pool_deadline(monkeypatch):
+    from platemask.transform_wait import TransformWaitOperator
+
     dag = load_dag(monkeypatch, PLATEMASK_QUEUE="gpu", PLATEMASK_POOL="platemask_gpu", PLATEMASK_DEADLINE_HOURS="5")
-    assert set(dag.task_ids) == {"plan", "hold", "collect", "shard", "process.transform_submit", "process.transform_wait",
-                                 "process.mask", "qa", "check", "publish", "release", "watcher"}
+    assert set(dag.task_ids) == {"plan", "hold", "collect", "shard", "local_shards", "sagemaker_shards", "process.mask",
+                                 "sagemaker.submit", "sagemaker.wait", "sagemaker.mask",
+                                 "qa", "check", "publish", "release", "watcher"}
     mask = dag.get_task("process.mask")
     assert mask.queue == "gpu" and mask.pool == "platemask_gpu"
+    # the SageMaker path's mask step only blurs: the CPU queue and pool, never the GPU pool
+    blur = dag.get_task("sagemaker.mask")
+    assert (blur.queue, blur.pool) == ("default", "default_pool")
+    blur = load_dag(monkeypatch, PLATEMASK_CPU_QUEUE="cpu", PLATEMASK_CPU_POOL="cpu_pool").get_task("sagemaker.mask")
+    assert (blur.queue, blur.pool) == ("cpu", "cpu_pool")
+    # the job is waited for in the triggerer (deferrable), not by a worker task
+    wait = dag.get_task("sagemaker.wait")
+    assert isinstance(wait, TransformWaitOperator) and wait.on_failure_callback
+    assert {"sagemaker.submit"} == wait.upstream_task_ids and wait.downstream_task_ids == {"sagemaker.mask"}
     assert dag.get_task("qa").trigger_rule == "all_done" and dag.get_task("release").trigger_rule == "all_done"
     assert dag.deadline, "deadline alert missing"
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
@@ -64,8 +76,8 @@ def test_structure_queue_pool_deadline(monkeypatch):
     assert not dag.get_task("check").outlets
     # the run's state is the watcher's: the only leaf, downstream of every task, fails when one failed
     assert [t.task_id for t in dag.leaves] == ["watcher"] and dag.get_task("watcher").trigger_rule == "one_failed"
-    assert dag.get_task("watcher").upstream_task_ids >= set(dag.task_ids) - {"watcher", "process.transform_submit",
-                                                                           "process.transform_wait"}
+    assert dag.get_task("watcher").upstream_task_ids >= set(dag.task_ids) - {"watcher", "sagemaker.submit",
+                                                                           "sagemaker.wait"}
     assert dag.get_task("hold").mode == "reschedule"
     assert load_dag(monkeypatch, PLATEMASK_DEADLINE_HOURS="0").deadline in (None, [])
 
@@ -159,7 +171,7 @@ def test_full_run_masks_the_window_then_rerun_changes_nothing(monkeypatch, bucke
     assert rep["failures_by_reason"] and any(i["key"].endswith("corrupt.jpg")
                                              for f in rep["failures_by_reason"].values() for i in f["items"])
     assert rep["photos_in_window"] == 4 and rep["not_accounted_for"] == 0 and len(rep["shards"]) == 2
-    assert dag.get_task("process.transform_wait").mode == "reschedule"
+    assert _ti_states(dr)["sagemaker.mask"] == "skipped"  # backend=local: the SageMaker group maps over no shard
     assert rep["processed_this_run"] == 4 and rep["mask_images_per_second"] > 0
     html = s3.get_object(Bucket=bucket, Key=f"qa/DE/{DE_20}/report.html")["Body"].read().decode()
     assert "unmasked originals" in html and "data:image/jpeg;base64" in html

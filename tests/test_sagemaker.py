@@ -59,8 +59,30 @@ def test_job_names_are_valid_deterministic_and_content_bound():
     assert "-t0300-" in job_name(RunSpec(**{**SPEC.as_dict(), "threshold": 0.3}), 7, ENTRIES, model)
     assert "-tdef-" in n0 and f"-m{model[-6:]}-" in n0  # threshold and model readable in the console
     assert job_name(RunSpec(**{**SPEC.as_dict(), "run_id": "manual__x"}), 7, ENTRIES, model) != n0  # a run's own jobs
+    other_model = model_name("b" * 64, "123.dkr.ecr.eu-west-1.amazonaws.com/platemask:1")
+    assert job_name(SPEC, 7, ENTRIES, other_model) != n0
     long = RunSpec(**{**SPEC.as_dict(), "region": "A_VERY_LONG_REGION_NAME_WITH_UNDERSCORES_AND_MORE"})
     assert NAME_RE.match(job_name(long, 9999, ENTRIES, model, attempt=9))
+
+
+def test_job_names_follow_the_container_environment_not_the_mask_mode():
+    """The container ignores the mode (the mask step applies it): a retry with another mode finds
+    the same job. What it reads from the job (threshold, CUDA requirement) makes another job: a
+    shard retried on a CPU instance after its GPU job failed must not find the failed GPU job."""
+    from platemask.sagemaker_backend import container_environment
+
+    model = model_name("a" * 64, "123.dkr.ecr.eu-west-1.amazonaws.com/platemask:1")
+
+    def name(spec, settings):
+        return job_name(spec, 0, ENTRIES, model, 0, "photos", container_environment(settings, spec, ENTRIES))
+
+    gpu, cpu = Settings(sagemaker_instance_type="ml.g5.xlarge"), Settings(sagemaker_instance_type="ml.c5.2xlarge")
+    pixelate = RunSpec(**{**SPEC.as_dict(), "mode": "pixelate"})
+    assert name(pixelate, gpu) == name(SPEC, gpu)
+    assert name(SPEC, cpu) != name(SPEC, gpu)
+    assert name(RunSpec(**{**SPEC.as_dict(), "threshold": 0.3}), gpu) != name(SPEC, gpu)
+    req = transform_request(gpu, SPEC, job="j", model=model, manifest_uri="s3://b/m", entries=ENTRIES)
+    assert req["Environment"] == container_environment(gpu, SPEC, ENTRIES)  # one rule for the name and the job
 
 
 def test_payload_limits():
@@ -170,19 +192,31 @@ def _shard_of(s3, settings, photos: dict, *, run_id="manual__1", index=0) -> dic
     return {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": index, "count": len(entries)}
 
 
+def _wait(hook, submitted: dict, resubmit=None, timeout: float = 180) -> dict:
+    """Poll as the DAG's wait does, each check from the submit task's XCom, until the jobs are done
+    (the local runner's jobs run in the background: InProgress at first, as on AWS)."""
+    import time
+
+    from platemask.sagemaker_backend import poll
+
+    deadline = time.monotonic() + timeout
+    while True:
+        done, waited = poll(hook, submitted, resubmit=resubmit)
+        if done:
+            return waited
+        assert time.monotonic() < deadline, f"transform job {waited['transform']['job']} not done in {timeout} s"
+        time.sleep(0.2)
+
+
 def _run_shard(s3, settings, shard, model_dir):
     """transform_submit, transform_wait (until done) and mask, as the DAG runs them."""
     from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import submit
 
     hook = sagemaker_hook(settings, s3)
     submitted = submit(hook, s3, settings, shard, str(model_dir))
-    for _ in range(3):  # each poke starts from the submit task's XCom, as a reschedule sensor does
-        done, waited = poll(hook, submitted, resubmit=lambda sh: submit(hook, s3, settings, sh, str(model_dir)))
-        if done:
-            break
-    assert done
+    waited = _wait(hook, submitted, resubmit=lambda sh: submit(hook, s3, settings, sh, str(model_dir)))
     result = mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)), log=lambda m: None)
     return waited, _records(s3, settings, result)
 
@@ -259,9 +293,9 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
     submitted = submit(hook, s3, settings, shard, str(model_dir))
     assert submitted["transform"]["attempt"] == 0 and submitted["transform"]["submitted"] == 4
-    done, waited = poll(hook, submitted, resubmit=resubmit)
+    waited = _wait(hook, submitted, resubmit=resubmit)
     t = waited["transform"]
-    assert done and t["state"] == "Failed" and "b2.png" in t["failure_reason"]  # 413, or the connection it closed
+    assert t["state"] == "Failed" and "b2.png" in t["failure_reason"]  # 413, or the connection it closed
     assert t["attempt"] == 1 and len(t["outputs"]) == 2
     desc = hook.describe_transform_job(t["job"])
     assert desc["TransformJobStatus"] == "Failed" and desc["FailureReason"] == t["failure_reason"]
@@ -294,10 +328,10 @@ def test_a_photo_replaced_after_detection_is_never_published(sm_env, model_dir, 
     settings = _local(settings, server_url)
     from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import submit
 
     hook = sagemaker_hook(settings, s3)
-    _, waited = poll(hook, submit(hook, s3, settings, shard, str(model_dir)))
+    waited = _wait(hook, submit(hook, s3, settings, shard, str(model_dir)))
     key = "raw/DE/2026/11/20/car0.jpg"
     other = synth_car_scene(np.random.default_rng(99), n_plates=1, plate_width=(150, 170))[0]  # 1280x720 too
     s3.put_object(Bucket=settings.bucket, Key=key, Body=jpeg_bytes(other))
@@ -327,10 +361,10 @@ def test_bytes_the_container_did_not_see_are_never_published(sm_env, model_dir, 
     s3.put_object(Bucket=settings.bucket, Key=key, Body=jpeg_bytes(synth_car_scene(np.random.default_rng(5))[0]))
     from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import submit
 
     hook = sagemaker_hook(settings, s3)
-    _, waited = poll(hook, submit(hook, s3, settings, shard, str(model_dir)))
+    waited = _wait(hook, submit(hook, s3, settings, shard, str(model_dir)))
     s3.put_object(Bucket=settings.bucket, Key=key, Body=original)
     recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
                                              log=lambda m: None))
@@ -420,13 +454,32 @@ def _masked(s3, bucket):
     return out
 
 
+def _count_trigger_runs(monkeypatch) -> list[str]:
+    """Record each job the deferred wait's trigger runs for (dag.test() runs triggers in-process):
+    a spy around the real ``run``, which it leaves as it is."""
+    from platemask.transform_wait import TransformJobTrigger
+
+    jobs: list[str] = []
+    real = TransformJobTrigger.run
+
+    def run(self):
+        jobs.append(self.job)
+        return real(self)
+
+    monkeypatch.setattr(TransformJobTrigger, "run", run)
+    return jobs
+
+
 def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, server_url, model_dir):
+    """Both backends through dag.test(): same records and pixels. The SageMaker path's wait defers
+    (the local runner's job runs in the background, as on AWS), dag.test runs the trigger
+    in-process, the task resumes and the CPU-queue mask step reads the job's output."""
     from io import BytesIO
 
     from PIL import Image
 
     from platemask.training.synth import synth_car_scene
-    from test_dag import load_dag
+    from test_dag import _ti_states, load_dag
 
     s3 = aws_conn
     rng = np.random.default_rng(3)
@@ -437,6 +490,8 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
     monkeypatch.setenv("PLATEMASK_SAGEMAKER_ROLE_ARN", "arn:aws:iam::123456789012:role/platemask")
     monkeypatch.setenv("PLATEMASK_SAGEMAKER_LOCAL_ENDPOINT", server_url)
     monkeypatch.setenv("PLATEMASK_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("PLATEMASK_SAGEMAKER_POLL_SECONDS", "1")
+    triggered = _count_trigger_runs(monkeypatch)
     reports, masked = {}, {}
     for backend in ("local", "sagemaker"):
         bucket = f"cmp-{backend}-{uuid.uuid4().hex[:6]}"
@@ -448,6 +503,14 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
         dr = dag.test(logical_date=datetime(2026, 11, 21, 1, tzinfo=timezone.utc),
                       run_conf={"region": "DE", "backend": backend, "max_failure_rate": 0.5})
         assert dr.state == "success", backend
+        states = _ti_states(dr)
+        if backend == "sagemaker":
+            assert states["process.mask"] == "skipped" and states["sagemaker.mask"] == "success"
+            assert states["sagemaker.wait"] == "success"
+            assert len(triggered) == 1 and triggered[0].endswith("-a0")  # the wait deferred to the trigger, once
+        else:
+            assert states["process.mask"] == "success" and states["sagemaker.mask"] == "skipped"
+            assert triggered == []
         reports[backend] = json.loads(s3.get_object(Bucket=bucket, Key="qa/DE/20261119T2300Z-20261120T2300Z/report.json")["Body"].read())
         masked[backend] = {k.split("/", 1)[1]: v for k, v in _masked(s3, bucket).items()}
     loc, sm = reports["local"], reports["sagemaker"]
@@ -461,6 +524,45 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
         assert np.abs(a - b).mean() < 0.5, k  # same polygons, same masking
 
 
+def test_dag_a_failed_job_is_resumed_with_the_rest_of_its_photos(aws_conn, monkeypatch, airflow_db, server_url,
+                                                                  model_dir, scene):
+    """Through dag.test(): the first job fails on a record the container refuses (413: over its
+    6 MB limit) after finishing two photos; on resume the wait starts an attempt over the other
+    two and defers again; that one makes no progress, the wait ends, the two done photos are
+    published and the rest fail with the job's reason (the run within its failure limit)."""
+    from conftest import png_bytes
+    from test_dag import _ti_states, load_dag
+
+    s3 = aws_conn
+    big = png_bytes(np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8))
+    assert len(big) > 6 * 2**20
+    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/a1.jpg": jpeg_bytes(scene[0][:, ::-1]),
+              "raw/DE/2026/11/20/b2.png": big, "raw/DE/2026/11/20/c3.jpg": jpeg_bytes(scene[0])}
+    bucket = f"fail-{uuid.uuid4().hex[:6]}"
+    s3.create_bucket(Bucket=bucket)
+    for k, v in photos.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    for k, v in {"BUCKET": bucket, "DEADLINE_HOURS": "0", "MODEL_DIR": str(model_dir), "SAGEMAKER_POLL_SECONDS": "1",
+                 "SAGEMAKER_IMAGE_URI": "123456789012.dkr.ecr.us-east-1.amazonaws.com/platemask:test",
+                 "SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/platemask",
+                 "SAGEMAKER_LOCAL_ENDPOINT": server_url, "SAGEMAKER_MAX_CONCURRENT": "1"}.items():
+        monkeypatch.setenv(f"PLATEMASK_{k}", v)
+    triggered = _count_trigger_runs(monkeypatch)
+    dag = load_dag(monkeypatch)
+    dr = dag.test(logical_date=datetime(2026, 11, 21, 1, tzinfo=timezone.utc),
+                  run_conf={"region": "DE", "backend": "sagemaker", "max_failure_rate": 0.5})
+    assert dr.state == "success" and _ti_states(dr)["sagemaker.wait"] == "success"
+    # deferred on attempt 0; resumed when it failed, started attempt 1 over the rest, deferred on it
+    assert [j[-3:] for j in triggered] == ["-a0", "-a1"]
+    rep = json.loads(s3.get_object(Bucket=bucket, Key="qa/DE/20261119T2300Z-20261120T2300Z/report.json")["Body"].read())
+    assert rep["by_status"] == {"masked": 2, "no_plate": 0, "failed": 2}
+    failed = {i["key"] for i in rep["failures_by_reason"]["transform_job_failed"]["items"]}
+    assert failed == {"raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"}
+    assert rep["shards"][0]["transform"]["job"].endswith("-a1")
+    published = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="masked/").get("Contents", [])}
+    assert published == {"masked/DE/2026/11/20/a0.jpg", "masked/DE/2026/11/20/a1.jpg"}
+
+
 def test_inference_image_pairs_a_cuda12_torch_with_the_535_driver_ami():
     """No Docker engine here: read the Dockerfile. Driver 535 runs CUDA 12.x builds, not CUDA 13."""
     from conftest import ROOT
@@ -471,6 +573,18 @@ def test_inference_image_pairs_a_cuda12_torch_with_the_535_driver_ami():
     assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", args["TORCH_INDEX_URL"])
     assert args["TORCH_CUDA"] == "12." and text.index("ARG BASE_IMAGE") < text.index("FROM ${BASE_IMAGE}")
     assert Settings().sagemaker_transform_ami_version == "al2-ami-sagemaker-batch-gpu-535"
+
+
+def test_inference_image_installs_dependencies_before_the_source():
+    """A code change must not reinstall ~6 GB of wheels: every pip install of dependencies comes
+    before the source is copied, and the package itself is installed without dependencies."""
+    from conftest import ROOT
+
+    text = (ROOT / "containers" / "inference" / "Dockerfile").read_text()
+    source = text.index("COPY platemask")
+    assert text.index("-r /tmp/requirements.txt") < source and text.index("--index-url \"$TORCH_INDEX_URL\"") < source
+    assert "optional-dependencies']['serve']" in text[:source]
+    assert "pip install --no-cache-dir --no-deps ." in text[source:] and ".[serve]" not in text
 
 
 def test_a_region_window_is_one_transform_job_up_to_sagemaker_shard_size(aws_conn):
@@ -496,3 +610,80 @@ def test_a_region_window_is_one_transform_job_up_to_sagemaker_shard_size(aws_con
     assert counts == {"local": [200, 200, 50], "sagemaker": [450]}
     assert [sh["count"] for sh in make_shards(s3, dataclasses.replace(settings, sagemaker_shard_size=300),
                                               collected("sagemaker"), log=lambda m: None)] == [300, 150]
+
+
+# ------------------------------------------------------------------ the deferred wait's trigger
+
+def _registered_job(s3, **settings_kw):
+    """A transform job registered with the SageMaker API (moto), not run: the local runner's
+    DescribeTransformJob says InProgress until the job's outcome is stored, as AWS does while it runs."""
+    from platemask.airflow_support import sagemaker_hook
+
+    settings = Settings(bucket=f"tr-{uuid.uuid4().hex[:8]}", **settings_kw)
+    s3.create_bucket(Bucket=settings.bucket)
+    s3.put_object(Bucket=settings.bucket, Key="m.manifest", Body=json.dumps(manifest_document(settings, ENTRIES)).encode())
+    job = f"pm-trigger-{uuid.uuid4().hex[:8]}"
+    request = transform_request(settings, SPEC, job=job, model="platemask-m", entries=ENTRIES,
+                                manifest_uri=f"s3://{settings.bucket}/m.manifest")
+    hook = sagemaker_hook(settings, s3)
+    getattr(hook, "hook", hook).create_transform_job(request, wait_for_completion=False)  # register only
+    return settings, job, request
+
+
+def _trigger(settings, job, *, deadline_s: float = 3600, poll: float = 0.2):
+    from datetime import timedelta
+
+    from platemask.transform_wait import TransformJobTrigger
+
+    deadline = (datetime.now(timezone.utc) + timedelta(seconds=deadline_s)).isoformat()
+    trigger = TransformJobTrigger(job=job, settings=dataclasses.asdict(settings), deadline=deadline, poll_seconds=poll)
+    from airflow.sdk.serde import deserialize, serialize
+
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "platemask.transform_wait.TransformJobTrigger"
+    return TransformJobTrigger(**deserialize(serialize(kwargs)))  # as the triggerer builds it from the stored kwargs
+
+
+def test_trigger_waits_while_in_progress_and_fires_with_the_failure(aws_conn):
+    import asyncio
+
+    from platemask.local_transform import job_state_key
+
+    s3 = aws_conn
+    settings, job, request = _registered_job(s3, sagemaker_local_endpoint="http://127.0.0.1:9")
+
+    async def scenario():
+        run = asyncio.ensure_future(anext(_trigger(settings, job).run()))
+        await asyncio.sleep(1.5)
+        assert not run.done()  # InProgress: still waiting (several polls), nothing fired
+        bucket, key = job_state_key(request["TransformOutput"]["S3OutputPath"])
+        outcome = {"TransformJobStatus": "Failed", "FailureReason": "ClientError: record b2.png got 413"}
+        await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=key, Body=json.dumps(outcome).encode())
+        return await asyncio.wait_for(run, 30)
+
+    event = asyncio.run(scenario())
+    assert event.payload["job"] == job and event.payload["state"] == "Failed" and not event.payload["timed_out"]
+    assert event.payload["failure_reason"] == "ClientError: record b2.png got 413"
+
+
+def test_trigger_fires_at_once_for_a_completed_job_and_at_the_deadline_for_a_running_one(aws_conn):
+    import asyncio
+
+    s3 = aws_conn
+    settings, job, _ = _registered_job(s3)  # moto alone: its jobs are Completed at once
+    event = asyncio.run(asyncio.wait_for(anext(_trigger(settings, job).run()), 30))
+    assert event.payload["state"] == "Completed" and not event.payload["timed_out"]
+    settings, job, _ = _registered_job(s3, sagemaker_local_endpoint="http://127.0.0.1:9")  # never runs
+    event = asyncio.run(asyncio.wait_for(anext(_trigger(settings, job, deadline_s=1).run()), 30))
+    assert event.payload["state"] == "InProgress" and event.payload["timed_out"]
+
+
+def test_a_wait_past_its_deadline_fails_without_retry():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from platemask.transform_wait import TransformWaitOperator
+
+    op = TransformWaitOperator(task_id="wait", shard={"spec": {"region": "DE"}, "index": 0, "count": 3})
+    with pytest.raises(AirflowFailException, match="still InProgress after sagemaker_max_runtime_hours"):
+        op.resume({"params": {}}, event={"job": "pm-x", "state": "InProgress", "failure_reason": None,
+                                         "deadline": "2026-11-21T00:00:00+00:00", "timed_out": True})
