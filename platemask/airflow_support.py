@@ -45,11 +45,16 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
         raise AirflowFailException(f"invalid run parameters: {exc}") from None
     for s in specs:
         log.info("region %s: window %s .. %s (%s)", s.region, s.window_start, s.window_end, s.window.id)
+    if not settings.alert_sns_topic_arn:
+        from .schedules import ALERTS_OFF
+
+        log.warning("platemask: %s", ALERTS_OFF)
     return [s.as_dict() for s in specs]
 
 
 def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
-    """``is_live(lock)``: whether the run named by a lock document is still queued or running."""
+    """``is_live(lock)``: whether the run named by a lock document is still queued or running (in the DAG
+    that took it: the regions' nightly DAGs and the manual one share the region-window locks)."""
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     def is_live(lock: dict) -> bool:
@@ -74,7 +79,7 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
         spec = RunSpec.from_dict(d)
         if spec.dry_run:
             continue
-        held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info)
+        held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info, owner={"dag_id": dag_id})
         if held is not None:
             blocking.append(held)
             break  # in order: wait for this one before taking the next
@@ -83,7 +88,8 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
 
 def lock_wait_message(blocking: list[dict], settings: Settings) -> str:
     return "; ".join(f"region {b.get('region')} window {b.get('window')} is being masked by run {b.get('run_id')} "
-                     f"(since {b.get('since')})" for b in blocking) + (
+                     + (f"of {b['dag_id']} " if b.get("dag_id") else "") + f"(since {b.get('since')})"
+                     for b in blocking) + (
         f". This run waits up to {settings.lock_wait_minutes:g} min (lock_wait_minutes) for it, then fails: "
         "let that run finish, then rerun this one.")
 
@@ -159,7 +165,51 @@ def stop_transform(settings: Settings, shard: dict | None) -> None:
         stop(sagemaker_hook(settings), shard)
 
 
-async def deadline_missed(**kwargs) -> None:
-    """Deadline alert: the nightly run is not done in time. Logged at ERROR by the triggerer;
-    wire a notifier here (Slack, SNS, e-mail) for paging."""
-    log.error("platemask: nightly plate masking missed its deadline: %s", {k: str(v) for k, v in kwargs.items()})
+def run_failed(context: dict, *, topic_arn: str, aws_conn_id: str | None, bucket: str) -> None:
+    """DAG ``on_failure_callback``: the run failed; publish it to the SNS topic with the Amazon provider's
+    SnsNotifier. The message is built here, not templated: the callback's context may carry a
+    serialized DAG without a Jinja environment (``dag.test()``)."""
+    from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
+
+    from .schedules import failure_message
+
+    dag_run = context.get("dag_run")
+    ti = context.get("ti") or context.get("task_instance")
+    dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(dag_run, "dag_id", None)
+    message = failure_message(dag_id=dag_id, run_id=context.get("run_id") or getattr(dag_run, "run_id", None),
+                              reason=context.get("reason"), task_id=getattr(ti, "task_id", None), bucket=bucket)
+    log.error(message)
+    SnsNotifier(aws_conn_id=aws_conn_id, target_arn=topic_arn, message=message,
+                subject=f"platemask: {dag_id} run failed"[:100]).notify(context)
+
+
+async def deadline_missed(*, hours: float | None = None, topic_arn: str | None = None,
+                          aws_conn_id: str | None = None, context: dict | None = None, **_) -> str:
+    """Deadline callback (runs in the triggerer): a *scheduled* run not done ``hours`` after it was
+    queued is an incident, sent to the SNS topic with the Amazon provider's SnsNotifier. Backfill and
+    manual runs are queued behind each other on purpose: they are only logged, never alerted.
+    Returns what it did ("skipped", "logged" or "sent")."""
+    from .schedules import ALERTS_OFF, deadline_message
+
+    context = context or {}
+    dag_run = context.get("dag_run") or {}
+    run_type = dag_run.get("run_type")
+    run = f"{dag_run.get('dag_id')} run {dag_run.get('dag_run_id') or dag_run.get('run_id')}"
+    if run_type != "scheduled":
+        log.info("platemask: %s (%s) passed its deadline: no alert, deadlines apply to scheduled nightly runs only",
+                 run, run_type)
+        return "skipped"
+    message = deadline_message(dag_run, context.get("deadline") or {}, hours)
+    log.error(message)
+    if not topic_arn:
+        log.error("platemask: %s", ALERTS_OFF)
+        return "logged"
+    import asyncio
+
+    from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
+
+    notifier = SnsNotifier(aws_conn_id=aws_conn_id, target_arn=topic_arn, message=message,
+                           subject=f"platemask: {dag_run.get('dag_id')} missed its deadline"[:100])
+    # the provider's async path needs aiobotocore; its sync one runs off the triggerer's event loop
+    await asyncio.to_thread(notifier.notify, context)
+    return "sent"

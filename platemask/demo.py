@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,13 +142,16 @@ def main(argv=None) -> int:
     print(f"embedded S3 at {endpoint}: bucket {BUCKET} seeded with " + ", ".join(f"{v} under {k}" for k, v in sorted(counts.items())))
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ)
     if a.ui:
+        from .schedules import backfill_command
+
         print("starting `airflow standalone` on http://localhost:8080 (no login: all users are admins in this demo);\n"
-              "unpause plate_masking, trigger it with region DE and window 2026-11-20 .. 2026-11-21, or backfill:\n"
+              "trigger plate_masking with region DE and window 2026-11-20 .. 2026-11-21, or unpause and backfill\n"
+              "plate_masking_de (DE's nightly DAG; the backfill below runs DE's local day 2026-11-20):\n"
               "(the window holds one deliberately truncated upload: 1 of 25 photos = 4 %, above the default\n"
               " max_failure_rate of 2 %, so a run with the defaults fails its QA check by design and names the\n"
               " photo; set max_failure_rate to 0.05 in the trigger form to see a green run)\n"
-              "  airflow backfill create --dag-id plate_masking --from-date 2026-11-20 --to-date 2026-11-21 "
-              "--dag-run-conf '{\"region\": \"DE\"}'\n"
+              f"  {backfill_command(REGION, date(2026, 11, 20), date(2026, 11, 20))} "
+              "--dag-run-conf '{\"max_failure_rate\": 0.05}'\n"
               f"the embedded S3 keeps running here ({endpoint}); Ctrl-C stops both.")
         env2 = standalone_env(os.environ)
         try:

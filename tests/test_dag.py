@@ -18,13 +18,14 @@ from platemask.runs import run_key
 DAG_FILE = ROOT / "dags" / "plate_masking.py"
 
 
-def load_dag(monkeypatch, **env):
+def load_dag(monkeypatch, dag_id: str = "plate_masking", **env):
+    """A DAG of the DAG file, parsed with ``env``: the manual ``plate_masking`` or a region's ``plate_masking_<region>``."""
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
     spec = importlib.util.spec_from_file_location(f"plate_masking_{uuid.uuid4().hex}", DAG_FILE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.plate_masking_dag
+    return mod.plate_masking_dag if dag_id == "plate_masking" else getattr(mod, dag_id)
 
 
 def merged_params(dag, conf: dict) -> dict:
@@ -48,11 +49,13 @@ def test_dagbag_has_no_import_errors():
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    assert "plate_masking" in bag.dag_ids
+    assert set(bag.dag_ids) == {"plate_masking", "plate_masking_de", "plate_masking_pl", "plate_masking_th",
+                                "plate_masking_us"}
 
 
 def test_structure_queue_pool_deadline(monkeypatch):
-    dag = load_dag(monkeypatch, PLATEMASK_QUEUE="gpu", PLATEMASK_POOL="platemask_gpu", PLATEMASK_DEADLINE_HOURS="5")
+    dag = load_dag(monkeypatch, "plate_masking_th", PLATEMASK_QUEUE="gpu", PLATEMASK_POOL="platemask_gpu",
+                   PLATEMASK_DEADLINE_HOURS="5")
     assert set(dag.task_ids) == {"plan", "hold", "collect", "shard", "process.transform_submit", "process.transform_wait",
                                  "process.mask", "qa", "check", "publish", "release", "watcher"}
     mask = dag.get_task("process.mask")
@@ -60,6 +63,11 @@ def test_structure_queue_pool_deadline(monkeypatch):
     assert dag.get_task("qa").trigger_rule == "all_done" and dag.get_task("release").trigger_rule == "all_done"
     assert dag.deadline, "deadline alert missing"
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert (dag.timetable.expression, str(dag.timetable.timezone)) == ("0 0 * * *", "Asia/Bangkok")
+    assert dag.params["region"] == "TH"
+    manual = load_dag(monkeypatch)  # any region, by hand: no schedule, no deadline
+    assert type(manual.timetable).__name__ == "NullTimetable" and not manual.deadline and manual.params["region"] == "ALL"
+    assert set(manual.task_ids) == set(dag.task_ids)
     assert {o.name for o in dag.get_task("publish").outlets} == {"s3://inspection-photos/masked/", "s3://inspection-photos/qa/"}
     assert not dag.get_task("check").outlets
     # the run's state is the watcher's: the only leaf, downstream of every task, fails when one failed
@@ -67,7 +75,7 @@ def test_structure_queue_pool_deadline(monkeypatch):
     assert dag.get_task("watcher").upstream_task_ids >= set(dag.task_ids) - {"watcher", "process.transform_submit",
                                                                            "process.transform_wait"}
     assert dag.get_task("hold").mode == "reschedule"
-    assert load_dag(monkeypatch, PLATEMASK_DEADLINE_HOURS="0").deadline in (None, [])
+    assert load_dag(monkeypatch, "plate_masking_de", PLATEMASK_DEADLINE_HOURS="0").deadline in (None, [])
 
 
 @pytest.mark.parametrize("conf", [
@@ -204,35 +212,38 @@ def test_nightly_run_takes_the_previous_local_day_and_honours_region_conf(monkey
     assert _report(s3, bucket, "PL", "20261119T2300Z-20261120T2300Z")["by_status"]["masked"] == 1
 
 
-def test_backfill_creates_runs_with_the_region_conf(monkeypatch, bucket_env):
+def test_backfill_creates_runs_of_the_regions_nightly_dag(monkeypatch, bucket_env):
+    from datetime import date
+
     from airflow.models.backfill import InvalidBackfillConf, _create_backfill
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
     from platemask.runs import plan_runs
+    from platemask.schedules import backfill_bounds
     from platemask.settings import Settings
 
-    dag = load_dag(monkeypatch)
-    dag.test(run_conf={"region": "TH", "dry_run": True})  # serialises the DAG into the metadata DB
-    with pytest.raises(InvalidBackfillConf):
-        _create_backfill(dag_id="plate_masking", from_date=datetime(2026, 11, 10, tzinfo=timezone.utc),
-                         to_date=datetime(2026, 11, 12, tzinfo=timezone.utc), max_active_runs=2, reverse=False,
-                         dag_run_conf={"region": "MARS"}, triggering_user_name="test")
-    bf = _create_backfill(dag_id="plate_masking", from_date=datetime(2026, 11, 10, tzinfo=timezone.utc),
-                          to_date=datetime(2026, 11, 12, 23, tzinfo=timezone.utc), max_active_runs=2, reverse=False,
-                          dag_run_conf={"region": "TH"}, triggering_user_name="test")
+    dag = load_dag(monkeypatch, "plate_masking_th")
+    load_dag(monkeypatch).test(run_conf={"region": "TH", "dry_run": True})  # writes the DAG folder's DAGs to the DB
+    start, end = backfill_bounds(date(2026, 11, 10), date(2026, 11, 12))
+    with pytest.raises(InvalidBackfillConf):  # the TH DAG masks TH only
+        _create_backfill(dag_id="plate_masking_th", from_date=start, to_date=end, max_active_runs=2, reverse=False,
+                         dag_run_conf={"region": "DE"}, triggering_user_name="test")
+    bf = _create_backfill(dag_id="plate_masking_th", from_date=start, to_date=end, max_active_runs=2, reverse=False,
+                          dag_run_conf={"max_failure_rate": 0.1}, triggering_user_name="test")
     with create_session() as session:
         runs = session.query(DagRun).filter(DagRun.backfill_id == bf.id).order_by(DagRun.logical_date).all()
-        assert len(runs) == 3  # logical dates 11-10, 11-11, 11-12 at 01:00 UTC
+        assert len(runs) == 3  # the Bangkok days 11-10, 11-11, 11-12
         windows = []
         for r in runs:
-            assert r.run_type == "backfill" and r.conf == {"region": "TH"}
+            assert r.run_type == "backfill" and r.conf == {"max_failure_rate": 0.1}
             params = merged_params(dag, r.conf)
             (spec,) = plan_runs(Settings.load(), params, run_id=r.run_id,
                                 data_interval_end=r.data_interval_end)
-            assert spec.region == "TH"
+            assert spec.region == "TH" and spec.max_failure_rate == 0.1
+            assert (spec.window.start, spec.window.end) == (r.data_interval_start, r.data_interval_end)
             windows.append(spec.window)
-    # one Bangkok day per run (the one that ended before the night's run), consecutive, no gaps
+    # one Bangkok day per run, consecutive, no gaps
     from zoneinfo import ZoneInfo
     assert [w.start.astimezone(ZoneInfo("Asia/Bangkok")).day for w in windows] == [10, 11, 12]
     assert [w.start for w in windows[1:]] == [w.end for w in windows[:-1]]

@@ -1,0 +1,103 @@
+"""When runs happen and who hears about a bad one: per-region nightly timetables, backfill bounds,
+the deadline alert and the run-failure notifier.
+
+One DAG per region (``plate_masking_<region>``) runs at its region's local midnight with a data
+interval that is exactly the local day that just ended (23 or 25 hours on DST days); the manual DAG
+``plate_masking`` (no schedule) takes any region or ALL and an explicit window. Imported by the DAG
+file at parse time: nothing here touches the network, the database or torch; the SNS notifier is
+imported only when alerts are configured.
+"""
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta, timezone
+
+from .settings import Settings
+
+MANUAL_DAG_ID = "plate_masking"
+# Local midnight: the run is due the moment its region's day closes. Photos uploaded into a day's
+# partition after its run are picked up by the following nights (Settings.late_days).
+NIGHTLY_CRON = "0 0 * * *"
+ALERTS_OFF = "alerts are off: alert_sns_topic_arn is empty, so run failures and missed deadlines are only logged"
+
+
+def region_dag_id(region: str) -> str:
+    return f"{MANUAL_DAG_ID}_{region.lower()}"
+
+
+def nightly_timetable(settings: Settings, region: str):
+    """Cron data intervals in the region's own time zone: each run's interval is one local day."""
+    from airflow.sdk import CronDataIntervalTimetable
+
+    return CronDataIntervalTimetable(NIGHTLY_CRON, timezone=settings.region_timezones[region])
+
+
+def backfill_bounds(first_day: date, last_day: date) -> tuple[datetime, datetime]:
+    """``--from-date``/``--to-date`` for a backfill of the local days ``first_day`` .. ``last_day``
+    (both included) of any region whose UTC offset is strictly between -12 h and +12 h.
+
+    Airflow creates the runs whose logical date (the local midnight that starts the day) lies within
+    [from, to], both ends included. Noon UTC of the day before the first day and noon UTC of the last
+    day bracket exactly those midnights whatever the region's offset or DST, whereas bare dates
+    (midnight UTC) drop the first day east of UTC and the last day west of it.
+    """
+    if last_day < first_day:
+        raise ValueError(f"last day {last_day} is before the first day {first_day}")
+    noon = time(12, tzinfo=timezone.utc)
+    return datetime.combine(first_day - timedelta(days=1), noon), datetime.combine(last_day, noon)
+
+
+def backfill_command(region: str, first_day: date, last_day: date) -> str:
+    start, end = backfill_bounds(first_day, last_day)
+    return (f"airflow backfill create --dag-id {region_dag_id(region)} "
+            f"--from-date {start:%Y-%m-%dT%H:%M:%S+00:00} --to-date {end:%Y-%m-%dT%H:%M:%S+00:00}")
+
+
+def deadline_alert(settings: Settings):
+    """Alert when a nightly run is not done ``deadline_hours`` after it was queued (at its window's
+    close). Backfill and manual runs get the deadline row too (Airflow creates it for every run of the
+    DAG), but the callback alerts for scheduled runs only: a backfill queue is not an incident."""
+    if settings.deadline_hours <= 0:
+        return None
+    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    return DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=timedelta(hours=settings.deadline_hours),
+        callback=AsyncCallback("platemask.airflow_support.deadline_missed",
+                               kwargs={"hours": settings.deadline_hours, **alert_target(settings)}),
+    )
+
+
+def alert_target(settings: Settings) -> dict:
+    """Where alerts go: ``{"topic_arn": ..., "aws_conn_id": ...}``; topic_arn None = alerts off."""
+    return {"topic_arn": settings.alert_sns_topic_arn or None,
+            "aws_conn_id": settings.alert_aws_conn_id}
+
+
+def failure_notifier(settings: Settings):
+    """``on_failure_callback`` of every DAG: sends the failure through the Amazon provider's SnsNotifier
+    (``airflow_support.run_failed``), or None when alerts are off."""
+    target = alert_target(settings)
+    if not target["topic_arn"]:
+        return None
+    from functools import partial
+
+    from .airflow_support import run_failed
+
+    return partial(run_failed, bucket=settings.bucket, **target)
+
+
+def failure_message(*, dag_id: str | None, run_id: str | None, reason: str | None, task_id: str | None,
+                    bucket: str) -> str:
+    return (f"platemask: run {run_id} of {dag_id} failed ({reason or 'failed'}"
+            + (f", last failed task {task_id}" if task_id else "") + "). Photos of a failed region are not "
+            f"published; the QA reports under s3://{bucket}/qa/ say which photos and why. Fix the cause, then clear "
+            "the failed tasks or trigger the window again.")
+
+
+def deadline_message(dag_run: dict, deadline: dict, hours: float | None) -> str:
+    interval = f"{dag_run.get('data_interval_start')} .. {dag_run.get('data_interval_end')}"
+    return (f"platemask: nightly run {dag_run.get('dag_run_id') or dag_run.get('run_id')} of {dag_run.get('dag_id')} "
+            f"(window {interval}) is not done {hours:g} h after it was queued (deadline "
+            f"{deadline.get('deadline_time')}, state {dag_run.get('state')}): photos of that night are not "
+            "masked yet. Look at the run in the Airflow UI (a task waiting for a lock, a pool, SageMaker?).")
