@@ -24,11 +24,12 @@ def region_dag_id(region: str) -> str:
     return f"{MANUAL_DAG_ID}_{region.lower()}"
 
 
-def nightly_timetable(settings: Settings, region: str):
-    """Cron data intervals in the region's own time zone: each run's interval is one local day."""
+def nightly_timetable(settings: Settings, region: str, cron: str = NIGHTLY_CRON):
+    """Cron data intervals in the region's own time zone: each run's interval is one local day
+    (``cron`` is for the lag benchmark, bench/bench_schedule_lag.py)."""
     from airflow.sdk import CronDataIntervalTimetable
 
-    return CronDataIntervalTimetable(NIGHTLY_CRON, timezone=settings.region_timezones[region])
+    return CronDataIntervalTimetable(cron, timezone=settings.region_timezones[region])
 
 
 def backfill_bounds(first_day: date, last_day: date) -> tuple[datetime, datetime]:
@@ -98,6 +99,6 @@ def failure_message(*, dag_id: str | None, run_id: str | None, reason: str | Non
 def deadline_message(dag_run: dict, deadline: dict, hours: float | None) -> str:
     interval = f"{dag_run.get('data_interval_start')} .. {dag_run.get('data_interval_end')}"
     return (f"platemask: nightly run {dag_run.get('dag_run_id') or dag_run.get('run_id')} of {dag_run.get('dag_id')} "
-            f"(window {interval}) is not done {hours:g} h after it was queued (deadline "
+            f"(window {interval}) is not done {'?' if hours is None else f'{hours:g}'} h after it was queued (deadline "
             f"{deadline.get('deadline_time')}, state {dag_run.get('state')}): photos of that night are not "
             "masked yet. Look at the run in the Airflow UI (a task waiting for a lock, a pool, SageMaker?).")

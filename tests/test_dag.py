@@ -388,15 +388,15 @@ def test_a_dry_run_masks_nothing_publishes_nothing_and_leaves_the_latest_report(
     assert f"runs/DE/{DE_20}/lock.json" not in _objects(s3, bucket, "runs/")  # a dry run takes no lock
 
 
-def _live_run(run_id: str, state: str = "running"):
-    """A run of plate_masking in the metadata DB (what the scheduler would have created)."""
+def _live_run(run_id: str, state: str = "running", dag_id: str = "plate_masking"):
+    """A run of ``dag_id`` in the metadata DB (what the scheduler would have created)."""
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        existing = session.query(DagRun).filter(DagRun.dag_id == "plate_masking", DagRun.run_id == run_id).one_or_none()
+        existing = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one_or_none()
         if existing is None:
-            session.add(DagRun(dag_id="plate_masking", run_id=run_id, run_type="manual", state=state,
+            session.add(DagRun(dag_id=dag_id, run_id=run_id, run_type="manual", state=state,
                                run_after=datetime(2026, 11, 21, 1, tzinfo=timezone.utc), conf={}))
         else:
             existing.state = state
@@ -426,6 +426,31 @@ def test_a_second_run_of_a_window_waits_for_the_first_then_takes_over_a_dead_one
     released = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/lock.json")["Body"].read())
     assert released["run_id"] == dr2.run_id and released["state"] == "released"
     assert _report(s3, bucket, "DE", DE_20)["run_id"] == dr2.run_id
+
+
+def test_a_manual_run_waits_for_the_regions_nightly_run_of_the_same_window(monkeypatch, bucket_env, capfd):
+    """The nightly DAG plate_masking_de and the manual plate_masking share DE's region-window lock: the lock
+    names the DAG that holds it, so the manual run sees the nightly run as live (not a dead lock to take over)."""
+    from types import SimpleNamespace
+
+    from platemask.airflow_support import hold_locks
+    from platemask.runs import RunSpec
+    from platemask.settings import Settings
+
+    s3, bucket, _ = bucket_env
+    monkeypatch.setenv("PLATEMASK_LOCK_WAIT_MINUTES", "0")
+    nightly = f"scheduled__{uuid.uuid4().hex[:6]}"
+    spec = RunSpec(region="DE", window_start="2026-11-20T00:00:00+01:00", window_end="2026-11-21T00:00:00+01:00",
+                   run_id=nightly)
+    # what the nightly run's hold task does (its DAG's run is live in the DB)
+    _live_run(nightly, dag_id="plate_masking_de")
+    done, _ = hold_locks({"dag_run": SimpleNamespace(dag_id="plate_masking_de")}, Settings.load(), [spec.as_dict()])
+    assert done
+    dr = load_dag(monkeypatch).test(run_conf=DE_CONF)
+    assert dr.state == "failed" and _ti_states(dr)["hold"] == "failed"
+    captured = capfd.readouterr()
+    assert f"region DE window {DE_20} is being masked by run {nightly} of plate_masking_de" in captured.out + captured.err
+    assert _objects(s3, bucket, "masked/") == {}
 
 
 def test_one_bad_photo_fails_alone_and_its_shard_goes_on(monkeypatch, bucket_env):

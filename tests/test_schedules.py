@@ -183,6 +183,11 @@ def sns_topic(aws_conn, moto_server):
     return topic, received
 
 
+def _logged(capfd, caplog) -> str:
+    """What was logged: Airflow's structlog writes to the terminal once configured, else to logging."""
+    return "".join(capfd.readouterr()) + caplog.text
+
+
 def _deadline_of(run_row_id: int):
     from airflow.models.deadline import Deadline
     from airflow.utils.session import create_session
@@ -210,13 +215,14 @@ def _miss_and_run_callback(run_row_id: int) -> list[dict]:
     return asyncio.run(run())
 
 
-def test_deadlines_alert_for_nightly_runs_and_never_for_backfills(monkeypatch, airflow_db, sns_topic, capfd):
+def test_deadlines_alert_for_nightly_runs_and_never_for_backfills(monkeypatch, airflow_db, sns_topic, capfd, caplog):
     from airflow.models.serialized_dag import SerializedDagModel
     from airflow.utils.session import create_session
     from airflow.utils.state import DagRunState
     from airflow.utils.types import DagRunTriggeredByType, DagRunType
 
     topic, received = sns_topic
+    caplog.set_level("INFO", logger="platemask")
     _sync_dags(monkeypatch, PLATEMASK_ALERT_SNS_TOPIC_ARN=topic, PLATEMASK_DEADLINE_HOURS="6")
     # a backfill run gets a deadline row (Airflow creates one per run) ...
     (bf_run, *_rest) = _backfill_runs("plate_masking_de", *schedules.backfill_bounds(date(2026, 8, 3), date(2026, 8, 4)))
@@ -224,7 +230,7 @@ def test_deadlines_alert_for_nightly_runs_and_never_for_backfills(monkeypatch, a
     # ... but its miss is only logged: a long backfill queue is not an incident
     events = _miss_and_run_callback(bf_run[4])
     assert [e["state"] for e in events] == ["running", "success"] and events[-1]["body"] == "skipped"
-    assert "no alert, deadlines apply to scheduled nightly runs only" in "".join(capfd.readouterr())
+    assert "no alert, deadlines apply to scheduled nightly runs only" in _logged(capfd, caplog)
     assert received() == []
 
     # a scheduled (nightly) run that misses its deadline pages through SNS
@@ -262,16 +268,17 @@ def test_a_failed_run_is_announced_on_sns(monkeypatch, airflow_db, aws_conn, sns
     assert f"s3://{bucket}/qa/" in msg["Message"]
 
 
-def test_alerts_off_without_a_topic_and_says_so(monkeypatch, capfd):
+def test_alerts_off_without_a_topic_and_says_so(monkeypatch, capfd, caplog):
     from platemask.airflow_support import deadline_missed
 
     monkeypatch.delenv("PLATEMASK_ALERT_SNS_TOPIC_ARN", raising=False)
+    caplog.set_level("INFO", logger="platemask")
     assert load_dag(monkeypatch, "plate_masking_us").on_failure_callback is None
     assert schedules.failure_notifier(Settings()) is None
     ctx = {"dag_run": {"dag_id": "plate_masking_us", "dag_run_id": "scheduled__x", "run_type": "scheduled"},
            "deadline": {"deadline_time": "2026-11-21T11:00:00+00:00"}}
     assert asyncio.run(deadline_missed(hours=6, topic_arn=None, context=ctx)) == "logged"
-    out = "".join(capfd.readouterr())
+    out = _logged(capfd, caplog)
     assert "scheduled__x" in out and schedules.ALERTS_OFF in out
 
 
@@ -316,3 +323,20 @@ def test_every_setting_the_dag_file_reads_at_parse_time_is_a_parse_time_field():
     assert read, "the DAG file read no setting?"
     assert read <= PARSE_TIME_FIELDS, sorted(read - PARSE_TIME_FIELDS)
     assert settings_mod.PARSE_TIME_FIELDS <= set(Settings.__dataclass_fields__)
+
+
+def test_a_run_with_a_parse_time_field_in_the_variable_fails_saying_what_to_do(monkeypatch, airflow_db, aws_conn, capfd):
+    """Before: the Variable's queue was silently ignored (the mask task's queue comes from parsing)."""
+    from airflow.models.variable import Variable
+
+    bucket = f"photos-{uuid.uuid4().hex[:8]}"
+    aws_conn.create_bucket(Bucket=bucket)
+    dag = load_dag(monkeypatch, PLATEMASK_BUCKET=bucket, PLATEMASK_RETRIES=0, PLATEMASK_DEADLINE_HOURS=0)
+    Variable.set("platemask_settings", json.dumps({"queue": "gpu", "shard_size": 5}))
+    try:
+        dr = dag.test(run_conf={"region": "DE", "window_start": "2026-11-20", "window_end": "2026-11-21"})
+    finally:
+        Variable.delete("platemask_settings")
+    assert dr.state == "failed"
+    out = "".join(capfd.readouterr())
+    assert "the platemask_settings Variable sets queue" in out and "Set PLATEMASK_QUEUE in the environment" in out
