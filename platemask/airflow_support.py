@@ -165,51 +165,5 @@ def stop_transform(settings: Settings, shard: dict | None) -> None:
         stop(sagemaker_hook(settings), shard)
 
 
-def run_failed(context: dict, *, topic_arn: str, aws_conn_id: str | None, bucket: str) -> None:
-    """DAG ``on_failure_callback``: the run failed; publish it to the SNS topic with the Amazon provider's
-    SnsNotifier. The message is built here, not templated: the callback's context may carry a
-    serialized DAG without a Jinja environment (``dag.test()``)."""
-    from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
-
-    from .schedules import failure_message
-
-    dag_run = context.get("dag_run")
-    ti = context.get("ti") or context.get("task_instance")
-    dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(dag_run, "dag_id", None)
-    message = failure_message(dag_id=dag_id, run_id=context.get("run_id") or getattr(dag_run, "run_id", None),
-                              reason=context.get("reason"), task_id=getattr(ti, "task_id", None), bucket=bucket)
-    log.error(message)
-    SnsNotifier(aws_conn_id=aws_conn_id, target_arn=topic_arn, message=message,
-                subject=f"platemask: {dag_id} run failed"[:100]).notify(context)
-
-
-async def deadline_missed(*, hours: float | None = None, topic_arn: str | None = None,
-                          aws_conn_id: str | None = None, context: dict | None = None, **_) -> str:
-    """Deadline callback (runs in the triggerer): a *scheduled* run not done ``hours`` after it was
-    queued is an incident, sent to the SNS topic with the Amazon provider's SnsNotifier. Backfill and
-    manual runs are queued behind each other on purpose: they are only logged, never alerted.
-    Returns what it did ("skipped", "logged" or "sent")."""
-    from .schedules import ALERTS_OFF, deadline_message
-
-    context = context or {}
-    dag_run = context.get("dag_run") or {}
-    run_type = dag_run.get("run_type")
-    run = f"{dag_run.get('dag_id')} run {dag_run.get('dag_run_id') or dag_run.get('run_id')}"
-    if run_type != "scheduled":
-        log.info("platemask: %s (%s) passed its deadline: no alert, deadlines apply to scheduled nightly runs only",
-                 run, run_type)
-        return "skipped"
-    message = deadline_message(dag_run, context.get("deadline") or {}, hours)
-    log.error(message)
-    if not topic_arn:
-        log.error("platemask: %s", ALERTS_OFF)
-        return "logged"
-    import asyncio
-
-    from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
-
-    notifier = SnsNotifier(aws_conn_id=aws_conn_id, target_arn=topic_arn, message=message,
-                           subject=f"platemask: {dag_run.get('dag_id')} missed its deadline"[:100])
-    # the provider's async path needs aiobotocore; its sync one runs off the triggerer's event loop
-    await asyncio.to_thread(notifier.notify, context)
-    return "sent"
+# deadline rows created before the alerts moved to schedules name this path
+from .schedules import deadline_missed  # noqa: E402,F401

@@ -9,9 +9,12 @@ imported only when alerts are configured.
 """
 from __future__ import annotations
 
+import logging
 from datetime import date, datetime, time, timedelta, timezone
 
 from .settings import Settings
+
+log = logging.getLogger("platemask")
 
 MANUAL_DAG_ID = "plate_masking"
 # Local midnight: the run is due the moment its region's day closes. Photos uploaded into a day's
@@ -64,7 +67,7 @@ def deadline_alert(settings: Settings):
     return DeadlineAlert(
         reference=DeadlineReference.DAGRUN_QUEUED_AT,
         interval=timedelta(hours=settings.deadline_hours),
-        callback=AsyncCallback("platemask.airflow_support.deadline_missed",
+        callback=AsyncCallback("platemask.schedules.deadline_missed",
                                kwargs={"hours": settings.deadline_hours, **alert_target(settings)}),
     )
 
@@ -77,13 +80,11 @@ def alert_target(settings: Settings) -> dict:
 
 def failure_notifier(settings: Settings):
     """``on_failure_callback`` of every DAG: sends the failure through the Amazon provider's SnsNotifier
-    (``airflow_support.run_failed``), or None when alerts are off."""
+    (``run_failed``), or None when alerts are off."""
     target = alert_target(settings)
     if not target["topic_arn"]:
         return None
     from functools import partial
-
-    from .airflow_support import run_failed
 
     return partial(run_failed, bucket=settings.bucket, **target)
 
@@ -102,3 +103,49 @@ def deadline_message(dag_run: dict, deadline: dict, hours: float | None) -> str:
             f"(window {interval}) is not done {'?' if hours is None else f'{hours:g}'} h after it was queued (deadline "
             f"{deadline.get('deadline_time')}, state {dag_run.get('state')}): photos of that night are not "
             "masked yet. Look at the run in the Airflow UI (a task waiting for a lock, a pool, SageMaker?).")
+
+
+def run_failed(context: dict, *, topic_arn: str, aws_conn_id: str | None, bucket: str) -> None:
+    """DAG ``on_failure_callback``: the run failed; publish it to the SNS topic with the Amazon provider's
+    SnsNotifier. The message is built here, not templated: the callback's context may carry a
+    serialized DAG without a Jinja environment (``dag.test()``)."""
+    from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
+
+    dag_run = context.get("dag_run")
+    ti = context.get("ti") or context.get("task_instance")
+    dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(dag_run, "dag_id", None)
+    message = failure_message(dag_id=dag_id, run_id=context.get("run_id") or getattr(dag_run, "run_id", None),
+                              reason=context.get("reason"), task_id=getattr(ti, "task_id", None), bucket=bucket)
+    log.error(message)
+    SnsNotifier(aws_conn_id=aws_conn_id, target_arn=topic_arn, message=message,
+                subject=f"platemask: {dag_id} run failed"[:100]).notify(context)
+
+
+async def deadline_missed(*, hours: float | None = None, topic_arn: str | None = None,
+                          aws_conn_id: str | None = None, context: dict | None = None, **_) -> str:
+    """Deadline callback (runs in the triggerer): a *scheduled* run not done ``hours`` after it was
+    queued is an incident, sent to the SNS topic with the Amazon provider's SnsNotifier. Backfill and
+    manual runs are queued behind each other on purpose: they are only logged, never alerted.
+    Returns what it did ("skipped", "logged" or "sent")."""
+    context = context or {}
+    dag_run = context.get("dag_run") or {}
+    run_type = dag_run.get("run_type")
+    run = f"{dag_run.get('dag_id')} run {dag_run.get('dag_run_id') or dag_run.get('run_id')}"
+    if run_type != "scheduled":
+        log.info("platemask: %s (%s) passed its deadline: no alert, deadlines apply to scheduled nightly runs only",
+                 run, run_type)
+        return "skipped"
+    message = deadline_message(dag_run, context.get("deadline") or {}, hours)
+    log.error(message)
+    if not topic_arn:
+        log.error("platemask: %s", ALERTS_OFF)
+        return "logged"
+    import asyncio
+
+    from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
+
+    notifier = SnsNotifier(aws_conn_id=aws_conn_id, target_arn=topic_arn, message=message,
+                           subject=f"platemask: {dag_run.get('dag_id')} missed its deadline"[:100])
+    # the provider's async path needs aiobotocore; its sync one runs off the triggerer's event loop
+    await asyncio.to_thread(notifier.notify, context)
+    return "sent"

@@ -269,7 +269,7 @@ def test_a_failed_run_is_announced_on_sns(monkeypatch, airflow_db, aws_conn, sns
 
 
 def test_alerts_off_without_a_topic_and_says_so(monkeypatch, capfd, caplog):
-    from platemask.airflow_support import deadline_missed
+    from platemask.schedules import deadline_missed
 
     monkeypatch.delenv("PLATEMASK_ALERT_SNS_TOPIC_ARN", raising=False)
     caplog.set_level("INFO", logger="platemask")
