@@ -215,7 +215,7 @@ def test_nightly_run_takes_the_previous_local_day_and_honours_region_conf(monkey
 def test_backfill_creates_runs_of_the_regions_nightly_dag(monkeypatch, bucket_env):
     from datetime import date
 
-    from airflow.models.backfill import InvalidBackfillConf, _create_backfill
+    from airflow.models.backfill import Backfill, InvalidBackfillConf, _create_backfill
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
@@ -232,6 +232,7 @@ def test_backfill_creates_runs_of_the_regions_nightly_dag(monkeypatch, bucket_en
     bf = _create_backfill(dag_id="plate_masking_th", from_date=start, to_date=end, max_active_runs=2, reverse=False,
                           dag_run_conf={"max_failure_rate": 0.1}, triggering_user_name="test")
     with create_session() as session:
+        session.query(Backfill).filter(Backfill.id == bf.id).update({"completed_at": datetime.now(timezone.utc)})
         runs = session.query(DagRun).filter(DagRun.backfill_id == bf.id).order_by(DagRun.logical_date).all()
         assert len(runs) == 3  # the Bangkok days 11-10, 11-11, 11-12
         windows = []

@@ -101,6 +101,7 @@ def _sync_dags(monkeypatch, **env):
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL", "0")  # this parse wins, however recent the last
     manager = DagBundlesManager()
     manager.sync_bundles_to_db()
     (bundle,) = [b for b in manager.get_all_dag_bundles() if b.name == "dags-folder"]
@@ -116,6 +117,9 @@ def _backfill_runs(dag_id: str, start: datetime, end: datetime, conf: dict | Non
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
+    with create_session() as session:  # one backfill at a time per DAG: end those other tests left open
+        session.query(Backfill).filter(Backfill.dag_id == dag_id, Backfill.completed_at.is_(None)) \
+            .update({"completed_at": datetime.now(UTC)})
     bf = _create_backfill(dag_id=dag_id, from_date=start, to_date=end, max_active_runs=2, reverse=False,
                           dag_run_conf=conf or {}, triggering_user_name="test")
     with create_session() as session:
