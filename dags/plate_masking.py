@@ -17,24 +17,27 @@ events are emitted per region whose QA passed (extra: region, window, run, repor
 for dry runs. One run at a time masks a region-window (`hold` takes an S3 lock; another run waits
 for it, then fails naming the run that holds it); every run writes under its own run key.
 
-Trigger by hand with a region and, optionally, an explicit window; backfill a new region with
-`airflow backfill create --dag-id plate_masking --from-date … --to-date … --dag-run-conf '{"region": "TH"}'`.
+One DAG per region, `plate_masking_<region>`, runs at the region's local midnight on the local day
+that just ended (its data interval); backfill one with `airflow backfill create --dag-id
+plate_masking_<region> --from-date <day before the first>T12:00:00+00:00 --to-date <last day>T12:00:00+00:00`
+(README "Schedule and backfill"). `plate_masking` has no schedule: trigger it by hand for any
+region (or ALL) and, optionally, an explicit window.
 """
 from __future__ import annotations
 
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import (Asset, AsyncCallback, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference, Param,
-                         PokeReturnValue, dag, get_current_context, task, task_group)
+from airflow.sdk import Asset, Param, PokeReturnValue, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException
 
+from platemask import schedules
 from platemask.constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
 from platemask.settings import Settings
 from platemask.transform_wait import TransformWaitOperator
 from platemask.transform_wait import shard_label as _label
 
-SETTINGS = Settings.load()  # environment only: no network, no database, no torch at parse time
+SETTINGS = Settings.load()  # environment only (settings.PARSE_TIME_FIELDS): no network, database or torch
 MASKED = Asset(f"s3://{SETTINGS.bucket}/masked/")  # name = URI: one asset per bucket
 QA = Asset(f"s3://{SETTINGS.bucket}/qa/")
 NULLABLE = {"type": ["null", "string"]}
@@ -75,27 +78,6 @@ def _stop_transform(context) -> None:
     stop_transform(Settings.from_airflow(), ti.xcom_pull(task_ids="sagemaker.submit", map_indexes=ti.map_index))
 
 
-@dag(
-    dag_id="plate_masking",
-    schedule=CronDataIntervalTimetable("0 1 * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=2,
-    params=params,
-    doc_md=__doc__,
-    tags=["platemask", "privacy"],
-    default_args={"retries": SETTINGS.retries, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": 2.0,
-                  "max_retry_delay": timedelta(minutes=10)},
-    # Alert (in the triggerer) when a run is not done deadline_hours after it was queued: a nightly
-    # run is queued when its window closes. PLATEMASK_DEADLINE_HOURS=0 leaves it off: Airflow
-    # 3.3.2's dag.test() crashes on DAGs with deadlines once the run succeeds (DagRun.update_state
-    # looks the alerts up by id and gets dicts), so tests and the demo turn it off.
-    deadline=DeadlineAlert(
-        reference=DeadlineReference.DAGRUN_QUEUED_AT,
-        interval=timedelta(hours=SETTINGS.deadline_hours),
-        callback=AsyncCallback("platemask.airflow_support.deadline_missed"),
-    ) if SETTINGS.deadline_hours > 0 else None,
-)
 def plate_masking():
     @task
     def plan() -> list[dict]:
@@ -215,10 +197,11 @@ def plate_masking():
 
     @task(trigger_rule="all_done")
     def release(specs: list[dict]) -> None:
-        """Release this run's region-window locks (after QA has updated the latest reports)."""
+        """Release this run's region-window locks (after QA has updated the latest reports); nothing
+        to release when the plan failed (no locks were taken)."""
         from platemask.airflow_support import release_locks
 
-        release_locks(Settings.from_airflow(), list(specs))
+        release_locks(Settings.from_airflow(), list(specs or []))
 
     @task(trigger_rule="one_failed", retries=0)
     def watcher() -> None:
@@ -242,4 +225,28 @@ def plate_masking():
     [specs, held, collected, shards, *by_backend, *processed, reports, checked, published, released] >> watcher()
 
 
-plate_masking_dag = plate_masking()
+COMMON = dict(
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=2,
+    doc_md=__doc__,
+    tags=["platemask", "privacy"],
+    default_args={"retries": SETTINGS.retries, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": 2.0,
+                  "max_retry_delay": timedelta(minutes=10)},
+    on_failure_callback=schedules.failure_notifier(SETTINGS),  # SNS; None when alerts are off
+)
+
+# any region or ALL, by hand (explicit window, or the local day that ended before it was triggered)
+plate_masking_dag = dag(dag_id=schedules.MANUAL_DAG_ID, schedule=None, params=params, **COMMON)(plate_masking)()
+
+# one per region: its local midnight, its local day; the deadline alerts for scheduled runs only
+# (PLATEMASK_DEADLINE_HOURS=0 leaves it off: Airflow 3.3.2's dag.test() crashes on DAGs with
+# deadlines once the run succeeds, so tests and the demo use the manual DAG or turn it off)
+for _region in SETTINGS.regions:
+    globals()[schedules.region_dag_id(_region)] = dag(
+        dag_id=schedules.region_dag_id(_region),
+        schedule=schedules.nightly_timetable(SETTINGS, _region),
+        params={**params, "region": Param(_region, enum=[_region], title="Region")},
+        deadline=schedules.deadline_alert(SETTINGS),
+        **COMMON,
+    )(plate_masking)()

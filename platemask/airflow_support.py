@@ -45,11 +45,16 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
         raise AirflowFailException(f"invalid run parameters: {exc}") from None
     for s in specs:
         log.info("region %s: window %s .. %s (%s)", s.region, s.window_start, s.window_end, s.window.id)
+    if not settings.alert_sns_topic_arn:
+        from .schedules import ALERTS_OFF
+
+        log.warning("platemask: %s", ALERTS_OFF)
     return [s.as_dict() for s in specs]
 
 
 def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
-    """``is_live(lock)``: whether the run named by a lock document is still queued or running."""
+    """``is_live(lock)``: whether the run named by a lock document is still queued or running (in the DAG
+    that took it: the regions' nightly DAGs and the manual one share the region-window locks)."""
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     def is_live(lock: dict) -> bool:
@@ -74,7 +79,7 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
         spec = RunSpec.from_dict(d)
         if spec.dry_run:
             continue
-        held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info)
+        held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info, owner={"dag_id": dag_id})
         if held is not None:
             blocking.append(held)
             break  # in order: wait for this one before taking the next
@@ -83,7 +88,8 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
 
 def lock_wait_message(blocking: list[dict], settings: Settings) -> str:
     return "; ".join(f"region {b.get('region')} window {b.get('window')} is being masked by run {b.get('run_id')} "
-                     f"(since {b.get('since')})" for b in blocking) + (
+                     + (f"of {b['dag_id']} " if b.get("dag_id") else "") + f"(since {b.get('since')})"
+                     for b in blocking) + (
         f". This run waits up to {settings.lock_wait_minutes:g} min (lock_wait_minutes) for it, then fails: "
         "let that run finish, then rerun this one.")
 
@@ -160,7 +166,5 @@ def stop_transform(settings: Settings, shard: dict | None) -> None:
         stop(sagemaker_hook(settings), shard)
 
 
-async def deadline_missed(**kwargs) -> None:
-    """Deadline alert: the nightly run is not done in time. Logged at ERROR by the triggerer;
-    wire a notifier here (Slack, SNS, e-mail) for paging."""
-    log.error("platemask: nightly plate masking missed its deadline: %s", {k: str(v) for k, v in kwargs.items()})
+# deadline rows created before the alerts moved to schedules name this path
+from .schedules import deadline_missed  # noqa: E402,F401

@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 from .settings import Settings
@@ -252,10 +252,11 @@ def _ui(a, log: Path, say, endpoint: str, photos_in_window: int) -> int:
                 *tail, sep="\n")
             return proc.returncode or 1
         if _healthy(report):
-            say(f"Airflow is ready at {url} ({time.monotonic() - t0:.0f} s): unpause plate_masking and trigger it "
-                f"with region {REGION}, window start 2026-11-20, window end 2026-11-21, or backfill:\n"
-                "  airflow backfill create --dag-id plate_masking --from-date 2026-11-20 --to-date 2026-11-21 "
-                f"--dag-run-conf '{{\"region\": \"{REGION}\"}}'\n"
+            from .schedules import backfill_command
+
+            say(f"Airflow is ready at {url} ({time.monotonic() - t0:.0f} s): trigger plate_masking with region "
+                f"{REGION}, window start 2026-11-20, window end 2026-11-21, or unpause {REGION}'s nightly DAG and "
+                f"backfill its local day 2026-11-20:\n  {backfill_command(REGION, date(2026, 11, 20), date(2026, 11, 20))}\n"
                 f"the embedded S3 keeps running here ({endpoint}); Ctrl-C stops both.")
         return proc.wait()
     except KeyboardInterrupt:

@@ -66,7 +66,7 @@ def store_error(exc: Exception, *, bucket: str, key: str, action: str, conn_id: 
                     f"grant s3:ListBucket on the bucket and s3:GetObject on qa/* (see README, deployment).")
         elif code == "NoSuchBucket":
             todo = (f"Bucket '{bucket}' does not exist at the endpoint of connection '{conn_id}': "
-                    "check PLATEMASK_BUCKET (or the platemask_settings Variable) and the connection's endpoint_url.")
+                    "check PLATEMASK_BUCKET (set in the environment) and the connection's endpoint_url.")
         else:
             todo = "Try again in a minute; if it persists, check the S3 service and the api-server log."
         return QAStoreError(502, f"S3 refused {action} the QA data", where, what, todo)

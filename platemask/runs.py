@@ -217,20 +217,20 @@ def _put_conditional(client, settings: Settings, key: str, doc: dict, **conditio
 
 
 def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable[[dict], bool],
-                 log: Callable[[str], None] = print) -> dict | None:
+                 log: Callable[[str], None] = print, owner: dict | None = None) -> dict | None:
     """Take the region-window's lock for this run and return None, or return the lock document of
     the other (live) run that holds it.
 
     Atomic through S3 conditional writes: ``IfNoneMatch="*"`` creates the lock; a released lock, or
     one left behind by a run that is no longer running (``is_live(lock)`` false), is taken over with
     ``IfMatch`` on its ETag, so of two runs racing exactly one wins. A retry of the holder finds its
-    own lock (re-entrant).
+    own lock (re-entrant). ``owner`` (e.g. the DAG id) is stored in the lock for ``is_live``.
     """
     from botocore.exceptions import ClientError
 
     key = lock_key(settings, spec)
     mine = {"state": "held", "run_id": spec.run_id, "run_key": spec.run_key, "region": spec.region,
-            "window": spec.window.id, "since": datetime.now(timezone.utc).isoformat()}
+            "window": spec.window.id, "since": datetime.now(timezone.utc).isoformat(), **(owner or {})}
     for _ in range(10):
         try:
             _put_conditional(client, settings, key, mine, IfNoneMatch="*")

@@ -1,8 +1,9 @@
 """Deployment settings in one object: defaults, then the environment, then an Airflow Variable.
 
-Tests build ``Settings(...)`` directly; the DAG calls ``Settings.load()`` inside tasks (never at
-import time). Environment variables are ``PLATEMASK_<FIELD>``; the Airflow Variable
-``platemask_settings`` holds a JSON object with the same field names.
+Tests build ``Settings(...)`` directly. The DAG file calls ``Settings.load()`` when it is parsed
+(environment only: parsing reads no Variable) and ``Settings.from_airflow()`` inside tasks.
+Environment variables are ``PLATEMASK_<FIELD>``; the Airflow Variable ``platemask_settings`` holds
+a JSON object with the same field names, except the ``PARSE_TIME_FIELDS``, which it refuses.
 """
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ import os
 from dataclasses import dataclass, field, fields
 
 from .constants import REPO_MODEL_DIR
+
+
+# Read when the DAG file is parsed (schedules, Params, Assets, queues, pools, sensor timing, retries,
+# deadlines, alerts): only the environment can set them, because parsing reads no Variable (no
+# database access at parse time). The platemask_settings Variable refuses them rather than being
+# silently ignored for half of the run.
+PARSE_TIME_FIELDS = frozenset({
+    "bucket", "regions", "region_timezones", "queue", "pool", "retries", "max_failure_rate", "deadline_hours",
+    "lock_wait_minutes", "lock_poll_seconds", "sagemaker_poll_seconds", "sagemaker_max_runtime_hours",
+    "alert_sns_topic_arn", "alert_aws_conn_id", "cpu_queue", "cpu_pool",
+})
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,10 @@ class Settings:
     lock_wait_minutes: float = 360.0
     lock_poll_seconds: int = 60
     deadline_hours: float = 6.0  # alert when a nightly run is not done this long after its window ends
+    # alerts (run failure, missed deadline) go to this SNS topic through the Amazon provider's
+    # SnsNotifier; empty = alerts off (only logged)
+    alert_sns_topic_arn: str | None = None
+    alert_aws_conn_id: str = "aws_default"  # AWS connection of the SNS notifier
     review_samples: int = 6  # random before/after samples in the HTML report
     # --- backend "sagemaker" (Batch Transform on our container); see README "SageMaker"
     sagemaker_conn_id: str | None = None  # AWS connection for SageMaker (default: aws_conn_id)
@@ -123,6 +139,15 @@ class Settings:
             unknown = set(variable) - set(types)
             if unknown:
                 raise ValueError(f"unknown keys in the platemask_settings Variable: {sorted(unknown)}")
+            parse_time = sorted(set(variable) & PARSE_TIME_FIELDS)
+            if parse_time:
+                env_names = ", ".join(f"PLATEMASK_{k.upper()}" for k in parse_time)
+                raise ValueError(
+                    f"the platemask_settings Variable sets {', '.join(parse_time)}: "
+                    f"{'this is' if len(parse_time) == 1 else 'these are'} read when the DAG file is parsed "
+                    "(schedules, Params, Assets, queues, pools, deadlines, alerts), where no Variable is read. "
+                    f"Set {env_names} in the environment of the scheduler, DAG processor and workers instead, "
+                    "and remove them from the Variable.")
             values.update({k: tuple(v) if k == "regions" else v for k, v in variable.items()})
         return cls(**values)
 

@@ -18,13 +18,14 @@ from platemask.runs import run_key
 DAG_FILE = ROOT / "dags" / "plate_masking.py"
 
 
-def load_dag(monkeypatch, **env):
+def load_dag(monkeypatch, dag_id: str = "plate_masking", **env):
+    """A DAG of the DAG file, parsed with ``env``: the manual ``plate_masking`` or a region's ``plate_masking_<region>``."""
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
     spec = importlib.util.spec_from_file_location(f"plate_masking_{uuid.uuid4().hex}", DAG_FILE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.plate_masking_dag
+    return mod.plate_masking_dag if dag_id == "plate_masking" else getattr(mod, dag_id)
 
 
 def merged_params(dag, conf: dict) -> dict:
@@ -48,13 +49,15 @@ def test_dagbag_has_no_import_errors():
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    assert "plate_masking" in bag.dag_ids
+    assert set(bag.dag_ids) == {"plate_masking", "plate_masking_de", "plate_masking_pl", "plate_masking_th",
+                                "plate_masking_us"}
 
 
 def test_structure_queue_pool_deadline(monkeypatch):
     from platemask.transform_wait import TransformWaitOperator
 
-    dag = load_dag(monkeypatch, PLATEMASK_QUEUE="gpu", PLATEMASK_POOL="platemask_gpu", PLATEMASK_DEADLINE_HOURS="5")
+    dag = load_dag(monkeypatch, "plate_masking_th", PLATEMASK_QUEUE="gpu", PLATEMASK_POOL="platemask_gpu",
+                   PLATEMASK_DEADLINE_HOURS="5")
     assert set(dag.task_ids) == {"plan", "hold", "collect", "shard", "local_shards", "sagemaker_shards", "process.mask",
                                  "sagemaker.submit", "sagemaker.wait", "sagemaker.mask",
                                  "qa", "check", "publish", "release", "watcher"}
@@ -72,6 +75,11 @@ def test_structure_queue_pool_deadline(monkeypatch):
     assert dag.get_task("qa").trigger_rule == "all_done" and dag.get_task("release").trigger_rule == "all_done"
     assert dag.deadline, "deadline alert missing"
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert (dag.timetable.expression, str(dag.timetable.timezone)) == ("0 0 * * *", "Asia/Bangkok")
+    assert dag.params["region"] == "TH"
+    manual = load_dag(monkeypatch)  # any region, by hand: no schedule, no deadline
+    assert type(manual.timetable).__name__ == "NullTimetable" and not manual.deadline and manual.params["region"] == "ALL"
+    assert set(manual.task_ids) == set(dag.task_ids)
     assert {o.name for o in dag.get_task("publish").outlets} == {"s3://inspection-photos/masked/", "s3://inspection-photos/qa/"}
     assert not dag.get_task("check").outlets
     # the run's state is the watcher's: the only leaf, downstream of every task, fails when one failed
@@ -79,7 +87,7 @@ def test_structure_queue_pool_deadline(monkeypatch):
     assert dag.get_task("watcher").upstream_task_ids >= set(dag.task_ids) - {"watcher", "sagemaker.submit",
                                                                            "sagemaker.wait"}
     assert dag.get_task("hold").mode == "reschedule"
-    assert load_dag(monkeypatch, PLATEMASK_DEADLINE_HOURS="0").deadline in (None, [])
+    assert load_dag(monkeypatch, "plate_masking_de", PLATEMASK_DEADLINE_HOURS="0").deadline in (None, [])
 
 
 @pytest.mark.parametrize("conf", [
@@ -216,35 +224,39 @@ def test_nightly_run_takes_the_previous_local_day_and_honours_region_conf(monkey
     assert _report(s3, bucket, "PL", "20261119T2300Z-20261120T2300Z")["by_status"]["masked"] == 1
 
 
-def test_backfill_creates_runs_with_the_region_conf(monkeypatch, bucket_env):
-    from airflow.models.backfill import InvalidBackfillConf, _create_backfill
+def test_backfill_creates_runs_of_the_regions_nightly_dag(monkeypatch, bucket_env):
+    from datetime import date
+
+    from airflow.models.backfill import Backfill, InvalidBackfillConf, _create_backfill
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
     from platemask.runs import plan_runs
+    from platemask.schedules import backfill_bounds
     from platemask.settings import Settings
 
-    dag = load_dag(monkeypatch)
-    dag.test(run_conf={"region": "TH", "dry_run": True})  # serialises the DAG into the metadata DB
-    with pytest.raises(InvalidBackfillConf):
-        _create_backfill(dag_id="plate_masking", from_date=datetime(2026, 11, 10, tzinfo=timezone.utc),
-                         to_date=datetime(2026, 11, 12, tzinfo=timezone.utc), max_active_runs=2, reverse=False,
-                         dag_run_conf={"region": "MARS"}, triggering_user_name="test")
-    bf = _create_backfill(dag_id="plate_masking", from_date=datetime(2026, 11, 10, tzinfo=timezone.utc),
-                          to_date=datetime(2026, 11, 12, 23, tzinfo=timezone.utc), max_active_runs=2, reverse=False,
-                          dag_run_conf={"region": "TH"}, triggering_user_name="test")
+    dag = load_dag(monkeypatch, "plate_masking_th")
+    load_dag(monkeypatch).test(run_conf={"region": "TH", "dry_run": True})  # writes the DAG folder's DAGs to the DB
+    start, end = backfill_bounds(date(2026, 11, 10), date(2026, 11, 12))
+    with pytest.raises(InvalidBackfillConf):  # the TH DAG masks TH only
+        _create_backfill(dag_id="plate_masking_th", from_date=start, to_date=end, max_active_runs=2, reverse=False,
+                         dag_run_conf={"region": "DE"}, triggering_user_name="test")
+    bf = _create_backfill(dag_id="plate_masking_th", from_date=start, to_date=end, max_active_runs=2, reverse=False,
+                          dag_run_conf={"max_failure_rate": 0.1}, triggering_user_name="test")
     with create_session() as session:
+        session.query(Backfill).filter(Backfill.id == bf.id).update({"completed_at": datetime.now(timezone.utc)})
         runs = session.query(DagRun).filter(DagRun.backfill_id == bf.id).order_by(DagRun.logical_date).all()
-        assert len(runs) == 3  # logical dates 11-10, 11-11, 11-12 at 01:00 UTC
+        assert len(runs) == 3  # the Bangkok days 11-10, 11-11, 11-12
         windows = []
         for r in runs:
-            assert r.run_type == "backfill" and r.conf == {"region": "TH"}
+            assert r.run_type == "backfill" and r.conf == {"max_failure_rate": 0.1}
             params = merged_params(dag, r.conf)
             (spec,) = plan_runs(Settings.load(), params, run_id=r.run_id,
                                 data_interval_end=r.data_interval_end)
-            assert spec.region == "TH"
+            assert spec.region == "TH" and spec.max_failure_rate == 0.1
+            assert (spec.window.start, spec.window.end) == (r.data_interval_start, r.data_interval_end)
             windows.append(spec.window)
-    # one Bangkok day per run (the one that ended before the night's run), consecutive, no gaps
+    # one Bangkok day per run, consecutive, no gaps
     from zoneinfo import ZoneInfo
     assert [w.start.astimezone(ZoneInfo("Asia/Bangkok")).day for w in windows] == [10, 11, 12]
     assert [w.start for w in windows[1:]] == [w.end for w in windows[:-1]]
@@ -346,6 +358,9 @@ def test_a_plan_that_fails_fails_the_run_and_publishes_nothing(monkeypatch, buck
     dr = dag.test(run_conf={"region": "DE", "window_start": "2026-11-21", "window_end": "2026-11-20"})
     assert dr.state == "failed"
     assert _ti_states(dr)["plan"] == "failed" and _ti_states(dr)["watcher"] == "failed"
+    # only plan failed: release has no locks to give back and says so without failing (the failure
+    # that alerts name is the plan's)
+    assert _ti_states(dr)["release"] == "success"
     assert _asset_events(dr.run_id) == []
 
 
@@ -389,15 +404,15 @@ def test_a_dry_run_masks_nothing_publishes_nothing_and_leaves_the_latest_report(
     assert f"runs/DE/{DE_20}/lock.json" not in _objects(s3, bucket, "runs/")  # a dry run takes no lock
 
 
-def _live_run(run_id: str, state: str = "running"):
-    """A run of plate_masking in the metadata DB (what the scheduler would have created)."""
+def _live_run(run_id: str, state: str = "running", dag_id: str = "plate_masking"):
+    """A run of ``dag_id`` in the metadata DB (what the scheduler would have created)."""
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        existing = session.query(DagRun).filter(DagRun.dag_id == "plate_masking", DagRun.run_id == run_id).one_or_none()
+        existing = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one_or_none()
         if existing is None:
-            session.add(DagRun(dag_id="plate_masking", run_id=run_id, run_type="manual", state=state,
+            session.add(DagRun(dag_id=dag_id, run_id=run_id, run_type="manual", state=state,
                                run_after=datetime(2026, 11, 21, 1, tzinfo=timezone.utc), conf={}))
         else:
             existing.state = state
@@ -427,6 +442,31 @@ def test_a_second_run_of_a_window_waits_for_the_first_then_takes_over_a_dead_one
     released = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/lock.json")["Body"].read())
     assert released["run_id"] == dr2.run_id and released["state"] == "released"
     assert _report(s3, bucket, "DE", DE_20)["run_id"] == dr2.run_id
+
+
+def test_a_manual_run_waits_for_the_regions_nightly_run_of_the_same_window(monkeypatch, bucket_env, capfd):
+    """The nightly DAG plate_masking_de and the manual plate_masking share DE's region-window lock: the lock
+    names the DAG that holds it, so the manual run sees the nightly run as live (not a dead lock to take over)."""
+    from types import SimpleNamespace
+
+    from platemask.airflow_support import hold_locks
+    from platemask.runs import RunSpec
+    from platemask.settings import Settings
+
+    s3, bucket, _ = bucket_env
+    monkeypatch.setenv("PLATEMASK_LOCK_WAIT_MINUTES", "0")
+    nightly = f"scheduled__{uuid.uuid4().hex[:6]}"
+    spec = RunSpec(region="DE", window_start="2026-11-20T00:00:00+01:00", window_end="2026-11-21T00:00:00+01:00",
+                   run_id=nightly)
+    # what the nightly run's hold task does (its DAG's run is live in the DB)
+    _live_run(nightly, dag_id="plate_masking_de")
+    done, _ = hold_locks({"dag_run": SimpleNamespace(dag_id="plate_masking_de")}, Settings.load(), [spec.as_dict()])
+    assert done
+    dr = load_dag(monkeypatch).test(run_conf=DE_CONF)
+    assert dr.state == "failed" and _ti_states(dr)["hold"] == "failed"
+    captured = capfd.readouterr()
+    assert f"region DE window {DE_20} is being masked by run {nightly} of plate_masking_de" in captured.out + captured.err
+    assert _objects(s3, bucket, "masked/") == {}
 
 
 def test_one_bad_photo_fails_alone_and_its_shard_goes_on(monkeypatch, bucket_env):
