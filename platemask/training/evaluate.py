@@ -219,12 +219,16 @@ def review_outcome(results: list[ImageResult], t: float, low: float, high: float
 
     band = review_band(t, low, high)
     flagged = misses = caught_misses = false_masked = caught_false = 0
+    by_reason: dict[str, int] = {}
     for r in results:
         scores = [p.score for p in r.plates]
         masked_px = sum(a for p, a in zip(r.plates, r.det_region_px) if p.score >= t)
         frac = masked_px / max(r.record.width * r.record.height, 1)
         why = review_reasons(scores, band, masked_fraction=frac)
         flagged += bool(why)
+        for w in why:  # the reason's kind, without its numbers
+            kind = "".join(c for c in w if not (c.isdigit() or c in "%.()")).strip()
+            by_reason[kind] = by_reason.get(kind, 0) + 1
         for curve in r.cover_curves:
             if _coverage_at(curve, t) < cover:
                 misses += 1
@@ -236,7 +240,8 @@ def review_outcome(results: list[ImageResult], t: float, low: float, high: float
     n = len(results)
     return {"review_low": low, "review_high": high, "flagged_images": flagged,
             "flagged_rate": flagged / n if n else 0.0, "missed_plates": misses, "missed_plates_flagged": caught_misses,
-            "negatives_masked": false_masked, "negatives_masked_flagged": caught_false}
+            "negatives_masked": false_masked, "negatives_masked_flagged": caught_false,
+            "by_reason": dict(sorted(by_reason.items()))}
 
 
 def choose_review_band(results: list[ImageResult], t: float, max_rate: float = 0.10) -> dict[str, Any]:
