@@ -214,15 +214,16 @@ def plate_masking():
     collected = collect.expand(spec=held)
     shards = shard(specs)
     collected >> shards
-    by_backend = [of_backend.override(task_id=f"{b}_shards")(shards, b) for b in ("local", "sagemaker")]
-    processed = [process.expand(shard=by_backend[0]), sagemaker.expand(shard=by_backend[1])]
+    by_backend = {b: of_backend.override(task_id=f"{b}_shards")(shards, b) for b in BACKENDS}
+    groups = {"local": process, "sagemaker": sagemaker}  # one task group per backend
+    processed = [groups[b].expand(shard=by_backend[b]) for b in BACKENDS]
     reports = qa(specs)
     processed >> reports
     checked = check(specs, reports)
     published = publish.expand(report=reports)
     released = release(specs)
     reports >> released
-    [specs, held, collected, shards, *by_backend, *processed, reports, checked, published, released] >> watcher()
+    [specs, held, collected, shards, *by_backend.values(), *processed, reports, checked, published, released] >> watcher()
 
 
 COMMON = dict(
