@@ -113,7 +113,8 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
         if spec.backend == "local":
             from .segment import Segmenter
 
-            seg = Segmenter(model_dir or settings.model_dir, device=_device(settings), batch_size=settings.batch_size)
+            seg = Segmenter(model_dir or settings.model_dir, device=_device(settings), batch_size=settings.batch_size,
+                            threshold=spec.threshold)
             log.info("model %s (%s) on %s", seg.cfg.name, seg.cfg.weights_sha256[:12], seg.device)
             return (lambda keys, decoded: seg([d.rgb for d in decoded])), seg.model_info, seg.cfg
         if spec.backend == "sagemaker":

@@ -66,7 +66,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         check_threshold(a.threshold, load_config(a.model).score_threshold, unsafe=a.unsafe_threshold)
-        seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size)
+        seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size, threshold=a.threshold)
     except (FileNotFoundError, ValueError) as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
@@ -166,9 +166,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         cfg = load_config(a.model)
         cfg.score_threshold = report["operating_threshold"]
         cfg.review_low, cfg.review_high = report["review"]["review_low"], report["review"]["review_high"]
+        cfg.review_max_masks = report["review"]["review_max_masks"]
+        cfg.review_max_masked_fraction = report["review"]["review_max_masked_fraction"]
         cfg.calibration = report["calibration"]["knots"]
         (Path(a.model) / "config.json").write_text(cfg.to_json())
-        _log(f"set score_threshold={cfg.score_threshold}, review band [{cfg.review_low}, {cfg.review_high}) and the "
+        _log(f"set score_threshold={cfg.score_threshold}, review band [{cfg.review_low}, {cfg.review_high}), "
+             f"unusual above {cfg.review_max_masks} masks or {cfg.review_max_masked_fraction:.0%} of the photo, and the "
              f"calibration map in {a.model}/config.json")
     return EXIT_OK
 

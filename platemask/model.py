@@ -72,6 +72,10 @@ class ModelConfig:
     score_threshold: float = 0.5  # operating threshold: a detection above it is masked
     review_low: float = 0.15  # detections in [review_low, score_threshold) flag the image for review
     review_high: float = 0.7  # masked detections below review_high also flag it
+    # an unusual result flags a photo too: more masks than review_max_masks, or masks covering more
+    # than review_max_masked_fraction of it (fitted with the band by `evaluate --set-threshold`)
+    review_max_masks: int = 6
+    review_max_masked_fraction: float = 0.2
     # isotonic map fused score -> probability of a plate, [[score, p], ...] (platemask.review.calibrate)
     calibration: list = field(default_factory=list)
     mask_threshold: float = 0.4  # per-pixel mask probability kept in the polygon

@@ -22,7 +22,7 @@ from .geometry import polygon_area
 from .imageio import (DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, check_max_pixels, content_type, decode,
                       decoded_nbytes, encode)
 from .mask import MaskStyle, apply_mask, masked_region
-from .review import calibrate, review_band, review_reasons
+from .review import MAX_MASKED_FRACTION, MAX_PLATES, calibrate, review_band, review_reasons
 from .storage import Store, normalise_key
 
 # detector(keys, decoded images) -> per image: plates (any score) or an ImageError for that image
@@ -59,6 +59,8 @@ class JobOptions:
     threshold: float = 0.5  # plates at or above are masked
     review_low: float = 0.15  # detections in [review_low, threshold) put the image on the review list
     review_high: float = 0.7  # masked plates below this also put it there
+    review_max_masks: int = MAX_PLATES  # more masks than this put it there (an unusual result)
+    review_max_masked_fraction: float = MAX_MASKED_FRACTION  # and masks over this share of the photo
     style: MaskStyle = field(default_factory=MaskStyle)
     jpeg_quality: int = 92
     metadata: MetadataPolicy = DEFAULT_METADATA_POLICY
@@ -73,8 +75,9 @@ class JobOptions:
         """Options for a model's ``config.json`` at ``threshold`` (default: its operating threshold):
         the review band and the calibration come from the model (one rule: platemask.review)."""
         t = cfg.score_threshold if threshold is None else threshold
-        band = review_band(t, cfg.review_low, cfg.review_high)
-        return cls(threshold=t, review_low=band.low, review_high=band.high,
+        band = review_band(t, cfg.review_low, cfg.review_high, cfg.review_max_masks, cfg.review_max_masked_fraction)
+        return cls(threshold=t, review_low=band.low, review_high=band.high, review_max_masks=band.max_masks,
+                   review_max_masked_fraction=band.max_masked_fraction,
                    calibration=tuple(tuple(k) for k in cfg.calibration), **kw)
 
     # decoded pixels in flight, all stages together (MB; one 79 MP RGB photo is 237 MB). Peak memory
@@ -223,7 +226,8 @@ def build_record(key: str, dec: Decoded, plates: list[Plate], opts: JobOptions, 
     """The detection record for one decoded image: the same for the CLI, the DAG and the container."""
     to_mask = plates_to_mask(plates, opts.threshold)
     effective = min(opts.threshold, HARD_MASK_SCORE)
-    band = review_band(effective, opts.review_low, opts.review_high)
+    band = review_band(effective, opts.review_low, opts.review_high, opts.review_max_masks,
+                       opts.review_max_masked_fraction)
     near = [p for p in plates if band.low <= p.score < effective]
     area = sum(polygon_area(masked_region(p, opts.style)[0]) for p in to_mask)
     why = review_reasons([p.score for p in plates], band, masked_fraction=area / max(dec.width * dec.height, 1))

@@ -32,12 +32,17 @@ class ReviewBand:
     low: float  # detections in [low, threshold) are near misses
     threshold: float
     high: float  # masked detections in [threshold, high) are low-confidence masks
+    max_masks: int = MAX_PLATES  # more masks than this: an unusual result
+    max_masked_fraction: float = MAX_MASKED_FRACTION  # masks over this share of the photo: unusual
 
 
-def review_band(threshold: float, review_low: float, review_high: float) -> ReviewBand:
+def review_band(threshold: float, review_low: float, review_high: float, max_masks: int = MAX_PLATES,
+                max_masked_fraction: float = MAX_MASKED_FRACTION) -> ReviewBand:
     """The band around ``threshold``: the model's band, widened to include the threshold when a
-    run overrides it (a run at 0.5 still reviews what it masks with 0.5 to ``review_high``)."""
-    return ReviewBand(low=min(review_low, threshold), threshold=threshold, high=max(review_high, threshold))
+    run overrides it (a run at 0.5 still reviews what it masks with 0.5 to ``review_high``), and the
+    model's limits of a usual result."""
+    return ReviewBand(low=min(review_low, threshold), threshold=threshold, high=max(review_high, threshold),
+                      max_masks=int(max_masks), max_masked_fraction=float(max_masked_fraction))
 
 
 def review_reasons(scores: Sequence[float], band: ReviewBand, *, masked_fraction: float = 0.0) -> list[str]:
@@ -51,9 +56,9 @@ def review_reasons(scores: Sequence[float], band: ReviewBand, *, masked_fraction
         why.append(f"{near} detection(s) just below the threshold")
     if any(s < band.high for s in masked):
         why.append("masked plate(s) with low confidence")
-    if len(masked) > MAX_PLATES:
-        why.append(f"{len(masked)} masks (more than {MAX_PLATES})")
-    if masked_fraction > MAX_MASKED_FRACTION:
+    if len(masked) > band.max_masks:
+        why.append(f"{len(masked)} masks (more than {band.max_masks})")
+    if masked_fraction > band.max_masked_fraction:
         why.append(f"masks cover {masked_fraction:.0%} of the photo")
     return why
 

@@ -419,7 +419,7 @@ def model_config_sha256(cfg: Any) -> str:
     its name, training provenance (``extra``) and the review band (which only flags photos). The
     operating threshold is in it too, and the threshold actually applied is also recorded on its own."""
     d = asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
-    for k in ("name", "extra", "review_low", "review_high"):
+    for k in ("name", "extra", "review_low", "review_high", "review_max_masks", "review_max_masked_fraction"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -98,12 +98,14 @@ def merge_plates(plates: list[Plate], overlap: float = 0.3) -> list[Plate]:
 class Segmenter:
     """``segmenter(list_of_rgb_uint8) -> list[list[Plate]]`` with detections at ``min_score`` or above.
 
-    ``min_score`` defaults to the model's ``review_low`` so QA sees near-misses; masking uses
-    ``cfg.score_threshold`` (or an override) to decide what to hide.
+    ``min_score`` defaults to the model's ``review_low`` so QA sees near-misses, or to the run's
+    ``threshold`` when that is lower (what a run masks is never dropped before it is seen); masking
+    uses ``cfg.score_threshold`` (or the run's threshold) to decide what to hide.
     """
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_size: int = 4,
-                 min_score: float | None = None, threads: int | None = None, verify: bool = True):
+                 min_score: float | None = None, threads: int | None = None, verify: bool = True,
+                 threshold: float | None = None):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but CUDA is not available on this machine; use --device cpu")
         if threads:
@@ -116,7 +118,10 @@ class Segmenter:
             self.model.to(memory_format=torch.channels_last)
         self.model_dir = Path(model_dir)
         self.batch_size = max(1, int(batch_size))
-        self.min_score = self.cfg.review_low if min_score is None else float(min_score)
+        # what a run can use: its near misses (from review_low) and everything it masks, also when
+        # it runs at a threshold under the model's review_low
+        run_threshold = self.cfg.score_threshold if threshold is None else float(threshold)
+        self.min_score = min(self.cfg.review_low, run_threshold) if min_score is None else float(min_score)
         # The model pastes a view-sized mask for every detection over its own floor (0.02, there for
         # training): ~3 MB each at 896 px, up to 60 a view. Nothing below min_score is used, and
         # dropping those first changes nothing above it (NMS and the top-k only let a higher score

@@ -108,7 +108,8 @@ class ModelHolder:
             from .segment import Segmenter
 
             t0 = time.perf_counter()
-            self.segmenter = Segmenter(self.model_dir, device=self.device, batch_size=1, threads=self.threads)
+            self.segmenter = Segmenter(self.model_dir, device=self.device, batch_size=1, threads=self.threads,
+                                       threshold=float(os.environ.get("PLATEMASK_THRESHOLD") or 0) or None)
             log.info("model %s loaded in %.1f s", self.segmenter.cfg.name, time.perf_counter() - t0)
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - reported by /ping and /invocations, the server stays up

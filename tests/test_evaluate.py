@@ -110,6 +110,28 @@ def test_review_band_is_chosen_within_the_budget_and_catches_misses():
     assert tight["flagged_images"] <= 1
 
 
+def test_unusual_result_limits_are_fitted_with_the_band():
+    """Street photos with many plates must not fill the review list: the limits of a usual result
+    (mask count, masked share) are chosen with the band, within the budget, and still flag what
+    is truly unusual (a photo blurred almost whole)."""
+    from platemask.review import review_band, review_reasons
+    from platemask.training.evaluate import choose_review_band, review_outcome
+
+    many = [(0.9, True)] * 8  # a parking lot: 8 plates, all masked
+    results = [_result("plate", False, many, [[(0.9, 1.0)]] * 8) for _ in range(6)]
+    results += [_result("plate", False, [(0.9, True)], [[(0.9, 1.0)]]) for _ in range(23)]
+    blurred = _result("odometer_digital", True, [(0.95, False)])
+    blurred.det_region_px = [9000.0]  # 90 % of the 100 x 100 photo
+    results.append(blurred)
+    assert review_outcome(results, 0.5, 0.5, 0.5)["flagged_images"] == 7  # the fixed limits: 6 masks, 20 %
+    band = choose_review_band(results, 0.5, max_rate=0.10)
+    assert band["flagged_images"] == 1 and band["negatives_masked_flagged"] == 1  # only the blurred photo
+    assert band["review_max_masks"] >= 8 and band["review_max_masked_fraction"] < 0.9
+    b = review_band(0.5, 0.5, 0.5, max_masks=band["review_max_masks"],
+                    max_masked_fraction=band["review_max_masked_fraction"])
+    assert review_reasons([0.9] * 8, b) == [] and review_reasons([0.95], b, masked_fraction=0.9)
+
+
 def test_detector_cache_gives_the_same_report_without_the_detector_pass(model_dir, tmp_path, monkeypatch):
     """``evaluate --cache-dir``: the detector's plates are kept per photo; a second evaluation (e.g.
     of a new verifier) re-applies the verifier to them and reports exactly what a full pass reports."""

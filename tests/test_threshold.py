@@ -93,3 +93,20 @@ def test_dag_params_need_unsafe_threshold(model_dir):
     limit = load_config(model_dir).score_threshold + UNSAFE_THRESHOLD_MARGIN
     assert plan_runs(s, {**base, "threshold": limit}, **kw)[0].threshold == limit
     assert plan_runs(s, base, **kw)[0].threshold is None
+
+
+def test_a_run_below_the_models_review_low_sees_what_it_masks(model_dir, scene):
+    """The detector's floor follows the run's threshold: a run at 0.05 on a model whose review_low
+    is higher gets every detection at 0.05 or above (before, those under review_low were dropped
+    before masking ever saw them, so a lower threshold masked nothing more)."""
+    from platemask.model import load_config
+    from platemask.segment import Segmenter
+
+    cfg = load_config(model_dir)
+    low = 0.05
+    assert low < cfg.review_low
+    run = Segmenter(model_dir, threshold=low)
+    assert run.min_score == low and Segmenter(model_dir).min_score == min(cfg.review_low, cfg.score_threshold)
+    ref = Segmenter(model_dir, min_score=low)
+    got, want = run([scene[0]])[0], ref([scene[0]])[0]
+    assert [round(p.score, 5) for p in got] == [round(p.score, 5) for p in want]

@@ -212,12 +212,15 @@ def reliability(scores: np.ndarray, labels: np.ndarray, knots, bins=(0.05, 0.1, 
 
 
 def review_outcome(results: list[ImageResult], t: float, low: float, high: float, cover: float = 0.8,
-                   style: MaskStyle | None = None) -> dict[str, Any]:
+                   style: MaskStyle | None = None, max_masks: int | None = None,
+                   max_masked_fraction: float | None = None) -> dict[str, Any]:
     """What a review list with band [low, high) around threshold ``t`` flags on ``results``, and
     what it catches: plates left visible (misses) and photos masked without a plate."""
-    from ..review import review_band, review_reasons
+    from ..review import MAX_MASKED_FRACTION, MAX_PLATES, review_band, review_reasons
 
-    band = review_band(t, low, high)
+    max_masks = MAX_PLATES if max_masks is None else max_masks
+    max_masked_fraction = MAX_MASKED_FRACTION if max_masked_fraction is None else max_masked_fraction
+    band = review_band(t, low, high, max_masks, max_masked_fraction)
     flagged = misses = caught_misses = false_masked = caught_false = 0
     by_reason: dict[str, int] = {}
     for r in results:
@@ -238,27 +241,39 @@ def review_outcome(results: list[ImageResult], t: float, low: float, high: float
             false_masked += 1
             caught_false += bool(why)
     n = len(results)
-    return {"review_low": low, "review_high": high, "flagged_images": flagged,
+    return {"review_low": low, "review_high": high, "review_max_masks": max_masks,
+            "review_max_masked_fraction": max_masked_fraction, "flagged_images": flagged,
             "flagged_rate": flagged / n if n else 0.0, "missed_plates": misses, "missed_plates_flagged": caught_misses,
             "negatives_masked": false_masked, "negatives_masked_flagged": caught_false,
             "by_reason": dict(sorted(by_reason.items()))}
 
 
+# the limits of a usual result tried with each band (more masks than ..., masks over ... of the photo)
+REVIEW_MAX_MASKS = (6, 8, 10, 15, 25)
+REVIEW_MAX_MASKED_FRACTIONS = (0.2, 0.3, 0.5, 0.8)
+
+
 def choose_review_band(results: list[ImageResult], t: float, max_rate: float = 0.10) -> dict[str, Any]:
-    """The band that catches the most missed plates (then most false masks on negatives) while
-    flagging at most ``max_rate`` of the photos; ties go to the shorter list."""
+    """The band and the limits of a usual result (mask count, masked share of the photo) that catch
+    the most missed plates (then most false masks on negatives) while flagging at most ``max_rate``
+    of the photos; ties go to the shorter list, then the stricter limits. When nothing fits, the
+    empty band with the most permissive limits (the shortest list there is)."""
     lows = [x for x in THRESHOLDS if x < t] + [t]
     highs = [t] + [x for x in THRESHOLDS if x > t]
     best = None
     for lo in lows:
         for hi in highs:
-            o = review_outcome(results, t, lo, hi)
-            if o["flagged_rate"] > max_rate:
-                continue
-            key = (o["missed_plates_flagged"], o["negatives_masked_flagged"], -o["flagged_images"], -lo, hi)
-            if best is None or key > best[0]:
-                best = (key, o)
-    return best[1] if best else review_outcome(results, t, t, t)
+            for n in REVIEW_MAX_MASKS:
+                for f in REVIEW_MAX_MASKED_FRACTIONS:
+                    o = review_outcome(results, t, lo, hi, max_masks=n, max_masked_fraction=f)
+                    if o["flagged_rate"] > max_rate:
+                        continue
+                    key = (o["missed_plates_flagged"], o["negatives_masked_flagged"], -o["flagged_images"], -lo, hi,
+                           -n, -f)
+                    if best is None or key > best[0]:
+                        best = (key, o)
+    return best[1] if best else review_outcome(results, t, t, t, max_masks=REVIEW_MAX_MASKS[-1],
+                                               max_masked_fraction=REVIEW_MAX_MASKED_FRACTIONS[-1])
 
 
 def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_width: int = 40,
@@ -435,7 +450,10 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
     band = choose_review_band(results, chosen, max_review_rate)
     report["review"] = {**band, "max_rate": max_review_rate,
                         "by_category": {c: review_outcome([r for r in results if r.record.category == c], chosen,
-                                                          band["review_low"], band["review_high"])["flagged_rate"]
+                                                          band["review_low"], band["review_high"],
+                                                          max_masks=band["review_max_masks"],
+                                                          max_masked_fraction=band["review_max_masked_fraction"]
+                                                          )["flagged_rate"]
                                         for c in sorted({r.record.category for r in results})}}
     if ocr:
         report["ocr"] = ocr_check(results, chosen, style, log=log)
