@@ -152,6 +152,13 @@ class Settings:
         return cls(**values)
 
     @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        """Settings serialised with ``dataclasses.asdict`` (e.g. into a trigger's kwargs), back: every
+        field as it was, the parse-time ones included (this is not the Variable)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if k == "regions" else v for k, v in d.items() if k in known})
+
+    @classmethod
     def from_airflow(cls) -> "Settings":
         """Inside a task: environment plus the ``platemask_settings`` Variable, if it exists."""
         from airflow.sdk import Variable

@@ -55,7 +55,7 @@ class TransformJobTrigger(BaseTrigger):
         if self._hook is None:
             from .airflow_support import sagemaker_hook
 
-            self._hook = sagemaker_hook(Settings.load(variable=self.settings, env={}))
+            self._hook = sagemaker_hook(Settings.from_dict(self.settings))
         return self._hook.describe_transform_job(self.job)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:

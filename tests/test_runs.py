@@ -125,7 +125,8 @@ def test_a_rerun_redoes_exactly_the_photos_whose_result_would_change(photos, mod
     assert _mask(s3, settings, spec(), model_dir) == (n, 0)
     audit = json.loads(s3.get_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car0.jpg.json")["Body"].read())
     ident = audit["identity"]
-    assert ident["threshold"] == 0.3 and audit["threshold"] == 0.3 and audit["threshold_param"] is None
+    shipped = json.loads((model_dir / "config.json").read_text())["score_threshold"]
+    assert ident["threshold"] == shipped and audit["threshold"] == shipped and audit["threshold_param"] is None
     assert set(ident) == {"source_etag", "weights_sha256", "verifier_sha256", "model_config_sha256", "threshold",
                           "mode", "metadata", "code_version"}
     assert audit["input_sha256"] and ident["metadata"] == "safe"
