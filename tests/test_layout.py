@@ -8,8 +8,9 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "platemask"
 # what the container, the CLI's mask command and the DAG workers load
-INFERENCE = ["platemask.segment", "platemask.serve", "platemask.pipeline", "platemask.runs", "platemask.verify",
-             "platemask.sagemaker_backend", "platemask.mask", "platemask.imageio"]
+INFERENCE = ["platemask.segment", "platemask.serve", "platemask.pipeline", "platemask.runs", "platemask.runspec",
+             "platemask.layout", "platemask.storage", "platemask.verify", "platemask.sagemaker_backend", "platemask.mask",
+             "platemask.imageio"]
 
 
 @pytest.mark.parametrize("module", INFERENCE)
