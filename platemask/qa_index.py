@@ -13,6 +13,7 @@ import math
 import re
 
 from .settings import Settings
+from .storage import S3Store
 
 WINDOW_ID = re.compile(r"^\d{8}T\d{4}Z-\d{8}T\d{4}Z$")
 REGION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -116,19 +117,19 @@ def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[
     from botocore.exceptions import BotoCoreError, ClientError
 
     rows = []
+    store = S3Store(settings.bucket, client=client)
     for region in settings.regions:
         base = qa_windows_prefix(settings, region)
         windows = []
         try:
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=base, Delimiter="/"):
-                windows += [p["Prefix"][len(base):].strip("/") for p in page.get("CommonPrefixes", [])]
+            windows += [p[len(base):].strip("/") for p in store.list_folders(base)]
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, bucket=settings.bucket, key=base, action="listing",
                               conn_id=settings.aws_conn_id) from exc
         for w in sorted((w for w in windows if WINDOW_ID.match(w)), reverse=True)[:per_region]:
             key = qa_key(settings, region, w, "report.json")
             try:
-                report = json.loads(client.get_object(Bucket=settings.bucket, Key=key)["Body"].read())
+                report = json.loads(store.read(key))
             except (ClientError, BotoCoreError) as exc:
                 err = store_error(exc, bucket=settings.bucket, key=key, action="reading", conn_id=settings.aws_conn_id)
                 if err.status == 503:  # S3 went away mid-page: say so instead of a page of error rows

@@ -122,10 +122,10 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
             continue
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
-        audited = {o["Key"] for o in _store(client, settings).list_objects(audit_prefix)}
+        audited = {o["Key"] for o in _store(client, settings).iter_objects(audit_prefix)}
         late = [{"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
                  "supported": extension_supported(o["Key"]), "late": True}
-                for o in _store(client, settings).list_objects(prefix)
+                for o in _store(client, settings).iter_objects(prefix)
                 if not o["Key"].endswith("/") and not o["Key"].rsplit("/", 1)[-1].startswith(".")
                 and audit_key(settings, spec.region, o["Key"]) not in audited]
         if late:
@@ -145,7 +145,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     for d in days:
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         n_listed = 0
-        for obj in store.list_objects(prefix):
+        for obj in store.iter_objects(prefix):
             n_listed += 1
             key = obj["Key"]
             if key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
@@ -429,7 +429,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
 def _run_shard_results(client, settings: Settings, spec: RunSpec) -> tuple[list[dict], list[dict]]:
     """Records and summaries this run wrote for the region's window (its own run-keyed folder)."""
     store = _store(client, settings)
-    keys = [o["Key"] for o in store.list_objects(run_prefix(settings, spec) + "detections/")]
+    keys = [o["Key"] for o in store.iter_objects(run_prefix(settings, spec) + "detections/")]
     records, summaries = [], []
     for key in sorted(k for k in keys if k.endswith(".summary.json")):
         summary = json.loads(store.read(key))

@@ -206,7 +206,7 @@ def photos_to_do(s3, settings: Settings, spec: RunSpec, entries: list[dict], cfg
 def outputs_present(s3, output: str) -> set[str]:
     """Keys (relative to the manifest prefix, the bucket root) a job wrote a ``.out`` for."""
     bucket, prefix = parse_s3_uri(output)
-    return {o["Key"][len(prefix):-len(".out")] for o in S3Store(bucket, client=s3).list_objects(prefix)
+    return {o["Key"][len(prefix):-len(".out")] for o in S3Store(bucket, client=s3).iter_objects(prefix)
             if o["Key"].endswith(".out")}
 
 

@@ -186,7 +186,7 @@ class S3Store:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
-    def list_objects(self, prefix: str = "") -> Iterator[dict]:
+    def iter_objects(self, prefix: str = "") -> Iterator[dict]:
         """S3's object entries (``Key`` is the full key, with ``Size``, ``ETag``, ``LastModified``)
         under ``prefix`` (relative to the store's root), page after page."""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
