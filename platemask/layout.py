@@ -19,6 +19,8 @@ holds a region-window's lock, so a manual or dry run never shortens another run'
 """
 from __future__ import annotations
 
+import re
+
 from .runspec import RunSpec
 from .settings import Settings
 
@@ -58,6 +60,26 @@ def qa_prefix(settings: Settings, spec: RunSpec) -> str:
 def qa_run_prefix(settings: Settings, spec: RunSpec) -> str:
     """This run's own QA report."""
     return qa_prefix(settings, spec) + f"runs/{spec.run_key}/"
+
+
+WINDOW_ID = re.compile(r"^\d{8}T\d{4}Z-\d{8}T\d{4}Z$")
+REGION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+# --- the QA view's keys: built only from a plain region and window id (URL parts are untrusted)
+
+def qa_key(settings: Settings, region: str, window: str, name: str) -> str:
+    """Key of a QA file, refusing anything that is not a plain region and window id."""
+    if not REGION.match(region) or not WINDOW_ID.match(window):
+        raise ValueError(f"not a region/window: {region!r}/{window!r}")
+    return settings.qa_root.format(region=region, window=window) + name
+
+
+def qa_windows_prefix(settings: Settings, region: str) -> str:
+    """The prefix below which a region's window folders are listed (``qa/{region}/``)."""
+    if not REGION.match(region):
+        raise ValueError(f"not a region: {region!r}")
+    return settings.qa_root.split("{window}")[0].format(region=region)
 
 
 def s3_uri(settings: Settings, key: str) -> str:

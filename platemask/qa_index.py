@@ -10,29 +10,10 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 
+from .layout import WINDOW_ID, qa_key, qa_windows_prefix
 from .settings import Settings
 from .storage import S3Store
-
-WINDOW_ID = re.compile(r"^\d{8}T\d{4}Z-\d{8}T\d{4}Z$")
-REGION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-
-
-# --- the QA key layout: the only place the view builds S3 keys --------------------------------
-
-def qa_key(settings: Settings, region: str, window: str, name: str) -> str:
-    """Key of a QA file, refusing anything that is not a plain region and window id."""
-    if not REGION.match(region) or not WINDOW_ID.match(window):
-        raise ValueError(f"not a region/window: {region!r}/{window!r}")
-    return settings.qa_root.format(region=region, window=window) + name
-
-
-def qa_windows_prefix(settings: Settings, region: str) -> str:
-    """The prefix below which a region's window folders are listed (``qa/{region}/``)."""
-    if not REGION.match(region):
-        raise ValueError(f"not a region: {region!r}")
-    return settings.qa_root.split("{window}")[0].format(region=region)
 
 
 # --- S3 failures a reviewer can act on ----------------------------------------------------------

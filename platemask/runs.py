@@ -28,6 +28,7 @@ def _store(client, settings: Settings) -> S3Store:
     """The run's bucket through the storage layer (with the run's encryption settings)."""
     return S3Store.for_settings(settings, client)
 
+
 # ---------------------------------------------------------------- one run per region-window
 
 def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable[[dict], bool],

@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # the api-server's own authentication (bearer token or session cookie) and authorisation
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
-from platemask.qa_index import QAStoreError, qa_key, recent_reports, render_index, render_problem, store_error
+from platemask.layout import qa_key
+from platemask.qa_index import QAStoreError, recent_reports, render_index, render_problem, store_error
 from platemask.storage import S3Store
 
 REVIEW_DAG_ID = "plate_masking"
