@@ -1,5 +1,10 @@
 """Where photos come from and go to: a local folder or an S3 prefix, behind one small interface.
 
+This is the storage layer: the nightly path (``runs``, ``sagemaker_backend``, the QA index, report
+and view) reaches S3 objects only through ``S3Store`` and the helpers below (JSON documents and
+JSON lines, conditional writes for the run lock, listings), so another backend is this one file
+(``tests/test_layout.py`` checks that no other module calls the S3 object APIs).
+
 Keys are always relative to the store's root and use '/' separators. Writes are atomic (local:
 temp file + rename; S3: single PUT), so a reader never sees half an image. Local files are written
 with the permissions the process's umask gives any new file (not the temp file's 0600).
