@@ -108,9 +108,10 @@ def plate_masking():
     @task(map_index_template="{{ region }}")
     def collect(spec: dict) -> dict:
         from platemask import runs
+        from platemask.runspec import RunSpec
 
         get_current_context()["region"] = spec["region"]
-        return runs.collect(_client(), Settings.from_airflow(), runs.RunSpec.from_dict(spec))
+        return runs.collect(_client(), Settings.from_airflow(), RunSpec.from_dict(spec))
 
     @task(trigger_rule="all_done")
     def shard(specs: list[dict]) -> list[dict]:
@@ -173,10 +174,11 @@ def plate_masking():
         """Fail unless every planned region has a passing QA report: each photo of its manifest exactly one
         record, failure rate within the limit (the reports are already written)."""
         from platemask import runs
+        from platemask.runspec import RunError
 
         try:
             runs.check_reports(list(specs), list(reports))
-        except runs.RunError as exc:
+        except RunError as exc:
             raise AirflowFailException(str(exc)) from None
 
     @task(outlets=[MASKED, QA], map_index_template="{{ region }}")

@@ -35,7 +35,7 @@ def s3_client(settings: Settings):
 def plan_from_context(context: Any, settings: Settings) -> list[dict]:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from .runs import RunError, plan_runs
+    from .runspec import RunError, plan_runs
 
     dag_run = context["dag_run"]
     try:
@@ -69,7 +69,8 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
     """Take the region-window lock of every region this run masks (in region order, so two runs
     never wait on each other). Returns (all held, the other runs' locks still in the way).
     Dry runs write nothing shared and take no lock."""
-    from .runs import RunSpec, acquire_lock
+    from .runs import acquire_lock
+    from .runspec import RunSpec
 
     client = s3_client(settings)
     dag_id = context["dag_run"].dag_id
@@ -95,7 +96,8 @@ def lock_wait_message(blocking: list[dict], settings: Settings) -> str:
 
 
 def release_locks(settings: Settings, specs: list[dict]) -> None:
-    from .runs import RunSpec, release_lock
+    from .runs import release_lock
+    from .runspec import RunSpec
 
     client = s3_client(settings)
     for d in specs:

@@ -10,28 +10,10 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 
+from .layout import WINDOW_ID, qa_key, qa_windows_prefix
 from .settings import Settings
-
-WINDOW_ID = re.compile(r"^\d{8}T\d{4}Z-\d{8}T\d{4}Z$")
-REGION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-
-
-# --- the QA key layout: the only place the view builds S3 keys --------------------------------
-
-def qa_key(settings: Settings, region: str, window: str, name: str) -> str:
-    """Key of a QA file, refusing anything that is not a plain region and window id."""
-    if not REGION.match(region) or not WINDOW_ID.match(window):
-        raise ValueError(f"not a region/window: {region!r}/{window!r}")
-    return settings.qa_root.format(region=region, window=window) + name
-
-
-def qa_windows_prefix(settings: Settings, region: str) -> str:
-    """The prefix below which a region's window folders are listed (``qa/{region}/``)."""
-    if not REGION.match(region):
-        raise ValueError(f"not a region: {region!r}")
-    return settings.qa_root.split("{window}")[0].format(region=region)
+from .storage import S3Store
 
 
 # --- S3 failures a reviewer can act on ----------------------------------------------------------
@@ -116,19 +98,19 @@ def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[
     from botocore.exceptions import BotoCoreError, ClientError
 
     rows = []
+    store = S3Store(settings.bucket, client=client)
     for region in settings.regions:
         base = qa_windows_prefix(settings, region)
         windows = []
         try:
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=base, Delimiter="/"):
-                windows += [p["Prefix"][len(base):].strip("/") for p in page.get("CommonPrefixes", [])]
+            windows += [p[len(base):].strip("/") for p in store.list_folders(base)]
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, bucket=settings.bucket, key=base, action="listing",
                               conn_id=settings.aws_conn_id) from exc
         for w in sorted((w for w in windows if WINDOW_ID.match(w)), reverse=True)[:per_region]:
             key = qa_key(settings, region, w, "report.json")
             try:
-                report = json.loads(client.get_object(Bucket=settings.bucket, Key=key)["Body"].read())
+                report = json.loads(store.read(key))
             except (ClientError, BotoCoreError) as exc:
                 err = store_error(exc, bucket=settings.bucket, key=key, action="reading", conn_id=settings.aws_conn_id)
                 if err.status == 503:  # S3 went away mid-page: say so instead of a page of error rows

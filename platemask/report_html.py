@@ -12,6 +12,8 @@ import random
 
 from PIL import Image, ImageDraw
 
+from .storage import S3Store
+
 THUMB = 360
 MAX_REVIEW = 30
 # The page may be opened straight from S3 or a download: it carries its own policy (no script,
@@ -45,15 +47,16 @@ def _thumb(data: bytes, plates: list[dict], near: list[dict]) -> str:
 def _pair(client, settings, masked_key, rec: dict) -> str:
     esc = html.escape
     cells = []
+    store = S3Store(settings.bucket, client=client)
     try:
-        raw = client.get_object(Bucket=settings.bucket, Key=rec["key"])["Body"].read()
+        raw = store.read(rec["key"])
         cells.append(f'<img src="{_thumb(raw, rec["plates"], rec.get("near_misses", []))}" alt="before">')
     except Exception as exc:  # noqa: BLE001 - a missing thumbnail must not sink the report
         cells.append(f"<div class=miss>original unavailable: {esc(str(exc))}</div>")
     if rec["status"] != "failed":
         try:
             mk = masked_key(rec["key"])
-            masked = client.get_object(Bucket=settings.bucket, Key=mk)["Body"].read()
+            masked = store.read(mk)
             cells.append(f'<img src="{_thumb(masked, [], [])}" alt="after">')
         except Exception as exc:  # noqa: BLE001
             cells.append(f"<div class=miss>masked copy unavailable: {esc(str(exc))}</div>")

@@ -1,24 +1,8 @@
-"""The nightly run's steps on S3: collect, shard, mask a shard, aggregate QA.
+"""The nightly run's steps on S3: lock, collect, shard, mask a shard, aggregate QA.
 
 Plain functions over a boto3 S3 client and a ``Settings``; the DAG only wires them. Everything a
-step passes on is an S3 URI or a small dict, never a key list or pixels.
-
-Layout (all under ``settings.bucket``):
-  raw/{region}/{yyyy}/{mm}/{dd}/...            originals (read only, never modified)
-  masked/{region}/{yyyy}/{mm}/{dd}/...         masked copies, same relative path
-  audit/{region}/{yyyy}/{mm}/{dd}/....json     one audit record per photo (source ETag, model, result)
-  runs/{region}/{window}/{run}/collected.json  what collect found (written last: present = collected)
-  runs/{region}/{window}/{run}/manifest.jsonl  what the run covers: key, size, ETag
-  runs/{region}/{window}/{run}/shards/NNNN.jsonl      the manifest cut into shards
-  runs/{region}/{window}/{run}/detections/NNNN.jsonl  detection records per shard (+ NNNN.summary.json)
-  runs/{region}/{window}/lock.json             which run masks this region-window now (S3 conditional writes)
-  qa/{region}/{window}/runs/{run}/report.json|report.html   the run's QA
-  qa/{region}/{window}/report.json|report.html the latest non-dry run's QA (a copy; what the Plate QA
-                                               view reads). The HTML embeds thumbnails of originals,
-                                               so it stays in the QA prefix with its access rules
-
-``{run}`` is ``run_key(run_id)``: runs of one window never share a file, and only one run at a time
-holds a region-window's lock, so a manual or dry run never shortens another run's coverage.
+step passes on is an S3 URI or a small dict, never a key list or pixels. Every S3 call goes through
+``storage.S3Store`` (``_store``); the keys come from ``layout``, the run's parameters from ``runspec``.
 """
 from __future__ import annotations
 
@@ -26,195 +10,26 @@ import hashlib
 import json
 import math
 import random
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from .constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES
+from .constants import DEFAULT_METADATA_POLICY
 from .imageio import ImageError, extension_supported
+from .layout import audit_key, key_too_long, lock_key, masked_key, qa_prefix, qa_run_prefix, run_prefix, s3_uri
+from .runspec import RunError, RunSpec
 from .settings import Settings
-from .storage import S3Store, parse_s3_uri
-from .windows import Window, resolve_window
-
-S3_MAX_KEY_BYTES = 1024  # S3 refuses longer keys (KeyTooLongError)
+from .storage import MISSING_CODES, PRECONDITION_CODES, S3Store, error_code, read_json_lines
 
 
-def run_key(run_id: str) -> str:
-    """A readable, key-safe, stable name for a run: its run_id with unsafe characters replaced, plus a
-    short hash of the exact run_id (two run_ids never share a key), e.g.
-    ``manual__2026-11-25T10-00-00.123-00-00-1a2b3c4d``."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-.")[:80] or "run"
-    return f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
-
-
-class RunError(Exception):
-    """A run-level problem an operator must act on (bad parameters, failure rate over the limit)."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    region: str
-    window_start: str
-    window_end: str
-    run_id: str = "manual"
-    backend: str = DEFAULT_BACKEND
-    mode: str = DEFAULT_MASK_MODE
-    threshold: float | None = None
-    reprocess: bool = False
-    dry_run: bool = False
-    max_images: int | None = None
-    max_failure_rate: float = 0.02
-
-    @property
-    def window(self) -> Window:
-        return Window(datetime.fromisoformat(self.window_start), datetime.fromisoformat(self.window_end))
-
-    @property
-    def run_key(self) -> str:
-        return run_key(self.run_id)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunSpec":
-        return cls(**d)
-
-
-def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_end: datetime | None) -> list[RunSpec]:
-    """Validate the run's Params and turn them into one RunSpec per region (pure)."""
-    region = params.get("region") or "ALL"
-    regions = list(settings.regions) if region == "ALL" else [region]
-    for r in regions:
-        if r not in settings.regions:
-            raise RunError(f"region {r!r} is not configured; configured regions: {', '.join(settings.regions)}")
-    backend = params.get("backend") or DEFAULT_BACKEND
-    if backend not in BACKENDS:
-        raise RunError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    mode = params.get("mode") or DEFAULT_MASK_MODE
-    if mode not in MASK_MODES:
-        raise RunError(f"mode must be one of {MASK_MODES}, got {mode!r}")
-    threshold = params.get("threshold")
-    if threshold is not None and not 0 <= float(threshold) <= 1:
-        raise RunError(f"threshold must be within [0, 1], got {threshold}")
-    if threshold is not None and not params.get("unsafe_threshold"):
-        from .model import load_config
-        from .pipeline import check_threshold
-
-        try:
-            check_threshold(float(threshold), load_config(params.get("model") or settings.model_dir).score_threshold)
-        except (FileNotFoundError, ValueError) as exc:
-            raise RunError(str(exc)) from None
-    max_images = params.get("max_images")
-    if max_images is not None and int(max_images) < 1:
-        raise RunError(f"max_images must be >= 1 or empty, got {max_images}")
-    mfr = params.get("max_failure_rate")
-    mfr = settings.max_failure_rate if mfr is None else float(mfr)
-    if not 0 <= mfr <= 1:
-        raise RunError(f"max_failure_rate must be within [0, 1], got {mfr}")
-    specs = []
-    for r in regions:
-        try:
-            w = resolve_window(tz=settings.region_timezones[r], window_start=params.get("window_start"),
-                               window_end=params.get("window_end"), data_interval_end=data_interval_end)
-        except ValueError as exc:
-            raise RunError(f"region {r}: {exc}") from None
-        specs.append(RunSpec(region=r, window_start=w.start.isoformat(), window_end=w.end.isoformat(), run_id=run_id,
-                             backend=backend, mode=mode, threshold=None if threshold is None else float(threshold),
-                             reprocess=bool(params.get("reprocess")), dry_run=bool(params.get("dry_run")),
-                             max_images=None if max_images is None else int(max_images), max_failure_rate=mfr))
-    return specs
-
-
-# ---------------------------------------------------------------- key layout
-
-def raw_root(settings: Settings, region: str) -> str:
-    return settings.raw_prefix.split("{yyyy}")[0].format(region=region)
-
-
-def masked_key(settings: Settings, region: str, raw_key: str) -> str:
-    root = raw_root(settings, region)
-    if not raw_key.startswith(root):
-        raise ValueError(f"key {raw_key!r} is not under {root!r}")
-    return settings.masked_root.format(region=region) + raw_key[len(root):]
-
-
-def audit_key(settings: Settings, region: str, raw_key: str) -> str:
-    return settings.audit_root.format(region=region) + raw_key[len(raw_root(settings, region)):] + ".json"
-
-
-def run_prefix(settings: Settings, spec: RunSpec) -> str:
-    """This run's own files for the region-window (manifest, shards, detections)."""
-    return settings.runs_root.format(region=spec.region, window=spec.window.id, run=spec.run_key)
-
-
-def lock_key(settings: Settings, spec: RunSpec) -> str:
-    """The region-window's lock object: beside the runs' folders, shared by every run of the window."""
-    return settings.runs_root.split("{run}")[0].format(region=spec.region, window=spec.window.id) + "lock.json"
-
-
-def qa_prefix(settings: Settings, spec: RunSpec) -> str:
-    """The region-window's QA folder: the latest run's report.json/report.html (the Plate QA view reads these)."""
-    return settings.qa_root.format(region=spec.region, window=spec.window.id)
-
-
-def qa_run_prefix(settings: Settings, spec: RunSpec) -> str:
-    """This run's own QA report."""
-    return qa_prefix(settings, spec) + f"runs/{spec.run_key}/"
-
-
-def _uri(settings: Settings, key: str) -> str:
-    return f"s3://{settings.bucket}/{key}"
-
-
-def _put_json(client, settings: Settings, key: str, obj: Any, *, lines: bool = False) -> str:
-    body = ("".join(json.dumps(o, sort_keys=True) + "\n" for o in obj) if lines else json.dumps(obj, indent=2, sort_keys=True))
-    S3Store(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id).write(
-        key, body.encode(), "application/x-ndjson" if lines else "application/json")
-    return _uri(settings, key)
-
-
-def _get_lines(client, uri: str) -> list[dict]:
-    bucket, key = parse_s3_uri(uri)
-    body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-    return [json.loads(line) for line in body.splitlines() if line.strip()]
-
-
-def _code(exc) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-_MISSING = ("NoSuchKey", "404", "NotFound")
-_PRECONDITION = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
-
-
-def _get_json(client, settings: Settings, key: str) -> tuple[dict, str] | None:
-    """(object, ETag) of a JSON object, or None when it does not exist."""
-    from botocore.exceptions import ClientError
-
-    try:
-        obj = client.get_object(Bucket=settings.bucket, Key=key)
-    except ClientError as exc:
-        if _code(exc) in _MISSING:
-            return None
-        raise
-    return json.loads(obj["Body"].read()), obj["ETag"]
+def _store(client, settings: Settings) -> S3Store:
+    """The run's bucket through the storage layer (with the run's encryption settings)."""
+    return S3Store.for_settings(settings, client)
 
 
 # ---------------------------------------------------------------- one run per region-window
-
-def _put_conditional(client, settings: Settings, key: str, doc: dict, **condition) -> None:
-    extra = {}
-    if settings.sse:
-        extra["ServerSideEncryption"] = settings.sse
-        if settings.kms_key_id:
-            extra["SSEKMSKeyId"] = settings.kms_key_id
-    client.put_object(Bucket=settings.bucket, Key=key, Body=json.dumps(doc, sort_keys=True).encode(),
-                      ContentType="application/json", **condition, **extra)
-
 
 def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable[[dict], bool],
                  log: Callable[[str], None] = print, owner: dict | None = None) -> dict | None:
@@ -233,14 +48,14 @@ def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable
             "window": spec.window.id, "since": datetime.now(timezone.utc).isoformat(), **(owner or {})}
     for _ in range(10):
         try:
-            _put_conditional(client, settings, key, mine, IfNoneMatch="*")
+            _store(client, settings).put_json_conditional(key, mine, if_none_match=True)
             log(f"{spec.region} {spec.window.id}: lock s3://{settings.bucket}/{key} taken by run {spec.run_id}")
             return None
         except ClientError as exc:
-            if _code(exc) not in _PRECONDITION:
+            if error_code(exc) not in PRECONDITION_CODES:
                 raise
         try:
-            found = _get_json(client, settings, key)
+            found = _store(client, settings).get_json(key)
         except ValueError:
             found = None, None  # unreadable lock: no owner to wait for
         if found is None:
@@ -252,9 +67,9 @@ def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable
         if held.get("state") == "held" and is_live(held):
             return held
         try:
-            _put_conditional(client, settings, key, mine, IfMatch=etag)
+            _store(client, settings).put_json_conditional(key, mine, if_match=etag)
         except ClientError as exc:
-            if _code(exc) in _PRECONDITION or _code(exc) in _MISSING:
+            if error_code(exc) in PRECONDITION_CODES or error_code(exc) in MISSING_CODES:
                 continue  # another run took it in between: look again
             raise
         log(f"{spec.region} {spec.window.id}: lock taken by run {spec.run_id} "
@@ -269,16 +84,16 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
 
     key = lock_key(settings, spec)
     try:
-        found = _get_json(client, settings, key)
+        found = _store(client, settings).get_json(key)
     except ValueError:
         return False
     if found is None or found[0].get("state") != "held" or found[0].get("run_id") != spec.run_id:
         return False
     try:
-        _put_conditional(client, settings, key, dict(found[0], state="released",
-                                                      released=datetime.now(timezone.utc).isoformat()), IfMatch=found[1])
+        _store(client, settings).put_json_conditional(
+            key, dict(found[0], state="released", released=datetime.now(timezone.utc).isoformat()), if_match=found[1])
     except ClientError as exc:
-        if _code(exc) in _PRECONDITION:
+        if error_code(exc) in PRECONDITION_CODES:
             return False  # taken over meanwhile (this run was thought dead): not ours any more
         raise
     log(f"{spec.region} {spec.window.id}: lock released by run {spec.run_id}")
@@ -286,11 +101,6 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
 
 
 # ---------------------------------------------------------------- collect
-
-def _list(client, settings: Settings, prefix: str):
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=prefix):
-        yield from page.get("Contents", [])
-
 
 def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None]) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
@@ -305,7 +115,7 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
         night = RunSpec(region=spec.region, window_start=datetime(d.year, d.month, d.day, tzinfo=z).isoformat(),
                         window_end=datetime(e.year, e.month, e.day, tzinfo=z).isoformat())
         try:
-            lock = _get_json(client, settings, lock_key(settings, night))
+            lock = _store(client, settings).get_json(lock_key(settings, night))
         except ValueError:
             lock = None
         if lock and lock[0].get("state") == "held" and lock[0].get("run_id") != spec.run_id:
@@ -313,10 +123,10 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
             continue
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
-        audited = {o["Key"] for o in _list(client, settings, audit_prefix)}
+        audited = {o["Key"] for o in _store(client, settings).iter_objects(audit_prefix)}
         late = [{"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
                  "supported": extension_supported(o["Key"]), "late": True}
-                for o in _list(client, settings, prefix)
+                for o in _store(client, settings).iter_objects(prefix)
                 if not o["Key"].endswith("/") and not o["Key"].rsplit("/", 1)[-1].startswith(".")
                 and audit_key(settings, spec.region, o["Key"]) not in audited]
         if late:
@@ -332,20 +142,19 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     tz = settings.region_timezones[spec.region]
     days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
     entries = []
-    paginator = client.get_paginator("list_objects_v2")
+    store = _store(client, settings)
     for d in days:
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         n_listed = 0
-        for page in paginator.paginate(Bucket=settings.bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                n_listed += 1
-                key = obj["Key"]
-                if key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
-                    continue
-                if settings.time_source == "last_modified" and not w.contains(obj["LastModified"]):
-                    continue
-                entries.append({"key": key, "size": int(obj["Size"]), "etag": obj["ETag"].strip('"'),
-                                "supported": extension_supported(key)})
+        for obj in store.iter_objects(prefix):
+            n_listed += 1
+            key = obj["Key"]
+            if key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
+                continue
+            if settings.time_source == "last_modified" and not w.contains(obj["LastModified"]):
+                continue
+            entries.append({"key": key, "size": int(obj["Size"]), "etag": obj["ETag"].strip('"'),
+                            "supported": extension_supported(key)})
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
@@ -357,19 +166,19 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     if spec.max_images:
         entries = entries[: spec.max_images]
     key = run_prefix(settings, spec) + "manifest.jsonl"
-    uri = _put_json(client, settings, key, entries, lines=True)
+    uri = _store(client, settings).put_json(key, entries, lines=True)
     log(f"{spec.region} window {w.id}: {len(entries)} photos in {len(days)} partition(s) -> {uri}"
         + (f" ({len(skipped_ext)} with unsupported extensions)" if skipped_ext else "")
         + (f" (max_images: {len(entries)} of {n_all})" if len(entries) < n_all else ""))
     collected = {"spec": spec.as_dict(), "manifest": uri, "count": len(entries), "photos_in_window": in_window,
                  "late": sum(bool(e.get("late")) for e in entries)}
-    _put_json(client, settings, run_prefix(settings, spec) + "collected.json", collected)  # last: present = collected
+    _store(client, settings).put_json(run_prefix(settings, spec) + "collected.json", collected)  # last: present = collected
     return collected
 
 
 def load_collected(client, settings: Settings, spec: RunSpec) -> dict | None:
     """What this run's collect found for the region, or None when its collect did not finish."""
-    found = _get_json(client, settings, run_prefix(settings, spec) + "collected.json")
+    found = _store(client, settings).get_json(run_prefix(settings, spec) + "collected.json")
     return None if found is None else found[0]
 
 
@@ -393,10 +202,10 @@ def make_shards(client, settings: Settings, specs: list[dict], log: Callable[[st
         if not c["count"]:
             continue
         spec = RunSpec.from_dict(c["spec"])
-        entries = _get_lines(client, c["manifest"])
+        entries = read_json_lines(client, c["manifest"])
         for i in range(0, len(entries), size):
             key = run_prefix(settings, spec) + f"shards/{i // size:04d}.jsonl"
-            uri = _put_json(client, settings, key, entries[i: i + size], lines=True)
+            uri = _store(client, settings).put_json(key, entries[i: i + size], lines=True)
             shards.append({"spec": c["spec"], "shard": uri, "index": i // size, "count": len(entries[i: i + size])})
     log(f"{total} photos in {len(shards)} shard(s) of up to {size}")
     return shards
@@ -442,16 +251,16 @@ def photo_identities(spec: RunSpec, entries: list[dict], model_info: dict, cfg: 
                                       mode=spec.mode, metadata=metadata) for e in entries}
 
 
-def _read_audit(client, settings: Settings, key: str, log: Callable[[str], None] = print) -> dict | None:
+def read_audit(client, settings: Settings, key: str, log: Callable[[str], None] = print) -> dict | None:
     """The photo's audit record, or None when there is none or it cannot be read (the photo is then
     redone: idempotent, and better than trusting what cannot be checked)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+        body = _store(client, settings).read(key)
     except ClientError as exc:
-        if _code(exc) not in _MISSING:
-            log(f"cannot read audit record s3://{settings.bucket}/{key} ({_code(exc)}): the photo is redone")
+        if error_code(exc) not in MISSING_CODES:
+            log(f"cannot read audit record s3://{settings.bucket}/{key} ({error_code(exc)}): the photo is redone")
         return None
     except BotoCoreError as exc:
         log(f"cannot read audit record s3://{settings.bucket}/{key} ({exc}): the photo is redone")
@@ -462,14 +271,14 @@ def _read_audit(client, settings: Settings, key: str, log: Callable[[str], None]
         return None  # a broken audit record is redone, not trusted
 
 
-def _already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit: dict | None, identity: dict) -> bool:
+def already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit: dict | None, identity: dict) -> bool:
     """Skip a photo only when its audit record holds exactly this result identity and its masked copy exists."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     if audit is None or audit.get("status") == "failed" or audit.get("identity") != identity:
         return False
     try:
-        return S3Store(settings.bucket, client=client).exists(masked_key(settings, spec.region, entry["key"]))
+        return _store(client, settings).exists(masked_key(settings, spec.region, entry["key"]))
     except (ClientError, BotoCoreError):
         return False  # cannot tell: redo it
 
@@ -479,22 +288,11 @@ def _unpublish(client, settings: Settings, key: str, log: Callable[[str], None])
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        client.delete_object(Bucket=settings.bucket, Key=key)
+        _store(client, settings).delete(key)
         return True
     except (ClientError, BotoCoreError) as exc:
         log(f"cannot remove s3://{settings.bucket}/{key}, which has no audit record: {exc}")
         return False
-
-
-def key_too_long(settings: Settings, region: str, raw_key: str) -> str | None:
-    """Why a photo's outputs cannot be written to S3 (a key over 1,024 bytes), or None. Checked before
-    anything of the photo is written, so it is never published without its audit record."""
-    for what, key in (("masked copy", masked_key(settings, region, raw_key)), ("audit record", audit_key(settings, region, raw_key))):
-        n = len(key.encode("utf-8"))
-        if n > S3_MAX_KEY_BYTES:
-            return (f"s3://{settings.bucket}/{raw_key}: its {what} key would be {n} bytes, over S3's "
-                    f"{S3_MAX_KEY_BYTES}-byte limit; shorten the photo's path below raw/ (nothing was published)")
-    return None
 
 
 class ManifestSource:
@@ -551,7 +349,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     from .pipeline import JobOptions, Progress, Timings, run_job
 
     spec = RunSpec.from_dict(shard["spec"])
-    entries = _get_lines(client, shard["shard"])
+    entries = read_json_lines(client, shard["shard"])
     detect, model_info, cfg = detector_factory(spec, entries, shard)
     threshold = cfg.score_threshold if spec.threshold is None else spec.threshold
     opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=spec.mode), batch_size=settings.batch_size, read_workers=settings.io_workers,
@@ -561,16 +359,16 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     too_long = {e["key"]: why for e in entries if (why := key_too_long(settings, spec.region, e["key"]))}
     fits = [e for e in entries if e["key"] not in too_long]
     with ThreadPoolExecutor(settings.io_workers) as pool:
-        audits = list(pool.map(lambda e: _read_audit(client, settings, audit_key(settings, spec.region, e["key"]), log), fits))
+        audits = list(pool.map(lambda e: read_audit(client, settings, audit_key(settings, spec.region, e["key"]), log), fits))
         done = [False] * len(fits)
         if not spec.reprocess:
-            done = list(pool.map(lambda ea: _already_done(client, settings, spec, ea[0], ea[1], identity[ea[0]["key"]]),
+            done = list(pool.map(lambda ea: already_done(client, settings, spec, ea[0], ea[1], identity[ea[0]["key"]]),
                                  zip(fits, audits)))
     todo = [e for e, d in zip(fits, done) if not d]
     records: list[dict] = [dict(a, skipped=True) for a, d in zip(audits, done) if d]
     log(f"shard {shard['shard']}: {len(entries)} photos, {len(records)} already done with the same result identity, "
         f"{len(todo)} to do" + (f", {len(too_long)} with keys too long for S3" if too_long else ""))
-    store = S3Store(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id)
+    store = _store(client, settings)
     timings = Timings()
     t0 = time.perf_counter()
 
@@ -613,7 +411,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     order = {e["key"]: i for i, e in enumerate(entries)}
     records.sort(key=lambda r: order.get(r["key"], 0))
     base = run_prefix(settings, spec) + f"detections/{shard['index']:04d}"
-    det_uri = _put_json(client, settings, base + ".jsonl", records, lines=True)
+    det_uri = _store(client, settings).put_json(base + ".jsonl", records, lines=True)
     summary = {"shard": shard["shard"], "index": shard["index"], "photos": len(entries), "processed": len(new),
                "skipped": len(entries) - len(todo) - len(too_long), "wall_seconds": round(wall, 3),
                "images_per_second": round(len(new) / wall, 3) if new and wall > 0 else None,
@@ -621,7 +419,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
                "failed": sum(r["status"] == "failed" for r in new), "dry_run": spec.dry_run, "threshold": threshold,
                "run_id": spec.run_id, "backend": spec.backend, "transform": shard.get("transform"),
                "would_process": len(todo) if spec.dry_run else 0}
-    sum_uri = _put_json(client, settings, base + ".summary.json", summary)
+    sum_uri = _store(client, settings).put_json(base + ".summary.json", summary)
     log(f"shard {shard['index']}: {summary['processed']} processed ({summary['failed']} failed), "
         f"{summary['skipped']} skipped, {summary['images_per_second'] or 0:.2f} images/s")
     return {"spec": shard["spec"], "detections": det_uri, "summary": sum_uri, **{k: summary[k] for k in ("photos", "processed", "skipped", "failed")}}
@@ -631,17 +429,15 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
 
 def _run_shard_results(client, settings: Settings, spec: RunSpec) -> tuple[list[dict], list[dict]]:
     """Records and summaries this run wrote for the region's window (its own run-keyed folder)."""
-    bucket = settings.bucket
-    prefix = run_prefix(settings, spec) + "detections/"
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])]
+    store = _store(client, settings)
+    keys = [o["Key"] for o in store.iter_objects(run_prefix(settings, spec) + "detections/")]
     records, summaries = [], []
     for key in sorted(k for k in keys if k.endswith(".summary.json")):
-        summary = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        summary = json.loads(store.read(key))
         if summary.get("run_id") != spec.run_id:
             continue
         summaries.append(summary)
-        records.extend(_get_lines(client, _uri(settings, key[: -len(".summary.json")] + ".jsonl")))
+        records.extend(read_json_lines(client, s3_uri(settings, key[: -len(".summary.json")] + ".jsonl")))
     return records, summaries
 
 
@@ -665,7 +461,7 @@ def verdict(report: dict) -> list[str]:
 
 def _holds_lock(client, settings: Settings, spec: RunSpec) -> bool:
     try:
-        found = _get_json(client, settings, lock_key(settings, spec))
+        found = _store(client, settings).get_json(lock_key(settings, spec))
     except ValueError:
         return False
     return found is not None and found[0].get("state") == "held" and found[0].get("run_id") == spec.run_id
@@ -689,7 +485,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
         spec = RunSpec.from_dict(d)
         c = load_collected(client, settings, spec)
         records, summaries = _run_shard_results(client, settings, spec) if c else ([], [])
-        manifest = _get_lines(client, c["manifest"]) if c and not spec.dry_run else []
+        manifest = read_json_lines(client, c["manifest"]) if c and not spec.dry_run else []
         planned = {e["key"] for e in manifest}
         seen: dict[str, int] = {}
         for rec in records:
@@ -727,11 +523,11 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
         problems = verdict(report)
         report["verdict"] = {"passed": not problems, "problems": problems}
         own = qa_run_prefix(settings, spec)
-        report_uri = _put_json(client, settings, own + "report.json", report)
+        report_uri = _store(client, settings).put_json(own + "report.json", report)
         html = render_report(report, records, client=client, settings=settings, spec=spec,
                              masked_key=lambda k: masked_key(settings, spec.region, k),
                              samples=settings.review_samples, rng=random.Random(spec.window.id))
-        store = S3Store(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id)
+        store = _store(client, settings)
         store.write(own + "report.html", html.encode(), "text/html; charset=utf-8")
         latest = not spec.dry_run and _holds_lock(client, settings, spec)
         if latest:  # the window's latest report: one run at a time holds the lock, so copies never interleave
@@ -740,7 +536,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
         log(f"{spec.region} {spec.window.id}: " + (headline(report) + f"; late: {report['late']}" if c else "not collected")
             + f" -> {report_uri}" + (" (latest)" if latest else "") + "".join(f"; PROBLEM: {p}" for p in problems))
         out.append({"region": spec.region, "window": spec.window.id, "run_id": spec.run_id, "report": report_uri,
-                    "html": _uri(settings, own + "report.html"), "latest": latest, "dry_run": spec.dry_run,
+                    "html": s3_uri(settings, own + "report.html"), "latest": latest, "dry_run": spec.dry_run,
                     "failure_rate": report["failure_rate"], "max_failure_rate": spec.max_failure_rate,
                     "by_status": report["by_status"], "photos": report["images"], "review": report["review"]["count"],
                     "plates": report["plates"], "passed": not problems, "problems": problems})

@@ -32,10 +32,11 @@ from .detections import Plate
 from .imageio import ImageError
 from .model import load_config
 from .package import package_model
-from .runs import (RunError, RunSpec, _already_done, _get_lines, _put_json, _read_audit, audit_key, photo_identities,
-                   run_prefix)
+from .layout import audit_key, run_prefix
+from .runs import already_done, photo_identities, read_audit
+from .runspec import RunError, RunSpec
 from .settings import Settings
-from .storage import S3Store, parse_s3_uri
+from .storage import MISSING_CODES, S3Store, error_code, parse_s3_uri, read_json_lines
 
 log = logging.getLogger("platemask.sagemaker")
 
@@ -165,7 +166,7 @@ def ensure_model(hook, s3, settings: Settings, model_dir: str) -> tuple[str, str
                        "PLATEMASK_SAGEMAKER_ROLE_ARN or the platemask_settings Variable); see README 'SageMaker'")
     blob, sha = package_model(model_dir)
     key = f"{settings.sagemaker_model_prefix}{sha}/model.tar.gz"
-    store = S3Store(settings.bucket, client=s3, sse=settings.sse, kms_key_id=settings.kms_key_id)
+    store = S3Store.for_settings(settings, s3)
     if not store.exists(key):
         store.write(key, blob, "application/gzip")
         log.info("uploaded model artifact s3://%s/%s", settings.bucket, key)
@@ -194,8 +195,8 @@ def photos_to_do(s3, settings: Settings, spec: RunSpec, entries: list[dict], cfg
     identity = photo_identities(spec, entries, cfg.identity(), cfg)
 
     def done(e: dict) -> bool:
-        audit = _read_audit(s3, settings, audit_key(settings, spec.region, e["key"]))
-        return _already_done(s3, settings, spec, e, audit, identity[e["key"]])
+        audit = read_audit(s3, settings, audit_key(settings, spec.region, e["key"]))
+        return already_done(s3, settings, spec, e, audit, identity[e["key"]])
 
     with ThreadPoolExecutor(settings.io_workers) as pool:
         flags = list(pool.map(done, entries))
@@ -205,10 +206,8 @@ def photos_to_do(s3, settings: Settings, spec: RunSpec, entries: list[dict], cfg
 def outputs_present(s3, output: str) -> set[str]:
     """Keys (relative to the manifest prefix, the bucket root) a job wrote a ``.out`` for."""
     bucket, prefix = parse_s3_uri(output)
-    found = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        found.update(o["Key"][len(prefix):-len(".out")] for o in page.get("Contents", []) if o["Key"].endswith(".out"))
-    return found
+    return {o["Key"][len(prefix):-len(".out")] for o in S3Store(bucket, client=s3).iter_objects(prefix)
+            if o["Key"].endswith(".out")}
 
 
 def _describe(hook, job: str) -> dict | None:
@@ -229,7 +228,7 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     and again): the mask step then fails the rest with that job's FailureReason.
     """
     spec = RunSpec.from_dict(shard["spec"])
-    entries = _get_lines(s3, shard["shard"])
+    entries = read_json_lines(s3, shard["shard"])
     model, model_sha = ensure_model(hook, s3, settings, model_dir)
     todo = photos_to_do(s3, settings, spec, entries, load_config(model_dir))
     base = {"model": model, "model_sha256": model_sha, "photos": len(todo)}
@@ -247,8 +246,8 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
         desc = _describe(hook, job)
         if desc is None:
             rest = [e for e in todo if e["key"] not in have]
-            manifest_uri = _put_json(s3, settings, run_prefix(settings, spec) + f"transform/{job}.manifest",
-                                     manifest_document(settings, rest))
+            manifest_uri = S3Store.for_settings(settings, s3).put_json(
+                run_prefix(settings, spec) + f"transform/{job}.manifest", manifest_document(settings, rest))
             request = transform_request(settings, spec, job=job, model=model, manifest_uri=manifest_uri, entries=rest)
             log.info("starting transform job %s (%d photos, %d already done by earlier attempts, MaxPayloadInMB %d, "
                      "MaxConcurrentTransforms %d)", job, len(rest), len(have), request["MaxPayloadInMB"],
@@ -333,11 +332,11 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
 
     def fetch(key: str) -> dict | ImageError:
         for out in outputs:
-            out_bucket, out_prefix = parse_s3_uri(out)
+            out_bucket, out_prefix = parse_s3_uri(out)  # the photo's key is no URI part ('?', '#')
             try:
-                body = s3.get_object(Bucket=out_bucket, Key=out_prefix + key + ".out")["Body"].read()
+                body = S3Store(out_bucket, client=s3).read(out_prefix + key + ".out")
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                if error_code(exc) in MISSING_CODES:
                     continue
                 return ImageError("transform_output_unreadable", f"cannot read {out}{key}.out: {exc}")
             try:

@@ -1,5 +1,10 @@
 """Where photos come from and go to: a local folder or an S3 prefix, behind one small interface.
 
+This is the storage layer: the nightly path (``runs``, ``sagemaker_backend``, the QA index, report
+and view) reaches S3 objects only through ``S3Store`` and the helpers below (JSON documents and
+JSON lines, conditional writes for the run lock, listings), so another backend is this one file
+(``tests/test_layout.py`` checks that no other module calls the S3 object APIs).
+
 Keys are always relative to the store's root and use '/' separators. Writes are atomic (local:
 temp file + rename; S3: single PUT), so a reader never sees half an image. Local files are written
 with the permissions the process's umask gives any new file (not the temp file's 0600).
@@ -10,12 +15,13 @@ destination that are the same place, or nested one in the other, are refused.
 """
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 from urllib.parse import urlparse
 
 
@@ -117,13 +123,7 @@ class S3Store:
 
     def __init__(self, bucket: str, prefix: str = "", *, client=None, sse: str | None = None,
                  kms_key_id: str | None = None):
-        if client is None:
-            import boto3
-            from botocore.config import Config
-
-            client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"},
-                                                      max_pool_connections=32))
-        self.client = client
+        self.client = s3_client() if client is None else client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.sse, self.kms_key_id = sse, kms_key_id
@@ -147,12 +147,21 @@ class S3Store:
         extra = {"IfMatch": if_match} if if_match else {}
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"].read()
 
-    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    @classmethod
+    def for_settings(cls, settings, client=None) -> "S3Store":
+        """The run's bucket (root prefix) with its encryption settings (``settings``: a ``Settings``)."""
+        return cls(settings.bucket, client=client, sse=settings.sse, kms_key_id=settings.kms_key_id)
+
+    def _sse(self) -> dict:
         extra = {}
         if self.sse:
             extra["ServerSideEncryption"] = self.sse
             if self.kms_key_id:
                 extra["SSEKMSKeyId"] = self.kms_key_id
+        return extra
+
+    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        extra = self._sse()
         from botocore.exceptions import BotoCoreError, ClientError
 
         for attempt in range(self.write_retries + 1):
@@ -172,12 +181,92 @@ class S3Store:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) in MISSING_CODES:
                 return False
             raise
 
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def iter_objects(self, prefix: str = "") -> Iterator[dict]:
+        """S3's object entries (``Key`` is the full key, with ``Size``, ``ETag``, ``LastModified``)
+        under ``prefix`` (relative to the store's root), page after page."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+        for page in pages:
+            yield from page.get("Contents", [])
+
+    def list_folders(self, prefix: str) -> Iterator[str]:
+        """The full keys of the "folders" (common prefixes, ending in '/') directly under ``prefix``."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix),
+                                                                      Delimiter="/")
+        for page in pages:
+            yield from (p["Prefix"] for p in page.get("CommonPrefixes", []))
+
+    # ---- JSON objects: the run's manifests, shards, records, summaries, locks and reports
+
+    def put_json(self, key: str, obj: Any, *, lines: bool = False) -> str:
+        """Write ``obj`` as a JSON document (``lines``: an iterable of objects as JSON lines); its URI."""
+        body = ("".join(json.dumps(o, sort_keys=True) + "\n" for o in obj) if lines
+                else json.dumps(obj, indent=2, sort_keys=True))
+        self.write(key, body.encode(), "application/x-ndjson" if lines else "application/json")
+        return self.describe(key)
+
+    def get_json(self, key: str) -> tuple[Any, str] | None:
+        """(object, ETag) of a JSON object, or None when it does not exist; ValueError when it is not JSON."""
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if error_code(exc) in MISSING_CODES:
+                return None
+            raise
+        return json.loads(obj["Body"].read()), obj["ETag"]
+
+    def put_json_conditional(self, key: str, doc: dict, *, if_none_match: bool = False,
+                             if_match: str | None = None) -> None:
+        """One PUT of ``doc`` only if no object is there (``if_none_match``) or only over the version
+        with ETag ``if_match``; otherwise S3 answers an error whose code is in ``PRECONDITION_CODES``
+        (or ``MISSING_CODES``). Never retried here: a repeat could misread its own first write."""
+        condition = {"IfNoneMatch": "*"} if if_none_match else {}
+        if if_match is not None:
+            condition["IfMatch"] = if_match
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=json.dumps(doc, sort_keys=True).encode(),
+                               ContentType="application/json", **condition, **self._sse())
+
+
+MISSING_CODES = ("NoSuchKey", "404", "NotFound")
+PRECONDITION_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def error_code(exc) -> str:
+    """The S3 error code of a botocore ``ClientError`` ('' when it has none)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def s3_client(config=None):
+    """A boto3 S3 client from boto3's usual configuration (profile, env, role, ``AWS_ENDPOINT_URL``),
+    with adaptive retries unless ``config`` (a botocore ``Config``) is given. In Airflow tasks the
+    client comes from the AWS connection instead (``airflow_support.s3_client``)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=config or Config(retries={"max_attempts": 8, "mode": "adaptive"},
+                                                      max_pool_connections=32))
+
+
+def read_uri(client, uri: str) -> bytes:
+    """The bytes of the object at ``s3://bucket/key`` (any bucket: e.g. a transform job's output)."""
+    bucket, key = parse_s3_uri(uri)
+    return S3Store(bucket, client=client).read(key)
+
+
+def read_json_lines(client, uri: str) -> list[dict]:
+    """The objects of a JSON-lines file at ``s3://bucket/key`` (a manifest, a shard, detection records)."""
+    return [json.loads(line) for line in read_uri(client, uri).decode().splitlines() if line.strip()]
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

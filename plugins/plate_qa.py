@@ -28,7 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # the api-server's own authentication (bearer token or session cookie) and authorisation
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
-from platemask.qa_index import QAStoreError, qa_key, recent_reports, render_index, render_problem, store_error
+from platemask.layout import qa_key
+from platemask.qa_index import QAStoreError, recent_reports, render_index, render_problem, store_error
+from platemask.storage import S3Store
 
 REVIEW_DAG_ID = "plate_masking"
 REVIEW_METHOD = "PUT"  # "may edit the DAG": USER and above in the SimpleAuthManager, can_edit in FAB
@@ -124,7 +126,7 @@ def report(region: str, window: str, user: Reviewer) -> Response:
         return _problem(404, "no such report", [f"{exc}: a report address is report/<region>/<window id>, "
                                                 "as linked from the Plate QA index."])
     try:
-        body = client.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+        body = S3Store(settings.bucket, client=client).read(key)
     except (ClientError, BotoCoreError) as exc:
         raise store_error(exc, bucket=settings.bucket, key=key, action="reading",
                           conn_id=settings.aws_conn_id) from exc

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, jpeg_bytes
-from platemask.runs import run_key
+from platemask.runspec import run_key
 
 DAG_FILE = ROOT / "dags" / "plate_masking.py"
 
@@ -104,7 +104,7 @@ def test_params_refuse_bad_values(monkeypatch, conf):
 
 
 def test_plan_refuses_bad_windows_with_a_clear_message():
-    from platemask.runs import RunError, plan_runs
+    from platemask.runspec import RunError, plan_runs
     from platemask.settings import Settings
 
     s = Settings()
@@ -231,7 +231,7 @@ def test_backfill_creates_runs_of_the_regions_nightly_dag(monkeypatch, bucket_en
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
-    from platemask.runs import plan_runs
+    from platemask.runspec import plan_runs
     from platemask.schedules import backfill_bounds
     from platemask.settings import Settings
 
@@ -450,7 +450,7 @@ def test_a_manual_run_waits_for_the_regions_nightly_run_of_the_same_window(monke
     from types import SimpleNamespace
 
     from platemask.airflow_support import hold_locks
-    from platemask.runs import RunSpec
+    from platemask.runspec import RunSpec
     from platemask.settings import Settings
 
     s3, bucket, _ = bucket_env

@@ -47,7 +47,7 @@ def test_dag_params_enums_are_the_shared_tuples():
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_every_mode_is_accepted_by_runs_and_mask(mode):
     from platemask.mask import MaskStyle
-    from platemask.runs import plan_runs
+    from platemask.runspec import plan_runs
 
     (spec,) = plan_runs(Settings(), {"region": "DE", "mode": mode, "window_start": "2026-11-20",
                                          "window_end": "2026-11-21"}, run_id="r",

@@ -28,7 +28,7 @@ import pytest
 
 from conftest import ROOT, jpeg_bytes
 from fault_proxy import FaultProxy, Request, always, first_attempt
-from platemask.runs import run_key
+from platemask.runspec import run_key
 from test_dag import _asset_events, _objects, load_dag
 
 DE_20 = "20261119T2300Z-20261120T2300Z"  # 2026-11-20 in Europe/Berlin, in UTC
@@ -330,7 +330,7 @@ def mask_window(w: World, spec) -> list[dict]:
 
 
 def test_a_late_upload_is_masked_by_the_next_night(world, fault_table):
-    from platemask.runs import RunSpec
+    from platemask.runspec import RunSpec
 
     w = world
     w.monkeypatch.setenv("PLATEMASK_LATE_DAYS", "3")
@@ -364,7 +364,8 @@ def _second_run(w: World, conf: dict, run_id: str) -> dict:
     scheduler: dag.test runs one run at a time): plan, then take the region-window lock or fail
     naming the run that holds it; a dry run takes no lock and collects and shards its own manifest."""
     from platemask.airflow_support import lock_wait_message
-    from platemask.runs import acquire_lock, aggregate, collect, make_shards, plan_runs
+    from platemask.runs import acquire_lock, aggregate, collect, make_shards
+    from platemask.runspec import plan_runs
     from platemask.settings import Settings
 
     settings = Settings.load()
@@ -438,7 +439,8 @@ def test_a_worker_killed_mid_shard_then_retried_leaves_every_photo_exactly_one_r
     uploaded), then the task's retry: the retry redoes what has no matching record, and the run
     ends with every photo exactly one record and nothing published without one."""
     from platemask.airflow_support import detector_factory, s3_client
-    from platemask.runs import RunSpec, aggregate, asset_extra, check_reports, collect, make_shards, mask_shard
+    from platemask.runs import aggregate, asset_extra, check_reports, collect, make_shards, mask_shard
+    from platemask.runspec import RunSpec
     from platemask.settings import Settings
 
     w = world

@@ -8,8 +8,9 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "platemask"
 # what the container, the CLI's mask command and the DAG workers load
-INFERENCE = ["platemask.segment", "platemask.serve", "platemask.pipeline", "platemask.runs", "platemask.verify",
-             "platemask.sagemaker_backend", "platemask.mask", "platemask.imageio"]
+INFERENCE = ["platemask.segment", "platemask.serve", "platemask.pipeline", "platemask.runs", "platemask.runspec",
+             "platemask.layout", "platemask.storage", "platemask.verify", "platemask.sagemaker_backend", "platemask.mask",
+             "platemask.imageio"]
 
 
 @pytest.mark.parametrize("module", INFERENCE)
@@ -63,3 +64,34 @@ def test_no_import_circles():
     for n in sorted(graph):
         visit(n)
     assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+S3_OBJECT_APIS = {"get_object", "put_object", "delete_object", "delete_objects", "head_object", "copy_object",
+                  "get_paginator", "list_objects", "list_objects_v2", "upload_file", "upload_fileobj", "download_file",
+                  "download_fileobj"}
+# storage.py is the storage layer; demo.py and local_transform.py play S3/SageMaker themselves (a local
+# stand-in for the cloud side, not the nightly path)
+S3_ALLOWED = {"platemask/storage.py", "platemask/demo.py", "platemask/local_transform.py"}
+
+
+def _s3_calls(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name = node.func.attr
+            if name in S3_OBJECT_APIS:
+                out.append(f"{path.name}:{node.lineno} .{name}()")
+            elif (name == "client" and isinstance(node.func.value, ast.Name) and node.func.value.id == "boto3"
+                  and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "s3"):
+                out.append(f"{path.name}:{node.lineno} boto3.client('s3')")
+    return out
+
+
+def test_only_the_storage_layer_calls_s3_object_apis():
+    """The nightly path (runs, QA, reports, SageMaker, the DAG and the QA view) reaches S3 objects only
+    through ``platemask.storage``, so a new storage backend is one file. The Airflow S3 client factory
+    (``airflow_support.s3_client``, an S3Hook connection) hands the client over and calls no object API."""
+    root = PKG.parent
+    files = [*PKG.rglob("*.py"), *(root / "dags").rglob("*.py"), *(root / "plugins").rglob("*.py")]
+    found = [c for p in files if p.relative_to(root).as_posix() not in S3_ALLOWED for c in _s3_calls(p)]
+    assert not found, "direct S3 object calls outside platemask/storage.py: " + ", ".join(found)

@@ -224,7 +224,7 @@ def test_report_html_escapes_what_it_was_given_and_carries_its_own_csp(aws_conn)
     from platemask.detections import record
     from platemask.qa import build_report
     from platemask.report_html import render_report
-    from platemask.runs import RunSpec
+    from platemask.runspec import RunSpec
     from platemask.settings import Settings
 
     evil = "<script>alert(1)</script>"

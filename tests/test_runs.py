@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import jpeg_bytes
-from platemask.runs import RunSpec, acquire_lock, collect, lock_key, make_shards, release_lock, run_key
+from platemask.layout import lock_key
+from platemask.runs import acquire_lock, collect, make_shards, release_lock
+from platemask.runspec import RunSpec, run_key
 from platemask.settings import Settings
 
 WINDOW = {"window_start": "2026-11-19T23:00:00+00:00", "window_end": "2026-11-20T23:00:00+00:00"}
@@ -186,7 +188,8 @@ def test_late_photos_of_the_days_before_are_picked_up_once_and_reported(photos, 
 
 
 def test_check_wants_a_passing_report_for_every_planned_region():
-    from platemask.runs import RunError, asset_extra, check_reports, verdict
+    from platemask.runs import asset_extra, check_reports, verdict
+    from platemask.runspec import RunError
 
     base = {"collected": True, "not_accounted_for": 0, "duplicate_records": 0, "records_outside_manifest": 0,
             "failure_rate": 0.0, "max_failure_rate": 0.02}

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from platemask.runs import RunError, RunSpec
+from platemask.runspec import RunError, RunSpec
 from platemask.sagemaker_backend import (MAX_PAYLOAD_MB, job_name, manifest_document, model_name, payload_mb,
                                          transform_request)
 from platemask.settings import Settings
@@ -590,7 +590,8 @@ def test_inference_image_installs_dependencies_before_the_source():
 def test_a_region_window_is_one_transform_job_up_to_sagemaker_shard_size(aws_conn):
     """Every job pays its instances' start-up: backend=sagemaker cuts shards (= jobs) of up to
     sagemaker_shard_size photos, scaled inside the job by InstanceCount, not 200-photo jobs."""
-    from platemask.runs import make_shards, run_prefix
+    from platemask.layout import run_prefix
+    from platemask.runs import make_shards
 
     s3 = aws_conn
     settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", shard_size=200, sagemaker_shard_size=5000)

@@ -50,7 +50,7 @@ def test_a_regions_run_is_due_at_its_local_midnight_and_covers_exactly_that_loca
 
 
 def test_the_window_a_nightly_run_plans_is_its_data_interval():
-    from platemask.runs import plan_runs
+    from platemask.runspec import plan_runs
 
     s = Settings()
     for region in s.regions:
@@ -63,7 +63,7 @@ def test_old_utc_cron_lagged_hours_the_regional_one_does_not():
     """The lag (window close -> run due) the README states: old 01:00 UTC cron vs per-region local midnight."""
     from airflow.timetables.interval import CronDataIntervalTimetable
 
-    from platemask.runs import plan_runs
+    from platemask.runspec import plan_runs
 
     s = Settings()
     old = CronDataIntervalTimetable("0 1 * * *", timezone="UTC")
@@ -131,7 +131,7 @@ def _backfill_runs(dag_id: str, start: datetime, end: datetime, conf: dict | Non
 
 @pytest.mark.parametrize("region", ["DE", "US", "TH"])
 def test_the_readme_backfill_recipe_covers_exactly_the_days_asked(monkeypatch, airflow_db, region):
-    from platemask.runs import plan_runs
+    from platemask.runspec import plan_runs
 
     _sync_dags(monkeypatch)
     s = Settings()

@@ -80,7 +80,7 @@ def test_cli_needs_an_explicit_opt_in_for_a_high_threshold(scene, tmp_path, mode
 
 
 def test_dag_params_need_unsafe_threshold(model_dir):
-    from platemask.runs import RunError, plan_runs
+    from platemask.runspec import RunError, plan_runs
     from platemask.settings import Settings
 
     s = Settings(model_dir=str(model_dir))

@@ -128,7 +128,8 @@ def test_segmenter_fuses_verifier_and_refuses_a_mismatched_one(model_dir, scene,
 
 def test_a_new_verifier_means_images_are_masked_again():
     """A run skips a photo only when the same detector *and* the same verifier masked it."""
-    from platemask.runs import RunSpec, _already_done
+    from platemask.runs import already_done
+    from platemask.runspec import RunSpec
     from platemask.settings import Settings
 
     class Client:  # the masked output exists
@@ -147,6 +148,6 @@ def test_a_new_verifier_means_images_are_masked_again():
                                metadata="safe")
 
     audit = {"status": "masked", "source_etag": "e1", "model": used, "identity": ident(used)}
-    assert _already_done(Client(), Settings(), spec, entry, audit, ident(dict(used)))
-    assert not _already_done(Client(), Settings(), spec, entry, audit, ident(dict(used, verifier_sha256="v2")))
-    assert not _already_done(Client(), Settings(), spec, entry, audit, ident({"name": "m", "weights_sha256": "d1"}))
+    assert already_done(Client(), Settings(), spec, entry, audit, ident(dict(used)))
+    assert not already_done(Client(), Settings(), spec, entry, audit, ident(dict(used, verifier_sha256="v2")))
+    assert not already_done(Client(), Settings(), spec, entry, audit, ident({"name": "m", "weights_sha256": "d1"}))

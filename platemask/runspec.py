@@ -1,0 +1,102 @@
+"""A run's parameters: the Params a run was triggered with, validated into one ``RunSpec`` per region (pure).
+
+``run_key(run_id)`` is the key-safe name of a run that every run-keyed S3 file is under.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from .constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
+from .settings import Settings
+from .windows import Window, resolve_window
+
+
+def run_key(run_id: str) -> str:
+    """A readable, key-safe, stable name for a run: its run_id with unsafe characters replaced, plus a
+    short hash of the exact run_id (two run_ids never share a key), e.g.
+    ``manual__2026-11-25T10-00-00.123-00-00-1a2b3c4d``."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-.")[:80] or "run"
+    return f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+
+
+class RunError(Exception):
+    """A run-level problem an operator must act on (bad parameters, failure rate over the limit)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    region: str
+    window_start: str
+    window_end: str
+    run_id: str = "manual"
+    backend: str = DEFAULT_BACKEND
+    mode: str = DEFAULT_MASK_MODE
+    threshold: float | None = None
+    reprocess: bool = False
+    dry_run: bool = False
+    max_images: int | None = None
+    max_failure_rate: float = 0.02
+
+    @property
+    def window(self) -> Window:
+        return Window(datetime.fromisoformat(self.window_start), datetime.fromisoformat(self.window_end))
+
+    @property
+    def run_key(self) -> str:
+        return run_key(self.run_id)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        return cls(**d)
+
+
+def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_end: datetime | None) -> list[RunSpec]:
+    """Validate the run's Params and turn them into one RunSpec per region (pure)."""
+    region = params.get("region") or "ALL"
+    regions = list(settings.regions) if region == "ALL" else [region]
+    for r in regions:
+        if r not in settings.regions:
+            raise RunError(f"region {r!r} is not configured; configured regions: {', '.join(settings.regions)}")
+    backend = params.get("backend") or DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise RunError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    mode = params.get("mode") or DEFAULT_MASK_MODE
+    if mode not in MASK_MODES:
+        raise RunError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+    threshold = params.get("threshold")
+    if threshold is not None and not 0 <= float(threshold) <= 1:
+        raise RunError(f"threshold must be within [0, 1], got {threshold}")
+    if threshold is not None and not params.get("unsafe_threshold"):
+        from .model import load_config
+        from .pipeline import check_threshold
+
+        try:
+            check_threshold(float(threshold), load_config(params.get("model") or settings.model_dir).score_threshold)
+        except (FileNotFoundError, ValueError) as exc:
+            raise RunError(str(exc)) from None
+    max_images = params.get("max_images")
+    if max_images is not None and int(max_images) < 1:
+        raise RunError(f"max_images must be >= 1 or empty, got {max_images}")
+    mfr = params.get("max_failure_rate")
+    mfr = settings.max_failure_rate if mfr is None else float(mfr)
+    if not 0 <= mfr <= 1:
+        raise RunError(f"max_failure_rate must be within [0, 1], got {mfr}")
+    specs = []
+    for r in regions:
+        try:
+            w = resolve_window(tz=settings.region_timezones[r], window_start=params.get("window_start"),
+                               window_end=params.get("window_end"), data_interval_end=data_interval_end)
+        except ValueError as exc:
+            raise RunError(f"region {r}: {exc}") from None
+        specs.append(RunSpec(region=r, window_start=w.start.isoformat(), window_end=w.end.isoformat(), run_id=run_id,
+                             backend=backend, mode=mode, threshold=None if threshold is None else float(threshold),
+                             reprocess=bool(params.get("reprocess")), dry_run=bool(params.get("dry_run")),
+                             max_images=None if max_images is None else int(max_images), max_failure_rate=mfr))
+    return specs
+
