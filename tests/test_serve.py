@@ -28,12 +28,9 @@ def call(url, body=None, ctype=None, method=None, timeout=60):
         return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    port = _free_port()
-    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="2",
-               PLATEMASK_MODEL_DIR=str(model_dir), SAGEMAKER_MAX_PAYLOAD_IN_MB="2", PLATEMASK_DEVICE="cpu")
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+def start_server(env: dict, port: int, log) -> tuple[str, subprocess.Popen, bool]:
+    """Start the real gunicorn server with ``env``, its output in ``log``; wait up to 120 s for
+    /ping 200. Returns its URL, the process and whether /ping answered 503 (loading) on the way."""
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=ROOT)
@@ -46,13 +43,20 @@ def server(model_dir, tmp_path_factory):
             if status == 503:
                 saw_loading = True
             if status == 200:
-                break
+                return url, proc, saw_loading
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
+    proc.kill()
+    pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="2",
+               PLATEMASK_MODEL_DIR=str(model_dir), SAGEMAKER_MAX_PAYLOAD_IN_MB="2", PLATEMASK_DEVICE="cpu")
+    url, proc, saw_loading = start_server(env, port, tmp_path_factory.mktemp("serve") / "server.log")
     yield url, proc, saw_loading
     proc.terminate()
     proc.wait(timeout=30)
@@ -265,22 +269,7 @@ def one_worker_server(model_dir, tmp_path_factory):
                PLATEMASK_MODEL_DIR=str(model_dir), SAGEMAKER_MAX_PAYLOAD_IN_MB="20", PLATEMASK_DEVICE="cpu",
                PLATEMASK_PIXEL_BUDGET_MB="40")
     env.pop("PLATEMASK_SERVER_THREADS", None)
-    log = tmp_path_factory.mktemp("serve1") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if call(url + "/ping", timeout=2)[0] == 200:
-                break
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
+    url, proc, _ = start_server(env, port, tmp_path_factory.mktemp("serve1") / "server.log")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
