@@ -170,6 +170,11 @@ class Segmenter:
         return plates
 
     def __call__(self, images: list[np.ndarray]) -> list[list[Plate]]:
+        return [self.verify_plates(rgb, plates) for rgb, plates in zip(images, self.detect(images))]
+
+    def detect(self, images: list[np.ndarray]) -> list[list[Plate]]:
+        """The detector's plates per image, merged across views and clipped to the photo, before the
+        verifier's second look (:meth:`verify_plates`)."""
         views: list[View] = []
         for i, rgb in enumerate(images):
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -185,7 +190,7 @@ class Segmenter:
             for p in merged:
                 p.polygon[:, 0] = np.clip(p.polygon[:, 0], 0, w)
                 p.polygon[:, 1] = np.clip(p.polygon[:, 1], 0, h)
-            results.append(self.verify_plates(images[i], merged))
+            results.append(merged)
         return results
 
     def verify_plates(self, rgb: np.ndarray, plates: list[Plate]) -> list[Plate]:

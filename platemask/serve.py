@@ -81,9 +81,11 @@ def drain(stream, cap: int, chunk: int = 1 << 20) -> int:
 class ModelHolder:
     """Loads the segmenter once per worker, off the request path."""
 
-    def __init__(self, model_dir: str, device: str, threads: int | None, *, require_cuda: bool = False):
+    def __init__(self, model_dir: str, device: str, threads: int | None, *, require_cuda: bool = False,
+                 threshold: float | None = None):
         self.model_dir, self.device, self.threads = model_dir, device, threads
         self.require_cuda = require_cuda
+        self.threshold = threshold  # the job's threshold (PLATEMASK_THRESHOLD); None: the model's
         self.ready = threading.Event()  # model loaded
         self.settled = threading.Event()  # loaded or failed for good: requests stop waiting
         self.error: str | None = None
@@ -109,7 +111,7 @@ class ModelHolder:
 
             t0 = time.perf_counter()
             self.segmenter = Segmenter(self.model_dir, device=self.device, batch_size=1, threads=self.threads,
-                                       threshold=float(os.environ.get("PLATEMASK_THRESHOLD") or 0) or None)
+                                       threshold=self.threshold)
             log.info("model %s loaded in %.1f s", self.segmenter.cfg.name, time.perf_counter() - t0)
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - reported by /ping and /invocations, the server stays up
@@ -141,6 +143,11 @@ def _require_cuda() -> bool:
     return os.environ.get(REQUIRE_CUDA_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def _threshold() -> float | None:
+    raw = os.environ.get("PLATEMASK_THRESHOLD", "").strip()
+    return float(raw) if raw else None
+
+
 def _device() -> str:
     d = os.environ.get("PLATEMASK_DEVICE", "auto")
     return "cuda" if d == "auto" and _require_cuda() else resolve_device(d)
@@ -156,7 +163,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
     workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    holder = ModelHolder(model_dir, _device(), threads, require_cuda=_require_cuda())
+    holder = ModelHolder(model_dir, _device(), threads, require_cuda=_require_cuda(), threshold=_threshold())
     budget_mb = int(os.environ.get("PLATEMASK_PIXEL_BUDGET_MB") or JobOptions.pixel_budget_mb)
     budget = PixelBudget(budget_mb * 1024 * 1024)  # decoded pixels in this worker, all requests together
     return_freed_memory_to_os()
@@ -212,8 +219,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
             return _json(record(key, status="failed", reason=exc.reason, error=str(exc), model=seg.model_info,
                                 input_sha256=sha))
         cfg = seg.cfg
-        threshold = float(os.environ.get("PLATEMASK_THRESHOLD") or cfg.score_threshold)
-        opts = JobOptions.for_model(cfg, threshold)
+        opts = JobOptions.for_model(cfg, holder.threshold)
         with holder.lock:
             plates = seg([dec.rgb])[0]
         rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=sha)

@@ -367,11 +367,7 @@ class DetectorCache:
     def plates(self, rec: Record, rgb: np.ndarray) -> list[Plate]:
         key = str(Path(rec.path).resolve())
         if key not in self.known:
-            verifier, self.seg.verifier = self.seg.verifier, None
-            try:
-                found = self.seg([rgb])[0]
-            finally:
-                self.seg.verifier = verifier
+            found = self.seg.detect([rgb])[0]
             self.known[key] = [[p.score, p.polygon.tolist()] for p in found]
             with self.path.open("a") as f:
                 f.write(json.dumps({"path": key, "plates": self.known[key]}) + "\n")
@@ -393,10 +389,9 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
     results, t0 = [], time.time()
     for i, rec in enumerate(val):
         dec = decode(Path(rec.path).read_bytes())
-        if cached is None:
-            plates = seg([dec.rgb])[0]
-        else:  # the detector's plates from the cache (or computed and cached), then the verifier
-            plates = seg.verify_plates(dec.rgb, cached.plates(rec, dec.rgb))
+        # the detector's plates (from the cache when there is one), then the verifier's second look
+        found = seg.detect([dec.rgb])[0] if cached is None else cached.plates(rec, dec.rgb)
+        plates = seg.verify_plates(dec.rgb, found)
         results.append(analyse(rec, plates, dec.width, dec.height, style))
         if (i + 1) % 25 == 0:
             rate = (i + 1) / (time.time() - t0)
