@@ -13,7 +13,7 @@ import math
 
 from .layout import WINDOW_ID, qa_key, qa_windows_prefix
 from .settings import Settings
-from .storage import S3Store
+from .storage import MISSING_CODES, S3Store
 
 
 # --- S3 failures a reviewer can act on ----------------------------------------------------------
@@ -39,7 +39,7 @@ def store_error(exc: Exception, *, bucket: str, key: str, action: str, conn_id: 
         err = exc.response.get("Error", {})
         code = str(err.get("Code", "?"))
         what = f"S3 answered {code}: {err.get('Message') or exc}"
-        if code in ("NoSuchKey", "404", "NotFound"):
+        if code in MISSING_CODES:
             return QAStoreError(404, "No QA report here", where, what,
                                 "The run for this window may not have reached its QA step yet, or its QA task "
                                 "failed: check the plate_masking run for this window in the Airflow UI.")

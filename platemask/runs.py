@@ -316,7 +316,7 @@ class ManifestSource:
         try:
             data = self.store.read(key, if_match=f'"{etag}"')
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+            if error_code(exc) not in ("PreconditionFailed", "412"):  # IfMatch on a GET: 412 only
                 raise
             raise ImageError("source_changed", f"{self.describe(key)} changed since it was listed (ETag {etag} "
                              "no longer matches): not masked; the next run processes the new upload") from None
