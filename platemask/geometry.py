@@ -50,10 +50,16 @@ def failsafe_polygon(mask: np.ndarray, box, *, threshold: float = 0.4, ragged: f
     if x1 <= x0 or y1 <= y0:
         return bx
     sub = mask[y0:y1, x0:x1] >= threshold
-    ys, xs = np.nonzero(sub)
     box_area = max(polygon_area(bx), 1.0)
-    if len(xs) < 3 or len(xs) < min_fill * box_area:
+    count = int(np.count_nonzero(sub))
+    if count < 3 or count < min_fill * box_area:
         return bx
+    # the hull of a pixel set is the hull of each row's leftmost and rightmost pixels: 2 points a
+    # row instead of every pixel (a 300 x 100 px plate: 200 points, not 30,000)
+    rows = np.flatnonzero(sub.any(axis=1))
+    left = np.argmax(sub[rows], axis=1)
+    right = sub.shape[1] - 1 - np.argmax(sub[rows, ::-1], axis=1)
+    xs, ys = np.concatenate([left, right]), np.concatenate([rows, rows])
     pts = np.stack([xs + x0, ys + y0], 1).astype(np.float32)
     # pixel centres → pixel extents: grow each point to its pixel's corners
     corners = np.concatenate([pts + d for d in ((0, 0), (1, 0), (1, 1), (0, 1))]).astype(np.float32)

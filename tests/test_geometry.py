@@ -81,3 +81,39 @@ def test_box_iou():
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == 50 / 150
     assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0  # degenerate boxes do not divide by zero
+
+
+def test_failsafe_outline_from_row_ends_is_the_hull_of_every_pixel():
+    """The outline is computed from each row's leftmost and rightmost pixels; it must be exactly the
+    convex hull of all the mask's pixels (as a set of vertices), for solid, ragged and noisy masks."""
+    import cv2
+
+    from platemask.geometry import failsafe_polygon
+
+    rng = np.random.default_rng(5)
+    checked = 0
+    for i in range(120):
+        m = np.zeros((120, 200), np.float32)
+        kind = i % 3
+        if kind == 0:
+            pts = (rng.random((6, 2)) * [200, 120]).astype(np.int32)
+            cv2.fillConvexPoly(m, cv2.convexHull(pts), 0.9)
+        elif kind == 1:
+            m = cv2.GaussianBlur((rng.random((120, 200)) > 0.6).astype(np.float32), (0, 0), 4) * 2
+        else:
+            m[rng.random((120, 200)) > 0.97] = 1.0
+        x0, x1 = sorted(rng.integers(0, 200, 2))
+        y0, y1 = sorted(rng.integers(0, 120, 2))
+        box = [float(x0), float(y0), float(x1 + 1), float(y1 + 1)]
+        got = failsafe_polygon(m, box, ragged=0.0)  # ragged=0: the hull is returned, never its rectangle
+        # reference: the hull of every pixel's four corners inside the (grown) box
+        bx0, by0, bx1, by1 = max(x0 - 2, 0), max(y0 - 2, 0), min(x1 + 4, 200), min(y1 + 4, 120)
+        ys, xs = np.nonzero(m[by0:by1, bx0:bx1] >= 0.4)
+        if len(xs) < 3 or len(xs) < 0.25 * (x1 + 1 - x0) * (y1 + 1 - y0):
+            continue
+        pts = np.stack([xs + bx0, ys + by0], 1).astype(np.float32)
+        corners = np.concatenate([pts + d for d in ((0, 0), (1, 0), (1, 1), (0, 1))]).astype(np.float32)
+        want = cv2.convexHull(corners).reshape(-1, 2)
+        assert {tuple(p) for p in got.tolist()} == {tuple(p) for p in want.tolist()}
+        checked += 1
+    assert checked > 30
