@@ -1,4 +1,6 @@
 """Pipeline mechanics with a test double for the detector (the real model is tested in test_model.py)."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -196,3 +198,41 @@ def test_mpo_is_masked_as_jpeg_and_the_dropped_frames_are_recorded(tmp_path):
     assert out.format == "JPEG" and getattr(out, "n_frames", 1) == 1
     assert scan["status"] == "failed" and scan["reason"] == "multi_page_unsupported" and "scan.tif" in scan["error"]
     assert sorted(dst.iter_keys()) == ["phone.jpg"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+def test_reading_and_writing_threads_yield_the_cpu_to_the_detector(tmp_path):
+    """Decode and encode threads run at a lower priority than the thread that runs the detector."""
+    import os
+    import threading
+
+    from platemask.pipeline import IO_THREAD_NICE, JobOptions, run_job
+    from platemask.storage import open_store
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"p{i}.jpg").write_bytes(jpeg_bytes(np.full((40, 60, 3), 90 + i, np.uint8)))
+    seen: dict[str, int] = {}
+
+    def detect(keys, decoded):
+        seen["detector"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return [[] for _ in keys]
+
+    import platemask.pipeline as pipeline
+    real_decode = pipeline.decode
+
+    def spy(data, **kw):
+        seen["reader"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return real_decode(data, **kw)
+
+    pipeline.decode = spy
+    try:
+        recs = run_job(open_store(str(src)), open_store(str(tmp_path / "dst"), create=True), sorted(os.listdir(src)),
+                       detect, JobOptions(threshold=0.5))
+    finally:
+        pipeline.decode = real_decode
+    assert [r["status"] for r in recs] == ["no_plate"] * 3
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen["detector"] == base
+    assert seen["reader"] == min(19, base + IO_THREAD_NICE)
