@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .constants import (DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES, METADATA_POLICIES,
-                        MODEL_DIR_ENV, REPO_MODEL_DIR, resolve_device)
+                        MODEL_DIR_ENV, REPO_MODEL_DIR, RUNTIMES, DEFAULT_RUNTIME, resolve_device)
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
 
@@ -66,7 +66,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         check_threshold(a.threshold, load_config(a.model).score_threshold, unsafe=a.unsafe_threshold)
-        seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size, threshold=a.threshold)
+        seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size, threshold=a.threshold, runtime=a.runtime)
     except (FileNotFoundError, ValueError) as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
@@ -122,6 +122,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.export:
         cfg = export(ckpt, a.export, name=a.name or Path(a.export).name)
         _log(f"exported {cfg.name} to {a.export} (weights {cfg.weights_sha256[:12]})")
+        return _export_trunk_if_possible(a.export)
     return EXIT_OK
 
 
@@ -144,6 +145,30 @@ def cmd_export(a: argparse.Namespace) -> int:
     overrides = {k: getattr(a, k) for k in ("score_threshold", "input_max_side") if getattr(a, k) is not None}
     cfg = export(a.checkpoint, a.out, name=a.name or Path(a.out).name, **overrides)
     _log(f"exported {cfg.name} to {a.out} (weights {cfg.weights_sha256[:12]})")
+    return _export_trunk_if_possible(a.out)
+
+
+def _export_trunk_if_possible(model_dir: str) -> int:
+    from .onnx_trunk import write_trunk
+
+    try:
+        spec = write_trunk(model_dir)
+    except ImportError as exc:
+        _log(f"note: no ONNX trunk written ({exc}); the model runs on PyTorch until 'platemask export-onnx' adds it")
+        return EXIT_OK
+    _log(f"wrote the ONNX trunk {spec['file']} ({spec['sha256'][:12]}) to {model_dir}")
+    return EXIT_OK
+
+
+def cmd_export_onnx(a: argparse.Namespace) -> int:
+    from .onnx_trunk import write_trunk
+
+    try:
+        spec = write_trunk(a.model)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        _log(f"platemask: error: {exc}")
+        return EXIT_USAGE
+    _log(f"wrote the ONNX trunk {spec['file']} ({spec['sha256'][:12]}) to {a.model} and recorded it in config.json")
     return EXIT_OK
 
 
@@ -213,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--detections", metavar="FILE.jsonl", help="write one detection record per input")
     m.add_argument("--report", metavar="FILE.json", help="write the QA summary")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    m.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                   help="what runs the detector's trunk: auto = ONNX Runtime on CPU when the model ships trunk.onnx")
     m.add_argument("--batch-size", type=_positive_int, default=4)
     m.add_argument("--jpeg-quality", type=int, choices=range(1, 101), metavar="1..100", default=92)
     m.add_argument("--metadata", choices=METADATA_POLICIES, default=DEFAULT_METADATA_POLICY,
@@ -269,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--score-threshold", type=_fraction)
     e.add_argument("--input-max-side", type=_positive_int)
     e.set_defaults(func=cmd_export)
+
+    o = sub.add_parser("export-onnx", help="add the detector's trunk for ONNX Runtime (trunk.onnx) to a model folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    o.add_argument("--model", default=str(default_model_dir()))
+    o.set_defaults(func=cmd_export_onnx)
 
     v = sub.add_parser("evaluate", help="recall/precision/FP-rate/PR curve on the held-out split", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     v.add_argument("--model", default=str(default_model_dir()))

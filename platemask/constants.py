@@ -26,6 +26,13 @@ Backend = Literal["local", "sagemaker"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_BACKEND: Backend = "local"
 
+# What runs the detector's convolutional trunk (platemask.onnx_trunk): "auto" is ONNX Runtime on
+# CPU when the model folder ships the trunk, PyTorch otherwise (GPU, or a folder without it).
+Runtime = Literal["auto", "torch", "onnx"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
+DEFAULT_RUNTIME: Runtime = "auto"
+RUNTIME_ENV = "PLATEMASK_RUNTIME"  # the inference server's choice (the CLI has --runtime)
+
 # The default model. One environment variable names it everywhere: the CLI's --model default, the
 # DAG's Settings.model_dir (PLATEMASK_<FIELD>) and the inference server.
 MODEL_DIR_ENV = "PLATEMASK_MODEL_DIR"

@@ -17,7 +17,9 @@ import torch
 
 from .detections import Plate
 from .geometry import failsafe_polygon, grow_polygon, intersection_over_smaller
+from .constants import DEFAULT_RUNTIME
 from .model import ModelConfig, fuse_frozen_bn, load_model
+from .onnx_trunk import attach_trunk, choose_runtime
 from .verify import fuse, load_verifier
 
 
@@ -105,7 +107,7 @@ class Segmenter:
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_size: int = 4,
                  min_score: float | None = None, threads: int | None = None, verify: bool = True,
-                 threshold: float | None = None):
+                 threshold: float | None = None, runtime: str = DEFAULT_RUNTIME):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but CUDA is not available on this machine; use --device cpu")
         if threads:
@@ -117,6 +119,11 @@ class Segmenter:
             # oneDNN's depthwise convolutions are much faster on NHWC (measured 2x on MobileNetV2)
             self.model.to(memory_format=torch.channels_last)
         self.model_dir = Path(model_dir)
+        # the convolutional trunk on ONNX Runtime (CPU) or PyTorch; what follows it is torchvision either way
+        self.runtime = choose_runtime(runtime, self.device, self.cfg.onnx)
+        if self.runtime == "onnx":
+            attach_trunk(self.model, self.model_dir, self.cfg.onnx, weights_sha256=self.cfg.weights_sha256,
+                         threads=threads)
         self.batch_size = max(1, int(batch_size))
         # what a run can use: its near misses (from review_low) and everything it masks, also when
         # it runs at a threshold under the model's review_low

@@ -36,7 +36,7 @@ import time
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR, resolve_device
+from .constants import DEFAULT_RUNTIME, MODEL_DIR_ENV, RUNTIME_ENV, RUNTIMES, SAGEMAKER_MODEL_DIR, resolve_device
 
 ACCEPTED = ("image/jpeg", "image/png", "application/x-image", "image/webp", "image/tiff")
 REQUIRE_CUDA_ENV = "PLATEMASK_REQUIRE_CUDA"
@@ -82,8 +82,9 @@ class ModelHolder:
     """Loads the segmenter once per worker, off the request path."""
 
     def __init__(self, model_dir: str, device: str, threads: int | None, *, require_cuda: bool = False,
-                 threshold: float | None = None):
+                 threshold: float | None = None, runtime: str = DEFAULT_RUNTIME):
         self.model_dir, self.device, self.threads = model_dir, device, threads
+        self.runtime = runtime
         self.require_cuda = require_cuda
         self.threshold = threshold  # the job's threshold (PLATEMASK_THRESHOLD); None: the model's
         self.ready = threading.Event()  # model loaded
@@ -111,8 +112,9 @@ class ModelHolder:
 
             t0 = time.perf_counter()
             self.segmenter = Segmenter(self.model_dir, device=self.device, batch_size=1, threads=self.threads,
-                                       threshold=self.threshold)
-            log.info("model %s loaded in %.1f s", self.segmenter.cfg.name, time.perf_counter() - t0)
+                                       threshold=self.threshold, runtime=self.runtime)
+            log.info("model %s loaded in %.1f s (trunk on %s)", self.segmenter.cfg.name, time.perf_counter() - t0,
+                     self.segmenter.runtime)
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - reported by /ping and /invocations, the server stays up
             self.error = f"{type(exc).__name__}: {exc}"
@@ -143,6 +145,13 @@ def _require_cuda() -> bool:
     return os.environ.get(REQUIRE_CUDA_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def _runtime() -> str:
+    r = os.environ.get(RUNTIME_ENV, "").strip() or DEFAULT_RUNTIME
+    if r not in RUNTIMES:
+        raise ValueError(f"{RUNTIME_ENV}={r!r} is not one of {', '.join(RUNTIMES)}")
+    return r
+
+
 def _threshold() -> float | None:
     raw = os.environ.get("PLATEMASK_THRESHOLD", "").strip()
     return float(raw) if raw else None
@@ -163,7 +172,8 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
     workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    holder = ModelHolder(model_dir, _device(), threads, require_cuda=_require_cuda(), threshold=_threshold())
+    holder = ModelHolder(model_dir, _device(), threads, require_cuda=_require_cuda(), threshold=_threshold(),
+                         runtime=_runtime())
     budget_mb = int(os.environ.get("PLATEMASK_PIXEL_BUDGET_MB") or JobOptions.pixel_budget_mb)
     budget = PixelBudget(budget_mb * 1024 * 1024)  # decoded pixels in this worker, all requests together
     return_freed_memory_to_os()

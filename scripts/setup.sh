@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
-pip install -e ".[airflow,serve,test,ocr]"
+pip install -e ".[airflow,serve,test,ocr,export]"
 # Installed without their declared dependencies on purpose:
 #  - rapidocr-onnxruntime declares opencv-python, which would shadow opencv-python-headless's cv2;
 #    the rest of what it needs is in the [ocr] extra.

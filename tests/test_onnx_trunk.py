@@ -1,0 +1,145 @@
+"""The detector's trunk on ONNX Runtime: the same plates as PyTorch, the shipped trunk is exactly the
+shipped weights, and a trunk that does not belong to its folder is refused (never silently used)."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from platemask.model import load_config
+from platemask.onnx_trunk import TRUNK_FILE, choose_runtime, write_trunk
+from platemask.segment import Segmenter
+
+
+def _photos(n: int = 3, seed: int = 3) -> list[np.ndarray]:
+    from platemask.training.synth import synth_car_scene
+
+    rng = np.random.default_rng(seed)
+    return [synth_car_scene(rng, n_plates=int(rng.integers(1, 3)), plate_width=(30, 160))[0] for _ in range(n)]
+
+
+def _same_plates(a, b, *, score_tol=1e-4, px_tol=0.5):
+    assert len(a) == len(b)
+    for pa, pb in zip(a, b):
+        assert len(pa) == len(pb)
+        for x, y in zip(sorted(pa, key=lambda p: -p.score), sorted(pb, key=lambda p: -p.score)):
+            assert abs(x.score - y.score) <= score_tol
+            assert np.abs(np.asarray(x.box) - np.asarray(y.box)).max() <= px_tol
+
+
+def test_shipped_model_ships_a_trunk_of_its_own_weights(model_dir):
+    cfg = load_config(model_dir)
+    assert cfg.onnx, "the shipped model has no ONNX trunk: run 'platemask export-onnx'"
+    assert cfg.onnx["weights_sha256"] == cfg.weights_sha256
+    assert (model_dir / cfg.onnx["file"]).is_file()
+
+
+def test_re_exporting_the_shipped_weights_gives_the_shipped_trunk_byte_for_byte(model_dir, tmp_path):
+    pytest.importorskip("onnx")
+    cfg = load_config(model_dir)
+    if cfg.onnx.get("exported_with_torch") != torch.__version__.split("+")[0]:
+        pytest.skip(f"trunk exported with torch {cfg.onnx.get('exported_with_torch')}, this is {torch.__version__}")
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    (copy / TRUNK_FILE).unlink()
+    spec = write_trunk(copy)
+    assert spec["sha256"] == cfg.onnx["sha256"]
+
+
+def test_onnx_and_torch_find_the_same_plates(model_dir):
+    photos = _photos()
+    onnx = Segmenter(model_dir, runtime="onnx")
+    torch_ = Segmenter(model_dir, runtime="torch")
+    assert (onnx.runtime, torch_.runtime) == ("onnx", "torch")
+    a, b = onnx(photos), torch_(photos)
+    assert sum(len(p) for p in a) > 0, "the comparison needs detections"
+    _same_plates(a, b)
+
+
+def test_auto_takes_onnx_on_cpu_and_torch_without_a_trunk(model_dir):
+    spec = load_config(model_dir).onnx
+    assert choose_runtime("auto", torch.device("cpu"), spec) == "onnx"
+    assert choose_runtime("auto", torch.device("cpu"), {}) == "torch"
+    assert choose_runtime("auto", torch.device("cuda"), spec) == "torch"
+    with pytest.raises(ValueError, match="CPU only"):
+        choose_runtime("onnx", torch.device("cuda"), spec)
+    with pytest.raises(ValueError, match="export-onnx"):
+        choose_runtime("onnx", torch.device("cpu"), {})
+    with pytest.raises(ValueError, match="not one of"):
+        choose_runtime("tensorrt", torch.device("cpu"), spec)
+
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    return copy
+
+
+def _edit_config(folder, **onnx):
+    d = json.loads((folder / "config.json").read_text())
+    d["onnx"].update(onnx)
+    (folder / "config.json").write_text(json.dumps(d))
+
+
+def test_a_trunk_of_other_weights_is_refused(model_copy):
+    _edit_config(model_copy, weights_sha256="0" * 64)
+    with pytest.raises(ValueError, match="exported from other weights"):
+        Segmenter(model_copy)
+
+
+def test_a_corrupt_trunk_is_refused(model_copy):
+    data = bytearray((model_copy / TRUNK_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (model_copy / TRUNK_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        Segmenter(model_copy)
+
+
+def test_a_missing_trunk_names_the_fix(model_copy):
+    (model_copy / TRUNK_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="export-onnx"):
+        Segmenter(model_copy)
+    # the PyTorch path does not need it
+    assert Segmenter(model_copy, runtime="torch").runtime == "torch"
+
+
+def test_export_onnx_adds_a_trunk_that_auto_then_uses(model_copy):
+    pytest.importorskip("onnx")
+    from platemask.cli import main
+
+    d = json.loads((model_copy / "config.json").read_text())
+    d["onnx"] = {}
+    (model_copy / "config.json").write_text(json.dumps(d))
+    (model_copy / TRUNK_FILE).unlink()
+    assert Segmenter(model_copy).runtime == "torch"
+    assert main(["export-onnx", "--model", str(model_copy)]) == 0
+    assert Segmenter(model_copy).runtime == "onnx"
+
+
+def test_concurrent_callers_each_get_their_own_plates(model_dir):
+    """The RPN head's outputs are handed over per thread: two threads never mix their photos."""
+    photos = _photos(4, seed=11)
+    seg = Segmenter(model_dir, runtime="onnx", batch_size=1)
+    alone = [seg([p])[0] for p in photos]
+    got: dict[int, list] = {}
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                got[i] = seg([photos[i]])[0]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(photos))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    _same_plates([got[i] for i in range(len(photos))], alone)
