@@ -1,16 +1,26 @@
-"""Benchmark: end-to-end ``platemask mask`` on generated 1280x720 JPEGs; prints images/s and where time goes.
+"""Benchmark: ``platemask mask`` on 1280x720 JPEGs; prints model-only time, pipeline time, their
+ratio, start-up apart, and the CLI's peak RSS.
 
-    .venv/bin/python bench/bench_mask.py [--images 40] [--device cpu|cuda] [--batch-size 4]
+    .venv/bin/python bench/bench_mask.py [--images 40] [--photos DIR] [--runtime auto|torch|onnx]
+                                         [--device cpu|cuda] [--batch-size 4] [--model DIR]
 
-Runs the real CLI in a subprocess (model load included in wall time, reported separately), then
-prints the report's per-stage milliseconds per image. Stage times overlap (reading, masking and
-writing run in threads beside the detector), so they add up to more than the wall time.
+Photos: ``--photos DIR`` takes the first N images found under DIR (e.g.
+``../shared/datasets/plates-real-v1/images``) and resizes each to 1280x720; without it, generated
+car scenes (crude drawings: out of the model's domain, so their detection counts are not realistic).
+
+1. model only: the Segmenter (detector + verifier, as the CLI builds it) over the decoded photos in
+   batches, in this process, after one warm-up batch; no reading, decoding, masking or writing.
+2. pipeline: the real CLI in a subprocess. Its report's masking-loop wall time is the pipeline time;
+   start-up and model load are the rest of the command's wall time, reported apart.
+3. overhead = pipeline / model-only - 1 (what reading, decoding, masking, encoding and writing add
+   beside the model on these cores). Peak RSS is the CLI process's maximum resident set.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -20,38 +30,87 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from platemask.training.synth import synth_car_scene  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from platemask.constants import DEFAULT_RUNTIME, RUNTIMES  # noqa: E402
+
+SIZE = (1280, 720)
+
+
+def make_photos(src: Path, n: int, photos: str | None) -> None:
+    if photos:
+        files = sorted(p for p in Path(photos).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        if len(files) < n:
+            raise SystemExit(f"--photos {photos}: {len(files)} images found, {n} needed")
+        step = max(1, len(files) // n)  # spread over the folder (its sources are grouped)
+        for i, f in enumerate(files[::step][:n]):
+            bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise SystemExit(f"cannot read {f}")
+            cv2.imwrite(str(src / f"car{i:04d}.jpg"), cv2.resize(bgr, SIZE, interpolation=cv2.INTER_AREA),
+                        [cv2.IMWRITE_JPEG_QUALITY, 90])
+        return
+    from platemask.training.synth import synth_car_scene
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img, _, _ = synth_car_scene(rng, n_plates=int(rng.integers(0, 3)), plate_width=(40, 140))
+        cv2.imwrite(str(src / f"car{i:04d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def model_only(src: Path, a: argparse.Namespace) -> tuple[float, str, int]:
+    """ms per photo for the Segmenter alone, the runtime it used, and the plates it returned."""
+    from platemask.cli import default_model_dir
+    from platemask.segment import Segmenter
+
+    seg = Segmenter(a.model or default_model_dir(), device=a.device, batch_size=a.batch_size, runtime=a.runtime)
+    imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(src.iterdir())]
+    seg(imgs[: a.batch_size])  # warm-up: first-call allocations and kernel selection
+    t0 = time.perf_counter()
+    plates = 0
+    for i in range(0, len(imgs), a.batch_size):
+        plates += sum(len(p) for p in seg(imgs[i : i + a.batch_size]))
+    ms = 1000 * (time.perf_counter() - t0) / len(imgs)
+    runtime = seg.runtime
+    del seg
+    return ms, runtime, plates
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--photos", default=None, help="folder of real photos (resized to 1280x720); default: generated scenes")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--model", default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
-        rng = np.random.default_rng(0)
-        for i in range(a.images):
-            img, _, _ = synth_car_scene(rng, n_plates=int(rng.integers(0, 3)), plate_width=(40, 140))
-            cv2.imwrite(str(src / f"car{i:04d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        make_photos(src, a.images, a.photos)
+        # the CLI first, in a fresh process (its peak RSS is the figure), then the model alone here
         cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--report", str(Path(tmp) / "r.json"),
-               "--device", a.device, "--batch-size", str(a.batch_size)]
+               "--device", a.device, "--batch-size", str(a.batch_size), "--runtime", a.runtime]
         if a.model:
             cmd += ["--model", a.model]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, cwd=ROOT)
         wall = time.perf_counter() - t0
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         r = json.loads((Path(tmp) / "r.json").read_text())
-    print(f"images: {a.images} x 1280x720 JPEG, device {a.device}, batch {a.batch_size}, cores {os.cpu_count()}")
-    print(f"end to end (masking loop): {r['images_per_second']:.2f} images/s ({r['wall_seconds']:.1f} s)")
-    print(f"whole command incl. start-up and model load: {a.images / wall:.2f} images/s ({wall:.1f} s)")
-    print("ms per image by stage (threads overlap):")
+        model_ms, runtime, plates = model_only(src, a)
+    pipe_ms = 1000 * r["wall_seconds"] / a.images
+    print(f"photos: {a.images} x {SIZE[0]}x{SIZE[1]} JPEG ({'from ' + a.photos if a.photos else 'generated scenes'}), "
+          f"device {a.device}, runtime {runtime}, batch {a.batch_size}, cores {os.cpu_count()}")
+    print(f"model only (detector + verifier):  {model_ms:7.1f} ms/photo = {1000 / model_ms:.2f} images/s ({plates} plates)")
+    print(f"pipeline (platemask mask loop):    {pipe_ms:7.1f} ms/photo = {r['images_per_second']:.2f} images/s")
+    print(f"pipeline / model only:             {pipe_ms / model_ms:7.2f} (overhead {100 * (pipe_ms / model_ms - 1):+.0f} %)")
+    print(f"start-up and model load (apart):   {wall - r['wall_seconds']:7.1f} s; whole command {a.images / wall:.2f} images/s")
+    print(f"peak RSS of the CLI process:       {peak_mb:7.0f} MB")
+    print("CLI ms per photo by stage (threads overlap, so these add up to more than the loop):")
     for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1]):
-        print(f"  {k:8s} {v:8.1f}")
+        print(f"  {k:12s} {v:8.1f}")
     print(f"statuses: {r['by_status']}")
 
 
