@@ -205,6 +205,7 @@ class Segmenter:
         is dropped. Without a verifier the plates are returned as they are."""
         if self.verifier is None or not plates:
             return plates
+        rule = self.cfg.verifier.get("fusion", "geometric_mean")
         for p, prob in zip(plates, self.verifier(rgb, [p.box for p in plates])):
-            p.score = fuse(p.score, prob)
+            p.score = fuse(p.score, prob, rule)
         return [p for p in plates if p.score >= self.min_score]

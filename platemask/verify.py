@@ -4,7 +4,8 @@ The Mask R-CNN sees a plate through a 7x7 RoI of shared features; what betrays a
 dealer watermark or a sticker is often around it (a barcode below, the photo's corner, a door
 jamb). The verifier sees each detection's box at a fixed scale with as much context again on
 every side, at the photo's own resolution, and answers "is this a plate". Its probability is
-fused with the detector's score (geometric mean), so one threshold still decides what is masked.
+fused with the detector's score (geometric mean, never above the detector's score: ``fuse``), so
+one threshold still decides what is masked.
 
 This module is the inference side only; training lives in :mod:`platemask.training.verifier`.
 """
@@ -64,9 +65,26 @@ def build_verifier(imagenet_weights: str | Path | None = None, trainable_from: i
     return nn.Sequential(mobilenet_v2_features(imagenet_weights, trainable_from), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(320, 1))
 
 
-def fuse(det_score: float, plate_prob: float) -> float:
-    """One score from both looks: their geometric mean (either can veto, neither alone decides)."""
-    return math.sqrt(max(det_score, 0.0) * max(plate_prob, 0.0))
+# How the verifier's probability and the detector's score become one score (config.json's verifier.fusion):
+#   "veto": the geometric mean, never above the detector's own score. The verifier can only lower a
+#           detection, so a detection the detector scored under a run's threshold is never masked
+#           because of the verifier: what the evaluation measures at a threshold is exactly what a run
+#           at that threshold masks, whatever score floor the detector ran with.
+#   "geometric_mean": sqrt(score * p) alone (verifiers v1-v5). A sure verifier lifted a weak detection
+#           (0.05 and 0.99 give 0.22), so the result depended on the detector's floor: the
+#           evaluation (floor 0.05) and the runs (floor = the threshold) disagreed.
+FUSIONS = ("veto", "geometric_mean")
+DEFAULT_FUSION = "veto"
+
+
+def fuse(det_score: float, plate_prob: float, rule: str = DEFAULT_FUSION) -> float:
+    """One score from both looks (see ``FUSIONS``)."""
+    g = math.sqrt(max(det_score, 0.0) * max(plate_prob, 0.0))
+    if rule == "veto":
+        return min(g, det_score)
+    if rule == "geometric_mean":
+        return g
+    raise ValueError(f"verifier fusion {rule!r} is not one of {', '.join(FUSIONS)}")
 
 
 class Verifier:
@@ -106,6 +124,9 @@ def load_verifier(model_dir: str | Path, spec: dict, *, device: torch.device | s
     if want and sha256_file(path) != want:
         raise ValueError(f"verifier weights {path} do not match the SHA-256 in config.json: the model folder is "
                          "corrupt or mixed; re-export it")
+    if spec.get("fusion", "geometric_mean") not in FUSIONS:
+        raise ValueError(f"{path}: verifier fusion {spec.get('fusion')!r} is not one of {', '.join(FUSIONS)}; "
+                         "this version cannot apply it")
     if tuple(spec.get("input_hw", INPUT_HW)) != INPUT_HW or float(spec.get("context", CONTEXT)) != CONTEXT:
         raise ValueError(f"{path}: verifier input {spec.get('input_hw')} / context {spec.get('context')} differ "
                          f"from this version's {INPUT_HW} / {CONTEXT}; retrain it")

@@ -1,6 +1,5 @@
 """The second-look verifier: crop geometry, training examples, learning, and its place in segmentation."""
 import json
-import math
 import shutil
 
 import numpy as np
@@ -61,10 +60,48 @@ def test_jitter_keeps_the_plate_inside_loose_boxes():
     assert max((b[2] - b[0]) / 60 for b in boxes) > 2.0  # some are much looser than the plate
 
 
-def test_fusion_is_the_geometric_mean():
-    assert fuse(0.81, 1.0) == pytest.approx(0.9)
+def test_geometric_mean_fusion_of_the_earlier_verifiers():
+    assert fuse(0.81, 1.0, "geometric_mean") == pytest.approx(0.9)
+    assert fuse(0.9, 0.0, "geometric_mean") == 0.0
+    assert fuse(0.25, 0.64, "geometric_mean") == pytest.approx(0.4)
+
+
+def test_veto_fusion_only_ever_lowers_the_detectors_score():
+    assert fuse(0.81, 1.0) == pytest.approx(0.81)  # a sure verifier does not lift it
+    assert fuse(0.05, 0.99) == pytest.approx(0.05)  # ... nor a weak detection over a threshold
     assert fuse(0.9, 0.0) == 0.0
-    assert fuse(0.25, 0.64) == pytest.approx(0.4)
+    assert fuse(0.64, 0.25) == pytest.approx(0.4)  # a doubtful one lowers it (geometric mean)
+    rng = np.random.default_rng(0)
+    for d, p in rng.random((500, 2)):
+        assert fuse(d, p) <= d
+    with pytest.raises(ValueError, match="not one of"):
+        fuse(0.5, 0.5, "max")
+
+
+def test_what_the_evaluation_counts_at_a_threshold_is_what_a_run_at_it_masks(model_dir, monkeypatch):
+    """The evaluation runs the detector once with a low floor and sweeps thresholds over the fused
+    scores; a run at threshold t runs it with floor t. Both must mask the same plates, also when the
+    verifier is sure of a detection the detector scored under t (here: a verifier that says 1.0)."""
+    from platemask.pipeline import plates_to_mask
+    from platemask.segment import Segmenter
+    from platemask.training.evaluate import THRESHOLDS
+    from platemask.training.synth import synth_car_scene
+
+    rng = np.random.default_rng(21)
+    photos = [synth_car_scene(rng, n_plates=int(rng.integers(0, 3)), plate_width=(12, 120))[0] for _ in range(6)]
+    sure = lambda rgb, boxes: [1.0] * len(boxes)  # noqa: E731 - the real verifier is tested above
+    evaluation = Segmenter(model_dir, min_score=min(THRESHOLDS))
+    monkeypatch.setattr(evaluation, "verifier", sure)
+    found = evaluation.detect(photos)
+    assert any(min(THRESHOLDS) <= p.score < 0.3 for f in found for p in f), "needs weak detections to mean anything"
+    for t in (0.2, 0.3, 0.5):
+        run = Segmenter(model_dir, threshold=t)
+        monkeypatch.setattr(run, "verifier", sure)
+        for rgb, f in zip(photos, found):
+            counted = {tuple(np.round(p.box, 1)) for p in plates_to_mask(
+                evaluation.verify_plates(rgb, [type(p)(p.score, p.polygon.copy()) for p in f]), t)}
+            masked = {tuple(np.round(p.box, 1)) for p in plates_to_mask(run([rgb])[0], t)}
+            assert counted == masked, f"threshold {t}"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +152,7 @@ def test_segmenter_fuses_verifier_and_refuses_a_mismatched_one(model_dir, scene,
     fused = seg([rgb])[0]
     assert plain, "the shipped model finds the generated plate"
     probs = load_verifier(folder, spec)(rgb, [p.box for p in plain])
-    expected = [(math.sqrt(p.score * prob), p.polygon) for p, prob in zip(plain, probs)]
+    expected = [(fuse(p.score, prob, spec["fusion"]), p.polygon) for p, prob in zip(plain, probs)]
     expected = [e for e in expected if e[0] >= 0.05]  # fused scores below min_score are dropped too
     assert len(fused) == len(expected)
     for q, (score, polygon) in zip(fused, expected):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..geometry import box_iou, polygon_box
-from ..verify import CONTEXT, INPUT_HW, build_verifier, to_batch, window, window_crop
+from ..verify import CONTEXT, DEFAULT_FUSION, INPUT_HW, build_verifier, to_batch, window, window_crop
 @dataclass
 class Example:
     image: int  # index into the image list
@@ -246,7 +246,7 @@ def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, path)
     cfg = load_config(model_dir)
     cfg.verifier = {"weights": path.name, "weights_sha256": sha256_file(path), "input_hw": list(INPUT_HW),
-                    "context": CONTEXT, "fusion": "geometric_mean", **info}
+                    "context": CONTEXT, "fusion": DEFAULT_FUSION, **info}
     (model_dir / "config.json").write_text(cfg.to_json())
     return cfg.verifier
 
