@@ -148,27 +148,31 @@ def cmd_export(a: argparse.Namespace) -> int:
     return _export_trunk_if_possible(a.out)
 
 
+def _wrote(entry: dict) -> str:
+    return ", ".join(f"{v['file']} ({v['sha256'][:12]})" for k, v in entry.items() if isinstance(v, dict))
+
+
 def _export_trunk_if_possible(model_dir: str) -> int:
-    from .onnx_trunk import write_trunk
+    from .onnx_runtime import write_onnx
 
     try:
-        spec = write_trunk(model_dir)
+        entry = write_onnx(model_dir)
     except ImportError as exc:
-        _log(f"note: no ONNX trunk written ({exc}); the model runs on PyTorch until 'platemask export-onnx' adds it")
+        _log(f"note: no ONNX graphs written ({exc}); the model runs on PyTorch until 'platemask export-onnx' adds them")
         return EXIT_OK
-    _log(f"wrote the ONNX trunk {spec['file']} ({spec['sha256'][:12]}) to {model_dir}")
+    _log(f"wrote {_wrote(entry)} to {model_dir}")
     return EXIT_OK
 
 
 def cmd_export_onnx(a: argparse.Namespace) -> int:
-    from .onnx_trunk import write_trunk
+    from .onnx_runtime import write_onnx
 
     try:
-        spec = write_trunk(a.model)
+        entry = write_onnx(a.model)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
-    _log(f"wrote the ONNX trunk {spec['file']} ({spec['sha256'][:12]}) to {a.model} and recorded it in config.json")
+    _log(f"wrote {_wrote(entry)} to {a.model} and recorded them in config.json")
     return EXIT_OK
 
 
@@ -239,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report", metavar="FILE.json", help="write the QA summary")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     m.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
-                   help="what runs the detector's trunk: auto = ONNX Runtime on CPU when the model ships trunk.onnx")
+                   help="what runs the detector's trunk and the verifier: auto = ONNX Runtime on CPU when the model ships them")
     m.add_argument("--batch-size", type=_positive_int, default=4)
     m.add_argument("--jpeg-quality", type=int, choices=range(1, 101), metavar="1..100", default=92)
     m.add_argument("--metadata", choices=METADATA_POLICIES, default=DEFAULT_METADATA_POLICY,
@@ -297,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--input-max-side", type=_positive_int)
     e.set_defaults(func=cmd_export)
 
-    o = sub.add_parser("export-onnx", help="add the detector's trunk for ONNX Runtime (trunk.onnx) to a model folder",
+    o = sub.add_parser("export-onnx", help="add the detector's trunk and the verifier for ONNX Runtime (trunk.onnx, verifier.onnx) to a model folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     o.add_argument("--model", default=str(default_model_dir()))
     o.set_defaults(func=cmd_export_onnx)

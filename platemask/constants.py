@@ -26,7 +26,7 @@ Backend = Literal["local", "sagemaker"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_BACKEND: Backend = "local"
 
-# What runs the detector's convolutional trunk (platemask.onnx_trunk): "auto" is ONNX Runtime on
+# What runs the detector's convolutional trunk (platemask.onnx_runtime): "auto" is ONNX Runtime on
 # CPU when the model folder ships the trunk, PyTorch otherwise (GPU, or a folder without it).
 Runtime = Literal["auto", "torch", "onnx"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)

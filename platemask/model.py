@@ -83,7 +83,7 @@ class ModelConfig:
     weights: str = "weights.pt"
     weights_sha256: str = ""
     verifier: dict[str, Any] = field(default_factory=dict)  # second-look classifier (platemask.verify); {} = none
-    onnx: dict[str, Any] = field(default_factory=dict)  # the trunk for ONNX Runtime (platemask.onnx_trunk); {} = none
+    onnx: dict[str, Any] = field(default_factory=dict)  # graphs for ONNX Runtime (platemask.onnx_runtime); {} = none
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, *, verify: bool = True) -> dict[str, str]:

@@ -19,7 +19,7 @@ from .detections import Plate
 from .geometry import failsafe_polygon, grow_polygon, intersection_over_smaller
 from .constants import DEFAULT_RUNTIME
 from .model import ModelConfig, fuse_frozen_bn, load_model
-from .onnx_trunk import attach_trunk, choose_runtime
+from .onnx_runtime import attach_trunk, choose_runtime
 from .verify import fuse, load_verifier
 
 
@@ -122,7 +122,7 @@ class Segmenter:
         # the convolutional trunk on ONNX Runtime (CPU) or PyTorch; what follows it is torchvision either way
         self.runtime = choose_runtime(runtime, self.device, self.cfg.onnx)
         if self.runtime == "onnx":
-            attach_trunk(self.model, self.model_dir, self.cfg.onnx, weights_sha256=self.cfg.weights_sha256,
+            attach_trunk(self.model, self.model_dir, self.cfg.onnx["trunk"], weights_sha256=self.cfg.weights_sha256,
                          threads=threads)
         self.batch_size = max(1, int(batch_size))
         # what a run can use: its near misses (from review_low) and everything it masks, also when
@@ -139,7 +139,8 @@ class Segmenter:
             self.model.half()
         self.verifier = None
         if verify and self.cfg.verifier:
-            self.verifier = load_verifier(self.model_dir, self.cfg.verifier, device=self.device)
+            self.verifier = load_verifier(self.model_dir, self.cfg.verifier, device=self.device, runtime=self.runtime,
+                                          onnx=self.cfg.onnx.get("verifier"), threads=threads)
 
     @property
     def model_info(self) -> dict:

@@ -88,12 +88,22 @@ def fuse(det_score: float, plate_prob: float, rule: str = DEFAULT_FUSION) -> flo
 
 
 class Verifier:
-    """``verifier(rgb, boxes) -> plate probabilities`` for one photo's detections."""
+    """``verifier(rgb, boxes) -> plate probabilities`` for one photo's detections.
 
-    def __init__(self, path: str | Path, *, device: torch.device | str = "cpu", batch_size: int = 64):
+    ``onnx_path``: run the network on ONNX Runtime (CPU) from that exported graph instead of PyTorch."""
+
+    def __init__(self, path: str | Path, *, device: torch.device | str = "cpu", batch_size: int = 64,
+                 onnx_path: str | Path | None = None, threads: int | None = None):
         from .model import fuse_frozen_bn
 
         self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.runtime = "onnx" if onnx_path else "torch"
+        if onnx_path:
+            from .onnx_runtime import OnnxNet
+
+            self.net = OnnxNet(onnx_path, threads)
+            return
         self.net = build_verifier()
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         self.net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
@@ -101,7 +111,6 @@ class Verifier:
         self.net.eval().to(self.device)
         if self.device.type == "cpu":
             self.net.to(memory_format=torch.channels_last)
-        self.batch_size = batch_size
 
     @torch.inference_mode()
     def __call__(self, rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[float]:
@@ -112,8 +121,12 @@ class Verifier:
         return probs
 
 
-def load_verifier(model_dir: str | Path, spec: dict, *, device: torch.device | str = "cpu") -> Verifier:
-    """The verifier a model folder's ``config.json`` names, checked against its recorded SHA-256."""
+def load_verifier(model_dir: str | Path, spec: dict, *, device: torch.device | str = "cpu", runtime: str = "torch",
+                  onnx: dict | None = None, threads: int | None = None) -> Verifier:
+    """The verifier a model folder's ``config.json`` names, checked against its recorded SHA-256.
+
+    ``runtime="onnx"`` runs the exported graph ``onnx`` (config.json's ``onnx.verifier``) when the
+    folder has one for these weights; without one the verifier runs on PyTorch."""
     from .model import sha256_file
 
     path = Path(model_dir) / spec.get("weights", "verifier.pt")
@@ -130,4 +143,10 @@ def load_verifier(model_dir: str | Path, spec: dict, *, device: torch.device | s
     if tuple(spec.get("input_hw", INPUT_HW)) != INPUT_HW or float(spec.get("context", CONTEXT)) != CONTEXT:
         raise ValueError(f"{path}: verifier input {spec.get('input_hw')} / context {spec.get('context')} differ "
                          f"from this version's {INPUT_HW} / {CONTEXT}; retrain it")
-    return Verifier(path, device=device)
+    onnx_path = None
+    if runtime == "onnx" and onnx:
+        from .onnx_runtime import VERIFIER_FILE, checked_path
+
+        onnx_path = checked_path(model_dir, onnx, part="verifier", default_file=VERIFIER_FILE,
+                                 weights_sha256=spec.get("weights_sha256", ""))
+    return Verifier(path, device=device, onnx_path=onnx_path, threads=threads)

@@ -36,13 +36,16 @@ def test_model_package_round_trip(model_dir, tmp_path):
     assert sha1 == sha2 and blob1 == blob2  # reproducible: content-addressed key, uploaded once
     out = tmp_path / "opt-ml-model"
     with tarfile.open(fileobj=io.BytesIO(blob1)) as tar:
-        assert sorted(tar.getnames()) == ["MODEL_CARD.md", "config.json", "verifier.pt", "weights.pt"]
+        assert sorted(tar.getnames()) == ["MODEL_CARD.md", "config.json", "trunk.onnx", "verifier.onnx", "verifier.pt",
+                                          "weights.pt"]
         tar.extractall(out, filter="data")
     _, cfg = load_model(out)
     assert cfg.weights_sha256 == json.loads((model_dir / "config.json").read_text())["weights_sha256"]
     from platemask.segment import Segmenter
 
-    assert Segmenter(out).model_info == cfg.identity()  # the unpacked folder runs with its verifier
+    seg = Segmenter(out)
+    assert seg.model_info == cfg.identity()  # the unpacked folder runs with its verifier
+    assert (seg.runtime, seg.verifier.runtime) == ("onnx", "onnx")  # and with its ONNX graphs
     assert "verifier_sha256" in cfg.identity()
 
 

@@ -247,6 +247,10 @@ def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
     cfg = load_config(model_dir)
     cfg.verifier = {"weights": path.name, "weights_sha256": sha256_file(path), "input_hw": list(INPUT_HW),
                     "context": CONTEXT, "fusion": DEFAULT_FUSION, **info}
+    if cfg.onnx.get("verifier"):
+        # the exported graph is of the previous weights: drop it (the verifier runs on PyTorch until
+        # 'platemask export-onnx' exports the new one)
+        cfg.onnx = {k: v for k, v in cfg.onnx.items() if k != "verifier"}
     (model_dir / "config.json").write_text(cfg.to_json())
     return cfg.verifier
 

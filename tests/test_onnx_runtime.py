@@ -1,5 +1,6 @@
-"""The detector's trunk on ONNX Runtime: the same plates as PyTorch, the shipped trunk is exactly the
-shipped weights, and a trunk that does not belong to its folder is refused (never silently used)."""
+"""The detector's trunk and the verifier on ONNX Runtime: the same plates as PyTorch, the shipped graphs
+are exactly the shipped weights, and a graph that does not belong to its folder is refused (never
+silently used)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from platemask.model import load_config
-from platemask.onnx_trunk import TRUNK_FILE, choose_runtime, write_trunk
+from platemask.onnx_runtime import TRUNK_FILE, VERIFIER_FILE, choose_runtime, write_onnx
 from platemask.segment import Segmenter
 
 
@@ -31,14 +32,16 @@ def _same_plates(a, b, *, score_tol=1e-4, px_tol=0.5):
             assert np.abs(np.asarray(x.box) - np.asarray(y.box)).max() <= px_tol
 
 
-def test_shipped_model_ships_a_trunk_of_its_own_weights(model_dir):
+def test_shipped_model_ships_graphs_of_its_own_weights(model_dir):
     cfg = load_config(model_dir)
-    assert cfg.onnx, "the shipped model has no ONNX trunk: run 'platemask export-onnx'"
-    assert cfg.onnx["weights_sha256"] == cfg.weights_sha256
-    assert (model_dir / cfg.onnx["file"]).is_file()
+    assert cfg.onnx.get("trunk"), "the shipped model has no ONNX trunk: run 'platemask export-onnx'"
+    assert cfg.onnx["trunk"]["weights_sha256"] == cfg.weights_sha256
+    assert cfg.onnx["verifier"]["weights_sha256"] == cfg.verifier["weights_sha256"]
+    for part in ("trunk", "verifier"):
+        assert (model_dir / cfg.onnx[part]["file"]).is_file()
 
 
-def test_re_exporting_the_shipped_weights_gives_the_shipped_trunk_byte_for_byte(model_dir, tmp_path):
+def test_re_exporting_the_shipped_weights_gives_the_shipped_graphs_byte_for_byte(model_dir, tmp_path):
     pytest.importorskip("onnx")
     cfg = load_config(model_dir)
     if cfg.onnx.get("exported_with_torch") != torch.__version__.split("+")[0]:
@@ -46,8 +49,10 @@ def test_re_exporting_the_shipped_weights_gives_the_shipped_trunk_byte_for_byte(
     copy = tmp_path / "m"
     shutil.copytree(model_dir, copy)
     (copy / TRUNK_FILE).unlink()
-    spec = write_trunk(copy)
-    assert spec["sha256"] == cfg.onnx["sha256"]
+    (copy / VERIFIER_FILE).unlink()
+    entry = write_onnx(copy)
+    assert entry["trunk"]["sha256"] == cfg.onnx["trunk"]["sha256"]
+    assert entry["verifier"]["sha256"] == cfg.onnx["verifier"]["sha256"]
 
 
 def test_onnx_and_torch_find_the_same_plates(model_dir):
@@ -55,6 +60,7 @@ def test_onnx_and_torch_find_the_same_plates(model_dir):
     onnx = Segmenter(model_dir, runtime="onnx")
     torch_ = Segmenter(model_dir, runtime="torch")
     assert (onnx.runtime, torch_.runtime) == ("onnx", "torch")
+    assert (onnx.verifier.runtime, torch_.verifier.runtime) == ("onnx", "torch")
     a, b = onnx(photos), torch_(photos)
     assert sum(len(p) for p in a) > 0, "the comparison needs detections"
     _same_plates(a, b)
@@ -80,32 +86,51 @@ def model_copy(model_dir, tmp_path):
     return copy
 
 
-def _edit_config(folder, **onnx):
+def _edit_config(folder, part, **fields):
     d = json.loads((folder / "config.json").read_text())
-    d["onnx"].update(onnx)
+    d["onnx"][part].update(fields)
     (folder / "config.json").write_text(json.dumps(d))
 
 
-def test_a_trunk_of_other_weights_is_refused(model_copy):
-    _edit_config(model_copy, weights_sha256="0" * 64)
-    with pytest.raises(ValueError, match="exported from other weights"):
+@pytest.mark.parametrize("part", ["trunk", "verifier"])
+def test_a_graph_of_other_weights_is_refused(model_copy, part):
+    _edit_config(model_copy, part, weights_sha256="0" * 64)
+    with pytest.raises(ValueError, match=f"ONNX {part} .* exported from other weights"):
         Segmenter(model_copy)
 
 
-def test_a_corrupt_trunk_is_refused(model_copy):
-    data = bytearray((model_copy / TRUNK_FILE).read_bytes())
+@pytest.mark.parametrize("part,file", [("trunk", TRUNK_FILE), ("verifier", VERIFIER_FILE)])
+def test_a_corrupt_graph_is_refused(model_copy, part, file):
+    data = bytearray((model_copy / file).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (model_copy / TRUNK_FILE).write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="SHA-256"):
+    (model_copy / file).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"ONNX {part} .*SHA-256"):
         Segmenter(model_copy)
 
 
-def test_a_missing_trunk_names_the_fix(model_copy):
+def test_a_missing_graph_names_the_fix(model_copy):
     (model_copy / TRUNK_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="export-onnx"):
         Segmenter(model_copy)
     # the PyTorch path does not need it
     assert Segmenter(model_copy, runtime="torch").runtime == "torch"
+
+
+def test_a_retrained_verifier_runs_on_pytorch_until_it_is_exported(model_copy):
+    """train-verifier writes new weights: the old verifier.onnx entry goes, the new verifier runs on
+    PyTorch (the trunk stays on ONNX Runtime), and export-onnx brings it back."""
+    from platemask.training.verifier import save_verifier
+    from platemask.verify import build_verifier
+
+    torch.manual_seed(0)
+    save_verifier(build_verifier(), model_copy, {"note": "new weights"})
+    cfg = load_config(model_copy)
+    assert "verifier" not in cfg.onnx and cfg.onnx["trunk"]
+    seg = Segmenter(model_copy)
+    assert (seg.runtime, seg.verifier.runtime) == ("onnx", "torch")
+    pytest.importorskip("onnx")
+    write_onnx(model_copy)
+    assert Segmenter(model_copy).verifier.runtime == "onnx"
 
 
 def test_export_onnx_adds_a_trunk_that_auto_then_uses(model_copy):
@@ -116,6 +141,7 @@ def test_export_onnx_adds_a_trunk_that_auto_then_uses(model_copy):
     d["onnx"] = {}
     (model_copy / "config.json").write_text(json.dumps(d))
     (model_copy / TRUNK_FILE).unlink()
+    (model_copy / VERIFIER_FILE).unlink()
     assert Segmenter(model_copy).runtime == "torch"
     assert main(["export-onnx", "--model", str(model_copy)]) == 0
     assert Segmenter(model_copy).runtime == "onnx"
