@@ -4,7 +4,7 @@ The Mask R-CNN sees a plate through a 7x7 RoI of shared features; what betrays a
 dealer watermark or a sticker is often around it (a barcode below, the photo's corner, a door
 jamb). The verifier sees each detection's box at a fixed scale with as much context again on
 every side, at the photo's own resolution, and answers "is this a plate". Its probability is
-fused with the detector's score (geometric mean, never above the detector's score: ``fuse``), so
+fused with the detector's score (their product, never above the detector's score: ``fuse``), so
 one threshold still decides what is masked.
 
 This module is the inference side only; training lives in :mod:`platemask.training.verifier`.
@@ -65,25 +65,29 @@ def build_verifier(imagenet_weights: str | Path | None = None, trainable_from: i
     return nn.Sequential(mobilenet_v2_features(imagenet_weights, trainable_from), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(320, 1))
 
 
-# How the verifier's probability and the detector's score become one score (config.json's verifier.fusion):
-#   "veto": the geometric mean, never above the detector's own score. The verifier can only lower a
-#           detection, so a detection the detector scored under a run's threshold is never masked
-#           because of the verifier: what the evaluation measures at a threshold is exactly what a run
-#           at that threshold masks, whatever score floor the detector ran with.
-#   "geometric_mean": sqrt(score * p) alone (verifiers v1-v5). A sure verifier lifted a weak detection
-#           (0.05 and 0.99 give 0.22), so the result depended on the detector's floor: the
-#           evaluation (floor 0.05) and the runs (floor = the threshold) disagreed.
-FUSIONS = ("veto", "geometric_mean")
-DEFAULT_FUSION = "veto"
+# How the verifier's probability and the detector's score become one score (config.json's verifier.fusion).
+# "product" and "veto" never score a detection above the detector's own score: the verifier can only
+# lower it, so a detection the detector scored under a run's threshold is never masked because of
+# the verifier, and what the evaluation measures at a threshold (detector floor 0.05) is exactly
+# what a run at that threshold (detector floor = its threshold) masks.
+#   "product": score * p, both looks as independent evidence (the shipped rule);
+#   "veto": the geometric mean sqrt(score * p), capped at the detector's score (a milder veto);
+#   "geometric_mean": sqrt(score * p) alone (verifiers v1-v5). A sure verifier lifted a weak
+#           detection (0.05 and 0.99 give 0.22), so the result depended on the detector's floor: the
+#           evaluation and the runs disagreed. Kept so those folders still load as they were.
+FUSIONS = ("product", "veto", "geometric_mean")
+DEFAULT_FUSION = "product"
 
 
 def fuse(det_score: float, plate_prob: float, rule: str = DEFAULT_FUSION) -> float:
     """One score from both looks (see ``FUSIONS``)."""
-    g = math.sqrt(max(det_score, 0.0) * max(plate_prob, 0.0))
+    d, p = max(det_score, 0.0), max(plate_prob, 0.0)
+    if rule == "product":
+        return d * p
     if rule == "veto":
-        return min(g, det_score)
+        return min(math.sqrt(d * p), d)
     if rule == "geometric_mean":
-        return g
+        return math.sqrt(d * p)
     raise ValueError(f"verifier fusion {rule!r} is not one of {', '.join(FUSIONS)}")
 
 

@@ -66,14 +66,15 @@ def test_geometric_mean_fusion_of_the_earlier_verifiers():
     assert fuse(0.25, 0.64, "geometric_mean") == pytest.approx(0.4)
 
 
-def test_veto_fusion_only_ever_lowers_the_detectors_score():
-    assert fuse(0.81, 1.0) == pytest.approx(0.81)  # a sure verifier does not lift it
-    assert fuse(0.05, 0.99) == pytest.approx(0.05)  # ... nor a weak detection over a threshold
-    assert fuse(0.9, 0.0) == 0.0
-    assert fuse(0.64, 0.25) == pytest.approx(0.4)  # a doubtful one lowers it (geometric mean)
+@pytest.mark.parametrize("rule", ["product", "veto"])
+def test_fusion_only_ever_lowers_the_detectors_score(rule):
+    assert fuse(0.81, 1.0, rule) == pytest.approx(0.81)  # a sure verifier does not lift it
+    assert fuse(0.05, 0.99, rule) <= 0.05  # ... nor a weak detection over a threshold
+    assert fuse(0.9, 0.0, rule) == 0.0
+    assert fuse(0.64, 0.25, rule) == pytest.approx(0.16 if rule == "product" else 0.4)  # a doubtful one lowers it
     rng = np.random.default_rng(0)
     for d, p in rng.random((500, 2)):
-        assert fuse(d, p) <= d
+        assert fuse(d, p, rule) <= d
     with pytest.raises(ValueError, match="not one of"):
         fuse(0.5, 0.5, "max")
 
