@@ -22,10 +22,19 @@ def test_recall_is_kept_when_no_threshold_meets_the_fp_budget():
     assert t == 0.5 and "no threshold meets the FP limit" in why
 
 
-def test_best_recall_within_budget_when_the_recall_target_is_out_of_reach():
+def test_best_recall_first_when_the_recall_target_is_out_of_reach():
+    # recall is not traded for the FP budget: 0.3 keeps more plates hidden than 0.5
     curve = _curve([(0.3, 0.93, 0.05), (0.5, 0.92, 0.02), (0.7, 0.90, 0.0)])
     t, why = choose_threshold(curve, 0.95, 0.03)
-    assert t == 0.5 and "no threshold reaches recall" in why
+    assert t == 0.3 and "no threshold reaches recall" in why and "above the FP limit" in why
+
+
+def test_ties_on_the_best_recall_go_to_the_fewest_false_masks():
+    # detector stage 5: 0.05-0.15 share the best recall; 0.15 masks the fewest negatives among them
+    curve = _curve([(0.05, 0.966, 0.062), (0.1, 0.966, 0.021), (0.15, 0.966, 0.021), (0.2, 0.957, 0.015),
+                    (0.8, 0.92, 0.0)])
+    t, why = choose_threshold(curve, 0.97, 0.01)
+    assert t == 0.15
 
 
 def test_fp_limit_holds_per_negative_category():
