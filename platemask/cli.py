@@ -122,7 +122,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.export:
         cfg = export(ckpt, a.export, name=a.name or Path(a.export).name)
         _log(f"exported {cfg.name} to {a.export} (weights {cfg.weights_sha256[:12]})")
-        return _export_trunk_if_possible(a.export)
+        return _export_onnx_if_possible(a.export)
     return EXIT_OK
 
 
@@ -145,15 +145,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     overrides = {k: getattr(a, k) for k in ("score_threshold", "input_max_side") if getattr(a, k) is not None}
     cfg = export(a.checkpoint, a.out, name=a.name or Path(a.out).name, **overrides)
     _log(f"exported {cfg.name} to {a.out} (weights {cfg.weights_sha256[:12]})")
-    return _export_trunk_if_possible(a.out)
+    return _export_onnx_if_possible(a.out)
 
 
 def _wrote(entry: dict) -> str:
     return ", ".join(f"{v['file']} ({v['sha256'][:12]})" for k, v in entry.items() if isinstance(v, dict))
 
 
-def _export_trunk_if_possible(model_dir: str) -> int:
-    from .onnx_runtime import write_onnx
+def _export_onnx_if_possible(model_dir: str) -> int:
+    from .onnx_export import write_onnx
 
     try:
         entry = write_onnx(model_dir)
@@ -165,7 +165,7 @@ def _export_trunk_if_possible(model_dir: str) -> int:
 
 
 def cmd_export_onnx(a: argparse.Namespace) -> int:
-    from .onnx_runtime import write_onnx
+    from .onnx_export import write_onnx
 
     try:
         entry = write_onnx(a.model)

@@ -12,14 +12,13 @@ much faster than PyTorch's channels-last oneDNN path (``bench/bench_mask.py --ru
 A model folder ships them as ``trunk.onnx`` and ``verifier.onnx`` beside the weights;
 ``config.json``'s ``onnx`` entry records each file's SHA-256 and the SHA-256 of the weights it was
 exported from, so a graph that does not belong to the folder's weights is refused, never used.
-``platemask export-onnx`` writes them (it needs the ``onnx`` package; inference needs only
-``onnxruntime``). The graphs are exported from the weights as inference loads them (the fp16 file
+``platemask export-onnx`` writes them (:mod:`platemask.onnx_export`; it needs the ``onnx``
+package, inference needs only ``onnxruntime``). The graphs are exported from the weights as inference loads them (the fp16 file
 upcast to fp32, batch norm folded), so both runtimes compute the same function.
 """
 from __future__ import annotations
 
 import threading
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -32,51 +31,6 @@ OPSET = 17
 INPUT_NAME = "images"
 # output order of the trunk graph: FPN levels, then RPN objectness per level, then box deltas per level
 LEVELS = ("0", "1", "2", "pool")
-
-
-class TrunkForExport(nn.Module):
-    """backbone + FPN + RPN head as one graph with a flat tuple of outputs (see ``LEVELS``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.backbone = model.backbone
-        self.head = model.rpn.head
-
-    def forward(self, x: torch.Tensor):
-        feats = self.backbone(x)
-        if tuple(feats) != LEVELS:
-            raise ValueError(f"the backbone's levels {tuple(feats)} are not {LEVELS}")
-        f = list(feats.values())
-        objectness, deltas = self.head(f)
-        return (*f, *objectness, *deltas)
-
-
-def _export(module: nn.Module, sample: torch.Tensor, path: Path, output_names: list[str], dynamic: dict) -> None:
-    try:
-        import onnx  # noqa: F401  (torch's exporter needs it; say so plainly)
-    except ImportError as e:
-        raise ImportError("exporting ONNX graphs needs the onnx package: pip install -e '.[export]'") from e
-    # torch's TorchScript-based exporter (dynamo=False): it handles the FPN's dynamic shapes without
-    # onnxscript; it warns that it is deprecated, which says nothing about this export
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module.eval(), (sample,), str(path), input_names=[INPUT_NAME], output_names=output_names,
-                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
-
-
-def export_trunk(model: nn.Module, path: str | Path) -> None:
-    """Write ``model``'s trunk to ``path`` (dynamic batch, height and width)."""
-    names = [f"feat_{k}" for k in LEVELS] + [f"objectness_{k}" for k in LEVELS] + [f"deltas_{k}" for k in LEVELS]
-    dyn = {INPUT_NAME: {0: "n", 2: "h", 3: "w"}}
-    dyn.update({n: {0: "n", 2: f"h_{n}", 3: f"w_{n}"} for n in names})
-    _export(TrunkForExport(model), torch.rand(1, 3, 512, 896), Path(path), names, dyn)
-
-
-def export_verifier(net: nn.Module, path: str | Path) -> None:
-    """Write the verifier network to ``path`` (dynamic batch of crops)."""
-    from .verify import INPUT_HW
-
-    _export(net, torch.rand(2, 3, *INPUT_HW), Path(path), ["logit"], {INPUT_NAME: {0: "n"}, "logit": {0: "n"}})
 
 
 def onnxruntime_available() -> bool:
@@ -171,29 +125,6 @@ def attach_trunk(model: nn.Module, model_dir: str | Path, spec: dict, *, weights
     trunk = OnnxTrunk(path, out_channels=model.backbone.out_channels, threads=threads)
     model.backbone = trunk
     model.rpn.head = PrecomputedRPNHead(trunk)
-
-
-def write_onnx(model_dir: str | Path) -> dict:
-    """Export the folder's detector trunk (and its verifier, when it has one) and record them in
-    ``config.json``; returns the ``onnx`` entry."""
-    from .model import fuse_frozen_bn, load_model, sha256_file
-    from .verify import load_verifier
-
-    model_dir = Path(model_dir)
-    model, cfg = load_model(model_dir)
-    fuse_frozen_bn(model)
-    export_trunk(model, model_dir / TRUNK_FILE)
-    entry: dict = {"opset": OPSET, "exported_with_torch": torch.__version__.split("+")[0],
-                   "trunk": {"file": TRUNK_FILE, "sha256": sha256_file(model_dir / TRUNK_FILE),
-                             "weights_sha256": cfg.weights_sha256}}
-    if cfg.verifier:
-        verifier = load_verifier(model_dir, cfg.verifier, runtime="torch")
-        export_verifier(verifier.net.to(memory_format=torch.contiguous_format), model_dir / VERIFIER_FILE)
-        entry["verifier"] = {"file": VERIFIER_FILE, "sha256": sha256_file(model_dir / VERIFIER_FILE),
-                             "weights_sha256": cfg.verifier.get("weights_sha256", "")}
-    cfg.onnx = entry
-    (model_dir / "config.json").write_text(cfg.to_json())
-    return entry
 
 
 def choose_runtime(runtime: str, device: torch.device, spec: dict) -> str:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from platemask.model import load_config
-from platemask.onnx_runtime import TRUNK_FILE, VERIFIER_FILE, choose_runtime, write_onnx
+from platemask.onnx_export import write_onnx
+from platemask.onnx_runtime import TRUNK_FILE, VERIFIER_FILE, choose_runtime
 from platemask.segment import Segmenter
 
 

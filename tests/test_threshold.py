@@ -95,13 +95,23 @@ def test_dag_params_need_unsafe_threshold(model_dir):
     assert plan_runs(s, base, **kw)[0].threshold is None
 
 
-def test_a_run_below_the_models_review_low_sees_what_it_masks(model_dir, scene):
+def test_a_run_below_the_models_review_low_sees_what_it_masks(model_dir, scene, tmp_path):
     """The detector's floor follows the run's threshold: a run at 0.05 on a model whose review_low
     is higher gets every detection at 0.05 or above (before, those under review_low were dropped
     before masking ever saw them, so a lower threshold masked nothing more)."""
+    import json
+    import shutil
+
     from platemask.model import load_config
     from platemask.segment import Segmenter
 
+    # a copy of the shipped model with its operating point and review band at 0.3 (the shipped
+    # one's are at 0.05 already, where there is nothing below to see)
+    shutil.copytree(model_dir, tmp_path / "m")
+    model_dir = tmp_path / "m"
+    d = json.loads((model_dir / "config.json").read_text())
+    d.update(score_threshold=0.3, review_low=0.3, review_high=0.3)
+    (model_dir / "config.json").write_text(json.dumps(d))
     cfg = load_config(model_dir)
     low = 0.05
     assert low < cfg.review_low
