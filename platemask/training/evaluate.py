@@ -233,7 +233,7 @@ def review_outcome(results: list[ImageResult], t: float, low: float, high: float
         why = review_reasons(scores, band, masked_fraction=frac)
         flagged += bool(why)
         for w in why:  # the reason's kind, without its numbers
-            kind = "".join(c for c in w if not (c.isdigit() or c in "%.()")).strip()
+            kind = " ".join("".join(c for c in w if not (c.isdigit() or c in "%.()")).split())
             by_reason[kind] = by_reason.get(kind, 0) + 1
         for curve in r.cover_curves:
             if _coverage_at(curve, t) < cover:
