@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from .detections import Plate
-from .geometry import failsafe_polygon, grow_polygon, intersection_over_smaller
 from .constants import DEFAULT_RUNTIME
+from .geometry import failsafe_polygon, grow_polygon, intersection_over_smaller
 from .model import ModelConfig, fuse_frozen_bn, load_model
 from .onnx_runtime import attach_trunk, choose_runtime
-from .verify import fuse, load_verifier
+from .verify import LEGACY_FUSION, fuse, load_verifier
 
 
 @dataclass
@@ -138,6 +138,7 @@ class Segmenter:
         if self.device.type == "cuda":
             self.model.half()
         self.verifier = None
+        self.fusion = self.cfg.verifier.get("fusion", LEGACY_FUSION)  # checked by load_verifier
         if verify and self.cfg.verifier:
             self.verifier = load_verifier(self.model_dir, self.cfg.verifier, device=self.device, runtime=self.runtime,
                                           onnx=self.cfg.onnx.get("verifier"), threads=threads)
@@ -206,7 +207,6 @@ class Segmenter:
         is dropped. Without a verifier the plates are returned as they are."""
         if self.verifier is None or not plates:
             return plates
-        rule = self.cfg.verifier.get("fusion", "geometric_mean")
         for p, prob in zip(plates, self.verifier(rgb, [p.box for p in plates])):
-            p.score = fuse(p.score, prob, rule)
+            p.score = fuse(p.score, prob, self.fusion)
         return [p for p in plates if p.score >= self.min_score]

@@ -77,6 +77,7 @@ def build_verifier(imagenet_weights: str | Path | None = None, trainable_from: i
 #           evaluation and the runs disagreed. Kept so those folders still load as they were.
 FUSIONS = ("product", "veto", "geometric_mean")
 DEFAULT_FUSION = "product"
+LEGACY_FUSION = "geometric_mean"  # a config.json verifier entry without "fusion" predates the choice
 
 
 def fuse(det_score: float, plate_prob: float, rule: str = DEFAULT_FUSION) -> float:
@@ -141,7 +142,7 @@ def load_verifier(model_dir: str | Path, spec: dict, *, device: torch.device | s
     if want and sha256_file(path) != want:
         raise ValueError(f"verifier weights {path} do not match the SHA-256 in config.json: the model folder is "
                          "corrupt or mixed; re-export it")
-    if spec.get("fusion", "geometric_mean") not in FUSIONS:
+    if spec.get("fusion", LEGACY_FUSION) not in FUSIONS:
         raise ValueError(f"{path}: verifier fusion {spec.get('fusion')!r} is not one of {', '.join(FUSIONS)}; "
                          "this version cannot apply it")
     if tuple(spec.get("input_hw", INPUT_HW)) != INPUT_HW or float(spec.get("context", CONTEXT)) != CONTEXT:
