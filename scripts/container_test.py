@@ -227,7 +227,8 @@ def unpack_model(tmp: Path) -> Path:
         capture=True, cwd=ROOT)
     out = tmp / "model"
     with tarfile.open(tgz) as tar:
-        tar.extractall(out, filter="data")
+        # the "data" filter (no links out, no absolute paths) exists from Python 3.11.4 on
+        tar.extractall(out, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     for p in [out, *out.rglob("*")]:  # world-readable, as SageMaker's /opt/ml/model is for the container's user
         p.chmod(0o755 if p.is_dir() else 0o644)
     tmp.chmod(0o755)
