@@ -1,16 +1,21 @@
 """GPU benchmark: detector (+ verifier) throughput at 1280x720 by batch size, fp16 on CUDA.
 
-    .venv/bin/python bench/bench_gpu.py [--images 256] [--batch-sizes 1,4,8,16,32] [--model DIR]
+    .venv/bin/python bench/bench_gpu.py [--images 256] [--batch-sizes 1,4,8,16,32] [--model DIR] [--photos DIR]
 
 Runs unchanged on a GPU machine (``--device cuda`` is the default when CUDA is available) and on
 CPU (for comparison; use small ``--images``). Prints, per batch size: model-only images/s (the
 Segmenter on decoded photos: views, detector, masks to polygons, verifier), then the end-to-end CLI
-figure at the best batch size (decode, detect, mask, encode, write; start-up reported apart), and
-the GPU's name and peak memory. Nothing here is timed in tests.
+figure at the best batch size (decode, detect, mask, encode, write; start-up reported apart) with
+the CLI's own per-stage times, and the GPU's name and peak memory. At the best batch size it also
+splits the model-only time into the network (synchronised), the outlines of its masks (``_plates``,
+on the CPU), the merge across views and the verifier, so one run on a lent machine says where the
+time goes. ``--photos DIR`` uses real photos (resized to 1280x720, as ``bench_mask.py`` does)
+instead of generated scenes. Nothing here is timed in tests.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -38,18 +43,59 @@ def photos(n: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+def split_times(seg: Segmenter, imgs: list[np.ndarray], bs: int, cuda: bool) -> dict[str, float]:
+    """ms per photo in the network, the outlines, and the verifier, at batch size ``bs``."""
+    spent = {"network": 0.0, "outlines (_plates)": 0.0, "verifier": 0.0}
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                if cuda:
+                    torch.cuda.synchronize()
+                spent[name] += time.perf_counter() - t
+        return run
+
+    seg.model.forward = timed("network", seg.model.forward)
+    seg._plates = timed("outlines (_plates)", seg._plates)
+    seg.verify_plates = timed("verifier", seg.verify_plates)
+    t0 = time.perf_counter()
+    for i in range(0, len(imgs), bs):
+        seg(imgs[i : i + bs])
+    if cuda:
+        torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    # _plates runs inside the network's caller, not inside forward: the parts do not overlap
+    spent["rest (views, tensors, merge)"] = total - sum(spent.values())
+    return {k: 1000 * v / len(imgs) for k, v in spent.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,4,8,16,32")
     ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--model", default=str(ROOT / "models" / "platemask-mnv2-fpn"))
+    ap.add_argument("--photos", help="real photos (resized to 1280x720) instead of generated scenes")
     ap.add_argument("--no-cli", action="store_true", help="skip the end-to-end CLI run")
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here: nothing to measure (run with --device cpu for a CPU comparison)")
         return
-    imgs = photos(a.images)
+    tmp_photos = None
+    if a.photos:
+        from bench_mask import make_photos  # bench/ is this script's folder, first on sys.path
+
+        tmp_photos = tempfile.TemporaryDirectory()
+        make_photos(Path(tmp_photos.name), a.images, a.photos)
+        imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(Path(tmp_photos.name).iterdir())]
+    else:
+        imgs = photos(a.images)
     gpu = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
     print(f"device {a.device} ({gpu}), torch {torch.__version__}, {a.images} photos of 1280x720")
     best = (0.0, 1)
@@ -69,6 +115,12 @@ def main() -> None:
         mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if a.device.startswith("cuda") else ""
         print(f"batch {bs:3d}: model-only {rate:8.1f} images/s ({1000 * dt / len(imgs):.1f} ms/image){mem}")
         best = max(best, (rate, bs))
+    seg = Segmenter(a.model, device=a.device, batch_size=best[1])
+    seg(imgs[: best[1]])
+    parts = split_times(seg, imgs, best[1], a.device.startswith("cuda"))
+    print(f"where the model-only time goes at batch {best[1]} (ms/photo): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    del seg
     if a.no_cli:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,6 +136,10 @@ def main() -> None:
         r = json.loads((Path(tmp) / "r.json").read_text())
     print(f"end to end (CLI, batch {best[1]}): {r['images_per_second']:.1f} images/s in the masking loop; "
           f"{len(imgs) / wall:.1f} images/s for the whole command ({wall - r['wall_seconds']:.1f} s start-up)")
+    print("CLI ms per photo by stage (threads overlap): "
+          + ", ".join(f"{k} {v}" for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1])))
+    if tmp_photos is not None:
+        tmp_photos.cleanup()
 
 
 if __name__ == "__main__":
