@@ -79,3 +79,33 @@ def test_photo_scale_keeps_the_smallest_plate_wide_enough():
     assert photo_scale([{"bbox": [0, 0, 80, 20]}, {"bbox": [0, 0, 400, 100]}], min_plate_px=40, min_scale=0.2) == 0.5
     assert photo_scale([{"bbox": [0, 0, 30, 10]}], min_plate_px=40, min_scale=0.2) == 1.0
     assert photo_scale([{"bbox": [0, 0, 1000, 10]}], min_plate_px=40, min_scale=0.3) == 0.3
+
+
+def test_photos_named_by_their_file_keep_identity_and_their_own_labels(tmp_path):
+    """No sha1 or Open Images id: the file name is the identity. a.jpg and a.png must stay two photos,
+    each with its own plate, and stay on the training side of the split they were on."""
+    stem = next(f"p{i}" for i in range(200)
+                if all(split_of(f"images/p{i}.{ext}", 0.15) == "train" for ext in ("jpg", "png"))
+                and split_of(f"images/p{i}.jpg.webp", 0.15) == "val")  # a renamed identity would be held out
+    root = tmp_path / "cars"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    images, anns = [], []
+    for n, (ext, x) in enumerate((("jpg", 50.0), ("png", 400.0)), start=1):
+        name = f"images/{stem}.{ext}"
+        cv2.imwrite(str(root / name), rng.integers(0, 255, (300, 600, 3), dtype=np.uint8))
+        images.append({"id": n, "file_name": name, "width": 600, "height": 300})
+        seg = [x, 100.0, x + 120, 100.0, x + 120, 140.0, x, 140.0]
+        # the second label has an outline only: COCO allows it, and so must the packer
+        anns.append({"id": n, "image_id": n, "category_id": 1, "iscrowd": 0, "segmentation": [seg],
+                     **({"bbox": [x, 100.0, 120.0, 40.0]} if n == 1 else {})})
+    (root / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "plate"}]}))
+    pack(root, tmp_path / "pack", min_plate_px=60, min_scale=0.5)
+    packed = load_coco(tmp_path / "pack" / "part-1" / "cars")
+    assert sorted(r.identity for r in packed) == sorted(r.identity for r in load_coco(root))
+    assert len({r.path for r in packed}) == 2 and all(r.path.is_file() for r in packed)
+    assert len(split_records(packed)[1]) == 0
+    for r in packed:
+        left = 50.0 if r.identity.endswith(".jpg") else 400.0
+        assert r.polygons[0][:, 0].min() == pytest.approx(left * r.width / 600, abs=1e-3)

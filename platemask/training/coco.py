@@ -40,7 +40,9 @@ class Record:
 
 
 def identity(img: dict) -> str:
-    return str(img.get("open_images_id") or img.get("sha1") or img["file_name"])
+    """What names the photo itself: an explicit ``identity`` (kept by copies, e.g. ``training.pack``),
+    else its Open Images id, else its SHA-1, else its file name."""
+    return str(img.get("identity") or img.get("open_images_id") or img.get("sha1") or img["file_name"])
 
 
 def split_group(img: dict) -> str:

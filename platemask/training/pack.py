@@ -27,7 +27,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .coco import split_group, split_of
+from .coco import identity, split_group, split_of
 
 
 def part_of(img: dict, parts: int) -> int:
@@ -35,23 +35,30 @@ def part_of(img: dict, parts: int) -> int:
     return int(hashlib.sha1(str(img["id"]).encode()).hexdigest(), 16) % parts
 
 
-def _plate_widths(anns: list[dict]) -> list[float]:
-    return [float(a["bbox"][2]) for a in anns]
+def _plate_width(ann: dict) -> float:
+    """Width of a plate label: its box, else its outline (COCO allows either alone)."""
+    if ann.get("bbox"):
+        return float(ann["bbox"][2])
+    xs = [v for s in ann.get("segmentation") or [] for v in s[0::2]]
+    return float(max(xs) - min(xs)) if xs else 0.0
 
 
 def photo_scale(anns: list[dict], *, min_plate_px: float, min_scale: float) -> float:
     """How far a positive photo may shrink: its smallest plate keeps ``min_plate_px`` of width."""
-    smallest = min(_plate_widths(anns))
+    smallest = min(_plate_width(a) for a in anns)
     return float(np.clip(min_plate_px / max(smallest, 1.0), min_scale, 1.0))
 
 
 def _scaled_annotation(ann: dict, sx: float, sy: float) -> dict:
-    x, y, w, h = ann["bbox"]
-    seg = ann.get("segmentation")
-    if isinstance(seg, list):
-        seg = [[v * (sx if i % 2 == 0 else sy) for i, v in enumerate(s)] for s in seg]
-    return {**ann, "bbox": [x * sx, y * sy, w * sx, h * sy], "segmentation": seg,
-            "area": float(ann.get("area", w * h)) * sx * sy}
+    out = dict(ann)
+    if ann.get("bbox"):
+        x, y, w, h = ann["bbox"]
+        out["bbox"] = [x * sx, y * sy, w * sx, h * sy]
+    if isinstance(ann.get("segmentation"), list):
+        out["segmentation"] = [[v * (sx if i % 2 == 0 else sy) for i, v in enumerate(s)] for s in ann["segmentation"]]
+    if "area" in ann:
+        out["area"] = float(ann["area"]) * sx * sy
+    return out
 
 
 def pack(root: str | Path, out: str | Path, *, parts: int = 1, val_fraction: float = 0.15,
@@ -94,8 +101,10 @@ def pack(root: str | Path, out: str | Path, *, parts: int = 1, val_fraction: flo
         ok, buf = cv2.imencode(".webp", bgr, [cv2.IMWRITE_WEBP_QUALITY, int(q)])
         if not ok:
             raise ValueError(f"{src}: WebP encoding failed")
-        name = str(Path(img["file_name"]).with_suffix(".webp"))
-        record = {**img, "file_name": name, "width": bgr.shape[1], "height": bgr.shape[0]}
+        # the old name + ".webp": a.jpg and a.png stay two files; the identity is written down, since a
+        # photo named by its file would otherwise become another photo (and maybe fall in the held-out split)
+        name = img["file_name"] + ".webp"
+        record = {**img, "file_name": name, "width": bgr.shape[1], "height": bgr.shape[0], "identity": identity(img)}
         for k in targets:
             dst = out / f"part-{k + 1}" / root.name / name
             dst.parent.mkdir(parents=True, exist_ok=True)
