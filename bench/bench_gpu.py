@@ -87,13 +87,12 @@ def main() -> None:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here: nothing to measure (run with --device cpu for a CPU comparison)")
         return
-    tmp_photos = None
     if a.photos:
         from bench_mask import make_photos  # bench/ is this script's folder, first on sys.path
 
-        tmp_photos = tempfile.TemporaryDirectory()
-        make_photos(Path(tmp_photos.name), a.images, a.photos)
-        imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(Path(tmp_photos.name).iterdir())]
+        with tempfile.TemporaryDirectory() as tmp:
+            make_photos(Path(tmp), a.images, a.photos)
+            imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(Path(tmp).iterdir())]
     else:
         imgs = photos(a.images)
     gpu = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
@@ -118,7 +117,8 @@ def main() -> None:
     seg = Segmenter(a.model, device=a.device, batch_size=best[1])
     seg(imgs[: best[1]])
     parts = split_times(seg, imgs, best[1], a.device.startswith("cuda"))
-    print(f"where the model-only time goes at batch {best[1]} (ms/photo): "
+    print(f"where the model-only time goes at batch {best[1]} (ms/photo; synchronised around each part, so the "
+          f"total, {sum(parts.values()):.1f}, is above the model-only figure): "
           + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     del seg
     if a.no_cli:
@@ -138,8 +138,6 @@ def main() -> None:
           f"{len(imgs) / wall:.1f} images/s for the whole command ({wall - r['wall_seconds']:.1f} s start-up)")
     print("CLI ms per photo by stage (threads overlap): "
           + ", ".join(f"{k} {v}" for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1])))
-    if tmp_photos is not None:
-        tmp_photos.cleanup()
 
 
 if __name__ == "__main__":
