@@ -133,7 +133,7 @@ def cmd_train_verifier(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     spec = train_for_model(a.model, a.data, a.workdir, epochs=a.epochs, val_fraction=a.val_fraction, seed=a.seed,
                            imagenet_weights=a.imagenet_weights or imagenet_mobilenet_v2(), device=device,
-                           positive_fraction=a.positive_fraction, log=_log)
+                           positive_fraction=a.positive_fraction, synthetic_per_epoch=a.synthetic_plates, log=_log)
     _log(f"added verifier {spec['weights_sha256'][:12]} to {a.model}: re-run 'platemask evaluate --set-threshold' "
          "to choose the operating threshold for the fused score")
     return EXIT_OK
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=_positive_int, default=8)
     r.add_argument("--positive-fraction", type=_fraction, default=1.0,
                    help="share of the training photos with plates to run the detector over (all negatives are used)")
+    r.add_argument("--synthetic-plates", type=int, default=600, metavar="N",
+                   help="rendered plates (every colour scheme, tilted) pasted into training photos, per epoch, as positives")
     r.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--val-fraction", type=float, default=0.15)

