@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=_positive_int, default=8)
     r.add_argument("--positive-fraction", type=_fraction, default=1.0,
                    help="share of the training photos with plates to run the detector over (all negatives are used)")
-    r.add_argument("--synthetic-plates", type=int, default=600, metavar="N",
-                   help="rendered plates (every colour scheme, tilted) pasted into training photos, per epoch, as positives")
+    r.add_argument("--synthetic-plates", type=int, default=0, metavar="N",
+                   help="rendered plates (every colour scheme, tilted) pasted into training photos, per epoch, as positives "
+                        "(600 fixed a vetoed yellow plate but cost precision on real photos: see the model card)")
     r.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--val-fraction", type=float, default=0.15)
