@@ -38,19 +38,34 @@ def window(box: Sequence[float], context: float = CONTEXT, hw: tuple[int, int] =
     return cx - ww / 2, cy - wh / 2, cx + ww / 2, cy + wh / 2
 
 
-def window_crop(rgb: np.ndarray, win: Sequence[float], hw: tuple[int, int] = INPUT_HW) -> np.ndarray:
-    """Cut ``win`` out of the photo (edges replicated past the border) and resize it to ``hw``."""
+def window_cut(rgb: np.ndarray, win: Sequence[float]) -> tuple[np.ndarray, int, int] | None:
+    """``win`` cut out of the photo at full resolution (edges replicated past the border; a view of
+    ``rgb`` where no edge is), with the photo coordinates of its top-left pixel; None when the window
+    lies wholly outside the photo."""
     h, w = rgb.shape[:2]
     x0, y0 = int(math.floor(win[0])), int(math.floor(win[1]))
     x1, y1 = max(int(math.ceil(win[2])), x0 + 1), max(int(math.ceil(win[3])), y0 + 1)
     pad = (max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w))
     crop = rgb[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
-    if crop.size == 0:  # the window lies wholly outside the photo: nothing to see
-        return np.zeros((*hw, 3), np.uint8)
+    if crop.size == 0:
+        return None
     if any(pad):
         crop = cv2.copyMakeBorder(crop, *pad, cv2.BORDER_REPLICATE)
+    return crop, x0, y0
+
+
+def fit_input(crop: np.ndarray, hw: tuple[int, int] = INPUT_HW) -> np.ndarray:
+    """A cut window resized to the verifier's input."""
     shrink = crop.shape[1] > hw[1]
     return cv2.resize(crop, (hw[1], hw[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def window_crop(rgb: np.ndarray, win: Sequence[float], hw: tuple[int, int] = INPUT_HW) -> np.ndarray:
+    """Cut ``win`` out of the photo (edges replicated past the border) and resize it to ``hw``."""
+    cut = window_cut(rgb, win)
+    if cut is None:  # the window lies wholly outside the photo: nothing to see
+        return np.zeros((*hw, 3), np.uint8)
+    return fit_input(cut[0], hw)
 
 
 def to_batch(crops: Sequence[np.ndarray]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..geometry import box_iou, polygon_box
-from ..verify import CONTEXT, DEFAULT_FUSION, INPUT_HW, build_verifier, to_batch, window, window_crop
+from ..verify import CONTEXT, DEFAULT_FUSION, INPUT_HW, build_verifier, fit_input, to_batch, window, window_crop, window_cut
 from .synth import paste_plate, random_quad, render_plate
 @dataclass
 class Example:
@@ -127,13 +127,11 @@ def synthetic_plate_crop(rgb: np.ndarray, rng: np.random.Generator,
     pw = float(np.exp(rng.uniform(np.log(width[0]), np.log(min(width[1], 0.8 * w)))))
     quad = random_quad(rng, pw, aspect, (rng.uniform(0, w), rng.uniform(0, h)))
     box = jitter((*quad.min(0), *quad.max(0)), rng, loose=0.3)
-    win = window(box)
-    x0, y0 = int(math.floor(win[0])), int(math.floor(win[1]))
-    x1, y1 = max(int(math.ceil(win[2])), x0 + 1), max(int(math.ceil(win[3])), y0 + 1)
-    region = np.ascontiguousarray(window_crop(rgb, (x0, y0, x1, y1), hw=(y1 - y0, x1 - x0)))
+    # the plate's centre is inside the photo, so the window is never wholly outside it
+    region, x0, y0 = window_cut(rgb, window(box))
+    region = region.copy()  # a view of the photo where no edge was replicated: never paste into the photo
     paste_plate(region, plate, quad - np.array([x0, y0], np.float32), rng)
-    shrink = region.shape[1] > INPUT_HW[1]
-    return cv2.resize(region, (INPUT_HW[1], INPUT_HW[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return fit_input(region)
 
 
 def photometric(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
