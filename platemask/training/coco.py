@@ -58,7 +58,7 @@ def split_of(ident: str, val_fraction: float = 0.15) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def _polygons(ann: dict) -> list[np.ndarray]:
+def annotation_polygons(ann: dict) -> list[np.ndarray]:
     seg = ann.get("segmentation")
     polys = []
     if isinstance(seg, list) and seg:
@@ -81,7 +81,7 @@ def load_coco(root: str | Path, annotations: str = "annotations.json", category:
     by_image: dict[int, list[np.ndarray]] = {}
     for ann in doc.get("annotations", []):
         if ann.get("category_id") in cat_ids and not ann.get("iscrowd", 0):
-            by_image.setdefault(ann["image_id"], []).extend(_polygons(ann))
+            by_image.setdefault(ann["image_id"], []).extend(annotation_polygons(ann))
     records = []
     for img in doc["images"]:
         polys = by_image.get(img["id"], [])

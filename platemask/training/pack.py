@@ -27,7 +27,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .coco import identity, split_group, split_of
+from .coco import annotation_polygons, identity, split_group, split_of
 
 
 def part_of(img: dict, parts: int) -> int:
@@ -35,17 +35,10 @@ def part_of(img: dict, parts: int) -> int:
     return int(hashlib.sha1(str(img["id"]).encode()).hexdigest(), 16) % parts
 
 
-def _plate_width(ann: dict) -> float:
-    """Width of a plate label: its box, else its outline (COCO allows either alone)."""
-    if ann.get("bbox"):
-        return float(ann["bbox"][2])
-    xs = [v for s in ann.get("segmentation") or [] for v in s[0::2]]
-    return float(max(xs) - min(xs)) if xs else 0.0
-
-
 def photo_scale(anns: list[dict], *, min_plate_px: float, min_scale: float) -> float:
-    """How far a positive photo may shrink: its smallest plate keeps ``min_plate_px`` of width."""
-    smallest = min(_plate_width(a) for a in anns)
+    """How far a positive photo may shrink: its smallest plate (outline, else box: as training reads
+    it) keeps ``min_plate_px`` of width."""
+    smallest = min(float(np.ptp(p[:, 0])) for a in anns for p in annotation_polygons(a))
     return float(np.clip(min_plate_px / max(smallest, 1.0), min_scale, 1.0))
 
 
