@@ -33,7 +33,7 @@ def plate_height(poly: np.ndarray) -> float:
 
 
 def failsafe_polygon(mask: np.ndarray, box, *, threshold: float = 0.4, ragged: float = 0.85,
-                     min_fill: float = 0.25) -> np.ndarray:
+                     min_fill: float = 0.25, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Outline of one instance, biased to cover the plate rather than hug it.
 
     ``mask`` is the instance's probability (or binary) map in image coordinates. The outline is the
@@ -41,15 +41,19 @@ def failsafe_polygon(mask: np.ndarray, box, *, threshold: float = 0.4, ragged: f
     than ``ragged`` of its minimum-area rectangle the rectangle is used instead (the union of the
     two, since the rectangle contains the hull). A mask that covers less than ``min_fill`` of the
     detection box, or is empty, is not trusted: the box itself is returned.
+
+    ``mask`` may be a window of the image whose top-left pixel is ``origin`` (x, y) in it (the
+    pixels outside the window count as zero); ``box`` and the outline are in image coordinates.
     """
     bx = box_polygon(box)
     x0, y0, x1, y1 = (int(np.floor(v)) for v in box)
     h, w = mask.shape[:2]
-    x0, y0 = max(x0 - 2, 0), max(y0 - 2, 0)
-    x1, y1 = min(x1 + 3, w), min(y1 + 3, h)
+    ox, oy = int(origin[0]), int(origin[1])
+    x0, y0 = max(x0 - 2, ox), max(y0 - 2, oy)
+    x1, y1 = min(x1 + 3, ox + w), min(y1 + 3, oy + h)
     if x1 <= x0 or y1 <= y0:
         return bx
-    sub = mask[y0:y1, x0:x1] >= threshold
+    sub = mask[y0 - oy:y1 - oy, x0 - ox:x1 - ox] >= threshold
     box_area = max(polygon_area(bx), 1.0)
     count = int(np.count_nonzero(sub))
     if count < 3 or count < min_fill * box_area:

@@ -119,6 +119,13 @@ class PassThroughTransform(GeneralizedRCNNTransform):
     def resize(self, image, target=None):
         return image, target
 
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        """Boxes as they are (images were not resized here) and each mask left as the mask head's
+        28 x 28 probabilities in its box's frame: torchvision would paste every one into a view-sized
+        image (3 MB at 896 px, a Python loop per detection), when only the box's own pixels are ever
+        read (``platemask.segment.box_mask`` pastes them there, the same way)."""
+        return result
+
 
 def mobilenet_v2_features(imagenet_weights: str | Path | None = None, trainable_from: int = 4) -> nn.Sequential:
     """MobileNetV2's ``features[:18]`` (the final 1x1 conv to 1280 channels dropped) with frozen batch

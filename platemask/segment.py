@@ -8,6 +8,7 @@ detections of both passes are merged conservatively (overlapping outlines are un
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +48,48 @@ def _scaled(x0: int, y0: int, x1: int, y1: int, scale: float) -> tuple[int, int]
     return max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale))
 
 
-def prepare(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float) -> torch.Tensor:
-    """Crop, shrink (never enlarge) and convert to a float CHW tensor in [0, 1]."""
+def view_pixels(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float) -> np.ndarray:
+    """Crop and shrink (never enlarge): the HxWx3 uint8 pixels the detector sees."""
     crop = rgb[y0:y1, x0:x1]
     if scale != 1.0:
         h, w = _scaled(x0, y0, x1, y1, scale)
         crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
-    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255.0)
+    return np.ascontiguousarray(crop)
+
+
+def prepare(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float,
+            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Crop, shrink (never enlarge) and convert to a CHW tensor in [0, 1] on ``device``. The pixels
+    travel as uint8 and become floats there (a quarter of the bytes over PCIe)."""
+    pixels = torch.from_numpy(view_pixels(rgb, x0, y0, x1, y1, scale))
+    return pixels.to(device, non_blocking=True).permute(2, 0, 1).to(dtype).div_(255.0)
+
+
+def box_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
+              padding: int = 1) -> list[tuple[np.ndarray, int, int]]:
+    """Each detection's mask pasted over its own box only: ``(probabilities, x, y)`` with the window's
+    top-left pixel at (x, y) of the ``height`` x ``width`` view, clipped to it.
+
+    The pixels are torchvision's ``paste_masks_in_image`` (the 28 x 28 mask padded by one pixel, its
+    box grown to match, bilinear resize) without the view-sized canvas of zeros around each one."""
+    from torchvision.models.detection.roi_heads import expand_boxes
+
+    if len(masks) == 0:
+        return []
+    m = masks.shape[-1]
+    padded = torch.nn.functional.pad(masks.float(), (padding,) * 4)
+    grown = expand_boxes(boxes.float(), (m + 2 * padding) / m).to(torch.int64).tolist()
+    out = []
+    for mask, (bx0, by0, bx1, by1) in zip(padded, grown):
+        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+        pasted = torch.nn.functional.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        x0, x1 = max(bx0, 0), min(bx1 + 1, width)
+        y0, y1 = max(by0, 0), min(by1 + 1, height)
+        if x1 <= x0 or y1 <= y0:
+            out.append((np.zeros((0, 0), np.float32), x0, y0))
+            continue
+        out.append((pasted[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0].numpy(), x0, y0))
+    return out
 
 
 def plan_views(width: int, height: int, cfg: ModelConfig, index: int = 0) -> list[View]:
@@ -125,6 +161,13 @@ class Segmenter:
             attach_trunk(self.model, self.model_dir, self.cfg.onnx["trunk"], weights_sha256=self.cfg.weights_sha256,
                          threads=threads)
         self.batch_size = max(1, int(batch_size))
+        # next to a GPU the views are shrunk on the host in parallel (OpenCV lets go of the interpreter
+        # lock); on a CPU the detector has the cores
+        self._prepare_pool = None
+        if self.device.type == "cuda":
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prepare_pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="views")
         # what a run can use: its near misses (from review_low) and everything it masks, also when
         # it runs at a threshold under the model's review_low
         run_threshold = self.cfg.score_threshold if threshold is None else float(threshold)
@@ -150,36 +193,50 @@ class Segmenter:
     @torch.inference_mode()
     def _run(self, views: list[View], images: list[np.ndarray]) -> list[list[Plate]]:
         """Each view's plates. Tensors are made one batch at a time (a 79 MP photo has 8 views, 10 MB
-        each as float) and each batch's outputs (full-view masks per detection) become polygons at once."""
+        each as float) and each batch's outputs become polygons at once."""
         # a batch is padded to its largest member: batch views of the same shape together (a coarse
         # view next to a full-size one would otherwise cost as much as the full-size one)
         order = sorted(range(len(views)), key=lambda i: (*views[i].size, i))
         plates: list[list[Plate]] = [[] for _ in views]
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         for i in range(0, len(order), self.batch_size):
             idx = order[i : i + self.batch_size]
-            chunk = [prepare(images[views[j].image_index], views[j].x0, views[j].y0, views[j].x1, views[j].y1,
-                             views[j].scale).to(self.device, non_blocking=True) for j in idx]
-            if self.device.type == "cuda":
-                chunk = [t.half() for t in chunk]
-            for j, o in zip(idx, self.model(chunk)):
-                plates[j] = self._plates(views[j], o)
+            make = lambda j: prepare(images[views[j].image_index], views[j].x0, views[j].y0,  # noqa: E731
+                                     views[j].x1, views[j].y1, views[j].scale, self.device, dtype)
+            chunk = list(self._prepare_pool.map(make, idx)) if self._prepare_pool else [make(j) for j in idx]
+            for j, found in zip(idx, self._plates([views[j] for j in idx], self.model(chunk))):
+                plates[j] = found
         return plates
 
-    def _plates(self, v: View, out: dict) -> list[Plate]:
-        """One view's detections at ``min_score`` or above, in the photo's pixel frame."""
-        scores, boxes = out["scores"].float(), out["boxes"].float()
-        keep = scores >= self.min_score
-        if v.min_box:
-            keep &= torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= v.min_box
-        plates = []
-        for box, score, mask in zip(boxes[keep].cpu(), scores[keep].cpu(), out["masks"][keep].float().cpu()):
-            poly = failsafe_polygon(mask[0].numpy(), box.tolist(), threshold=self.cfg.mask_threshold)
-            poly = poly / v.scale + np.array([v.x0, v.y0], np.float32)
-            plates.append(Plate(score=float(score), polygon=poly.astype(np.float32)))
-        return plates
+    def _plates(self, views: list[View], outs: list[dict]) -> list[list[Plate]]:
+        """Each view's detections at ``min_score`` or above, in the photo's pixel frame. The batch's
+        scores, boxes and 28 x 28 masks come to the host in one copy each (a few hundred KB)."""
+        counts = [len(o["scores"]) for o in outs]
+        if not sum(counts):
+            return [[] for _ in views]
+        scores = torch.cat([o["scores"] for o in outs]).float().cpu()
+        boxes = torch.cat([o["boxes"] for o in outs]).float().cpu()
+        masks = torch.cat([o["masks"] for o in outs]).float().cpu()
+        result = []
+        start = 0
+        for v, n in zip(views, counts):
+            s, b, m = scores[start : start + n], boxes[start : start + n], masks[start : start + n]
+            start += n
+            keep = s >= self.min_score
+            if v.min_box:
+                keep &= torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) >= v.min_box
+            s, b, m = s[keep], b[keep], m[keep]
+            h, w = v.size
+            found = []
+            for box, score, (local, ox, oy) in zip(b.tolist(), s.tolist(), box_masks(m[:, 0], b, h, w)):
+                poly = failsafe_polygon(local, box, threshold=self.cfg.mask_threshold, origin=(ox, oy))
+                poly = poly / v.scale + np.array([v.x0, v.y0], np.float32)
+                found.append(Plate(score=float(score), polygon=poly.astype(np.float32)))
+            result.append(found)
+        return result
 
     def __call__(self, images: list[np.ndarray]) -> list[list[Plate]]:
-        return [self.verify_plates(rgb, plates) for rgb, plates in zip(images, self.detect(images))]
+        return self.verify_many(images, self.detect(images))
 
     def detect(self, images: list[np.ndarray]) -> list[list[Plate]]:
         """The detector's plates per image, merged across views and clipped to the photo, before the
@@ -205,8 +262,16 @@ class Segmenter:
     def verify_plates(self, rgb: np.ndarray, plates: list[Plate]) -> list[Plate]:
         """The verifier's second opinion fused into each detector score; what falls under ``min_score``
         is dropped. Without a verifier the plates are returned as they are."""
-        if self.verifier is None or not plates:
+        return self.verify_many([rgb], [plates])[0]
+
+    def verify_many(self, images: list[np.ndarray], plates: list[list[Plate]]) -> list[list[Plate]]:
+        """:meth:`verify_plates` for several photos, their crops in shared batches."""
+        if self.verifier is None:
             return plates
-        for p, prob in zip(plates, self.verifier(rgb, [p.box for p in plates])):
-            p.score = fuse(p.score, prob, self.fusion)
-        return [p for p in plates if p.score >= self.min_score]
+        probs = self.verifier.many([(rgb, [p.box for p in found]) for rgb, found in zip(images, plates)])
+        out = []
+        for found, ps in zip(plates, probs):
+            for p, prob in zip(found, ps):
+                p.score = fuse(p.score, prob, self.fusion)
+            out.append([p for p in found if p.score >= self.min_score])
+        return out

@@ -132,12 +132,20 @@ class Verifier:
         if self.device.type == "cpu":
             self.net.to(memory_format=torch.channels_last)
 
-    @torch.inference_mode()
     def __call__(self, rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[float]:
-        probs: list[float] = []
-        for i in range(0, len(boxes), self.batch_size):
-            x = to_batch([window_crop(rgb, window(b)) for b in boxes[i : i + self.batch_size]]).to(self.device)
-            probs.extend(torch.sigmoid(self.net(x)[:, 0]).float().cpu().tolist())
+        return self.many([(rgb, boxes)])[0]
+
+    @torch.inference_mode()
+    def many(self, photos: Sequence[tuple[np.ndarray, Sequence[Sequence[float]]]]) -> list[list[float]]:
+        """Plate probabilities for several photos' boxes, ``[(rgb, boxes), ...]``, in shared batches
+        (one network call for a whole GPU batch of photos, not one per photo)."""
+        crops = [(k, window_crop(rgb, window(b))) for k, (rgb, boxes) in enumerate(photos) for b in boxes]
+        probs: list[list[float]] = [[] for _ in photos]
+        for i in range(0, len(crops), self.batch_size):
+            part = crops[i : i + self.batch_size]
+            x = to_batch([c for _, c in part]).to(self.device)
+            for (k, _), p in zip(part, torch.sigmoid(self.net(x)[:, 0]).float().cpu().tolist()):
+                probs[k].append(p)
         return probs
 
 

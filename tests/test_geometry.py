@@ -117,3 +117,28 @@ def test_failsafe_outline_from_row_ends_is_the_hull_of_every_pixel():
         assert {tuple(p) for p in got.tolist()} == {tuple(p) for p in want.tolist()}
         checked += 1
     assert checked > 30
+
+
+def test_pasting_a_mask_over_its_box_alone_gives_torchvisions_outline():
+    """The model leaves masks at 28 x 28 in their box (no view-sized canvas per detection): pasting
+    one over its box and reading the outline from that window gives what torchvision's full paste
+    gave, also for boxes across the view's edge and boxes under one pixel."""
+    import torch
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from platemask.segment import box_masks
+
+    gen = torch.Generator().manual_seed(3)
+    h, w = 120, 200
+    masks = torch.rand((7, 28, 28), generator=gen) ** 0.5
+    boxes = torch.tensor([[10.3, 20.7, 90.2, 45.1], [-6.0, 30.0, 25.5, 50.2], [180.4, 100.2, 230.0, 130.0],
+                          [50.0, 50.0, 50.4, 50.3], [0.0, 0.0, 200.0, 120.0], [150.9, -3.2, 199.9, 10.6],
+                          [199.5, 119.5, 215.0, 140.0]])
+    full = paste_masks_in_image(masks[:, None], boxes, (h, w))[:, 0].numpy()
+    for k, (local, ox, oy) in enumerate(box_masks(masks, boxes, h, w)):
+        box = boxes[k].tolist()
+        want = failsafe_polygon(full[k], box)
+        got = failsafe_polygon(local, box, origin=(ox, oy))
+        assert got.shape == want.shape and np.allclose(got, want), k
+        window = full[k][oy:oy + local.shape[0], ox:ox + local.shape[1]]
+        assert np.array_equal(local, window) and np.count_nonzero(full[k]) == np.count_nonzero(local), k

@@ -91,7 +91,11 @@ def test_what_the_evaluation_counts_at_a_threshold_is_what_a_run_at_it_masks(mod
 
     rng = np.random.default_rng(21)
     photos = [synth_car_scene(rng, n_plates=int(rng.integers(0, 3)), plate_width=(12, 120))[0] for _ in range(6)]
-    sure = lambda rgb, boxes: [1.0] * len(boxes)  # noqa: E731 - the real verifier is tested above
+    class Sure:  # a verifier sure of every box; the real one is tested above
+        def many(self, photos):
+            return [[1.0] * len(boxes) for _, boxes in photos]
+
+    sure = Sure()
     evaluation = Segmenter(model_dir, min_score=min(THRESHOLDS))
     monkeypatch.setattr(evaluation, "verifier", sure)
     found = evaluation.detect(photos)
@@ -219,3 +223,19 @@ def test_a_new_verifier_means_images_are_masked_again():
     assert already_done(Client(), Settings(), spec, entry, audit, ident(dict(used)))
     assert not already_done(Client(), Settings(), spec, entry, audit, ident(dict(used, verifier_sha256="v2")))
     assert not already_done(Client(), Settings(), spec, entry, audit, ident({"name": "m", "weights_sha256": "d1"}))
+
+
+def test_verifier_scores_several_photos_in_shared_batches_as_it_scores_each(model_dir):
+    """``Verifier.many`` (one network call for a batch of photos) gives each photo's boxes the
+    probabilities one call per photo gives, in their order, with photos without boxes kept in place."""
+    spec = json.loads((model_dir / "config.json").read_text())["verifier"]
+    ver = load_verifier(model_dir, spec)
+    ver.batch_size = 3  # batches that cut across photos
+    rng = np.random.default_rng(1)
+    photos = [(rng.integers(0, 255, (90, 160, 3), dtype=np.uint8), [[10, 10, 40, 22], [100, 50, 150, 70]]),
+              (rng.integers(0, 255, (60, 80, 3), dtype=np.uint8), []),
+              (rng.integers(0, 255, (100, 100, 3), dtype=np.uint8), [[5, 5, 30, 15], [-10, 80, 20, 110], [60, 0, 99, 12]])]
+    many = ver.many(photos)
+    assert [len(p) for p in many] == [2, 0, 3]
+    for (rgb, boxes), got in zip(photos, many):
+        assert np.allclose(got, ver(rgb, boxes), atol=1e-5)
