@@ -63,7 +63,7 @@ def split_times(seg: Segmenter, imgs: list[np.ndarray], bs: int, cuda: bool) -> 
 
     seg.model.forward = timed("network", seg.model.forward)
     seg._plates = timed("outlines (_plates)", seg._plates)
-    seg.verify_plates = timed("verifier", seg.verify_plates)
+    seg.verify_many = timed("verifier", seg.verify_many)
     t0 = time.perf_counter()
     for i in range(0, len(imgs), bs):
         seg(imgs[i : i + bs])
@@ -83,6 +83,10 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "models" / "platemask-mnv2-fpn"))
     ap.add_argument("--photos", help="real photos (resized to 1280x720) instead of generated scenes")
     ap.add_argument("--no-cli", action="store_true", help="skip the end-to-end CLI run")
+    ap.add_argument("--cli-io", default="", help="comma-separated --io-workers values to run the CLI with "
+                                                "(default: the CLI's own default only)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the N operators that take the most host time (torch.profiler, one batch)")
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here: nothing to measure (run with --device cpu for a CPU comparison)")
@@ -120,25 +124,37 @@ def main() -> None:
     print(f"where the model-only time goes at batch {best[1]} (ms/photo; synchronised around each part, so the "
           f"total, {sum(parts.values()):.1f}, is above the model-only figure): "
           + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
+            seg(imgs[: best[1]])
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile, max_name_column_width=60))
     del seg
     if a.no_cli:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "src", Path(tmp) / "dst"
+        src = Path(tmp) / "src"
         src.mkdir()
         for i, img in enumerate(imgs):
             cv2.imwrite(str(src / f"car{i:04d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--report", str(Path(tmp) / "r.json"),
-               "--device", a.device, "--batch-size", str(best[1]), "--model", a.model]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
-        wall = time.perf_counter() - t0
-        r = json.loads((Path(tmp) / "r.json").read_text())
-    print(f"end to end (CLI, batch {best[1]}): {r['images_per_second']:.1f} images/s in the masking loop; "
-          f"{len(imgs) / wall:.1f} images/s for the whole command ({wall - r['wall_seconds']:.1f} s start-up)")
-    print("CLI ms per photo by stage (threads overlap): "
-          + ", ".join(f"{k} {v}" for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1])))
-
+        for io in [x for x in a.cli_io.split(",") if x] or [None]:
+            dst, report = Path(tmp) / f"dst{io}", Path(tmp) / f"r{io}.json"
+            cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--report", str(report),
+                   "--device", a.device, "--batch-size", str(best[1]), "--model", a.model]
+            cmd += ["--io-workers", io] if io else []
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            r = json.loads(report.read_text())
+            print(f"end to end (CLI, batch {best[1]}, io workers {io or 'default'}): {r['images_per_second']:.1f} "
+                  f"images/s in the masking loop; {len(imgs) / wall:.1f} images/s for the whole command "
+                  f"({wall - r['wall_seconds']:.1f} s start-up)")
+            print("CLI ms per photo by stage (threads overlap): "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1])))
 
 if __name__ == "__main__":
     main()

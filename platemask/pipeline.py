@@ -71,6 +71,18 @@ class JobOptions:
     write_workers: int = 3
     calibration: tuple = ()  # the model's isotonic score -> P(plate) map (platemask.review.calibrate)
 
+    @staticmethod
+    def io_workers(device: str, readers: int | None = None) -> dict[str, int]:
+        """Reader and writer threads for a job: ``readers`` readers and half as many writers (at least
+        2) when given; otherwise the defaults on a CPU (the detector wants the cores) and 8 + 4 next to
+        a GPU, where the photos must be decoded and encoded at the GPU's pace. More threads than that
+        slowed a GPU run: every one of them takes the interpreter lock the detector's own Python needs."""
+        if readers is None:
+            if not str(device).startswith("cuda"):
+                return {}
+            readers = 8
+        return {"read_workers": max(1, readers), "write_workers": max(2, readers // 2)}
+
     @classmethod
     def for_model(cls, cfg, threshold: float | None = None, **kw) -> "JobOptions":
         """Options for a model's ``config.json`` at ``threshold`` (default: its operating threshold):
@@ -448,7 +460,10 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
                 else:
                     pending.append(writers.submit(finish, item, list(res)))
             batch.clear()
-            while len(pending) > 2 * opts.write_workers:
+            # writes in flight are bounded by the pixel budget; this only keeps the list short. Two
+            # batches' worth: the detector starts the next batch while the writers finish this one
+            # (waiting until 2 x write_workers were left held a GPU idle for most of a 64-photo batch)
+            while len(pending) > max(2 * opts.write_workers, 2 * opts.batch_size):
                 pending.popleft().result()
 
         def stalled():
