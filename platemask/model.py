@@ -123,7 +123,7 @@ class PassThroughTransform(GeneralizedRCNNTransform):
         """Boxes as they are (images were not resized here) and each mask left as the mask head's
         28 x 28 probabilities in its box's frame: torchvision would paste every one into a view-sized
         image (3 MB at 896 px, a Python loop per detection), when only the box's own pixels are ever
-        read (``platemask.segment.box_mask`` pastes them there, the same way)."""
+        read (``platemask.segment.box_masks`` pastes them there, the same way)."""
         return result
 
 

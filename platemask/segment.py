@@ -172,8 +172,8 @@ class Segmenter:
         # it runs at a threshold under the model's review_low
         run_threshold = self.cfg.score_threshold if threshold is None else float(threshold)
         self.min_score = min(self.cfg.review_low, run_threshold) if min_score is None else float(min_score)
-        # The model pastes a view-sized mask for every detection over its own floor (0.02, there for
-        # training): ~3 MB each at 896 px, up to 60 a view. Nothing below min_score is used, and
+        # The model runs the mask head for every detection over its own floor (0.02, there for
+        # training), up to 60 a view, and each becomes an outline. Nothing below min_score is used, and
         # dropping those first changes nothing above it (NMS and the top-k only let a higher score
         # suppress a lower one); 1 % under min_score as the model keeps scores strictly above it.
         heads = self.model.roi_heads
