@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what runs the detector's trunk and the verifier: auto = ONNX Runtime on CPU when the model ships them")
     m.add_argument("--batch-size", type=_positive_int, default=4)
     m.add_argument("--io-workers", type=_positive_int, default=None,
-                   help="threads that read and decode photos (half as many mask, encode and write them); "
+                   help="threads that read and decode photos (half as many, at least 2, mask, encode and write them); "
                         "default: 8 and 3 on a CPU, 8 and 4 next to a GPU")
     m.add_argument("--jpeg-quality", type=int, choices=range(1, 101), metavar="1..100", default=92)
     m.add_argument("--metadata", choices=METADATA_POLICIES, default=DEFAULT_METADATA_POLICY,

@@ -9,6 +9,7 @@ detections of both passes are merged conservatively (overlapping outlines are un
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def box_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
     top-left pixel at (x, y) of the ``height`` x ``width`` view, clipped to it.
 
     The pixels are torchvision's ``paste_masks_in_image`` (the 28 x 28 mask padded by one pixel, its
-    box grown to match, bilinear resize) without the view-sized canvas of zeros around each one."""
+    box grown to match, bilinear resize) without the view-sized canvas of zeros around each one;
+    always in float32 (on a GPU torchvision grew fp16 boxes, which moved a window by a pixel at times)."""
     from torchvision.models.detection.roi_heads import expand_boxes
 
     if len(masks) == 0:
@@ -168,6 +170,7 @@ class Segmenter:
             from concurrent.futures import ThreadPoolExecutor
 
             self._prepare_pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="views")
+            weakref.finalize(self, self._prepare_pool.shutdown, wait=False)
         # what a run can use: its near misses (from review_low) and everything it masks, also when
         # it runs at a threshold under the model's review_low
         run_threshold = self.cfg.score_threshold if threshold is None else float(threshold)

@@ -139,11 +139,11 @@ class Verifier:
     def many(self, photos: Sequence[tuple[np.ndarray, Sequence[Sequence[float]]]]) -> list[list[float]]:
         """Plate probabilities for several photos' boxes, ``[(rgb, boxes), ...]``, in shared batches
         (one network call for a whole GPU batch of photos, not one per photo)."""
-        crops = [(k, window_crop(rgb, window(b))) for k, (rgb, boxes) in enumerate(photos) for b in boxes]
+        boxes = [(k, b) for k, (_, bs) in enumerate(photos) for b in bs]
         probs: list[list[float]] = [[] for _ in photos]
-        for i in range(0, len(crops), self.batch_size):
-            part = crops[i : i + self.batch_size]
-            x = to_batch([c for _, c in part]).to(self.device)
+        for i in range(0, len(boxes), self.batch_size):
+            part = boxes[i : i + self.batch_size]  # crops are cut one network batch at a time
+            x = to_batch([window_crop(photos[k][0], window(b)) for k, b in part]).to(self.device)
             for (k, _), p in zip(part, torch.sigmoid(self.net(x)[:, 0]).float().cpu().tolist()):
                 probs[k].append(p)
         return probs

@@ -236,3 +236,14 @@ def test_reading_and_writing_threads_yield_the_cpu_to_the_detector(tmp_path):
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert seen["detector"] == base
     assert seen["reader"] == min(19, base + IO_THREAD_NICE)
+
+
+def test_io_workers_one_rule_for_cli_and_dag_workers():
+    """Readers as asked and half as many writers (at least 2); unasked, the CPU defaults stay and a
+    GPU host gets 8 + 4 (more threads slowed a GPU run: they compete for the interpreter lock)."""
+    assert JobOptions.io_workers("cpu") == {}
+    assert JobOptions.io_workers("cuda") == {"read_workers": 8, "write_workers": 4}
+    assert JobOptions.io_workers("cuda:1", 16) == {"read_workers": 16, "write_workers": 8}
+    assert JobOptions.io_workers("auto", 3) == {"read_workers": 3, "write_workers": 2}
+    opts = JobOptions(**JobOptions.io_workers("cuda"))
+    assert (opts.read_workers, opts.write_workers) == (8, 4)
