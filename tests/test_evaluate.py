@@ -186,3 +186,16 @@ def test_detector_cache_gives_the_same_report_without_the_detector_pass(model_di
 
     monkeypatch.setattr(Segmenter, "_run", no_detector)
     assert run(cache_dir=tmp_path / "cache") == full
+
+
+def test_detector_cache_is_kept_per_trunk_graph(model_dir, tmp_path):
+    """A cache filled by one trunk is not read for another: an int8 graph swapped into a model folder
+    (same weights, same views) would have been scored with the fp32 graph's detections. The graph's
+    SHA-256, or PyTorch, names the file."""
+    from platemask.segment import Segmenter
+    from platemask.training.evaluate import DetectorCache
+
+    onnx = DetectorCache(tmp_path, Segmenter(model_dir, runtime="onnx", verify=False))
+    torch_ = DetectorCache(tmp_path, Segmenter(model_dir, runtime="torch", verify=False))
+    again = DetectorCache(tmp_path, Segmenter(model_dir, runtime="onnx", verify=False))
+    assert onnx.path != torch_.path and onnx.path == again.path

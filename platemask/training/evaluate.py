@@ -345,15 +345,18 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
 
 class DetectorCache:
     """The detector's own plates (before the verifier) per held-out photo, in a JSONL file named for
-    everything that changes them: the weights, the views (sizes, tiling), the mask threshold, the score
-    floor. A new verifier or threshold rule is then evaluated without the detector pass that
+    everything that changes them: the weights, what ran the trunk (the ONNX graph's SHA-256, or
+    PyTorch), the views (sizes, tiling), the mask threshold, the score floor. A new verifier or threshold rule is then evaluated without the detector pass that
     dominates the cost on a CPU; a changed detector gets a new file."""
 
     def __init__(self, cache_dir: str | Path, seg):
         import hashlib
 
         cfg = seg.cfg
-        key = json.dumps({"weights": cfg.weights_sha256, "architecture": cfg.architecture,
+        # what computed the trunk counts too: the ONNX graph (its own SHA-256: a re-exported or
+        # quantised graph is another detector) or PyTorch
+        trunk = cfg.onnx.get("trunk", {}).get("sha256", "") if seg.runtime == "onnx" else "torch"
+        key = json.dumps({"weights": cfg.weights_sha256, "trunk": trunk, "architecture": cfg.architecture,
                           "views": [cfg.input_max_side, cfg.coarse_side, cfg.tile_above, cfg.tile_overlap],
                           "mask_threshold": cfg.mask_threshold, "min_score": seg.min_score}, sort_keys=True, default=str)
         self.path = Path(cache_dir) / f"detections-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
