@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
 from .constants import DEFAULT_METADATA_POLICY, MetadataPolicy
 
@@ -85,6 +85,8 @@ class Decoded:
     icc_profile: bytes | None = None
     orientation: int = 1
     frames_dropped: int = 0  # MPO (multi-picture JPEG): frames after the first, not written
+    # a JPEG's chroma subsampling as Pillow numbers it (0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0); -1 = none or unknown
+    subsampling: int = -1
 
     @property
     def width(self) -> int:
@@ -217,6 +219,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         raise ImageError(reason, f"cannot decode: {exc}") from None
     exif = img.getexif()
     orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
+    subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
     icc = img.info.get("icc_profile")
     method = _UPRIGHT.get(orientation)
     if method is not None:  # no copy when already upright (ImageOps.exif_transpose copies the whole photo)
@@ -229,7 +232,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     del img
     pixels = np.ascontiguousarray(pixels)
     return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=_to_rgb8(pixels), exif=exif,
-                   icc_profile=icc, orientation=orientation, frames_dropped=frames_dropped)
+                   icc_profile=icc, orientation=orientation, frames_dropped=frames_dropped, subsampling=subsampling)
 
 
 def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:
@@ -253,6 +256,16 @@ def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes |
     return out.tobytes()  # IFD1 (the embedded thumbnail: an unmasked copy) is never written
 
 
+def output_subsampling(dec: Decoded, jpeg_quality: int) -> int:
+    """Chroma subsampling of a masked JPEG: a 4:2:0 original (what phones and cameras write) stays
+    4:2:0, as 4:4:4 would only store its upsampled chroma again (bigger, and slower to encode); any
+    other original gets 4:4:4 at quality 90 and above (4:2:2 too: after an EXIF rotation its
+    halved axis is no longer the one 4:2:2 halves), 4:2:0 below."""
+    if dec.subsampling == 2:
+        return 2
+    return 0 if jpeg_quality >= 90 else 2
+
+
 def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata: MetadataPolicy = DEFAULT_METADATA_POLICY) -> bytes:
     """Encode masked ``pixels`` in ``dec``'s format and mode with the metadata policy applied."""
     mode = dec.mode
@@ -267,7 +280,7 @@ def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata
             img = img.convert(img.mode[:-1])
         elif img.mode == "I;16":
             img = Image.fromarray((pixels >> 8).astype(np.uint8))
-        params.update(quality=int(jpeg_quality), optimize=False, subsampling=0 if jpeg_quality >= 90 else 2)
+        params.update(quality=int(jpeg_quality), optimize=False, subsampling=output_subsampling(dec, jpeg_quality))
     elif fmt == "WEBP":
         if img.mode == "I;16":
             img = Image.fromarray((pixels >> 8).astype(np.uint8))

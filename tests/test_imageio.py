@@ -59,6 +59,21 @@ def test_jpeg_in_jpeg_out_with_quality():
     assert len(lo) < len(hi)
 
 
+@pytest.mark.parametrize("source,quality,want", [(2, 92, 2), (0, 92, 0), (1, 92, 0), (2, 80, 2), (0, 80, 2)])
+def test_a_masked_jpeg_keeps_a_4_2_0_originals_chroma_and_never_drops_finer_chroma_at_high_quality(source, quality, want):
+    """Phones write 4:2:0: writing it back as 4:4:4 stores the upsampled chroma again (larger, slower)
+    and adds nothing. A 4:4:4 or 4:2:2 original keeps full chroma at quality >= 90."""
+    from PIL import JpegImagePlugin
+
+    rgb = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95, subsampling=source)
+    dec = decode(buf.getvalue())
+    assert dec.subsampling == source
+    out = Image.open(io.BytesIO(encode(dec, dec.pixels, jpeg_quality=quality)))
+    assert JpegImagePlugin.get_sampling(out) == want
+
+
 def test_png_in_png_out_lossless():
     rgb = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
     dec = decode(png_bytes(rgb))
