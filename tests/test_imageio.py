@@ -302,3 +302,17 @@ def test_max_pixels_can_be_raised_past_pillows_own_guard():
     assert (dec.width, dec.height) == (side, side)
     with pytest.raises(ValueError, match="max_pixels"):
         decode(data, max_pixels=MAX_PIXELS_CEILING + 1)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
+@pytest.mark.parametrize("strip_bytes", [1 << 30, 500])
+def test_pixels_come_out_of_pillow_whole_or_in_strips_the_same(mode, strip_bytes, monkeypatch):
+    """Small photos are copied out of Pillow at once, large ones in strips of rows (memory): both give
+    ``np.array(img)`` exactly, as a writable array (masking writes into it)."""
+    import platemask.imageio as imageio
+
+    monkeypatch.setattr(imageio, "_STRIP_BYTES", strip_bytes)
+    a = np.random.default_rng(2).integers(0, 255, (37, 53, len(mode)), dtype=np.uint8)
+    img = Image.fromarray(a[..., 0] if mode == "L" else a, mode)
+    got = imageio._array(img)
+    assert got.flags.writeable and np.array_equal(got, np.array(img))
