@@ -346,8 +346,9 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
 class DetectorCache:
     """The detector's own plates (before the verifier) per held-out photo, in a JSONL file named for
     everything that changes them: the weights, what ran the trunk (the ONNX graph's SHA-256, or
-    PyTorch), the views (sizes, tiling), the mask threshold, the score floor. A new verifier or threshold rule is then evaluated without the detector pass that
-    dominates the cost on a CPU; a changed detector gets a new file."""
+    PyTorch), the views (sizes, tiling), the mask threshold, the score floor. A new verifier or
+    threshold rule is then evaluated without the detector pass that dominates the cost on a CPU; a
+    changed detector gets a new file."""
 
     def __init__(self, cache_dir: str | Path, seg):
         import hashlib
