@@ -2,7 +2,7 @@
 ratio, start-up apart, and the CLI's peak RSS.
 
     .venv/bin/python bench/bench_mask.py [--images 40] [--photos DIR] [--runtime auto|torch|onnx]
-                                         [--device cpu|cuda] [--batch-size 4] [--model DIR]
+                                         [--device cpu|cuda] [--batch-size 4] [--model DIR] [--rounds 3]
 
 Photos: ``--photos DIR`` takes the first N images found under DIR (e.g.
 ``../shared/datasets/plates-real-v1/images``) and resizes each to 1280x720; without it, generated
@@ -14,6 +14,10 @@ car scenes (crude drawings: out of the model's domain, so their detection counts
    start-up and model load are the rest of the command's wall time, reported apart.
 3. overhead = pipeline / model-only - 1 (what reading, decoding, masking, encoding and writing add
    beside the model on these cores). Peak RSS is the CLI process's maximum resident set.
+
+The two are run in turn, ``--rounds`` times (CLI, model, CLI, model, ...), and the medians are
+reported with each round's pair: on a shared virtual machine the speed of both drifts by 10-20 %
+within minutes, so one model run and one CLI run minutes apart can differ by that much alone.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,22 +64,30 @@ def make_photos(src: Path, n: int, photos: str | None) -> None:
         cv2.imwrite(str(src / f"car{i:04d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
-def model_only(src: Path, a: argparse.Namespace) -> tuple[float, str, int]:
-    """ms per photo for the Segmenter alone, the runtime it used, and the plates it returned."""
+def load_segmenter(a: argparse.Namespace):
     from platemask.cli import default_model_dir
     from platemask.segment import Segmenter
 
-    seg = Segmenter(a.model or default_model_dir(), device=a.device, batch_size=a.batch_size, runtime=a.runtime)
-    imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(src.iterdir())]
-    seg(imgs[: a.batch_size])  # warm-up: first-call allocations and kernel selection
+    return Segmenter(a.model or default_model_dir(), device=a.device, batch_size=a.batch_size, runtime=a.runtime)
+
+
+def model_only(seg, imgs: list[np.ndarray], batch_size: int) -> tuple[float, int]:
+    """ms per photo for the Segmenter alone, and the plates it returned."""
+    seg(imgs[:batch_size])  # warm-up: first-call allocations and kernel selection
     t0 = time.perf_counter()
     plates = 0
-    for i in range(0, len(imgs), a.batch_size):
-        plates += sum(len(p) for p in seg(imgs[i : i + a.batch_size]))
-    ms = 1000 * (time.perf_counter() - t0) / len(imgs)
-    runtime = seg.runtime
-    del seg
-    return ms, runtime, plates
+    for i in range(0, len(imgs), batch_size):
+        plates += sum(len(p) for p in seg(imgs[i : i + batch_size]))
+    return 1000 * (time.perf_counter() - t0) / len(imgs), plates
+
+
+def run_cli(cmd: list[str], report: Path, dst: Path) -> tuple[float, dict]:
+    """One CLI run into an empty ``dst``: its whole wall time and its report."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, cwd=ROOT)
+    return time.perf_counter() - t0, json.loads(report.read_text())
 
 
 def main() -> None:
@@ -84,31 +98,45 @@ def main() -> None:
     ap.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="CLI and model-only runs, in turn (medians reported)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
         make_photos(src, a.images, a.photos)
-        # the CLI first, in a fresh process (its peak RSS is the figure), then the model alone here
-        cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--report", str(Path(tmp) / "r.json"),
+        # the CLI first each round, in a fresh process (its peak RSS is the figure), then the model alone here
+        report = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--report", str(report),
                "--device", a.device, "--batch-size", str(a.batch_size), "--runtime", a.runtime]
         if a.model:
             cmd += ["--model", a.model]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, cwd=ROOT)
-        wall = time.perf_counter() - t0
+        seg = None
+        imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(src.iterdir())]
+        rounds = []
+        for i in range(max(1, a.rounds)):
+            wall, r = run_cli(cmd, report, dst)
+            seg = seg or load_segmenter(a)
+            model_ms, plates = model_only(seg, imgs, a.batch_size)
+            rounds.append((1000 * r["wall_seconds"] / a.images, model_ms, wall - r["wall_seconds"], r))
+            print(f"round {i + 1}: pipeline {rounds[-1][0]:6.1f} ms/photo, model only {model_ms:6.1f}, "
+                  f"ratio {rounds[-1][0] / model_ms:.2f}", flush=True)
+        runtime = seg.runtime
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        r = json.loads((Path(tmp) / "r.json").read_text())
-        model_ms, runtime, plates = model_only(src, a)
-    pipe_ms = 1000 * r["wall_seconds"] / a.images
+    pipe_ms = statistics.median(x[0] for x in rounds)
+    model_ms = statistics.median(x[1] for x in rounds)
+    startup = statistics.median(x[2] for x in rounds)
+    r = min(rounds, key=lambda x: abs(x[0] - pipe_ms))[3]  # the median run's report
     print(f"photos: {a.images} x {SIZE[0]}x{SIZE[1]} JPEG ({'from ' + a.photos if a.photos else 'generated scenes'}), "
-          f"device {a.device}, runtime {runtime}, batch {a.batch_size}, cores {os.cpu_count()}")
+          f"device {a.device}, runtime {runtime}, batch {a.batch_size}, cores {os.cpu_count()}, "
+          f"medians of {len(rounds)} rounds")
     print(f"model only (detector + verifier):  {model_ms:7.1f} ms/photo = {1000 / model_ms:.2f} images/s ({plates} plates)")
-    print(f"pipeline (platemask mask loop):    {pipe_ms:7.1f} ms/photo = {r['images_per_second']:.2f} images/s")
-    print(f"pipeline / model only:             {pipe_ms / model_ms:7.2f} (overhead {100 * (pipe_ms / model_ms - 1):+.0f} %)")
-    print(f"start-up and model load (apart):   {wall - r['wall_seconds']:7.1f} s; whole command {a.images / wall:.2f} images/s")
-    print(f"peak RSS of the CLI process:       {peak_mb:7.0f} MB")
-    print("CLI ms per photo by stage (threads overlap, so these add up to more than the loop):")
+    print(f"pipeline (platemask mask loop):    {pipe_ms:7.1f} ms/photo = {1000 / pipe_ms:.2f} images/s")
+    print(f"pipeline / model only:             {pipe_ms / model_ms:7.2f} (overhead {100 * (pipe_ms / model_ms - 1):+.0f} %); "
+          f"per round {min(x[0] / x[1] for x in rounds):.2f}-{max(x[0] / x[1] for x in rounds):.2f}")
+    print(f"start-up and model load (apart):   {startup:7.1f} s; whole command "
+          f"{a.images / (startup + pipe_ms * a.images / 1000):.2f} images/s")
+    print(f"peak RSS of the CLI process:       {peak_mb:7.0f} MB (most of {len(rounds)} runs)")
+    print("CLI ms per photo by stage, median run (threads overlap, so these add up to more than the loop):")
     for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:12s} {v:8.1f}")
     print(f"statuses: {r['by_status']}")
