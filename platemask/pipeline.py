@@ -95,7 +95,7 @@ class JobOptions:
 
     # decoded pixels in flight, all stages together (MB; one 79 MP RGB photo is 237 MB). Peak memory
     # is about the floor torch and the model set (~1.1 GB) plus 2-3x this (Pillow's own copy of a
-    # photo while decoding and encoding it): 2.3 GB for 12 x 79 MP photos (bench/bench_memory.py)
+    # photo while decoding and encoding it): 2.3-3.0 GB for 12 x 79 MP photos (bench/bench_memory.py)
     pixel_budget_mb: int = 512
 
     def __post_init__(self):
@@ -112,20 +112,32 @@ class JobOptions:
             raise ValueError(f"pixel_budget_mb must be >= 1, got {self.pixel_budget_mb}")
 
 
-def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
-    """Have glibc give photo-sized buffers back to the OS when they are freed (once per process).
+def return_freed_memory_to_os(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20,
+                              arenas: int = 1) -> bool:
+    """Set glibc's allocator for photo-sized buffers beside a model (once per process).
 
-    glibc raises its mmap threshold after each large free, up to 32 MB; from then on Pillow's 16 MB
-    image blocks and numpy's strips come from per-thread heaps, which keep freed memory: with a
-    dozen reader and writer threads that was GBs (12 x 79 MP photos: 4.9 GB peak RSS, 2.3 GB with a
-    fixed 1 MB threshold). False where there is no glibc ``mallopt`` (nothing to do there).
+    * ``mmap_threshold``: blocks of this size or more are mapped apart and unmapped when freed.
+      Left to itself glibc raises the threshold after each large free, up to 32 MB; from then on
+      Pillow's 16 MB image blocks and numpy's strips came from per-thread heaps, which keep freed
+      memory: with a dozen reader and writer threads that was GBs (12 x 79 MP photos: 4.9 GB peak
+      RSS). It must not be too low either: the detector allocates and frees tensors of 1-4 MB many
+      times a batch, and at 1 MB each one was mapped, faulted in page by page and unmapped again
+      (1.4 of the CLI's 3.4 s of kernel time on 40 photos of 1280 x 720, and the pipeline's
+      overhead over the model alone went from 23-35 % to 13-19 %; ``bench/bench_mask.py``).
+    * ``trim_threshold``: a heap keeps this much free memory at its top, so the next batch reuses
+      the last batch's pages instead of faulting new ones in.
+    * ``arenas``: one heap for every thread; a heap per reader and writer thread kept up to
+      ``trim_threshold`` each (1.55 GB peak RSS on 1280 x 720 photos, against 1.47 GB with one).
+
+    False where there is no glibc ``mallopt`` (nothing to do there).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    m_mmap_threshold = -3
-    return bool(mallopt(m_mmap_threshold, threshold))
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return all(mallopt(param, int(value)) for param, value in ((m_arena_max, arenas), (m_trim_threshold, trim_threshold),
+                                                                 (m_mmap_threshold, mmap_threshold)))
 
 
 class PixelBudget:
