@@ -48,6 +48,10 @@ def session(path: str | Path, threads: int | None = None):
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no memory pattern: it plans one block for every intermediate of a call at once; without it the
+    # arena reuses each tensor's chunk as soon as it is freed. 60-80 MB less peak RSS in the CLI on
+    # 1280 x 720 photos at batch 4, no slower (bench/bench_mask.py)
+    so.enable_mem_pattern = False
     # idle ORT threads must not spin: the pipeline decodes, masks and encodes in threads beside the model
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
