@@ -95,10 +95,19 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
         y1 = min(int(np.ceil(region[:, 1].max())) + pad + 1, H)
         if x1 <= x0 or y1 <= y0:
             continue
-        core = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        # the blend changes only the grown polygon and its feather band: the alpha is built there
+        # alone; the blur still reads the whole padded window, for its context
+        reach = band + 2
+        ax0 = max(int(np.floor(region[:, 0].min() - reach)), x0)
+        ay0 = max(int(np.floor(region[:, 1].min() - reach)), y0)
+        ax1 = min(int(np.ceil(region[:, 0].max() + reach)) + 1, x1)
+        ay1 = min(int(np.ceil(region[:, 1].max() + reach)) + 1, y1)
+        if ax1 <= ax0 or ay1 <= ay0:  # the polygon and its band lie outside the photo
+            continue
+        core = np.zeros((ay1 - ay0, ax1 - ax0), np.uint8)
         # fill with 4x sub-pixel precision so the core covers every partly covered pixel
         shift = 2
-        pts = np.round((region - [x0, y0]) * (1 << shift)).astype(np.int32)
+        pts = np.round((region - [ax0, ay0]) * (1 << shift)).astype(np.int32)
         cv2.fillPoly(core, [pts], 1, lineType=cv2.LINE_8, shift=shift)
         cv2.polylines(core, [pts], True, 1, thickness=1, lineType=cv2.LINE_8, shift=shift)
         if band >= 0.5:
@@ -107,9 +116,12 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
         else:
             alpha = core.astype(np.float32)
         alpha[core > 0] = 1.0
-        roi = color[y0:y1, x0:x1]
-        obscured = _obscure(roi, h, style, core)
+        roi = color[ay0:ay1, ax0:ax1]
+        if style.mode == "solid":
+            obscured = _obscure(roi, h, style, core)
+        else:
+            obscured = _obscure(color[y0:y1, x0:x1], h, style, core)[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
         a = alpha if roi.ndim == 2 else alpha[..., None]
         blended = roi.astype(np.float32) * (1 - a) + obscured * a
-        color[y0:y1, x0:x1] = np.clip(np.rint(blended), 0, maxval).astype(pixels.dtype)
+        color[ay0:ay1, ax0:ax1] = np.clip(np.rint(blended), 0, maxval).astype(pixels.dtype)
     return out

@@ -56,6 +56,21 @@ def test_core_is_fully_obscured_and_feather_only_outward():
     assert np.array_equal(out[far > 0], img[far > 0])
 
 
+@pytest.mark.parametrize("mode", ["gaussian", "pixelate", "solid"])
+def test_plates_across_and_beyond_the_edge(mode):
+    """A plate across the photo's corner is obscured where it is inside; one outside the photo, by
+    more than its grown outline and feather band but within the blur's padding, changes nothing."""
+    img = np.zeros((120, 160, 3), np.uint8)
+    img[::2] = 255
+    style = MaskStyle(mode=mode)
+    across = Plate(0.9, box_polygon([-30, -10, 40, 20]))
+    out = apply_mask(img, [across], style)
+    assert _hf_energy(out[:18, :38]) < 0.15 * _hf_energy(img[:18, :38])
+    assert np.array_equal(out[60:], img[60:])
+    beyond = Plate(0.9, box_polygon([-60, 30, -22, 50]))  # 20 px high: grown by 4, band 5 px, blur pad 29
+    assert np.array_equal(apply_mask(img, [beyond], style), img)
+
+
 def test_margin_grows_with_plate_height():
     small = masked_region(Plate(1, box_polygon([0, 0, 40, 10])), MaskStyle())[0]
     big = masked_region(Plate(1, box_polygon([0, 0, 400, 100])), MaskStyle())[0]
