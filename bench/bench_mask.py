@@ -9,7 +9,7 @@ Photos: ``--photos DIR`` takes the first N images found under DIR (e.g.
 car scenes (crude drawings: out of the model's domain, so their detection counts are not realistic).
 
 1. model only: the Segmenter (detector + verifier, as the CLI builds it) over the decoded photos in
-   batches, in this process, after one warm-up batch; no reading, decoding, masking or writing.
+   batches, in a fresh process, after one warm-up batch; no reading, decoding, masking or writing.
 2. pipeline: the real CLI in a subprocess. Its report's masking-loop wall time is the pipeline time;
    start-up and model load are the rest of the command's wall time, reported apart.
 3. overhead = pipeline / model-only - 1 (what reading, decoding, masking, encoding and writing add
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -71,8 +70,24 @@ def load_segmenter(a: argparse.Namespace):
     return Segmenter(a.model or default_model_dir(), device=a.device, batch_size=a.batch_size, runtime=a.runtime)
 
 
-def model_only(seg, imgs: list[np.ndarray], batch_size: int) -> tuple[float, int]:
-    """ms per photo for the Segmenter alone, and the plates it returned."""
+def model_only(src: Path, a: argparse.Namespace) -> tuple[float, int, str]:
+    """ms per photo for the Segmenter alone, the plates it returned and its runtime, measured in a
+    fresh process like the CLI's (a model left loaded here slowed the next CLI run)."""
+    cmd = [sys.executable, __file__, "--model-only-of", str(src), "--device", a.device, "--runtime", a.runtime,
+           "--batch-size", str(a.batch_size)] + (["--model", a.model] if a.model else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return r["ms"], r["plates"], r["runtime"]
+
+
+def _model_only_child(src: Path, a: argparse.Namespace) -> None:
+    seg = load_segmenter(a)
+    imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(src.iterdir())]
+    ms, plates = _time_segmenter(seg, imgs, a.batch_size)
+    print(json.dumps({"ms": ms, "plates": plates, "runtime": seg.runtime}))
+
+
+def _time_segmenter(seg, imgs: list[np.ndarray], batch_size: int) -> tuple[float, int]:
     seg(imgs[:batch_size])  # warm-up: first-call allocations and kernel selection
     t0 = time.perf_counter()
     plates = 0
@@ -81,13 +96,18 @@ def model_only(seg, imgs: list[np.ndarray], batch_size: int) -> tuple[float, int
     return 1000 * (time.perf_counter() - t0) / len(imgs), plates
 
 
-def run_cli(cmd: list[str], report: Path, dst: Path) -> tuple[float, dict]:
-    """One CLI run into an empty ``dst``: its whole wall time and its report."""
+def run_cli(cmd: list[str], report: Path, dst: Path) -> tuple[float, dict, float]:
+    """One CLI run into an empty ``dst``: its whole wall time, its report and its peak RSS (MB)."""
     if dst.exists():
         shutil.rmtree(dst)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, cwd=ROOT)
-    return time.perf_counter() - t0, json.loads(report.read_text())
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"the CLI failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return wall, json.loads(report.read_text()), usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -99,7 +119,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--model", default=None)
     ap.add_argument("--rounds", type=int, default=3, help="CLI and model-only runs, in turn (medians reported)")
+    ap.add_argument("--model-only-of", metavar="DIR", help=argparse.SUPPRESS)  # the model-only child process
     a = ap.parse_args()
+    if a.model_only_of:
+        return _model_only_child(Path(a.model_only_of), a)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
@@ -110,18 +133,14 @@ def main() -> None:
                "--device", a.device, "--batch-size", str(a.batch_size), "--runtime", a.runtime]
         if a.model:
             cmd += ["--model", a.model]
-        seg = None
-        imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(src.iterdir())]
         rounds = []
         for i in range(max(1, a.rounds)):
-            wall, r = run_cli(cmd, report, dst)
-            seg = seg or load_segmenter(a)
-            model_ms, plates = model_only(seg, imgs, a.batch_size)
-            rounds.append((1000 * r["wall_seconds"] / a.images, model_ms, wall - r["wall_seconds"], r))
+            wall, r, rss_mb = run_cli(cmd, report, dst)
+            model_ms, plates, runtime = model_only(src, a)
+            rounds.append((1000 * r["wall_seconds"] / a.images, model_ms, wall - r["wall_seconds"], r, rss_mb))
             print(f"round {i + 1}: pipeline {rounds[-1][0]:6.1f} ms/photo, model only {model_ms:6.1f}, "
                   f"ratio {rounds[-1][0] / model_ms:.2f}", flush=True)
-        runtime = seg.runtime
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peak_mb = max(x[4] for x in rounds)
     pipe_ms = statistics.median(x[0] for x in rounds)
     model_ms = statistics.median(x[1] for x in rounds)
     startup = statistics.median(x[2] for x in rounds)
@@ -135,7 +154,8 @@ def main() -> None:
           f"per round {min(x[0] / x[1] for x in rounds):.2f}-{max(x[0] / x[1] for x in rounds):.2f}")
     print(f"start-up and model load (apart):   {startup:7.1f} s; whole command "
           f"{a.images / (startup + pipe_ms * a.images / 1000):.2f} images/s")
-    print(f"peak RSS of the CLI process:       {peak_mb:7.0f} MB (most of {len(rounds)} runs)")
+    print(f"peak RSS of the CLI process:       {peak_mb:7.0f} MB (most of {len(rounds)} runs: "
+          f"{', '.join(str(round(x[4])) for x in rounds)})")
     print("CLI ms per photo by stage, median run (threads overlap, so these add up to more than the loop):")
     for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:12s} {v:8.1f}")
