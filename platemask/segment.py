@@ -171,6 +171,18 @@ class Segmenter:
 
             self._prepare_pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="views")
             weakref.finalize(self, self._prepare_pool.shutdown, wait=False)
+        elif torch.get_num_threads() > 1:
+            # torchvision's CPU RoIAlign runs on one thread: pool the boxes on every core
+            from concurrent.futures import ThreadPoolExecutor
+
+            from .roi_pool import SplitRoIAlign
+
+            parts = torch.get_num_threads()
+            roi_threads = ThreadPoolExecutor(parts - 1, thread_name_prefix="roi_align")
+            weakref.finalize(self, roi_threads.shutdown, wait=False)
+            heads = self.model.roi_heads
+            heads.box_roi_pool = SplitRoIAlign(heads.box_roi_pool, roi_threads, parts)
+            heads.mask_roi_pool = SplitRoIAlign(heads.mask_roi_pool, roi_threads, parts)
         # what a run can use: its near misses (from review_low) and everything it masks, also when
         # it runs at a threshold under the model's review_low
         run_threshold = self.cfg.score_threshold if threshold is None else float(threshold)
