@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .allocator import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # before torch starts its threads (platemask.allocator)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -6,7 +6,6 @@ any stage is reported with its reason and never written to the destination.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import sys
@@ -17,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from .allocator import return_freed_memory_to_os
 from .constants import DEFAULT_METADATA_POLICY, METADATA_POLICIES
 from .detections import Plate, record
 from .geometry import polygon_area
@@ -110,34 +110,6 @@ class JobOptions:
         check_max_pixels(self.max_pixels)
         if self.pixel_budget_mb < 1:
             raise ValueError(f"pixel_budget_mb must be >= 1, got {self.pixel_budget_mb}")
-
-
-def return_freed_memory_to_os(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20,
-                              arenas: int = 1) -> bool:
-    """Set glibc's allocator for photo-sized buffers beside a model (once per process).
-
-    * ``mmap_threshold``: blocks of this size or more are mapped apart and unmapped when freed.
-      Left to itself glibc raises the threshold after each large free, up to 32 MB; from then on
-      Pillow's 16 MB image blocks and numpy's strips came from per-thread heaps, which keep freed
-      memory: with a dozen reader and writer threads that was GBs (12 x 79 MP photos: 4.9 GB peak
-      RSS). It must not be too low either: the detector allocates and frees tensors of 1-4 MB many
-      times a batch, and at 1 MB each one was mapped, faulted in page by page and unmapped again
-      (1.4 of the CLI's 3.4 s of kernel time on 40 photos of 1280 x 720, and the pipeline's
-      overhead over the model alone went from 23-35 % to 13-19 %; ``bench/bench_mask.py``).
-    * ``trim_threshold``: a heap keeps this much free memory at its top, so the next batch reuses
-      the last batch's pages instead of faulting new ones in.
-    * ``arenas``: one heap for every thread; a heap per reader and writer thread kept up to
-      ``trim_threshold`` each (1.55 GB peak RSS on 1280 x 720 photos, against 1.47 GB with one).
-
-    False where there is no glibc ``mallopt`` (nothing to do there).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    return all(mallopt(param, int(value)) for param, value in ((m_arena_max, arenas), (m_trim_threshold, trim_threshold),
-                                                                 (m_mmap_threshold, mmap_threshold)))
 
 
 class PixelBudget:

@@ -164,9 +164,12 @@ def _device() -> str:
 
 def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = None, load: bool = True,
                workers: int | None = None) -> Flask:
+    from .allocator import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # before the model's threads start (platemask.allocator)
     from .detections import record
     from .imageio import ImageError, decode, decoded_nbytes
-    from .pipeline import JobOptions, PixelBudget, build_record, return_freed_memory_to_os
+    from .pipeline import JobOptions, PixelBudget, build_record
 
     model_dir = model_dir or os.environ.get(MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR)
     max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
@@ -176,7 +179,6 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
                          runtime=_runtime())
     budget_mb = int(os.environ.get("PLATEMASK_PIXEL_BUDGET_MB") or JobOptions.pixel_budget_mb)
     budget = PixelBudget(budget_mb * 1024 * 1024)  # decoded pixels in this worker, all requests together
-    return_freed_memory_to_os()
     turns = itertools.count()
     turns_lock = threading.Lock()
     app = Flask("platemask")

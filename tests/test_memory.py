@@ -159,7 +159,7 @@ import io, sys, threading
 import numpy as np
 from PIL import Image
 from platemask.imageio import decode, encode
-from platemask.pipeline import return_freed_memory_to_os
+from platemask.allocator import return_freed_memory_to_os
 
 if not return_freed_memory_to_os():
     print("no-glibc")
@@ -209,7 +209,7 @@ def test_freed_photos_go_back_to_the_os():
 CHURN_PROBE = r"""
 import resource, sys
 import numpy as np
-from platemask.pipeline import return_freed_memory_to_os
+from platemask.allocator import return_freed_memory_to_os
 
 if not return_freed_memory_to_os():
     print("no-glibc")
