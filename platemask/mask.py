@@ -43,7 +43,8 @@ def masked_region(plate: Plate, style: MaskStyle) -> tuple[np.ndarray, float]:
     return grow_polygon(plate.polygon, max(style.min_margin, style.margin * h)), h
 
 
-def _obscure(roi: np.ndarray, h: float, style: MaskStyle, core: np.ndarray) -> np.ndarray:
+def _obscure(roi: np.ndarray, h: float, style: MaskStyle, core: np.ndarray | None) -> np.ndarray:
+    """``roi`` obscured; ``core`` (the covered pixels of ``roi``) is read by the solid mode only."""
     if style.mode == "gaussian":
         sigma = max(3.0, style.blur_sigma * h)
         # two passes of a wide box-like blur on a downscaled copy: same look, a fraction of the cost
@@ -96,7 +97,8 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
         if x1 <= x0 or y1 <= y0:
             continue
         # the blend changes only the grown polygon and its feather band: the alpha is built there
-        # alone; the blur still reads the whole padded window, for its context
+        # alone; the blur still reads the whole padded window, for its context. The 5x5 distance
+        # transform is never under the chessboard distance, so alpha is 0 beyond band + 1 px
         reach = band + 2
         ax0 = max(int(np.floor(region[:, 0].min() - reach)), x0)
         ay0 = max(int(np.floor(region[:, 1].min() - reach)), y0)
@@ -110,6 +112,8 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
         pts = np.round((region - [ax0, ay0]) * (1 << shift)).astype(np.int32)
         cv2.fillPoly(core, [pts], 1, lineType=cv2.LINE_8, shift=shift)
         cv2.polylines(core, [pts], True, 1, thickness=1, lineType=cv2.LINE_8, shift=shift)
+        if not core.any():  # the outline lies outside the photo: no pixel of it to cover
+            continue
         if band >= 0.5:
             dist = cv2.distanceTransform((1 - core).astype(np.uint8), cv2.DIST_L2, 5)
             alpha = np.clip(1.0 - dist / band, 0.0, 1.0)
@@ -120,7 +124,7 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
         if style.mode == "solid":
             obscured = _obscure(roi, h, style, core)
         else:
-            obscured = _obscure(color[y0:y1, x0:x1], h, style, core)[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
+            obscured = _obscure(color[y0:y1, x0:x1], h, style, None)[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
         a = alpha if roi.ndim == 2 else alpha[..., None]
         blended = roi.astype(np.float32) * (1 - a) + obscured * a
         color[ay0:ay1, ax0:ax1] = np.clip(np.rint(blended), 0, maxval).astype(pixels.dtype)

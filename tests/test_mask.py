@@ -67,8 +67,69 @@ def test_plates_across_and_beyond_the_edge(mode):
     out = apply_mask(img, [across], style)
     assert _hf_energy(out[:18, :38]) < 0.15 * _hf_energy(img[:18, :38])
     assert np.array_equal(out[60:], img[60:])
-    beyond = Plate(0.9, box_polygon([-60, 30, -22, 50]))  # 20 px high: grown by 4, band 5 px, blur pad 29
+    beyond = Plate(0.9, box_polygon([-60, 30, -22, 50]))  # 20 px high: grown by 4, band 5 px, blur pad 27
     assert np.array_equal(apply_mask(img, [beyond], style), img)
+
+
+def _reference_apply_mask(pixels, plates, style):
+    """apply_mask as it was before its blend was limited to the outline and feather band (ee2f5c7):
+    the alpha over the blur's whole padded window."""
+    from platemask.mask import _obscure
+
+    out = pixels.copy()
+    H, W = pixels.shape[:2]
+    color = out if out.ndim == 2 else out[..., : (3 if out.shape[2] >= 3 else 1)]
+    if color.ndim == 3 and color.shape[2] == 1:
+        color = color[..., 0]
+    maxval = np.iinfo(pixels.dtype).max
+    for plate in plates:
+        region, h = masked_region(plate, style)
+        band = style.feather * h
+        pad = int(np.ceil(band + max(3.0, style.blur_sigma * h) * 2 + 2))
+        x0 = max(int(np.floor(region[:, 0].min())) - pad, 0)
+        y0 = max(int(np.floor(region[:, 1].min())) - pad, 0)
+        x1 = min(int(np.ceil(region[:, 0].max())) + pad + 1, W)
+        y1 = min(int(np.ceil(region[:, 1].max())) + pad + 1, H)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        core = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        pts = np.round((region - [x0, y0]) * 4).astype(np.int32)
+        cv2.fillPoly(core, [pts], 1, lineType=cv2.LINE_8, shift=2)
+        cv2.polylines(core, [pts], True, 1, thickness=1, lineType=cv2.LINE_8, shift=2)
+        if band >= 0.5:
+            with np.errstate(over="ignore"):  # an empty core: every distance is FLT_MAX
+                alpha = np.clip(1.0 - cv2.distanceTransform(1 - core, cv2.DIST_L2, 5) / band, 0.0, 1.0)
+        else:
+            alpha = core.astype(np.float32)
+        alpha[core > 0] = 1.0
+        roi = color[y0:y1, x0:x1]
+        obscured = _obscure(roi, h, style, core)
+        a = alpha if roi.ndim == 2 else alpha[..., None]
+        blended = roi.astype(np.float32) * (1 - a) + obscured * a
+        color[y0:y1, x0:x1] = np.clip(np.rint(blended), 0, maxval).astype(pixels.dtype)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "pixelate", "solid"])
+@pytest.mark.parametrize("channels,dtype", [(None, np.uint8), (3, np.uint8), (4, np.uint8), (3, np.uint16)])
+def test_blend_window_changes_no_pixel(mode, channels, dtype):
+    """The blend over the outline and its feather band only gives exactly the pixels of the blend
+    over the blur's whole window: random tilted plates of 1-200 px, inside, across and beyond the
+    edges, several a photo."""
+    rng = np.random.default_rng([len(mode), channels or 1, np.dtype(dtype).itemsize])
+    style = MaskStyle(mode=mode)
+    for _ in range(40):
+        H, W = (int(v) for v in rng.integers(20, 300, 2))
+        hi = np.iinfo(dtype).max
+        img = rng.integers(0, hi, (H, W) if channels is None else (H, W, channels), dtype=dtype, endpoint=True)
+        plates = []
+        for _ in range(int(rng.integers(1, 4))):
+            cx, cy = rng.uniform(-30, W + 30), rng.uniform(-30, H + 30)
+            w, h, t = rng.uniform(1, 200), rng.uniform(1, 60), rng.uniform(-0.5, 0.5)
+            quad = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2 @ np.array([[np.cos(t), np.sin(t)],
+                                                                                [-np.sin(t), np.cos(t)]])
+            plates.append(Plate(0.9, (quad + [cx, cy]).astype(np.float32)))
+        assert np.array_equal(apply_mask(img, plates, style), _reference_apply_mask(img, plates, style))
 
 
 def test_margin_grows_with_plate_height():
