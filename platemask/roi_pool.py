@@ -4,7 +4,10 @@ torchvision's CPU RoIAlign kernel runs on one thread, and in this detector it is
 cost after the trunk: 200 proposals a view, pooled 7 x 7 from a feature map of up to 96 x 126 x 224
 (24 ms of a photo's ~165 ms on two cores, the other core idle meanwhile). Each box is pooled on its
 own, so the boxes can be split into one part per thread and pooled at once: the same numbers, in
-the same order (tested against the plain pooler).
+the same order (tested against the plain pooler; in theory a box exactly on the boundary between two
+feature levels could be assigned by a last-bit different ``log2`` in a different split).
+The worker threads do not inherit the caller's thread-local torch state (inference mode, autocast);
+RoIAlign uses neither.
 """
 from __future__ import annotations
 

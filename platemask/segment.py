@@ -171,8 +171,9 @@ class Segmenter:
 
             self._prepare_pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="views")
             weakref.finalize(self, self._prepare_pool.shutdown, wait=False)
-        elif torch.get_num_threads() > 1:
-            # torchvision's CPU RoIAlign runs on one thread: pool the boxes on every core
+        elif self.device.type == "cpu" and torch.get_num_threads() > 1:
+            # torchvision's CPU RoIAlign runs on one thread: pool the boxes on every core (the model
+            # then holds a thread pool: it is for inference here, not for copying or scripting)
             from concurrent.futures import ThreadPoolExecutor
 
             from .roi_pool import SplitRoIAlign
