@@ -9,7 +9,8 @@ Photos: ``--photos DIR`` takes the first N images found under DIR (e.g.
 car scenes (crude drawings: out of the model's domain, so their detection counts are not realistic).
 
 1. model only: the Segmenter (detector + verifier, as the CLI builds it) over the decoded photos in
-   batches, in a fresh process, after one warm-up batch; no reading, decoding, masking or writing.
+   batches, in a fresh process with the CLI's allocator settings (``platemask.allocator``), after
+   one warm-up batch; no reading, decoding, masking or writing.
 2. pipeline: the real CLI in a subprocess. Its report's masking-loop wall time is the pipeline time;
    start-up and model load are the rest of the command's wall time, reported apart.
 3. overhead = pipeline / model-only - 1 (what reading, decoding, masking, encoding and writing add
@@ -75,12 +76,17 @@ def model_only(src: Path, a: argparse.Namespace) -> tuple[float, int, str]:
     fresh process like the CLI's (a model left loaded here slowed the next CLI run)."""
     cmd = [sys.executable, __file__, "--model-only-of", str(src), "--device", a.device, "--runtime", a.runtime,
            "--batch-size", str(a.batch_size)] + (["--model", a.model] if a.model else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"the model-only run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
     return r["ms"], r["plates"], r["runtime"]
 
 
 def _model_only_child(src: Path, a: argparse.Namespace) -> None:
+    from platemask.allocator import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # the allocator as the CLI sets it: the ratio is then the I/O work's alone
     seg = load_segmenter(a)
     imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(src.iterdir())]
     ms, plates = _time_segmenter(seg, imgs, a.batch_size)
@@ -127,7 +133,7 @@ def main() -> None:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
         make_photos(src, a.images, a.photos)
-        # the CLI first each round, in a fresh process (its peak RSS is the figure), then the model alone here
+        # each round the CLI, then the model alone, each in a fresh process (the CLI's peak RSS is the figure)
         report = Path(tmp) / "r.json"
         cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--report", str(report),
                "--device", a.device, "--batch-size", str(a.batch_size), "--runtime", a.runtime]
@@ -154,7 +160,7 @@ def main() -> None:
           f"per round {min(x[0] / x[1] for x in rounds):.2f}-{max(x[0] / x[1] for x in rounds):.2f}")
     print(f"start-up and model load (apart):   {startup:7.1f} s; whole command "
           f"{a.images / (startup + pipe_ms * a.images / 1000):.2f} images/s")
-    print(f"peak RSS of the CLI process:       {peak_mb:7.0f} MB (most of {len(rounds)} runs: "
+    print(f"peak RSS of the CLI process:       {peak_mb:7.0f} MB (max of {len(rounds)} runs: "
           f"{', '.join(str(round(x[4])) for x in rounds)})")
     print("CLI ms per photo by stage, median run (threads overlap, so these add up to more than the loop):")
     for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1]):
