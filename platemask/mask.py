@@ -69,6 +69,65 @@ def _obscure(roi: np.ndarray, h: float, style: MaskStyle, core: np.ndarray | Non
     return np.broadcast_to(np.asarray(mean, np.float32), roi.shape).copy()
 
 
+def colour_channels(out: np.ndarray) -> np.ndarray:
+    """The view of ``out`` (H×W, H×W×C) that masking writes: its colour or grey channels, never alpha."""
+    color = out if out.ndim == 2 else out[..., : (3 if out.shape[2] >= 3 else 1)]
+    return color[..., 0] if color.ndim == 3 and color.shape[2] == 1 else color
+
+
+def _grown_box(region: np.ndarray, reach: float, limits: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    """The pixel box of ``region`` grown by ``reach`` on every side, clipped to ``limits``; None if empty."""
+    x0 = max(int(np.floor(region[:, 0].min() - reach)), limits[0])
+    y0 = max(int(np.floor(region[:, 1].min() - reach)), limits[1])
+    x1 = min(int(np.ceil(region[:, 0].max() + reach)) + 1, limits[2])
+    y1 = min(int(np.ceil(region[:, 1].max() + reach)) + 1, limits[3])
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def blur_window(region: np.ndarray, h: float, style: MaskStyle, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The window a plate's blur reads (its grown outline, feather band and twice the blur's
+    sigma around it), clipped to the photo; None when nothing of it is in the photo."""
+    pad = int(np.ceil(style.feather * h + max(3.0, style.blur_sigma * h) * 2 + 2))
+    x0 = max(int(np.floor(region[:, 0].min())) - pad, 0)
+    y0 = max(int(np.floor(region[:, 1].min())) - pad, 0)
+    x1 = min(int(np.ceil(region[:, 0].max())) + pad + 1, width)
+    y1 = min(int(np.ceil(region[:, 1].max())) + pad + 1, height)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def outline_core(region: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """1 where ``region`` covers a pixel of ``box`` (with 4x sub-pixel precision, so the core covers
+    every partly covered pixel), else 0."""
+    x0, y0, x1, y1 = box
+    core = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    shift = 2
+    pts = np.round((region - [x0, y0]) * (1 << shift)).astype(np.int32)
+    cv2.fillPoly(core, [pts], 1, lineType=cv2.LINE_8, shift=shift)
+    cv2.polylines(core, [pts], True, 1, thickness=1, lineType=cv2.LINE_8, shift=shift)
+    return core
+
+
+def feather_alpha(core: np.ndarray, band: float) -> np.ndarray:
+    """1 on the core, falling to 0 over ``band`` px outside it."""
+    if band >= 0.5:
+        dist = cv2.distanceTransform((1 - core).astype(np.uint8), cv2.DIST_L2, 5)
+        alpha = np.clip(1.0 - dist / band, 0.0, 1.0)
+    else:
+        alpha = core.astype(np.float32)
+    alpha[core > 0] = 1.0
+    return alpha
+
+
+def blend_into(color: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndarray, obscured: np.ndarray) -> None:
+    """``color``'s ``box`` becomes ``obscured`` where ``alpha`` is 1, blended where it is between."""
+    x0, y0, x1, y1 = box
+    roi = color[y0:y1, x0:x1]
+    maxval = np.iinfo(roi.dtype).max if np.issubdtype(roi.dtype, np.integer) else 1.0
+    a = alpha if roi.ndim == 2 else alpha[..., None]
+    blended = roi.astype(np.float32) * (1 - a) + obscured * a
+    color[y0:y1, x0:x1] = np.clip(np.rint(blended), 0, maxval).astype(roi.dtype)
+
+
 def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskStyle(), *,
                copy: bool = True) -> np.ndarray:
     """Return a copy of ``pixels`` (H×W, H×W×C; uint8 or uint16) with every plate obscured.
@@ -82,50 +141,27 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
     if not plates:
         return out
     H, W = pixels.shape[:2]
-    color = out if out.ndim == 2 else out[..., : (3 if out.shape[2] >= 3 else 1)]
-    if color.ndim == 3 and color.shape[2] == 1:
-        color = color[..., 0]
-    maxval = np.iinfo(pixels.dtype).max if np.issubdtype(pixels.dtype, np.integer) else 1.0
+    color = colour_channels(out)
     for plate in plates:
         region, h = masked_region(plate, style)
-        band = style.feather * h
-        pad = int(np.ceil(band + max(3.0, style.blur_sigma * h) * 2 + 2))
-        x0 = max(int(np.floor(region[:, 0].min())) - pad, 0)
-        y0 = max(int(np.floor(region[:, 1].min())) - pad, 0)
-        x1 = min(int(np.ceil(region[:, 0].max())) + pad + 1, W)
-        y1 = min(int(np.ceil(region[:, 1].max())) + pad + 1, H)
-        if x1 <= x0 or y1 <= y0:
+        window = blur_window(region, h, style, W, H)
+        if window is None:
             continue
+        band = style.feather * h
         # the blend changes only the grown polygon and its feather band: the alpha is built there
         # alone; the blur still reads the whole padded window, for its context. The 5x5 distance
         # transform is never under the chessboard distance, so alpha is 0 beyond band + 1 px
-        reach = band + 2
-        ax0 = max(int(np.floor(region[:, 0].min() - reach)), x0)
-        ay0 = max(int(np.floor(region[:, 1].min() - reach)), y0)
-        ax1 = min(int(np.ceil(region[:, 0].max() + reach)) + 1, x1)
-        ay1 = min(int(np.ceil(region[:, 1].max() + reach)) + 1, y1)
-        if ax1 <= ax0 or ay1 <= ay0:  # the polygon and its band lie outside the photo
+        box = _grown_box(region, band + 2, window)
+        if box is None:  # the polygon and its band lie outside the photo
             continue
-        core = np.zeros((ay1 - ay0, ax1 - ax0), np.uint8)
-        # fill with 4x sub-pixel precision so the core covers every partly covered pixel
-        shift = 2
-        pts = np.round((region - [ax0, ay0]) * (1 << shift)).astype(np.int32)
-        cv2.fillPoly(core, [pts], 1, lineType=cv2.LINE_8, shift=shift)
-        cv2.polylines(core, [pts], True, 1, thickness=1, lineType=cv2.LINE_8, shift=shift)
+        core = outline_core(region, box)
         if not core.any():  # the outline lies outside the photo: no pixel of it to cover
             continue
-        if band >= 0.5:
-            dist = cv2.distanceTransform((1 - core).astype(np.uint8), cv2.DIST_L2, 5)
-            alpha = np.clip(1.0 - dist / band, 0.0, 1.0)
-        else:
-            alpha = core.astype(np.float32)
-        alpha[core > 0] = 1.0
-        roi = color[ay0:ay1, ax0:ax1]
+        ax0, ay0, ax1, ay1 = box
         if style.mode == "solid":
-            obscured = _obscure(roi, h, style, core)
+            obscured = _obscure(color[ay0:ay1, ax0:ax1], h, style, core)
         else:
+            x0, y0, x1, y1 = window
             obscured = _obscure(color[y0:y1, x0:x1], h, style, None)[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
-        a = alpha if roi.ndim == 2 else alpha[..., None]
-        blended = roi.astype(np.float32) * (1 - a) + obscured * a
-        color[ay0:ay1, ax0:ax1] = np.clip(np.rint(blended), 0, maxval).astype(pixels.dtype)
+        blend_into(color, box, feather_alpha(core, band), obscured)
     return out

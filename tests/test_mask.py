@@ -73,40 +73,21 @@ def test_plates_across_and_beyond_the_edge(mode):
 
 def _reference_apply_mask(pixels, plates, style):
     """apply_mask as it was before its blend was limited to the outline and feather band (ee2f5c7):
-    the alpha over the blur's whole padded window."""
-    from platemask.mask import _obscure
+    the alpha and the blend over the blur's whole padded window."""
+    from platemask.mask import _obscure, blend_into, blur_window, colour_channels, feather_alpha, outline_core
 
     out = pixels.copy()
-    H, W = pixels.shape[:2]
-    color = out if out.ndim == 2 else out[..., : (3 if out.shape[2] >= 3 else 1)]
-    if color.ndim == 3 and color.shape[2] == 1:
-        color = color[..., 0]
-    maxval = np.iinfo(pixels.dtype).max
+    color = colour_channels(out)
     for plate in plates:
         region, h = masked_region(plate, style)
-        band = style.feather * h
-        pad = int(np.ceil(band + max(3.0, style.blur_sigma * h) * 2 + 2))
-        x0 = max(int(np.floor(region[:, 0].min())) - pad, 0)
-        y0 = max(int(np.floor(region[:, 1].min())) - pad, 0)
-        x1 = min(int(np.ceil(region[:, 0].max())) + pad + 1, W)
-        y1 = min(int(np.ceil(region[:, 1].max())) + pad + 1, H)
-        if x1 <= x0 or y1 <= y0:
+        window = blur_window(region, h, style, pixels.shape[1], pixels.shape[0])
+        if window is None:
             continue
-        core = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        pts = np.round((region - [x0, y0]) * 4).astype(np.int32)
-        cv2.fillPoly(core, [pts], 1, lineType=cv2.LINE_8, shift=2)
-        cv2.polylines(core, [pts], True, 1, thickness=1, lineType=cv2.LINE_8, shift=2)
-        if band >= 0.5:
-            with np.errstate(over="ignore"):  # an empty core: every distance is FLT_MAX
-                alpha = np.clip(1.0 - cv2.distanceTransform(1 - core, cv2.DIST_L2, 5) / band, 0.0, 1.0)
-        else:
-            alpha = core.astype(np.float32)
-        alpha[core > 0] = 1.0
-        roi = color[y0:y1, x0:x1]
-        obscured = _obscure(roi, h, style, core)
-        a = alpha if roi.ndim == 2 else alpha[..., None]
-        blended = roi.astype(np.float32) * (1 - a) + obscured * a
-        color[y0:y1, x0:x1] = np.clip(np.rint(blended), 0, maxval).astype(pixels.dtype)
+        core = outline_core(region, window)
+        with np.errstate(over="ignore"):  # an empty core: every distance is FLT_MAX
+            alpha = feather_alpha(core, style.feather * h)
+        x0, y0, x1, y1 = window
+        blend_into(color, window, alpha, _obscure(color[y0:y1, x0:x1], h, style, core))
     return out
 
 
