@@ -32,7 +32,7 @@ class SplitRoIAlign(nn.Module):
         total = sum(len(b) for b in boxes)
         if self.parts < 2 or total < 2 * self.parts or getattr(self.pool, "scales", None) is None:
             return self.pool(x, boxes, image_shapes)  # small, or the first call (it sets the pooler's scales)
-        slices = [[b.tensor_split(self.parts)[k] for b in boxes] for k in range(self.parts)]
+        slices = [list(part) for part in zip(*(b.tensor_split(self.parts) for b in boxes))]  # [part][image]
         futures = [self.executor.submit(self.pool, x, s, image_shapes) for s in slices[1:]]
         pooled = [self.pool(x, slices[0], image_shapes)] + [f.result() for f in futures]
         # each result holds its slice of image 0's boxes, then of image 1's, ...: put them back in order
