@@ -85,6 +85,10 @@ def main() -> None:
     ap.add_argument("--no-cli", action="store_true", help="skip the end-to-end CLI run")
     ap.add_argument("--cli-io", default="", help="comma-separated --io-workers values to run the CLI with "
                                                 "(default: the CLI's own default only)")
+    ap.add_argument("--cli-run", action="append", default=[], metavar="K=V,...",
+                    help="one end-to-end CLI run per option, e.g. bs=128,io=8,budget=2048,switch=0.5,cv2=1 (batch "
+                         "size, --io-workers, --pixel-budget-mb, the interpreter's switch interval in ms, OpenCV's "
+                         "threads); overrides --cli-io")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print the N operators that take the most host time (torch.profiler, one batch)")
     a = ap.parse_args()
@@ -138,25 +142,45 @@ def main() -> None:
     del seg
     if a.no_cli:
         return
+    runs = [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in a.cli_run] or \
+        [{"io": io} if io else {} for io in a.cli_io.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
         for i, img in enumerate(imgs):
             cv2.imwrite(str(src / f"car{i:04d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        for io in [x for x in a.cli_io.split(",") if x] or [None]:
-            dst, report = Path(tmp) / f"dst{io}", Path(tmp) / f"r{io}.json"
-            cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--report", str(report),
-                   "--device", a.device, "--batch-size", str(best[1]), "--model", a.model]
-            cmd += ["--io-workers", io] if io else []
+        for n, run in enumerate(runs):
+            unknown = set(run) - {"bs", "io", "budget", "switch", "cv2"}
+            if unknown:
+                raise SystemExit(f"--cli-run: unknown keys {sorted(unknown)} (bs, io, budget, switch, cv2)")
+            bs = int(run.get("bs", best[1]))
+            dst, report = Path(tmp) / f"dst{n}", Path(tmp) / f"r{n}.json"
+            # switch: the interpreter's switch interval in ms while the job runs (the job's own next to a
+            # GPU is platemask.pipeline.GPU_SWITCH_INTERVAL_MS; Python's default is 5)
+            # cv2: OpenCV's threads per call (cv2.setNumThreads; its default is one per core)
+            pre = "import sys; "
+            pre += (f"import platemask.pipeline as P; P.GPU_SWITCH_INTERVAL_MS = {float(run['switch'])!r}; "
+                    if "switch" in run else "")
+            pre += f"import cv2; cv2.setNumThreads({int(run['cv2'])}); " if "cv2" in run else ""
+            cmd = [sys.executable, "-c", pre + "from platemask.cli import main; sys.exit(main())",
+                   "mask", str(src), str(dst), "--report", str(report),
+                   "--device", a.device, "--batch-size", str(bs), "--model", a.model]
+            cmd += ["--io-workers", run["io"]] if run.get("io") else []
+            cmd += ["--pixel-budget-mb", run["budget"]] if run.get("budget") else []
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+            done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
             wall = time.perf_counter() - t0
+            if done.returncode not in (0, 1) or not report.exists():  # 1: some photo failed (the report says)
+                print(f"CLI run {run} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+                continue
             r = json.loads(report.read_text())
-            print(f"end to end (CLI, batch {best[1]}, io workers {io or 'default'}): {r['images_per_second']:.1f} "
+            label = ", ".join(f"{k} {v}" for k, v in {"batch": bs, **{k: v for k, v in run.items() if k != "bs"}}.items())
+            print(f"end to end (CLI, {label}): {r['images_per_second']:.1f} "
                   f"images/s in the masking loop; {len(imgs) / wall:.1f} images/s for the whole command "
                   f"({wall - r['wall_seconds']:.1f} s start-up)")
             print("CLI ms per photo by stage (threads overlap): "
                   + ", ".join(f"{k} {v}" for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1])))
+
 
 if __name__ == "__main__":
     main()

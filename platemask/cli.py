@@ -73,7 +73,9 @@ def cmd_mask(a: argparse.Namespace) -> int:
     cfg = seg.cfg
     threshold = cfg.score_threshold if a.threshold is None else a.threshold
     opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=a.mode), jpeg_quality=a.jpeg_quality, metadata=a.metadata,
-                      max_pixels=a.max_pixels, batch_size=a.batch_size, **JobOptions.io_workers(str(seg.device), a.io_workers))
+                      max_pixels=a.max_pixels, batch_size=a.batch_size,
+                      **{**JobOptions.for_device(str(seg.device), a.io_workers, a.batch_size),
+                         **({"pixel_budget_mb": a.pixel_budget_mb} if a.pixel_budget_mb else {})})
     src, dst = open_store(a.src), open_store(a.dst, create=True)
     try:
         keys = [k for k in src.iter_keys() if not Path(k).name.startswith(".")]
@@ -248,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--io-workers", type=_positive_int, default=None,
                    help="threads that read and decode photos (half as many, at least 2, mask, encode and write them); "
                         "default: 8 and 3 on a CPU, 8 and 4 next to a GPU")
+    m.add_argument("--pixel-budget-mb", type=_positive_int, default=None, metavar="MB",
+                   help="decoded pixels in flight, all stages together (default: 512 on a CPU; next to a GPU room for 4 "
+                        "batches of 1280x720 photos, 2.6 MB each, so that reading, detecting and writing overlap). "
+                        "Peak memory is ~1.1 GB plus 2-3x this")
     m.add_argument("--jpeg-quality", type=int, choices=range(1, 101), metavar="1..100", default=92)
     m.add_argument("--metadata", choices=METADATA_POLICIES, default=DEFAULT_METADATA_POLICY,
                    help="strip: no EXIF; safe: keep only camera make/model, exposure, date-time and colour (no GPS, XMP, IPTC, "

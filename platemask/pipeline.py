@@ -7,12 +7,14 @@ any stage is reported with its reason and never written to the destination.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -33,6 +35,11 @@ Detector = Callable[[Sequence[str], Sequence[Decoded]], Sequence["list[Plate] | 
 # Threshold limits (one home; the CLI, the DAG's Params and the container read them from here).
 HARD_MASK_SCORE = 0.9  # a detection scoring at least this is always masked, whatever the threshold
 UNSAFE_THRESHOLD_MARGIN = 0.1  # thresholds above the model's operating threshold + this need an explicit opt-in
+
+# A job next to a GPU (JobOptions.for_device)
+GPU_BATCHES_IN_FLIGHT = 4  # decoded pixels in flight: room for this many batches of 1280 x 720 photos
+HD_PHOTO_BYTES = 1280 * 720 * 3
+GPU_SWITCH_INTERVAL_MS = 0.5
 
 
 def check_threshold(threshold: float | None, operating: float, *, unsafe: bool = False) -> None:
@@ -72,16 +79,26 @@ class JobOptions:
     calibration: tuple = ()  # the model's isotonic score -> P(plate) map (platemask.review.calibrate)
 
     @staticmethod
-    def io_workers(device: str, readers: int | None = None) -> dict[str, int]:
-        """Reader and writer threads for a job: ``readers`` readers and half as many writers (at least
-        2) when given; otherwise the defaults on a CPU (the detector wants the cores) and 8 + 4 next to
-        a GPU, where the photos must be decoded and encoded at the GPU's pace. More threads than that
-        slowed a GPU run: every one of them takes the interpreter lock the detector's own Python needs."""
-        if readers is None:
-            if not str(device).startswith("cuda"):
-                return {}
-            readers = 8
-        return {"read_workers": max(1, readers), "write_workers": max(2, readers // 2)}
+    def for_device(device: str, readers: int | None = None, batch_size: int = 4) -> dict[str, Any]:
+        """The threading and memory options of a job on ``device`` (one rule for the CLI and the DAG's
+        workers). Readers: ``readers`` when given, with half as many writers (at least 2); otherwise
+        the defaults on a CPU (the detector wants the cores) and 8 + 4 next to a GPU, where photos
+        must be decoded and encoded at the GPU's pace (more threads slowed a GPU run: each takes
+        the interpreter lock the detector's own Python needs). Next to a GPU also:
+
+        - ``pixel_budget_mb`` for ``GPU_BATCHES_IN_FLIGHT`` batches of 1280 x 720 photos (at least
+          the default): with room for one batch only, the readers wait while the GPU works on it
+          and the writers finish it, and nothing overlaps;
+        - ``switch_interval_ms`` ``GPU_SWITCH_INTERVAL_MS``: a thread that lets go of the interpreter
+          lock (every decode, encode and torch call does) waits up to the switch interval to get it
+          back while another runs Python; Python's 5 ms made each of those calls cost milliseconds.
+        """
+        if not str(device).startswith("cuda"):
+            return {"read_workers": max(1, readers), "write_workers": max(2, readers // 2)} if readers else {}
+        readers = readers or 8
+        budget = math.ceil(GPU_BATCHES_IN_FLIGHT * max(1, batch_size) * HD_PHOTO_BYTES / 2**20)
+        return {"read_workers": max(1, readers), "write_workers": max(2, readers // 2),
+                "pixel_budget_mb": max(JobOptions.pixel_budget_mb, budget), "switch_interval_ms": GPU_SWITCH_INTERVAL_MS}
 
     @classmethod
     def for_model(cls, cfg, threshold: float | None = None, **kw) -> "JobOptions":
@@ -97,6 +114,9 @@ class JobOptions:
     # is about the floor torch and the model set (~1.1 GB) plus 2-3x this (Pillow's own copy of a
     # photo while decoding and encoding it): 2.3-3.0 GB for 12 x 79 MP photos (bench/bench_memory.py)
     pixel_budget_mb: int = 512
+    # the interpreter's switch interval while the job runs (sys.setswitchinterval, restored after);
+    # None leaves it as it is (Python's default is 5 ms). See for_device.
+    switch_interval_ms: float | None = None
 
     def __post_init__(self):
         for name in ("threshold", "review_low", "review_high"):
@@ -110,6 +130,8 @@ class JobOptions:
         check_max_pixels(self.max_pixels)
         if self.pixel_budget_mb < 1:
             raise ValueError(f"pixel_budget_mb must be >= 1, got {self.pixel_budget_mb}")
+        if self.switch_interval_ms is not None and not 0 < self.switch_interval_ms <= 1000:
+            raise ValueError(f"switch_interval_ms must be within (0, 1000], got {self.switch_interval_ms}")
 
 
 class PixelBudget:
@@ -262,6 +284,20 @@ def yield_cpu_to_model(nice: int = IO_THREAD_NICE) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
     except OSError:
         pass
+
+
+@contextmanager
+def switch_interval(ms: float | None) -> Iterator[None]:
+    """The interpreter's switch interval set to ``ms`` for the block, restored after (None: unchanged)."""
+    if ms is None:
+        yield
+        return
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(ms / 1000)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _sha256(b: bytes) -> str:
@@ -422,7 +458,8 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
         emit(build_record(item.key, dec, plates, opts, model=model, input_sha256=item.sha,
                           output_sha256=_sha256(data), output_key=dst.describe(out_key)))
 
-    with ThreadPoolExecutor(opts.read_workers, thread_name_prefix="read", initializer=yield_cpu_to_model) as readers, \
+    with switch_interval(opts.switch_interval_ms), \
+            ThreadPoolExecutor(opts.read_workers, thread_name_prefix="read", initializer=yield_cpu_to_model) as readers, \
             ThreadPoolExecutor(opts.write_workers, thread_name_prefix="write", initializer=yield_cpu_to_model) as writers:
         pending: deque[Future] = deque()
         batch: list[_Loaded] = []

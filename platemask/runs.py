@@ -353,7 +353,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     detect, model_info, cfg = detector_factory(spec, entries, shard)
     threshold = cfg.score_threshold if spec.threshold is None else spec.threshold
     opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=spec.mode), batch_size=settings.batch_size,
-                                **JobOptions.io_workers(settings.device, settings.io_workers))
+                                **JobOptions.for_device(settings.device, settings.io_workers, settings.batch_size))
     etags = {e["key"]: e["etag"] for e in entries}
     identity = photo_identities(spec, entries, model_info, cfg, opts.metadata)
     too_long = {e["key"]: why for e in entries if (why := key_too_long(settings, spec.region, e["key"]))}

@@ -7,7 +7,7 @@ import pytest
 from platemask.detections import Plate
 from platemask.geometry import box_polygon
 from platemask.imageio import ImageError
-from platemask.pipeline import JobOptions, Progress, run_job
+from platemask.pipeline import GPU_BATCHES_IN_FLIGHT, GPU_SWITCH_INTERVAL_MS, JobOptions, Progress, run_job
 from platemask.storage import LocalStore
 
 from conftest import jpeg_bytes
@@ -238,12 +238,48 @@ def test_reading_and_writing_threads_yield_the_cpu_to_the_detector(tmp_path):
     assert seen["reader"] == min(19, base + IO_THREAD_NICE)
 
 
-def test_io_workers_one_rule_for_cli_and_dag_workers():
+def test_device_options_one_rule_for_cli_and_dag_workers():
     """Readers as asked and half as many writers (at least 2); unasked, the CPU defaults stay and a
-    GPU host gets 8 + 4 (more threads slowed a GPU run: they compete for the interpreter lock)."""
-    assert JobOptions.io_workers("cpu") == {}
-    assert JobOptions.io_workers("cuda") == {"read_workers": 8, "write_workers": 4}
-    assert JobOptions.io_workers("cuda:1", 16) == {"read_workers": 16, "write_workers": 8}
-    assert JobOptions.io_workers("auto", 3) == {"read_workers": 3, "write_workers": 2}
-    opts = JobOptions(**JobOptions.io_workers("cuda"))
-    assert (opts.read_workers, opts.write_workers) == (8, 4)
+    GPU host gets 8 + 4 (more threads slowed a GPU run: they compete for the interpreter lock), room
+    for GPU_BATCHES_IN_FLIGHT batches of 1280 x 720 photos in the pixel budget and a short switch
+    interval. A budget one batch fills (the old 512 MB held 190 such photos, under one batch of
+    256) left the readers waiting while the GPU and the writers worked, so nothing overlapped."""
+    assert JobOptions.for_device("cpu") == {}
+    assert JobOptions.for_device("auto", 3) == {"read_workers": 3, "write_workers": 2}
+    gpu = JobOptions.for_device("cuda", batch_size=256)
+    assert (gpu["read_workers"], gpu["write_workers"]) == (8, 4)
+    assert gpu["pixel_budget_mb"] * 2**20 >= GPU_BATCHES_IN_FLIGHT * 256 * 1280 * 720 * 3
+    assert gpu["switch_interval_ms"] == GPU_SWITCH_INTERVAL_MS < 5
+    assert JobOptions.for_device("cuda:1", 16)["read_workers"] == 16
+    assert JobOptions.for_device("cuda:1", 16)["write_workers"] == 8
+    assert JobOptions.for_device("cuda", batch_size=1)["pixel_budget_mb"] == JobOptions.pixel_budget_mb  # never less
+    opts = JobOptions(**gpu)
+    assert (opts.read_workers, opts.write_workers, opts.pixel_budget_mb) == (8, 4, gpu["pixel_budget_mb"])
+
+
+def test_switch_interval_holds_while_the_job_runs_and_is_restored(tmp_path):
+    """The job's switch interval is what its threads see, and the interpreter's own comes back
+    after the job, also when the job fails."""
+    before = sys.getswitchinterval()
+    seen = []
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(np.zeros((32, 32, 3), np.uint8)))
+
+    def detect(keys, decoded):
+        seen.append(sys.getswitchinterval())
+        return [[] for _ in decoded]
+
+    opts = JobOptions(switch_interval_ms=0.25)
+    run_job(LocalStore(src), LocalStore(tmp_path / "dst", create=True), ["a.jpg"], detect, opts)
+    assert seen == [pytest.approx(0.00025)]
+    assert sys.getswitchinterval() == before
+
+    def boom(keys, decoded):
+        raise KeyboardInterrupt  # not an image error: the job itself stops
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(LocalStore(src), LocalStore(tmp_path / "dst2", create=True), ["a.jpg"], boom, opts)
+    assert sys.getswitchinterval() == before
+    with pytest.raises(ValueError, match="switch_interval_ms"):
+        JobOptions(switch_interval_ms=0)
