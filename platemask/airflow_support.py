@@ -118,7 +118,12 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
             seg = Segmenter(model_dir or settings.model_dir, device=_device(settings), batch_size=settings.batch_size,
                             threshold=spec.threshold)
             log.info("model %s (%s) on %s", seg.cfg.name, seg.cfg.weights_sha256[:12], seg.device)
-            return (lambda keys, decoded: seg([d.rgb for d in decoded])), seg.model_info, seg.cfg
+
+            def detect(keys, decoded):
+                return seg([d.rgb for d in decoded])
+
+            detect.device = str(seg.device)  # the job's threads and memory follow it (JobOptions.for_device)
+            return detect, seg.model_info, seg.cfg
         if spec.backend == "sagemaker":
             from .sagemaker_backend import transform_detector
 

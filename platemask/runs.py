@@ -352,8 +352,10 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     entries = read_json_lines(client, shard["shard"])
     detect, model_info, cfg = detector_factory(spec, entries, shard)
     threshold = cfg.score_threshold if spec.threshold is None else spec.threshold
+    # where the detector runs (settings.device may say "auto"; a transform job's detections come from S3: CPU)
+    device = getattr(detect, "device", "cpu")
     opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=spec.mode), batch_size=settings.batch_size,
-                                **JobOptions.for_device(settings.device, settings.io_workers, settings.batch_size))
+                                **JobOptions.for_device(device, settings.io_workers, settings.batch_size))
     etags = {e["key"]: e["etag"] for e in entries}
     identity = photo_identities(spec, entries, model_info, cfg, opts.metadata)
     too_long = {e["key"]: why for e in entries if (why := key_too_long(settings, spec.region, e["key"]))}

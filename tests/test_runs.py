@@ -116,6 +116,38 @@ def _mask(s3, settings, spec, model_dir):
     return sum(o["processed"] for o in out), sum(o["skipped"] for o in out)
 
 
+def test_a_shard_on_a_gpu_gets_the_gpu_job_options_whatever_settings_device_says(photos, model_dir):
+    """settings.device is "auto" by default: the job's options follow where the detector really runs
+    (the old rule read "auto" as a CPU, so a GPU worker kept the CPU's pixel budget and threads)."""
+    import sys
+
+    from platemask.model import load_config
+    from platemask.pipeline import GPU_SWITCH_INTERVAL_MS
+    from platemask.runs import mask_shard
+
+    s3, settings, keys = photos
+    assert settings.device == "auto"
+    cfg = load_config(model_dir)
+    seen = []
+
+    def factory(device):
+        def detect(keys, decoded):
+            seen.append((device, sys.getswitchinterval()))
+            return [[] for _ in decoded]
+
+        if device:
+            detect.device = device
+        return lambda spec, entries, shard: (detect, cfg.identity(verify=False), cfg)
+
+    spec = RunSpec(region="DE", run_id="manual__gpu", **WINDOW)
+    collect(s3, settings, spec)
+    shards = make_shards(s3, settings, [spec.as_dict()])
+    mask_shard(s3, settings, shards[0], factory("cuda"), log=lambda m: None)
+    mask_shard(s3, settings, shards[1], factory(None), log=lambda m: None)  # e.g. a transform job's detections
+    assert {d: s for d, s in seen} == {"cuda": pytest.approx(GPU_SWITCH_INTERVAL_MS / 1000),
+                                      None: pytest.approx(sys.getswitchinterval())}
+
+
 def test_a_rerun_redoes_exactly_the_photos_whose_result_would_change(photos, model_dir, tmp_path):
     s3, settings, keys = photos
     n = len(keys)
