@@ -113,6 +113,7 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
             8: Image.Transpose.ROTATE_90}
 _STRIP_BYTES = 16 << 20  # rows copied out of Pillow at a time
+DECODE_READ_MAX = 16 << 20  # the most encoded bytes handed to Pillow's decoder in one read
 
 
 def _array(img: Image.Image) -> np.ndarray:
@@ -211,6 +212,10 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
                                  "and mask those")
             img.seek(0)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
+            # the encoded bytes to the decoder in one piece, not in 64 KB reads: every read hands the
+            # interpreter lock over and waits to get it back (milliseconds while the detector's
+            # thread runs Python; bench/bench_gil.py). Capped: the read is a transient copy
+            img.decodermaxblock = max(img.decodermaxblock, min(len(data), DECODE_READ_MAX))
             img.load()
     except ImageError:
         raise

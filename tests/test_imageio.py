@@ -316,3 +316,27 @@ def test_pixels_come_out_of_pillow_whole_or_in_strips_the_same(mode, strip_bytes
     img = Image.fromarray(a[..., 0] if mode == "L" else a, mode)
     got = imageio._array(img)
     assert got.flags.writeable and np.array_equal(got, np.array(img))
+
+
+def test_the_decoder_gets_a_photos_bytes_in_one_read(monkeypatch):
+    """Pillow reads 64 KB at a time by default, and every read hands the interpreter lock over and
+    waits to get it back (milliseconds beside the detector's Python: bench/bench_gil.py): a photo's
+    encoded bytes go to the decoder in one read. Same pixels either way."""
+    import io as _io
+
+    rng = np.random.default_rng(3)
+    data = jpeg_bytes(rng.integers(0, 256, (600, 800, 3), dtype=np.uint8), quality=95)
+    assert len(data) > 4 * 65536
+    reads = []
+
+    class CountingBytesIO(_io.BytesIO):
+        def read(self, n=-1):
+            out = super().read(n)
+            reads.append(len(out))
+            return out
+
+    monkeypatch.setattr(_io, "BytesIO", CountingBytesIO)
+    dec = decode(data)
+    monkeypatch.undo()
+    assert sum(r >= 65536 for r in reads) == 1, reads
+    assert np.array_equal(dec.pixels, np.asarray(Image.open(_io.BytesIO(data)).convert("RGB")))
