@@ -40,6 +40,24 @@ UNSAFE_THRESHOLD_MARGIN = 0.1  # thresholds above the model's operating threshol
 GPU_BATCHES_IN_FLIGHT = 4  # decoded pixels in flight: room for this many batches of 1280 x 720 photos
 HD_PHOTO_BYTES = 1280 * 720 * 3
 GPU_SWITCH_INTERVAL_MS = 0.5
+GPU_BUDGET_MEMORY_SHARE = 0.125  # the automatic budget's cap: this share of the memory the process may use
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: the machine's RAM, or its cgroup's limit when lower (a container)."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    return min(limits) if limits else 8 << 30
 
 
 def check_threshold(threshold: float | None, operating: float, *, unsafe: bool = False) -> None:
@@ -87,8 +105,9 @@ class JobOptions:
         the interpreter lock the detector's own Python needs). Next to a GPU also:
 
         - ``pixel_budget_mb`` for ``GPU_BATCHES_IN_FLIGHT`` batches of 1280 x 720 photos (at least
-          the default): with room for one batch only, the readers wait while the GPU works on it
-          and the writers finish it, and nothing overlaps;
+          the default), and at most ``GPU_BUDGET_MEMORY_SHARE`` of the memory the process may use
+          (peak memory is 2-3x the budget): with room for one batch only, the readers wait while
+          the GPU works on it and the writers finish it, and nothing overlaps;
         - ``switch_interval_ms`` ``GPU_SWITCH_INTERVAL_MS``: a thread that lets go of the interpreter
           lock (every decode, encode and torch call does) waits up to the switch interval to get it
           back while another runs Python; Python's 5 ms made each of those calls cost milliseconds.
@@ -97,6 +116,8 @@ class JobOptions:
             return {"read_workers": max(1, readers), "write_workers": max(2, readers // 2)} if readers else {}
         readers = readers or 8
         budget = math.ceil(GPU_BATCHES_IN_FLIGHT * max(1, batch_size) * HD_PHOTO_BYTES / 2**20)
+        # peak memory is ~2-3x the budget: never more than a share of what this process may use
+        budget = min(budget, int(memory_limit_bytes() * GPU_BUDGET_MEMORY_SHARE) // 2**20)
         return {"read_workers": max(1, readers), "write_workers": max(2, readers // 2),
                 "pixel_budget_mb": max(JobOptions.pixel_budget_mb, budget), "switch_interval_ms": GPU_SWITCH_INTERVAL_MS}
 

@@ -1,4 +1,5 @@
 """Pipeline mechanics with a test double for the detector (the real model is tested in test_model.py)."""
+import os
 import sys
 
 import numpy as np
@@ -238,12 +239,15 @@ def test_reading_and_writing_threads_yield_the_cpu_to_the_detector(tmp_path):
     assert seen["reader"] == min(19, base + IO_THREAD_NICE)
 
 
-def test_device_options_one_rule_for_cli_and_dag_workers():
+def test_device_options_one_rule_for_cli_and_dag_workers(monkeypatch):
     """Readers as asked and half as many writers (at least 2); unasked, the CPU defaults stay and a
     GPU host gets 8 + 4 (more threads slowed a GPU run: they compete for the interpreter lock), room
     for GPU_BATCHES_IN_FLIGHT batches of 1280 x 720 photos in the pixel budget and a short switch
     interval. A budget one batch fills (the old 512 MB held 190 such photos, under one batch of
     256) left the readers waiting while the GPU and the writers worked, so nothing overlapped."""
+    import platemask.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "memory_limit_bytes", lambda: 128 << 30)  # a GPU host (the cap: next test)
     assert JobOptions.for_device("cpu") == {}
     assert JobOptions.for_device("auto", 3) == {"read_workers": 3, "write_workers": 2}
     gpu = JobOptions.for_device("cuda", batch_size=256)
@@ -255,6 +259,21 @@ def test_device_options_one_rule_for_cli_and_dag_workers():
     assert JobOptions.for_device("cuda", batch_size=1)["pixel_budget_mb"] == JobOptions.pixel_budget_mb  # never less
     opts = JobOptions(**gpu)
     assert (opts.read_workers, opts.write_workers, opts.pixel_budget_mb) == (8, 4, gpu["pixel_budget_mb"])
+
+
+def test_the_gpu_budget_stays_a_share_of_the_memory_the_process_may_use(monkeypatch):
+    """Peak memory is 2-3x the pixel budget: a large batch must not size it past what the machine
+    (or the container's cgroup) has; the default budget is the floor."""
+    import platemask.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "memory_limit_bytes", lambda: 16 << 30)  # e.g. an ml.g5.xlarge
+    big = JobOptions.for_device("cuda", batch_size=4096)["pixel_budget_mb"]
+    assert isinstance(big, int) and big == int((16 << 30) * pipeline.GPU_BUDGET_MEMORY_SHARE) // 2**20
+    monkeypatch.setattr(pipeline, "memory_limit_bytes", lambda: 1 << 30)
+    assert JobOptions.for_device("cuda", batch_size=4096)["pixel_budget_mb"] == JobOptions.pixel_budget_mb
+    monkeypatch.undo()
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < pipeline.memory_limit_bytes() <= physical
 
 
 def test_switch_interval_holds_while_the_job_runs_and_is_restored(tmp_path):
