@@ -198,12 +198,21 @@ print(rss_mb() - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_freed_photos_go_back_to_the_os():
     """Photos decoded and encoded in several threads, then freed, leave the process no bigger
-    (without the fixed mmap threshold glibc kept ~360 MB of 12 MP photos in per-thread heaps)."""
-    out = subprocess.run([sys.executable, "-c", ARENA_PROBE], capture_output=True, text=True, timeout=300,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.split()
-    if out == ["no-glibc"]:
-        pytest.skip("no glibc mallopt here")
-    assert int(out[-1]) < 100, f"{out[-1]} MB still held after every photo was freed"
+    (without the fixed mmap threshold glibc kept ~360 MB of 12 MP photos in per-thread heaps).
+    The best of three fresh processes counts: a heap fragmented by the threads' interleaving keeps
+    30-200 MB in about one run of ten (measured 2026-11-27, with this session's code and the code
+    before it alike), which failed a fresh-clone run of the suite; the old settings kept ~360 MB every
+    time (checked: [372, 372, 310])."""
+    held = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", ARENA_PROBE], capture_output=True, text=True, timeout=300,
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.split()
+        if out == ["no-glibc"]:
+            pytest.skip("no glibc mallopt here")
+        held.append(int(out[-1]))
+        if held[-1] < 100:
+            break
+    assert min(held) < 100, f"MB still held after every photo was freed, in each of 3 processes: {held}"
 
 
 CHURN_PROBE = r"""
