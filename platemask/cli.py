@@ -49,6 +49,24 @@ def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
+def _output_file_clash(src: str, dst: str, **files: str | None) -> str | None:
+    """Why the record files (``--detections``, ``--report``) would overwrite an original, a masked
+    photo or each other, or None. They are local files; SRC and DST may be local folders or S3."""
+    named = {f"--{k}": os.path.realpath(Path(v).expanduser()) for k, v in files.items() if v}
+    if len(set(named.values())) < len(named):
+        return f"{' and '.join(named)} name the same file: one would overwrite the other. Give each its own path"
+    for flag, path in named.items():
+        for side, uri in (("SRC", src), ("DST", dst)):
+            if uri.startswith("s3://"):
+                continue
+            root = os.path.realpath(Path(uri).expanduser())
+            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+                return (f"{flag} {files[flag[2:]]} lies inside {side} {uri}: it would overwrite "
+                        f"{'an original' if side == 'SRC' else 'a masked photo'} or be overwritten. "
+                        "Write it outside SRC and DST")
+    return None
+
+
 def cmd_mask(a: argparse.Namespace) -> int:
     from .mask import MaskStyle
     from .model import load_config
@@ -60,6 +78,10 @@ def cmd_mask(a: argparse.Namespace) -> int:
     clash = overlap(a.src, a.dst)
     if clash:
         _log(f"platemask: error: {clash}; originals are never overwritten. Pick a DST outside SRC.")
+        return EXIT_USAGE
+    clash = _output_file_clash(a.src, a.dst, detections=a.detections, report=a.report)
+    if clash:
+        _log(f"platemask: error: {clash}")
         return EXIT_USAGE
     if not a.src.startswith("s3://") and not Path(a.src).is_dir():
         _log(f"platemask: error: SRC {a.src} is not a folder (or an s3://bucket/prefix URI)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +73,13 @@ class LocalStore:
                 yield (Path(dirpath) / f).relative_to(self.root).as_posix()
 
     def read(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        p = self._path(key)
+        # never block on a FIFO or a device: opened without waiting, and only a regular file is read
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{p} is not a regular file (a named pipe, socket or device); only files are masked")
+            return f.read()
 
     def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         p = self._path(key)

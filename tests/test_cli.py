@@ -160,3 +160,41 @@ def test_detections_file_has_one_valid_record_per_input(tmp_path, model_dir):
     recs = [json.loads(line) for line in text.splitlines()]
     assert len(recs) == n and len({r["key"] for r in recs}) == n
     assert sum(r["status"] == "failed" for r in recs) == len(range(0, n, 13))
+
+
+def test_record_files_never_overwrite_originals_photos_or_each_other(photo_dir, tmp_path, model_dir):
+    """--detections and --report inside SRC overwrote originals (one was emptied before it was
+    read), inside DST were replaced by masked photos, and the same path for both lost the records:
+    each is refused before anything is read or written."""
+    src, _ = photo_dir
+    (tmp_path / "dst").mkdir()
+    name = sorted(p.name for p in src.iterdir())[0]
+    before = _snapshot(src)
+    for extra in (["--detections", str(src / name)],
+                  ["--report", str(src / "sub" / "qa.json")],
+                  ["--detections", str(tmp_path / "dst" / name)],
+                  ["--detections", str(tmp_path / "r.json"), "--report", str(tmp_path / "." / "r.json")]):
+        assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir), *extra]) == 2, extra
+    assert _snapshot(src) == before
+    assert not any((tmp_path / "dst").iterdir()) and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes")
+def test_a_named_pipe_in_src_fails_alone_instead_of_hanging_the_job(tmp_path, model_dir, scene):
+    """Reading a FIFO blocked until a writer came: the job hung with no record at all."""
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(scene[0]))
+    os.mkfifo(src / "pipe.jpg")
+    det = tmp_path / "d.jsonl"
+    out = subprocess.run([sys.executable, "-m", "platemask.cli", "mask", str(src), str(tmp_path / "dst"),
+                          "--model", str(model_dir), "--detections", str(det)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    recs = {r["key"]: r for r in _records(det)}
+    assert set(recs) == {"a.jpg", "pipe.jpg"}
+    assert recs["pipe.jpg"]["status"] == "failed" and "not a regular file" in recs["pipe.jpg"]["error"]
+    assert recs["a.jpg"]["status"] != "failed"
+    assert not (tmp_path / "dst" / "pipe.jpg").exists()
