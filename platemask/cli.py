@@ -95,7 +95,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
     cfg = seg.cfg
     threshold = cfg.score_threshold if a.threshold is None else a.threshold
     opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=a.mode), jpeg_quality=a.jpeg_quality, metadata=a.metadata,
-                      max_pixels=a.max_pixels, batch_size=a.batch_size,
+                      max_pixels=a.max_pixels, batch_size=a.batch_size, remove_stale_outputs=True,
                       **{**JobOptions.for_device(str(seg.device), a.io_workers, a.batch_size),
                          **({"pixel_budget_mb": a.pixel_budget_mb} if a.pixel_budget_mb else {})})
     src, dst = open_store(a.src), open_store(a.dst, create=True)

@@ -138,6 +138,10 @@ class JobOptions:
     # the interpreter's switch interval while the job runs (sys.setswitchinterval, restored after);
     # None leaves it as it is (Python's default is 5 ms). See for_device.
     switch_interval_ms: float | None = None
+    # a failed input's output key is cleared of what an earlier run wrote there, so that the output
+    # folder never holds a masked copy of a photo whose record says failed (the CLI; the DAG's runs
+    # keep their own audit records and result identities)
+    remove_stale_outputs: bool = False
 
     def __post_init__(self):
         for name in ("threshold", "review_low", "review_high"):
@@ -368,6 +372,17 @@ def _output_keys(keys: Sequence[str],
     return out, refused
 
 
+def _remove_stale_output(dst: Store, key: str) -> dict:
+    """Delete what an earlier run wrote at ``key`` for an input that failed now; the record's note."""
+    try:
+        if not dst.exists(key):
+            return {}
+        dst.delete(key)
+        return {"stale_output_removed": dst.describe(key)}
+    except Exception as exc:  # noqa: BLE001 - reported in the record, the input fails either way
+        return {"stale_output_not_removed": f"{dst.describe(key)}: {type(exc).__name__}: {exc}"}
+
+
 @dataclass
 class _Loaded:
     key: str
@@ -444,6 +459,8 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
 
     def fail(item: _Loaded, err: ImageError, **kw):
         try:
+            if opts.remove_stale_outputs and item.key in out_keys:
+                kw.update(_remove_stale_output(dst, out_keys[item.key]))
             emit(record(item.key, status="failed", error=f"{src.describe(item.key)}: {err}", reason=err.reason,
                         model=model, input_sha256=item.sha, **kw))
         finally:

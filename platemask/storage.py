@@ -97,6 +97,9 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def describe(self, key: str) -> str:
         return str(self.root / key)
 

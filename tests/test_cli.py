@@ -198,3 +198,21 @@ def test_a_named_pipe_in_src_fails_alone_instead_of_hanging_the_job(tmp_path, mo
     assert recs["pipe.jpg"]["status"] == "failed" and "not a regular file" in recs["pipe.jpg"]["error"]
     assert recs["a.jpg"]["status"] != "failed"
     assert not (tmp_path / "dst" / "pipe.jpg").exists()
+
+
+def test_a_rerun_removes_the_output_of_an_input_that_fails_now(tmp_path, model_dir, scene):
+    """A photo masked by an earlier run, then replaced by a truncated file: the rerun's record says
+    failed, and the old masked copy no longer sits in DST as if it belonged to this input."""
+    src, dst, det = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl"
+    src.mkdir()
+    good = jpeg_bytes(scene[0])
+    (src / "a.jpg").write_bytes(good)
+    (src / "b.jpg").write_bytes(good)
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir)]) == 0
+    assert (dst / "a.jpg").exists()
+    (src / "a.jpg").write_bytes(good[: len(good) // 2])
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 3
+    recs = {r["key"]: r for r in _records(det)}
+    assert recs["a.jpg"]["status"] == "failed" and recs["a.jpg"]["stale_output_removed"] == str(dst / "a.jpg")
+    assert not (dst / "a.jpg").exists() and (dst / "b.jpg").exists()
+    assert "stale_output_removed" not in recs["b.jpg"]
