@@ -100,10 +100,16 @@ def cmd_mask(a: argparse.Namespace) -> int:
                          **({"pixel_budget_mb": a.pixel_budget_mb} if a.pixel_budget_mb else {})})
     src, dst = open_store(a.src), open_store(a.dst, create=True)
     try:
-        keys = [k for k in src.iter_keys() if not Path(k).name.startswith(".")]
+        found = list(src.iter_keys())
     except FileNotFoundError as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
+    keys = [k for k in found if not Path(k).name.startswith(".")]
+    if len(keys) < len(found):  # .DS_Store and the like: not inputs, but never left out silently
+        hidden = [k for k in found if Path(k).name.startswith(".")]
+        _log(f"platemask: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, nothing "
+             f"written): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
+             "rename them to mask them")
     _log(f"platemask: {len(keys)} files under {src.uri} -> {dst.uri}; model {cfg.name} "
          f"({cfg.weights_sha256[:12]}), threshold {threshold}, mode {a.mode}, device {a.device}")
 

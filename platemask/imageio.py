@@ -188,7 +188,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data``; raise ImageError with a reason code for anything unusable."""
     check_max_pixels(max_pixels)
     if not data:
-        raise ImageError("empty_file", "file is empty (0 bytes)")
+        raise ImageError("empty_file", "file is empty (0 bytes): copy or upload the photo again")
     frames_dropped = 0
     try:
         with warnings.catch_warnings():
@@ -197,7 +197,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             fmt = img.format or ""
             if fmt not in SUPPORTED_FORMATS and fmt not in READ_AS:
                 raise ImageError("unsupported_format", f"format {fmt or 'unknown'} is not supported "
-                                 f"(supported: {', '.join([*SUPPORTED_FORMATS, *READ_AS])})")
+                                 f"(supported: {', '.join([*SUPPORTED_FORMATS, *READ_AS])}); convert it to JPEG or PNG and mask that")
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("too_large", f"{w}x{h} = {w * h:,} pixels exceeds the limit of "
@@ -220,12 +220,15 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "not a recognisable image file") from None
+        raise ImageError("not_an_image", "not a recognisable image file (not JPEG, PNG, WebP or TIFF data, whatever its name says): check that it is a photo, or move it out of the source") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("too_large", f"refused as a decompression bomb: {exc}") from None
+        raise ImageError("too_large", f"refused as a decompression bomb: its header declares more pixels than "
+                         f"{MAX_PIXELS_CEILING:,}, the most --max-pixels allows; if it is a real photo, split or "
+                         f"downscale it first ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
-        raise ImageError(reason, f"cannot decode: {exc}") from None
+        raise ImageError(reason, f"cannot decode: {exc}; the file is damaged or cut short: copy or upload the "
+                         "original again") from None
     exif = img.getexif()
     orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
     subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1

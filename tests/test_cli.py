@@ -216,3 +216,21 @@ def test_a_rerun_removes_the_output_of_an_input_that_fails_now(tmp_path, model_d
     assert recs["a.jpg"]["status"] == "failed" and recs["a.jpg"]["stale_output_removed"] == str(dst / "a.jpg")
     assert not (dst / "a.jpg").exists() and (dst / "b.jpg").exists()
     assert "stale_output_removed" not in recs["b.jpg"]
+
+
+def test_skipped_hidden_files_and_damaged_photos_are_named_with_what_to_do(tmp_path, model_dir, capsys):
+    """A hidden file was left out without a word; a damaged photo's error named no remedy."""
+    src = tmp_path / "src"
+    src.mkdir()
+    good = jpeg_bytes(np.full((64, 96, 3), 120, np.uint8))
+    (src / ".hidden.jpg").write_bytes(good)
+    (src / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (src / "empty.jpg").write_bytes(b"")
+    det = tmp_path / "d.jsonl"
+    assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir), "--detections", str(det)]) == 3
+    err = capsys.readouterr().err
+    assert "1 hidden file(s) skipped" in err and "'.hidden.jpg'" in err
+    recs = {r["key"]: r for r in _records(det)}
+    assert set(recs) == {"cut.jpg", "empty.jpg"}
+    assert "upload the original again" in recs["cut.jpg"]["error"]
+    assert "upload the photo again" in recs["empty.jpg"]["error"]
