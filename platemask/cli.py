@@ -52,15 +52,14 @@ def _log(msg: str):
 def _output_file_clash(src: str, dst: str, **files: str | None) -> str | None:
     """Why the record files (``--detections``, ``--report``) would overwrite an original, a masked
     photo or each other, or None. They are local files; SRC and DST may be local folders or S3."""
+    from .storage import inside
+
     named = {f"--{k}": os.path.realpath(Path(v).expanduser()) for k, v in files.items() if v}
     if len(set(named.values())) < len(named):
         return f"{' and '.join(named)} name the same file: one would overwrite the other. Give each its own path"
     for flag, path in named.items():
         for side, uri in (("SRC", src), ("DST", dst)):
-            if uri.startswith("s3://"):
-                continue
-            root = os.path.realpath(Path(uri).expanduser())
-            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            if inside(path, uri):
                 return (f"{flag} {files[flag[2:]]} lies inside {side} {uri}: it would overwrite "
                         f"{'an original' if side == 'SRC' else 'a masked photo'} or be overwritten. "
                         "Write it outside SRC and DST")
@@ -104,9 +103,9 @@ def cmd_mask(a: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
+    hidden = [k for k in found if Path(k).name.startswith(".")]
     keys = [k for k in found if not Path(k).name.startswith(".")]
-    if len(keys) < len(found):  # .DS_Store and the like: not inputs, but never left out silently
-        hidden = [k for k in found if Path(k).name.startswith(".")]
+    if hidden:  # .DS_Store and the like: not inputs, but never left out silently
         _log(f"platemask: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, nothing "
              f"written): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
              "rename them to mask them")

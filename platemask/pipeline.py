@@ -112,14 +112,16 @@ class JobOptions:
           lock (every decode, encode and torch call does) waits up to the switch interval to get it
           back while another runs Python; Python's 5 ms made each of those calls cost milliseconds.
         """
-        if not str(device).startswith("cuda"):
-            return {"read_workers": max(1, readers), "write_workers": max(2, readers // 2)} if readers else {}
-        readers = readers or 8
+        gpu = str(device).startswith("cuda")
+        readers = readers or (8 if gpu else None)
+        threads = {"read_workers": max(1, readers), "write_workers": max(2, readers // 2)} if readers else {}
+        if not gpu:
+            return threads
         budget = math.ceil(GPU_BATCHES_IN_FLIGHT * max(1, batch_size) * HD_PHOTO_BYTES / 2**20)
         # peak memory is ~2-3x the budget: never more than a share of what this process may use
         budget = min(budget, int(memory_limit_bytes() * GPU_BUDGET_MEMORY_SHARE) // 2**20)
-        return {"read_workers": max(1, readers), "write_workers": max(2, readers // 2),
-                "pixel_budget_mb": max(JobOptions.pixel_budget_mb, budget), "switch_interval_ms": GPU_SWITCH_INTERVAL_MS}
+        return {**threads, "pixel_budget_mb": max(JobOptions.pixel_budget_mb, budget),
+                "switch_interval_ms": GPU_SWITCH_INTERVAL_MS}
 
     @classmethod
     def for_model(cls, cfg, threshold: float | None = None, **kw) -> "JobOptions":

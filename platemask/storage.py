@@ -321,16 +321,19 @@ def overlap(src: str, dst: str) -> str | None:
     Compares resolved local paths (symlinks, '.', '..', trailing '/') and S3 bucket + prefix with
     empty and dot segments collapsed; equal or nested either way is an overlap.
     """
-    (sr, sp), (dr, dp) = _location(src), _location(dst)
-    if sr != dr:
-        return None
-    if sp == dp:
+    if _location(src) == _location(dst):
         return f"SRC {src} and DST {dst} are the same place"
-    if dp[:len(sp)] == sp:
+    if inside(dst, src):
         return f"DST {dst} lies inside SRC {src}"
-    if sp[:len(dp)] == dp:
+    if inside(src, dst):
         return f"SRC {src} lies inside DST {dst}"
     return None
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (resolved as ``overlap`` resolves them)."""
+    (pr, pp), (fr, fp) = _location(path), _location(folder)
+    return pr == fr and pp[:len(fp)] == fp
 
 
 def open_store(uri: str, *, create: bool = False, client=None) -> Store:
