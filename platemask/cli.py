@@ -109,6 +109,11 @@ def cmd_mask(a: argparse.Namespace) -> int:
         _log(f"platemask: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, nothing "
              f"written): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
              "rename them to mask them")
+    linked = getattr(src, "linked_folders", [])
+    if linked:  # not followed (SRC is the boundary), but never left out silently
+        _log(f"platemask: warning: {len(linked)} link(s) to a folder not followed, the photos behind them are "
+             f"NOT masked: {', '.join(repr(k) for k in linked[:5])}{' ...' if len(linked) > 5 else ''}; "
+             "run platemask mask on the folder they point to to mask those")
     _log(f"platemask: {len(keys)} files under {src.uri} -> {dst.uri}; model {cfg.name} "
          f"({cfg.weights_sha256[:12]}), threshold {threshold}, mode {a.mode}, device {a.device}")
 
@@ -129,7 +134,8 @@ def cmd_mask(a: argparse.Namespace) -> int:
     report = build_report(records, timings=timings.as_dict(), wall_seconds=wall, model=seg.model_info,
                           thresholds={"score": threshold, "review_low": opts.review_low, "review_high": opts.review_high},
                           extra={"src": src.uri, "dst": dst.uri, "mode": a.mode, "device": a.device,
-                                 "batch_size": a.batch_size})
+                                 "batch_size": a.batch_size,
+                                 "skipped": {"hidden_files": hidden, "linked_folders_not_followed": linked}})
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=2) + "\n")
     _log("platemask: " + headline(report))
@@ -162,7 +168,8 @@ def cmd_train_verifier(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     spec = train_for_model(a.model, a.data, a.workdir, epochs=a.epochs, val_fraction=a.val_fraction, seed=a.seed,
                            imagenet_weights=a.imagenet_weights or imagenet_mobilenet_v2(), device=device,
-                           positive_fraction=a.positive_fraction, synthetic_per_epoch=a.synthetic_plates, log=_log)
+                           positive_fraction=a.positive_fraction, synthetic_per_epoch=a.synthetic_plates,
+                           overlays_per_epoch=a.synthetic_overlays, log=_log)
     _log(f"added verifier {spec['weights_sha256'][:12]} to {a.model}: re-run 'platemask evaluate --set-threshold' "
          "to choose the operating threshold for the fused score")
     return EXIT_OK
@@ -326,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--synthetic-plates", type=int, default=0, metavar="N",
                    help="rendered plates (every colour scheme, tilted) pasted into training photos, per epoch, as positives "
                         "(600 fixed a vetoed yellow plate but cost precision on real photos: see the model card)")
+    r.add_argument("--synthetic-overlays", type=int, default=0, metavar="N",
+                   help="rendered watermarks (web addresses, brand lettering, logos, on a box or not) pasted into "
+                        "training photos clear of their plates, per epoch, as negatives")
     r.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--val-fraction", type=float, default=0.15)

@@ -57,6 +57,7 @@ class LocalStore:
             self.root.mkdir(parents=True, exist_ok=True)
         self.uri = str(self.root)
         self.file_mode = 0o666 & ~_umask()  # what open() would give a new file
+        self.linked_folders: list[str] = []  # links to folders the last iter_keys passed over
 
     def _path(self, key: str) -> Path:
         p = (self.root / key).resolve()
@@ -65,10 +66,16 @@ class LocalStore:
         return p
 
     def iter_keys(self) -> Iterator[str]:
+        """Every file under the folder, in order. Links to folders are not followed (the folder is
+        the boundary, as for links to files, which ``read`` refuses when they lead out of it); the
+        ones passed over are in ``linked_folders`` afterwards, for the caller to name."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"source folder {self.root} does not exist")
+        self.linked_folders = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames.sort()
+            self.linked_folders.extend((Path(dirpath) / d).relative_to(self.root).as_posix()
+                                       for d in dirnames if (Path(dirpath) / d).is_symlink())
             for f in sorted(filenames):
                 yield (Path(dirpath) / f).relative_to(self.root).as_posix()
 

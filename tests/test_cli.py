@@ -234,3 +234,24 @@ def test_skipped_hidden_files_and_damaged_photos_are_named_with_what_to_do(tmp_p
     assert set(recs) == {"cut.jpg", "empty.jpg"}
     assert "upload the original again" in recs["cut.jpg"]["error"]
     assert "upload the photo again" in recs["empty.jpg"]["error"]
+
+
+def test_a_linked_folder_is_named_as_not_followed_instead_of_dropped_silently(tmp_path, model_dir, capsys):
+    """A link to a folder in SRC was passed over without a word: its photos got no record, no
+    output and no mention, and the run said every file was masked."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    good = jpeg_bytes(np.full((64, 96, 3), 120, np.uint8))
+    (outside / "a.jpg").write_bytes(good)
+    src = tmp_path / "src"
+    (src / "cars").mkdir(parents=True)
+    (src / "cars" / "b.jpg").write_bytes(good)
+    (src / "cars" / "more").symlink_to(outside, target_is_directory=True)
+    report = tmp_path / "qa.json"
+    assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir), "--report", str(report)]) == 0
+    err = capsys.readouterr().err
+    assert "1 link(s) to a folder not followed" in err and "NOT masked" in err and "'cars/more'" in err
+    qa = json.loads(report.read_text())
+    assert qa["skipped"] == {"hidden_files": [], "linked_folders_not_followed": ["cars/more"]}
+    assert qa["images"] == 1
+    assert not (tmp_path / "dst" / "cars" / "more").exists()
