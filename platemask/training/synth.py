@@ -130,3 +130,82 @@ def synth_car_scene(rng: np.random.Generator, size: tuple[int, int] = (720, 1280
         quads.append(quad)
         texts.append(text)
     return img, quads, texts
+
+
+# Overlays that are not plates: the watermarks, dealer logos and web addresses that sellers and
+# photo sites print over car photos (a white box with dark text in a corner, coloured lettering, a
+# small logo beside it). They share a plate's outline and contrast, so a verifier that never saw
+# one passes it (an unseen site's watermark got 0.995); the lower-case letters, the dots, the
+# logo and the missing plate border are what tells them apart.
+_TLDS = (".ru", ".com", ".de", ".pl", ".com.br", ".ua", ".net", ".es", ".it", ".fr", ".co.uk", ".by", ".kz")
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+
+
+def overlay_text(rng: np.random.Generator) -> str:
+    """A web address or a brand name as a watermark spells it, in lower case: never a plate-like
+    code (capitals and digits on a light box are what a plate is; teaching those as "not a plate"
+    would cost recall)."""
+    word = "".join(rng.choice(list(_LOWER), size=int(rng.integers(4, 11))))
+    if rng.random() < 0.65:
+        return ("www." if rng.random() < 0.3 else "") + word + str(rng.choice(_TLDS))
+    return word.capitalize() + (str(rng.choice(["", " auto", " Motors", " Cars", "-auto", " Group", ".pro"])))
+
+
+def render_overlay(rng: np.random.Generator, height: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB watermark (h, w, 3) and its opacity (h, w) in [0, 1]: lettering, a logo sometimes, on
+    a box (light or dark, translucent) or on nothing."""
+    text = overlay_text(rng)
+    font = int(rng.choice(_FONTS)) | (cv2.FONT_ITALIC if rng.random() < 0.25 else 0)
+    thick = int(rng.integers(1, max(2, height // 12) + 1))
+    (tw, th), base = cv2.getTextSize(text, font, 1.0, thick)
+    scale = height * 0.55 / max(th, 1)
+    (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+    logo = rng.random() < 0.5
+    pad = int(height * rng.uniform(0.1, 0.3))
+    lw = int(height * 0.7) if logo else 0
+    h, w = height, tw + lw + 2 * pad + (pad if logo else 0)
+    box = rng.random()
+    img = np.zeros((h, w, 3), np.uint8)
+    alpha = np.zeros((h, w), np.float32)
+    if box < 0.5:  # light box, dark or coloured lettering
+        img[:] = rng.integers(220, 256)
+        alpha[:] = rng.uniform(0.55, 1.0)
+        fg = tuple(int(c) for c in (rng.integers(0, 60, size=3) if rng.random() < 0.6 else rng.integers(0, 256, size=3)))
+    elif box < 0.7:  # dark translucent box, light lettering
+        img[:] = rng.integers(0, 50)
+        alpha[:] = rng.uniform(0.3, 0.8)
+        fg = tuple(int(c) for c in rng.integers(200, 256, size=3))
+    else:  # lettering alone, saturated colour or white
+        fg = tuple(int(c) for c in (rng.permutation([int(rng.integers(180, 256)), int(rng.integers(0, 80)), int(rng.integers(0, 120))])
+                                    if rng.random() < 0.7 else (255, 255, 255)))
+    text_alpha = np.zeros((h, w), np.uint8)
+    x = pad + lw + (pad if logo else 0)
+    y = (h + th) // 2
+    cv2.putText(img, text, (x, y), font, scale, fg, thick, cv2.LINE_AA)
+    cv2.putText(text_alpha, text, (x, y), font, scale, 255, thick, cv2.LINE_AA)
+    if logo:
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        cx, cy, r = pad + lw // 2, h // 2, max(2, lw // 2 - 1)
+        shape = rng.random()
+        if shape < 0.5:
+            cv2.circle(img, (cx, cy), r, colour, -1, cv2.LINE_AA)
+            cv2.circle(text_alpha, (cx, cy), r, 255, -1, cv2.LINE_AA)
+        else:
+            cv2.rectangle(img, (cx - r, cy - r), (cx + r, cy + r), colour, -1)
+            cv2.rectangle(text_alpha, (cx - r, cy - r), (cx + r, cy + r), 255, -1)
+    alpha = np.maximum(alpha, text_alpha.astype(np.float32) / 255.0 * rng.uniform(0.6, 1.0))
+    return img, alpha
+
+
+def paste_overlay(image: np.ndarray, overlay: np.ndarray, alpha: np.ndarray, x: int, y: int) -> tuple[int, int, int, int]:
+    """Blend ``overlay`` into ``image`` (in place) with its top-left corner at (x, y), clipped to the
+    image; returns the box it covers."""
+    h, w = image.shape[:2]
+    oh, ow = overlay.shape[:2]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + ow, w), min(y + oh, h)
+    if x1 <= x0 or y1 <= y0:
+        return x0, y0, x0, y0
+    a = alpha[y0 - y : y1 - y, x0 - x : x1 - x, None]
+    roi = image[y0:y1, x0:x1].astype(np.float32)
+    image[y0:y1, x0:x1] = (roi * (1 - a) + overlay[y0 - y : y1 - y, x0 - x : x1 - x].astype(np.float32) * a).astype(np.uint8)
+    return x0, y0, x1, y1

@@ -22,13 +22,14 @@ from torch import nn
 
 from ..geometry import box_iou, polygon_box
 from ..verify import CONTEXT, DEFAULT_FUSION, INPUT_HW, build_verifier, fit_input, to_batch, window, window_crop, window_cut
-from .synth import paste_plate, random_quad, render_plate
+from .synth import paste_overlay, paste_plate, random_quad, render_overlay, render_plate
 @dataclass
 class Example:
     image: int  # index into the image list
     box: tuple[float, float, float, float]
     label: int  # 1 plate, 0 not a plate
-    kind: str  # "plate", "detection", "random", "synthetic" (a rendered plate pasted into the photo; box unused)
+    kind: str  # "plate", "detection", "random", "synthetic" (a rendered plate pasted into the photo; box unused),
+    # "overlay" (a rendered watermark pasted into the photo away from its plates; box unused)
 
 
 def covers(box: Sequence[float], plate: Sequence[float]) -> float:
@@ -134,6 +135,50 @@ def synthetic_plate_crop(rgb: np.ndarray, rng: np.random.Generator,
     return fit_input(region)
 
 
+def overlay_position(width: int, height: int, ow: int, oh: int, rng: np.random.Generator,
+                     avoid: Sequence[Sequence[float]] = (), tries: int = 10) -> tuple[int, int] | None:
+    """Top-left corner of an ``ow`` x ``oh`` watermark in a ``width`` x ``height`` photo, touching no
+    box in ``avoid``: along an edge (a corner most often) six times in ten, else anywhere; None when
+    ``tries`` draws all touch one."""
+    for _ in range(tries):
+        if rng.random() < 0.6:
+            m = rng.uniform(0, 0.06)
+            x = int(rng.choice([m * width, width - ow - m * width, rng.uniform(0, max(1, width - ow))], p=[0.4, 0.4, 0.2]))
+            y = int(rng.choice([m * height, height - oh - m * height, rng.uniform(0, max(1, height - oh))], p=[0.3, 0.5, 0.2]))
+        else:
+            x, y = int(rng.uniform(0, max(1, width - ow))), int(rng.uniform(0, max(1, height - oh)))
+        box = (float(x), float(y), float(x + ow), float(y + oh))
+        if all(box_iou(box, a) == 0.0 for a in avoid):
+            return x, y
+    return None
+
+
+def synthetic_overlay_crop(rgb: np.ndarray, rng: np.random.Generator, avoid: Sequence[Sequence[float]] = (),
+                           width: tuple[float, float] = (16.0, 300.0)) -> np.ndarray | None:
+    """The verifier's input for a rendered watermark (:func:`~platemask.training.synth.render_overlay`)
+    pasted into ``rgb`` clear of the boxes in ``avoid`` (its plates), mostly along an edge or in a
+    corner where sites print them; its box jittered as a detector draws one. None if it fits nowhere."""
+    h, w = rgb.shape[:2]
+    overlay, alpha = render_overlay(rng, height=48)
+    pw = float(np.exp(rng.uniform(np.log(width[0]), np.log(max(width[0] + 1, min(width[1], 0.6 * w))))))
+    f = pw / overlay.shape[1]
+    oh, ow = max(3, int(round(overlay.shape[0] * f))), max(4, int(round(pw)))
+    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
+    overlay, alpha = cv2.resize(overlay, (ow, oh), interpolation=interp), cv2.resize(alpha, (ow, oh), interpolation=interp)
+    at = overlay_position(w, h, ow, oh, rng, avoid)
+    if at is None:
+        return None
+    x, y = at
+    win = window(jitter((x, y, x + ow, y + oh), rng, loose=0.3))
+    cut = window_cut(rgb, win)
+    if cut is None:
+        return None
+    region, x0, y0 = cut
+    region = region.copy()  # never paste into the photo itself
+    paste_overlay(region, overlay, alpha, x - x0, y - y0)
+    return fit_input(region)
+
+
 def photometric(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Brightness/contrast, blur and JPEG, as cameras and uploads vary them; and polarity and
     colour order, for both classes alike: plates come dark-on-light and light-on-dark, white,
@@ -184,7 +229,7 @@ def collect_detections(model_dir: str | Path, records, *, min_score: float = 0.0
 
 def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs: int = 8, batch_size: int = 64,
                    lr: float = 3e-4, randoms_per_image: float = 0.5, randoms_per_negative: float = 8.0,
-                   hard_repeats: int = 3, synthetic_per_epoch: int = 0, seed: int = 0,
+                   hard_repeats: int = 3, synthetic_per_epoch: int = 0, overlays_per_epoch: int = 0, seed: int = 0,
                    imagenet_weights: str | Path | None = None, device: str = "cpu", log=print) -> nn.Module:
     """Fit the verifier on ``images`` (see :func:`examples_from`) whose pixels are ``rgbs``.
 
@@ -194,7 +239,9 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
     detail (:func:`edge_density`): every window on a negative photo is a true negative, and the
     detector alone finds too few of them for the verifier to generalise. The detector's own false
     plates come ``hard_repeats`` times. ``synthetic_per_epoch`` rendered plates pasted into random
-    training photos (:func:`synthetic_plate_crop`) join the positives. Classes are balanced in the loss.
+    training photos (:func:`synthetic_plate_crop`) join the positives, ``overlays_per_epoch``
+    rendered watermarks pasted clear of the plates (:func:`synthetic_overlay_crop`) the negatives.
+    Classes are balanced in the loss.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -206,6 +253,18 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
     net = build_verifier(imagenet_weights).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    negatives = [i for i, im in enumerate(images) if im["negative"]]
+
+    def crop_of(e: Example, box) -> np.ndarray:
+        if e.kind == "synthetic":
+            return synthetic_plate_crop(rgbs[e.image], rng)
+        if e.kind == "overlay":
+            crop = synthetic_overlay_crop(rgbs[e.image], rng, avoid=images[e.image]["gt"])
+            while crop is None and negatives:  # no room clear of the plates: a photo without any
+                crop = synthetic_overlay_crop(rgbs[int(rng.choice(negatives))], rng)
+            return crop if crop is not None else window_crop(rgbs[e.image], window(box))
+        return window_crop(rgbs[e.image], window(box))
+
     step = 0
     t0 = time.time()
     for epoch in range(epochs):
@@ -219,6 +278,8 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
                     ex.append(Example(i, b, 0, "random"))
         ex.extend(Example(int(rng.integers(len(images))), (0.0, 0.0, 1.0, 1.0), 1, "synthetic")
                   for _ in range(synthetic_per_epoch))
+        ex.extend(Example(int(rng.integers(len(images))), (0.0, 0.0, 1.0, 1.0), 0, "overlay")
+                  for _ in range(overlays_per_epoch))
         order = rng.permutation(len(ex))
         pos = sum(e.label for e in ex)
         pos_weight = torch.tensor((len(ex) - pos) / max(pos, 1))
@@ -229,10 +290,9 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
         loss_sum = 0.0
         for s in range(steps_per_epoch):
             batch = [ex[j] for j in order[s * batch_size : (s + 1) * batch_size]]
-            boxes = [e.box if e.kind in ("random", "synthetic") else jitter(e.box, rng, loose=0.3 if e.kind == "plate" else 0.0)
+            boxes = [e.box if e.kind in ("random", "synthetic", "overlay") else jitter(e.box, rng, loose=0.3 if e.kind == "plate" else 0.0)
                      for e in batch]
-            crops = [photometric(synthetic_plate_crop(rgbs[e.image], rng) if e.kind == "synthetic"
-                                 else window_crop(rgbs[e.image], window(b)), rng) for e, b in zip(batch, boxes)]
+            crops = [photometric(crop_of(e, b), rng) for e, b in zip(batch, boxes)]
             x = to_batch(crops).to(device)
             y = torch.tensor([float(e.label) for e in batch], device=device)
             for g in opt.param_groups:
@@ -285,7 +345,7 @@ def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
 def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path, *, epochs: int = 8,
                     val_fraction: float = 0.15, seed: int = 0, imagenet_weights: str | Path | None = None,
                     device: str = "cpu", positive_fraction: float = 1.0, synthetic_per_epoch: int = 0,
-                    log=print) -> dict:
+                    overlays_per_epoch: int = 0, log=print) -> dict:
     """Train a verifier for the detector in ``model_dir`` on the training split of ``data`` and add it there.
 
     The detector's detections on the training photos are cached in ``workdir`` (re-used while the
@@ -311,11 +371,12 @@ def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path
     rgbs = [read_rgb(r["path"]) for r in images]
     log(f"verifier: {len(rgbs)} training photos in memory ({time.time() - t0:.0f} s)")
     net = train_verifier(images, rgbs, epochs=epochs, seed=seed, imagenet_weights=imagenet_weights,
-                         device=device, synthetic_per_epoch=synthetic_per_epoch, log=log).cpu()
+                         device=device, synthetic_per_epoch=synthetic_per_epoch,
+                         overlays_per_epoch=overlays_per_epoch, log=log).cpu()
     ex = examples_from(images)
     info = {"trained_on": [Path(d).name for d in ([data] if isinstance(data, (str, Path)) else data)],
             "val_fraction": val_fraction, "epochs": epochs, "seed": seed, "positive_fraction": positive_fraction,
-            "synthetic_per_epoch": synthetic_per_epoch,
+            "synthetic_per_epoch": synthetic_per_epoch, "overlays_per_epoch": overlays_per_epoch,
             "detector_weights_sha256": cfg.weights_sha256,
             "plates": sum(e.label for e in ex), "negative_detections": sum(1 - e.label for e in ex)}
     return save_verifier(net, model_dir, info)
