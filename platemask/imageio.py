@@ -162,6 +162,18 @@ def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     return w * h * _bytes_per_pixel(mode)
 
 
+def _orientation(exif: Image.Exif) -> int:
+    """The EXIF Orientation (1-8); 1 (as stored) when the tag is missing or not one of those: a text,
+    a list, a number out of range. Viewers ignore such a tag too, so the published photo shows what
+    the original shows."""
+    value = exif.get(ExifTags.Base.Orientation, 1)
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return 1
+    return int(value) if value == int(value) and 1 <= value <= 8 else 1
+
+
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     m = img.mode
     if m in ("RGB", "RGBA", "L", "LA"):
@@ -179,7 +191,7 @@ def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     if m == "CMYK":  # written back as RGB: masked pixels are computed in RGB
         return _array(img.convert("RGB")), "RGB"
     if m in ("F", "I;16S", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
-        conv = img.convert("RGBA" if "A" in m or "a" in m else "RGB")
+        conv = img.convert("RGBA" if m in ("RGBa", "La") else "RGB")  # LAB has no alpha, whatever its "A"
         return _array(conv), conv.mode
     raise ImageError("unsupported_mode", f"pixel mode {m!r} is not supported")
 
@@ -229,17 +241,20 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise ImageError(reason, f"cannot decode: {exc}; the file is damaged or cut short: copy or upload the "
                          "original again") from None
-    exif = img.getexif()
-    orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
-    subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
-    icc = img.info.get("icc_profile")
-    method = _UPRIGHT.get(orientation)
-    if method is not None:  # no copy when already upright (ImageOps.exif_transpose copies the whole photo)
-        try:
+    try:
+        exif = img.getexif()
+        orientation = _orientation(exif)
+        subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
+        icc = img.info.get("icc_profile")
+        method = _UPRIGHT.get(orientation)
+        if method is not None:  # no copy when already upright (ImageOps.exif_transpose copies the whole photo)
             img = img.transpose(method)
-        except (ValueError, TypeError, OSError) as exc:
-            raise ImageError("corrupt", f"cannot apply EXIF orientation: {exc}") from None
-    pixels, mode = _normalise(img)
+        pixels, mode = _normalise(img)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile file trips over after its pixels loaded is its own failure
+        raise ImageError("corrupt", f"cannot read its metadata or pixel layout ({type(exc).__name__}: {exc}); the "
+                         "file is damaged or unusual: re-export it as a plain JPEG or PNG and mask that") from None
     img.close()  # the Pillow copy (4 bytes a pixel for RGB) goes before the RGB view is made
     del img
     pixels = np.ascontiguousarray(pixels)

@@ -448,6 +448,12 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             except ImageError as exc:
                 item.error = exc
                 release(item)
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a decoder's surprise is this photo's failure, not the shard's
+                item.error = ImageError("corrupt", f"cannot decode ({type(exc).__name__}: {exc}); re-export it as "
+                                        "a plain JPEG or PNG and mask that")
+                release(item)
             finally:
                 timings.add("decode", time.perf_counter() - t1)
             return item

@@ -227,8 +227,12 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         g.platemask_reserved = nbytes  # given back by release_pixels, however this request ends
         try:
             dec = decode(data)
-        except ImageError as exc:  # this photo's failure, not the job's: 200 with a failed record
-            return _json(record(key, status="failed", reason=exc.reason, error=str(exc), model=seg.model_info,
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this photo's failure, not the job's: 200 with a failed record
+            err = exc if isinstance(exc, ImageError) else ImageError(
+                "corrupt", f"cannot decode ({type(exc).__name__}: {exc}); re-export it as a plain JPEG or PNG")
+            return _json(record(key, status="failed", reason=err.reason, error=str(err), model=seg.model_info,
                                 input_sha256=sha))
         cfg = seg.cfg
         opts = JobOptions.for_model(cfg, holder.threshold)

@@ -105,3 +105,16 @@ def airflow_db():
     """A migrated SQLite metadata database in the throw-away AIRFLOW_HOME."""
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=300)
     return os.environ["AIRFLOW_HOME"]
+
+
+def exif_orientation_jpeg(typ: int, count: int, value4: bytes, size=(96, 64)) -> bytes:
+    """A JPEG whose EXIF Orientation (tag 274) has TIFF type ``typ`` (2 = text, 3 = short, 5 =
+    rational ...), ``count`` values and the 4 inline bytes ``value4``: what a hostile or broken
+    camera writes, which Pillow hands back as a str, a tuple or an odd number."""
+    import struct
+
+    ifd = struct.pack("<H", 1) + struct.pack("<HHI", 274, typ, count) + value4 + struct.pack("<I", 0)
+    blob = b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, "JPEG", exif=blob)
+    return buf.getvalue()

@@ -6,7 +6,7 @@ from PIL import ExifTags, Image
 
 from platemask.imageio import ImageError, decode, encode
 
-from conftest import jpeg_bytes, png_bytes
+from conftest import exif_orientation_jpeg, jpeg_bytes, png_bytes
 
 W, H = 64, 40  # stored (raw) size; a red dot at raw (x=10, y=5)
 
@@ -48,6 +48,21 @@ def test_exif_orientation_is_applied_and_baked_in(orientation):
     out = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata="keep")))
     assert out.size == (ew, eh)
     assert out.getexif().get(ExifTags.Base.Orientation, 1) == 1  # upright pixels, no second rotation
+
+
+@pytest.mark.parametrize("typ,count,value4", [
+    (2, 4, b"abc\0"),  # text: crashed the decoder (ValueError) and with it a whole shard or transform job
+    (2, 1, b"\0\0\0\0"),  # empty text
+    (3, 1, b"\x09\0\0\0"),  # 9: no such orientation
+    (3, 1, b"\0\0\0\0"),  # 0
+    (4, 1, b"\xff\xff\xff\x7f"),  # a huge LONG
+])
+def test_an_unusable_exif_orientation_is_read_as_stored(typ, count, value4):
+    """Viewers ignore an Orientation tag that is not 1-8, so the photo is masked as stored."""
+    data = exif_orientation_jpeg(typ, count, value4)
+    dec = decode(data)
+    assert dec.orientation == 1 and dec.rgb.shape == (64, 96, 3)
+    assert np.array_equal(dec.rgb, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 def test_jpeg_in_jpeg_out_with_quality():

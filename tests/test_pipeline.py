@@ -302,3 +302,26 @@ def test_switch_interval_holds_while_the_job_runs_and_is_restored(tmp_path):
     assert sys.getswitchinterval() == before
     with pytest.raises(ValueError, match="switch_interval_ms"):
         JobOptions(switch_interval_ms=0)
+
+
+def test_a_decoder_surprise_fails_that_photo_alone(tmp_path, monkeypatch):
+    """Anything the decoder raises besides its own ImageError (a hostile file hit a path nobody
+    caught: a text EXIF Orientation raised ValueError) left the whole shard without records."""
+    import platemask.pipeline as pipeline
+
+    real = pipeline.decode
+
+    def decode(data, **kw):
+        if data.startswith(b"BOOM"):
+            raise ValueError("invalid literal for int() with base 10: 'abc'")
+        return real(data, **kw)
+
+    monkeypatch.setattr(pipeline, "decode", decode)
+    src, dst = _store(tmp_path, n=4), LocalStore(tmp_path / "dst", create=True)
+    src.write("p1.jpg", b"BOOM" + jpeg_bytes(np.full((10, 10, 3), 9, np.uint8)))
+    keys = list(src.iter_keys())
+    recs = run_job(src, dst, keys, _fixed(0.9), JobOptions(batch_size=2))
+    assert [r["key"] for r in recs] == keys
+    assert [r["status"] for r in recs] == ["masked", "failed", "masked", "masked"]
+    assert recs[1]["reason"] == "corrupt" and "ValueError" in recs[1]["error"] and "re-export" in recs[1]["error"]
+    assert sorted(dst.iter_keys()) == ["p0.jpg", "p2.jpg", "p3.jpg"]

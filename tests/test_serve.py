@@ -15,7 +15,7 @@ import pytest
 
 from platemask.geometry import polygon_area
 
-from conftest import ROOT, _free_port, jpeg_bytes, png_bytes
+from conftest import ROOT, _free_port, exif_orientation_jpeg, jpeg_bytes, png_bytes
 
 
 def call(url, body=None, ctype=None, method=None, timeout=60):
@@ -150,6 +150,9 @@ def test_a_photo_it_cannot_decode_is_a_failed_record_not_an_http_error(server):
     status, body = call(url + "/invocations", buf.getvalue(), "image/png")
     assert status == 200 and json.loads(body)["status"] == "failed" and json.loads(body)["reason"] == "too_large"
     assert call(url + "/ping")[0] == 200
+    # a text EXIF Orientation: a 500 (the whole transform job failed, its retry too) before
+    status, body = call(url + "/invocations", exif_orientation_jpeg(2, 4, b"abc\0"), "image/jpeg")
+    assert status == 200 and json.loads(body)["status"] in ("masked", "no_plate"), body
 
 
 def test_a_gpu_job_without_usable_cuda_fails_its_health_check(model_dir, tmp_path):
