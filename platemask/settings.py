@@ -113,6 +113,47 @@ class Settings:
         for r in self.regions:
             if r not in self.region_timezones:
                 raise ValueError(f"region {r!r} has no time zone in region_timezones")
+        clash = self.layout_clash()
+        if clash:
+            raise ValueError(clash)
+
+    # every prefix a run writes under, beside raw_prefix, which it only reads
+    WRITTEN_ROOTS = ("masked_root", "audit_root", "runs_root", "qa_root", "sagemaker_output_prefix",
+                     "sagemaker_model_prefix")
+
+    def roots(self, region: str) -> dict[str, str]:
+        """The fixed part of each key template for ``region``: everything before the first
+        placeholder other than {region} (``raw/DE/`` for ``raw/{region}/{yyyy}/...``)."""
+        out = {}
+        for name in ("raw_prefix", *self.WRITTEN_ROOTS):
+            template = getattr(self, name).replace("{region}", "\0")
+            out[name] = template.split("{")[0].replace("\0", region)
+        return out
+
+    def layout_clash(self) -> str | None:
+        """Why these key templates would let a run write over originals or over its own files (a
+        masked copy replacing the photo it was made from: originals gone, run green), or None.
+        Roots that are equal or one a prefix of the other clash, for any two regions (a region's
+        name is part of the key)."""
+        regions = tuple(self.regions) or ("REGION",)
+        per = {r: self.roots(r) for r in regions}
+        for r1 in regions:
+            for r2 in regions:
+                named = [("raw_prefix", per[r1]["raw_prefix"])] + [(n, per[r2][n]) for n in self.WRITTEN_ROOTS]
+                for i, (a, pa) in enumerate(named):
+                    for b, pb in named[i + 1:]:
+                        if a == b or not (pa.startswith(pb) or pb.startswith(pa)):
+                            continue
+                        if r1 != r2 and a != "raw_prefix":
+                            continue  # two written roots of different regions: their region part tells them apart
+                        return (f"{a} {getattr(self, a)!r} and {b} {getattr(self, b)!r} overlap ({pa!r} and {pb!r}"
+                                f"{'' if r1 == r2 else f', regions {r1} and {r2}'}): "
+                                + ("masked copies, audit records or run files would be written among the originals "
+                                   "and could replace them" if a == "raw_prefix" else
+                                   "one kind of file would be written among another and could replace it")
+                                + "; give each its own prefix (defaults: raw/{region}/..., masked/{region}/, "
+                                  "audit/{region}/, runs/..., qa/...)")
+        return None
 
     @classmethod
     def load(cls, variable: dict | None = None, env: dict | None = None) -> "Settings":

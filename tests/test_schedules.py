@@ -300,6 +300,23 @@ def test_the_variable_refuses_parse_time_fields_naming_the_environment_variable(
     assert (s.shard_size, s.late_days, s.queue) == (50, 1, "gpu")
 
 
+@pytest.mark.parametrize("fields", [
+    {"masked_root": "raw/{region}/"},  # masked copies replaced their originals; the run ended green
+    {"masked_root": "raw/{region}/masked/"},
+    {"audit_root": "raw/"},
+    {"qa_root": "masked/{region}/qa/{window}/"},
+    {"sagemaker_output_prefix": "audit/{region}/so/"},
+    {"raw_prefix": "photos/{region}/{yyyy}/{mm}/{dd}/", "runs_root": "photos/{run}/"},
+])
+def test_settings_refuse_a_layout_that_writes_among_the_originals_or_its_own_files(fields):
+    env = {f"PLATEMASK_{k.upper()}": v for k, v in fields.items()}
+    with pytest.raises(ValueError, match="overlap.*give each its own prefix"):
+        Settings.load(env=env)
+    with pytest.raises(ValueError, match="overlap"):
+        Settings.load({k: v for k, v in fields.items() if k not in PARSE_TIME_FIELDS}, env={})
+    Settings.load({"masked_root": "blurred/{region}/", "audit_root": "records/{region}/"}, env={})  # apart: fine
+
+
 def test_every_setting_the_dag_file_reads_at_parse_time_is_a_parse_time_field():
     """Which fields the DAG file reads while it is parsed, found by parsing it with a recording Settings."""
     import importlib.util
