@@ -62,7 +62,8 @@ def qa_run_prefix(settings: Settings, spec: RunSpec) -> str:
     return qa_prefix(settings, spec) + f"runs/{spec.run_key}/"
 
 
-WINDOW_ID = re.compile(r"^\d{8}T\d{4}Z-\d{8}T\d{4}Z$")
+_BOUND = r"\d{8}T\d{4}(?:\d{2}(?:\.\d{6})?)?Z"
+WINDOW_ID = re.compile(rf"^{_BOUND}-{_BOUND}$")  # Window.id: to the minute, or to the second (microsecond)
 REGION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 

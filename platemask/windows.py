@@ -27,9 +27,17 @@ class Window:
 
     @property
     def id(self) -> str:
-        """Stable, key-safe name: UTC bounds, e.g. 20261120T0000Z-20261121T0000Z."""
-        f = "%Y%m%dT%H%MZ"
-        return f"{self.start.astimezone(timezone.utc):{f}}-{self.end.astimezone(timezone.utc):{f}}"
+        """Stable, key-safe name, one per window: UTC bounds to the minute, e.g.
+        20261120T0000Z-20261121T0000Z; to the second (and microsecond) when a bound has them, so
+        two windows seconds apart never share a lock, a QA folder or Asset events."""
+        whole = all(t.second == 0 and t.microsecond == 0 for t in (self.start, self.end))
+        f = "%Y%m%dT%H%MZ" if whole else "%Y%m%dT%H%M%S"
+
+        def one(t: datetime) -> str:
+            text = f"{t:{f}}"
+            return text if whole else text + (f".{t.microsecond:06d}" if t.microsecond else "") + "Z"
+
+        return f"{one(self.start)}-{one(self.end)}"
 
     def contains(self, t: datetime) -> bool:
         return self.start <= t < self.end

@@ -70,3 +70,18 @@ def test_window_requires_tz():
     with pytest.raises(ValueError, match="aware"):
         Window(datetime(2026, 1, 1), datetime(2026, 1, 2))
     assert parse_instant("2026-01-01T00:00Z", "Asia/Bangkok").tzinfo is not None
+
+
+def test_windows_seconds_apart_never_share_an_id():
+    """Ids were cut to the minute: a manual window 30 s off the 20th's night got the 20th's id, took
+    its lock and replaced its QA report and Asset events while masking the 21st."""
+    from platemask.layout import WINDOW_ID
+
+    night = Window(datetime(2026, 11, 20, tzinfo=timezone.utc), datetime(2026, 11, 21, tzinfo=timezone.utc))
+    assert night.id == "20261120T0000Z-20261121T0000Z"  # whole minutes keep the short form
+    shifted = [Window(night.start + d, night.end + d) for d in
+               (timedelta(seconds=30), timedelta(seconds=59), timedelta(microseconds=1), timedelta(milliseconds=500))]
+    ids = [night.id] + [w.id for w in shifted]
+    assert len(set(ids)) == len(ids), ids
+    assert all(WINDOW_ID.match(i) for i in ids), ids  # the QA view still finds them
+    assert all(i == i.strip() and "/" not in i and ":" not in i for i in ids)  # key-safe
