@@ -354,7 +354,10 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     threshold = cfg.score_threshold if spec.threshold is None else spec.threshold
     # where the detector runs (settings.device may say "auto"; a transform job's detections come from S3: CPU)
     device = getattr(detect, "device", "cpu")
+    # a photo that fails now loses the masked copy an earlier run made of it (its original changed or
+    # broke since): the masked prefix never holds a copy whose audit record says failed
     opts = JobOptions.for_model(cfg, threshold, style=MaskStyle(mode=spec.mode), batch_size=settings.batch_size,
+                                remove_stale_outputs=True,
                                 **JobOptions.for_device(device, settings.io_workers, settings.batch_size))
     etags = {e["key"]: e["etag"] for e in entries}
     identity = photo_identities(spec, entries, model_info, cfg, opts.metadata)

@@ -240,3 +240,20 @@ def test_check_wants_a_passing_report_for_every_planned_region():
     assert asset_extra(de) == {"region": "DE", "window": "w", "run_id": "r", "report": de["report"],
                                "counts": {"photos": 3, "masked": 2, "no_plate": 1, "failed": 0}}
     assert asset_extra(dict(de, dry_run=True)) is None and asset_extra(dict(de, passed=False)) is None
+
+
+def test_a_photo_that_fails_on_a_rerun_loses_its_old_masked_copy(photos, model_dir):
+    """Replaced by a truncated upload after it was masked, a photo's rerun record said failed while
+    the old masked copy stayed published, matching no audit record; the run ended green."""
+    s3, settings, keys = photos
+    assert _mask(s3, settings, RunSpec(region="DE", run_id="manual__1", **WINDOW), model_dir) == (4, 0)
+    masked = "masked/DE/2026/11/20/car1.jpg"
+    assert s3.head_object(Bucket=settings.bucket, Key=masked)
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[1])["Body"].read()
+    s3.put_object(Bucket=settings.bucket, Key=keys[1], Body=body[: len(body) // 2])
+    assert _mask(s3, settings, RunSpec(region="DE", run_id="manual__2", **WINDOW), model_dir) == (1, 3)
+    audit = json.loads(s3.get_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car1.jpg.json")["Body"].read())
+    assert audit["status"] == "failed" and audit["reason"] in ("truncated", "corrupt")
+    assert audit["stale_output_removed"].endswith(masked)
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix="masked/")["Contents"]}
+    assert masked not in listed and len(listed) == 3
