@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,21 @@ def save_model(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, *, half:
     return cfg
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def require_sha256(recorded: Any, path: Path, model_dir: str | Path, *, what: str, field: str, fix: str) -> str:
+    """The SHA-256 ``config.json`` records for ``path``, or ValueError when there is none (missing,
+    empty or not 64 hex digits): a folder whose weights cannot be checked is refused, never loaded
+    unchecked (an emptied hash would let any weights file pass)."""
+    if isinstance(recorded, str) and _SHA256.fullmatch(recorded):
+        return recorded
+    raise ValueError(
+        f"{Path(model_dir) / 'config.json'} records no SHA-256 for its {what} {path} ({field} is {recorded!r}, "
+        f"not 64 lowercase hex digits): the file cannot be checked, so the model folder is refused; {fix}"
+    )
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -258,13 +274,14 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> 
     wpath = Path(model_dir) / cfg.weights
     if not wpath.is_file():
         raise FileNotFoundError(f"model weights {wpath} are missing (config.json names {cfg.weights!r})")
-    if cfg.weights_sha256:
-        actual = sha256_file(wpath)
-        if actual != cfg.weights_sha256:
-            raise ValueError(
-                f"weights {wpath} have SHA-256 {actual[:12]}…, config.json expects {cfg.weights_sha256[:12]}…: "
-                "the model folder is corrupt or mixed; re-export it"
-            )
+    want = require_sha256(cfg.weights_sha256, wpath, model_dir, what="weights", field="weights_sha256",
+                          fix="re-export the folder ('platemask export' or 'platemask train --export' write it)")
+    actual = sha256_file(wpath)
+    if actual != want:
+        raise ValueError(
+            f"weights {wpath} have SHA-256 {actual[:12]}…, config.json expects {want[:12]}…: "
+            "the model folder is corrupt or mixed; re-export it"
+        )
     model = build_model(arch=cfg.architecture)
     state = torch.load(str(wpath), map_location="cpu", weights_only=True)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -155,14 +155,16 @@ def load_verifier(model_dir: str | Path, spec: dict, *, device: torch.device | s
 
     ``runtime="onnx"`` runs the exported graph ``onnx`` (config.json's ``onnx.verifier``) when the
     folder has one for these weights; without one the verifier runs on PyTorch."""
-    from .model import sha256_file
+    from .model import require_sha256, sha256_file
 
     path = Path(model_dir) / spec.get("weights", "verifier.pt")
     if not path.is_file():
         raise FileNotFoundError(f"verifier weights {path} are missing (config.json names them); re-run "
                                 "'platemask train-verifier' or remove the 'verifier' entry from config.json")
-    want = spec.get("weights_sha256")
-    if want and sha256_file(path) != want:
+    want = require_sha256(spec.get("weights_sha256"), path, model_dir, what="verifier weights", field="verifier.weights_sha256",
+                          fix="re-run 'platemask train-verifier' (it records it) or remove the 'verifier' entry "
+                              "from config.json")
+    if sha256_file(path) != want:
         raise ValueError(f"verifier weights {path} do not match the SHA-256 in config.json: the model folder is "
                          "corrupt or mixed; re-export it")
     if spec.get("fusion", LEGACY_FUSION) not in FUSIONS:

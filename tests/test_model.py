@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from platemask.model import Architecture, build_model, load_config, load_model
 from platemask.segment import Segmenter, merge_plates, plan_views
@@ -28,6 +29,30 @@ def test_corrupt_weights_are_refused(model_dir, tmp_path):
         f.write(b"\x00" * 16)
     with pytest.raises(ValueError, match="SHA-256"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("recorded", ["", None, "abc123"])
+def test_a_config_without_the_weights_sha256_is_refused(model_dir, tmp_path, recorded):
+    """An emptied (or dropped, or truncated) weights_sha256 turned the check off: tampered weights
+    loaded. Now the folder is refused, with what is missing and how to fix it."""
+    bad = tmp_path / "m"
+    shutil.copytree(model_dir, bad)
+    state = torch.load(bad / "weights.pt", weights_only=True)  # other weights that load: nothing checks them
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 1
+    torch.save(state, bad / "weights.pt")
+    cfg = json.loads((bad / "config.json").read_text())
+    if recorded is None:
+        del cfg["weights_sha256"]
+    else:
+        cfg["weights_sha256"] = recorded
+    cfg["onnx"] = {}  # the trunk graph is tied to the hash: the PyTorch path alone decides
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"records no SHA-256 for its weights .*weights\.pt.*re-export") as err:
+        load_model(bad)
+    assert str(bad / "config.json") in str(err.value)
+    with pytest.raises(ValueError, match="records no SHA-256"):
+        Segmenter(bad, runtime="torch")
 
 
 def test_builder_rejects_conflicting_arguments():

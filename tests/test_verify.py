@@ -198,6 +198,28 @@ def test_segmenter_fuses_verifier_and_refuses_a_mismatched_one(model_dir, scene,
         Segmenter(folder)
 
 
+@pytest.mark.parametrize("recorded", ["", None])
+def test_a_verifier_without_its_sha256_is_refused(model_dir, tmp_path, recorded):
+    """A verifier entry whose weights_sha256 is emptied or dropped loaded whatever verifier.pt held."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    state = torch.load(folder / "verifier.pt", weights_only=True)  # other weights that load
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 1
+    torch.save(state, folder / "verifier.pt")
+    cfg = json.loads((folder / "config.json").read_text())
+    if recorded is None:
+        del cfg["verifier"]["weights_sha256"]
+    else:
+        cfg["verifier"]["weights_sha256"] = recorded
+    cfg["onnx"].pop("verifier", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"records no SHA-256 for its verifier weights .*verifier\.pt.*train-verifier"):
+        load_verifier(folder, cfg["verifier"])
+    with pytest.raises(ValueError, match="records no SHA-256 for its verifier weights"):
+        Segmenter(folder, runtime="torch")
+
+
 def test_a_new_verifier_means_images_are_masked_again():
     """A run skips a photo only when the same detector *and* the same verifier masked it."""
     from platemask.runs import already_done
