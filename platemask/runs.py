@@ -104,7 +104,10 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
 
 def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None]) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
-    after their night's run, or missed by it). A day whose nightly window another run holds is left to it."""
+    after their night's run, or missed by it), or whose audit record is of another upload (its
+    ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
+    when that run's record says ``source_changed``); an audit record that cannot be read counts as
+    none. A day whose nightly window another run holds is left to it."""
     from datetime import timedelta
     from zoneinfo import ZoneInfo
 
@@ -124,14 +127,21 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
         audited = {o["Key"] for o in _store(client, settings).iter_objects(audit_prefix)}
-        late = [{"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
-                 "supported": extension_supported(o["Key"]), "late": True}
-                for o in _store(client, settings).iter_objects(prefix)
-                if not o["Key"].endswith("/") and not o["Key"].rsplit("/", 1)[-1].startswith(".")
-                and audit_key(settings, spec.region, o["Key"]) not in audited]
-        if late:
-            log(f"{spec.region} {d}: {len(late)} late photo(s) without an audit record under s3://{settings.bucket}/{prefix}")
-        out += late
+        photos = [{"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
+                   "supported": extension_supported(o["Key"]), "late": True}
+                  for o in _store(client, settings).iter_objects(prefix)
+                  if not o["Key"].endswith("/") and not o["Key"].rsplit("/", 1)[-1].startswith(".")]
+        late = [e for e in photos if audit_key(settings, spec.region, e["key"]) not in audited]
+        recorded = [e for e in photos if audit_key(settings, spec.region, e["key"]) in audited]
+        with ThreadPoolExecutor(max(1, settings.io_workers)) as pool:
+            audits = list(pool.map(lambda e: read_audit(client, settings, audit_key(settings, spec.region, e["key"]), log),
+                                   recorded))
+        changed = [e for e, a in zip(recorded, audits) if (a or {}).get("source_etag") != e["etag"]]
+        if late or changed:
+            log(f"{spec.region} {d}: {len(late)} late photo(s) without an audit record"
+                + (f" and {len(changed)} re-uploaded since theirs" if changed else "")
+                + f" under s3://{settings.bucket}/{prefix}")
+        out += sorted(late + changed, key=lambda e: e["key"])
     return out
 
 
@@ -319,12 +329,13 @@ class ManifestSource:
             if error_code(exc) not in ("PreconditionFailed", "412"):  # IfMatch on a GET: 412 only
                 raise
             raise ImageError("source_changed", f"{self.describe(key)} changed since it was listed (ETag {etag} "
-                             "no longer matches): not masked; the next run processes the new upload") from None
+                             "no longer matches): not masked; a rerun of this window, or the next nights' late "
+                             "pick-up (late_days), masks the new upload") from None
         want = self.expected.get(key)
         if want and hashlib.sha256(data).hexdigest() != want:
             raise ImageError("source_changed", f"{self.describe(key)}: the bytes read (ETag {etag}) are not the bytes "
                              "the detector saw (input_sha256 differs): not masking with another photo's polygons; "
-                             "the next run processes it again")
+                             "a rerun of this window, or the next nights' late pick-up (late_days), masks it")
         return data
 
     def describe(self, key: str) -> str:

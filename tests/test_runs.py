@@ -199,7 +199,9 @@ def test_late_photos_of_the_days_before_are_picked_up_once_and_reported(photos, 
     late = "raw/DE/2026/11/19/late.jpg"
     for key in (late, "raw/DE/2026/11/19/done.jpg", "raw/DE/2026/11/18/held.jpg", "raw/DE/2026/11/16/too-old.jpg"):
         s3.put_object(Bucket=settings.bucket, Key=key, Body=body)
-    s3.put_object(Bucket=settings.bucket, Key="audit/DE/2026/11/19/done.jpg.json", Body=b'{"status": "masked"}')
+    etag = s3.head_object(Bucket=settings.bucket, Key="raw/DE/2026/11/19/done.jpg")["ETag"].strip('"')
+    s3.put_object(Bucket=settings.bucket, Key="audit/DE/2026/11/19/done.jpg.json",
+                  Body=json.dumps({"status": "masked", "source_etag": etag}).encode())
     night_18 = RunSpec(region="DE", run_id="scheduled__18", window_start="2026-11-17T23:00:00+00:00",
                        window_end="2026-11-18T23:00:00+00:00")
     assert acquire_lock(s3, settings, night_18, is_live=lambda lock: True) is None  # that night's run is masking it
@@ -257,3 +259,30 @@ def test_a_photo_that_fails_on_a_rerun_loses_its_old_masked_copy(photos, model_d
     assert audit["stale_output_removed"].endswith(masked)
     listed = {o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix="masked/")["Contents"]}
     assert masked not in listed and len(listed) == 3
+
+
+def test_a_photo_re_uploaded_since_its_audit_record_is_picked_up_late(photos):
+    """A photo replaced during its night's run failed `source_changed` ("the next run processes the
+    new upload"), but late pick-up skipped every photo with an audit record: the new upload was
+    never masked and had no record of its own."""
+    s3, settings, keys = photos
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
+    day = "raw/DE/2026/11/19/"
+    for name in ("same.jpg", "replaced.jpg", "failed-then-replaced.jpg", "unreadable-record.jpg"):
+        s3.put_object(Bucket=settings.bucket, Key=day + name, Body=body)
+    old = s3.head_object(Bucket=settings.bucket, Key=day + "same.jpg")["ETag"].strip('"')
+    records = {"same.jpg": {"status": "masked", "source_etag": old},
+               "replaced.jpg": {"status": "masked", "source_etag": old},
+               "failed-then-replaced.jpg": {"status": "failed", "reason": "source_changed", "source_etag": old}}
+    for name, rec in records.items():
+        s3.put_object(Bucket=settings.bucket, Key=f"audit/DE/2026/11/19/{name}.json", Body=json.dumps(rec).encode())
+    s3.put_object(Bucket=settings.bucket, Key="audit/DE/2026/11/19/unreadable-record.jpg.json", Body=b"{not json")
+    for name in ("replaced.jpg", "failed-then-replaced.jpg"):  # the new uploads
+        s3.put_object(Bucket=settings.bucket, Key=day + name, Body=body + b"\0")
+    spec = RunSpec(region="DE", run_id="scheduled__20", **WINDOW)
+    c = collect(s3, settings, spec)
+    manifest = [json.loads(x) for x in s3.get_object(Bucket=settings.bucket, Key=c["manifest"].split("/", 3)[3])["Body"]
+                .read().decode().splitlines()]
+    late = {e["key"]: e["etag"] for e in manifest if e.get("late")}
+    assert sorted(late) == [day + "failed-then-replaced.jpg", day + "replaced.jpg", day + "unreadable-record.jpg"]
+    assert all(etag != old for k, etag in late.items() if "replaced" in k)
