@@ -1,7 +1,11 @@
 """SageMaker inference server (bring-your-own container): ``python -m platemask.serve serve``.
 
 Contract (SageMaker hosting and Batch Transform):
-  GET  /ping                   200 once the model is loaded in this worker, 503 before
+  GET  /ping                   200 once the model is loaded in this worker, 503 before; 503 for
+                               good, with the reason, when it cannot serve (a container
+                               environment it cannot use, a model that fails to load, CUDA
+                               required but unusable), so a job fails on its health check
+                               instead of on every request
   GET  /execution-parameters   what Batch Transform should use (concurrency, payload, strategy)
   POST /invocations            one image (image/jpeg, image/png, application/x-image) ->
                                the CLI's detection record as JSON. A photo that cannot be decoded
@@ -21,6 +25,11 @@ fails loudly instead of running on the CPU. Each worker runs ``PLATEMASK_SERVER_
 (default 8) so /ping is answered while inferences run, and decodes at most
 ``PLATEMASK_PIXEL_BUDGET_MB`` of pixels at once (the pipeline's default; a larger photo is decoded
 alone): parallel 79 MP requests wait their turn instead of each holding its own copy.
+
+Every environment value the server reads is checked at start-up (``read_environment``): a
+threshold outside [0, 1] or not a number, a payload limit outside SageMaker's 1-100 MB, a pixel
+budget under 1 MB, an unknown runtime or CUDA flag make /ping answer 503 ``bad_environment``
+naming the variable, instead of 200 followed by a 500 or 413 for every request.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -40,6 +50,12 @@ from .constants import DEFAULT_RUNTIME, MODEL_DIR_ENV, RUNTIME_ENV, RUNTIMES, SA
 
 ACCEPTED = ("image/jpeg", "image/png", "application/x-image", "image/webp", "image/tiff")
 REQUIRE_CUDA_ENV = "PLATEMASK_REQUIRE_CUDA"
+THRESHOLD_ENV = "PLATEMASK_THRESHOLD"
+PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
+PIXEL_BUDGET_ENV = "PLATEMASK_PIXEL_BUDGET_MB"
+DEFAULT_PAYLOAD_MB = 6.0  # SageMaker's default MaxPayloadInMB
+PAYLOAD_MB_RANGE = (1, 100)  # SageMaker's MaxPayloadInMB range (its 0, "unlimited, chunked", is not supported)
+_TRUE, _FALSE = ("1", "true", "yes"), ("", "0", "false", "no")
 log = logging.getLogger("platemask.serve")
 
 
@@ -89,9 +105,11 @@ class ModelHolder:
         self.threshold = threshold  # the job's threshold (PLATEMASK_THRESHOLD); None: the model's
         self.ready = threading.Event()  # model loaded
         self.settled = threading.Event()  # loaded or failed for good: requests stop waiting
+        self.env_error: str | None = None  # the container's environment cannot be used (nothing is loaded)
         self.error: str | None = None
         self.cuda_error: str | None = None
         self.segmenter = None
+        self.opts = None  # the job's JobOptions (threshold, review band), built once the model is loaded
         self.lock = threading.Lock()  # one inference at a time per worker: threads only serve /ping meanwhile
 
     def load(self):
@@ -100,7 +118,21 @@ class ModelHolder:
         finally:
             self.settled.set()
 
+    def problem(self) -> tuple[str, str] | None:
+        """(reason, message) when this worker cannot serve for good; None while loading or ready."""
+        if self.env_error:
+            return "bad_environment", self.env_error
+        if self.cuda_error:
+            return "cuda_unavailable", self.cuda_error
+        if self.error:
+            return "model_load_failed", self.error
+        return None
+
     def _load(self):
+        if self.env_error:
+            log.error("the container's environment cannot be used: %s; /ping answers 503 so the transform job "
+                      "fails with this reason (the model is not loaded)", self.env_error)
+            return
         if self.require_cuda:
             self.cuda_error = cuda_problem(self.device)
             if self.cuda_error:
@@ -108,17 +140,20 @@ class ModelHolder:
                           REQUIRE_CUDA_ENV, self.cuda_error)
                 return
         try:
+            from .pipeline import JobOptions
             from .segment import Segmenter
 
             t0 = time.perf_counter()
             self.segmenter = Segmenter(self.model_dir, device=self.device, batch_size=1, threads=self.threads,
                                        threshold=self.threshold, runtime=self.runtime)
+            self.opts = JobOptions.for_model(self.segmenter.cfg, self.threshold)  # refused here, not per request
             log.info("model %s loaded in %.1f s (trunk on %s)", self.segmenter.cfg.name, time.perf_counter() - t0,
                      self.segmenter.runtime)
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - reported by /ping and /invocations, the server stays up
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("model load failed")
+            self.error = (f"cannot load the model from {self.model_dir}: {type(exc).__name__}: {exc} "
+                          f"(fix the model folder, {MODEL_DIR_ENV} or the job's ModelDataUrl)")
+            log.exception("model load failed; /ping answers 503 so the transform job fails with this reason")
 
     def start(self):
         threading.Thread(target=self.load, name="model-load", daemon=True).start()
@@ -142,19 +177,73 @@ def cuda_problem(device: str) -> str | None:
 
 
 def _require_cuda() -> bool:
-    return os.environ.get(REQUIRE_CUDA_ENV, "").strip().lower() in ("1", "true", "yes")
+    return os.environ.get(REQUIRE_CUDA_ENV, "").strip().lower() not in _FALSE  # an unknown value: required
 
 
-def _runtime() -> str:
-    r = os.environ.get(RUNTIME_ENV, "").strip() or DEFAULT_RUNTIME
-    if r not in RUNTIMES:
-        raise ValueError(f"{RUNTIME_ENV}={r!r} is not one of {', '.join(RUNTIMES)}")
-    return r
+def _number(raw: str) -> float | None:
+    try:
+        v = float(raw)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
 
 
-def _threshold() -> float | None:
-    raw = os.environ.get("PLATEMASK_THRESHOLD", "").strip()
-    return float(raw) if raw else None
+def read_environment(env=None, *, max_payload_mb: float | None = None) -> tuple[dict, list[str]]:
+    """The values the server takes from its environment, and what is wrong with them.
+
+    Returns (values, problems): each value is usable (a bad one is replaced by its default, so the
+    server still starts and can say why it will not serve); ``problems`` names each bad variable,
+    its value, why and what to set. A non-empty list makes /ping answer 503 ``bad_environment``."""
+    from .pipeline import JobOptions
+
+    env = os.environ if env is None else env
+    problems: list[str] = []
+
+    def raw(name: str) -> str:
+        return str(env.get(name, "")).strip()
+
+    threshold = None
+    if raw(THRESHOLD_ENV):
+        t = _number(raw(THRESHOLD_ENV))
+        if t is None or not 0.0 <= t <= 1.0:
+            problems.append(f"{THRESHOLD_ENV}={raw(THRESHOLD_ENV)!r} is not a number within [0, 1]: every request "
+                            "would fail; set the run's threshold within [0, 1] (the backend writes it into the "
+                            "job's Environment) or leave it empty for the model's operating threshold")
+        else:
+            threshold = t
+    payload = DEFAULT_PAYLOAD_MB
+    given = str(max_payload_mb) if max_payload_mb is not None else raw(PAYLOAD_ENV)
+    if given:
+        lo, hi = PAYLOAD_MB_RANGE
+        p = _number(given)
+        if p is None or not lo <= p <= hi:
+            problems.append(f"{PAYLOAD_ENV}={given!r} is not a number of MB from {lo} to {hi} (SageMaker's MaxPayloadInMB "
+                            "range; 0, its value for unlimited chunked payloads, is not supported): every request "
+                            "would be refused 413; set the job's MaxPayloadInMB (the backend sets it for each job) "
+                            "or leave it unset for 6 MB")
+        else:
+            payload = p
+    budget = JobOptions.pixel_budget_mb
+    if raw(PIXEL_BUDGET_ENV):
+        b = _number(raw(PIXEL_BUDGET_ENV))
+        if b is None or b != int(b) or b < 1:
+            problems.append(f"{PIXEL_BUDGET_ENV}={raw(PIXEL_BUDGET_ENV)!r} is not a whole number of MB >= 1: no photo "
+                            f"could be decoded; set it to the MB of decoded pixels a worker may hold (default {budget}) "
+                            "or leave it unset")
+        else:
+            budget = int(b)
+    runtime = raw(RUNTIME_ENV) or DEFAULT_RUNTIME
+    if runtime not in RUNTIMES:
+        problems.append(f"{RUNTIME_ENV}={runtime!r} is not one of {', '.join(RUNTIMES)}; set one of them or leave it "
+                        f"unset for {DEFAULT_RUNTIME!r}")
+        runtime = DEFAULT_RUNTIME
+    cuda = raw(REQUIRE_CUDA_ENV).lower()
+    if cuda not in _TRUE + _FALSE:
+        problems.append(f"{REQUIRE_CUDA_ENV}={raw(REQUIRE_CUDA_ENV)!r} is neither on ({', '.join(_TRUE)}) nor off "
+                        f"({', '.join(repr(v) for v in _FALSE)}): whether a GPU is required is unknown; set 1 for a GPU "
+                        "instance (the backend does for ml.g*/ml.p*) or leave it unset")
+    return {"threshold": threshold, "max_payload_mb": payload, "pixel_budget_mb": budget, "runtime": runtime,
+            "require_cuda": cuda not in _FALSE}, problems
 
 
 def _device() -> str:
@@ -169,16 +258,18 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     return_freed_memory_to_os()  # before the model's threads start (platemask.allocator)
     from .detections import record
     from .imageio import ImageError, decode, decoded_nbytes
-    from .pipeline import JobOptions, PixelBudget, build_record
+    from .pipeline import PixelBudget, build_record
 
     model_dir = model_dir or os.environ.get(MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR)
-    max_payload_mb = float(max_payload_mb or os.environ.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6))
+    env, problems = read_environment(max_payload_mb=max_payload_mb)
+    max_payload_mb = env["max_payload_mb"]
     workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    holder = ModelHolder(model_dir, _device(), threads, require_cuda=_require_cuda(), threshold=_threshold(),
-                         runtime=_runtime())
-    budget_mb = int(os.environ.get("PLATEMASK_PIXEL_BUDGET_MB") or JobOptions.pixel_budget_mb)
-    budget = PixelBudget(budget_mb * 1024 * 1024)  # decoded pixels in this worker, all requests together
+    holder = ModelHolder(model_dir, _device(), threads, require_cuda=env["require_cuda"], threshold=env["threshold"],
+                         runtime=env["runtime"])
+    if problems:
+        holder.env_error = "; ".join(problems)
+    budget = PixelBudget(env["pixel_budget_mb"] * 1024 * 1024)  # decoded pixels in this worker, all requests together
     turns = itertools.count()
     turns_lock = threading.Lock()
     app = Flask("platemask")
@@ -186,17 +277,18 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     app.config["MAX_CONTENT_LENGTH"] = max_payload
     app.extensions["platemask_model"] = holder
     app.extensions["platemask_budget"] = budget
-    if load:
+    if holder.env_error:
+        holder.load()  # nothing to load: logs why and settles at once, so requests do not wait
+    elif load:
         holder.start()
 
     @app.get("/ping")
     def ping():
         if holder.ready.is_set():
             return _json({"status": "ok", "model": holder.segmenter.model_info})
-        if holder.cuda_error:
-            return _json({"status": "error", "reason": "cuda_unavailable", "error": holder.cuda_error}, 503)
-        if holder.error:
-            return _json({"status": "error", "error": holder.error}, 500)
+        problem = holder.problem()
+        if problem:  # for good: 503 (never 200, never a 500 that reads as a passing crash)
+            return _json({"status": "error", "reason": problem[0], "error": problem[1]}, 503)
         return _json({"status": "loading"}, 503)
 
     @app.get("/execution-parameters")
@@ -211,8 +303,8 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
             return _json({"error": f"unsupported content type {ctype or '(none)'}; send one of {', '.join(ACCEPTED)}",
                           "reason": "unsupported_media_type"}, 415)
         if not (holder.settled.wait(timeout=60) and holder.ready.is_set()):
-            return _json({"error": holder.cuda_error or holder.error or "model is still loading",
-                          "reason": "cuda_unavailable" if holder.cuda_error else "not_ready"}, 503)
+            reason, error = holder.problem() or ("not_ready", "model is still loading")
+            return _json({"error": error, "reason": reason}, 503)
         if request.content_length is not None and request.content_length > max_payload:
             raise RequestEntityTooLarge()
         # gunicorn ends chunked bodies itself (wsgi.input_terminated): read them raw, in chunks
@@ -234,11 +326,9 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
                 "corrupt", f"cannot decode ({type(exc).__name__}: {exc}); re-export it as a plain JPEG or PNG")
             return _json(record(key, status="failed", reason=err.reason, error=str(err), model=seg.model_info,
                                 input_sha256=sha))
-        cfg = seg.cfg
-        opts = JobOptions.for_model(cfg, holder.threshold)
         with holder.lock:
             plates = seg([dec.rgb])[0]
-        rec = build_record(key, dec, plates, opts, model=seg.model_info, input_sha256=sha)
+        rec = build_record(key, dec, plates, holder.opts, model=seg.model_info, input_sha256=sha)
         return _json(rec)
 
     @app.teardown_request

@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -75,13 +76,115 @@ def test_ping_is_503_until_the_model_is_loaded(model_dir):
     assert r.get_json()["model"]["weights_sha256"]
 
 
-def test_a_broken_model_is_reported_not_hidden(tmp_path):
+def test_a_broken_model_is_reported_not_hidden(tmp_path, model_dir):
+    """A model that cannot load answers 503 (not ready, for good) with the reason, as the README
+    says: a 500 read as the server crashing on a health check. A folder whose config.json lost its
+    weights_sha256 is such a model (its weights cannot be checked)."""
+    import shutil
+
     from platemask.serve import create_app
 
     app = create_app(str(tmp_path / "nothing-here"), load=False)
     app.extensions["platemask_model"].load()
     r = app.test_client().get("/ping")
-    assert r.status_code == 500 and "config.json" in r.get_json()["error"]
+    assert r.status_code == 503 and "config.json" in r.get_json()["error"]
+    assert r.get_json()["status"] == "error" and r.get_json()["reason"] == "model_load_failed"
+    r = app.test_client().post("/invocations", data=b"\xff\xd8\xff", content_type="image/jpeg")
+    assert r.status_code == 503 and r.get_json()["reason"] == "model_load_failed"
+    unchecked = tmp_path / "unchecked"
+    shutil.copytree(model_dir, unchecked)
+    cfg = json.loads((unchecked / "config.json").read_text())
+    cfg["weights_sha256"] = ""
+    (unchecked / "config.json").write_text(json.dumps(cfg))
+    app = create_app(str(unchecked), load=False)
+    app.extensions["platemask_model"].load()
+    r = app.test_client().get("/ping")
+    assert r.status_code == 503 and "records no SHA-256" in r.get_json()["error"]
+
+
+BAD_ENVIRONMENT = [("PLATEMASK_THRESHOLD", v) for v in ("nan", "inf", "-1", "2", "0.5x")] + \
+                  [("SAGEMAKER_MAX_PAYLOAD_IN_MB", v) for v in ("0", "-1", "0.00001", "101", "nan", "six")] + \
+                  [("PLATEMASK_PIXEL_BUDGET_MB", v) for v in ("0", "-5", "1.5")] + \
+                  [("PLATEMASK_RUNTIME", "tensorrt"), ("PLATEMASK_REQUIRE_CUDA", "on")]
+
+
+@pytest.mark.parametrize("name,value", BAD_ENVIRONMENT)
+def test_an_environment_it_cannot_serve_with_fails_the_health_check(model_dir, monkeypatch, name, value):
+    """/ping said 200 while every /invocations answered 500 (a threshold outside [0, 1]) or 413
+    (a payload limit of 0 or 10 bytes), or the app did not start at all (pixel budget 0). Now the
+    start-up check makes /ping answer 503 bad_environment, naming the variable and what to set."""
+    from platemask.serve import create_app
+
+    monkeypatch.setenv("PLATEMASK_DEVICE", "cpu")
+    monkeypatch.setenv(name, value)
+    app = create_app(str(model_dir))
+    holder = app.extensions["platemask_model"]
+    assert holder.settled.wait(120)
+    client = app.test_client()
+    r = client.get("/ping")
+    body = r.get_json()
+    assert r.status_code == 503, body
+    assert body["status"] == "error" and body["reason"] == "bad_environment"
+    assert f"{name}={value!r}" in body["error"] and ("set" in body["error"] or "leave it" in body["error"])
+    r = client.post("/invocations", data=jpeg_bytes(np.zeros((64, 64, 3), np.uint8)), content_type="image/jpeg")
+    assert r.status_code == 503 and r.get_json()["reason"] == "bad_environment"
+
+
+@pytest.mark.parametrize("name,value", [("PLATEMASK_THRESHOLD", "0"), ("PLATEMASK_THRESHOLD", "1"),
+                                        ("PLATEMASK_THRESHOLD", " 0.35 "), ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "1"),
+                                        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "100"), ("PLATEMASK_REQUIRE_CUDA", "0")])
+def test_environment_values_at_the_edges_are_served(name, value, monkeypatch):
+    from platemask.pipeline import JobOptions
+    from platemask.serve import read_environment
+
+    env, problems = read_environment({name: value})
+    assert problems == []
+    assert read_environment({}) == ({"threshold": None, "max_payload_mb": 6.0, "pixel_budget_mb": JobOptions.pixel_budget_mb,
+                                     "runtime": "auto", "require_cuda": False}, [])
+
+
+def test_the_real_server_with_a_bad_threshold_fails_its_health_check_and_the_job(model_dir, tmp_path, aws_conn):
+    """The real gunicorn server with PLATEMASK_THRESHOLD=nan: /ping 503 with the reason from the
+    first answer on (no model loaded), and a transform job through the local runner fails on its
+    health check with that reason instead of sending every photo to a 500."""
+    from platemask.local_transform import run_local_transform
+
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu", PLATEMASK_THRESHOLD="nan")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        url, body, deadline = f"http://127.0.0.1:{port}", {}, time.monotonic() + 120
+        while time.monotonic() < deadline and body.get("status") != "error":
+            try:
+                status, raw = call(url + "/ping", timeout=2)
+                body = json.loads(raw)
+                assert status != 200, "a server that refuses every request must not pass /ping"
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        assert status == 503 and body["reason"] == "bad_environment", (body, log.read_text()[-2000:])
+        assert "PLATEMASK_THRESHOLD='nan'" in body["error"]
+        s3, bucket = aws_conn, f"env-{uuid.uuid4().hex[:8]}"
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key="raw/a.jpg", Body=jpeg_bytes(np.zeros((64, 64, 3), np.uint8)))
+        s3.put_object(Bucket=bucket, Key="m.manifest", Body=json.dumps([{"prefix": f"s3://{bucket}/"}, "raw/a.jpg"]).encode())
+        request = {"TransformJobName": "env-job", "MaxConcurrentTransforms": 1, "MaxPayloadInMB": 6,
+                   "BatchStrategy": "SingleRecord",
+                   "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "ManifestFile",
+                                                                      "S3Uri": f"s3://{bucket}/m.manifest"}},
+                                      "ContentType": "application/x-image", "SplitType": "None"},
+                   "TransformOutput": {"S3OutputPath": f"s3://{bucket}/out/"}}
+        outcome = run_local_transform(request, url, s3, log=lambda m: None)
+        assert outcome["TransformJobStatus"] == "Failed" and outcome["done"] == 0
+        assert "bad_environment" in outcome["FailureReason"] and "PLATEMASK_THRESHOLD" in outcome["FailureReason"]
+        assert "PLATEMASK_THRESHOLD='nan'" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_jpeg_record_matches_the_cli_record(server, scene, tmp_path, model_dir):
