@@ -100,6 +100,7 @@ figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-wi
 <tr><th>masked</th><td>{_e(s['masked'])}</td></tr><tr><th>no plate</th><td>{_e(s['no_plate'])}</td></tr>
 <tr><th>failed (never published)</th><td>{_e(s['failed'])} ({_e(format(report['failure_rate'], '.2%'))}; limit {_e(format(report.get('max_failure_rate', 0), '.2%'))})</td></tr>
 <tr><th>skipped (already masked with this model)</th><td>{_e(report.get('skipped_already_masked', 0))}</td></tr>
+<tr><th>hidden files not masked (names starting with '.'; no record)</th><td>{_e(report.get('skipped_hidden', {}).get('count', 0))}{(': ' + esc(', '.join(report['skipped_hidden']['keys'][:10])) + (' …' if report['skipped_hidden']['count'] > 10 else '')) if report.get('skipped_hidden', {}).get('count') else ''}</td></tr>
 <tr><th>plates masked</th><td>{_e(report['plates'])}</td></tr><tr><th>for review</th><td>{_e(report['review']['count'])}</td></tr>
 <tr><th>masked area, median fraction of photo</th><td>{_e(format(area.get('median') or 0, '.3%'))}</td></tr>
 <tr><th>mask images/s</th><td>{_e(report.get('mask_images_per_second') or '')}</td></tr>

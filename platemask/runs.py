@@ -102,7 +102,21 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
 
 # ---------------------------------------------------------------- collect
 
-def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None]) -> list[dict]:
+MAX_SKIPPED_LISTED = 100  # hidden files named in collected.json and the QA report (all are counted)
+
+def _is_folder_marker(obj: dict) -> bool:
+    """An empty object whose key ends in '/': what consoles create for a folder, not a photo."""
+    return obj["Key"].endswith("/") and int(obj.get("Size", 0)) == 0
+
+
+def _is_hidden(key: str) -> bool:
+    """A name starting with '.' (.DS_Store, macOS '._' AppleDouble files): not masked, but counted
+    and named in the QA report (``skipped_hidden``), never dropped silently."""
+    return key.rstrip("/").rsplit("/", 1)[-1].startswith(".")
+
+
+def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None],
+                  hidden: list[str] | None = None) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
     after their night's run, or missed by it), or whose audit record is of another upload (its
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
@@ -127,10 +141,16 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
         audited = {o["Key"] for o in _store(client, settings).iter_objects(audit_prefix)}
-        photos = [{"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
-                   "supported": extension_supported(o["Key"]), "late": True}
-                  for o in _store(client, settings).iter_objects(prefix)
-                  if not o["Key"].endswith("/") and not o["Key"].rsplit("/", 1)[-1].startswith(".")]
+        photos = []
+        for o in _store(client, settings).iter_objects(prefix):
+            if _is_folder_marker(o):
+                continue
+            if _is_hidden(o["Key"]):
+                if hidden is not None:
+                    hidden.append(o["Key"])
+                continue
+            photos.append({"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
+                           "supported": extension_supported(o["Key"]), "late": True})
         late = [e for e in photos if audit_key(settings, spec.region, e["key"]) not in audited]
         recorded = [e for e in photos if audit_key(settings, spec.region, e["key"]) in audited]
         with ThreadPoolExecutor(max(1, settings.io_workers)) as pool:
@@ -152,6 +172,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     tz = settings.region_timezones[spec.region]
     days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
     entries = []
+    hidden: list[str] = []
     store = _store(client, settings)
     for d in days:
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
@@ -159,16 +180,20 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         for obj in store.iter_objects(prefix):
             n_listed += 1
             key = obj["Key"]
-            if key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
+            if _is_folder_marker(obj):
                 continue
             if settings.time_source == "last_modified" and not w.contains(obj["LastModified"]):
                 continue
+            if _is_hidden(key):
+                hidden.append(key)
+                continue
+            # a non-empty object whose key ends in '/' stays in: an input gets a record (it fails for its extension)
             entries.append({"key": key, "size": int(obj["Size"]), "etag": obj["ETag"].strip('"'),
                             "supported": extension_supported(key)})
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
-        entries += _late_entries(client, settings, spec, (days or w.days(tz))[0], log)
+        entries += _late_entries(client, settings, spec, (days or w.days(tz))[0], log, hidden)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # unsupported extensions stay in the manifest: they are accounted for (and fail with a reason)
@@ -180,8 +205,13 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     log(f"{spec.region} window {w.id}: {len(entries)} photos in {len(days)} partition(s) -> {uri}"
         + (f" ({len(skipped_ext)} with unsupported extensions)" if skipped_ext else "")
         + (f" (max_images: {len(entries)} of {n_all})" if len(entries) < n_all else ""))
+    if hidden:
+        log(f"{spec.region} window {w.id}: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, "
+            f"not masked, named in the QA report): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
+            "rename one to mask it")
     collected = {"spec": spec.as_dict(), "manifest": uri, "count": len(entries), "photos_in_window": in_window,
-                 "late": sum(bool(e.get("late")) for e in entries)}
+                 "late": sum(bool(e.get("late")) for e in entries),
+                 "skipped_hidden": {"count": len(hidden), "keys": sorted(hidden)[:MAX_SKIPPED_LISTED]}}
     _store(client, settings).put_json(run_prefix(settings, spec) + "collected.json", collected)  # last: present = collected
     return collected
 
@@ -526,6 +556,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
             "backend": spec.backend, "mode": spec.mode, "collected": c is not None,
             "manifest": c and c["manifest"], "photos_in_window": c and c.get("photos_in_window", c["count"]),
             "planned": c and c["count"], "late": c and c.get("late", 0), "max_images": spec.max_images,
+            "skipped_hidden": (c or {}).get("skipped_hidden", {"count": 0, "keys": []}),
             "not_accounted_for": unrecorded, "duplicate_records": sum(n > 1 for n in seen.values()),
             "records_outside_manifest": len(set(seen) - planned) if manifest else 0,
             "processed_this_run": len(processed),

@@ -286,3 +286,29 @@ def test_a_photo_re_uploaded_since_its_audit_record_is_picked_up_late(photos):
     late = {e["key"]: e["etag"] for e in manifest if e.get("late")}
     assert sorted(late) == [day + "failed-then-replaced.jpg", day + "replaced.jpg", day + "unreadable-record.jpg"]
     assert all(etag != old for k, etag in late.items() if "replaced" in k)
+
+
+def test_hidden_files_are_named_in_the_qa_report_and_odd_keys_get_a_record(photos, model_dir):
+    """A hidden photo and a non-empty object whose key ends in '/' were dropped with no record, no
+    count and no mention: QA said 13 photos in a window of 17 objects."""
+    from platemask.runs import aggregate
+
+    s3, settings, keys = photos
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
+    day = "raw/DE/2026/11/20/"
+    s3.put_object(Bucket=settings.bucket, Key=day + ".hidden.jpg", Body=body)
+    s3.put_object(Bucket=settings.bucket, Key=day + "sub/._car0.jpg", Body=b"\0\5\26\7 AppleDouble")
+    s3.put_object(Bucket=settings.bucket, Key=day + "folder/", Body=b"")  # a console's folder marker
+    s3.put_object(Bucket=settings.bucket, Key=day + "photo.jpg/", Body=body)
+    spec = RunSpec(region="DE", run_id="manual__odd", **WINDOW)
+    c = collect(s3, settings, spec)
+    assert c["skipped_hidden"] == {"count": 2, "keys": [day + ".hidden.jpg", day + "sub/._car0.jpg"]}
+    assert c["photos_in_window"] == 5  # the four cars and photo.jpg/
+    _mask(s3, settings, spec, model_dir)
+    (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    qa = json.loads(s3.get_object(Bucket=settings.bucket, Key=report["report"].split("/", 3)[3])["Body"].read())
+    assert qa["skipped_hidden"]["count"] == 2 and qa["images"] == 5
+    odd = json.loads(s3.get_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/photo.jpg/.json")["Body"].read())
+    assert odd["key"] == day + "photo.jpg/" and odd["status"] in ("masked", "no_plate")  # a JPEG, whatever its key
+    html = s3.get_object(Bucket=settings.bucket, Key=report["html"].split("/", 3)[3])["Body"].read().decode()
+    assert "hidden files not masked" in html and ".hidden.jpg" in html
