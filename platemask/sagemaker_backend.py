@@ -330,6 +330,8 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
     state = transform.get("state") or "without a state"
     why = transform.get("failure_reason") or f"job ended {state}"
 
+    where: dict[str, str] = {}  # key -> the .out it was read from
+
     def fetch(key: str) -> dict | ImageError:
         for out in outputs:
             out_bucket, out_prefix = parse_s3_uri(out)  # the photo's key is no URI part ('?', '#')
@@ -339,11 +341,14 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
                 if error_code(exc) in MISSING_CODES:
                     continue
                 return ImageError("transform_output_unreadable", f"cannot read {out}{key}.out: {exc}")
+            where[key] = f"{out}{key}.out"
             try:
                 rec = json.loads(body)
             except ValueError:
-                return ImageError("bad_transform_output", f"unreadable output for {key} from {out}")
-            return rec if isinstance(rec, dict) else ImageError("bad_transform_output", f"{out}{key}.out is no record")
+                return ImageError("bad_transform_output", f"{out}{key}.out is not JSON; not published, the next run "
+                                  "redoes it")
+            return rec if isinstance(rec, dict) else ImageError("bad_transform_output", f"{out}{key}.out is no "
+                                                                "record; not published, the next run redoes it")
         if state in ENDED_EARLY:
             return ImageError("transform_job_failed", f"transform job {job} ended {state} before it processed "
                               f"s3://{settings.bucket}/{key} ({why}); not published, the next run redoes it")
@@ -357,6 +362,15 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
     identity = cfg.identity()
 
     def check(key: str, rec: dict | ImageError | None, dec) -> list[Plate] | ImageError:
+        """This photo's plates, or its failure: whatever one ``.out`` holds fails that photo alone."""
+        try:
+            return _check(key, rec, dec)
+        except Exception as exc:  # noqa: BLE001 - a malformed record is its photo's failure, never its batch's
+            return ImageError("bad_transform_output", f"{where.get(key, key)} is malformed ({type(exc).__name__}: "
+                              f"{exc}); not masking with it, not published; the next run redoes it (if it recurs, "
+                              f"look at the container's output for {key})")
+
+    def _check(key: str, rec: dict | ImageError | None, dec) -> list[Plate] | ImageError:
         if rec is None:
             return ImageError("no_transform_output", f"{key} was not in the transform job")
         if isinstance(rec, ImageError):

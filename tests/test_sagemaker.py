@@ -271,6 +271,56 @@ def test_an_undecodable_photo_is_its_own_failure_not_the_jobs(sm_env, model_dir,
     assert _published(s3, settings) == {"masked/DE/2026/11/20/car0.jpg", "masked/DE/2026/11/20/car1.jpg"}
 
 
+def _remask_with_out(s3, settings, waited, model_dir, key, edit):
+    """The job's ``.out`` for ``key`` replaced by ``edit(record)`` (a dict, or bytes as they are),
+    then the mask step again over the whole shard (reprocess: earlier audit records do not skip it)."""
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+
+    out_bucket, out_prefix = waited["transform"]["output"][len("s3://"):].split("/", 1)
+    obj = out_prefix + key + ".out"
+    original = s3.get_object(Bucket=out_bucket, Key=obj)["Body"].read()
+    body = edit(json.loads(original))
+    s3.put_object(Bucket=out_bucket, Key=obj, Body=body if isinstance(body, bytes) else json.dumps(body).encode())
+    try:
+        shard = {**waited, "spec": dict(waited["spec"], reprocess=True)}
+        return _records(s3, settings, mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)),
+                                                 log=lambda m: None))
+    finally:
+        s3.put_object(Bucket=out_bucket, Key=obj, Body=original)
+
+
+def test_one_malformed_out_record_fails_its_photo_not_its_detection_batch(sm_env, model_dir, server_url):
+    """A two-point polygon, ``plates: null`` or a model that is no object in car0's ``.out`` raised
+    out of the batch's check and failed every photo of the batch as detector_error: car1 was never
+    published. Now car0 alone fails (bad_transform_output, naming its .out) and car1 is masked."""
+    s3, settings, shard = sm_env
+    settings = _local(settings, server_url)
+    from platemask.airflow_support import sagemaker_hook
+    from platemask.sagemaker_backend import submit
+
+    hook = sagemaker_hook(settings, s3)
+    waited = _wait(hook, submit(hook, s3, settings, shard, str(model_dir)))
+    assert waited["transform"]["state"] == "Completed"
+    victim, other = "raw/DE/2026/11/20/car0.jpg", "raw/DE/2026/11/20/car1.jpg"
+    cases = {"two_point_polygon": lambda r: {**r, "plates": [{**r["plates"][0], "polygon": r["plates"][0]["polygon"][:2]}]},
+             "plates_null": lambda r: {**r, "plates": None},
+             "plate_not_an_object": lambda r: {**r, "plates": [7]},
+             "plate_without_polygon": lambda r: {**r, "plates": [{"score": r["plates"][0]["score"]}]},
+             "model_a_string": lambda r: {**r, "model": "m"},
+             "near_misses_a_string": lambda r: {**r, "near_misses": "none"}}
+    for case, edit in cases.items():
+        recs = _remask_with_out(s3, settings, waited, model_dir, victim, edit)
+        assert set(recs) == {f"raw/DE/2026/11/20/car{i}.jpg" for i in range(3)}, case
+        bad = recs[victim]
+        assert bad["status"] == "failed" and bad["reason"] == "bad_transform_output", (case, bad)
+        assert victim + ".out" in bad["error"] and "not published" in bad["error"], (case, bad["error"])
+        assert recs[other]["status"] == "masked", (case, recs[other])
+        assert recs["raw/DE/2026/11/20/car2.jpg"]["reason"] != "bad_transform_output", case
+        assert "masked/DE/2026/11/20/car0.jpg" not in _published(s3, settings), case
+        assert _audit(s3, settings, victim)["status"] == "failed", case
+
+
 def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn, model_dir, server_url, scene):
     """A record the container refuses (413: over its SAGEMAKER_MAX_PAYLOAD_IN_MB of 6) fails the job
     as on AWS; what the job finished is used, only the rest goes to the next attempt, attempts stop
