@@ -314,6 +314,69 @@ def stop(hook, shard: dict) -> None:
             log.info("could not stop %s: %s", name, exc)
 
 
+OUT_STATUSES = ("masked", "no_plate")  # a container record's verdicts besides "failed"
+SCORE_ROUNDING = 5e-5  # records carry scores rounded to 4 decimals (detections.Plate.to_json)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+
+class ThresholdMismatch(ValueError):
+    """A record's plates were split at another threshold than this run's."""
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _checked_plate(p: Any, where: str) -> Plate:
+    if not isinstance(p, dict):
+        raise ValueError(f"{where} is {type(p).__name__}, not a plate object")
+    score = p.get("score")
+    if not _number(score) or not 0.0 <= score <= 1.0:
+        raise ValueError(f"{where} has score {score!r}, not a number within [0, 1]")
+    poly = p.get("polygon")
+    if not isinstance(poly, list) or any(not isinstance(pt, list) or len(pt) != 2 for pt in poly) or len(poly) < 3:
+        raise ValueError(f"{where}'s polygon is not a list of at least 3 [x, y] points: {str(poly)[:80]}")
+    if not all(_number(c) for pt in poly for c in pt):
+        raise ValueError(f"{where}'s polygon has a coordinate that is not a finite number: {str(poly)[:80]}")
+    return Plate.from_json(p)
+
+
+def record_plates(rec: dict, threshold: float) -> list[Plate]:
+    """The plates (masked ones, then near misses) of a container record whose status is
+    ``masked`` or ``no_plate``, checked as the mask step will use them. ValueError says what is
+    wrong: an unknown status, ``plates``/``near_misses`` not lists, a ``masked`` record without
+    plates or a ``no_plate`` one with some, a score that is no number in [0, 1], a polygon of fewer
+    than 3 points or with a coordinate that is no finite number. ``ThresholdMismatch`` when the
+    split between plates and near misses is not this run's (``threshold``, the mask step's
+    ``plates_to_mask`` rule): the mask step would leave a plate the container masked unmasked."""
+    from .pipeline import HARD_MASK_SCORE
+
+    status = rec.get("status")
+    if status not in OUT_STATUSES:
+        raise ValueError(f"status {str(status)[:40]!r} is none of masked, no_plate, failed")
+    plates, near = rec.get("plates"), rec.get("near_misses", [])
+    for name, items in (("plates", plates), ("near_misses", near)):
+        if not isinstance(items, list):
+            raise ValueError(f"{name} is {type(items).__name__}, not a list")
+    if status == "masked" and not plates:
+        raise ValueError("status is masked but it has no plates")
+    if status == "no_plate" and plates:
+        raise ValueError(f"status is no_plate but it has {len(plates)} plate(s)")
+    effective = min(threshold, HARD_MASK_SCORE)
+    out = []
+    for name, items in (("plates", plates), ("near_misses", near)):
+        for i, p in enumerate(items):
+            plate = _checked_plate(p, f"{name}[{i}]")
+            if name == "plates" and plate.score < effective - SCORE_ROUNDING:
+                raise ThresholdMismatch(f"plate {i} scores {plate.score:g}, under this run's threshold {effective:g}")
+            if name == "near_misses" and plate.score >= effective + SCORE_ROUNDING:
+                raise ThresholdMismatch(f"near miss {i} scores {plate.score:g}, at or above this run's threshold "
+                                        f"{effective:g}")
+            out.append(plate)
+    return out
+
+
 def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], model_dir: str | None,
                        transform: dict, s3) -> tuple:
     """Detector that reads the job's ``.out`` records instead of running a model.
@@ -360,11 +423,15 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
         outputs_by_key = dict(zip(keys, pool.map(fetch, keys)))
     model_info = {**cfg.identity(), "backend": "sagemaker", "transform_job": job}
     identity = cfg.identity()
+    threshold = cfg.score_threshold if spec.threshold is None else spec.threshold  # the mask step's (runs.mask_shard)
 
     def check(key: str, rec: dict | ImageError | None, dec) -> list[Plate] | ImageError:
         """This photo's plates, or its failure: whatever one ``.out`` holds fails that photo alone."""
         try:
             return _check(key, rec, dec)
+        except ThresholdMismatch as exc:
+            return ImageError("detection_mismatch", f"{where.get(key, key)}: {exc} (the container ran with another "
+                              "threshold); not masking with it, not published; the next run redoes it")
         except Exception as exc:  # noqa: BLE001 - a malformed record is its photo's failure, never its batch's
             return ImageError("bad_transform_output", f"{where.get(key, key)} is malformed ({type(exc).__name__}: "
                               f"{exc}); not masking with it, not published; the next run redoes it (if it recurs, "
@@ -376,21 +443,30 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
         if isinstance(rec, ImageError):
             return rec
         if rec.get("status") == "failed":  # the container's verdict on this photo
-            return ImageError(rec.get("reason") or "container_failed",
-                              f"the container could not process it: {rec.get('error') or 'no message'}")
-        seen = rec.get("model") or {}
-        wrong = [k for k in ("weights_sha256", "verifier_sha256") if identity.get(k) and seen.get(k) != identity.get(k)]
-        if wrong or not rec.get("input_sha256"):
-            return ImageError("detection_mismatch", f"{key}: the .out record is not from this model "
-                              f"({', '.join(wrong)} differ) or has no input_sha256; not masking with it")
+            reason = rec.get("reason")
+            return ImageError(reason if isinstance(reason, str) and _REASON.fullmatch(reason) else "container_failed",
+                              f"the container could not process it: {str(rec.get('error') or 'no message')[:500]}")
+        seen = rec.get("model")
+        if not isinstance(seen, dict):
+            raise ValueError(f"its model is {type(seen).__name__}, not an object")
+        # every hash this model folder has must be the record's: an empty one is no match
+        wrong = [k for k in ("weights_sha256", "verifier_sha256") if k in identity and seen.get(k) != identity[k]]
+        if wrong:
+            return ImageError("detection_mismatch", f"{where.get(key, key)} is not from this model ({', '.join(wrong)} "
+                              "differ); not masking with it, not published; the next run redoes it")
+        sha = rec.get("input_sha256")
+        if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+            return ImageError("detection_mismatch", f"{where.get(key, key)} has no valid input_sha256 ({str(sha)[:70]!r}): "
+                              "the bytes the container saw cannot be checked; not masking with it, not published; "
+                              "the next run redoes it")
         if (rec.get("width"), rec.get("height")) != (dec.width, dec.height):
             return ImageError("detection_mismatch", f"{key}: the container saw {rec.get('width')}x{rec.get('height')}, "
                               f"the worker decoded {dec.width}x{dec.height}; not masking with misplaced polygons")
-        return [Plate.from_json(p) for p in rec.get("plates", []) + rec.get("near_misses", [])]
+        return record_plates(rec, threshold)
 
     def detect(keys, decoded):
         return [check(key, outputs_by_key.get(key), dec) for key, dec in zip(keys, decoded)]
 
     detect.expected_sha256 = {k: r["input_sha256"] for k, r in outputs_by_key.items()
-                              if isinstance(r, dict) and r.get("input_sha256")}
+                              if isinstance(r, dict) and isinstance(r.get("input_sha256"), str) and r["input_sha256"]}
     return detect, model_info, cfg

@@ -321,6 +321,63 @@ def test_one_malformed_out_record_fails_its_photo_not_its_detection_batch(sm_env
         assert _audit(s3, settings, victim)["status"] == "failed", case
 
 
+def _with_plate(rec, **changes):
+    return {**rec, "plates": [{**rec["plates"][0], **changes}, *rec["plates"][1:]]}
+
+
+def _with_point(rec, value):
+    poly = [list(pt) for pt in rec["plates"][0]["polygon"]]
+    poly[1][0] = value
+    return _with_plate(rec, polygon=poly)
+
+
+def test_out_records_the_mask_step_cannot_trust_fail_their_photo_closed(sm_env, model_dir, server_url):
+    """A NaN score, an unknown status without plates or a masked record without plates were taken
+    as no_plate and the photo published unmasked. Every value the mask step uses is checked now:
+    car0 fails (not published) with what is wrong in its .out, car1 goes on."""
+    s3, settings, shard = sm_env
+    settings = _local(settings, server_url)
+    from platemask.airflow_support import sagemaker_hook
+    from platemask.sagemaker_backend import submit
+
+    hook = sagemaker_hook(settings, s3)
+    waited = _wait(hook, submit(hook, s3, settings, shard, str(model_dir)))
+    victim, other = "raw/DE/2026/11/20/car0.jpg", "raw/DE/2026/11/20/car1.jpg"
+    nan, inf = float("nan"), float("inf")
+    from platemask.model import load_config
+
+    under = load_config(model_dir).score_threshold / 2  # the run's threshold: the model's
+    cases = {  # name: (edit, reason, words of the error)
+        "nan_score": (lambda r: _with_plate(r, score=nan), "bad_transform_output", "score nan"),
+        "score_above_one": (lambda r: _with_plate(r, score=1.5), "bad_transform_output", "score 1.5"),
+        "negative_score": (lambda r: _with_plate(r, score=-0.2), "bad_transform_output", "score -0.2"),
+        "score_a_text": (lambda r: _with_plate(r, score="0.9"), "bad_transform_output", "not a number"),
+        "status_bogus": (lambda r: {**r, "status": "totally-not-checked", "plates": [], "near_misses": []},
+                         "bad_transform_output", "totally-not-checked"),
+        "masked_without_plates": (lambda r: {**r, "plates": [], "near_misses": []}, "bad_transform_output",
+                                  "masked but it has no plates"),
+        "no_plate_with_plates": (lambda r: {**r, "status": "no_plate"}, "bad_transform_output", "no_plate but"),
+        "inf_coordinate": (lambda r: _with_point(r, inf), "bad_transform_output", "not a finite number"),
+        "nan_coordinate": (lambda r: _with_point(r, nan), "bad_transform_output", "not a finite number"),
+        "text_coordinate": (lambda r: _with_point(r, "12"), "bad_transform_output", "not a finite number"),
+        "plate_under_the_threshold": (lambda r: _with_plate(r, score=under), "detection_mismatch", "another threshold"),
+        "near_miss_over_the_threshold": (lambda r: {**r, "status": "no_plate", "plates": [],
+                                                    "near_misses": [{**r["plates"][0], "score": 0.95}]},
+                                         "detection_mismatch", "another threshold"),
+        "input_sha256_no_hash": (lambda r: {**r, "input_sha256": ["a"]}, "detection_mismatch", "input_sha256"),
+    }
+    for case, (edit, reason, words) in cases.items():
+        recs = _remask_with_out(s3, settings, waited, model_dir, victim, edit)
+        bad = recs[victim]
+        assert bad["status"] == "failed" and bad["reason"] == reason, (case, bad)
+        assert words in bad["error"] and victim in bad["error"] and "not published" in bad["error"], (case, bad["error"])
+        assert recs[other]["status"] == "masked", (case, recs[other])
+        assert "masked/DE/2026/11/20/car0.jpg" not in _published(s3, settings), case
+    # the record as the container wrote it is still good
+    recs = _remask_with_out(s3, settings, waited, model_dir, victim, lambda r: r)
+    assert recs[victim]["status"] == "masked" and "masked/DE/2026/11/20/car0.jpg" in _published(s3, settings)
+
+
 def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn, model_dir, server_url, scene):
     """A record the container refuses (413: over its SAGEMAKER_MAX_PAYLOAD_IN_MB of 6) fails the job
     as on AWS; what the job finished is used, only the rest goes to the next attempt, attempts stop
