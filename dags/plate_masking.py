@@ -78,6 +78,15 @@ def _stop_transform(context) -> None:
     stop_transform(Settings.from_airflow(), ti.xcom_pull(task_ids="sagemaker.submit", map_indexes=ti.map_index))
 
 
+def _planned(specs) -> None:
+    """Skip an all_done task when plan failed (nothing was planned): the failure to read is the plan's,
+    not a TypeError of this task beside it."""
+    if specs is None:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException("nothing was planned (the plan task failed): see its log")
+
+
 def plate_masking():
     @task
     def plan() -> list[dict]:
@@ -118,6 +127,7 @@ def plate_masking():
         """Shards of every region that was collected: one region's failed collect does not stop the others."""
         from platemask import runs
 
+        _planned(specs)
         return runs.make_shards(_client(), Settings.from_airflow(), list(specs))
 
     @task
@@ -166,6 +176,7 @@ def plate_masking():
         shards count as failed (shard_failed), a region that was not collected is reported as such."""
         from platemask import runs
 
+        _planned(specs)
         return runs.aggregate(_client(), Settings.from_airflow(), list(specs),
                               run_id=get_current_context()["dag_run"].run_id)
 

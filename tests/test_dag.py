@@ -361,6 +361,9 @@ def test_a_plan_that_fails_fails_the_run_and_publishes_nothing(monkeypatch, buck
     # only plan failed: release has no locks to give back and says so without failing (the failure
     # that alerts name is the plan's)
     assert _ti_states(dr)["release"] == "success"
+    # and shard and qa (all_done) do not fail with a TypeError of their own beside it: nothing was planned
+    assert _ti_states(dr)["shard"] == "skipped" and _ti_states(dr)["qa"] == "skipped"
+    assert [t for t, s in _ti_states(dr).items() if s == "failed"] == ["plan", "watcher"]
     assert _asset_events(dr.run_id) == []
 
 
