@@ -139,10 +139,11 @@ def plate_masking():
     def _mask(shard: dict) -> dict:
         """Mask the shard's photos (local model, or the transform job's polygons) and upload them."""
         from platemask import runs
-        from platemask.airflow_support import detector_factory
+        from platemask.airflow_support import detector_factory, hold_lock_to_mask
 
         get_current_context()["shard_label"] = _label(shard)
         settings = Settings.from_airflow()
+        hold_lock_to_mask(get_current_context(), settings, shard["spec"])  # also when cleared after the run ended
         model = get_current_context()["params"].get("model")
         return runs.mask_shard(_client(), settings, shard, detector_factory(settings, model))
 

@@ -87,6 +87,29 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
     return not blocking, blocking
 
 
+def hold_lock_to_mask(context: Any, settings: Settings, spec_dict: dict) -> None:
+    """Before a shard is masked: this run holds its region-window's lock, or takes it again when it
+    is free (released, or left by a run that is no longer running). A run's failed tasks cleared
+    after it ended (what its failure alert suggests) would otherwise mask without the lock, beside
+    another run of the window, and its QA would never become the window's latest report. Raises
+    ``AirflowFailException`` naming the live run that holds it. Dry runs take no lock."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from .runs import acquire_lock
+    from .runspec import RunSpec
+
+    spec = RunSpec.from_dict(spec_dict)
+    if spec.dry_run:
+        return
+    dag_id = context["dag_run"].dag_id
+    held = acquire_lock(s3_client(settings), settings, spec, is_live=_run_is_live(dag_id), log=log.info,
+                        owner={"dag_id": dag_id})
+    if held is not None:
+        raise AirflowFailException(
+            f"not masking: {lock_wait_message([held], settings).split('. This run waits')[0]}; two runs must not mask "
+            "one window at once. Clear this task again once that run has finished, or trigger the window again.")
+
+
 def lock_wait_message(blocking: list[dict], settings: Settings) -> str:
     return "; ".join(f"region {b.get('region')} window {b.get('window')} is being masked by run {b.get('run_id')} "
                      + (f"of {b['dag_id']} " if b.get("dag_id") else "") + f"(since {b.get('since')})"

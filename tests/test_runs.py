@@ -312,3 +312,35 @@ def test_hidden_files_are_named_in_the_qa_report_and_odd_keys_get_a_record(photo
     assert odd["key"] == day + "photo.jpg/" and odd["status"] in ("masked", "no_plate")  # a JPEG, whatever its key
     html = s3.get_object(Bucket=settings.bucket, Key=report["html"].split("/", 3)[3])["Body"].read().decode()
     assert "hidden files not masked" in html and ".hidden.jpg" in html
+
+
+def test_a_mask_task_cleared_after_its_run_ended_takes_the_lock_again_or_refuses(photos, monkeypatch):
+    """The failure alert says to clear the failed tasks; the cleared mask task ran without the lock
+    (released when the run failed), beside another run of the window, and its QA never became the
+    window's latest report."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    import platemask.airflow_support as support
+    from platemask.runs import _holds_lock
+
+    s3, settings, _ = photos
+    monkeypatch.setattr(support, "s3_client", lambda _settings: s3)
+    a = RunSpec(region="DE", run_id="scheduled__a", **WINDOW)
+    b = RunSpec(region="DE", run_id="manual__b", **WINDOW)
+    live = {b.run_id}
+    monkeypatch.setattr(support, "_run_is_live", lambda dag_id: lambda lock: lock.get("run_id") in live)
+    context = {"dag_run": SimpleNamespace(dag_id="plate_masking_de")}
+    assert acquire_lock(s3, settings, a, is_live=lambda lock: True) is None
+    assert release_lock(s3, settings, a)  # run a failed; release (all_done) gave the lock back
+    assert acquire_lock(s3, settings, b, is_live=lambda lock: True) is None  # run b masks the window now
+    with pytest.raises(AirflowFailException, match="manual__b.*must not mask one window at once"):
+        support.hold_lock_to_mask(context, settings, a.as_dict())
+    assert not _holds_lock(s3, settings, a)
+    live.clear()  # b has finished (or died without releasing)
+    support.hold_lock_to_mask(context, settings, a.as_dict())
+    assert _holds_lock(s3, settings, a)  # its QA becomes the latest report; its cleared release gives it back
+    support.hold_lock_to_mask(context, settings, a.as_dict())  # re-entrant: the next shard of the same run
+    support.hold_lock_to_mask(context, settings, dict(b.as_dict(), dry_run=True))  # a dry run takes no lock
+    assert _holds_lock(s3, settings, a)
