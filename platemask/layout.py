@@ -8,7 +8,8 @@ Layout (all under ``settings.bucket``):
   runs/{region}/{window}/{run}/manifest.jsonl  what the run covers: key, size, ETag
   runs/{region}/{window}/{run}/shards/NNNN.jsonl      the manifest cut into shards
   runs/{region}/{window}/{run}/detections/NNNN.jsonl  detection records per shard (+ NNNN.summary.json)
-  runs/{region}/{window}/lock.json             which run masks this region-window now (S3 conditional writes)
+  runs/{region}/locks/{yyyy-mm-dd}.json        which run masks this region's local day now (S3 conditional
+                                               writes); a run holds the lock of every day its window touches
   qa/{region}/{window}/runs/{run}/report.json|report.html   the run's QA
   qa/{region}/{window}/report.json|report.html the latest non-dry run's QA (a copy; what the Plate QA
                                                view reads). The HTML embeds thumbnails of originals,
@@ -47,9 +48,14 @@ def run_prefix(settings: Settings, spec: RunSpec) -> str:
     return settings.runs_root.format(region=spec.region, window=spec.window.id, run=spec.run_key)
 
 
-def lock_key(settings: Settings, spec: RunSpec) -> str:
-    """The region-window's lock object: beside the runs' folders, shared by every run of the window."""
-    return settings.runs_root.split("{run}")[0].format(region=spec.region, window=spec.window.id) + "lock.json"
+def lock_keys(settings: Settings, spec: RunSpec) -> list[str]:
+    """The lock objects a run of ``spec`` must hold to mask: one per local calendar day its window
+    touches, in order, shared by every run of the region (``runs/{region}/locks/{yyyy-mm-dd}.json``, below runs_root's fixed part).
+    Per day, not per window: a nightly window and a manual window over three days share that night's
+    lock, so overlapping windows never mask the same photos at once; taken in day order, two runs
+    never wait on each other."""
+    root = settings.roots(spec.region)["runs_root"]  # runs_root up to its first placeholder but {region}
+    return [f"{root}locks/{d.isoformat()}.json" for d in spec.window.days(settings.region_timezones[spec.region])]
 
 
 def qa_prefix(settings: Settings, spec: RunSpec) -> str:

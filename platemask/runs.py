@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .constants import DEFAULT_METADATA_POLICY
 from .imageio import ImageError, extension_supported
-from .layout import audit_key, key_too_long, lock_key, masked_key, qa_prefix, qa_run_prefix, run_prefix, s3_uri
+from .layout import audit_key, key_too_long, lock_keys, masked_key, qa_prefix, qa_run_prefix, run_prefix, s3_uri
 from .runspec import RunError, RunSpec
 from .settings import Settings
 from .storage import MISSING_CODES, PRECONDITION_CODES, S3Store, error_code, read_json_lines
@@ -33,19 +33,30 @@ def _store(client, settings: Settings) -> S3Store:
 
 def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable[[dict], bool],
                  log: Callable[[str], None] = print, owner: dict | None = None) -> dict | None:
-    """Take the region-window's lock for this run and return None, or return the lock document of
-    the other (live) run that holds it.
+    """Take the region's lock of every day the window touches for this run (:func:`lock_keys`, in day
+    order) and return None, or return the lock document of the other (live) run that holds one of
+    them (the days before it stay held by this run, which waits for that one: taken in order, two
+    runs never wait on each other).
 
-    Atomic through S3 conditional writes: ``IfNoneMatch="*"`` creates the lock; a released lock, or
+    Atomic through S3 conditional writes: ``IfNoneMatch="*"`` creates a lock; a released lock, or
     one left behind by a run that is no longer running (``is_live(lock)`` false), is taken over with
     ``IfMatch`` on its ETag, so of two runs racing exactly one wins. A retry of the holder finds its
     own lock (re-entrant). ``owner`` (e.g. the DAG id) is stored in the lock for ``is_live``.
     """
+    for key in lock_keys(settings, spec):
+        held = _acquire_one(client, settings, spec, key, is_live=is_live, log=log, owner=owner)
+        if held is not None:
+            return held
+    return None
+
+
+def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live: Callable[[dict], bool],
+                 log: Callable[[str], None], owner: dict | None) -> dict | None:
     from botocore.exceptions import ClientError
 
-    key = lock_key(settings, spec)
     mine = {"state": "held", "run_id": spec.run_id, "run_key": spec.run_key, "region": spec.region,
-            "window": spec.window.id, "since": datetime.now(timezone.utc).isoformat(), **(owner or {})}
+            "window": spec.window.id, "day": key.rsplit("/", 1)[-1][: -len(".json")],
+            "since": datetime.now(timezone.utc).isoformat(), **(owner or {})}
     for _ in range(10):
         try:
             _store(client, settings).put_json_conditional(key, mine, if_none_match=True)
@@ -79,10 +90,15 @@ def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable
 
 
 def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print) -> bool:
-    """Mark this run's lock of the region-window released (a lock of another run is left alone)."""
+    """Mark this run's locks of the window's days released (a lock of another run is left alone);
+    whether it held any."""
+    released = [_release_one(client, settings, spec, key, log) for key in lock_keys(settings, spec)]
+    return any(released)
+
+
+def _release_one(client, settings: Settings, spec: RunSpec, key: str, log: Callable[[str], None]) -> bool:
     from botocore.exceptions import ClientError
 
-    key = lock_key(settings, spec)
     try:
         found = _store(client, settings).get_json(key)
     except ValueError:
@@ -96,7 +112,7 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
         if error_code(exc) in PRECONDITION_CODES:
             return False  # taken over meanwhile (this run was thought dead): not ours any more
         raise
-    log(f"{spec.region} {spec.window.id}: lock released by run {spec.run_id}")
+    log(f"{spec.region} {spec.window.id}: lock {key.rsplit('/', 1)[-1]} released by run {spec.run_id}")
     return True
 
 
@@ -132,7 +148,8 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
         night = RunSpec(region=spec.region, window_start=datetime(d.year, d.month, d.day, tzinfo=z).isoformat(),
                         window_end=datetime(e.year, e.month, e.day, tzinfo=z).isoformat())
         try:
-            lock = _store(client, settings).get_json(lock_key(settings, night))
+            (key,) = lock_keys(settings, night)
+            lock = _store(client, settings).get_json(key)
         except ValueError:
             lock = None
         if lock and lock[0].get("state") == "held" and lock[0].get("run_id") != spec.run_id:
@@ -312,15 +329,18 @@ def read_audit(client, settings: Settings, key: str, log: Callable[[str], None] 
 
 
 def already_done(client, settings: Settings, spec: RunSpec, entry: dict, audit: dict | None, identity: dict) -> bool:
-    """Skip a photo only when its audit record holds exactly this result identity and its masked copy exists."""
+    """Skip a photo only when its audit record holds exactly this result identity and its masked copy
+    is the one the record describes (the SHA-256 stored with it is the record's ``output_sha256``):
+    a copy another run replaced, or one written without its hash, is redone."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     if audit is None or audit.get("status") == "failed" or audit.get("identity") != identity:
         return False
     try:
-        return _store(client, settings).exists(masked_key(settings, spec.region, entry["key"]))
+        stored = _store(client, settings).sha256(masked_key(settings, spec.region, entry["key"]))
     except (ClientError, BotoCoreError):
         return False  # cannot tell: redo it
+    return stored is not None and stored == audit.get("output_sha256")
 
 
 def _unpublish(client, settings: Settings, key: str, log: Callable[[str], None]) -> bool:
@@ -506,11 +526,15 @@ def verdict(report: dict) -> list[str]:
 
 
 def _holds_lock(client, settings: Settings, spec: RunSpec) -> bool:
-    try:
-        found = _store(client, settings).get_json(lock_key(settings, spec))
-    except ValueError:
-        return False
-    return found is not None and found[0].get("state") == "held" and found[0].get("run_id") == spec.run_id
+    """Whether this run holds the lock of every day its window touches."""
+    for key in lock_keys(settings, spec):
+        try:
+            found = _store(client, settings).get_json(key)
+        except ValueError:
+            return False
+        if found is None or found[0].get("state") != "held" or found[0].get("run_id") != spec.run_id:
+            return False
+    return True
 
 
 def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,

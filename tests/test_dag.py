@@ -404,7 +404,7 @@ def test_a_dry_run_masks_nothing_publishes_nothing_and_leaves_the_latest_report(
     assert f"qa/DE/{DE_20}/report.json" not in _objects(s3, bucket, "qa/")  # not the window's latest
     own = json.loads(s3.get_object(Bucket=bucket, Key=f"qa/DE/{DE_20}/runs/{run_key(dr.run_id)}/report.json")["Body"].read())
     assert own["dry_run"] and own["would_process"] == 3
-    assert f"runs/DE/{DE_20}/lock.json" not in _objects(s3, bucket, "runs/")  # a dry run takes no lock
+    assert "runs/DE/locks/2026-11-20.json" not in _objects(s3, bucket, "runs/")  # a dry run takes no lock
 
 
 def _live_run(run_id: str, state: str = "running", dag_id: str = "plate_masking"):
@@ -429,20 +429,20 @@ def test_a_second_run_of_a_window_waits_for_the_first_then_takes_over_a_dead_one
     _live_run(holder)
     lock = {"state": "held", "run_id": holder, "run_key": run_key(holder), "region": "DE", "window": DE_20,
             "since": "2026-11-21T01:00:00+00:00"}
-    s3.put_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/lock.json", Body=json.dumps(lock).encode())
+    s3.put_object(Bucket=bucket, Key="runs/DE/locks/2026-11-20.json", Body=json.dumps(lock).encode())
     dr = dag.test(run_conf={**DE_CONF, "max_images": 1})
     assert dr.state == "failed" and _ti_states(dr)["hold"] == "failed"
     captured = capfd.readouterr()
     assert f"region DE window {DE_20} is being masked by run {holder}" in captured.out + captured.err
     assert _objects(s3, bucket, "masked/") == {} and _asset_events(dr.run_id) == []
-    assert json.loads(s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/lock.json")["Body"].read()) == lock  # untouched
+    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read()) == lock  # untouched
     assert f"qa/DE/{DE_20}/report.json" not in _objects(s3, bucket, "qa/")  # no latest report from a run without the lock
 
     _live_run(holder, state="failed")  # the holder died without releasing its lock
     dr2 = load_dag(monkeypatch).test(run_conf=DE_CONF)  # a fresh DAG: dag.test() keeps the last run's conf in its params
     assert dr2.state == "success"
     assert sorted(_objects(s3, bucket, "masked/")) == sorted(k.replace("raw/", "masked/", 1) for k in keys[("DE", "20")])
-    released = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/DE/{DE_20}/lock.json")["Body"].read())
+    released = json.loads(s3.get_object(Bucket=bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
     assert released["run_id"] == dr2.run_id and released["state"] == "released"
     assert _report(s3, bucket, "DE", DE_20)["run_id"] == dr2.run_id
 

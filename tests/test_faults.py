@@ -412,7 +412,7 @@ def test_a_second_run_of_the_window_never_shortens_the_nightly_one(world, fault_
     if manual:
         d = seconds[1]
         assert d["state"] == "success" and d["collected"] == [1] and d["reports"][0]["dry_run"], d
-    lock = w.json(f"runs/DE/{DE_20}/lock.json")
+    lock = w.json("runs/DE/locks/2026-11-20.json")
     assert lock["run_id"] == dr.run_id and lock["state"] == "released"
     assert w.json(f"qa/DE/{DE_20}/report.json")["run_id"] == dr.run_id  # the latest report is the nightly's
     row = check_run(w, fault_table, scenario, run_id=dr.run_id, state=f"{dr.state} / second: {b['state']}",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import jpeg_bytes
-from platemask.layout import lock_key
+from platemask.layout import lock_keys
 from platemask.runs import acquire_lock, collect, make_shards, release_lock
 from platemask.runspec import RunSpec, run_key
 from platemask.settings import Settings
@@ -81,8 +81,49 @@ def test_the_lock_lets_one_run_mask_a_region_window(photos):
     assert acquire_lock(s3, settings, b, is_live=is_live) is None  # released: b takes it
     live.discard("manual__b")  # b dies holding it
     assert acquire_lock(s3, settings, a, is_live=is_live) is None
-    doc = json.loads(s3.get_object(Bucket=settings.bucket, Key=lock_key(settings, a))["Body"].read())
-    assert doc["run_id"] == "scheduled__a" and doc["state"] == "held"
+    (key,) = lock_keys(settings, a)  # a nightly window: one local day
+    assert key == "runs/DE/locks/2026-11-20.json"
+    doc = json.loads(s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read())
+    assert doc["run_id"] == "scheduled__a" and doc["state"] == "held" and doc["day"] == "2026-11-20"
+
+
+def test_overlapping_windows_never_mask_the_same_day_at_once(photos):
+    """Locks were per window id: the 20th's nightly run and a manual run over the 20th-22nd took
+    different locks and masked the same photos at once (a masked copy of one run's mode under the
+    other run's audit record)."""
+    s3, settings, _ = photos
+    live = {"scheduled__20", "manual__3days", "scheduled__19"}
+    is_live = lambda lock: lock["run_id"] in live  # noqa: E731
+    night = RunSpec(region="DE", run_id="scheduled__20", **WINDOW)
+    three = RunSpec(region="DE", run_id="manual__3days", window_start="2026-11-20T00:00:00+01:00",
+                    window_end="2026-11-23T00:00:00+01:00")
+    before = RunSpec(region="DE", run_id="scheduled__19", window_start="2026-11-19T00:00:00+01:00",
+                     window_end="2026-11-20T00:00:00+01:00")
+    assert len(lock_keys(settings, three)) == 3
+    assert acquire_lock(s3, settings, night, is_live=is_live) is None
+    held = acquire_lock(s3, settings, three, is_live=is_live)
+    assert held is not None and held["run_id"] == "scheduled__20"
+    assert acquire_lock(s3, settings, before, is_live=is_live) is None  # the day before: no overlap, no wait
+    assert release_lock(s3, settings, night)
+    assert acquire_lock(s3, settings, three, is_live=is_live) is None  # now it holds all three days
+    assert acquire_lock(s3, settings, night, is_live=is_live)["run_id"] == "manual__3days"
+    assert release_lock(s3, settings, three)
+    assert acquire_lock(s3, settings, night, is_live=is_live) is None
+
+
+def test_a_rerun_redoes_a_masked_copy_that_is_not_the_one_its_record_describes(photos, model_dir):
+    """A rerun skipped a photo when a masked copy existed, whatever its bytes: a copy replaced by
+    another run (or by hand) stayed, under an audit record that describes other bytes."""
+    s3, settings, keys = photos
+    assert _mask(s3, settings, RunSpec(region="DE", run_id="manual__1", **WINDOW), model_dir) == (4, 0)
+    masked = "masked/DE/2026/11/20/car2.jpg"
+    s3.put_object(Bucket=settings.bucket, Key=masked, Body=b"someone else's bytes")
+    assert _mask(s3, settings, RunSpec(region="DE", run_id="manual__2", **WINDOW), model_dir) == (1, 3)
+    audit = json.loads(s3.get_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car2.jpg.json")["Body"].read())
+    body = s3.get_object(Bucket=settings.bucket, Key=masked)["Body"].read()
+    import hashlib
+
+    assert hashlib.sha256(body).hexdigest() == audit["output_sha256"]
 
 
 def test_two_runs_racing_for_a_free_lock_get_exactly_one(photos):
@@ -344,3 +385,4 @@ def test_a_mask_task_cleared_after_its_run_ended_takes_the_lock_again_or_refuses
     support.hold_lock_to_mask(context, settings, a.as_dict())  # re-entrant: the next shard of the same run
     support.hold_lock_to_mask(context, settings, dict(b.as_dict(), dry_run=True))  # a dry run takes no lock
     assert _holds_lock(s3, settings, a)
+
