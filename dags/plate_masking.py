@@ -205,7 +205,10 @@ def plate_masking():
         extra = runs.asset_extra(report)
         if extra is None:
             raise AirflowSkipException(f"{report['region']}: no Asset event ("
-                                       + ("dry run" if report["dry_run"] else "; ".join(report["problems"])) + ")")
+                                       + ("dry run" if report["dry_run"] else
+                                          f"partial run: max_images covered {report['planned']} of {report['listed']} "
+                                          "photos; run the window without max_images" if report.get("partial") else
+                                          "; ".join(report["problems"])) + ")")
         for asset in (MASKED, QA):
             context["outlet_events"][asset].extra = extra
 

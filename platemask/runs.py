@@ -227,7 +227,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
             f"not masked, named in the QA report): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
             "rename one to mask it")
     collected = {"spec": spec.as_dict(), "manifest": uri, "count": len(entries), "photos_in_window": in_window,
-                 "late": sum(bool(e.get("late")) for e in entries),
+                 "late": sum(bool(e.get("late")) for e in entries), "listed": n_all,
                  "skipped_hidden": {"count": len(hidden), "keys": sorted(hidden)[:MAX_SKIPPED_LISTED]}}
     _store(client, settings).put_json(run_prefix(settings, spec) + "collected.json", collected)  # last: present = collected
     return collected
@@ -586,6 +586,8 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
             "processed_this_run": len(processed),
             "would_process": sum(s.get("would_process", 0) for s in summaries) if spec.dry_run else None,
             "skipped_already_masked": sum(bool(rec.get("skipped")) for rec in records), "dry_run": spec.dry_run,
+            # max_images cut the manifest: the run covered part of the window (no latest report, no Asset event)
+            "partial": bool(c and c["count"] < c.get("listed", c["count"])), "listed": c and c.get("listed", c["count"]),
             "shards": sorted(summaries, key=lambda s: s["index"]),
             "mask_images_per_second": round(len(processed) / wall, 3) if wall > 0 and processed else None,
             "max_failure_rate": spec.max_failure_rate,
@@ -600,7 +602,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
                              samples=settings.review_samples, rng=random.Random(spec.window.id))
         store = _store(client, settings)
         store.write(own + "report.html", html.encode(), "text/html; charset=utf-8")
-        latest = not spec.dry_run and _holds_lock(client, settings, spec)
+        latest = not spec.dry_run and not report["partial"] and _holds_lock(client, settings, spec)
         if latest:  # the window's latest report: one run at a time holds the lock, so copies never interleave
             for name, ctype in (("report.json", "application/json"), ("report.html", "text/html; charset=utf-8")):
                 store.write(qa_prefix(settings, spec) + name, store.read(own + name), ctype)
@@ -608,6 +610,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
             + f" -> {report_uri}" + (" (latest)" if latest else "") + "".join(f"; PROBLEM: {p}" for p in problems))
         out.append({"region": spec.region, "window": spec.window.id, "run_id": spec.run_id, "report": report_uri,
                     "html": s3_uri(settings, own + "report.html"), "latest": latest, "dry_run": spec.dry_run,
+                    "partial": report["partial"], "planned": report["planned"], "listed": report["listed"],
                     "failure_rate": report["failure_rate"], "max_failure_rate": spec.max_failure_rate,
                     "by_status": report["by_status"], "photos": report["images"], "review": report["review"]["count"],
                     "plates": report["plates"], "passed": not problems, "problems": problems})
@@ -629,8 +632,9 @@ def check_reports(specs: list[dict], reports: list[dict]) -> None:
 
 def asset_extra(report: dict) -> dict | None:
     """The Asset event's ``extra`` for a region whose QA passed; None when no event may be emitted
-    (QA did not pass, or a dry run that masked nothing)."""
-    if not report["passed"] or report["dry_run"]:
+    (QA did not pass, a dry run that masked nothing, or a partial run: ``max_images`` left photos
+    of the window out, and an event says the window is masked)."""
+    if not report["passed"] or report["dry_run"] or report.get("partial"):
         return None
     return {"region": report["region"], "window": report["window"], "run_id": report["run_id"],
             "report": report["report"], "counts": {"photos": report["photos"], **report["by_status"]}}

@@ -386,3 +386,19 @@ def test_a_mask_task_cleared_after_its_run_ended_takes_the_lock_again_or_refuses
     support.hold_lock_to_mask(context, settings, dict(b.as_dict(), dry_run=True))  # a dry run takes no lock
     assert _holds_lock(s3, settings, a)
 
+
+def test_a_max_images_run_is_partial_no_latest_report_no_asset_event(photos, model_dir):
+    """A max_images run held the lock, so its QA of 2 of 4 photos replaced the window's latest report
+    and its Asset event said the window was masked."""
+    from platemask.runs import aggregate, asset_extra
+
+    s3, settings, keys = photos
+    for spec, partial in ((RunSpec(region="DE", run_id="manual__two", max_images=2, **WINDOW), True),
+                          (RunSpec(region="DE", run_id="manual__all", **WINDOW), False)):
+        assert acquire_lock(s3, settings, spec, is_live=lambda lock: False) is None
+        _mask(s3, settings, spec, model_dir)
+        (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+        release_lock(s3, settings, spec)
+        assert report["passed"] and report["partial"] is partial and report["latest"] is not partial
+        assert (asset_extra(report) is None) is partial
+        assert (report["planned"], report["listed"]) == ((2, 4) if partial else (4, 4))
