@@ -8,6 +8,7 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from .constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
 from .settings import Settings
@@ -94,6 +95,13 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_en
                                window_end=params.get("window_end"), data_interval_end=data_interval_end)
         except ValueError as exc:
             raise RunError(f"region {r}: {exc}") from None
+        tz = settings.region_timezones[r]
+        if settings.time_source == "partition" and not w.partition_days(tz):
+            raise RunError(f"region {r}: window {w.start.astimezone(ZoneInfo(tz)).isoformat()} .. "
+                           f"{w.end.astimezone(ZoneInfo(tz)).isoformat()} contains no local midnight, so it covers no "
+                           "day partition and would mask nothing while reporting success (time_source 'partition': "
+                           "a photo's time is its day's midnight); widen it to include one, or use time_source "
+                           "'last_modified' for windows within a day")
         specs.append(RunSpec(region=r, window_start=w.start.isoformat(), window_end=w.end.isoformat(), run_id=run_id,
                              backend=backend, mode=mode, threshold=None if threshold is None else float(threshold),
                              reprocess=bool(params.get("reprocess")), dry_run=bool(params.get("dry_run")),

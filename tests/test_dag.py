@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -114,6 +115,11 @@ def test_plan_refuses_bad_windows_with_a_clear_message():
     specs = plan_runs(s, {"region": "ALL"}, run_id="r",
                       data_interval_end=datetime(2026, 11, 21, 1, tzinfo=timezone.utc))
     assert [x.region for x in specs] == list(s.regions)
+    # a window inside one day covers no day partition: it masked nothing and reported success
+    within = {"region": "DE", "window_start": "2026-11-20T06:00", "window_end": "2026-11-20T18:00"}
+    with pytest.raises(RunError, match="contains no local midnight.*last_modified"):
+        plan_runs(s, within, run_id="r", data_interval_end=None)
+    assert plan_runs(dataclasses.replace(s, time_source="last_modified"), within, run_id="r", data_interval_end=None)
 
 
 # ------------------------------------------------------------------ runs against S3
