@@ -96,7 +96,8 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     timeout = client_cfg.get("InvocationsTimeoutInSeconds", 600)
     retries = client_cfg.get("InvocationsMaxRetries", 3)
     concurrency = int(request.get("MaxConcurrentTransforms") or 1)
-    max_bytes = int(request.get("MaxPayloadInMB", 6)) * 1024 * 1024
+    max_mb = int(request.get("MaxPayloadInMB", 6))
+    max_bytes = max_mb * 1024 * 1024
     name = request["TransformJobName"]
     t0 = time.perf_counter()
     try:
@@ -115,12 +116,13 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     not_started = "not started: the job had failed"
 
     def one(rel: str) -> tuple[str, int | None, str]:
+        """(key, the container's last status or None, what went wrong as a phrase after the record's URI)."""
         if job_failed.is_set():
             return rel, None, not_started
         data = s3.get_object(Bucket=in_bucket, Key=in_prefix + rel)["Body"].read()
-        if len(data) > max_bytes:
+        if len(data) > max_bytes:  # SageMaker's own check: the container never sees the record, the job fails
             job_failed.set()
-            return rel, 413, f"record is {len(data)} bytes, over MaxPayloadInMB"
+            return rel, None, f"is {len(data)} bytes, over the job's MaxPayloadInMB of {max_mb}: not sent to the container"
         last = ""
         for attempt in range(retries + 1):
             try:
@@ -133,11 +135,11 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
                 return rel, status, ""
             if status is not None and 400 <= status < 500:
                 job_failed.set()
-                return rel, status, resp.decode(errors="replace")[:500]
+                return rel, status, f"got {status} from the container: {resp.decode(errors='replace')[:500]}"
             last = last or resp.decode(errors="replace")[:500]
             time.sleep(min(2 ** attempt * 0.2, 5))
         job_failed.set()
-        return rel, status, last
+        return rel, status, f"got {status or 'no answer'} from the container: {last}"
 
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, rel_keys))
@@ -149,8 +151,7 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
                "failed": failed, "not_started": skipped, "seconds": round(wall, 3)}
     if failed:
         first = failed[0]
-        outcome["FailureReason"] = (f"ClientError: record {prefix}{first['key']} got "
-                                    f"{first['status'] or 'no answer'} from the container: {first['error'][:300]}")
+        outcome["FailureReason"] = f"ClientError: record {prefix}{first['key']} {first['error'][:340]}"
     log(f"local transform {name}: {outcome['TransformJobStatus']}, {done}/{len(rel_keys)} records in {wall:.1f} s "
         f"({done / wall if wall else 0:.2f} records/s, concurrency {concurrency})"
         + (f"; {outcome['FailureReason']}" if failed else ""))

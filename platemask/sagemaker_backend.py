@@ -10,9 +10,13 @@ retry finds and reuses its job instead of starting a duplicate), wait without a 
 Batch Transform fails the whole job when one record gets a non-2xx answer, so the container
 answers 200 with a ``failed`` record for a photo it cannot decode (that photo's failure, not the
 job's). A job that fails or is stopped anyway keeps the ``.out`` files of the records it
-finished: they are used, and the next attempt's manifest holds only the rest; attempts stop when
-one makes no progress. A photo without ``.out`` fails with the job's FailureReason, a photo
-whose bytes are not the ones the container saw fails ``source_changed``; neither is published.
+finished: they are used, and the next attempt's manifest holds only the rest, less the photos
+that would fail it again (re-uploaded or gone since the listing, or named by the FailureReason),
+which fail on their own; attempts stop when one makes no progress. ``MaxPayloadInMB`` is the
+largest the job's concurrency allows, not the largest listed photo's size: a photo re-uploaded
+larger before the job reaches it fails alone (``source_changed``) instead of failing the job. A
+photo without ``.out`` fails with the job's FailureReason, a photo whose bytes are not the ones
+the container saw fails ``source_changed``; neither is published.
 
 The SageMaker client is the Airflow Amazon provider's ``SageMakerHook`` (any object with its
 create/describe methods works, which keeps this module testable without Airflow).
@@ -72,7 +76,7 @@ def model_name(model_sha: str, image_uri: str) -> str:
 
 def container_environment(settings: Settings, spec: RunSpec, entries: list[dict]) -> dict[str, str]:
     """The job's Environment: all the container reads from the job besides the model (pure)."""
-    env = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": str(payload_mb(entries)),
+    env = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": str(payload_limits(settings, entries)[0]),
            "PLATEMASK_THRESHOLD": "" if spec.threshold is None else str(spec.threshold)}
     if gpu_instance(settings.sagemaker_instance_type):
         # the container refuses to pass /ping without working CUDA: a GPU job never runs on the CPU
@@ -97,7 +101,7 @@ def job_name(spec: RunSpec, shard_index: int, entries: list[dict], model: str, a
 
 
 def payload_mb(entries: list[dict]) -> int:
-    """MaxPayloadInMB from the largest photo; refuses photos SageMaker cannot take."""
+    """The MB the largest listed photo needs; refuses photos SageMaker cannot take."""
     if not entries:
         return 1
     big = max(entries, key=lambda e: e["size"])
@@ -108,6 +112,20 @@ def payload_mb(entries: list[dict]) -> int:
     return mb
 
 
+def payload_limits(settings: Settings, entries: list[dict]) -> tuple[int, int]:
+    """(MaxPayloadInMB, MaxConcurrentTransforms) of a job over ``entries`` (pure).
+
+    The concurrency is what the largest listed photo allows (SageMaker: their product <= 100 MB);
+    the payload limit is then the largest that concurrency allows, not that photo's size: the
+    listing is hours older than the job, and a record over the limit fails the whole job (every
+    photo after it too, and each attempt pays the instances' start-up). With the defaults (4 at
+    once) a photo listed at 0.2 MB and re-uploaded at 20 MB is still taken, and then fails alone
+    as ``source_changed``; the limit costs nothing while records stay small."""
+    need = payload_mb(entries)
+    concurrent = max(1, min(settings.sagemaker_max_concurrent, MAX_PAYLOAD_MB // need))
+    return max(need, MAX_PAYLOAD_MB // concurrent), concurrent
+
+
 def output_uri(settings: Settings, spec: RunSpec, job: str) -> str:
     return f"s3://{settings.bucket}/" + settings.sagemaker_output_prefix.format(region=spec.region, window=spec.window.id) + job + "/"
 
@@ -115,8 +133,7 @@ def output_uri(settings: Settings, spec: RunSpec, job: str) -> str:
 def transform_request(settings: Settings, spec: RunSpec, *, job: str, model: str, manifest_uri: str,
                       entries: list[dict]) -> dict:
     """The CreateTransformJob request (pure)."""
-    mb = payload_mb(entries)
-    concurrent = max(1, min(settings.sagemaker_max_concurrent, MAX_PAYLOAD_MB // mb))
+    mb, concurrent = payload_limits(settings, entries)
     out: dict = {"S3OutputPath": output_uri(settings, spec, job), "Accept": "application/json", "AssembleWith": "None"}
     if settings.sagemaker_kms_key_id:
         out["KmsKeyId"] = settings.sagemaker_kms_key_id
@@ -219,13 +236,80 @@ def _describe(hook, job: str) -> dict | None:
         return None
 
 
+def _named_in(reason: str, bucket: str, pending: list[dict]) -> list[dict]:
+    """The photos a FailureReason names as ``s3://bucket/key`` (a key that is only the start of a
+    longer named key is not named)."""
+    named = [e for e in pending if f"s3://{bucket}/{e['key']}" in reason]
+    return [e for e in named if not any(o is not e and o["key"].startswith(e["key"]) for o in named)]
+
+
+def _heads(s3, settings: Settings, entries: list[dict], cache: dict) -> None:
+    """``cache[key]``: (ETag, size) of each photo now, None when it is gone; left out when S3 does
+    not say (the photo then stays in the next attempt). A listing from the key on, through the
+    storage layer (``s3:ListBucket``, which the workers have)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    store = S3Store(settings.bucket, client=s3)
+
+    def head(e: dict):
+        try:
+            for o in store.iter_objects(e["key"]):
+                if o["Key"] == e["key"]:
+                    return e["key"], (o["ETag"].strip('"'), o["Size"])
+                break  # listed in key order: the key itself comes first when it is there
+            return e["key"], None
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("cannot check s3://%s/%s before the next transform attempt: %s", settings.bucket, e["key"], exc)
+        return e["key"], False
+
+    todo = [e for e in entries if e["key"] not in cache]
+    if todo:
+        with ThreadPoolExecutor(settings.io_workers) as pool:
+            cache.update((k, v) for k, v in pool.map(head, todo) if v is not False)
+
+
+def leave_out(s3, settings: Settings, desc: dict, job: str, attempt: int, pending: list[dict],
+              heads: dict) -> dict[str, dict]:
+    """The photos a failed job left without output that would fail the next attempt too, each
+    with its own failure (reason, error) for the mask step: re-uploaded since the listing (another
+    ETag: on AWS the usual cause is a record over MaxPayloadInMB, and those bytes would never be
+    published in this run anyway) or gone, and those the FailureReason names (the local runner and
+    some AWS errors name the record; AWS often says only "see job logs", hence the S3 check)."""
+    bucket, why = settings.bucket, desc.get("FailureReason") or "no reason given"
+    limit = desc.get("MaxPayloadInMB")
+    nxt = "not sent again in this run (the rest of the shard goes on without it)"
+    out: dict[str, dict] = {}
+    _heads(s3, settings, pending, heads)
+    for e in pending:
+        uri = f"s3://{bucket}/{e['key']}"
+        if e["key"] not in heads:
+            continue
+        now = heads[e["key"]]
+        if now is None:
+            out[e["key"]] = {"reason": "source_missing", "error": f"{uri} was deleted after it was listed and transform "
+                             f"job {job} failed ({why}): {nxt}; nothing to publish"}
+        elif now[0] != e["etag"]:
+            over = (f", over the job's MaxPayloadInMB of {limit}" if isinstance(limit, int) and now[1] > limit * 2**20
+                    else "")
+            out[e["key"]] = {"reason": "source_changed", "error": f"{uri} was re-uploaded after it was listed (ETag "
+                             f"{e['etag']} -> {now[0]}, {e['size']} -> {now[1]} bytes{over}) and transform job {job} "
+                             f"failed ({why}): {nxt}; not published, the next run lists the new upload and masks it"}
+    for e in _named_in(why, bucket, pending):
+        out.setdefault(e["key"], {"reason": "transform_record_failed", "error": (
+            f"transform job {job} failed on s3://{bucket}/{e['key']} ({why}): {nxt}; not published; see the job's "
+            f"CloudWatch logs (/aws/sagemaker/TransformJobs, {job}) for this record; the next run tries it again")})
+    return out
+
+
 def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     """Start (or find) this shard's transform job. Returns the shard dict with a ``transform`` entry.
 
     Walks the attempts of this run: a running or completed job is reused; a failed or stopped one
-    contributes the ``.out`` files it wrote and the next attempt gets a manifest of the rest. An
-    attempt that ended without any new output ends the walk (no job over the same photos again
-    and again): the mask step then fails the rest with that job's FailureReason.
+    contributes the ``.out`` files it wrote and the next attempt gets a manifest of the rest, less
+    the photos ``leave_out`` finds would fail it again (each gets its own failure in
+    ``transform["left_out"]``). An attempt that ended without new output and without a photo to
+    leave out ends the walk (no job over the same photos again and again): the mask step then
+    fails the rest with that job's FailureReason.
     """
     spec = RunSpec.from_dict(shard["spec"])
     entries = read_json_lines(s3, shard["shard"])
@@ -238,20 +322,23 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     todo_keys = {e["key"] for e in todo}
     earlier: list[str] = []  # outputs of this run's failed or stopped attempts, newest first
     have: set[str] = set()
+    left_out: dict[str, dict] = {}  # key -> its own failure: not sent to later attempts
+    heads: dict = {}
     last: dict = {}
     for attempt in range(MAX_ATTEMPTS):
         job = job_name(spec, shard["index"], todo, model, attempt, settings.bucket, container_environment(settings, spec, todo))
         output = output_uri(settings, spec, job)
-        t = {**base, "job": job, "attempt": attempt, "output": output, "outputs": [output, *earlier]}
+        t = {**base, "job": job, "attempt": attempt, "output": output, "outputs": [output, *earlier],
+             "left_out": dict(left_out)}
         desc = _describe(hook, job)
         if desc is None:
-            rest = [e for e in todo if e["key"] not in have]
+            rest = [e for e in todo if e["key"] not in have and e["key"] not in left_out]
             manifest_uri = S3Store.for_settings(settings, s3).put_json(
                 run_prefix(settings, spec) + f"transform/{job}.manifest", manifest_document(settings, rest))
             request = transform_request(settings, spec, job=job, model=model, manifest_uri=manifest_uri, entries=rest)
-            log.info("starting transform job %s (%d photos, %d already done by earlier attempts, MaxPayloadInMB %d, "
-                     "MaxConcurrentTransforms %d)", job, len(rest), len(have), request["MaxPayloadInMB"],
-                     request["MaxConcurrentTransforms"])
+            log.info("starting transform job %s (%d photos, %d already done by earlier attempts, %d left out, "
+                     "MaxPayloadInMB %d, MaxConcurrentTransforms %d)", job, len(rest), len(have), len(left_out),
+                     request["MaxPayloadInMB"], request["MaxConcurrentTransforms"])
             hook.create_transform_job(request, wait_for_completion=False)
             return {**shard, "transform": {**t, "submitted": len(rest)}}
         state = desc["TransformJobStatus"]
@@ -262,10 +349,23 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
         new = got - have
         have |= got
         earlier.insert(0, output)
-        last = {**t, "outputs": list(earlier), "state": state, "failure_reason": desc.get("FailureReason")}
-        log.warning("transform job %s %s (%s): %d photos done by it, %d of %d still without output", job, state,
-                    desc.get("FailureReason") or "no reason given", len(new), len(todo_keys - have), len(todo))
-        if not new or have == todo_keys:
+        dropped: dict[str, dict] = {}
+        if state == "Failed":
+            pending = [e for e in todo if e["key"] not in have and e["key"] not in left_out]
+            dropped = leave_out(s3, settings, desc, job, attempt, pending, heads)
+        # progress: new output, or a photo S3 shows would fail the next attempt too. A photo the
+        # FailureReason names alone is no reason for another attempt (a container that fails every
+        # record must not cost an attempt per photo): then it fails with the rest, the job's reason
+        sure = any(v["reason"] != "transform_record_failed" for v in dropped.values())
+        if not (new or sure):
+            dropped = {}
+        left_out.update(dropped)
+        last = {**t, "outputs": list(earlier), "state": state, "failure_reason": desc.get("FailureReason"),
+                "left_out": dict(left_out)}
+        log.warning("transform job %s %s (%s): %d photos done by it, %d of %d still without output%s", job, state,
+                    desc.get("FailureReason") or "no reason given", len(new), len(todo_keys - have), len(todo),
+                    "".join(f"; {k} left out of the next attempt ({v['reason']})" for k, v in dropped.items()))
+        if not (new or sure) or have | set(left_out) >= todo_keys:
             break
     return {**shard, "transform": last}
 
@@ -392,6 +492,7 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
     job = transform.get("job")
     state = transform.get("state") or "without a state"
     why = transform.get("failure_reason") or f"job ended {state}"
+    left_out = transform.get("left_out") or {}
 
     where: dict[str, str] = {}  # key -> the .out it was read from
 
@@ -412,6 +513,8 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
                                   "redoes it")
             return rec if isinstance(rec, dict) else ImageError("bad_transform_output", f"{out}{key}.out is no "
                                                                 "record; not published, the next run redoes it")
+        if key in left_out:  # would have failed the next attempt too: its own failure, not the job's
+            return ImageError(left_out[key]["reason"], left_out[key]["error"])
         if state in ENDED_EARLY:
             return ImageError("transform_job_failed", f"transform job {job} ended {state} before it processed "
                               f"s3://{settings.bucket}/{key} ({why}); not published, the next run redoes it")

@@ -97,7 +97,24 @@ def test_payload_limits():
     big = [{"key": "k", "size": 30 * 2**20, "etag": "e"}]
     req = transform_request(Settings(sagemaker_max_concurrent=8), SPEC, job="j", model="m", manifest_uri="s3://b/m",
                             entries=big)
-    assert req["MaxPayloadInMB"] == 30 and req["MaxConcurrentTransforms"] * req["MaxPayloadInMB"] <= MAX_PAYLOAD_MB
+    assert req["MaxConcurrentTransforms"] == 3 and req["MaxPayloadInMB"] >= 30
+    assert req["MaxConcurrentTransforms"] * req["MaxPayloadInMB"] <= MAX_PAYLOAD_MB
+
+
+def test_the_payload_limit_has_the_headroom_the_concurrency_leaves():
+    """MaxPayloadInMB was the largest listed photo's size: one photo re-uploaded larger before the
+    job reached it failed the whole job. The limit is now the most the concurrency allows (the
+    container gets the same in SAGEMAKER_MAX_PAYLOAD_IN_MB), the concurrency unchanged."""
+    from platemask.sagemaker_backend import container_environment, payload_limits
+
+    for max_concurrent, entries, expected in [(4, ENTRIES, (25, 4)), (1, ENTRIES, (100, 1)), (8, ENTRIES, (12, 8)),
+                                              (4, [{"key": "k", "size": 40 * 2**20, "etag": "e"}], (50, 2))]:
+        settings = Settings(sagemaker_max_concurrent=max_concurrent)
+        assert payload_limits(settings, entries) == expected
+        req = transform_request(settings, SPEC, job="j", model="m", manifest_uri="s3://b/m", entries=entries)
+        assert (req["MaxPayloadInMB"], req["MaxConcurrentTransforms"]) == expected
+        assert req["Environment"]["SAGEMAKER_MAX_PAYLOAD_IN_MB"] == str(expected[0])
+        assert container_environment(settings, SPEC, entries) == req["Environment"]
 
 
 def test_transform_request_and_manifest():
@@ -378,10 +395,63 @@ def test_out_records_the_mask_step_cannot_trust_fail_their_photo_closed(sm_env, 
     assert recs[victim]["status"] == "masked" and "masked/DE/2026/11/20/car0.jpg" in _published(s3, settings)
 
 
+def test_a_regrown_photo_is_left_out_of_the_next_attempt_when_the_failure_reason_does_not_name_it(
+        aws_conn, model_dir, server_url, scene):
+    """AWS's FailureReason usually names no record ("See job logs"): the photo that failed the job
+    is found in S3 (another ETag than the listing's) and left out of the next attempt; the photos
+    queued after it are masked by that attempt instead of failing transform_job_failed."""
+    s3 = aws_conn
+    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
+                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=1,
+                        sagemaker_local_endpoint=server_url)
+    s3.create_bucket(Bucket=settings.bucket)
+    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/b1.jpg": jpeg_bytes(scene[0], quality=50),
+              "raw/DE/2026/11/20/c2.jpg": jpeg_bytes(scene[0][:, ::-1]), "raw/DE/2026/11/20/d3.jpg": jpeg_bytes(scene[0])}
+    # re-uploaded at 7 MB: the server's own limit is 6 MB (413), the job's is 100 (one at a time)
+    shard = _regrown(s3, settings, photos, "raw/DE/2026/11/20/b1.jpg", np.random.default_rng(5).bytes(7 * 2**20))
+    from platemask.airflow_support import sagemaker_hook
+    from platemask.local_transform import job_state_key
+    from platemask.sagemaker_backend import submit
+
+    hook = sagemaker_hook(settings, s3)
+    resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
+    submitted = resubmit(shard)
+    first = _wait(hook, submitted)["transform"]  # attempt 0 alone: it fails on b1 after a0
+    assert first["state"] == "Failed" and "b1.jpg" in first["failure_reason"]
+    # as AWS words it: no record named
+    desc = hook.describe_transform_job(first["job"])
+    bucket, key = job_state_key(desc["TransformOutput"]["S3OutputPath"])
+    outcome = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(
+        {**outcome, "FailureReason": "ClientError: See job logs for more information"}).encode())
+    waited = _wait(hook, submitted, resubmit=resubmit)
+    t = waited["transform"]
+    assert t["state"] == "Completed" and t["attempt"] == 1, t
+    assert _job_manifests(s3, hook, re.sub(r"-a\d+$", "-a", t["job"]))[t["job"]] == ["raw/DE/2026/11/20/c2.jpg",
+                                                                                   "raw/DE/2026/11/20/d3.jpg"]
+    left = t["left_out"]["raw/DE/2026/11/20/b1.jpg"]
+    assert left["reason"] == "source_changed" and "re-uploaded after it was listed" in left["error"]
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+
+    recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
+                                             log=lambda m: None))
+    assert recs["raw/DE/2026/11/20/b1.jpg"]["status"] == "failed" and recs["raw/DE/2026/11/20/b1.jpg"]["reason"] == "source_changed"
+    assert [recs[f"raw/DE/2026/11/20/{k}"]["status"] for k in ("a0.jpg", "c2.jpg", "d3.jpg")] == ["masked"] * 3
+    assert _published(s3, settings) == {f"masked/DE/2026/11/20/{k}" for k in ("a0.jpg", "c2.jpg", "d3.jpg")}
+    # b1 put back as listed before the mask step: it still fails alone, with what happened to it
+    s3.put_object(Bucket=settings.bucket, Key="raw/DE/2026/11/20/b1.jpg", Body=photos["raw/DE/2026/11/20/b1.jpg"])
+    again = _records(s3, settings, mask_shard(s3, settings, {**waited, "spec": dict(waited["spec"], reprocess=True)},
+                                              detector_factory(settings, str(model_dir)), log=lambda m: None))
+    b1 = again["raw/DE/2026/11/20/b1.jpg"]
+    assert b1["status"] == "failed" and b1["reason"] == "source_changed" and "not sent again" in b1["error"]
+
+
 def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn, model_dir, server_url, scene):
     """A record the container refuses (413: over its SAGEMAKER_MAX_PAYLOAD_IN_MB of 6) fails the job
-    as on AWS; what the job finished is used, only the rest goes to the next attempt, attempts stop
-    when one makes no progress, and the photos left are failures with the job's FailureReason."""
+    as on AWS; what the job finished is used, only the rest goes to the next attempt, less the
+    photo the FailureReason names (it would fail that attempt too): it fails alone with the job's
+    reason, and the photo queued after it is masked (it failed transform_job_failed before)."""
     s3 = aws_conn
     settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
                         sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=1,
@@ -406,13 +476,14 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     assert submitted["transform"]["attempt"] == 0 and submitted["transform"]["submitted"] == 4
     waited = _wait(hook, submitted, resubmit=resubmit)
     t = waited["transform"]
-    assert t["state"] == "Failed" and "b2.png" in t["failure_reason"]  # 413, or the connection it closed
-    assert t["attempt"] == 1 and len(t["outputs"]) == 2
+    assert t["state"] == "Completed" and t["attempt"] == 1 and len(t["outputs"]) == 2
+    first = hook.describe_transform_job(re.sub(r"-a1$", "-a0", t["job"]))
+    assert first["TransformJobStatus"] == "Failed" and "b2.png" in first["FailureReason"]  # 413, or the connection it closed
+    assert t["left_out"]["raw/DE/2026/11/20/b2.png"]["reason"] == "transform_record_failed"
+    # the second attempt's manifest held only the photos the first left without output, less b2
     desc = hook.describe_transform_job(t["job"])
-    assert desc["TransformJobStatus"] == "Failed" and desc["FailureReason"] == t["failure_reason"]
-    # the second attempt's manifest held only the photos the first left without output
     manifest = desc["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"]
-    assert read_manifest(s3, manifest)[1] == ["raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"]
+    assert read_manifest(s3, manifest)[1] == ["raw/DE/2026/11/20/c3.jpg"]
     # the next poke starts from the same XCom (a reschedule sensor keeps no state): same end, no new job
     jobs = lambda: sorted(j["TransformJobName"] for j in hook.get_conn().list_transform_jobs(  # noqa: E731
         MaxResults=100)["TransformJobSummaries"])
@@ -421,14 +492,107 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
                                              log=lambda m: None))
     assert set(recs) == set(photos)
-    assert recs["raw/DE/2026/11/20/a0.jpg"]["status"] == recs["raw/DE/2026/11/20/a1.jpg"]["status"] == "masked"
-    for k in ("raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"):
-        assert recs[k]["status"] == "failed" and recs[k]["reason"] == "transform_job_failed" and "b2.png" in recs[k]["error"]
-    assert _published(s3, settings) == {"masked/DE/2026/11/20/a0.jpg", "masked/DE/2026/11/20/a1.jpg"}
+    assert [recs[f"raw/DE/2026/11/20/{k}"]["status"] for k in ("a0.jpg", "a1.jpg", "c3.jpg")] == ["masked"] * 3
+    b2 = recs["raw/DE/2026/11/20/b2.png"]
+    assert b2["status"] == "failed" and b2["reason"] == "transform_record_failed"
+    assert "b2.png" in b2["error"] and first["TransformJobName"] in b2["error"] and "CloudWatch" in b2["error"]
+    assert _published(s3, settings) == {f"masked/DE/2026/11/20/{k}" for k in ("a0.jpg", "a1.jpg", "c3.jpg")}
     # the next run submits only what is still to do
     again = submit(sagemaker_hook(settings, s3), s3, settings, _shard_of(s3, settings, dict.fromkeys(photos), run_id="r2"),
                    str(model_dir))
-    assert again["transform"]["photos"] == 2
+    assert again["transform"]["photos"] == 1
+
+
+def _regrown(s3, settings, photos, key, body: bytes):
+    """The shard as listed, then ``key`` re-uploaded as ``body`` before the job runs."""
+    shard = _shard_of(s3, settings, photos)
+    s3.put_object(Bucket=settings.bucket, Key=key, Body=body)
+    return shard
+
+
+def _noise_jpeg(min_size: int) -> bytes:
+    """A JPEG of at least ``min_size`` bytes (random pixels compress badly, as a camera's do at 95)."""
+    from PIL import Image
+
+    side = 600
+    while True:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(3).integers(0, 255, (side, side * 4 // 3, 3), np.uint8)).save(
+            buf, "JPEG", quality=95)
+        if len(buf.getvalue()) >= min_size:
+            return buf.getvalue()
+        side = int(side * 1.3)
+
+
+def _job_manifests(s3, hook, prefix: str) -> dict[str, list[str]]:
+    """The photos of each transform job whose name starts with ``prefix``."""
+    from platemask.local_transform import read_manifest
+
+    out = {}
+    for j in hook.get_conn().list_transform_jobs(MaxResults=100, NameContains=prefix)["TransformJobSummaries"]:
+        if not j["TransformJobName"].startswith(prefix):
+            continue
+        desc = hook.describe_transform_job(j["TransformJobName"])
+        out[j["TransformJobName"]] = read_manifest(s3, desc["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"])[1]
+    return out
+
+
+def test_a_photo_regrown_after_listing_fails_alone_not_the_job(aws_conn, model_dir, server_url, scene):
+    """b1 listed at 0.2 MB (MaxPayloadInMB was 1), re-uploaded at 1.3 MB before the job: it failed
+    attempts 0 and 1 (413) and every photo queued after it failed transform_job_failed. The limit
+    now has the concurrency's headroom: the job completes, b1 alone fails source_changed."""
+    s3 = aws_conn
+    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
+                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=1,
+                        sagemaker_local_endpoint=server_url)
+    s3.create_bucket(Bucket=settings.bucket)
+    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/b1.jpg": jpeg_bytes(scene[0], quality=50),
+              "raw/DE/2026/11/20/c2.jpg": jpeg_bytes(scene[0][:, ::-1]), "raw/DE/2026/11/20/d3.jpg": jpeg_bytes(scene[0])}
+    assert len(photos["raw/DE/2026/11/20/b1.jpg"]) < 2**20
+    shard = _regrown(s3, settings, photos, "raw/DE/2026/11/20/b1.jpg", _noise_jpeg(int(1.25 * 2**20)))
+    waited, recs = _run_shard(s3, settings, shard, model_dir)
+    t = waited["transform"]
+    assert t["state"] == "Completed" and t["attempt"] == 0, t
+    from platemask.airflow_support import sagemaker_hook
+
+    desc = sagemaker_hook(settings, s3).describe_transform_job(t["job"])
+    assert desc["MaxPayloadInMB"] * 2**20 > 1.25 * 2**20 and desc["MaxPayloadInMB"] * desc["MaxConcurrentTransforms"] <= 100
+    b1 = recs["raw/DE/2026/11/20/b1.jpg"]
+    assert b1["status"] == "failed" and b1["reason"] == "source_changed" and "b1.jpg" in b1["error"]
+    assert [recs[f"raw/DE/2026/11/20/{k}"]["status"] for k in ("a0.jpg", "c2.jpg", "d3.jpg")] == ["masked"] * 3
+    assert _published(s3, settings) == {f"masked/DE/2026/11/20/{k}" for k in ("a0.jpg", "c2.jpg", "d3.jpg")}
+
+
+def test_a_photo_regrown_past_the_payload_limit_is_left_out_of_the_next_attempt(aws_conn, model_dir, server_url, scene):
+    """Past even the headroom (10 MB at 10 at once) the record fails its job, as on AWS. The next
+    attempt leaves it out (S3 shows another ETag, and a size over the job's limit: it would fail
+    that attempt too), the others are masked, b1 fails alone with what happened to it."""
+    s3 = aws_conn
+    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
+                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=10,
+                        sagemaker_local_endpoint=server_url)
+    s3.create_bucket(Bucket=settings.bucket)
+    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/b1.jpg": jpeg_bytes(scene[0], quality=50),
+              "raw/DE/2026/11/20/c2.jpg": jpeg_bytes(scene[0][:, ::-1]), "raw/DE/2026/11/20/d3.jpg": jpeg_bytes(scene[0])}
+    shard = _regrown(s3, settings, photos, "raw/DE/2026/11/20/b1.jpg", np.random.default_rng(4).bytes(11 * 2**20))
+    waited, recs = _run_shard(s3, settings, shard, model_dir)
+    t = waited["transform"]
+    from platemask.airflow_support import sagemaker_hook
+
+    hook = sagemaker_hook(settings, s3)
+    first = hook.describe_transform_job(re.sub(r"-a\d+$", "-a0", t["job"]))
+    assert first["MaxPayloadInMB"] == 10 and first["TransformJobStatus"] == "Failed" and "b1.jpg" in first["FailureReason"]
+    left = t["left_out"]["raw/DE/2026/11/20/b1.jpg"]
+    assert left["reason"] == "source_changed" and "over the job's MaxPayloadInMB of 10" in left["error"]
+    # the photos the first attempt left were sent again (if any were left), b1 never
+    base = re.sub(r"-a\d+$", "-a", t["job"])  # this shard's attempts (moto holds other tests' jobs too)
+    later = {job: keys for job, keys in _job_manifests(s3, hook, base).items() if not job.endswith("-a0")}
+    assert all("raw/DE/2026/11/20/b1.jpg" not in keys for keys in later.values()) and len(later) <= 1
+    assert t["attempt"] == len(later) and (t["state"] == "Completed" if later else True)
+    b1 = recs["raw/DE/2026/11/20/b1.jpg"]
+    assert b1["status"] == "failed" and b1["reason"] == "source_changed" and "b1.jpg" in b1["error"]
+    assert [recs[f"raw/DE/2026/11/20/{k}"]["status"] for k in ("a0.jpg", "c2.jpg", "d3.jpg")] == ["masked"] * 3
+    assert _published(s3, settings) == {f"masked/DE/2026/11/20/{k}" for k in ("a0.jpg", "c2.jpg", "d3.jpg")}
 
 
 def test_a_photo_replaced_after_detection_is_never_published(sm_env, model_dir, server_url):
@@ -638,9 +802,9 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
 def test_dag_a_failed_job_is_resumed_with_the_rest_of_its_photos(aws_conn, monkeypatch, airflow_db, server_url,
                                                                   model_dir, scene):
     """Through dag.test(): the first job fails on a record the container refuses (413: over its
-    6 MB limit) after finishing two photos; on resume the wait starts an attempt over the other
-    two and defers again; that one makes no progress, the wait ends, the two done photos are
-    published and the rest fail with the job's reason (the run within its failure limit)."""
+    6 MB limit) after finishing two photos; on resume the wait starts an attempt over the photo
+    left after it (the refused one left out: it would fail that attempt too) and defers again;
+    that one completes, three photos are published and the refused one fails alone."""
     from conftest import png_bytes
     from test_dag import _ti_states, load_dag
 
@@ -666,12 +830,13 @@ def test_dag_a_failed_job_is_resumed_with_the_rest_of_its_photos(aws_conn, monke
     # deferred on attempt 0; resumed when it failed, started attempt 1 over the rest, deferred on it
     assert [j[-3:] for j in triggered] == ["-a0", "-a1"]
     rep = json.loads(s3.get_object(Bucket=bucket, Key="qa/DE/20261119T2300Z-20261120T2300Z/report.json")["Body"].read())
-    assert rep["by_status"] == {"masked": 2, "no_plate": 0, "failed": 2}
-    failed = {i["key"] for i in rep["failures_by_reason"]["transform_job_failed"]["items"]}
-    assert failed == {"raw/DE/2026/11/20/b2.png", "raw/DE/2026/11/20/c3.jpg"}
+    assert rep["by_status"] == {"masked": 3, "no_plate": 0, "failed": 1}
+    assert set(rep["failures_by_reason"]) == {"transform_record_failed"}
+    failed = {i["key"] for i in rep["failures_by_reason"]["transform_record_failed"]["items"]}
+    assert failed == {"raw/DE/2026/11/20/b2.png"}
     assert rep["shards"][0]["transform"]["job"].endswith("-a1")
     published = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="masked/").get("Contents", [])}
-    assert published == {"masked/DE/2026/11/20/a0.jpg", "masked/DE/2026/11/20/a1.jpg"}
+    assert published == {"masked/DE/2026/11/20/a0.jpg", "masked/DE/2026/11/20/a1.jpg", "masked/DE/2026/11/20/c3.jpg"}
 
 
 def test_inference_image_pairs_a_cuda12_torch_with_the_535_driver_ami():
