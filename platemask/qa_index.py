@@ -7,10 +7,10 @@ failed and what to do; the plugin turns it into a readable page with a 404/502/5
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 
+from .html_text import escape
 from .layout import WINDOW_ID, qa_key, qa_windows_prefix
 from .settings import Settings
 from .storage import MISSING_CODES, S3Store
@@ -63,7 +63,12 @@ def store_error(exc: Exception, *, bucket: str, key: str, action: str, conn_id: 
 
 def _number(v):
     """A real number from report.json, or None (bools, strings, NaN and the like are not numbers)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        if not math.isfinite(float(v)):
+            return None
+    except OverflowError:  # an int past any float (10**400): no count or rate is that
         return None
     return v
 
@@ -115,12 +120,21 @@ def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[
                 err = store_error(exc, bucket=settings.bucket, key=key, action="reading", conn_id=settings.aws_conn_id)
                 if err.status == 503:  # S3 went away mid-page: say so instead of a page of error rows
                     raise err from exc
+                if err.status == 404:  # the window's folder holds only runs/: no run published a report
+                    rows.append({"region": region, "window": w, "error": "no published report: only dry runs, partial "
+                                 "(max_images) runs or runs that did not hold the window's lock wrote QA here (under "
+                                 "runs/), or its run has not reached QA yet"})
+                    continue
                 rows.append({"region": region, "window": w, "error": f"{err.what} ({err.where})"})
                 continue
-            except ValueError as exc:  # not JSON / not UTF-8
-                rows.append({"region": region, "window": w, "error": f"report.json is not valid JSON: {exc}"})
+            except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser's depth
+                rows.append({"region": region, "window": w,
+                             "error": f"report.json is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}"})
                 continue
-            rows.append(summarise(region, w, report))
+            try:
+                rows.append(summarise(region, w, report))
+            except Exception as exc:  # noqa: BLE001 - one report the page cannot read never hides the others
+                rows.append({"region": region, "window": w, "error": f"report.json cannot be shown: {type(exc).__name__}"})
     return rows
 
 
@@ -128,11 +142,11 @@ def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[
 
 def _cell(v, fmt=str) -> str:
     """One table cell's text, escaped whatever its type; None shows as "?"."""
-    return "?" if v is None else html.escape(fmt(v))
+    return "?" if v is None else escape(fmt(v))
 
 
 def render_index(rows: list[dict], report_href) -> str:
-    esc = html.escape
+    esc = escape
     body = []
     for r in rows:
         link = f'<a href="{esc(report_href(r["region"], r["window"]))}">report</a>'
@@ -158,7 +172,7 @@ def render_index(rows: list[dict], report_href) -> str:
 
 def render_problem(title: str, paragraphs: list[str]) -> str:
     """A plain error page for the view; every paragraph is escaped."""
-    esc = html.escape
+    esc = escape
     return ("<!doctype html><html><head><meta charset=utf-8><title>Plate QA: " + esc(title) + "</title><style>"
             "body{font-family:system-ui,sans-serif;margin:1.5em} .box{background:#fee;border:1px solid #c88;padding:8px 12px}"
             "</style></head><body><h1>Plate QA: " + esc(title) + "</h1><div class=box>"

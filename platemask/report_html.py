@@ -6,12 +6,12 @@ access must be limited to reviewers (see README, "QA data is sensitive").
 from __future__ import annotations
 
 import base64
-import html
 import io
 import random
 
 from PIL import Image, ImageDraw
 
+from .html_text import escape
 from .storage import S3Store
 
 THUMB = 360
@@ -24,7 +24,7 @@ CSP_META = ('<meta http-equiv="Content-Security-Policy" '
 
 def _e(v) -> str:
     """Any value as escaped text: keys, reasons and numbers alike come from data someone else wrote."""
-    return "" if v is None else html.escape(str(v))
+    return escape(v)
 
 
 def _thumb(data: bytes, plates: list[dict], near: list[dict]) -> str:
@@ -45,7 +45,7 @@ def _thumb(data: bytes, plates: list[dict], near: list[dict]) -> str:
 
 
 def _pair(client, settings, masked_key, rec: dict) -> str:
-    esc = html.escape
+    esc = escape
     cells = []
     store = S3Store(settings.bucket, client=client)
     try:
@@ -72,7 +72,7 @@ def render_report(report: dict, records: list[dict], *, client, settings, spec, 
                   rng: random.Random | None = None) -> str:
     """The QA page; ``masked_key(raw_key)`` names a photo's masked copy (the run's key layout)."""
     rng = rng or random.Random(0)
-    esc = html.escape
+    esc = escape
     s = report["by_status"]
     review = [r for r in records if r.get("review") and r["status"] != "failed"][:MAX_REVIEW]
     pool = [r for r in records if r["status"] == "masked" and not r.get("review")]

@@ -167,6 +167,34 @@ def test_unreadable_report_json_is_one_row_not_a_broken_page(api, aws_conn, qa_b
     assert "report.json is not valid JSON" in page.text and W_NEW in page.text and "<b>" not in page.text
 
 
+def test_reports_the_page_cannot_read_or_that_were_never_published_are_rows_not_a_500(api, aws_conn, qa_bucket):
+    """A report.json nested past the parser's depth (RecursionError) or holding 10**400 as its failure
+    rate (OverflowError when shown) gave a bare 500 that hid every region; a window whose folder
+    holds only dry or partial runs' QA read as 'unreadable: S3 answered NoSuchKey'."""
+    client, tokens = api
+    deep, huge, dry = ("20261121T2300Z-20261122T2300Z", "20261122T2300Z-20261123T2300Z",
+                       "20261123T2300Z-20261124T2300Z")
+    aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{deep}/report.json", Body=b"[" * 100000 + b"]" * 100000)
+    aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{huge}/report.json",
+                        Body=b'{"failure_rate": 1' + b"0" * 400 + b', "photos_in_window": 10}')
+    aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{dry}/runs/manual__dry-1a2b3c4d/report.json", Body=b"{}")
+    page = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert page.status_code == 200, page.text[:300]
+    assert "RecursionError" in page.text and W_NEW in page.text and W_OLD in page.text
+    assert "no published report: only dry runs, partial" in page.text and "NoSuchKey" not in page.text
+
+
+def test_text_that_reorders_itself_is_shown_as_codes():
+    """Bidi overrides in a photo key survived escaping: 'car\u202egpj.exe' showed as 'carexe.jpg'."""
+    from platemask.html_text import escape
+    from platemask.qa_index import render_index
+
+    key = "raw/DE/car\u202egpj.exe<b>\u200b"
+    assert escape(key) == "raw/DE/car\\u202egpj.exe&lt;b&gt;\\u200b"
+    out = render_index([{"region": "DE", "window": W_OLD, "error": key}], lambda r, w: f"report/{r}/{w}")
+    assert "\u202e" not in out and "\\u202e" in out
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
