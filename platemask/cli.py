@@ -169,7 +169,7 @@ def cmd_train_verifier(a: argparse.Namespace) -> int:
     spec = train_for_model(a.model, a.data, a.workdir, epochs=a.epochs, val_fraction=a.val_fraction, seed=a.seed,
                            imagenet_weights=a.imagenet_weights or imagenet_mobilenet_v2(), device=device,
                            positive_fraction=a.positive_fraction, synthetic_per_epoch=a.synthetic_plates,
-                           overlays_per_epoch=a.synthetic_overlays, log=_log)
+                           overlays_per_epoch=a.synthetic_overlays, plain_overlays=a.plain_overlays, log=_log)
     _log(f"added verifier {spec['weights_sha256'][:12]} to {a.model}: re-run 'platemask evaluate --set-threshold' "
          "to choose the operating threshold for the fused score")
     return EXIT_OK
@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--synthetic-overlays", type=int, default=0, metavar="N",
                    help="rendered watermarks (web addresses, brand lettering, logos, on a box or not) pasted into "
                         "training photos clear of their plates, per epoch, as negatives")
+    r.add_argument("--plain-overlays", action="store_true",
+                   help="only plain watermarks (dark on a light box, light on a dark one; no coloured lettering, "
+                        "which real plates carry) and only on the photos without plates")
     r.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--val-fraction", type=float, default=0.15)

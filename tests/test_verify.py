@@ -301,3 +301,20 @@ def test_verifier_training_adds_the_synthetic_overlays_as_negatives(toy_set):
         crops, plates = lines[-1].split(", ")[1].split(" crops (")
         counts[n] = (int(crops), int(plates.split(" plates")[0]))
     assert counts[7] == (counts[0][0] + 7, counts[0][1])
+
+
+def test_plain_overlays_never_letter_in_colour():
+    """Coloured lettering is what real plates carry too (a state name in red): a verifier taught that
+    it is a watermark lost an Idaho plate (verifier v8, model card); plain ones letter in grey only."""
+    from platemask.training.synth import render_overlay
+
+    rng = np.random.default_rng(3)
+    coloured = {True: 0, False: 0}
+    for plain in (True, False):
+        for _ in range(200):
+            img, alpha = render_overlay(rng, plain=plain)
+            right = img[:, img.shape[1] * 2 // 5 :].astype(int)  # the lettering (a logo sits on the left)
+            ink = alpha[:, img.shape[1] * 2 // 5 :] > 0.9
+            spread = right.max(axis=2) - right.min(axis=2)
+            coloured[plain] += bool((spread[ink] > 60).mean() > 0.3) if ink.any() else 0
+    assert coloured[True] == 0 and coloured[False] > 5, coloured

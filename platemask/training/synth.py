@@ -151,9 +151,11 @@ def overlay_text(rng: np.random.Generator) -> str:
     return word.capitalize() + (str(rng.choice(["", " auto", " Motors", " Cars", "-auto", " Group", ".pro"])))
 
 
-def render_overlay(rng: np.random.Generator, height: int = 48) -> tuple[np.ndarray, np.ndarray]:
+def render_overlay(rng: np.random.Generator, height: int = 48, plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """An RGB watermark (h, w, 3) and its opacity (h, w) in [0, 1]: lettering, a logo sometimes, on
-    a box (light or dark, translucent) or on nothing."""
+    a box (light or dark, translucent) or on nothing. ``plain``: dark lettering on a light box or
+    light on a dark one only, never coloured lettering (which real plates carry: a state name in
+    red over the characters)."""
     text = overlay_text(rng)
     font = int(rng.choice(_FONTS)) | (cv2.FONT_ITALIC if rng.random() < 0.25 else 0)
     thick = int(rng.integers(1, max(2, height // 12) + 1))
@@ -164,13 +166,13 @@ def render_overlay(rng: np.random.Generator, height: int = 48) -> tuple[np.ndarr
     pad = int(height * rng.uniform(0.1, 0.3))
     lw = int(height * 0.7) if logo else 0
     h, w = height, tw + lw + 2 * pad + (pad if logo else 0)
-    box = rng.random()
+    box = rng.random() * (0.7 if plain else 1.0)
     img = np.zeros((h, w, 3), np.uint8)
     alpha = np.zeros((h, w), np.float32)
     if box < 0.5:  # light box, dark or coloured lettering
         img[:] = rng.integers(220, 256)
         alpha[:] = rng.uniform(0.55, 1.0)
-        fg = tuple(int(c) for c in (rng.integers(0, 60, size=3) if rng.random() < 0.6 else rng.integers(0, 256, size=3)))
+        fg = tuple(int(c) for c in (rng.integers(0, 60, size=3) if plain or rng.random() < 0.6 else rng.integers(0, 256, size=3)))
     elif box < 0.7:  # dark translucent box, light lettering
         img[:] = rng.integers(0, 50)
         alpha[:] = rng.uniform(0.3, 0.8)
