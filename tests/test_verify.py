@@ -226,9 +226,9 @@ def test_a_new_verifier_means_images_are_masked_again():
     from platemask.runspec import RunSpec
     from platemask.settings import Settings
 
-    class Client:  # the masked output exists
+    class Client:  # the masked output exists, with the SHA-256 its write stored
         def head_object(self, **_):
-            return {}
+            return {"Metadata": {"sha256": "o1"}}
 
     from platemask.model import ModelConfig
     from platemask.runs import result_identity
@@ -241,7 +241,7 @@ def test_a_new_verifier_means_images_are_masked_again():
         return result_identity(etag="e1", model_info=model, cfg=ModelConfig(name="m"), threshold=0.3, mode=spec.mode,
                                metadata="safe")
 
-    audit = {"status": "masked", "source_etag": "e1", "model": used, "identity": ident(used)}
+    audit = {"status": "masked", "source_etag": "e1", "model": used, "identity": ident(used), "output_sha256": "o1"}
     assert already_done(Client(), Settings(), spec, entry, audit, ident(dict(used)))
     assert not already_done(Client(), Settings(), spec, entry, audit, ident(dict(used, verifier_sha256="v2")))
     assert not already_done(Client(), Settings(), spec, entry, audit, ident({"name": "m", "weights_sha256": "d1"}))
