@@ -214,7 +214,7 @@ def plate_masking():
 
     @task(trigger_rule="all_done")
     def release(specs: list[dict]) -> None:
-        """Release this run's region-window locks (after QA has updated the latest reports); nothing
+        """Release this run's day locks (after QA has updated the latest reports); nothing
         to release when the plan failed (no locks were taken)."""
         from platemask.airflow_support import release_locks
 

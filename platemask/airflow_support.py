@@ -54,7 +54,7 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
 
 def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
     """``is_live(lock)``: whether the run named by a lock document is still queued or running (in the DAG
-    that took it: the regions' nightly DAGs and the manual one share the region-window locks)."""
+    that took it: the regions' nightly DAGs and the manual one share the region's day locks)."""
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     def is_live(lock: dict) -> bool:
@@ -66,7 +66,7 @@ def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
 
 
 def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[bool, list[dict]]:
-    """Take the region-window lock of every region this run masks (in region order, so two runs
+    """Take the day locks of every region this run masks (in region order, so two runs
     never wait on each other). Returns (all held, the other runs' locks still in the way).
     Dry runs write nothing shared and take no lock."""
     from .runs import acquire_lock
@@ -88,11 +88,11 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
 
 
 def hold_lock_to_mask(context: Any, settings: Settings, spec_dict: dict) -> None:
-    """Before a shard is masked: this run holds its region-window's lock, or takes it again when it
-    is free (released, or left by a run that is no longer running). A run's failed tasks cleared
-    after it ended (what its failure alert suggests) would otherwise mask without the lock, beside
-    another run of the window, and its QA would never become the window's latest report. Raises
-    ``AirflowFailException`` naming the live run that holds it. Dry runs take no lock."""
+    """Before a shard is masked: this run holds the day locks of its region-window, or takes them
+    again when they are free (released, or left by a run that is no longer running). A run's failed
+    tasks cleared after it ended (what its failure alert suggests) would otherwise mask without them,
+    beside another run of those days, and its QA would never become the window's latest report.
+    Raises ``AirflowFailException`` naming the live run that holds one. Dry runs take no lock."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from .runs import acquire_lock

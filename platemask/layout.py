@@ -16,7 +16,7 @@ Layout (all under ``settings.bucket``):
                                                so it stays in the QA prefix with its access rules
 
 ``{run}`` is ``run_key(run_id)``: runs of one window never share a file, and only one run at a time
-holds a region-window's lock, so a manual or dry run never shortens another run's coverage.
+holds the locks of a region's days, so a manual or dry run never shortens another run's coverage.
 """
 from __future__ import annotations
 
