@@ -509,10 +509,18 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             ThreadPoolExecutor(opts.write_workers, thread_name_prefix="write", initializer=yield_cpu_to_model) as writers:
         pending: deque[Future] = deque()
         batch: list[_Loaded] = []
+        flushing = [0.0]  # seconds spent in flush (also when called while waiting for the next photo)
 
         def flush():
             if not batch:
                 return
+            t0 = time.perf_counter()
+            try:
+                _flush()
+            finally:
+                flushing[0] += time.perf_counter() - t0
+
+        def _flush():
             t0 = time.perf_counter()
             try:
                 results = detect([b.key for b in batch], [b.dec for b in batch])
@@ -530,8 +538,10 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             # writes in flight are bounded by the pixel budget; this only keeps the list short. Two
             # batches' worth: the detector starts the next batch while the writers finish this one
             # (waiting until 2 x write_workers were left held a GPU idle for most of a 64-photo batch)
+            t_out = time.perf_counter()
             while len(pending) > max(2 * opts.write_workers, 2 * opts.batch_size):
                 pending.popleft().result()
+            timings.add("output_wait", time.perf_counter() - t_out)  # the detector waiting for the writers
 
         def stalled():
             # the next photo waits for memory held by the batch being gathered: detect what we have
@@ -542,7 +552,15 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             for key, (reason, message) in refused.items():
                 emit(record(key, status="failed", error=f"{src.describe(key)}: {message}", reason=reason, model=model))
             todo = list(enumerate(k for k in keys if k not in refused))
-            for item in _prefetch(load, todo, readers, depth=max(2 * opts.batch_size, opts.read_workers), stalled=stalled):
+            loaded = iter(_prefetch(load, todo, readers, depth=max(2 * opts.batch_size, opts.read_workers), stalled=stalled))
+            while True:
+                # how long the detector's thread waits for the next decoded photo ("input_wait"): the
+                # part of the pipeline's overhead that reading and decoding failed to hide
+                t_in, f_in = time.perf_counter(), flushing[0]
+                item = next(loaded, None)
+                timings.add("input_wait", time.perf_counter() - t_in - (flushing[0] - f_in))
+                if item is None:
+                    break
                 if item.error is not None:
                     fail(item, item.error)
                     continue
