@@ -120,6 +120,7 @@ def _release_one(client, settings: Settings, spec: RunSpec, key: str, log: Calla
 
 MAX_SKIPPED_LISTED = 100  # hidden files named in collected.json and the QA report (all are counted)
 
+
 def _is_folder_marker(obj: dict) -> bool:
     """An empty object whose key ends in '/': what consoles create for a folder, not a photo."""
     return obj["Key"].endswith("/") and int(obj.get("Size", 0)) == 0
