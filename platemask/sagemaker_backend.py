@@ -245,19 +245,15 @@ def _named_in(reason: str, bucket: str, pending: list[dict]) -> list[dict]:
 
 def _heads(s3, settings: Settings, entries: list[dict], cache: dict) -> None:
     """``cache[key]``: (ETag, size) of each photo now, None when it is gone; left out when S3 does
-    not say (the photo then stays in the next attempt). A listing from the key on, through the
-    storage layer (``s3:ListBucket``, which the workers have)."""
+    not say (the photo then stays in the next attempt). One HEAD a photo, through the storage layer."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     store = S3Store(settings.bucket, client=s3)
 
     def head(e: dict):
         try:
-            for o in store.iter_objects(e["key"]):
-                if o["Key"] == e["key"]:
-                    return e["key"], (o["ETag"].strip('"'), o["Size"])
-                break  # listed in key order: the key itself comes first when it is there
-            return e["key"], None
+            now = store.head(e["key"])
+            return e["key"], None if now is None else (now["ETag"].strip('"'), now["ContentLength"])
         except (ClientError, BotoCoreError) as exc:
             log.warning("cannot check s3://%s/%s before the next transform attempt: %s", settings.bucket, e["key"], exc)
         return e["key"], False

@@ -195,28 +195,24 @@ class S3Store:
                     raise
             time.sleep(self.retry_delay * 2 ** attempt)
 
-    def exists(self, key: str) -> bool:
+    def head(self, key: str) -> dict | None:
+        """S3's HEAD of the object (``ETag``, ``ContentLength``, ``Metadata`` ...), None when it does not exist."""
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if error_code(exc) in MISSING_CODES:
-                return False
-            raise
-
-    def sha256(self, key: str) -> str | None:
-        """The SHA-256 :meth:`write` stored with the object; None when it is missing (or the object is)."""
-        from botocore.exceptions import ClientError
-
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if error_code(exc) in MISSING_CODES:
                 return None
             raise
-        return (head.get("Metadata") or {}).get("sha256")
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def sha256(self, key: str) -> str | None:
+        """The SHA-256 :meth:`write` stored with the object; None when it is missing (or the object is)."""
+        head = self.head(key)
+        return None if head is None else (head.get("Metadata") or {}).get("sha256")
 
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -307,6 +303,12 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if u.scheme != "s3" or not u.netloc:
         raise ValueError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
     return u.netloc, u.path.lstrip("/")
+
+
+def is_hidden(key: str) -> bool:
+    """A file name starting with '.' (.DS_Store, macOS '._' AppleDouble files): the CLI and the DAG
+    pass these over, naming them (never dropped silently); files inside hidden folders are not."""
+    return key.rstrip("/").rsplit("/", 1)[-1].startswith(".")
 
 
 def normalise_key(key: str) -> str:
