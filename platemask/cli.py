@@ -72,7 +72,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
     from .pipeline import JobOptions, Progress, Timings, check_threshold, run_job
     from .qa import build_report, headline
     from .segment import Segmenter
-    from .storage import open_store, overlap
+    from .storage import is_hidden, open_store, overlap
 
     clash = overlap(a.src, a.dst)
     if clash:
@@ -103,8 +103,8 @@ def cmd_mask(a: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
-    hidden = [k for k in found if Path(k).name.startswith(".")]
-    keys = [k for k in found if not Path(k).name.startswith(".")]
+    hidden = [k for k in found if is_hidden(k)]
+    keys = [k for k in found if not is_hidden(k)]
     if hidden:  # .DS_Store and the like: not inputs, but never left out silently
         _log(f"platemask: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, nothing "
              f"written): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "

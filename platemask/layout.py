@@ -29,7 +29,7 @@ S3_MAX_KEY_BYTES = 1024  # S3 refuses longer keys (KeyTooLongError)
 
 
 def raw_root(settings: Settings, region: str) -> str:
-    return settings.raw_prefix.split("{yyyy}")[0].format(region=region)
+    return settings.roots(region)["raw_prefix"]
 
 
 def masked_key(settings: Settings, region: str, raw_key: str) -> str:

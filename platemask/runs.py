@@ -21,7 +21,7 @@ from .imageio import ImageError, extension_supported
 from .layout import audit_key, key_too_long, lock_keys, masked_key, qa_prefix, qa_run_prefix, run_prefix, s3_uri
 from .runspec import RunError, RunSpec
 from .settings import Settings
-from .storage import MISSING_CODES, PRECONDITION_CODES, S3Store, error_code, read_json_lines
+from .storage import MISSING_CODES, PRECONDITION_CODES, S3Store, error_code, is_hidden, read_json_lines
 
 
 def _store(client, settings: Settings) -> S3Store:
@@ -96,14 +96,23 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
     return any(released)
 
 
-def _release_one(client, settings: Settings, spec: RunSpec, key: str, log: Callable[[str], None]) -> bool:
-    from botocore.exceptions import ClientError
-
+def _own_lock(client, settings: Settings, spec: RunSpec, key: str) -> tuple[dict, str] | None:
+    """(document, ETag) of the lock at ``key`` when this run holds it, else None (free, released,
+    another run's, missing or unreadable)."""
     try:
         found = _store(client, settings).get_json(key)
     except ValueError:
-        return False
+        return None
     if found is None or found[0].get("state") != "held" or found[0].get("run_id") != spec.run_id:
+        return None
+    return found
+
+
+def _release_one(client, settings: Settings, spec: RunSpec, key: str, log: Callable[[str], None]) -> bool:
+    from botocore.exceptions import ClientError
+
+    found = _own_lock(client, settings, spec, key)
+    if found is None:
         return False
     try:
         _store(client, settings).put_json_conditional(
@@ -124,12 +133,6 @@ MAX_SKIPPED_LISTED = 100  # hidden files named in collected.json and the QA repo
 def _is_folder_marker(obj: dict) -> bool:
     """An empty object whose key ends in '/': what consoles create for a folder, not a photo."""
     return obj["Key"].endswith("/") and int(obj.get("Size", 0)) == 0
-
-
-def _is_hidden(key: str) -> bool:
-    """A name starting with '.' (.DS_Store, macOS '._' AppleDouble files): not masked, but counted
-    and named in the QA report (``skipped_hidden``), never dropped silently."""
-    return key.rstrip("/").rsplit("/", 1)[-1].startswith(".")
 
 
 def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None],
@@ -163,7 +166,7 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
         for o in _store(client, settings).iter_objects(prefix):
             if _is_folder_marker(o):
                 continue
-            if _is_hidden(o["Key"]):
+            if is_hidden(o["Key"]):
                 if hidden is not None:
                     hidden.append(o["Key"])
                 continue
@@ -202,7 +205,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
                 continue
             if settings.time_source == "last_modified" and not w.contains(obj["LastModified"]):
                 continue
-            if _is_hidden(key):
+            if is_hidden(key):
                 hidden.append(key)
                 continue
             # a non-empty object whose key ends in '/' stays in: an input gets a record (it fails for its extension)
@@ -528,14 +531,7 @@ def verdict(report: dict) -> list[str]:
 
 def _holds_lock(client, settings: Settings, spec: RunSpec) -> bool:
     """Whether this run holds the lock of every day its window touches."""
-    for key in lock_keys(settings, spec):
-        try:
-            found = _store(client, settings).get_json(key)
-        except ValueError:
-            return False
-        if found is None or found[0].get("state") != "held" or found[0].get("run_id") != spec.run_id:
-            return False
-    return True
+    return all(_own_lock(client, settings, spec, key) is not None for key in lock_keys(settings, spec))
 
 
 def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
