@@ -196,6 +196,16 @@ def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     raise ImageError("unsupported_mode", f"pixel mode {m!r} is not supported")
 
 
+def decode_failure(exc: Exception) -> ImageError:
+    """An exception decoding one photo raised as that photo's failure (an ImageError as it is; any
+    other as ``corrupt``, with what to do): the decoder's own last resort, and that of the job loop
+    and the container around it, so one hostile file never fails a shard or a transform job."""
+    if isinstance(exc, ImageError):
+        return exc
+    return ImageError("corrupt", f"cannot decode ({type(exc).__name__}: {exc}); the file is damaged or unusual: "
+                      "re-export it as a plain JPEG or PNG and mask that")
+
+
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data``; raise ImageError with a reason code for anything unusable."""
     check_max_pixels(max_pixels)
@@ -253,8 +263,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     except (ImageError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a hostile file trips over after its pixels loaded is its own failure
-        raise ImageError("corrupt", f"cannot read its metadata or pixel layout ({type(exc).__name__}: {exc}); the "
-                         "file is damaged or unusual: re-export it as a plain JPEG or PNG and mask that") from None
+        raise decode_failure(exc) from None
     img.close()  # the Pillow copy (4 bytes a pixel for RGB) goes before the RGB view is made
     del img
     pixels = np.ascontiguousarray(pixels)

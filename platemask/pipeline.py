@@ -23,7 +23,7 @@ from .constants import DEFAULT_METADATA_POLICY, METADATA_POLICIES
 from .detections import Plate, record
 from .geometry import polygon_area
 from .imageio import (DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, check_max_pixels, content_type, decode,
-                      decoded_nbytes, encode)
+                      decode_failure, decoded_nbytes, encode)
 from .mask import MaskStyle, apply_mask, masked_region
 from .review import MAX_MASKED_FRACTION, MAX_PLATES, calibrate, review_band, review_reasons
 from .storage import Store, normalise_key
@@ -451,8 +451,7 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             except MemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a decoder's surprise is this photo's failure, not the shard's
-                item.error = ImageError("corrupt", f"cannot decode ({type(exc).__name__}: {exc}); re-export it as "
-                                        "a plain JPEG or PNG and mask that")
+                item.error = decode_failure(exc)
                 release(item)
             finally:
                 timings.add("decode", time.perf_counter() - t1)

@@ -257,7 +257,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
 
     return_freed_memory_to_os()  # before the model's threads start (platemask.allocator)
     from .detections import record
-    from .imageio import ImageError, decode, decoded_nbytes
+    from .imageio import decode, decode_failure, decoded_nbytes
     from .pipeline import PixelBudget, build_record
 
     model_dir = model_dir or os.environ.get(MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR)
@@ -322,8 +322,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - this photo's failure, not the job's: 200 with a failed record
-            err = exc if isinstance(exc, ImageError) else ImageError(
-                "corrupt", f"cannot decode ({type(exc).__name__}: {exc}); re-export it as a plain JPEG or PNG")
+            err = decode_failure(exc)
             return _json(record(key, status="failed", reason=err.reason, error=str(err), model=seg.model_info,
                                 input_sha256=sha))
         with holder.lock:
