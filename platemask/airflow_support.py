@@ -106,14 +106,18 @@ def hold_lock_to_mask(context: Any, settings: Settings, spec_dict: dict) -> None
                         owner={"dag_id": dag_id})
     if held is not None:
         raise AirflowFailException(
-            f"not masking: {lock_wait_message([held], settings).split('. This run waits')[0]}; two runs must not mask "
+            f"not masking: {_holders(held)}; two runs must not mask "
             "one window at once. Clear this task again once that run has finished, or trigger the window again.")
 
 
-def lock_wait_message(blocking: list[dict], settings: Settings) -> str:
+def _holders(*locks: dict) -> str:
+    """Who holds these lock documents, in words."""
     return "; ".join(f"region {b.get('region')} window {b.get('window')} is being masked by run {b.get('run_id')} "
-                     + (f"of {b['dag_id']} " if b.get("dag_id") else "") + f"(since {b.get('since')})"
-                     for b in blocking) + (
+                     + (f"of {b['dag_id']} " if b.get("dag_id") else "") + f"(since {b.get('since')})" for b in locks)
+
+
+def lock_wait_message(blocking: list[dict], settings: Settings) -> str:
+    return _holders(*blocking) + (
         f". This run waits up to {settings.lock_wait_minutes:g} min (lock_wait_minutes) for it, then fails: "
         "let that run finish, then rerun this one.")
 
