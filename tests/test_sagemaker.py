@@ -401,12 +401,8 @@ def test_a_regrown_photo_is_left_out_of_the_next_attempt_when_the_failure_reason
     is found in S3 (another ETag than the listing's) and left out of the next attempt; the photos
     queued after it are masked by that attempt instead of failing transform_job_failed."""
     s3 = aws_conn
-    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
-                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=1,
-                        sagemaker_local_endpoint=server_url)
-    s3.create_bucket(Bucket=settings.bucket)
-    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/b1.jpg": jpeg_bytes(scene[0], quality=50),
-              "raw/DE/2026/11/20/c2.jpg": jpeg_bytes(scene[0][:, ::-1]), "raw/DE/2026/11/20/d3.jpg": jpeg_bytes(scene[0])}
+    settings = _local_runner_settings(s3, server_url, max_concurrent=1)
+    photos = _four_photos(scene)
     # re-uploaded at 7 MB: the server's own limit is 6 MB (413), the job's is 100 (one at a time)
     shard = _regrown(s3, settings, photos, "raw/DE/2026/11/20/b1.jpg", np.random.default_rng(5).bytes(7 * 2**20))
     from platemask.airflow_support import sagemaker_hook
@@ -453,10 +449,7 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     photo the FailureReason names (it would fail that attempt too): it fails alone with the job's
     reason, and the photo queued after it is masked (it failed transform_job_failed before)."""
     s3 = aws_conn
-    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
-                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=1,
-                        sagemaker_local_endpoint=server_url)
-    s3.create_bucket(Bucket=settings.bucket)
+    settings = _local_runner_settings(s3, server_url, max_concurrent=1)
     noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
     from conftest import png_bytes
 
@@ -503,6 +496,21 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     assert again["transform"]["photos"] == 1
 
 
+def _local_runner_settings(s3, server_url: str, *, max_concurrent: int) -> Settings:
+    """Settings for transform jobs run by the local runner against ``server_url``, in a new bucket."""
+    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
+                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=max_concurrent,
+                        sagemaker_local_endpoint=server_url)
+    s3.create_bucket(Bucket=settings.bucket)
+    return settings
+
+
+def _four_photos(scene) -> dict[str, bytes]:
+    """a0, b1 (quality 50: smaller), c2 (mirrored) and d3 of the 20th's partition."""
+    return {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/b1.jpg": jpeg_bytes(scene[0], quality=50),
+            "raw/DE/2026/11/20/c2.jpg": jpeg_bytes(scene[0][:, ::-1]), "raw/DE/2026/11/20/d3.jpg": jpeg_bytes(scene[0])}
+
+
 def _regrown(s3, settings, photos, key, body: bytes):
     """The shard as listed, then ``key`` re-uploaded as ``body`` before the job runs."""
     shard = _shard_of(s3, settings, photos)
@@ -542,12 +550,8 @@ def test_a_photo_regrown_after_listing_fails_alone_not_the_job(aws_conn, model_d
     attempts 0 and 1 (413) and every photo queued after it failed transform_job_failed. The limit
     now has the concurrency's headroom: the job completes, b1 alone fails source_changed."""
     s3 = aws_conn
-    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
-                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=1,
-                        sagemaker_local_endpoint=server_url)
-    s3.create_bucket(Bucket=settings.bucket)
-    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/b1.jpg": jpeg_bytes(scene[0], quality=50),
-              "raw/DE/2026/11/20/c2.jpg": jpeg_bytes(scene[0][:, ::-1]), "raw/DE/2026/11/20/d3.jpg": jpeg_bytes(scene[0])}
+    settings = _local_runner_settings(s3, server_url, max_concurrent=1)
+    photos = _four_photos(scene)
     assert len(photos["raw/DE/2026/11/20/b1.jpg"]) < 2**20
     shard = _regrown(s3, settings, photos, "raw/DE/2026/11/20/b1.jpg", _noise_jpeg(int(1.25 * 2**20)))
     waited, recs = _run_shard(s3, settings, shard, model_dir)
@@ -568,12 +572,8 @@ def test_a_photo_regrown_past_the_payload_limit_is_left_out_of_the_next_attempt(
     attempt leaves it out (S3 shows another ETag, and a size over the job's limit: it would fail
     that attempt too), the others are masked, b1 fails alone with what happened to it."""
     s3 = aws_conn
-    settings = Settings(bucket=f"sm-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
-                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=10,
-                        sagemaker_local_endpoint=server_url)
-    s3.create_bucket(Bucket=settings.bucket)
-    photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/b1.jpg": jpeg_bytes(scene[0], quality=50),
-              "raw/DE/2026/11/20/c2.jpg": jpeg_bytes(scene[0][:, ::-1]), "raw/DE/2026/11/20/d3.jpg": jpeg_bytes(scene[0])}
+    settings = _local_runner_settings(s3, server_url, max_concurrent=10)
+    photos = _four_photos(scene)
     shard = _regrown(s3, settings, photos, "raw/DE/2026/11/20/b1.jpg", np.random.default_rng(4).bytes(11 * 2**20))
     waited, recs = _run_shard(s3, settings, shard, model_dir)
     t = waited["transform"]

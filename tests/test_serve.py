@@ -52,6 +52,29 @@ def start_server(env: dict, port: int, log) -> tuple[str, subprocess.Popen, bool
     pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
 
 
+def start_refusing_server(env: dict, port: int, log, reason: str, why: str) -> tuple[str, subprocess.Popen, int | None, dict]:
+    """Start the real gunicorn server with ``env`` (its output in ``log``), which must never pass
+    /ping (``why``); poll it up to 120 s until /ping answers with ``reason``. Returns its URL, the
+    process, the last /ping status and body (the caller terminates the process)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    url, status, body, deadline = f"http://127.0.0.1:{port}", None, {}, time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and body.get("reason") != reason:
+            try:
+                status, raw = call(url + "/ping", timeout=2)
+                body = json.loads(raw)
+                assert status != 200, why
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        raise
+    return url, proc, status, body
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     port = _free_port()
@@ -153,19 +176,9 @@ def test_the_real_server_with_a_bad_threshold_fails_its_health_check_and_the_job
     env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
                PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu", PLATEMASK_THRESHOLD="nan")
     log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+    url, proc, status, body = start_refusing_server(env, port, log, "bad_environment",
+                                                    "a server that refuses every request must not pass /ping")
     try:
-        url, body, deadline = f"http://127.0.0.1:{port}", {}, time.monotonic() + 120
-        while time.monotonic() < deadline and body.get("status") != "error":
-            try:
-                status, raw = call(url + "/ping", timeout=2)
-                body = json.loads(raw)
-                assert status != 200, "a server that refuses every request must not pass /ping"
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            time.sleep(0.2)
         assert status == 503 and body["reason"] == "bad_environment", (body, log.read_text()[-2000:])
         assert "PLATEMASK_THRESHOLD='nan'" in body["error"]
         s3, bucket = aws_conn, f"env-{uuid.uuid4().hex[:8]}"
@@ -270,19 +283,9 @@ def test_a_gpu_job_without_usable_cuda_fails_its_health_check(model_dir, tmp_pat
                PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_REQUIRE_CUDA="1")
     env.pop("PLATEMASK_DEVICE", None)
     log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+    url, proc, status, body = start_refusing_server(env, port, log, "cuda_unavailable",
+                                                    "a GPU job must not pass /ping on the CPU")
     try:
-        url, body, deadline = f"http://127.0.0.1:{port}", {}, time.monotonic() + 120
-        while time.monotonic() < deadline and body.get("reason") != "cuda_unavailable":
-            try:
-                status, raw = call(url + "/ping", timeout=2)
-                body = json.loads(raw)
-                assert status != 200, "a GPU job must not pass /ping on the CPU"
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            time.sleep(0.2)
         assert body.get("reason") == "cuda_unavailable" and status == 503, (body, log.read_text()[-2000:])
         assert "CUDA is not usable" in body["error"]
         status, raw = call(url + "/invocations", b"\xff\xd8\xff", "image/jpeg", timeout=90)

