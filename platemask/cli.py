@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .constants import (DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES, METADATA_POLICIES,
-                        MODEL_DIR_ENV, REPO_MODEL_DIR, RUNTIMES, DEFAULT_RUNTIME, resolve_device)
+                        MODEL_DIR_ENV, OVERLAY_STYLES, REPO_MODEL_DIR, RUNTIMES, DEFAULT_RUNTIME, resolve_device)
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
 
@@ -169,7 +169,7 @@ def cmd_train_verifier(a: argparse.Namespace) -> int:
     spec = train_for_model(a.model, a.data, a.workdir, epochs=a.epochs, val_fraction=a.val_fraction, seed=a.seed,
                            imagenet_weights=a.imagenet_weights or imagenet_mobilenet_v2(), device=device,
                            positive_fraction=a.positive_fraction, synthetic_per_epoch=a.synthetic_plates,
-                           overlays_per_epoch=a.synthetic_overlays, plain_overlays=a.plain_overlays, log=_log)
+                           overlays_per_epoch=a.synthetic_overlays, overlay_style=a.overlay_style, log=_log)
     _log(f"added verifier {spec['weights_sha256'][:12]} to {a.model}: re-run 'platemask evaluate --set-threshold' "
          "to choose the operating threshold for the fused score")
     return EXIT_OK
@@ -336,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--synthetic-overlays", type=int, default=0, metavar="N",
                    help="rendered watermarks (web addresses, brand lettering, logos, on a box or not) pasted into "
                         "training photos clear of their plates, per epoch, as negatives")
-    r.add_argument("--plain-overlays", action="store_true",
-                   help="only plain watermarks (dark on a light box, light on a dark one; no coloured lettering, "
-                        "which real plates carry) and only on the photos without plates")
+    r.add_argument("--overlay-style", choices=OVERLAY_STYLES, default="any",
+                   help="plain: only dark lettering on a light box or light on a dark one (no coloured lettering, "
+                        "which real plates carry); light: only dark lettering on a light box (light on dark is what "
+                        "an old black plate is). Other than any: only on the photos without plates")
     r.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--val-fraction", type=float, default=0.15)

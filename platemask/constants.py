@@ -21,6 +21,11 @@ MetadataPolicy = Literal["strip", "safe", "keep"]
 METADATA_POLICIES: tuple[str, ...] = get_args(MetadataPolicy)
 DEFAULT_METADATA_POLICY: MetadataPolicy = "safe"
 
+# Which rendered watermarks the verifier learns as negatives (platemask.training.synth; the CLI's
+# train-verifier --overlay-style).
+OverlayStyle = Literal["any", "plain", "light"]
+OVERLAY_STYLES: tuple[str, ...] = get_args(OverlayStyle)
+
 # Where a run's segmentation happens: on the Airflow workers, or as a SageMaker Batch Transform job.
 Backend = Literal["local", "sagemaker"]
 BACKENDS: tuple[str, ...] = get_args(Backend)

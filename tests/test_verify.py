@@ -297,18 +297,26 @@ def test_verifier_training_adds_the_synthetic_overlays_as_negatives(toy_set):
     assert counts[7] == (counts[0][0] + 7, counts[0][1])
 
 
-def test_plain_overlays_never_letter_in_colour():
+def test_plain_and_light_overlays_never_letter_in_colour_and_light_ones_never_sit_on_a_dark_box():
     """Coloured lettering is what real plates carry too (a state name in red): a verifier taught that
-    it is a watermark lost an Idaho plate (verifier v8, model card); plain ones letter in grey only."""
+    it is a watermark lost an Idaho plate (verifier v8, model card); plain and light ones letter in
+    grey only. Light lettering on a dark box is what an old black plate is (verifier v9 lost one):
+    light ones always sit on a light box."""
     from platemask.training.synth import render_overlay
 
     rng = np.random.default_rng(3)
-    coloured = {True: 0, False: 0}
-    for plain in (True, False):
+    coloured = {style: 0 for style in ("any", "plain", "light")}
+    dark_box = dict(coloured)
+    for style in coloured:
         for _ in range(200):
-            img, alpha = render_overlay(rng, plain=plain)
+            img, alpha = render_overlay(rng, style=style)
             right = img[:, img.shape[1] * 2 // 5 :].astype(int)  # the lettering (a logo sits on the left)
             ink = alpha[:, img.shape[1] * 2 // 5 :] > 0.9
             spread = right.max(axis=2) - right.min(axis=2)
-            coloured[plain] += bool((spread[ink] > 60).mean() > 0.3) if ink.any() else 0
-    assert coloured[True] == 0 and coloured[False] > 5, coloured
+            coloured[style] += bool((spread[ink] > 60).mean() > 0.3) if ink.any() else 0
+            corner = img[0, -1]  # padding: the box, never lettering
+            dark_box[style] += bool(alpha[0, -1] > 0.2 and corner.max() < 100)
+    assert coloured["plain"] == coloured["light"] == 0 and coloured["any"] > 5, coloured
+    assert dark_box["light"] == 0 and dark_box["plain"] > 5, dark_box
+    with pytest.raises(ValueError, match="overlay style"):
+        render_overlay(rng, style="neon")

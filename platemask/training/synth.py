@@ -9,6 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..constants import OVERLAY_STYLES
+
 _CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 _FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_PLAIN)
 # (aspect w/h, probability): EU-long, US/JP-like, square-ish two-line (motorbike, rear of some cars)
@@ -151,11 +153,15 @@ def overlay_text(rng: np.random.Generator) -> str:
     return word.capitalize() + (str(rng.choice(["", " auto", " Motors", " Cars", "-auto", " Group", ".pro"])))
 
 
-def render_overlay(rng: np.random.Generator, height: int = 48, plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def render_overlay(rng: np.random.Generator, height: int = 48, style: str = "any") -> tuple[np.ndarray, np.ndarray]:
     """An RGB watermark (h, w, 3) and its opacity (h, w) in [0, 1]: lettering, a logo sometimes, on
-    a box (light or dark, translucent) or on nothing. ``plain``: dark lettering on a light box or
-    light on a dark one only, never coloured lettering (which real plates carry: a state name in
-    red over the characters)."""
+    a box (light or dark, translucent) or on nothing. ``style`` "plain": dark lettering on a light
+    box or light on a dark one only, never coloured lettering (which real plates carry: a state name
+    in red over the characters); "light": dark lettering on a light box only (light lettering on a
+    dark box is what an old black plate looks like)."""
+    if style not in OVERLAY_STYLES:
+        raise ValueError(f"overlay style {style!r}: expected one of {', '.join(OVERLAY_STYLES)}")
+    plain = style != "any"
     text = overlay_text(rng)
     font = int(rng.choice(_FONTS)) | (cv2.FONT_ITALIC if rng.random() < 0.25 else 0)
     thick = int(rng.integers(1, max(2, height // 12) + 1))
@@ -166,7 +172,7 @@ def render_overlay(rng: np.random.Generator, height: int = 48, plain: bool = Fal
     pad = int(height * rng.uniform(0.1, 0.3))
     lw = int(height * 0.7) if logo else 0
     h, w = height, tw + lw + 2 * pad + (pad if logo else 0)
-    box = rng.random() * (0.7 if plain else 1.0)
+    box = rng.random() * {"any": 1.0, "plain": 0.7, "light": 0.5}[style]
     img = np.zeros((h, w, 3), np.uint8)
     alpha = np.zeros((h, w), np.float32)
     if box < 0.5:  # light box, dark or coloured lettering

@@ -154,12 +154,12 @@ def overlay_position(width: int, height: int, ow: int, oh: int, rng: np.random.G
 
 
 def synthetic_overlay_crop(rgb: np.ndarray, rng: np.random.Generator, avoid: Sequence[Sequence[float]] = (),
-                           width: tuple[float, float] = (16.0, 300.0), plain: bool = False) -> np.ndarray | None:
+                           width: tuple[float, float] = (16.0, 300.0), style: str = "any") -> np.ndarray | None:
     """The verifier's input for a rendered watermark (:func:`~platemask.training.synth.render_overlay`)
     pasted into ``rgb`` clear of the boxes in ``avoid`` (its plates), mostly along an edge or in a
     corner where sites print them; its box jittered as a detector draws one. None if it fits nowhere."""
     h, w = rgb.shape[:2]
-    overlay, alpha = render_overlay(rng, height=48, plain=plain)
+    overlay, alpha = render_overlay(rng, height=48, style=style)
     pw = float(np.exp(rng.uniform(np.log(width[0]), np.log(max(width[0] + 1, min(width[1], 0.6 * w))))))
     f = pw / overlay.shape[1]
     oh, ow = max(3, int(round(overlay.shape[0] * f))), max(4, int(round(pw)))
@@ -230,7 +230,7 @@ def collect_detections(model_dir: str | Path, records, *, min_score: float = 0.0
 def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs: int = 8, batch_size: int = 64,
                    lr: float = 3e-4, randoms_per_image: float = 0.5, randoms_per_negative: float = 8.0,
                    hard_repeats: int = 3, synthetic_per_epoch: int = 0, overlays_per_epoch: int = 0,
-                   plain_overlays: bool = False, seed: int = 0,
+                   overlay_style: str = "any", seed: int = 0,
                    imagenet_weights: str | Path | None = None, device: str = "cpu", log=print) -> nn.Module:
     """Fit the verifier on ``images`` (see :func:`examples_from`) whose pixels are ``rgbs``.
 
@@ -242,8 +242,8 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
     plates come ``hard_repeats`` times. ``synthetic_per_epoch`` rendered plates pasted into random
     training photos (:func:`synthetic_plate_crop`) join the positives, ``overlays_per_epoch``
     rendered watermarks pasted clear of the plates (:func:`synthetic_overlay_crop`) the negatives;
-    ``plain_overlays``: only plain ones (see :func:`~platemask.training.synth.render_overlay`), and
-    only on photos without plates, so no window around one shows part of a plate.
+    ``overlay_style`` other than "any" (see :func:`~platemask.training.synth.render_overlay`): those
+    only, and only on photos without plates, so no window around one shows part of a plate.
     Classes are balanced in the loss.
     """
     rng = np.random.default_rng(seed)
@@ -262,10 +262,10 @@ def train_verifier(images: Sequence[dict], rgbs: Sequence[np.ndarray], *, epochs
         if e.kind == "synthetic":
             return synthetic_plate_crop(rgbs[e.image], rng)
         if e.kind == "overlay":
-            on = int(rng.choice(negatives)) if plain_overlays and negatives else e.image
-            crop = synthetic_overlay_crop(rgbs[on], rng, avoid=images[on]["gt"], plain=plain_overlays)
+            on = int(rng.choice(negatives)) if overlay_style != "any" and negatives else e.image
+            crop = synthetic_overlay_crop(rgbs[on], rng, avoid=images[on]["gt"], style=overlay_style)
             while crop is None and negatives:  # no room clear of the plates: a photo without any
-                crop = synthetic_overlay_crop(rgbs[int(rng.choice(negatives))], rng, plain=plain_overlays)
+                crop = synthetic_overlay_crop(rgbs[int(rng.choice(negatives))], rng, style=overlay_style)
             return crop if crop is not None else window_crop(rgbs[e.image], window(box))
         return window_crop(rgbs[e.image], window(box))
 
@@ -349,7 +349,7 @@ def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
 def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path, *, epochs: int = 8,
                     val_fraction: float = 0.15, seed: int = 0, imagenet_weights: str | Path | None = None,
                     device: str = "cpu", positive_fraction: float = 1.0, synthetic_per_epoch: int = 0,
-                    overlays_per_epoch: int = 0, plain_overlays: bool = False, log=print) -> dict:
+                    overlays_per_epoch: int = 0, overlay_style: str = "any", log=print) -> dict:
     """Train a verifier for the detector in ``model_dir`` on the training split of ``data`` and add it there.
 
     The detector's detections on the training photos are cached in ``workdir`` (re-used while the
@@ -376,12 +376,12 @@ def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path
     log(f"verifier: {len(rgbs)} training photos in memory ({time.time() - t0:.0f} s)")
     net = train_verifier(images, rgbs, epochs=epochs, seed=seed, imagenet_weights=imagenet_weights,
                          device=device, synthetic_per_epoch=synthetic_per_epoch,
-                         overlays_per_epoch=overlays_per_epoch, plain_overlays=plain_overlays, log=log).cpu()
+                         overlays_per_epoch=overlays_per_epoch, overlay_style=overlay_style, log=log).cpu()
     ex = examples_from(images)
     info = {"trained_on": [Path(d).name for d in ([data] if isinstance(data, (str, Path)) else data)],
             "val_fraction": val_fraction, "epochs": epochs, "seed": seed, "positive_fraction": positive_fraction,
             "synthetic_per_epoch": synthetic_per_epoch, "overlays_per_epoch": overlays_per_epoch,
-            "plain_overlays": plain_overlays,
+            "overlay_style": overlay_style,
             "detector_weights_sha256": cfg.weights_sha256,
             "plates": sum(e.label for e in ex), "negative_detections": sum(1 - e.label for e in ex)}
     return save_verifier(net, model_dir, info)
