@@ -549,7 +549,11 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
 
         try:
             for key, (reason, message) in refused.items():
-                emit(record(key, status="failed", error=f"{src.describe(key)}: {message}", reason=reason, model=model))
+                # a refused input (colliding output) loses what an earlier run wrote at its output too
+                stale = (_remove_stale_output(dst, out_keys[key])
+                         if opts.remove_stale_outputs and key in out_keys else {})
+                emit(record(key, status="failed", error=f"{src.describe(key)}: {message}", reason=reason, model=model,
+                            **stale))
             todo = list(enumerate(k for k in keys if k not in refused))
             loaded = iter(_prefetch(load, todo, readers, depth=max(2 * opts.batch_size, opts.read_workers), stalled=stalled))
             while True:

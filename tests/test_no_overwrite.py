@@ -135,3 +135,18 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "dst" / "d" / "a.jpg").st_mode) == 0o666 & ~umask
+
+
+def test_a_collision_removes_the_masked_copy_an_earlier_run_left_at_its_output(tmp_path):
+    """``b.jpg`` masked by a run, then ``a/../b.jpg`` uploaded beside it: both failed output_collision
+    on the rerun, but the first run's ``b.jpg`` stayed in DST beside two records saying failed."""
+    src = LocalStore(tmp_path / "src", create=True)
+    src.write("b.jpg", jpeg_bytes(np.full((20, 30, 3), 50, np.uint8)))
+    dst = LocalStore(tmp_path / "dst", create=True)
+    opts = JobOptions(remove_stale_outputs=True)
+    assert run_job(src, dst, ["b.jpg"], lambda k, d: [[] for _ in k], opts)[0]["status"] == "no_plate"
+    assert dst.exists("b.jpg")
+    recs = run_job(src, dst, ["b.jpg", "a/../b.jpg"], lambda k, d: [[] for _ in k], opts)
+    assert [r["reason"] for r in recs] == ["output_collision", "output_collision"]
+    assert not dst.exists("b.jpg")
+    assert [r.get("stale_output_removed") for r in recs] == [dst.describe("b.jpg"), None]
