@@ -1,12 +1,17 @@
 """``platemask``: mask photos in a folder or S3 prefix; train, export and evaluate the model.
 
-Exit codes: 0 every input masked or without plate, 3 some input failed, 2 usage error.
+Exit codes: 0 every input masked or without plate, 3 some input failed, 2 usage error, 128 + the
+signal's number when stopped by SIGINT, SIGTERM or SIGHUP (130, 143, 129: the photos in flight are
+finished and each finished one has its record; the others have none and no report is written).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 import os
 from pathlib import Path
@@ -47,6 +52,40 @@ def _max_pixels(s: str) -> int:
 
 def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
+
+
+class Interrupted(BaseException):
+    """The job was told to stop by a signal (``signum``): raised in the main thread, so that the job
+    stops reading, finishes the photos in flight and records them, like Ctrl-C (KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """SIGTERM and SIGHUP raise ``Interrupted`` in the main thread for the block (their default,
+    dying on the spot, left masked photos in DST whose records were still in a buffer, and
+    half-written temporary files). Outside the main thread signals cannot be handled: unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        for s in STOP_SIGNALS:  # a second one must not cut short the finishing of the photos in flight
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _output_file_clash(src: str, dst: str, **files: str | None) -> str | None:
@@ -120,13 +159,28 @@ def cmd_mask(a: argparse.Namespace) -> int:
     def detect(_keys, decoded):
         return seg([d.rgb for d in decoded])
 
-    det_file = open(a.detections, "w") if a.detections else None
+    # line-buffered: each record reaches the file when its photo is done, not when a buffer fills
+    det_file = open(a.detections, "w", buffering=1) if a.detections else None
+    recorded = [0]
+
+    def on_record(r: dict):
+        if det_file:
+            det_file.write(json.dumps(r) + "\n")
+        recorded[0] += 1
+
     timings = Timings()
     start = time.perf_counter()
     try:
-        records = run_job(src, dst, keys, detect, opts, model=seg.model_info, timings=timings,
-                          progress=Progress(len(keys)),
-                          on_record=(lambda r: det_file.write(json.dumps(r) + "\n")) if det_file else None)
+        with _stop_signals_interrupt():
+            records = run_job(src, dst, keys, detect, opts, model=seg.model_info, timings=timings,
+                              progress=Progress(len(keys)), on_record=on_record)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _log(f"platemask: interrupted ({signal.Signals(signum).name}) after {recorded[0]} of {len(keys)} inputs: "
+             f"each of those has its record{' in ' + a.detections if a.detections else ''}; the other "
+             f"{len(keys) - recorded[0]} were not masked and have none; no report written. Run the same "
+             "command again to mask them all")
+        return 128 + int(signum)
     finally:
         if det_file:
             det_file.close()

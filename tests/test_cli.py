@@ -255,3 +255,43 @@ def test_a_linked_folder_is_named_as_not_followed_instead_of_dropped_silently(tm
     assert qa["skipped"] == {"hidden_files": [], "linked_folders_not_followed": ["cars/more"]}
     assert qa["images"] == 1
     assert not (tmp_path / "dst" / "cars" / "more").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stopped_run_records_every_photo_it_published_and_says_it_stopped(tmp_path, model_dir, sig):
+    """SIGTERM (what systemd, docker stop and kill send) killed the job on the spot: 20 masked photos
+    in DST but 16 records in --detections (the rest still in a buffer), a half-written .tmp- file
+    left, exit -15; Ctrl-C ended in a traceback and exit 1. Now both finish the photos in flight,
+    each published photo has its record, and the exit code is 128 + the signal."""
+    import os
+    import signal
+    import time
+
+    src, dst, det = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    n = 400
+    for i in range(n):
+        (src / f"p{i:03d}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    proc = subprocess.Popen([sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--model", str(model_dir),
+                             "--detections", str(det), "--report", str(tmp_path / "r.json"), "--batch-size", "2"],
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and (not dst.is_dir() or len(list(dst.iterdir())) < 5):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, sig))
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, sig), err[-2000:]
+    assert "interrupted" in err and "no report written" in err
+    recs = _records(det)  # every line whole JSON
+    published = sorted(p.name for p in dst.iterdir())
+    assert not [p for p in published if p.startswith(".tmp-")]
+    assert 5 <= len(published) < n
+    assert sorted(r["key"] for r in recs if r["status"] != "failed") == published
+    assert not (tmp_path / "r.json").exists()
