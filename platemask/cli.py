@@ -159,8 +159,19 @@ def cmd_mask(a: argparse.Namespace) -> int:
     def detect(_keys, decoded):
         return seg([d.rgb for d in decoded])
 
-    # line-buffered: each record reaches the file when its photo is done, not when a buffer fills
-    det_file = open(a.detections, "w", buffering=1) if a.detections else None
+    # Both files are opened before any photo is read: a path that cannot be written is a usage error
+    # now, not a traceback after the whole run (exit 1, no summary), and a report an earlier run left
+    # there never outlives this run (emptied now, written when the job is done, removed if stopped).
+    det_file = report_file = None
+    try:
+        # line-buffered: each record reaches the file when its photo is done, not when a buffer fills
+        det_file = open(a.detections, "w", buffering=1) if a.detections else None
+        report_file = open(a.report, "w") if a.report else None
+    except OSError as exc:
+        if det_file:
+            det_file.close()
+        _log(f"platemask: error: cannot write {exc.filename}: {exc.strerror}")
+        return EXIT_USAGE
     recorded = [0]
 
     def on_record(r: dict):
@@ -174,7 +185,12 @@ def cmd_mask(a: argparse.Namespace) -> int:
         with _stop_signals_interrupt():
             records = run_job(src, dst, keys, detect, opts, model=seg.model_info, timings=timings,
                               progress=Progress(len(keys)), on_record=on_record)
-    except (Interrupted, KeyboardInterrupt) as exc:
+    except BaseException as exc:
+        if report_file:  # no report for a job that did not finish (nor the one an earlier run left)
+            report_file.close()
+            Path(a.report).unlink(missing_ok=True)
+        if not isinstance(exc, (Interrupted, KeyboardInterrupt)):
+            raise
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         _log(f"platemask: interrupted ({signal.Signals(signum).name}) after {recorded[0]} of {len(keys)} inputs: "
              f"each of those has its record{' in ' + a.detections if a.detections else ''}; the other "
@@ -190,8 +206,9 @@ def cmd_mask(a: argparse.Namespace) -> int:
                           extra={"src": src.uri, "dst": dst.uri, "mode": a.mode, "device": a.device,
                                  "batch_size": a.batch_size,
                                  "skipped": {"hidden_files": hidden, "linked_folders_not_followed": linked}})
-    if a.report:
-        Path(a.report).write_text(json.dumps(report, indent=2) + "\n")
+    if report_file:
+        with report_file:
+            report_file.write(json.dumps(report, indent=2) + "\n")
     _log("platemask: " + headline(report))
     for reason, info in report["failures_by_reason"].items():
         for item in info["items"][:20]:

@@ -269,6 +269,7 @@ def test_a_stopped_run_records_every_photo_it_published_and_says_it_stopped(tmp_
 
     src, dst, det = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl"
     src.mkdir()
+    (tmp_path / "r.json").write_text('{"images": 400, "by_status": {"masked": 400, "no_plate": 0, "failed": 0}}')
     rng = np.random.default_rng(3)
     n = 400
     for i in range(n):
@@ -294,4 +295,17 @@ def test_a_stopped_run_records_every_photo_it_published_and_says_it_stopped(tmp_
     assert not [p for p in published if p.startswith(".tmp-")]
     assert 5 <= len(published) < n
     assert sorted(r["key"] for r in recs if r["status"] != "failed") == published
-    assert not (tmp_path / "r.json").exists()
+    assert not (tmp_path / "r.json").exists()  # an earlier run's report never passes for this run's
+
+
+def test_a_report_or_records_path_that_cannot_be_written_is_refused_before_any_photo(photo_dir, tmp_path, model_dir,
+                                                                                   capsys):
+    """--report in a folder that does not exist: every photo was masked and published, then a
+    traceback, exit 1 and no summary line (nor the failed photos) in the log."""
+    src, _ = photo_dir
+    for extra in (["--report", str(tmp_path / "no" / "r.json")], ["--detections", str(tmp_path / "no" / "d.jsonl")],
+                  ["--report", str(tmp_path)]):
+        dst = tmp_path / "dst"
+        assert main(["mask", str(src), str(dst), "--model", str(model_dir), *extra]) == 2, extra
+        assert "cannot write" in capsys.readouterr().err
+        assert not [p for p in dst.rglob("*") if p.is_file()]
