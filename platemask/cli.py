@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import signal
 import sys
 import threading
@@ -52,6 +53,18 @@ def _max_pixels(s: str) -> int:
 
 def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
+
+
+# Line breaks, terminal escapes (C0 and C1 controls) and the Unicode controls that reorder or hide
+# text (bidi overrides and isolates, zero-width marks): what a file name may hold and a log line must not.
+_LOG_CONTROLS = re.compile("[\u0000-\u001f\u007f-\u009f\u200b-\u200f\u2028\u2029\u202a-\u202e"
+                           "\u2060-\u2064\u2066-\u2069\ufeff]")
+
+
+def _visible(text: str) -> str:
+    """``text`` (an error naming an input) as one log line: controls shown as ``\\u000a``-style codes,
+    so that a file named ``x.jpg\\nplatemask: 9 images: 9 masked, 0 failed`` cannot forge a line."""
+    return _LOG_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class Interrupted(BaseException):
@@ -212,7 +225,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
     _log("platemask: " + headline(report))
     for reason, info in report["failures_by_reason"].items():
         for item in info["items"][:20]:
-            _log(f"platemask: failed ({reason}): {item['error']}")
+            _log(f"platemask: failed ({_visible(reason)}): {_visible(item['error'])}")
     return EXIT_FAILED if report["by_status"]["failed"] else EXIT_OK
 
 

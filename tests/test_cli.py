@@ -309,3 +309,20 @@ def test_a_report_or_records_path_that_cannot_be_written_is_refused_before_any_p
         assert main(["mask", str(src), str(dst), "--model", str(model_dir), *extra]) == 2, extra
         assert "cannot write" in capsys.readouterr().err
         assert not [p for p in dst.rglob("*") if p.is_file()]
+
+
+def test_a_file_name_cannot_forge_or_hide_log_lines(tmp_path, model_dir, capsys):
+    """A damaged photo named ``x.jpg<newline>platemask: 9 images: 9 masked, 0 no plate, 0 failed ...``
+    printed that name as its own log line after the real summary: a reviewer reading the log saw a
+    clean run last. Terminal escapes in a name reached the terminal too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    good = jpeg_bytes(np.full((64, 96, 3), 120, np.uint8))
+    forged = "platemask: 9 images: 9 masked, 0 no plate, 0 failed; 0 plates; 0 for review"
+    (src / f"x.jpg\n{forged}").write_bytes(good[: len(good) // 2])
+    (src / "y\x1b[2J\u202egpj.jpg").write_bytes(b"")
+    assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir)]) == 3
+    err = capsys.readouterr().err
+    assert not [line for line in err.splitlines() if line.startswith(forged)]
+    assert "\x1b" not in err and "\u202e" not in err
+    assert "x.jpg\\u000aplatemask: 9 images" in err and "y\\u001b[2J\\u202egpj.jpg" in err
