@@ -33,6 +33,13 @@ MAX_PIXELS_CEILING = 250_000_000  # the most --max-pixels accepts (~ 20000 x 125
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS_CEILING
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The most bytes a supported image of ``max_pixels`` pixels can take on disk: 8 a pixel (16-bit
+    RGBA stored uncompressed) plus 64 MB of metadata. A larger file is refused unread, as too large:
+    reading it whole (a video or disk image in the folder) could take more memory than the machine has."""
+    return check_max_pixels(max_pixels) * 8 + (64 << 20)
+
+
 def check_max_pixels(max_pixels: int) -> int:
     """``max_pixels`` if within 1..MAX_PIXELS_CEILING, else ValueError naming the range."""
     if not 1 <= max_pixels <= MAX_PIXELS_CEILING:

@@ -23,7 +23,7 @@ from .constants import DEFAULT_METADATA_POLICY, METADATA_POLICIES
 from .detections import Plate, record
 from .geometry import polygon_area
 from .imageio import (DEFAULT_MAX_PIXELS, Decoded, ImageError, MetadataPolicy, check_max_pixels, content_type, decode,
-                      decode_failure, decoded_nbytes, encode)
+                      decode_failure, decoded_nbytes, encode, max_file_bytes)
 from .mask import MaskStyle, apply_mask, masked_region
 from .review import MAX_MASKED_FRACTION, MAX_PLATES, calibrate, review_band, review_reasons
 from .storage import Store, normalise_key
@@ -385,6 +385,18 @@ def _remove_stale_output(dst: Store, key: str) -> dict:
         return {"stale_output_not_removed": f"{dst.describe(key)}: {type(exc).__name__}: {exc}"}
 
 
+def _size_or_none(src: Store, key: str) -> int | None:
+    """The input's size when its store tells it without reading it (a local folder), else None
+    (whatever stops the size, a missing file or a link out of the folder, ``read`` reports)."""
+    size = getattr(src, "size", None)
+    if size is None:
+        return None
+    try:
+        return size(key)
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class _Loaded:
     key: str
@@ -413,6 +425,7 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
     records: dict[str, dict] = {}
     lock = threading.Lock()
     out_keys, refused = _output_keys(keys, dst_key)
+    max_bytes = max_file_bytes(opts.max_pixels)
 
     def emit(rec: dict):
         # Records come from the main thread and from every writer thread: one at a time, so that
@@ -430,6 +443,12 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
         try:
             t0 = time.perf_counter()
             try:
+                size = _size_or_none(src, key)
+                if size is not None and size > max_bytes:  # a video or disk image: not read whole into memory
+                    return _Loaded(key, error=ImageError(
+                        "too_large", f"{size:,} bytes, more than any image of at most {opts.max_pixels:,} pixels "
+                        f"takes ({max_bytes:,}): not read; move it out of the source, or raise --max-pixels if it is "
+                        "a real photo"))
                 data = src.read(key)
             except ImageError as exc:  # the store's own verdict on this input (e.g. source_changed), reason kept
                 return _Loaded(key, error=exc)

@@ -89,6 +89,10 @@ class LocalStore:
                 raise OSError(f"{p} is not a regular file (a named pipe, socket or device); only files are masked")
             return f.read()
 
+    def size(self, key: str) -> int:
+        """The file's size in bytes (of what a link inside the folder leads to), without reading it."""
+        return self._path(key).stat().st_size
+
     def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)

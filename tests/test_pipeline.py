@@ -325,3 +325,28 @@ def test_a_decoder_surprise_fails_that_photo_alone(tmp_path, monkeypatch):
     assert [r["status"] for r in recs] == ["masked", "failed", "masked", "masked"]
     assert recs[1]["reason"] == "corrupt" and "ValueError" in recs[1]["error"] and "re-export" in recs[1]["error"]
     assert sorted(dst.iter_keys()) == ["p0.jpg", "p2.jpg", "p3.jpg"]
+
+
+def test_a_file_larger_than_any_allowed_image_fails_unread(tmp_path):
+    """A 1.5 GB video in the folder was read whole before the decoder said 'not an image' (peak RSS
+    2.5 GB for one file; 8 reading threads hold 8 of them): a folder with a few took more memory than
+    the machine had and the kernel killed the run, every record after it lost."""
+    from platemask.imageio import max_file_bytes
+
+    src, dst = _store(tmp_path, n=2), LocalStore(tmp_path / "dst", create=True)
+    opts = JobOptions(max_pixels=1_000_000)
+    with open(tmp_path / "src" / "clip.jpg", "wb") as f:  # sparse: no disk used
+        f.truncate(max_file_bytes(opts.max_pixels) + 1)
+    read = []
+
+    class Spy(LocalStore):
+        def read(self, key):
+            read.append(key)
+            return super().read(key)
+
+    recs = {r["key"]: r for r in run_job(Spy(tmp_path / "src"), dst, ["clip.jpg", "p0.jpg", "p1.jpg"], _fixed(0.9), opts)}
+    assert recs["clip.jpg"]["status"] == "failed" and recs["clip.jpg"]["reason"] == "too_large"
+    assert "not read" in recs["clip.jpg"]["error"]
+    assert sorted(read) == ["p0.jpg", "p1.jpg"]
+    assert recs["p0.jpg"]["status"] == recs["p1.jpg"]["status"] == "masked"
+    assert max_file_bytes(80_000_000) > 80_000_000 * 8  # an uncompressed 16-bit RGBA 80 MP image still fits
