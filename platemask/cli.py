@@ -226,6 +226,11 @@ def cmd_mask(a: argparse.Namespace) -> int:
     for reason, info in report["failures_by_reason"].items():
         for item in info["items"][:20]:
             _log(f"platemask: failed ({_visible(reason)}): {_visible(item['error'])}")
+    for r in records:  # a failed photo's old masked copy still published: never only in the records file
+        if r.get("stale_output_not_removed"):
+            _log(f"platemask: warning: {_visible(r['key'])} failed, but the masked copy an earlier run wrote for it "
+                 f"could not be removed and is still in DST ({_visible(r['stale_output_not_removed'])}): it is not "
+                 "this run's result; delete it by hand")
     return EXIT_FAILED if report["by_status"]["failed"] else EXIT_OK
 
 

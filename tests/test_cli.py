@@ -326,3 +326,28 @@ def test_a_file_name_cannot_forge_or_hide_log_lines(tmp_path, model_dir, capsys)
     assert not [line for line in err.splitlines() if line.startswith(forged)]
     assert "\x1b" not in err and "\u202e" not in err
     assert "x.jpg\\u000aplatemask: 9 images" in err and "y\\u001b[2J\\u202egpj.jpg" in err
+
+
+def test_an_old_masked_copy_that_could_not_be_removed_is_named_in_the_log(tmp_path, model_dir, scene, capsys,
+                                                                             monkeypatch):
+    """A read-only DST on a rerun: the photo that failed now kept the earlier run's masked copy, and
+    only its line in --detections said so (stale_output_not_removed); the log listed a plain failure."""
+    from platemask.storage import LocalStore
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    good = jpeg_bytes(scene[0])
+    (src / "a.jpg").write_bytes(good)
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir)]) == 0
+    (src / "a.jpg").write_bytes(good[: len(good) // 2])
+    capsys.readouterr()
+
+    def read_only(self, key):
+        raise PermissionError(30, "Read-only file system", str(self.root / key))
+
+    monkeypatch.setattr(LocalStore, "delete", read_only)
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir)]) == 3
+    err = capsys.readouterr().err
+    assert (dst / "a.jpg").exists()
+    assert "warning: a.jpg failed, but the masked copy an earlier run wrote for it could not be removed" in err
+    assert "Read-only file system" in err
