@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -118,6 +119,20 @@ def _output_file_clash(src: str, dst: str, **files: str | None) -> str | None:
     return None
 
 
+def _open_for_records(path: str, **kw):
+    """``path`` opened for writing text. A regular file there with other names (hard links: an
+    original in SRC, a backup snapshot's copy) is unlinked first, so that this name gets a new file
+    and the others keep their bytes; truncating it in place emptied the original it shared."""
+    real = os.path.realpath(Path(path).expanduser())
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        os.unlink(real)
+    return open(path, "w", **kw)
+
+
 def cmd_mask(a: argparse.Namespace) -> int:
     from .mask import MaskStyle
     from .model import load_config
@@ -178,8 +193,8 @@ def cmd_mask(a: argparse.Namespace) -> int:
     det_file = report_file = None
     try:
         # line-buffered: each record reaches the file when its photo is done, not when a buffer fills
-        det_file = open(a.detections, "w", buffering=1) if a.detections else None
-        report_file = open(a.report, "w") if a.report else None
+        det_file = _open_for_records(a.detections, buffering=1) if a.detections else None
+        report_file = _open_for_records(a.report) if a.report else None
     except OSError as exc:
         if det_file:
             det_file.close()

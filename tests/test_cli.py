@@ -351,3 +351,21 @@ def test_an_old_masked_copy_that_could_not_be_removed_is_named_in_the_log(tmp_pa
     assert (dst / "a.jpg").exists()
     assert "warning: a.jpg failed, but the masked copy an earlier run wrote for it could not be removed" in err
     assert "Read-only file system" in err
+
+
+def test_a_records_file_hard_linked_to_an_original_leaves_the_original_alone(photo_dir, tmp_path, model_dir):
+    """--detections at a name that is a hard link of a photo in SRC (a `cp -al` snapshot, rsync
+    --link-dest) passed the inside-SRC check and was truncated in place: the original became the
+    records file, and its own record said failed (empty_file)."""
+    import os
+
+    src, _ = photo_dir
+    before = _snapshot(src)
+    det, report = tmp_path / "d.jsonl", tmp_path / "r.json"
+    os.link(src / "car.jpg", det)
+    os.link(src / "day1" / "empty_road.jpg", report)
+    assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir), "--detections", str(det),
+                 "--report", str(report)]) == 0
+    assert _snapshot(src) == before
+    assert {r["key"] for r in _records(det)} == {"car.jpg", "day1/cam/car.png", "day1/empty_road.jpg"}
+    assert json.loads(report.read_text())["images"] == 3
