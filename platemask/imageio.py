@@ -2,8 +2,9 @@
 
 Decoding reads phones' MPO as the JPEG of its first frame (the other frames dropped and counted),
 refuses other multi-page or animated files rather than cut them silently, applies EXIF orientation
-first (detection and output share one pixel frame), refuses decompression bombs before any pixel is
-decoded, and normalises the many modes photos come in.
+first (detection and output share one pixel frame; XMP's tiff:Orientation is not applied, as viewers
+ignore it), refuses decompression bombs before any pixel is decoded, and normalises the many modes
+photos come in.
 Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
 metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
 default) keeps only an allow-list (camera make and model, exposure settings, date-time, colour space
@@ -181,6 +182,19 @@ def _orientation(exif: Image.Exif) -> int:
     return int(value) if value == int(value) and 1 <= value <= 8 else 1
 
 
+_XMP_INFO = ("xmp", "XML:com.adobe.xmp")  # where Pillow's plugins put a photo's XMP packet
+
+
+def _forget_xmp(img: Image.Image) -> None:
+    """Drop the XMP packet Pillow read (never written: the output is a fresh file), and the EXIF it
+    read with it: Pillow adds XMP's ``tiff:Orientation`` to EXIF that has no Orientation (and turns a
+    TIFF by it as it loads). Browsers, libvips and ImageMagick's auto-orient ignore XMP's, so a photo
+    rotated upright by a tool that dropped its EXIF and left a stale XMP ``tiff:Orientation="6"``
+    shows upright: turned by XMP's tag, it was detected sideways, its plate missed and published."""
+    if [img.info.pop(k) for k in _XMP_INFO if k in img.info]:
+        img._exif = None  # read again without XMP (a JPEG's open read it already, for its dpi)
+
+
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     m = img.mode
     if m in ("RGB", "RGBA", "L", "LA"):
@@ -240,6 +254,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
                                  "split it into one file per page or frame (e.g. 'magick in.tif page-%d.tif') "
                                  "and mask those")
             img.seek(0)
+            _forget_xmp(img)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             # the encoded bytes to the decoder in one piece, not in 64 KB reads: every read hands the
             # interpreter lock over and waits to get it back (milliseconds while the detector's
@@ -259,6 +274,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         raise ImageError(reason, f"cannot decode: {exc}; the file is damaged or cut short: copy or upload the "
                          "original again") from None
     try:
+        _forget_xmp(img)  # a PNG's XMP after its pixels is read as they load
         exif = img.getexif()
         orientation = _orientation(exif)
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1

@@ -65,6 +65,51 @@ def test_an_unusable_exif_orientation_is_read_as_stored(typ, count, value4):
     assert np.array_equal(dec.rgb, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
+XMP_ORIENTATION_6 = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                     b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+                     b'</rdf:RDF></x:xmpmeta>')
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "PNG after its pixels", "WEBP", "TIFF"])
+@pytest.mark.parametrize("with_exif", [False, True])
+def test_a_stale_xmp_orientation_does_not_turn_the_photo(fmt, with_exif):
+    """Pixels rotated upright by a tool that dropped EXIF's Orientation but left XMP's
+    tiff:Orientation="6": viewers go by EXIF and show the photo upright. Pillow's getexif falls back
+    to XMP's tag (its TIFF loader turns the pixels by it), so the photo was detected turned 90
+    degrees (the model missed its sideways plate: no_plate) and published turned. It is read as
+    stored, as viewers show it."""
+    raw = _raw_with_marker()
+    exif = Image.Exif()
+    if with_exif:  # EXIF without an Orientation (a JPEG's open reads it already, for its dpi)
+        exif[ExifTags.Base.Make] = "Acme"
+    buf = io.BytesIO()
+    kw = {"xmp": XMP_ORIENTATION_6}
+    if fmt.startswith("PNG"):
+        kw = {}
+    elif fmt == "TIFF":
+        kw = {"tiffinfo": {700: XMP_ORIENTATION_6}}
+    Image.fromarray(raw).save(buf, format=fmt.split()[0], exif=exif.tobytes(), quality=95, **kw)
+    data = buf.getvalue()
+    if fmt.startswith("PNG"):  # an iTXt chunk, as Adobe's tools write it, before or after the pixels
+        itxt = _png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + XMP_ORIENTATION_6)
+        at = data.index(b"IDAT") - 4 if fmt == "PNG" else len(data) - 12
+        data = data[:at] + itxt + data[at:]
+    assert XMP_ORIENTATION_6 in data
+    dec = decode(data)
+    assert dec.orientation == 1 and (dec.width, dec.height) == (W, H)
+    ys, xs = np.nonzero(dec.rgb[..., 0] > 200)
+    assert abs(xs.mean() - 10) <= 1 and abs(ys.mean() - 5) <= 1
+    out = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata="keep")))
+    assert out.size == (W, H) and out.getexif().get(ExifTags.Base.Orientation, 1) == 1
+
+
 def test_jpeg_in_jpeg_out_with_quality():
     rgb = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
     dec = decode(jpeg_bytes(rgb))
