@@ -9,7 +9,7 @@ Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and
 metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
 default) keeps only an allow-list (camera make and model, exposure settings, date-time, colour space
 and the ICC profile; orientation reset to 1 as the pixels are upright); ``strip`` keeps no EXIF;
-``keep`` keeps all EXIF but the thumbnail. XMP, IPTC, comments and PNG text chunks are never written.
+``keep`` keeps all EXIF but the thumbnail and any value holding another preview (a maker note's, Photoshop's). XMP, IPTC, comments and PNG text chunks are never written.
 """
 from __future__ import annotations
 
@@ -294,6 +294,21 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
                    icc_profile=icc, orientation=orientation, frames_dropped=frames_dropped, subsampling=subsampling)
 
 
+# The start of an image inside a metadata value: a JPEG's or a PNG's, raw or in base64 (XMP's
+# xmpGImg:image). Makers' notes carry a preview of the photo (Nikon's, Olympus', Pentax'), Photoshop's
+# image resources (0x8649) a thumbnail, XMP thumbnails: unmasked copies, like IFD1's.
+_IMAGE_STARTS = (b"\xff\xd8\xff", b"/9j/", b"\x89PNG\r\n\x1a\n", b"iVBORw0KGgo")
+
+
+def _no_images(tags: dict) -> dict:
+    """``tags`` but those whose value holds an embedded image."""
+    def holds_image(v) -> bool:
+        if isinstance(v, str):
+            v = v.encode("utf-8", "surrogateescape")
+        return isinstance(v, (bytes, bytearray)) and any(start in v for start in _IMAGE_STARTS)
+    return {k: v for k, v in tags.items() if not holds_image(v)}
+
+
 def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:
     if exif is None or policy == "strip" or not len(exif):
         return None
@@ -302,11 +317,11 @@ def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes |
     if policy == "safe":
         out.update({k: v for k, v in exif.items() if k in SAFE_IFD0})
         kept = {k: v for k, v in sub.items() if k in SAFE_EXIF_IFD}
-    else:  # keep
-        out.update({k: v for k, v in exif.items() if k not in (
-            ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)})
-        kept = dict(sub)
-        gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    else:  # keep: all but the previews of the photo, wherever they are (IFD1, makers' notes, ...)
+        out.update(_no_images({k: v for k, v in exif.items() if k not in (
+            ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)}))
+        kept = _no_images(dict(sub))
+        gps = _no_images(exif.get_ifd(ExifTags.IFD.GPSInfo))
         if gps:
             out.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
     if kept:

@@ -254,6 +254,35 @@ def test_exif_thumbnail_never_survives():
         assert out.count(b"\xff\xd8") == 1, policy  # one JPEG start marker: no embedded thumbnail
 
 
+def test_no_preview_of_the_photo_survives_keep_in_a_maker_note_or_photoshop_resource():
+    """'keep' copied every EXIF value but IFD1's thumbnail: Nikon's maker note holds a preview JPEG of
+    the photo (Olympus' and Pentax' too), Photoshop's image resources (0x8649) a thumbnail, an XMP
+    packet a base64 JPEG: unmasked copies, published beside the masked photo. They go; the rest stays."""
+    import base64
+    import struct
+
+    B = ExifTags.Base
+    preview = jpeg_bytes(np.full((24, 32, 3), 250, np.uint8))
+    exif = Image.Exif()
+    exif.update({B.Make: "NIKON", B.Artist: "Jane Inspector",
+                 0x8649: b"8BIM\x04\x0c\x00\x00" + struct.pack(">I", len(preview)) + preview,
+                 B.XMLPacket: b"<x:xmpmeta><xmpGImg:image>" + base64.b64encode(preview) + b"</xmpGImg:image></x:xmpmeta>"})
+    exif.get_ifd(ExifTags.IFD.Exif).update({
+        B.ExposureTime: 0.01, B.MakerNote: b"Nikon\x00\x02\x10\x00\x00MM\x00*\x00\x00\x00\x08" + preview})
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 60, 3), 100, np.uint8)).save(buf, format=fmt, exif=exif.tobytes())
+        data = buf.getvalue()
+        assert data.count(b"\xff\xd8\xff") == (3 if fmt == "JPEG" else 2) and base64.b64encode(preview) in data
+        dec = decode(data)
+        out = encode(dec, dec.pixels, metadata="keep")
+        assert out.count(b"\xff\xd8\xff") == (1 if fmt == "JPEG" else 0), fmt  # the photo itself, nothing more
+        assert b"/9j/" not in out, fmt
+        kept = Image.open(io.BytesIO(out)).getexif()
+        assert kept.get(B.Artist) == "Jane Inspector" and kept.get(B.Make) == "NIKON", fmt
+        assert float(kept.get_ifd(ExifTags.IFD.Exif)[B.ExposureTime]) == 0.01, fmt
+
+
 XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
        b'<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:exif="http://ns.adobe.com/exif/1.0/" '
        b'exif:GPSLatitude="52,31.5N" exif:GPSLongitude="13,24.2E"><dc:creator>Jane Inspector</dc:creator>'
