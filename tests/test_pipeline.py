@@ -7,7 +7,7 @@ import pytest
 
 from platemask.detections import Plate
 from platemask.geometry import box_polygon
-from platemask.imageio import ImageError
+from platemask.imageio import ImageError, decode
 from platemask.pipeline import GPU_BATCHES_IN_FLIGHT, GPU_SWITCH_INTERVAL_MS, JobOptions, Progress, run_job
 from platemask.storage import LocalStore
 
@@ -325,6 +325,28 @@ def test_a_decoder_surprise_fails_that_photo_alone(tmp_path, monkeypatch):
     assert [r["status"] for r in recs] == ["masked", "failed", "masked", "masked"]
     assert recs[1]["reason"] == "corrupt" and "ValueError" in recs[1]["error"] and "re-export" in recs[1]["error"]
     assert sorted(dst.iter_keys()) == ["p0.jpg", "p2.jpg", "p3.jpg"]
+
+
+def test_a_header_that_trips_a_pillow_plugin_fails_that_file_alone(tmp_path):
+    """A 3 KB file (named .jpg) that Pillow's DDS plugin claims and then raises NotImplementedError
+    on (SPIDER's raises AttributeError) escaped the header read that sizes a photo's memory, before
+    the decoder's own guard: the whole run stopped with a traceback, no record for any photo."""
+    import struct
+
+    dds = (b"DDS " + struct.pack("<7I", 124, 0x1007, 24, 32, 0, 0, 0) + b"\0" * 44
+           + struct.pack("<2I4s5I", 32, 1, b"\0\0\0\0", 32, 0, 0, 0, 0)  # pixel format flags 1: none Pillow knows
+           + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + b"\0" * 3072)
+    src, dst = _store(tmp_path, n=4), LocalStore(tmp_path / "dst", create=True)
+    src.write("p1.jpg", dds)
+    keys = list(src.iter_keys())
+    recs = run_job(src, dst, keys, _fixed(0.9), JobOptions(batch_size=2))
+    assert [r["key"] for r in recs] == keys
+    assert [r["status"] for r in recs] == ["masked", "failed", "masked", "masked"]
+    assert recs[1]["reason"] == "corrupt" and "NotImplementedError" in recs[1]["error"]
+    assert sorted(dst.iter_keys()) == ["p0.jpg", "p2.jpg", "p3.jpg"]
+    with pytest.raises(ImageError) as e:  # decode itself raises its own error, whoever calls it
+        decode(dds)
+    assert e.value.reason == "corrupt"
 
 
 def test_a_file_larger_than_any_allowed_image_fails_unread(tmp_path):
