@@ -318,22 +318,44 @@ def _no_images(tags: dict) -> dict:
 def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:
     if exif is None or policy == "strip" or not len(exif):
         return None
-    out = Image.Exif()
     sub = exif.get_ifd(ExifTags.IFD.Exif)
+    gps: dict = {}
     if policy == "safe":
-        out.update({k: v for k, v in exif.items() if k in SAFE_IFD0})
+        ifd0 = {k: v for k, v in exif.items() if k in SAFE_IFD0}
         kept = {k: v for k, v in sub.items() if k in SAFE_EXIF_IFD}
     else:  # keep: all but the previews of the photo, wherever they are (IFD1, makers' notes, ...)
-        out.update(_no_images({k: v for k, v in exif.items() if k not in (
-            ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)}))
+        ifd0 = _no_images({k: v for k, v in exif.items() if k not in (
+            ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)})
         kept = _no_images(dict(sub))
         gps = _no_images(exif.get_ifd(ExifTags.IFD.GPSInfo))
-        if gps:
-            out.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
+    try:
+        return _exif_bytes(ifd0, kept, gps)
+    except Exception:  # noqa: BLE001 - a value Pillow cannot write as its tag's type (a Make stored as a
+        # rational, a ResolutionUnit over 65535: buggy writers leave such tags) failed the photo as a
+        # write_error, on every run: those tags go, the photo is published with the rest
+        return _exif_bytes({k: v for k, v in ifd0.items() if _exif_writes({k: v}, {}, {})},
+                           {k: v for k, v in kept.items() if _exif_writes({}, {k: v}, {})},
+                           {k: v for k, v in gps.items() if _exif_writes({}, {}, {k: v})})
+
+
+def _exif_bytes(ifd0: dict, kept: dict, gps: dict) -> bytes:
+    """EXIF of IFD0 ``ifd0`` (Orientation 1), with the Exif IFD ``kept`` and the GPS IFD ``gps``."""
+    out = Image.Exif()
+    out.update(ifd0)
+    if gps:
+        out.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
     if kept:
         out.get_ifd(ExifTags.IFD.Exif).update(kept)
     out[ExifTags.Base.Orientation] = 1  # pixels are already upright
     return out.tobytes()  # IFD1 (the embedded thumbnail: an unmasked copy) is never written
+
+
+def _exif_writes(ifd0: dict, kept: dict, gps: dict) -> bool:
+    try:
+        _exif_bytes(ifd0, kept, gps)
+    except Exception:  # noqa: BLE001 - whatever Pillow's writer raises: that tag is not written
+        return False
+    return True
 
 
 def output_subsampling(dec: Decoded, jpeg_quality: int) -> int:

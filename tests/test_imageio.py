@@ -283,6 +283,44 @@ def test_no_preview_of_the_photo_survives_keep_in_a_maker_note_or_photoshop_reso
         assert float(kept.get_ifd(ExifTags.IFD.Exif)[B.ExposureTime]) == 0.01, fmt
 
 
+def _exif_ifd0(entries) -> bytes:
+    """EXIF whose IFD0 holds ``entries`` (tag, type, count, value bytes) as a buggy writer stores them
+    (Pillow writes each tag as its own type, so it cannot make these)."""
+    import struct
+
+    data_at = 8 + 2 + 12 * len(entries) + 4
+    ifd, extra = struct.pack("<H", len(entries)), b""
+    for tag, typ, count, value in sorted(entries):
+        if len(value) <= 4:
+            ifd += struct.pack("<HHI", tag, typ, count) + value.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHII", tag, typ, count, data_at + len(extra))
+            extra += value + b"\0" * (len(value) % 2)
+    return b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + extra
+
+
+@pytest.mark.parametrize("policy", ["safe", "keep"])
+@pytest.mark.parametrize("bad", [
+    (0x010F, 5, 1, b"\x01\0\0\0\x02\0\0\0"),  # Make as a RATIONAL
+    (0x0128, 4, 1, b"\x70\x11\x01\0"),  # ResolutionUnit 70000 as a LONG (written as a SHORT)
+    (0x011A, 2, 3, b"72\0"),  # XResolution as text
+])
+def test_an_exif_tag_pillow_cannot_write_back_is_dropped_not_the_photo(policy, bad):
+    """An allow-listed tag stored with a type Pillow cannot write back made encode raise: the photo
+    failed as a write_error ('cannot mask or write ...: TypeError'), on every run, never published.
+    The tag goes; the photo and the rest of its EXIF are written."""
+    exif = _exif_ifd0([bad, (0x0110, 2, 8, b"Phone 9\0"), (0x0132, 2, 20, b"2026:11:20 10:11:12\0")])
+    rgb = np.random.default_rng(4).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    dec = decode(jpeg_bytes(rgb, exif=exif))
+    assert bad[0] in dec.exif
+    out = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata=policy)))
+    assert out.size == (60, 40)
+    written = out.getexif()
+    assert bad[0] not in written
+    assert written.get(ExifTags.Base.Model) == "Phone 9" and written.get(ExifTags.Base.DateTime) == "2026:11:20 10:11:12"
+    assert written.get(ExifTags.Base.Orientation) == 1
+
+
 XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
        b'<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:exif="http://ns.adobe.com/exif/1.0/" '
        b'exif:GPSLatitude="52,31.5N" exif:GPSLongitude="13,24.2E"><dc:creator>Jane Inspector</dc:creator>'
