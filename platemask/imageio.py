@@ -315,6 +315,17 @@ def _no_images(tags: dict) -> dict:
     return {k: v for k, v in tags.items() if not holds_image(v)}
 
 
+# Tags that describe how the original's pixels are stored (a TIFF's EXIF is its own first directory):
+# size, samples, colour model, compression, strips and tiles, palette. 'keep' copied them, and
+# Pillow's TIFF writer took them over its own: a TIFF turned by its orientation came out with the
+# original's width (rows sheared), a CMYK, palette or float TIFF as a file no reader opens.
+_LAYOUT_TAGS = frozenset({
+    254, 255, 256, 257, 258, 259, 262, 263, 264, 265, 266, 273, 277, 278, 279, 280, 281, 284, 288, 289,
+    290, 291, 292, 293, 301, 317, 320, 321, 322, 323, 324, 325, 330, 332, 333, 334, 336, 338, 339, 340,
+    341, 342, 347, *range(512, 522), 529, 530, 531, 532, 32995, 32996, 32997, 32998, 34675,
+})
+
+
 def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:
     if exif is None or policy == "strip" or not len(exif):
         return None
@@ -324,7 +335,7 @@ def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes |
         ifd0 = {k: v for k, v in exif.items() if k in SAFE_IFD0}
         kept = {k: v for k, v in sub.items() if k in SAFE_EXIF_IFD}
     else:  # keep: all but the previews of the photo, wherever they are (IFD1, makers' notes, ...)
-        ifd0 = _no_images({k: v for k, v in exif.items() if k not in (
+        ifd0 = _no_images({k: v for k, v in exif.items() if k not in _LAYOUT_TAGS and k not in (
             ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)})
         kept = _no_images(dict(sub))
         gps = _no_images(exif.get_ifd(ExifTags.IFD.GPSInfo))

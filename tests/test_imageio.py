@@ -321,6 +321,27 @@ def test_an_exif_tag_pillow_cannot_write_back_is_dropped_not_the_photo(policy, b
     assert written.get(ExifTags.Base.Orientation) == 1
 
 
+@pytest.mark.parametrize("kind", ["turned", "CMYK", "P", "F", "LAB", "I"])
+def test_a_tiff_kept_with_keep_is_a_readable_copy_of_the_masked_pixels(kind):
+    """A TIFF's EXIF is its own first directory: 'keep' copied its layout tags (width, samples,
+    colour model, palette, sample format) and Pillow's TIFF writer took them over its own. A TIFF
+    turned by its orientation was written with the original's width (rows sheared); a CMYK, palette
+    or float one as a file no reader opens; a LAB one was labelled LAB over RGB pixels. Each record
+    said masked. The layout comes from the masked pixels; the rest of the EXIF stays."""
+    rgb = np.random.default_rng(5).integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    img = {"turned": Image.fromarray(rgb), "CMYK": Image.fromarray(rgb).convert("CMYK"),
+           "P": Image.fromarray(rgb).convert("P"), "F": Image.fromarray(rgb[..., 0].astype(np.float32)),
+           "LAB": Image.fromarray(rgb).convert("LAB"), "I": Image.fromarray(rgb[..., 0].astype(np.int32) * 200)}[kind]
+    tags = {ExifTags.Base.Artist: "Jane Inspector", **({ExifTags.Base.Orientation: 6} if kind == "turned" else {})}
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF", tiffinfo=tags)
+    dec = decode(buf.getvalue())
+    out = Image.open(io.BytesIO(encode(dec, dec.pixels, metadata="keep")))
+    assert out.size == (dec.width, dec.height) and out.mode == dec.mode
+    assert np.array_equal(np.asarray(out), dec.pixels)
+    assert out.getexif().get(ExifTags.Base.Artist) == "Jane Inspector"
+
+
 XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
        b'<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:exif="http://ns.adobe.com/exif/1.0/" '
        b'exif:GPSLatitude="52,31.5N" exif:GPSLongitude="13,24.2E"><dc:creator>Jane Inspector</dc:creator>'
