@@ -9,7 +9,9 @@ Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and
 metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
 default) keeps only an allow-list (camera make and model, exposure settings, date-time, colour space
 and the ICC profile; orientation reset to 1 as the pixels are upright); ``strip`` keeps no EXIF;
-``keep`` keeps all EXIF but the thumbnail and any value holding another preview (a maker note's, Photoshop's). XMP, IPTC, comments and PNG text chunks are never written.
+``keep`` keeps all EXIF but the thumbnail, any value holding another preview (a maker note's,
+Photoshop's) and the tags that describe how the original's pixels were stored. XMP, IPTC, comments
+and PNG text chunks are never written (but for EXIF's own XMP and IPTC tags under ``keep``).
 """
 from __future__ import annotations
 
