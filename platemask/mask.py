@@ -132,8 +132,10 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
                copy: bool = True) -> np.ndarray:
     """Return a copy of ``pixels`` (H×W, H×W×C; uint8 or uint16) with every plate obscured.
 
-    An alpha channel (4th or 2nd channel) is left as it is: colour under transparent pixels is
-    still masked, since a viewer can drop the alpha. ``copy=False`` masks ``pixels`` itself and
+    An alpha channel (4th or 2nd channel) is obscured like the colour: characters cut out of it
+    (transparent) read as the background's colour through an untouched alpha, whatever the colour
+    under them; an opaque plate stays opaque. Colour under transparent pixels is masked too, since
+    a viewer can drop the alpha. ``copy=False`` masks ``pixels`` itself and
     returns it, for a caller that owns them and needs the original no more (a full-size copy of a
     79 MP photo is 237 MB).
     """
@@ -142,6 +144,7 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
         return out
     H, W = pixels.shape[:2]
     color = colour_channels(out)
+    channels = (color, out[..., -1]) if out.ndim == 3 and out.shape[2] in (2, 4) else (color,)
     for plate in plates:
         region, h = masked_region(plate, style)
         window = blur_window(region, h, style, W, H)
@@ -158,10 +161,12 @@ def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskS
         if not core.any():  # the outline lies outside the photo: no pixel of it to cover
             continue
         ax0, ay0, ax1, ay1 = box
-        if style.mode == "solid":
-            obscured = _obscure(color[ay0:ay1, ax0:ax1], h, style, core)
-        else:
-            x0, y0, x1, y1 = window
-            obscured = _obscure(color[y0:y1, x0:x1], h, style, None)[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
-        blend_into(color, box, feather_alpha(core, band), obscured)
+        weights = feather_alpha(core, band)
+        for ch in channels:
+            if style.mode == "solid":
+                obscured = _obscure(ch[ay0:ay1, ax0:ax1], h, style, core)
+            else:
+                x0, y0, x1, y1 = window
+                obscured = _obscure(ch[y0:y1, x0:x1], h, style, None)[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
+            blend_into(ch, box, weights, obscured)
     return out

@@ -73,11 +73,12 @@ def test_plates_across_and_beyond_the_edge(mode):
 
 def _reference_apply_mask(pixels, plates, style):
     """apply_mask as it was before its blend was limited to the outline and feather band (ee2f5c7):
-    the alpha and the blend over the blur's whole padded window."""
+    the alpha and the blend over the blur's whole padded window (an alpha channel obscured as the
+    colour is)."""
     from platemask.mask import _obscure, blend_into, blur_window, colour_channels, feather_alpha, outline_core
 
     out = pixels.copy()
-    color = colour_channels(out)
+    channels = [colour_channels(out)] + ([out[..., -1]] if out.ndim == 3 and out.shape[2] in (2, 4) else [])
     for plate in plates:
         region, h = masked_region(plate, style)
         window = blur_window(region, h, style, pixels.shape[1], pixels.shape[0])
@@ -87,7 +88,8 @@ def _reference_apply_mask(pixels, plates, style):
         with np.errstate(over="ignore"):  # an empty core: every distance is FLT_MAX
             alpha = feather_alpha(core, style.feather * h)
         x0, y0, x1, y1 = window
-        blend_into(color, window, alpha, _obscure(color[y0:y1, x0:x1], h, style, core))
+        for ch in channels:
+            blend_into(ch, window, alpha, _obscure(ch[y0:y1, x0:x1], h, style, core))
     return out
 
 
@@ -146,8 +148,40 @@ def test_modes_and_depths_are_preserved(shape, dtype):
     out = apply_mask(img, [Plate(0.9, box_polygon([100, 80, 200, 110]))])
     assert out.dtype == dtype and out.shape == img.shape
     assert not np.array_equal(out, img)
-    if len(shape) == 3:  # alpha untouched
-        assert np.array_equal(out[..., -1], img[..., -1])
+    if len(shape) == 3:  # alpha obscured with the colour, untouched beyond the plate's grown outline and band
+        assert not np.array_equal(out[80:110, 100:200, -1], img[80:110, 100:200, -1])
+        assert np.array_equal(out[:60, :, -1], img[:60, :, -1]) and np.array_equal(out[:, 230:, -1], img[:, 230:, -1])
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "pixelate", "solid"])
+@pytest.mark.parametrize("channels", [4, 2])
+def test_characters_cut_out_of_the_alpha_are_obscured_as_painted_ones_are(mode, channels):
+    """A cut-out photo (PNG/WebP with alpha) whose plate characters are transparent: the colour was
+    masked but the alpha left as it was, so on any page the characters showed in the page's colour,
+    as sharp as before. They now end as obscured as the same characters painted in that colour, and
+    an opaque plate stays opaque."""
+    import cv2
+
+    img = np.full((120, 300, channels), 255, np.uint8)
+    img[..., :-1] = 200
+    text = np.zeros((120, 300), np.uint8)
+    cv2.putText(text, "AB123", (60, 75), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 255, 3)
+    img[text > 0, -1] = 0  # transparent characters, the colour under them the plate's
+    painted = img.copy()  # what a viewer shows on a black page, opaque
+    painted[..., -1] = 255
+    painted[text > 0, :-1] = 0
+    plate = Plate(0.9, box_polygon([50, 40, 250, 80]))
+
+    def legibility(a):  # how far apart the characters and the rest of the plate look on a black page
+        shown = (a[..., :-1].astype(float) * a[..., -1:] / 255)[40:80, 50:250]
+        chars = text[40:80, 50:250] > 0
+        return np.abs(shown[chars].mean(axis=0) - shown[~chars].mean(axis=0)).max()
+
+    assert legibility(img) == legibility(painted) == 200
+    out = apply_mask(img, [plate], MaskStyle(mode=mode))
+    assert legibility(out) <= legibility(apply_mask(painted, [plate], MaskStyle(mode=mode))) + 1
+    assert np.array_equal(out[:15, :, -1], img[:15, :, -1])  # the cut-out's outline away from the plate
+    assert (apply_mask(painted, [plate], MaskStyle(mode=mode))[..., -1] == 255).all()
 
 
 def test_no_plates_returns_identical_copy():
