@@ -328,19 +328,37 @@ _LAYOUT_TAGS = frozenset({
 })
 
 
+def _readable(read) -> dict:
+    """The tags of the directory ``read()`` returns that Pillow can read. Pillow reads a tag when it
+    is first asked for, and some it refuses then (a PhotometricInterpretation of 2 values: KeyError):
+    in encode that failed the photo as a write_error on every run, under any policy but strip."""
+    try:
+        ifd = read()
+    except Exception:  # noqa: BLE001 - an unreadable sub-directory is not written
+        return {}
+    tags = {}
+    for k in list(ifd):
+        try:
+            tags[k] = ifd[k]
+        except Exception:  # noqa: BLE001 - nor is an unreadable tag
+            continue
+    return tags
+
+
 def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes | None:
     if exif is None or policy == "strip" or not len(exif):
         return None
-    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    top = _readable(lambda: exif)
+    sub = _readable(lambda: exif.get_ifd(ExifTags.IFD.Exif))
     gps: dict = {}
     if policy == "safe":
-        ifd0 = {k: v for k, v in exif.items() if k in SAFE_IFD0}
+        ifd0 = {k: v for k, v in top.items() if k in SAFE_IFD0}
         kept = {k: v for k, v in sub.items() if k in SAFE_EXIF_IFD}
     else:  # keep: all but the previews of the photo, wherever they are (IFD1, makers' notes, ...)
-        ifd0 = _no_images({k: v for k, v in exif.items() if k not in _LAYOUT_TAGS and k not in (
+        ifd0 = _no_images({k: v for k, v in top.items() if k not in _LAYOUT_TAGS and k not in (
             ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)})
-        kept = _no_images(dict(sub))
-        gps = _no_images(exif.get_ifd(ExifTags.IFD.GPSInfo))
+        kept = _no_images(sub)
+        gps = _no_images(_readable(lambda: exif.get_ifd(ExifTags.IFD.GPSInfo)))
     try:
         return _exif_bytes(ifd0, kept, gps)
     except Exception:  # noqa: BLE001 - a value Pillow cannot write as its tag's type (a Make stored as a

@@ -304,11 +304,12 @@ def _exif_ifd0(entries) -> bytes:
     (0x010F, 5, 1, b"\x01\0\0\0\x02\0\0\0"),  # Make as a RATIONAL
     (0x0128, 4, 1, b"\x70\x11\x01\0"),  # ResolutionUnit 70000 as a LONG (written as a SHORT)
     (0x011A, 2, 3, b"72\0"),  # XResolution as text
+    (0x0106, 3, 2, b"\x02\0\x02\0"),  # PhotometricInterpretation of 2 values: Pillow refuses to read it (KeyError)
 ])
 def test_an_exif_tag_pillow_cannot_write_back_is_dropped_not_the_photo(policy, bad):
-    """An allow-listed tag stored with a type Pillow cannot write back made encode raise: the photo
-    failed as a write_error ('cannot mask or write ...: TypeError'), on every run, never published.
-    The tag goes; the photo and the rest of its EXIF are written."""
+    """A tag stored with a type Pillow cannot write back (or read: any tag, allow-listed or not) made
+    encode raise: the photo failed as a write_error ('cannot mask or write ...: TypeError'), on every
+    run, never published. The tag goes; the photo and the rest of its EXIF are written."""
     exif = _exif_ifd0([bad, (0x0110, 2, 8, b"Phone 9\0"), (0x0132, 2, 20, b"2026:11:20 10:11:12\0")])
     rgb = np.random.default_rng(4).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     dec = decode(jpeg_bytes(rgb, exif=exif))
