@@ -100,7 +100,7 @@ class JobOptions:
     def for_device(device: str, readers: int | None = None, batch_size: int = 4) -> dict[str, Any]:
         """The threading and memory options of a job on ``device`` (one rule for the CLI and the DAG's
         workers). Readers: ``readers`` when given, with half as many writers (at least 2); otherwise
-        the defaults on a CPU (the detector wants the cores; ``cpu_gate``, see :class:`CpuGate`) and 8 + 4 next to a GPU, where photos
+        the defaults on a CPU (the detector wants the cores) and 8 + 4 next to a GPU, where photos
         must be decoded and encoded at the GPU's pace (more threads slowed a GPU run: each takes
         the interpreter lock the detector's own Python needs). Next to a GPU also:
 
@@ -116,7 +116,7 @@ class JobOptions:
         readers = readers or (8 if gpu else None)
         threads = {"read_workers": max(1, readers), "write_workers": max(2, readers // 2)} if readers else {}
         if not gpu:
-            return {**threads, "cpu_gate": True}
+            return threads
         budget = math.ceil(GPU_BATCHES_IN_FLIGHT * max(1, batch_size) * HD_PHOTO_BYTES / 2**20)
         # peak memory is ~2-3x the budget: never more than a share of what this process may use
         budget = min(budget, int(memory_limit_bytes() * GPU_BUDGET_MEMORY_SHARE) // 2**20)
@@ -140,9 +140,6 @@ class JobOptions:
     # the interpreter's switch interval while the job runs (sys.setswitchinterval, restored after);
     # None leaves it as it is (Python's default is 5 ms). See for_device.
     switch_interval_ms: float | None = None
-    # decoding, masking and encoding wait while the detector runs, and it waits for them (CpuGate):
-    # on a CPU, where they share its cores. See for_device.
-    cpu_gate: bool = False
     # a failed input's output key is cleared of what an earlier run wrote there, so that the output
     # folder never holds a masked copy of a photo whose record says failed (the CLI; the DAG's runs
     # keep their own audit records and result identities)
@@ -223,64 +220,6 @@ class PixelBudget:
         """Whether the next photo in line waits for room (the job should flush what it holds)."""
         with self._cond:
             return self._blocked
-
-
-class CpuGate:
-    """Turns on the cores between the detector and the photo work (decode, mask, encode) on a CPU.
-
-    The detector runs its parallel regions on every core, and each region waits for its slowest
-    thread: a decode or encode thread that takes a core in the middle of one stalls the region until
-    it yields, so every millisecond of photo work cost the detector about one per core it uses
-    (``bench/bench_mask.py``: 10 ms of photo work a photo made the detector 19 ms slower). With the
-    gate, photo work runs only while the detector does not, on all cores at once; the detector waits
-    until the work in progress ends (``gate_wait``), and work waits while it runs. The readers and
-    writers start every wave together (the detector's turn needs decoded photos, which come only
-    between turns), so each wave also finishes the masks and encodes of the batches before it.
-    Reading and writing (files, S3) are not gated: they wait on I/O, not on the cores.
-    Disabled (a no-op) next to a GPU, where the photo work must overlap the detector.
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self._cv = threading.Condition()
-        self._detector = False  # the detector runs, or waits for its turn
-        self._working = 0  # photo work in progress
-
-    @contextmanager
-    def detector(self, timings: "Timings | None" = None) -> Iterator[None]:
-        """The detector's turn: waits for the photo work in progress, holds off new work until the end."""
-        if not self.enabled:
-            yield
-            return
-        t0 = time.perf_counter()
-        with self._cv:
-            self._detector = True
-            self._cv.wait_for(lambda: self._working == 0)
-        if timings:
-            timings.add("gate_wait", time.perf_counter() - t0)
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._detector = False
-                self._cv.notify_all()
-
-    @contextmanager
-    def work(self) -> Iterator[None]:
-        """One piece of photo work: waits while the detector runs or waits for its turn."""
-        if not self.enabled:
-            yield
-            return
-        with self._cv:
-            self._cv.wait_for(lambda: not self._detector)
-            self._working += 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._working -= 1
-                if not self._working:
-                    self._cv.notify_all()
 
 
 class Timings:
@@ -487,7 +426,6 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
     lock = threading.Lock()
     out_keys, refused = _output_keys(keys, dst_key)
     max_bytes = max_file_bytes(opts.max_pixels)
-    gate = CpuGate(opts.cpu_gate)
 
     def emit(rec: dict):
         # Records come from the main thread and from every writer thread: one at a time, so that
@@ -525,8 +463,7 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
             timings.add("memory_wait", time.perf_counter() - t_wait)
             t1 = time.perf_counter()
             try:
-                with gate.work():
-                    item.dec = decode(data, max_pixels=opts.max_pixels)
+                item.dec = decode(data, max_pixels=opts.max_pixels)
             except ImageError as exc:
                 item.error = exc
                 release(item)
@@ -566,14 +503,13 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
         dec = item.dec
         try:
             to_mask = plates_to_mask(plates, opts.threshold)
-            with gate.work():
-                t0 = time.perf_counter()
-                # in place: detection is done, nothing reads the original pixels again
-                pixels = apply_mask(dec.pixels, to_mask, opts.style, copy=False)
-                timings.add("mask", time.perf_counter() - t0)
-                t1 = time.perf_counter()
-                data = encode(dec, pixels, jpeg_quality=opts.jpeg_quality, metadata=opts.metadata)
-                timings.add("encode", time.perf_counter() - t1)
+            t0 = time.perf_counter()
+            # in place: detection is done, nothing reads the original pixels again
+            pixels = apply_mask(dec.pixels, to_mask, opts.style, copy=False)
+            timings.add("mask", time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            data = encode(dec, pixels, jpeg_quality=opts.jpeg_quality, metadata=opts.metadata)
+            timings.add("encode", time.perf_counter() - t1)
             t2 = time.perf_counter()
             out_key = out_keys[item.key]
             dst.write(out_key, data, content_type(dec.format))
@@ -603,10 +539,9 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
                 flushing[0] += time.perf_counter() - t0
 
         def _flush():
+            t0 = time.perf_counter()
             try:
-                with gate.detector(timings):
-                    t0 = time.perf_counter()
-                    results = detect([b.key for b in batch], [b.dec for b in batch])
+                results = detect([b.key for b in batch], [b.dec for b in batch])
             except ImageError as exc:
                 results = [exc] * len(batch)
             except Exception as exc:  # noqa: BLE001 - fail closed: the batch is reported, never published

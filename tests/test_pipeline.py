@@ -248,63 +248,17 @@ def test_device_options_one_rule_for_cli_and_dag_workers(monkeypatch):
     import platemask.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "memory_limit_bytes", lambda: 128 << 30)  # a GPU host (the cap: next test)
-    assert JobOptions.for_device("cpu") == {"cpu_gate": True}
-    assert JobOptions.for_device("auto", 3) == {"read_workers": 3, "write_workers": 2, "cpu_gate": True}
+    assert JobOptions.for_device("cpu") == {}
+    assert JobOptions.for_device("auto", 3) == {"read_workers": 3, "write_workers": 2}
     gpu = JobOptions.for_device("cuda", batch_size=256)
     assert (gpu["read_workers"], gpu["write_workers"]) == (8, 4)
     assert gpu["pixel_budget_mb"] * 2**20 >= GPU_BATCHES_IN_FLIGHT * 256 * 1280 * 720 * 3
     assert gpu["switch_interval_ms"] == GPU_SWITCH_INTERVAL_MS < 5
-    assert not gpu.get("cpu_gate")  # next to a GPU, decoding and encoding must overlap the detector
     assert JobOptions.for_device("cuda:1", 16)["read_workers"] == 16
     assert JobOptions.for_device("cuda:1", 16)["write_workers"] == 8
     assert JobOptions.for_device("cuda", batch_size=1)["pixel_budget_mb"] == JobOptions.pixel_budget_mb  # never less
     opts = JobOptions(**gpu)
     assert (opts.read_workers, opts.write_workers, opts.pixel_budget_mb) == (8, 4, gpu["pixel_budget_mb"])
-
-
-def test_on_a_cpu_photo_work_never_runs_while_the_detector_does(tmp_path, monkeypatch):
-    """With ``cpu_gate`` (a CPU job) no decode, mask or encode runs while the detector runs: on the
-    cores they share, each one stalled the detector's parallel regions. Without it they overlap.
-    Every photo still gets its record, masked."""
-    import threading
-    import time
-
-    import platemask.pipeline as pipeline
-
-    spans = {"detect": [], "work": []}
-    lock = threading.Lock()
-
-    def timed(kind, fn):
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            time.sleep(0.004)  # photo work long enough to be caught overlapping
-            try:
-                return fn(*a, **kw)
-            finally:
-                with lock:
-                    spans[kind].append((t0, time.perf_counter()))
-        return wrapper
-
-    for name in ("decode", "apply_mask", "encode"):
-        monkeypatch.setattr(pipeline, name, timed("work", getattr(pipeline, name)))
-
-    def detect(keys, decoded):
-        time.sleep(0.02)
-        return [[Plate(0.9, box_polygon([50, 40, 120, 60]))] for _ in keys]
-
-    def overlaps():
-        return sum(1 for a0, a1 in spans["detect"] for b0, b1 in spans["work"] if a0 < b1 and b0 < a1)
-
-    results = {}
-    for gated in (False, True):
-        spans["detect"].clear(), spans["work"].clear()
-        dst = LocalStore(tmp_path / f"dst{gated}", create=True)
-        recs = run_job(_store(tmp_path / f"s{gated}", n=12), dst, [f"p{i}.jpg" for i in range(12)],
-                       timed("detect", detect), JobOptions(threshold=0.5, batch_size=2, cpu_gate=gated))
-        assert [r["status"] for r in recs] == ["masked"] * 12
-        assert len(spans["work"]) == 3 * 12 and len(spans["detect"]) == 6
-        results[gated] = overlaps()
-    assert results[True] == 0 and results[False] > 0, results
 
 
 def test_the_gpu_budget_stays_a_share_of_the_memory_the_process_may_use(monkeypatch):
