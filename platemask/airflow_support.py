@@ -144,7 +144,8 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
 
             seg = Segmenter(model_dir or settings.model_dir, device=_device(settings), batch_size=settings.batch_size,
                             threshold=spec.threshold)
-            log.info("model %s (%s) on %s", seg.cfg.name, seg.cfg.weights_sha256[:12], seg.device)
+            log.info("model %s (%s) on %s; warm-up %.1f s", seg.cfg.name, seg.cfg.weights_sha256[:12], seg.device,
+                     seg.warm_up())
 
             def detect(keys, decoded):
                 return seg([d.rgb for d in decoded])

@@ -155,6 +155,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
     try:
         check_threshold(a.threshold, load_config(a.model).score_threshold, unsafe=a.unsafe_threshold)
         seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size, threshold=a.threshold, runtime=a.runtime)
+        seg.warm_up()  # start-up: the first batch does not pay for the runtimes' set-up (ETA and images/s)
     except (FileNotFoundError, ValueError) as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE

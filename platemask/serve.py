@@ -147,8 +147,9 @@ class ModelHolder:
             self.segmenter = Segmenter(self.model_dir, device=self.device, batch_size=1, threads=self.threads,
                                        threshold=self.threshold, runtime=self.runtime)
             self.opts = JobOptions.for_model(self.segmenter.cfg, self.threshold)  # refused here, not per request
-            log.info("model %s loaded in %.1f s (trunk on %s)", self.segmenter.cfg.name, time.perf_counter() - t0,
-                     self.segmenter.runtime)
+            warm = self.segmenter.warm_up()  # before /ping says 200: the first request is not the slow one
+            log.info("model %s loaded in %.1f s (trunk on %s; warm-up %.1f s)", self.segmenter.cfg.name,
+                     time.perf_counter() - t0, self.segmenter.runtime, warm)
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - reported by /ping and /invocations, the server stays up
             self.error = (f"cannot load the model from {self.model_dir}: {type(exc).__name__}: {exc} "

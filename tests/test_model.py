@@ -184,3 +184,30 @@ def test_finds_plates_in_real_photos(model_dir, real_data):
         results.append(analyse(r, seg([dec.rgb])[0], dec.width, dec.height, MaskStyle()))
     m = metrics_at(results, cfg.score_threshold)
     assert m["recall"] >= 0.9, json.dumps(m)
+
+
+def test_warm_up_runs_the_detector_and_the_verifier_once_and_changes_no_result(model_dir, scene):
+    """The CLI, the DAG's mask task and the inference server warm the runtimes up while loading, so
+    the first real batch does not pay their set-up: one detector pass and one verifier call on a
+    generated photo, whose results go nowhere (a photo's plates are the same before and after)."""
+    rgb = scene[0]
+    seg = Segmenter(model_dir)
+    before = seg([rgb])[0]
+    calls = {"detect": 0, "verify": 0}
+    detect, verifier = seg.detect, seg.verifier
+
+    def counting_detect(images):
+        calls["detect"] += 1
+        assert [im.shape for im in images] == [(720, 1280, 3)]
+        return detect(images)
+
+    def counting_verifier(image, boxes):
+        calls["verify"] += 1
+        return verifier(image, boxes)
+
+    seg.detect, seg.verifier = counting_detect, counting_verifier
+    assert seg.warm_up() > 0
+    assert calls == {"detect": 1, "verify": 1}
+    seg.detect, seg.verifier = detect, verifier
+    after = seg([rgb])[0]
+    assert [(p.score, p.box) for p in after] == [(p.score, p.box) for p in before]
