@@ -13,8 +13,9 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
+from zoneinfo import ZoneInfo
 
 from .constants import DEFAULT_METADATA_POLICY
 from .imageio import ImageError, extension_supported
@@ -142,9 +143,6 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
     when that run's record says ``source_changed``); an audit record that cannot be read counts as
     none. A day whose nightly window another run holds is left to it."""
-    from datetime import timedelta
-    from zoneinfo import ZoneInfo
-
     z = ZoneInfo(settings.region_timezones[spec.region])
     out = []
     for i in range(settings.late_days, 0, -1):
@@ -192,19 +190,26 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     w = spec.window
     tz = settings.region_timezones[spec.region]
     days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
+    z = ZoneInfo(tz)
     entries = []
     hidden: list[str] = []
     store = _store(client, settings)
     for d in days:
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         n_listed = 0
+        midnight = datetime(d.year, d.month, d.day, tzinfo=z)
+        day_end = datetime.combine(d + timedelta(days=1), datetime.min.time(), tzinfo=z)
         for obj in store.iter_objects(prefix):
             n_listed += 1
             key = obj["Key"]
             if _is_folder_marker(obj):
                 continue
             if settings.time_source == "last_modified" and not w.contains(obj["LastModified"]):
-                continue
+                # A photo whose upload time lies outside its partition's day (uploaded late, or ahead
+                # into a later day's partition) is in no window that lists that partition by time: the
+                # window holding the partition's midnight takes it, so every photo has one window
+                if midnight <= obj["LastModified"] < day_end or not w.contains(midnight):
+                    continue
             if is_hidden(key):
                 hidden.append(key)
                 continue

@@ -42,7 +42,8 @@ class Settings:
     region_timezones: dict[str, str] = field(default_factory=lambda: {"DE": "Europe/Berlin", "PL": "Europe/Warsaw",
                                                                       "TH": "Asia/Bangkok", "US": "America/New_York"})
     # 'partition': a photo's time is its day partition; 'last_modified': S3 LastModified, within the
-    # day partitions the window touches (for windows that do not fall on midnights)
+    # day partitions the window touches (for windows that do not fall on midnights); a photo uploaded
+    # outside its partition's day goes to the window that holds that day's midnight
     time_source: str = "partition"
     shard_size: int = 200
     max_shards: int = 256

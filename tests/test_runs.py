@@ -402,3 +402,34 @@ def test_a_max_images_run_is_partial_no_latest_report_no_asset_event(photos, mod
         assert report["passed"] and report["partial"] is partial and report["latest"] is not partial
         assert (asset_extra(report) is None) is partial
         assert (report["planned"], report["listed"]) == ((2, 4) if partial else (4, 4))
+
+
+def test_under_last_modified_a_photo_uploaded_outside_its_partitions_day_has_one_window(photos):
+    """time_source=last_modified keeps a photo whose upload time falls in the window. The photos of
+    the 20th's partition were uploaded today (moto's LastModified is the put time), days later: no
+    window that lists that partition held their upload time, so none masked them (late_days=0 leaves
+    no late pick-up either). The window holding the partition's midnight takes them, and only it."""
+    from datetime import datetime, timedelta, timezone
+
+    s3, settings, keys = photos
+    settings = dataclasses.replace(settings, time_source="last_modified", late_days=0)
+    now = datetime.now(timezone.utc)
+    today = "raw/DE/{:%Y/%m/%d}/today.jpg".format(now.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin")))
+    s3.put_object(Bucket=settings.bucket, Key=today, Body=jpeg_bytes(np.full((40, 60, 3), 90, np.uint8)))
+
+    def claimed(start, end):
+        spec = RunSpec(region="DE", run_id=f"manual__{uuid.uuid4().hex}", window_start=start.isoformat(),
+                       window_end=end.isoformat())
+        c = collect(s3, settings, spec, log=lambda m: None)
+        body = s3.get_object(Bucket=settings.bucket, Key=c["manifest"].split("/", 3)[3])["Body"].read().decode()
+        return sorted(json.loads(x)["key"] for x in body.splitlines())
+
+    berlin_20th = datetime.fromisoformat(WINDOW["window_start"])  # 2026-11-20 00:00 in Berlin
+    halves = [claimed(berlin_20th, berlin_20th + timedelta(hours=12)),
+              claimed(berlin_20th + timedelta(hours=12), berlin_20th + timedelta(hours=24))]
+    assert halves == [sorted(keys), []]  # the half with the partition's midnight, not the other
+    assert claimed(berlin_20th - timedelta(hours=12), berlin_20th + timedelta(hours=1)) == sorted(keys)
+    # a photo uploaded on its own partition's day stays with the window that holds its upload time
+    around_now = claimed(now - timedelta(minutes=5), now + timedelta(minutes=5))
+    assert around_now == [today]
+    assert today not in claimed(now + timedelta(minutes=5), now + timedelta(hours=1))
