@@ -83,6 +83,11 @@ def summarise(region: str, window: str, report) -> dict:
         return v if isinstance(v, dict) else {}
 
     by_status, review = sub("by_status"), sub("review")
+    says = (report.get("region"), sub("window").get("id"))
+    if says != (region, window):  # copied or moved here: its numbers are another window's (or nobody's)
+        return {"region": region, "window": window,
+                "error": f"report.json is of region {says[0]!r}, window {says[1]!r}, not of the folder it is in "
+                         f"({region}, {window}): copied or moved there, so its numbers are not shown as this window's"}
     return {
         "region": region, "window": window, "window_start": sub("window").get("start"),
         "run_id": report.get("run_id"), "photos": _number(report.get("photos_in_window", report.get("images"))),
@@ -94,11 +99,19 @@ def summarise(region: str, window: str, report) -> dict:
     }
 
 
+# the most of a report.json the page reads (the pipeline's own are tens of KB: review and failure
+# lists are capped); a larger one is a row that says so, never read whole into the api-server
+MAX_REPORT_BYTES = 8 << 20
+MAX_NAMED_FOLDERS = 5
+
+
 def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[dict]:
     """Newest first per region; each row holds the headline numbers of one report.json.
 
     Listing a region's prefix failing raises ``QAStoreError`` (the page cannot be trusted without
-    it); one unreadable report.json becomes a row that says why, without hiding the others.
+    it); one unreadable report.json becomes a row that says why, without hiding the others, and so
+    does one larger than ``MAX_REPORT_BYTES`` or of another window than its folder's. Folders under
+    a region's QA prefix that are not window ids are named in one row, never hidden.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -112,10 +125,21 @@ def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, bucket=settings.bucket, key=base, action="listing",
                               conn_id=settings.aws_conn_id) from exc
+        odd = sorted(w for w in windows if not WINDOW_ID.match(w))
+        if odd:
+            rows.append({"region": region, "window": "?", "error": (
+                f"{len(odd)} folder(s) under s3://{settings.bucket}/{base} are not window ids, so no run of this "
+                f"pipeline wrote them and they are not shown: {', '.join(repr(w) for w in odd[:MAX_NAMED_FOLDERS])}"
+                + (" ..." if len(odd) > MAX_NAMED_FOLDERS else ""))})
         for w in sorted((w for w in windows if WINDOW_ID.match(w)), reverse=True)[:per_region]:
             key = qa_key(settings, region, w, "report.json")
             try:
-                report = json.loads(store.read(key))
+                data = store.read_at_most(key, MAX_REPORT_BYTES)
+                if data is None:
+                    rows.append({"region": region, "window": w, "error": f"report.json is larger than "
+                                 f"{MAX_REPORT_BYTES >> 20} MB (s3://{settings.bucket}/{key}): not read"})
+                    continue
+                report = json.loads(data)
             except (ClientError, BotoCoreError) as exc:
                 err = store_error(exc, bucket=settings.bucket, key=key, action="reading", conn_id=settings.aws_conn_id)
                 if err.status == 503:  # S3 went away mid-page: say so instead of a page of error rows
@@ -149,7 +173,8 @@ def render_index(rows: list[dict], report_href) -> str:
     esc = escape
     body = []
     for r in rows:
-        link = f'<a href="{esc(report_href(r["region"], r["window"]))}">report</a>'
+        link = (f'<a href="{esc(report_href(r["region"], r["window"]))}">report</a>'
+                if isinstance(r["window"], str) and WINDOW_ID.match(r["window"]) else "")
         if "error" in r:
             body.append(f"<tr><td>{esc(str(r['region']))}</td><td>{esc(str(r['window']))}</td>"
                         f"<td colspan=9>unreadable: {esc(str(r['error']))}</td><td>{link}</td></tr>")

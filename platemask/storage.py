@@ -169,6 +169,19 @@ class S3Store:
         extra = {"IfMatch": if_match} if if_match else {}
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"].read()
 
+    def read_at_most(self, key: str, limit: int) -> bytes | None:
+        """The object's bytes when it holds at most ``limit`` (one ranged GET of ``limit`` + 1
+        bytes), None when it is larger: never read whole."""
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{limit}")["Body"].read()
+        except ClientError as exc:
+            if error_code(exc) == "InvalidRange":  # what S3 answers a range of an empty object
+                return b""
+            raise
+        return None if len(body) > limit else body
+
     @classmethod
     def for_settings(cls, settings, client=None) -> "S3Store":
         """The run's bucket (root prefix) with its encryption settings (``settings``: a ``Settings``)."""

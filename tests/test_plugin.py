@@ -82,7 +82,8 @@ def qa_bucket(aws_conn, monkeypatch):
     for w, failed in ((W_OLD, 0), (W_NEW, 5)):
         rep = {"images": 100, "photos_in_window": 100, "by_status": {"masked": 80, "no_plate": 15, "failed": failed},
                "failure_rate": failed / 100, "max_failure_rate": 0.02, "plates": 91, "review": {"count": 4},
-               "mask_images_per_second": 3.5, "model": {"name": "platemask-mnv2-fpn"}, "window": {"start": w}}
+               "mask_images_per_second": 3.5, "model": {"name": "platemask-mnv2-fpn"}, "region": "DE",
+               "window": {"start": w, "id": w}}
         _put_report(s3, bucket, w, rep, f"<html>report {w}</html>")
     return bucket
 
@@ -144,7 +145,8 @@ def test_malicious_report_is_escaped_and_report_html_cannot_run_script(api, aws_
     _put_report(aws_conn, qa_bucket, w, {
         "photos_in_window": evil, "by_status": {"masked": img, "no_plate": evil, "failed": evil, "region": evil},
         "failure_rate": evil, "max_failure_rate": img, "plates": {"x": evil}, "review": {"count": evil},
-        "mask_images_per_second": img, "model": {"name": evil}, "window": {"start": img}, "run_id": evil,
+        "mask_images_per_second": img, "model": {"name": evil}, "window": {"start": img, "id": w}, "run_id": evil,
+        "region": "DE",
     }, f"<html><body>{evil}<img src=x onerror=alert(2)></body></html>")
     page = client.get("/plate-qa/", headers=tokens["reviewer"])
     assert page.status_code == 200, page.text
@@ -182,6 +184,31 @@ def test_reports_the_page_cannot_read_or_that_were_never_published_are_rows_not_
     assert page.status_code == 200, page.text[:300]
     assert "RecursionError" in page.text and W_NEW in page.text and W_OLD in page.text
     assert "no published report: only dry runs, partial" in page.text and "NoSuchKey" not in page.text
+
+
+def test_a_report_in_the_wrong_folder_a_huge_one_and_odd_folders_are_rows_not_shown_as_windows(api, aws_conn, qa_bucket):
+    """A report.json copied into another window's folder showed its numbers as that window's (a
+    failing night shown green); a 9 MB one was read whole into the api-server; folders that are not
+    window ids were hidden without a word."""
+    client, tokens = api
+    copied, huge = "20261121T2300Z-20261122T2300Z", "20261122T2300Z-20261123T2300Z"
+    good = json.loads(aws_conn.get_object(Bucket=qa_bucket, Key=f"qa/DE/{W_OLD}/report.json")["Body"].read())
+    assert good["by_status"]["failed"] == 0
+    aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{copied}/report.json", Body=json.dumps(good).encode())
+    aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{huge}/report.json",
+                        Body=b'{"region": "DE", "pad": "' + b"x" * (9 << 20) + b'"}')
+    empty = "20261123T2300Z-20261124T2300Z"  # a ranged GET of an empty object is S3's InvalidRange
+    aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{empty}/report.json", Body=b"")
+    for odd in ("backup-2026", "20261121T2300Z-20261122T2300Z.old"):
+        aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{odd}/report.json", Body=json.dumps(good).encode())
+    page = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert page.status_code == 200, page.text[:300]
+    assert f"window &#x27;{W_OLD}&#x27;, not of the folder it is in (DE, {copied})" in page.text or \
+        f"window '{W_OLD}', not of the folder it is in (DE, {copied})" in page.text, page.text[:3000]
+    assert "report.json is larger than 8 MB" in page.text and "report.json is not valid JSON" in page.text
+    assert "2 folder(s) under" in page.text and "backup-2026" in page.text
+    assert 'href="report/DE/?"' not in page.text
+    assert page.text.count("<td>80</td>") == 2  # the two real windows' masked counts, and no third
 
 
 def test_text_that_reorders_itself_is_shown_as_codes():
@@ -240,7 +267,8 @@ def test_index_escapes_every_field():
     evil = "<svg onload=alert(1)>"
     row = summarise("DE", W_NEW, {"photos_in_window": 10, "by_status": {"masked": 7, "no_plate": 2, "failed": 1},
                                   "failure_rate": 0.1, "max_failure_rate": 0.02, "plates": 9, "review": {"count": 1},
-                                  "model": {"name": evil}, "window": {"start": evil}})
+                                  "model": {"name": evil}, "window": {"start": evil, "id": W_NEW},
+                                  "region": "DE"})
     row["photos"] = evil  # a caller that forgot to check types still gets escaped output
     out = render_index([row, {"region": evil, "window": W_OLD, "error": evil}], lambda r, w: f"report/{r}/{w}")
     assert "<svg" not in out and out.count("&lt;svg onload=alert(1)&gt;") == 6  # 4 cells, the error, the link
