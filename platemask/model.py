@@ -70,6 +70,10 @@ class ModelConfig:
     tile_above: float = 2.0  # also run tiles when the long side exceeds tile_above * input_max_side
     tile_overlap: float = 0.2
     coarse_side: int = 0  # also run the whole photo at this long side (finds close-ups filling the frame); 0 = off
+    # a portrait photo (taller than wide) also runs turned a quarter: a landscape photo whose pixels
+    # lie sideways without an EXIF Orientation (an upload tool stripped it) shows its plates on end,
+    # which the detector, trained upright, misses; turned once they are upright or upside down, both found
+    turned_view: bool = True
     score_threshold: float = 0.5  # operating threshold: a detection above it is masked
     review_low: float = 0.15  # detections in [review_low, score_threshold) flag the image for review
     review_high: float = 0.7  # masked detections below review_high also flag it

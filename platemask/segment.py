@@ -122,6 +122,12 @@ def plan_views(width: int, height: int, cfg: ModelConfig, index: int = 0) -> lis
     return views
 
 
+def unturn(polygon: np.ndarray, height: int) -> np.ndarray:
+    """A polygon found in a photo turned a quarter clockwise (``np.rot90(rgb, -1)``) in the frame of
+    the photo itself, ``height`` pixels tall: the turned (x', y') is the photo's (y', height - x')."""
+    return np.stack([polygon[:, 1], height - polygon[:, 0]], axis=1).astype(np.float32)
+
+
 def merge_plates(plates: list[Plate], overlap: float = 0.3) -> list[Plate]:
     """Unite detections of the same plate (from overlapping views): hull of both, highest score."""
     plates = sorted(plates, key=lambda p: -p.score)
@@ -253,7 +259,22 @@ class Segmenter:
         return result
 
     def __call__(self, images: list[np.ndarray]) -> list[list[Plate]]:
-        return self.verify_many(images, self.detect(images))
+        return self.with_turned_view(images, self.verify_many(images, self.detect(images)))
+
+    def with_turned_view(self, images: list[np.ndarray], plates: list[list[Plate]]) -> list[list[Plate]]:
+        """``plates`` (verified) of each portrait photo united with those found in it turned a quarter
+        clockwise (detected and verified there, mapped back): see ``ModelConfig.turned_view``.
+        Landscape photos, and every photo when the model's config turns it off, are left as they are."""
+        portrait = [i for i, rgb in enumerate(images) if rgb.shape[0] > rgb.shape[1]] if self.cfg.turned_view else []
+        if not portrait:
+            return plates
+        out = list(plates)
+        for i in portrait:  # one at a time: each turned copy is as large as its photo
+            turned = np.ascontiguousarray(np.rot90(images[i], -1))
+            found = self.verify_many([turned], self.detect([turned]))[0]
+            if found:
+                out[i] = merge_plates(out[i] + [Plate(p.score, unturn(p.polygon, images[i].shape[0])) for p in found])
+        return out
 
     def warm_up(self, width: int = 1280, height: int = 720) -> float:
         """One pass over a generated photo of ``width`` x ``height`` (noise: its results are thrown

@@ -398,7 +398,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
         dec = decode(Path(rec.path).read_bytes())
         # the detector's plates (from the cache when there is one), then the verifier's second look
         found = seg.detect([dec.rgb])[0] if cached is None else cached.plates(rec, dec.rgb)
-        plates = seg.verify_plates(dec.rgb, found)
+        plates = seg.with_turned_view([dec.rgb], [seg.verify_plates(dec.rgb, found)])[0]
         results.append(analyse(rec, plates, dec.width, dec.height, style))
         if (i + 1) % 25 == 0:
             rate = (i + 1) / (time.time() - t0)
