@@ -389,6 +389,20 @@ def _exif_writes(ifd0: dict, kept: dict, gps: dict) -> bool:
     return True
 
 
+# the ICC colour space signature (header bytes 16-20) that describes each output mode's pixels
+_ICC_SPACE = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "LA": b"GRAY"}
+
+
+def icc_for_output(icc: bytes | None, mode: str) -> bytes | None:
+    """The original's ICC profile when it describes pixels of ``mode``, else None. A CMYK or Lab
+    photo is written as RGB (converted without colour management), so its profile would tell a
+    colour-managed viewer to read RGB pixels as CMYK or Lab: the photo would show in wrong colours
+    or not at all. 16-bit grey keeps none (as before)."""
+    if not icc or len(icc) < 20:
+        return None
+    return icc if icc[16:20] == _ICC_SPACE.get(mode) else None
+
+
 def output_subsampling(dec: Decoded, jpeg_quality: int) -> int:
     """Chroma subsampling of a masked JPEG: a 4:2:0 original (what phones and cameras write) stays
     4:2:0, as 4:4:4 would only store its upsampled chroma again (bigger, and slower to encode); any
@@ -405,8 +419,6 @@ def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata
     img = Image.fromarray(pixels)  # uint16 2-D arrays become I;16
     fmt = dec.format
     params: dict = {}
-    if dec.icc_profile and mode != "I;16":
-        params["icc_profile"] = dec.icc_profile
     exif = _exif_for_output(dec.exif, metadata)
     if fmt == "JPEG":
         if img.mode in ("RGBA", "LA"):
@@ -422,6 +434,9 @@ def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata
         params.update(compress_level=6)
     if exif:
         params["exif"] = exif
+    icc = icc_for_output(dec.icc_profile, img.mode)
+    if icc:
+        params["icc_profile"] = icc
     buf = io.BytesIO()
     img.save(buf, format=fmt, **params)
     return buf.getvalue()

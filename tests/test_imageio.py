@@ -489,3 +489,25 @@ def test_the_decoder_gets_a_photos_bytes_in_one_read(monkeypatch):
     monkeypatch.undo()
     assert sum(r >= 65536 for r in reads) == 1, reads
     assert np.array_equal(dec.pixels, np.asarray(Image.open(_io.BytesIO(data)).convert("RGB")))
+
+
+def test_a_profile_that_does_not_describe_the_written_pixels_is_left_out():
+    """A CMYK photo is written back as RGB (converted without colour management), but its CMYK ICC
+    profile was copied over: colour-managed viewers read the RGB pixels as CMYK (wrong colours, or
+    the photo refused). A profile is kept only when its colour space is the output's."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    as_space = lambda space: srgb[:16] + space + srgb[20:]  # noqa: E731 - the header's colour space field
+    cases = [("CMYK", np.full((40, 60, 4), 60, np.uint8), b"CMYK", None),
+             ("RGB", np.full((40, 60, 3), 60, np.uint8), b"RGB ", "kept"),
+             ("L", np.full((40, 60), 60, np.uint8), b"GRAY", "kept"),
+             ("L", np.full((40, 60), 60, np.uint8), b"RGB ", None)]
+    for mode, pixels, space, expect in cases:
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode).save(buf, format="JPEG", icc_profile=as_space(space))
+        dec = decode(buf.getvalue())
+        assert dec.icc_profile == as_space(space)  # read from the original
+        out = Image.open(io.BytesIO(encode(dec, dec.pixels)))
+        got = out.info.get("icc_profile")
+        assert (got == as_space(space)) if expect else got is None, (mode, space, out.mode)
