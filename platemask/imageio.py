@@ -328,6 +328,12 @@ _LAYOUT_TAGS = frozenset({
 })
 
 
+# Tags whose value holds the photo's pixels in a form _IMAGE_STARTS does not see: Photoshop's image
+# resources (34377: its thumbnail resource may be raw RGB) and its layers (37724, ImageSourceData: the
+# layers' own pixels, unmasked). 'keep' drops them wherever they are.
+_PIXEL_TAGS = frozenset({34377, 37724})
+
+
 def _readable(read) -> dict:
     """The tags of the directory ``read()`` returns that Pillow can read. Pillow reads a tag when it
     is first asked for, and some it refuses then (a PhotometricInterpretation of 2 values: KeyError):
@@ -355,9 +361,9 @@ def _exif_for_output(exif: Image.Exif | None, policy: MetadataPolicy) -> bytes |
         ifd0 = {k: v for k, v in top.items() if k in SAFE_IFD0}
         kept = {k: v for k, v in sub.items() if k in SAFE_EXIF_IFD}
     else:  # keep: all but the previews of the photo, wherever they are (IFD1, makers' notes, ...)
-        ifd0 = _no_images({k: v for k, v in top.items() if k not in _LAYOUT_TAGS and k not in (
+        ifd0 = _no_images({k: v for k, v in top.items() if k not in _LAYOUT_TAGS and k not in _PIXEL_TAGS and k not in (
             ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif, ExifTags.IFD.Interop, ExifTags.Base.Orientation)})
-        kept = _no_images(sub)
+        kept = _no_images({k: v for k, v in sub.items() if k not in _PIXEL_TAGS})
         gps = _no_images(_readable(lambda: exif.get_ifd(ExifTags.IFD.GPSInfo)))
     try:
         return _exif_bytes(ifd0, kept, gps)

@@ -283,6 +283,25 @@ def test_no_preview_of_the_photo_survives_keep_in_a_maker_note_or_photoshop_reso
         assert float(kept.get_ifd(ExifTags.IFD.Exif)[B.ExposureTime]) == 0.01, fmt
 
 
+def test_photoshop_layers_and_raw_thumbnails_do_not_survive_keep():
+    """A layered Photoshop TIFF keeps its layers' own pixels in tag 37724 (ImageSourceData) and may
+    keep a raw-RGB thumbnail among its image resources (34377): no JPEG or PNG start to spot, so
+    'keep' copied both, unmasked pixels of the photo, beside the masked one."""
+    B = ExifTags.Base
+    layers = b"Adobe Photoshop Document Data Block\x00" + bytes(range(256)) * 64  # raw layer pixels
+    resources = b"8BIM\x04\x0c\x00\x00" + bytes(range(200, 256)) * 40  # a raw thumbnail resource
+    exif = Image.Exif()
+    exif.update({B.Artist: "Jane Inspector", 37724: layers, 34377: resources})
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 60, 3), 100, np.uint8)).save(buf, format="TIFF", exif=exif.tobytes())
+    data = buf.getvalue()
+    assert layers[-256:] in data and resources[-56:] in data  # the input carries both
+    dec = decode(data)
+    out = encode(dec, dec.pixels, metadata="keep")
+    assert layers[-256:] not in out and resources[-56:] not in out
+    assert Image.open(io.BytesIO(out)).getexif().get(B.Artist) == "Jane Inspector"  # the rest is kept
+
+
 def _exif_ifd0(entries) -> bytes:
     """EXIF whose IFD0 holds ``entries`` (tag, type, count, value bytes) as a buggy writer stores them
     (Pillow writes each tag as its own type, so it cannot make these)."""
