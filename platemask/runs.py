@@ -204,11 +204,15 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
             key = obj["Key"]
             if _is_folder_marker(obj):
                 continue
-            if settings.time_source == "last_modified" and not w.contains(obj["LastModified"]):
-                # A photo whose upload time lies outside its partition's day (uploaded late, or ahead
-                # into a later day's partition) is in no window that lists that partition by time: the
-                # window holding the partition's midnight takes it, so every photo has one window
-                if midnight <= obj["LastModified"] < day_end or not w.contains(midnight):
+            if settings.time_source == "last_modified":
+                # A photo belongs to the window that holds its upload time when that lies in its
+                # partition's day. One uploaded after that day (late) goes to the window holding the
+                # day's last instant, the last to list the partition; one uploaded before it (ahead,
+                # into a later day's partition) to the window holding its midnight, the first. One
+                # rule a photo, so each photo has one window, and the one that runs latest after it
+                lm = obj["LastModified"]
+                at = lm if midnight <= lm < day_end else (day_end - timedelta(microseconds=1) if lm >= day_end else midnight)
+                if not w.contains(at):
                     continue
             if is_hidden(key):
                 hidden.append(key)

@@ -43,7 +43,8 @@ class Settings:
                                                                       "TH": "Asia/Bangkok", "US": "America/New_York"})
     # 'partition': a photo's time is its day partition; 'last_modified': S3 LastModified, within the
     # day partitions the window touches (for windows that do not fall on midnights); a photo uploaded
-    # outside its partition's day goes to the window that holds that day's midnight
+    # after its partition's day goes to the window holding the day's last instant, one uploaded before
+    # it to the window holding its midnight (platemask.runs.collect)
     time_source: str = "partition"
     shard_size: int = 200
     max_shards: int = 256

@@ -408,28 +408,38 @@ def test_under_last_modified_a_photo_uploaded_outside_its_partitions_day_has_one
     """time_source=last_modified keeps a photo whose upload time falls in the window. The photos of
     the 20th's partition were uploaded today (moto's LastModified is the put time), days later: no
     window that lists that partition held their upload time, so none masked them (late_days=0 leaves
-    no late pick-up either). The window holding the partition's midnight takes them, and only it."""
+    no late pick-up either). A late photo goes to the window holding its day's last instant (the last
+    to list it, and the one that runs latest after the upload), one uploaded ahead into a later day's
+    partition to the window holding that day's midnight: exactly one window each, midnight-aligned
+    or not."""
     from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
 
     s3, settings, keys = photos
     settings = dataclasses.replace(settings, time_source="last_modified", late_days=0)
+    berlin = ZoneInfo("Europe/Berlin")
     now = datetime.now(timezone.utc)
-    today = "raw/DE/{:%Y/%m/%d}/today.jpg".format(now.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin")))
-    s3.put_object(Bucket=settings.bucket, Key=today, Body=jpeg_bytes(np.full((40, 60, 3), 90, np.uint8)))
+    today = "raw/DE/{:%Y/%m/%d}/today.jpg".format(now.astimezone(berlin))
+    ahead_day = (now.astimezone(berlin) + timedelta(days=2)).date()
+    ahead = "raw/DE/{:%Y/%m/%d}/ahead.jpg".format(ahead_day)
+    for key in (today, ahead):
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=jpeg_bytes(np.full((40, 60, 3), 90, np.uint8)))
 
-    def claimed(start, end):
+    def claimed(start, hours=24):
         spec = RunSpec(region="DE", run_id=f"manual__{uuid.uuid4().hex}", window_start=start.isoformat(),
-                       window_end=end.isoformat())
+                       window_end=(start + timedelta(hours=hours)).isoformat())
         c = collect(s3, settings, spec, log=lambda m: None)
         body = s3.get_object(Bucket=settings.bucket, Key=c["manifest"].split("/", 3)[3])["Body"].read().decode()
         return sorted(json.loads(x)["key"] for x in body.splitlines())
 
-    berlin_20th = datetime.fromisoformat(WINDOW["window_start"])  # 2026-11-20 00:00 in Berlin
-    halves = [claimed(berlin_20th, berlin_20th + timedelta(hours=12)),
-              claimed(berlin_20th + timedelta(hours=12), berlin_20th + timedelta(hours=24))]
-    assert halves == [sorted(keys), []]  # the half with the partition's midnight, not the other
-    assert claimed(berlin_20th - timedelta(hours=12), berlin_20th + timedelta(hours=1)) == sorted(keys)
+    midnight_20th = datetime.fromisoformat(WINDOW["window_start"])  # 2026-11-20 00:00 in Berlin
+    assert [claimed(midnight_20th, 12), claimed(midnight_20th + timedelta(hours=12), 12)] == [[], sorted(keys)]
+    six = midnight_20th + timedelta(hours=6)  # windows from 06:00 to 06:00: three in a row
+    assert [claimed(six - timedelta(days=1)), claimed(six), claimed(six + timedelta(days=1))] == [[], sorted(keys), []]
     # a photo uploaded on its own partition's day stays with the window that holds its upload time
-    around_now = claimed(now - timedelta(minutes=5), now + timedelta(minutes=5))
-    assert around_now == [today]
-    assert today not in claimed(now + timedelta(minutes=5), now + timedelta(hours=1))
+    assert claimed(now - timedelta(minutes=5), 1 / 6) == [today]
+    assert today not in claimed(now + timedelta(minutes=5), 1)
+    # uploaded ahead: the window holding its partition's midnight, and only it
+    m = datetime(ahead_day.year, ahead_day.month, ahead_day.day, tzinfo=berlin)
+    assert [claimed(m - timedelta(hours=30)), claimed(m - timedelta(hours=6)), claimed(m + timedelta(hours=6))] == \
+        [[], [ahead], []]
