@@ -1,8 +1,9 @@
 """``platemask``: mask photos in a folder or S3 prefix; train, export and evaluate the model.
 
-Exit codes: 0 every input masked or without plate, 3 some input failed, 2 usage error, 128 + the
-signal's number when stopped by SIGINT, SIGTERM or SIGHUP (130, 143, 129: the photos in flight are
-finished and each finished one has its record; the others have none and no report is written).
+Exit codes: 0 every input masked or without plate, 3 some input failed, 2 usage error (or a model that
+cannot run here: nothing read), 128 + the signal's number when stopped by SIGINT, SIGTERM or SIGHUP
+(130, 143, 129: the photos in flight are finished and each finished one has its record; the others
+have none and no report is written; further stop signals are ignored until the process exits).
 """
 from __future__ import annotations
 
@@ -77,29 +78,37 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+# Ctrl-C too: a second one during the finishing (KeyboardInterrupt in the writers' join) left writer
+# threads publishing masked photos after the records file was closed, with no record
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @contextlib.contextmanager
 def _stop_signals_interrupt():
-    """SIGTERM and SIGHUP raise ``Interrupted`` in the main thread for the block (their default,
-    dying on the spot, left masked photos in DST whose records were still in a buffer, and
-    half-written temporary files). Outside the main thread signals cannot be handled: unchanged."""
+    """SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread for the block (SIGTERM's
+    and SIGHUP's default, dying on the spot, left masked photos in DST whose records were still in a
+    buffer, and half-written temporary files); after the first, all three are ignored until the photos
+    in flight are finished and recorded. Outside the main thread signals cannot be handled: unchanged."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    stopped = []
+
     def stop(signum, _frame):
-        for s in STOP_SIGNALS:  # a second one must not cut short the finishing of the photos in flight
+        # a second one must not cut short the finishing of the photos in flight, nor the exit after it
+        for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+        stopped.append(signum)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if not stopped:  # once stopping, the signals stay ignored until the process exits
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def _output_file_clash(src: str, dst: str, **files: str | None) -> str | None:
@@ -116,6 +125,19 @@ def _output_file_clash(src: str, dst: str, **files: str | None) -> str | None:
                 return (f"{flag} {files[flag[2:]]} lies inside {side} {uri}: it would overwrite "
                         f"{'an original' if side == 'SRC' else 'a masked photo'} or be overwritten. "
                         "Write it outside SRC and DST")
+    return None
+
+
+def _unwritable(path: str) -> str | None:
+    """Why the records file ``path`` cannot be written, or None (checked for both files before
+    either is opened: opening one empties it, and the other failing then lost the earlier run's)."""
+    p = Path(os.path.realpath(Path(path).expanduser()))
+    if p.is_dir():
+        return "it is a folder"
+    if not p.parent.is_dir():
+        return f"no folder {p.parent}"
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return "permission denied"
     return None
 
 
@@ -155,9 +177,14 @@ def cmd_mask(a: argparse.Namespace) -> int:
     try:
         check_threshold(a.threshold, load_config(a.model).score_threshold, unsafe=a.unsafe_threshold)
         seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size, threshold=a.threshold, runtime=a.runtime)
-        seg.warm_up()  # start-up: the first batch does not pay for the runtimes' set-up (ETA and images/s)
     except (FileNotFoundError, ValueError) as exc:
         _log(f"platemask: error: {exc}")
+        return EXIT_USAGE
+    try:
+        seg.warm_up()  # start-up: the first batch does not pay for the runtimes' set-up (ETA and images/s)
+    except Exception as exc:  # noqa: BLE001 - the model cannot run here: say so before any photo is touched
+        _log(f"platemask: error: the model {a.model} failed its first pass on {seg.device} ({type(exc).__name__}: "
+             f"{exc}); no photo was read. Try --device cpu, a smaller --batch-size, or --runtime torch")
         return EXIT_USAGE
     cfg = seg.cfg
     threshold = cfg.score_threshold if a.threshold is None else a.threshold
@@ -192,6 +219,11 @@ def cmd_mask(a: argparse.Namespace) -> int:
     # now, not a traceback after the whole run (exit 1, no summary), and a report an earlier run left
     # there never outlives this run (emptied now, written when the job is done, removed if stopped).
     det_file = report_file = None
+    for path in (a.detections, a.report):  # both checked before either is emptied
+        problem = _unwritable(path) if path else None
+        if problem:
+            _log(f"platemask: error: cannot write {path}: {problem}")
+            return EXIT_USAGE
     try:
         # line-buffered: each record reaches the file when its photo is done, not when a buffer fills
         det_file = _open_for_records(a.detections, buffering=1) if a.detections else None
@@ -217,14 +249,15 @@ def cmd_mask(a: argparse.Namespace) -> int:
     except BaseException as exc:
         if report_file:  # no report for a job that did not finish (nor the one an earlier run left)
             report_file.close()
-            Path(a.report).unlink(missing_ok=True)
+            Path(os.path.realpath(a.report)).unlink(missing_ok=True)  # the file it wrote, not a link to it
         if not isinstance(exc, (Interrupted, KeyboardInterrupt)):
             raise
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         _log(f"platemask: interrupted ({signal.Signals(signum).name}) after {recorded[0]} of {len(keys)} inputs: "
-             f"each of those has its record{' in ' + a.detections if a.detections else ''}; the other "
-             f"{len(keys) - recorded[0]} were not masked and have none; no report written. Run the same "
-             "command again to mask them all")
+             + (f"each of those has its record in {a.detections}" if a.detections else
+                "their records were not saved (no --detections)")
+             + f"; the other {len(keys) - recorded[0]} were not masked and have none; no report written. Run the "
+             "same command again to mask them all")
         return 128 + int(signum)
     finally:
         if det_file:

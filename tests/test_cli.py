@@ -257,7 +257,7 @@ def test_a_linked_folder_is_named_as_not_followed_instead_of_dropped_silently(tm
     assert not (tmp_path / "dst" / "cars" / "more").exists()
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGTERM,SIGINT", "SIGINT,SIGINT"])
 def test_a_stopped_run_records_every_photo_it_published_and_says_it_stopped(tmp_path, model_dir, sig):
     """SIGTERM (what systemd, docker stop and kill send) killed the job on the spot: 20 masked photos
     in DST but 16 records in --detections (the rest still in a buffer), a half-written .tmp- file
@@ -283,12 +283,14 @@ def test_a_stopped_run_records_every_photo_it_published_and_says_it_stopped(tmp_
         while time.monotonic() < deadline and (not dst.is_dir() or len(list(dst.iterdir())) < 5):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             time.sleep(0.05)
-        proc.send_signal(getattr(signal, sig))
+        for i, name in enumerate(sig.split(",")):  # a second signal while the photos in flight finish
+            time.sleep(0.3 * i)
+            proc.send_signal(getattr(signal, name))
         err = proc.communicate(timeout=120)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + getattr(signal, sig), err[-2000:]
+    assert proc.returncode == 128 + getattr(signal, sig.split(",")[0]), err[-2000:]
     assert "interrupted" in err and "no report written" in err
     recs = _records(det)  # every line whole JSON
     published = sorted(p.name for p in dst.iterdir())
@@ -309,6 +311,12 @@ def test_a_report_or_records_path_that_cannot_be_written_is_refused_before_any_p
         assert main(["mask", str(src), str(dst), "--model", str(model_dir), *extra]) == 2, extra
         assert "cannot write" in capsys.readouterr().err
         assert not [p for p in dst.rglob("*") if p.is_file()]
+    # the other file is checked before either is opened: an earlier run's records are not emptied
+    old = tmp_path / "d.jsonl"
+    old.write_text('{"key": "earlier.jpg"}\n')
+    assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir), "--detections", str(old),
+                 "--report", str(tmp_path / "no" / "r.json")]) == 2
+    assert old.read_text() == '{"key": "earlier.jpg"}\n'
 
 
 def test_a_file_name_cannot_forge_or_hide_log_lines(tmp_path, model_dir, capsys):
