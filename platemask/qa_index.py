@@ -105,6 +105,25 @@ MAX_REPORT_BYTES = 8 << 20
 MAX_NAMED_FOLDERS = 5
 
 
+# report.html embeds its thumbnails: larger than report.json, still capped (served from memory)
+MAX_REPORT_HTML_BYTES = 64 << 20
+
+
+def foreign_report(store: S3Store, settings: Settings, region: str, window: str) -> str | None:
+    """Why the report in ``region``/``window``'s folder is not that window's (its report.json names
+    another region or window: copied or moved there), or None. A missing or unreadable report.json
+    is not this check's business (the index shows why)."""
+    try:
+        data = store.read_at_most(qa_key(settings, region, window, "report.json"), MAX_REPORT_BYTES)
+        report = json.loads(data) if data is not None else None
+    except Exception:  # noqa: BLE001 - missing, unreadable or not JSON: the index's row says which
+        return None
+    if not isinstance(report, dict):
+        return None
+    row = summarise(region, window, report)
+    return row.get("error")
+
+
 def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[dict]:
     """Newest first per region; each row holds the headline numbers of one report.json.
 

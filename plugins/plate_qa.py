@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 # the api-server's own authentication (bearer token or session cookie) and authorisation
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from platemask.layout import qa_key
-from platemask.qa_index import QAStoreError, recent_reports, render_index, render_problem, store_error
+from platemask.qa_index import (MAX_REPORT_HTML_BYTES, QAStoreError, foreign_report, recent_reports, render_index,
+                                 render_problem, store_error)
 from platemask.storage import S3Store
 
 REVIEW_DAG_ID = "plate_masking"
@@ -125,11 +126,18 @@ def report(region: str, window: str, user: Reviewer) -> Response:
     except ValueError as exc:
         return _problem(404, "no such report", [f"{exc}: a report address is report/<region>/<window id>, "
                                                 "as linked from the Plate QA index."])
+    store = S3Store(settings.bucket, client=client)
     try:
-        body = S3Store(settings.bucket, client=client).read(key)
+        body = store.read_at_most(key, MAX_REPORT_HTML_BYTES)
+        foreign = foreign_report(store, settings, region, window)
     except (ClientError, BotoCoreError) as exc:
         raise store_error(exc, bucket=settings.bucket, key=key, action="reading",
                           conn_id=settings.aws_conn_id) from exc
+    if body is None:
+        return _problem(413, "report too large", [f"s3://{settings.bucket}/{key} is larger than "
+                                                  f"{MAX_REPORT_HTML_BYTES >> 20} MB: not served. Open it from S3."])
+    if foreign:  # a copied report would show another night's numbers as this window's
+        return _problem(409, "report of another window", [foreign])
     # served as bytes with an explicit type; the CSP and nosniff headers come from the middleware
     return Response(body, media_type="text/html; charset=utf-8")
 

@@ -209,6 +209,11 @@ def test_a_report_in_the_wrong_folder_a_huge_one_and_odd_folders_are_rows_not_sh
     assert "2 folder(s) under" in page.text and "backup-2026" in page.text
     assert 'href="report/DE/?"' not in page.text
     assert page.text.count("<td>80</td>") == 2  # the two real windows' masked counts, and no third
+    # the copied report's page is refused too, not served as this window's (its html came along)
+    aws_conn.put_object(Bucket=qa_bucket, Key=f"qa/DE/{copied}/report.html", Body=f"<html>report {W_OLD}</html>".encode())
+    rep = client.get(f"/plate-qa/report/DE/{copied}", headers=tokens["reviewer"])
+    assert rep.status_code == 409 and "not of the folder it is in" in rep.text and f"report {W_OLD}" not in rep.text
+    assert client.get(f"/plate-qa/report/DE/{W_OLD}", headers=tokens["reviewer"]).status_code == 200
 
 
 def test_text_that_reorders_itself_is_shown_as_codes():
