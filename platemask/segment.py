@@ -128,14 +128,15 @@ def unturn(polygon: np.ndarray, height: int) -> np.ndarray:
     return np.stack([polygon[:, 1], height - polygon[:, 0]], axis=1).astype(np.float32)
 
 
-def merge_plates(plates: list[Plate], overlap: float = 0.3) -> list[Plate]:
-    """Unite detections of the same plate (from overlapping views): hull of both, highest score."""
-    plates = sorted(plates, key=lambda p: -p.score)
-    merged: list[Plate] = []
-    for p in plates:
+def merge_plates(plates: list[Plate], overlap: float = 0.3, into: list[Plate] = ()) -> list[Plate]:
+    """Unite detections of the same plate (from overlapping views): hull of both, highest score.
+    ``into``: plates already merged (kept apart from each other), that ``plates`` join or add to."""
+    merged: list[Plate] = [Plate(score=m.score, polygon=m.polygon.copy()) for m in into]
+    for p in sorted(plates, key=lambda p: -p.score):
         for m in merged:
             if intersection_over_smaller(grow_polygon(m.polygon, 0), grow_polygon(p.polygon, 0)) >= overlap:
                 m.polygon = grow_polygon(np.concatenate([m.polygon, p.polygon]), 0)
+                m.score = max(m.score, p.score)
                 break
         else:
             merged.append(Plate(score=p.score, polygon=p.polygon.copy()))
@@ -269,11 +270,12 @@ class Segmenter:
         if not portrait:
             return plates
         out = list(plates)
-        for i in portrait:  # one at a time: each turned copy is as large as its photo
+        for i in portrait:  # one at a time: each turned copy is as large as its photo (outside the pixel budget)
             turned = np.ascontiguousarray(np.rot90(images[i], -1))
             found = self.verify_many([turned], self.detect([turned]))[0]
             if found:
-                out[i] = merge_plates(out[i] + [Plate(p.score, unturn(p.polygon, images[i].shape[0])) for p in found])
+                # joined to the upright plates, which stay apart from each other as detect left them
+                out[i] = merge_plates([Plate(p.score, unturn(p.polygon, images[i].shape[0])) for p in found], into=out[i])
         return out
 
     def warm_up(self, width: int = 1280, height: int = 720) -> float:
