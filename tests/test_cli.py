@@ -377,3 +377,21 @@ def test_a_records_file_hard_linked_to_an_original_leaves_the_original_alone(pho
     assert _snapshot(src) == before
     assert {r["key"] for r in _records(det)} == {"car.jpg", "day1/cam/car.png", "day1/empty_road.jpg"}
     assert json.loads(report.read_text())["images"] == 3
+
+
+def test_a_model_that_cannot_run_here_is_refused_before_any_photo(photo_dir, tmp_path, model_dir, capsys, monkeypatch):
+    """The warm-up pass at load is the model's first run: when it fails (out of GPU memory, a runtime
+    error) the CLI ended in a traceback, exit 1. Now exit 2 with what failed and what to try, and
+    nothing under DST."""
+    from platemask.segment import Segmenter
+
+    def fails(self, *a, **kw):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(Segmenter, "warm_up", fails)
+    src, _ = photo_dir
+    dst = tmp_path / "dst"
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "failed its first pass" in err and "CUDA out of memory" in err and "--device cpu" in err
+    assert not [p for p in dst.rglob("*") if p.is_file()]
