@@ -269,10 +269,11 @@ class Segmenter:
         portrait = [i for i, rgb in enumerate(images) if rgb.shape[0] > rgb.shape[1]] if self.cfg.turned_view else []
         if not portrait:
             return plates
+        # views, not copies: each detector view and verifier window is cut out of them as out of an
+        # upright photo, and they go through the detector in batches like the upright ones
+        turned = [np.rot90(images[i], -1) for i in portrait]
         out = list(plates)
-        for i in portrait:  # one at a time: each turned copy is as large as its photo (outside the pixel budget)
-            turned = np.ascontiguousarray(np.rot90(images[i], -1))
-            found = self.verify_many([turned], self.detect([turned]))[0]
+        for i, found in zip(portrait, self.verify_many(turned, self.detect(turned))):
             if found:
                 # joined to the upright plates, which stay apart from each other as detect left them
                 out[i] = merge_plates([Plate(p.score, unturn(p.polygon, images[i].shape[0])) for p in found], into=out[i])
