@@ -421,7 +421,6 @@ def output_subsampling(dec: Decoded, jpeg_quality: int) -> int:
 
 def encode(dec: Decoded, pixels: np.ndarray, *, jpeg_quality: int = 92, metadata: MetadataPolicy = DEFAULT_METADATA_POLICY) -> bytes:
     """Encode masked ``pixels`` in ``dec``'s format and mode with the metadata policy applied."""
-    mode = dec.mode
     img = Image.fromarray(pixels)  # uint16 2-D arrays become I;16
     fmt = dec.format
     params: dict = {}
