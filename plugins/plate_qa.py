@@ -129,13 +129,13 @@ def report(region: str, window: str, user: Reviewer) -> Response:
     store = S3Store(settings.bucket, client=client)
     try:
         body = store.read_at_most(key, MAX_REPORT_HTML_BYTES)
-        foreign = foreign_report(store, settings, region, window)
     except (ClientError, BotoCoreError) as exc:
         raise store_error(exc, bucket=settings.bucket, key=key, action="reading",
                           conn_id=settings.aws_conn_id) from exc
     if body is None:
         return _problem(413, "report too large", [f"s3://{settings.bucket}/{key} is larger than "
                                                   f"{MAX_REPORT_HTML_BYTES >> 20} MB: not served. Open it from S3."])
+    foreign = foreign_report(store, settings, region, window)  # reads report.json; its own errors are None
     if foreign:  # a copied report would show another night's numbers as this window's
         return _problem(409, "report of another window", [foreign])
     # served as bytes with an explicit type; the CSP and nosniff headers come from the middleware
