@@ -198,21 +198,19 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         n_listed = 0
         midnight = datetime(d.year, d.month, d.day, tzinfo=z)
-        day_end = datetime.combine(d + timedelta(days=1), datetime.min.time(), tzinfo=z)
+        last_instant = datetime.combine(d + timedelta(days=1), datetime.min.time(), tzinfo=z) - timedelta(microseconds=1)
         for obj in store.iter_objects(prefix):
             n_listed += 1
             key = obj["Key"]
             if _is_folder_marker(obj):
                 continue
             if settings.time_source == "last_modified":
-                # A photo belongs to the window that holds its upload time when that lies in its
-                # partition's day. One uploaded after that day (late) goes to the window holding the
-                # day's last instant, the last to list the partition; one uploaded before it (ahead,
-                # into a later day's partition) to the window holding its midnight, the first. One
-                # rule a photo, so each photo has one window, and the one that runs latest after it
-                lm = obj["LastModified"]
-                at = lm if midnight <= lm < day_end else (day_end - timedelta(microseconds=1) if lm >= day_end else midnight)
-                if not w.contains(at):
+                # A photo belongs to the window that holds its upload time clamped into its partition's
+                # day: one uploaded after that day (late) to the window holding the day's last instant,
+                # the last to list the partition; one uploaded before it (ahead, into a later day's
+                # partition) to the window holding its midnight, the first. So each photo has one
+                # window, and the one that runs latest after its upload
+                if not w.contains(min(max(obj["LastModified"], midnight), last_instant)):
                     continue
             if is_hidden(key):
                 hidden.append(key)
