@@ -107,10 +107,39 @@ class Decoded:
         return int(self.pixels.shape[0])
 
 
+_VIEW_SAMPLES = 1 << 20  # pixels of a 16-bit photo sampled for its levels
+
+
+def _levels16(a: np.ndarray) -> tuple[int, int]:
+    """The 0.1 and 99.9 percentiles of a 16-bit grey photo's values (from a sample of its pixels):
+    where its content lies, whatever the container's range (one hot pixel does not move them)."""
+    step = max(1, int(np.sqrt(a.size / _VIEW_SAMPLES)))
+    cdf = np.cumsum(np.bincount(a[::step, ::step].ravel(), minlength=1 << 16))
+    lo, hi = (int(np.searchsorted(cdf, cdf[-1] * q)) for q in (0.001, 0.999))
+    return lo, max(hi, lo + 1)
+
+
+def _view16(a: np.ndarray) -> np.ndarray:
+    """The uint8 view of 16-bit grey pixels the detector sees: their high byte, or, for content within
+    less than half the range, its levels stretched to 0..255.
+    The high byte alone (``a >> 8``) was black for a 16-bit file holding 8- or 9-bit values (what
+    ``arr.astype(np.uint16)`` writes; ImageJ and photo editors show it by its levels): its plate went
+    undetected and was published as stored, readable in the low bits."""
+    lo, hi = _levels16(a)
+    if hi - lo >= 1 << 15:  # a photo that spans most of the range: seen as stored
+        return (a >> 8).astype(np.uint8)
+    out = np.empty(a.shape, np.uint8)
+    step = max(1, _STRIP_BYTES // max(1, a.shape[1] * 4))
+    for y in range(0, a.shape[0], step):  # in strips: the float copy is one strip's size
+        rows = (a[y:y + step].astype(np.float32) - lo) * (255.0 / (hi - lo))
+        out[y:y + step] = np.clip(np.rint(rows), 0, 255)
+    return out
+
+
 def _to_rgb8(pixels: np.ndarray) -> np.ndarray:
     a = pixels
     if a.dtype == np.uint16:
-        a = (a >> 8).astype(np.uint8)
+        a = _view16(a)
     if a.ndim == 2:
         return np.repeat(a[..., None], 3, axis=2)
     if a.shape[2] == 2:  # LA
@@ -148,6 +177,8 @@ def _bytes_per_pixel(mode: str) -> int:
         return 1 + 3
     if mode in ("LA", "La") or mode.startswith("I"):
         return 2 + 3
+    if mode == "F":  # 16-bit grey once decoded, after a float copy
+        return 4 + 2 + 3
     if mode in ("RGBA", "RGBa", "P", "PA"):  # P counted as RGBA: it may carry transparency
         return 4 + 3
     return 3  # RGB, and what is converted to it (CMYK, YCbCr, LAB, HSV, RGBX, F)
@@ -199,14 +230,33 @@ def _forget_xmp(img: Image.Image) -> None:
         img._exif = None  # read again without XMP (a JPEG's open read it already, for its dpi)
 
 
+def _to_uint16(a: np.ndarray, mode: str) -> np.ndarray:
+    """32-bit integer ('I') or float ('F') grey pixels as uint16, keeping every level apart. Values
+    within 0..65535 (integers) or 0..1 (floats, as float TIFFs store them and viewers show them)
+    are kept (floats scaled by 65535); other ranges are scaled from their own minimum and maximum.
+    Pillow's own conversion clipped floats at 0..255 (a 0..1 float TIFF: all black, published as
+    checked with no plate) and the integers were clipped at 65535 (a photo of larger values: white)."""
+    if mode == "F" and not np.isfinite(a).all():
+        a = np.where(np.isfinite(a), a, 0).astype(np.float32)
+    lo, hi = (a.min().item(), a.max().item()) if a.size else (0, 0)
+    top = 65535 if mode == "I" else 1.0
+    if lo < 0 or hi > top:  # scaled from its own range (float32: exact to 1 in 2**24)
+        a = (a.astype(np.float32) - np.float32(lo)) * np.float32(65535.0 / (hi - lo) if hi > lo else 0.0)
+    elif mode == "F":
+        a = a * np.float32(65535.0)
+    else:
+        return a.astype(np.uint16)
+    return np.clip(np.rint(a), 0, 65535).astype(np.uint16)
+
+
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     m = img.mode
     if m in ("RGB", "RGBA", "L", "LA"):
         return _array(img), m
-    if m in ("I;16", "I;16B", "I;16L", "I"):
+    if m in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.array(img)
-        if m == "I":  # 32-bit container, PNG 16-bit grey lands here
-            a = np.clip(a, 0, 65535)
+        if m in ("I", "F"):  # 32-bit integers or floats: written as 16-bit grey
+            a = _to_uint16(a, m)
         return a.astype(np.uint16), "I;16"
     if m == "1":
         return np.array(img.convert("L")), "L"
@@ -215,7 +265,7 @@ def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
         return _array(conv), conv.mode
     if m == "CMYK":  # written back as RGB: masked pixels are computed in RGB
         return _array(img.convert("RGB")), "RGB"
-    if m in ("F", "I;16S", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+    if m in ("I;16S", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
         conv = img.convert("RGBA" if m in ("RGBa", "La") else "RGB")  # LAB has no alpha, whatever its "A"
         return _array(conv), conv.mode
     raise ImageError("unsupported_mode", f"pixel mode {m!r} is not supported")

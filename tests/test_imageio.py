@@ -530,3 +530,56 @@ def test_a_profile_that_does_not_describe_the_written_pixels_is_left_out():
         out = Image.open(io.BytesIO(encode(dec, dec.pixels)))
         got = out.info.get("icc_profile")
         assert (got == as_space(space)) if expect else got is None, (mode, space, out.mode)
+
+
+def _grey_plate() -> np.ndarray:
+    """A grey 8-bit picture of a plate (dark characters on a light plate, on a mid-grey car)."""
+    from platemask.training.synth import render_plate
+
+    a = np.full((120, 360), 90, np.uint8)
+    plate, _ = render_plate(np.random.default_rng(3), text="AB 123 CD", height=64)
+    a[28:28 + plate.shape[0], 40:40 + plate.shape[1]] = np.asarray(Image.fromarray(plate).convert("L"))
+    return a
+
+
+def _tiff_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("hot_pixel", [False, True])
+def test_a_16bit_grey_photo_holding_8bit_values_is_seen_by_the_detector_as_its_levels_show_it(hot_pixel):
+    """A 16-bit grey PNG holding 0..255 (``arr.astype(np.uint16)``): the detector's view was its
+    high byte, all black; the real model recorded no_plate and the photo was published with its plate
+    readable (OCR read it exactly once its levels were stretched). The view now follows its levels."""
+    g = _grey_plate()
+    a = g.astype(np.uint16)
+    if hot_pixel:
+        a[0, 0] = 65535  # one stuck pixel does not set the levels
+    dec = decode(png_bytes(a))
+    assert dec.mode == "I;16" and np.array_equal(dec.pixels, a)  # written back as stored
+    view = dec.rgb[..., 0].astype(int)
+    assert view[1:].max() - view[1:].min() > 200
+    assert np.corrcoef(view[1:].ravel(), g[1:].ravel())[0, 1] > 0.99
+    g[0, :300], g[1, :300] = 0, 255
+    full = decode(png_bytes((g.astype(np.uint16) * 257)))  # a full-range 16-bit photo is seen as stored
+    assert np.array_equal(full.rgb[..., 0], g)
+
+
+def test_float_and_32bit_tiffs_are_written_and_seen_with_their_levels_not_clipped():
+    """A float TIFF stores 0..1 (as viewers show it): Pillow's conversion clipped at 0..255, so it
+    was detected as a black photo (no_plate) and published all black. A 32-bit integer TIFF above
+    65535 was clipped white. Both are now 16-bit grey with every level kept, seen as they show."""
+    g = _grey_plate()
+    dec = decode(_tiff_bytes(Image.fromarray((g / 255.0).astype(np.float32), "F")))
+    assert dec.mode == "I;16" and np.abs(dec.pixels.astype(int) - g.astype(int) * 257).max() <= 1
+    assert np.abs(dec.rgb[..., 0].astype(int) - g).max() <= 2
+    back = Image.open(io.BytesIO(encode(dec, dec.pixels)))
+    assert back.format == "TIFF" and np.array_equal(np.asarray(back).astype(np.uint16), dec.pixels)
+    big = decode(_tiff_bytes(Image.fromarray(g.astype(np.int32) * 4000 - 50_000, "I")))
+    assert big.mode == "I;16" and len(np.unique(big.pixels)) == len(np.unique(g))  # no level clipped away
+    assert np.corrcoef(big.rgb[..., 0].ravel().astype(float), g.ravel())[0, 1] > 0.99
+    nan = (g / 255.0).astype(np.float32)
+    nan[0, :5] = np.nan
+    assert decode(_tiff_bytes(Image.fromarray(nan, "F"))).pixels[0, :5].tolist() == [0] * 5
