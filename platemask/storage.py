@@ -23,7 +23,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 from urllib.parse import urlparse
 
 
@@ -122,13 +122,18 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTim
 
 def transient_s3_error(exc: BaseException) -> bool:
     """Whether an S3 call that failed after the client's own retries may still succeed when repeated
-    a little later: a 5xx or throttling answer, or a connection that broke (reset, cut, timed out)."""
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+    a little later: a 5xx or throttling answer, or a connection that broke (reset, cut, timed out),
+    also while the answer's body was being read (botocore retries a request, never a body half read:
+    ``ResponseStreamingError``, ``IncompleteReadError``, or urllib3's bare ``ProtocolError`` when the
+    body of an error answer, such as a 404, was cut)."""
+    from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, HTTPClientError,
+                                     IncompleteReadError)
+    from urllib3.exceptions import ProtocolError
 
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return status >= 500 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
-    return isinstance(exc, (BotoConnectionError, HTTPClientError))
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, ProtocolError))
 
 
 class S3Store:
@@ -138,7 +143,10 @@ class S3Store:
     A write whose client retries are spent on a transient error (a 5xx storm, throttling, broken
     connections) is tried again ``write_retries`` times, ``retry_delay`` s, then twice that, apart (a
     PUT of the whole body is idempotent), so a photo does not fail on a burst of S3 errors a little
-    longer than the client's own retries ride out. Other errors (denied, bad key) are not retried."""
+    longer than the client's own retries ride out. Other errors (denied, bad key) are not retried.
+    Reads (``read``, ``read_at_most``, ``get_json``) are tried again the same way, the body read to its
+    end inside each try: botocore retries a request, but not a connection reset while the body of its
+    answer (a photo, or a 404's error document) streams in, which would fail a photo on a blip."""
 
     write_retries = 2
     retry_delay = 1.0
@@ -154,6 +162,25 @@ class S3Store:
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _retrying(self, call: Callable[[], Any]) -> Any:
+        """``call()``, repeated ``write_retries`` times (``retry_delay`` s, then twice that, apart) while it
+        fails with a transient error (:func:`transient_s3_error`) once the client's own retries are spent.
+        Only for idempotent calls: a whole PUT, a GET read to its end. A connection broken while an
+        answer's body was read ends as a botocore ``ResponseStreamingError`` (a ``BotoCoreError``, what
+        callers catch), never as urllib3's bare ``ProtocolError``."""
+        from botocore.exceptions import ResponseStreamingError
+        from urllib3.exceptions import ProtocolError
+
+        for attempt in range(self.write_retries + 1):
+            try:
+                return call()
+            except Exception as exc:  # noqa: BLE001 - only transient errors are repeated, the rest re-raised
+                if attempt == self.write_retries or not transient_s3_error(exc):
+                    if isinstance(exc, ProtocolError):
+                        raise ResponseStreamingError(error=exc) from exc
+                    raise
+            time.sleep(self.retry_delay * 2 ** attempt)
+
     def iter_keys(self) -> Iterator[str]:
         pfx = f"{self.prefix}/" if self.prefix else ""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=pfx)
@@ -167,7 +194,7 @@ class S3Store:
         """The object's bytes; with ``if_match`` (an ETag) only that version, else S3 answers
         412 ``PreconditionFailed`` (a ClientError) and nothing is returned."""
         extra = {"IfMatch": if_match} if if_match else {}
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"].read()
+        return self._retrying(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"].read())
 
     def read_at_most(self, key: str, limit: int) -> bytes | None:
         """The object's bytes when it holds at most ``limit`` (one ranged GET of ``limit`` + 1
@@ -175,7 +202,8 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{limit}")["Body"].read()
+            body = self._retrying(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                                                 Range=f"bytes=0-{limit}")["Body"].read())
         except ClientError as exc:
             if error_code(exc) == "InvalidRange":  # what S3 answers a range of an empty object
                 return b""
@@ -199,18 +227,9 @@ class S3Store:
         """PUT ``data``, with its SHA-256 in the object's metadata (``x-amz-meta-sha256``, read back
         by :meth:`sha256`: what a rerun checks a masked copy against its audit record by)."""
         extra = self._sse()
-        from botocore.exceptions import BotoCoreError, ClientError
-
         digest = hashlib.sha256(data).hexdigest()
-        for attempt in range(self.write_retries + 1):
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
-                                       Metadata={"sha256": digest}, **extra)
-                return
-            except (ClientError, BotoCoreError) as exc:
-                if attempt == self.write_retries or not transient_s3_error(exc):
-                    raise
-            time.sleep(self.retry_delay * 2 ** attempt)
+        self._retrying(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                                      ContentType=content_type, Metadata={"sha256": digest}, **extra))
 
     def head(self, key: str) -> dict | None:
         """S3's HEAD of the object (``ETag``, ``ContentLength``, ``Metadata`` ...), None when it does not exist."""
@@ -264,13 +283,17 @@ class S3Store:
         """(object, ETag) of a JSON object, or None when it does not exist; ValueError when it is not JSON."""
         from botocore.exceptions import ClientError
 
-        try:
+        def get():
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return obj["Body"].read(), obj["ETag"]
+
+        try:
+            body, etag = self._retrying(get)
         except ClientError as exc:
             if error_code(exc) in MISSING_CODES:
                 return None
             raise
-        return json.loads(obj["Body"].read()), obj["ETag"]
+        return json.loads(body), etag
 
     def put_json_conditional(self, key: str, doc: dict, *, if_none_match: bool = False,
                              if_match: str | None = None) -> None:

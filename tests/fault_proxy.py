@@ -7,6 +7,8 @@ botocore client, its retries and its connection pool meet real faults on the wir
   request is not forwarded;
 * ``"reset"``: the connection is reset (RST) after the request was read, before it is forwarded;
 * ``"cut"``: an upload is cut mid-body: half the body is read, then the connection is reset;
+* ``"short"``: a download is cut mid-body: the request is forwarded, the answer's headers (with
+  the full Content-Length) and half its body are sent, then the connection is reset;
 * ``"hold"``: the request waits until ``release()`` (a worker stalled mid-shard, to be SIGKILLed).
 
 Like S3 (and unlike moto) it refuses keys over 1,024 bytes (``KeyTooLongError``).
@@ -165,6 +167,10 @@ class FaultProxy:
                     out = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP]
                     if method != "HEAD" and not any(k.lower() == "content-length" for k, _ in out):
                         out.append(("Content-Length", str(len(data))))
+                    if fault == "short" and method == "GET" and len(data) > 1:
+                        self._reply(conn, resp.status, resp.reason, out, data[: len(data) // 2])
+                        self._reset(conn)
+                        return
                     self._reply(conn, resp.status, resp.reason, out, data, head=method == "HEAD")
                 finally:
                     up.close()

@@ -216,6 +216,10 @@ TRANSIENT = {  # scenario -> its fault policies, made fresh per run (the first t
     "connection reset on every request": lambda: [first_attempt(_everything, "reset")],
     "upload cut mid-body on every write": lambda: [
         first_attempt(lambda r: r.method == "PUT" and int(r.headers.get("content-length") or 0) > 0, "cut")],
+    # S3 resets long downloads mid-body; botocore retries a request, never a body half read (nor an error
+    # answer half read: a 404 for a photo without an audit record), so the storage layer reads again
+    "download cut mid-body on every object read": lambda: [
+        first_attempt(lambda r: r.method == "GET" and bool(r.key), "short")],
 }
 
 
