@@ -249,11 +249,22 @@ def _to_uint16(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(a), 0, 65535).astype(np.uint16)
 
 
+def _white_is_zero(img: Image.Image) -> bool:
+    """A 16- or 32-bit grey TIFF that stores white as 0 (PhotometricInterpretation 0). Pillow inverts
+    such 1- and 8-bit TIFFs as it reads them, not these: the detector saw the photo's negative and it
+    was published as one (a grey TIFF written back stores black as 0)."""
+    tags = getattr(img, "tag_v2", None)
+    return img.format == "TIFF" and img.mode in _DEEP_GREY and tags is not None and tags.get(262) == 0
+
+
+_DEEP_GREY = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     m = img.mode
     if m in ("RGB", "RGBA", "L", "LA"):
         return _array(img), m
-    if m in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if m in _DEEP_GREY:
         a = np.array(img)
         if m in ("I", "F"):  # 32-bit integers or floats: written as 16-bit grey
             a = _to_uint16(a, m)
@@ -338,9 +349,12 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
         icc = img.info.get("icc_profile")
         method = _UPRIGHT.get(orientation)
+        negative = _white_is_zero(img)
         if method is not None:  # no copy when already upright (ImageOps.exif_transpose copies the whole photo)
             img = img.transpose(method)
         pixels, mode = _normalise(img)
+        if negative:
+            np.subtract(65535, pixels, out=pixels)
     except (ImageError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a hostile file trips over after its pixels loaded is its own failure

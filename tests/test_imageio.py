@@ -583,3 +583,31 @@ def test_float_and_32bit_tiffs_are_written_and_seen_with_their_levels_not_clippe
     nan = (g / 255.0).astype(np.float32)
     nan[0, :5] = np.nan
     assert decode(_tiff_bytes(Image.fromarray(nan, "F"))).pixels[0, :5].tolist() == [0] * 5
+
+
+def _tiff_tag_set(data: bytes, tag: int, value: int) -> bytes:
+    """``data`` (a TIFF) with IFD0's SHORT ``tag`` set to ``value``."""
+    import struct
+
+    b = bytearray(data)
+    bo = "<" if b[:2] == b"II" else ">"
+    ifd = struct.unpack(bo + "I", b[4:8])[0]
+    for i in range(struct.unpack(bo + "H", b[ifd:ifd + 2])[0]):
+        e = ifd + 2 + 12 * i
+        if struct.unpack(bo + "H", b[e:e + 2])[0] == tag:
+            b[e + 8:e + 10] = struct.pack(bo + "H", value)
+            return bytes(b)
+    raise KeyError(tag)
+
+
+@pytest.mark.parametrize("kind", ["L", "I;16", "F"])
+def test_a_deep_grey_tiff_storing_white_as_zero_is_read_and_written_as_it_shows(kind):
+    """PhotometricInterpretation 0 (WhiteIsZero): Pillow inverts an 8-bit TIFF, not a 16-bit or
+    float one, so the detector saw the photo's negative and the masked copy was published as one."""
+    g = _grey_plate()
+    stored = {"L": Image.fromarray(255 - g), "I;16": Image.fromarray((255 - g).astype(np.uint16) * 257),
+              "F": Image.fromarray(((255 - g) / 255.0).astype(np.float32), "F")}[kind]
+    dec = decode(_tiff_tag_set(_tiff_bytes(stored), 262, 0))
+    assert np.abs(dec.rgb[..., 0].astype(int) - g).max() <= 2  # seen as it shows: white plate, dark characters
+    back = np.asarray(Image.open(io.BytesIO(encode(dec, dec.pixels)))).astype(np.float64)
+    assert np.corrcoef(back.ravel(), g.ravel())[0, 1] > 0.99  # written as it shows, not as a negative
