@@ -36,7 +36,7 @@ from .detections import Plate
 from .imageio import ImageError
 from .model import load_config
 from .package import package_model
-from .layout import audit_key, run_prefix
+from .layout import S3_MAX_KEY_BYTES, audit_key, key_too_long, run_prefix
 from .runs import already_done, photo_identities, read_audit
 from .runspec import RunError, RunSpec
 from .settings import Settings
@@ -128,6 +128,24 @@ def payload_limits(settings: Settings, entries: list[dict]) -> tuple[int, int]:
 
 def output_uri(settings: Settings, spec: RunSpec, job: str) -> str:
     return f"s3://{settings.bucket}/" + settings.sagemaker_output_prefix.format(region=spec.region, window=spec.window.id) + job + "/"
+
+
+def output_key_too_long(settings: Settings, spec: RunSpec, raw_key: str) -> str | None:
+    """Why a photo cannot go to a transform job, or None: its masked copy or audit record key
+    (``layout.key_too_long``), or the ``.out`` key the job would write for it (output prefix, a job
+    name of up to 63 characters, the photo's key, ``.out``), is over S3's 1,024 bytes. Such a photo
+    would make the job's output upload fail (the job with it), or fail in the mask step anyway."""
+    why = key_too_long(settings, spec.region, raw_key)
+    if why:
+        return why
+    bucket, prefix = parse_s3_uri(output_uri(settings, spec, "j" * NAME_MAX))
+    n = len((prefix + raw_key + ".out").encode("utf-8"))
+    if n > S3_MAX_KEY_BYTES:
+        return (f"s3://{settings.bucket}/{raw_key}: the transform job's output key for it would be up to {n} bytes "
+                f"(s3://{bucket}/{settings.sagemaker_output_prefix.format(region=spec.region, window=spec.window.id)}"
+                f"{{job}}/{{key}}.out), over S3's {S3_MAX_KEY_BYTES:,}-byte limit: not sent to the job; shorten the "
+                "photo's path below raw/ or sagemaker_output_prefix (nothing was published)")
+    return None
 
 
 def transform_request(settings: Settings, spec: RunSpec, *, job: str, model: str, manifest_uri: str,
@@ -311,14 +329,19 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     entries = read_json_lines(s3, shard["shard"])
     model, model_sha = ensure_model(hook, s3, settings, model_dir)
     todo = photos_to_do(s3, settings, spec, entries, load_config(model_dir))
+    # a photo whose output keys S3 would refuse is never sent: it fails alone (key_too_long), not the job
+    too_long = {e["key"]: {"reason": "key_too_long", "error": why} for e in todo
+                if (why := output_key_too_long(settings, spec, e["key"]))}
+    todo = [e for e in todo if e["key"] not in too_long]
     base = {"model": model, "model_sha256": model_sha, "photos": len(todo)}
     if not todo:
-        log.info("shard %s: all %d photos already masked with this model: no transform job", shard["shard"], len(entries))
-        return {**shard, "transform": {**base, "job": None, "state": "Completed", "outputs": []}}
+        log.info("shard %s: no photo to send of %d (already masked with this model, or keys too long for S3): "
+                 "no transform job", shard["shard"], len(entries))
+        return {**shard, "transform": {**base, "job": None, "state": "Completed", "outputs": [], "left_out": too_long}}
     todo_keys = {e["key"] for e in todo}
     earlier: list[str] = []  # outputs of this run's failed or stopped attempts, newest first
     have: set[str] = set()
-    left_out: dict[str, dict] = {}  # key -> its own failure: not sent to later attempts
+    left_out: dict[str, dict] = dict(too_long)  # key -> its own failure: not sent to later attempts
     heads: dict = {}
     last: dict = {}
     for attempt in range(MAX_ATTEMPTS):
@@ -493,6 +516,8 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
     where: dict[str, str] = {}  # key -> the .out it was read from
 
     def fetch(key: str) -> dict | ImageError:
+        if key in left_out and left_out[key]["reason"] == "key_too_long":  # never sent: its .out key cannot exist
+            return ImageError("key_too_long", left_out[key]["error"])
         for out in outputs:
             out_bucket, out_prefix = parse_s3_uri(out)  # the photo's key is no URI part ('?', '#')
             try:

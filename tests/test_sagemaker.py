@@ -567,6 +567,38 @@ def test_a_photo_regrown_after_listing_fails_alone_not_the_job(aws_conn, model_d
     assert _published(s3, settings) == {f"masked/DE/2026/11/20/{k}" for k in ("a0.jpg", "c2.jpg", "d3.jpg")}
 
 
+def test_a_photo_whose_transform_output_key_would_be_too_long_fails_alone_not_the_job(aws_conn, moto_server, model_dir,
+                                                                                         server_url, scene):
+    """A legal photo key of 972 bytes: its masked (975) and audit (984) keys fit S3's 1,024 bytes, its
+    transform output ``sagemaker/output/{region}/{window}/{job}/{key}.out`` does not. Sent to the job,
+    its output upload was refused (KeyTooLongError) and the job failed, every attempt (4 jobs, a3
+    Failed, each paying its instances' start-up on AWS), the photo failing transform_job_failed with
+    the upload's error. It is now never sent: it fails alone (key_too_long), one job completes."""
+    import boto3
+
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(moto_server)  # refuses keys over 1,024 bytes, as S3 does (moto does not)
+    try:
+        s3 = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1")
+        settings = _local_runner_settings(s3, server_url, max_concurrent=1)
+        photos = _four_photos(scene)
+        long_key = "raw/DE/2026/11/20/a1" + "x" * 948 + ".jpg"
+        photos[long_key] = jpeg_bytes(scene[0])
+        shard = _shard_of(s3, settings, dict(sorted(photos.items())))
+        waited, recs = _run_shard(s3, settings, shard, model_dir)
+        t = waited["transform"]
+        assert t["state"] == "Completed" and t["attempt"] == 0, t
+        assert recs[long_key]["status"] == "failed" and recs[long_key]["reason"] == "key_too_long", recs[long_key]
+        assert ".out" in recs[long_key]["error"] and "1,024" in recs[long_key]["error"]
+        others = [k for k in photos if k != long_key]
+        assert [recs[k]["status"] for k in others] == ["masked"] * 4, {k: recs[k].get("reason") for k in others}
+        assert _published(s3, settings) == {k.replace("raw/", "masked/", 1) for k in others}
+        assert not any(len(k.encode()) > 1024 for _, k, _ in proxy.seen)  # never even tried
+    finally:
+        proxy.close()
+
+
 def test_a_photo_regrown_past_the_payload_limit_is_left_out_of_the_next_attempt(aws_conn, model_dir, server_url, scene):
     """Past even the headroom (10 MB at 10 at once) the record fails its job, as on AWS. The next
     attempt leaves it out (S3 shows another ETag, and a size over the job's limit: it would fail
