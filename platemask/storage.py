@@ -182,12 +182,15 @@ class S3Store:
             time.sleep(self.retry_delay * 2 ** attempt)
 
     def iter_keys(self) -> Iterator[str]:
+        """Every object under the prefix, page after page, except empty folder markers (a key ending in
+        '/' with 0 bytes, what consoles create for a folder); an object with bytes whose key ends in '/'
+        is an input like any other (it gets its record, as in the DAG's collect)."""
         pfx = f"{self.prefix}/" if self.prefix else ""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=pfx)
         for page in pages:
             for obj in page.get("Contents", []):
                 k = obj["Key"][len(pfx):]
-                if k and not k.endswith("/"):
+                if k and not (k.endswith("/") and int(obj.get("Size", 0)) == 0):
                     yield k
 
     def read(self, key: str, *, if_match: str | None = None) -> bytes:

@@ -46,3 +46,22 @@ def test_s3_local_mix(s3_env, scene, tmp_path, model_dir):
     assert s3.head_object(Bucket="mix", Key="out/a.jpg")["ContentLength"] > 0
     assert main(["mask", "s3://mix/out", str(tmp_path / "back"), "--model", str(model_dir)]) == 0
     assert (tmp_path / "back" / "a.jpg").exists()
+
+
+def test_an_s3_object_whose_key_ends_in_a_slash_gets_a_record_unless_it_is_an_empty_folder_marker(s3_env, tmp_path,
+                                                                                                   model_dir):
+    """A console's folder marker (``x/``, 0 bytes) is no input; an object with bytes whose key ends in
+    '/' is one (the DAG's collect keeps it too). The CLI's S3 listing dropped it without a record."""
+    s3 = s3_env
+    s3.create_bucket(Bucket="slashes")
+    s3.put_object(Bucket="slashes", Key="raw/2026/11/20/", Body=b"")  # folder marker
+    s3.put_object(Bucket="slashes", Key="raw/2026/11/20/notes/", Body=b"not a folder")
+    s3.put_object(Bucket="slashes", Key="raw/2026/11/20/road.jpg", Body=jpeg_bytes(np.full((200, 300, 3), 80, np.uint8)))
+    rc = main(["mask", "s3://slashes/raw", "s3://slashes/masked", "--model", str(model_dir),
+               "--detections", str(tmp_path / "d.jsonl")])
+    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
+    assert set(recs) == {"2026/11/20/notes/", "2026/11/20/road.jpg"}
+    assert recs["2026/11/20/notes/"]["status"] == "failed" and recs["2026/11/20/road.jpg"]["status"] == "no_plate"
+    assert rc == 3
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="slashes", Prefix="masked/")["Contents"])
+    assert keys == ["masked/2026/11/20/road.jpg"]
