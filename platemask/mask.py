@@ -95,11 +95,35 @@ def blur_window(region: np.ndarray, h: float, style: MaskStyle, width: int, heig
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
+def clip_convex(poly: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """The convex polygon ``poly`` cut to ``box`` (x0, y0, x1, y1), in float64 (Sutherland-Hodgman);
+    empty (0 x 2) when they do not meet."""
+    pts = np.asarray(poly, np.float64).reshape(-1, 2)
+    for axis, bound, keep_below in ((0, box[0], False), (0, box[2], True), (1, box[1], False), (1, box[3], True)):
+        if not len(pts):
+            break
+        d = (pts[:, axis] - bound) * (-1 if keep_below else 1)  # >= 0: inside this edge
+        out = []
+        for i in range(len(pts)):
+            p, q, dp, dq = pts[i], pts[(i + 1) % len(pts)], d[i], d[(i + 1) % len(pts)]
+            if dp >= 0:
+                out.append(p)
+            if (dp >= 0) != (dq >= 0):
+                out.append(p + (q - p) * (dp / (dp - dq)))
+        pts = np.asarray(out, np.float64).reshape(-1, 2)
+    return pts
+
+
 def outline_core(region: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """1 where ``region`` covers a pixel of ``box`` (with 4x sub-pixel precision, so the core covers
-    every partly covered pixel), else 0."""
+    every partly covered pixel), else 0. ``region`` is cut to ``box`` first: a vertex far outside the
+    photo (a polygon from a damaged detections file) overflowed the rasteriser's int32 coordinates
+    and the plate was left uncovered."""
     x0, y0, x1, y1 = box
     core = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    region = clip_convex(region, (x0 - 2, y0 - 2, x1 + 2, y1 + 2))
+    if len(region) < 3:
+        return core
     shift = 2
     pts = np.round((region - [x0, y0]) * (1 << shift)).astype(np.int32)
     cv2.fillPoly(core, [pts], 1, lineType=cv2.LINE_8, shift=shift)

@@ -215,3 +215,18 @@ def test_ocr_reads_the_plate_before_and_nothing_of_it_after_masking(scene, tmp_p
     # the check can fail: a plate the detector missed stays readable
     missed = ocr_check([analyse(rec, [], img.shape[1], img.shape[0], style)], 0.5, style, log=lambda *_: None)
     assert missed["not_hidden_by_detector"] == len(quads) and missed["three_char_run_after"] == len(quads)
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "pixelate", "solid"])
+@pytest.mark.parametrize("far", [1e9, 1e12])
+def test_a_polygon_reaching_far_outside_the_photo_still_covers_its_part_inside(mode, far):
+    """A vertex past 2**31 / 4 px (a damaged or hostile detections file; Plate.from_json takes any
+    number) overflowed outline_core's int32 coordinates: the plate was left untouched, recorded masked."""
+    img = np.zeros((200, 400), np.uint8)
+    img[::2] = 255  # stripes: any uncovered pixel shows
+    sliver = Plate(0.9, np.array([[60, 80], [200, 80], [far, 110], [60, 110]], np.float32))
+    whole = Plate(0.9, np.array([[-far, -far], [far, -far], [far, far], [-far, far]], np.float32))
+    for plate, rows, cols in ((sliver, slice(85, 106), slice(70, 390)), (whole, slice(0, 200), slice(0, 400))):
+        out = apply_mask(img, [plate], MaskStyle(mode=mode))
+        stripes = np.abs(np.diff(out[rows, cols].astype(int), axis=0))
+        assert stripes.max() < 60, f"{mode}: stripes left under the plate ({stripes.max()})"
