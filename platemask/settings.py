@@ -115,9 +115,36 @@ class Settings:
         for r in self.regions:
             if r not in self.region_timezones:
                 raise ValueError(f"region {r!r} has no time zone in region_timezones")
+        partition = self.partition_problem()
+        if partition:
+            raise ValueError(partition)
         clash = self.layout_clash()
         if clash:
             raise ValueError(clash)
+
+    def partition_problem(self) -> str | None:
+        """Why ``raw_prefix`` does not name one region's one local day, or None. Collect lists the
+        prefix of each day a window covers and the run locks those days: a prefix without the day
+        (``raw/{region}/{yyyy}/{mm}/``) lists the whole month for every day, so a two-day window
+        holds each photo twice and the nights of the 20th and 21st (two day locks) mask the same
+        photos at once; one without ``{region}`` gives every photo to every configured region."""
+        import string
+
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(self.raw_prefix) if f is not None}
+        except ValueError as exc:
+            return f"raw_prefix {self.raw_prefix!r} is not a key template: {exc}"
+        need = {"yyyy", "mm", "dd"} | ({"region"} if len(self.regions) > 1 else set())
+        missing, unknown = sorted(need - names), sorted(names - {"region", "yyyy", "mm", "dd"})
+        if not missing and not unknown:
+            return None
+        return (f"raw_prefix {self.raw_prefix!r} "
+                + (f"lacks {', '.join('{' + m + '}' for m in missing)}" if missing else "")
+                + (" and " if missing and unknown else "")
+                + (f"has unknown placeholders {', '.join('{' + u + '}' for u in unknown)}" if unknown else "")
+                + ": it must name one region's one local day (a day partition, e.g. raw/{region}/{yyyy}/{mm}/{dd}/), "
+                  "or a window of two days would list its photos twice and two nights would mask the same photos "
+                  "at once under different day locks")
 
     # every prefix a run writes under, beside raw_prefix, which it only reads
     WRITTEN_ROOTS = ("masked_root", "audit_root", "runs_root", "qa_root", "sagemaker_output_prefix",

@@ -443,3 +443,23 @@ def test_under_last_modified_a_photo_uploaded_outside_its_partitions_day_has_one
     m = datetime(ahead_day.year, ahead_day.month, ahead_day.day, tzinfo=berlin)
     assert [claimed(m - timedelta(hours=30)), claimed(m - timedelta(hours=6)), claimed(m + timedelta(hours=6))] == \
         [[], [ahead], []]
+
+
+@pytest.mark.parametrize("raw_prefix", ["raw/{region}/{yyyy}/{mm}/", "raw/{region}/", "raw/{yyyy}/{mm}/{dd}/",
+                                        "raw/{region}/{yyyy}/{mm}/{dd}/{camera}/"])
+def test_a_raw_prefix_that_is_not_one_regions_day_partition_is_refused(photos, raw_prefix):
+    """raw/{region}/{yyyy}/{mm}/ was accepted: collect listed the month's prefix once per day of the
+    window, so a two-day window's manifest held every photo twice, and the nights of the 20th and the
+    21st (each under its own day lock) both took every photo of the month. Without {region} every
+    region takes every photo; an unknown placeholder fails collect at run time. All refused up front."""
+    s3, settings, keys = photos
+    with pytest.raises(ValueError, match="raw_prefix"):
+        dataclasses.replace(settings, raw_prefix=raw_prefix, regions=("DE", "PL"))
+    # the default layout, and one region without {region} in its prefix, are fine
+    dataclasses.replace(settings, raw_prefix="photos/{yyyy}/{mm}/{dd}/", regions=("DE",))
+    two_days = RunSpec(region="DE", run_id="manual__two-days", window_start="2026-11-19T23:00:00+00:00",
+                       window_end="2026-11-21T23:00:00+00:00")
+    from platemask.storage import read_json_lines
+
+    manifest = [e["key"] for e in read_json_lines(s3, collect(s3, settings, two_days, log=lambda m: None)["manifest"])]
+    assert sorted(manifest) == sorted(keys)  # each photo once
