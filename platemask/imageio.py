@@ -196,13 +196,14 @@ def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 mode = img.mode
+                deep = _deep_colour(img)  # read again at 16 bits a channel beside Pillow's copy
     except MemoryError:
         raise
     except Exception:  # noqa: BLE001 - whatever a hostile header trips in any of Pillow's plugins is decode's to report
         return 0
     if w * h > max_pixels:
         return 0
-    return w * h * _bytes_per_pixel(mode)
+    return w * h * (_bytes_per_pixel(mode) + (2 * len(mode) if deep else 0))
 
 
 def _orientation(exif: Image.Exif) -> int:
@@ -247,6 +248,39 @@ def _to_uint16(a: np.ndarray, mode: str) -> np.ndarray:
     else:
         return a.astype(np.uint16)
     return np.clip(np.rint(a), 0, 65535).astype(np.uint16)
+
+
+def _deep_colour(img: Image.Image) -> bool:
+    """A 16-bit RGB(A) PNG or TIFF, which Pillow reads as its high bytes (before ``img.load()``)."""
+    if img.format not in ("PNG", "TIFF") or img.mode not in ("RGB", "RGBA") or not img.tile:
+        return False
+    args = img.tile[0].args
+    rawmode = args[0] if isinstance(args, tuple) and args else args
+    return isinstance(rawmode, str) and ";16" in rawmode
+
+
+def _deep_colour_image(data: bytes, img: Image.Image) -> Image.Image:
+    """``img`` (a 16-bit RGB(A) PNG or TIFF that Pillow loaded as its high bytes) with its colour read
+    at full depth and reduced to 8 bits by its levels, as ``_view16`` does for grey: a 16-bit RGB file
+    holding 8-bit values was all black in its high bytes, detected as no plate and published as a
+    black copy. OpenCV turns a TIFF by its Orientation as Pillow's loader does, and leaves a PNG's
+    eXIf to decode, as Pillow does (tests pin both). ``img`` itself when OpenCV reads the file
+    otherwise than Pillow did (its size, channels or high bytes differ)."""
+    import cv2  # here: what parses the DAGs imports this module, and only these files need OpenCV
+
+    try:
+        deep = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return img
+    bands = len(img.getbands())
+    if deep is None or deep.dtype != np.uint16 or deep.ndim != 3 or deep.shape[2] != bands:
+        return img
+    deep = cv2.cvtColor(deep, cv2.COLOR_BGRA2RGBA if bands == 4 else cv2.COLOR_BGR2RGB)
+    out = (deep >> 8).astype(np.uint8)
+    if out.shape[1::-1] != img.size or not np.array_equal(out, np.asarray(img)):
+        return img
+    out[..., :3] = _view16(deep[..., :3])  # alpha stays its high byte
+    return Image.fromarray(out, img.mode)
 
 
 def _white_is_zero(img: Image.Image) -> bool:
@@ -325,6 +359,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             # interpreter lock over and waits to get it back (milliseconds while the detector's
             # thread runs Python; bench/bench_gil.py). Capped: the read is a transient copy
             img.decodermaxblock = max(img.decodermaxblock, min(len(data), DECODE_READ_MAX))
+            deep = _deep_colour(img)
             img.load()
     except ImageError:
         raise
@@ -350,6 +385,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         icc = img.info.get("icc_profile")
         method = _UPRIGHT.get(orientation)
         negative = _white_is_zero(img)
+        if deep:
+            img = _deep_colour_image(data, img)
         if method is not None:  # no copy when already upright (ImageOps.exif_transpose copies the whole photo)
             img = img.transpose(method)
         pixels, mode = _normalise(img)

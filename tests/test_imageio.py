@@ -611,3 +611,67 @@ def test_a_deep_grey_tiff_storing_white_as_zero_is_read_and_written_as_it_shows(
     assert np.abs(dec.rgb[..., 0].astype(int) - g).max() <= 2  # seen as it shows: white plate, dark characters
     back = np.asarray(Image.open(io.BytesIO(encode(dec, dec.pixels)))).astype(np.float64)
     assert np.corrcoef(back.ravel(), g.ravel())[0, 1] > 0.99  # written as it shows, not as a negative
+
+
+def _rgb16(rgb16: np.ndarray, ext: str, orientation: int = 1) -> bytes:
+    """A 16-bit RGB(A) ``ext`` file of ``rgb16`` (OpenCV writes them; Pillow cannot), EXIF orientation
+    added as a PNG eXIf chunk or a TIFF tag."""
+    import cv2
+
+    order = cv2.COLOR_RGBA2BGRA if rgb16.shape[2] == 4 else cv2.COLOR_RGB2BGR
+    params = [cv2.IMWRITE_TIFF_COMPRESSION, 1] if ext == ".tif" else []
+    data = cv2.imencode(ext, cv2.cvtColor(rgb16, order), params)[1].tobytes()
+    if orientation == 1:
+        return data
+    if ext == ".tif":
+        import struct
+        b = bytearray(data)
+        ifd = struct.unpack("<I", b[4:8])[0]
+        n = struct.unpack("<H", b[ifd:ifd + 2])[0]
+        # append an Orientation entry: rewrite IFD0 at the end with n + 1 entries (tags stay sorted: 274 is
+        # placed before the first tag above it)
+        entries = [bytes(b[ifd + 2 + 12 * i: ifd + 14 + 12 * i]) for i in range(n)]
+        entries.append(struct.pack("<HHIHH", 274, 3, 1, orientation, 0))
+        entries.sort(key=lambda e: struct.unpack("<H", e[:2])[0])
+        new = len(b) + (len(b) & 1)
+        b += b"\0" * (new - len(b)) + struct.pack("<H", n + 1) + b"".join(entries) + struct.pack("<I", 0)
+        b[4:8] = struct.pack("<I", new)
+        return bytes(b)
+    ex = Image.Exif()
+    ex[ExifTags.Base.Orientation] = orientation
+    chunk = b"eXIf" + ex.tobytes()[6:]  # without the JPEG 'Exif\0\0' header
+    import zlib
+    import struct
+    end = data.index(b"IDAT") - 4
+    return data[:end] + struct.pack(">I", len(chunk) - 4) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[end:]
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+@pytest.mark.parametrize("alpha", [False, True])
+@pytest.mark.parametrize("orientation", [1, 3, 6])
+def test_a_16bit_colour_photo_holding_8bit_values_is_seen_and_written_as_it_shows(ext, alpha, orientation):
+    """Pillow reads a 16-bit RGB(A) PNG or TIFF as its high bytes: one holding 8-bit values was all
+    black, detected as no plate and published as a black copy recorded as checked. Its colour is now
+    read at full depth and reduced by its levels; orientation, alpha and full-range photos as before."""
+    g = _grey_plate()
+    rgb = np.stack([g, np.roll(g, 3, axis=1), 255 - g], axis=2)
+    if alpha:
+        rgb = np.concatenate([rgb, np.full(g.shape + (1,), 255, np.uint8)], axis=2)
+        rgb[:10, :10, 3] = 0
+    low = rgb.astype(np.uint16)
+    low[..., 3:] *= 257  # the alpha uses the full range; the colour holds 0..255
+    data = _rgb16(low, ext, orientation)
+    want = Image.fromarray(rgb)
+    if orientation != 1:
+        want = want.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270}[orientation])
+    want = np.asarray(want)
+    dec = decode(data)
+    assert dec.mode == ("RGBA" if alpha else "RGB") and dec.pixels.shape == want.shape
+    colour = dec.pixels[..., :3].astype(float)
+    assert colour.max() - colour.min() > 200  # its levels, not black
+    assert np.corrcoef(colour.ravel(), want[..., :3].ravel())[0, 1] > 0.99  # the photo, upright
+    assert np.array_equal(dec.pixels[..., 3:], want[..., 3:])  # alpha as stored
+    back = np.asarray(Image.open(io.BytesIO(encode(dec, dec.pixels))))
+    assert np.array_equal(back, dec.pixels)
+    full = decode(_rgb16(rgb.astype(np.uint16) * 257, ext, orientation))  # a full-range one: its high bytes
+    assert np.array_equal(full.pixels, want)
