@@ -116,11 +116,11 @@ def plate_masking():
 
     @task(map_index_template="{{ region }}")
     def collect(spec: dict) -> dict:
-        from platemask import runs
-        from platemask.runspec import RunSpec
+        from platemask.airflow_support import collect_region
 
-        get_current_context()["region"] = spec["region"]
-        return runs.collect(_client(), Settings.from_airflow(), RunSpec.from_dict(spec))
+        context = get_current_context()
+        context["region"] = spec["region"]
+        return collect_region(context, Settings.from_airflow(), spec)
 
     @task(trigger_rule="all_done")
     def shard(specs: list[dict]) -> list[dict]:

@@ -65,6 +65,16 @@ def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
     return is_live
 
 
+def collect_region(context: Any, settings: Settings, spec_dict: dict) -> dict:
+    """The collect step for one region: a late day whose lock is held by a run that is no longer
+    queued or running (it ended without releasing it) has its late photos picked up."""
+    from .runs import collect
+    from .runspec import RunSpec
+
+    return collect(s3_client(settings), settings, RunSpec.from_dict(spec_dict),
+                   is_live=_run_is_live(context["dag_run"].dag_id))
+
+
 def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[bool, list[dict]]:
     """Take the day locks of every region this run masks (in region order, so two runs
     never wait on each other). Returns (all held, the other runs' locks still in the way).

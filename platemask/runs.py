@@ -137,12 +137,15 @@ def _is_folder_marker(obj: dict) -> bool:
 
 
 def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None],
-                  hidden: list[str] | None = None) -> list[dict]:
+                  hidden: list[str] | None = None, is_live: Callable[[dict], bool] | None = None) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
     after their night's run, or missed by it), or whose audit record is of another upload (its
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
     when that run's record says ``source_changed``); an audit record that cannot be read counts as
-    none. A day whose nightly window another run holds is left to it."""
+    none. A day whose lock another run holds is left to it, unless ``is_live`` (the lock's test)
+    says that run is no longer running: a lock left held by a run that ended without releasing it
+    (its release task failed for good or never ran) would otherwise keep that day's late photos out of every
+    later night, with no record."""
     z = ZoneInfo(settings.region_timezones[spec.region])
     out = []
     for i in range(settings.late_days, 0, -1):
@@ -155,8 +158,11 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
         except ValueError:
             lock = None
         if lock and lock[0].get("state") == "held" and lock[0].get("run_id") != spec.run_id:
-            log(f"{spec.region} {d}: late photos left to run {lock[0].get('run_id')}, which holds that night")
-            continue
+            if is_live is None or is_live(lock[0]):
+                log(f"{spec.region} {d}: late photos left to run {lock[0].get('run_id')}, which holds that night")
+                continue
+            log(f"{spec.region} {d}: the lock of that night is held by run {lock[0].get('run_id')}, which is no longer "
+                "running (it ended without releasing it): its late photos are picked up here")
         prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
         audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
         audited = {o["Key"] for o in _store(client, settings).iter_objects(audit_prefix)}
@@ -184,9 +190,11 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
     return out
 
 
-def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print) -> dict:
+def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print, *,
+            is_live: Callable[[dict], bool] | None = None) -> dict:
     """List only the partitions the window covers, keep supported images in it, add the late photos of
-    the days before (``late_days``), write the manifest."""
+    the days before (``late_days``; ``is_live(lock)``: whether the run holding such a day's lock is
+    still running, see ``_late_entries``), write the manifest."""
     w = spec.window
     tz = settings.region_timezones[spec.region]
     days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
@@ -221,7 +229,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
-        entries += _late_entries(client, settings, spec, (days or w.days(tz))[0], log, hidden)
+        entries += _late_entries(client, settings, spec, (days or w.days(tz))[0], log, hidden, is_live)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # unsupported extensions stay in the manifest: they are accounted for (and fail with a reason)

@@ -510,3 +510,34 @@ def test_one_bad_photo_fails_alone_and_its_shard_goes_on(monkeypatch, bucket_env
     assert set(rep["failures_by_reason"]) == {"audit_write_failed", "key_too_long"}  # none "shard_failed"
     _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, rep)
     assert [e["region"] for _, e in _asset_events(dr.run_id)] == ["DE", "DE"]
+
+
+def test_late_photos_of_a_day_whose_lock_a_dead_run_left_held_are_picked_up(monkeypatch, bucket_env):
+    """A run that ended without releasing its day lock (its release task failed for good, or never ran) left the
+    19th's lock held. Every later night logged "late photos left to run X, which holds that night" and
+    skipped the 19th: a photo uploaded there late had no record in any run, and the nights were green.
+    A held lock of a run that is no longer queued or running no longer keeps them out."""
+    from platemask.runs import collect
+    from platemask.runspec import RunSpec
+    from platemask.settings import Settings
+
+    s3, bucket, keys = bucket_env
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "1")
+    dead = f"manual__dead-{uuid.uuid4().hex[:6]}"
+    _live_run(dead, state="failed")
+    lock = {"state": "held", "run_id": dead, "run_key": run_key(dead), "region": "DE", "dag_id": "plate_masking",
+            "window": "20261118T2300Z-20261119T2300Z", "since": "2026-11-20T01:00:00+00:00"}
+    s3.put_object(Bucket=bucket, Key="runs/DE/locks/2026-11-19.json", Body=json.dumps(lock).encode())
+    (late,) = keys[("DE", "19")]  # no audit record: never masked
+    dr = load_dag(monkeypatch).test(run_conf=DE_CONF)
+    assert dr.state == "success"
+    rep = _report(s3, bucket, "DE", DE_20)
+    assert rep["late"] == 1 and late in {r["key"] for r in _records(s3, bucket, "DE", DE_20, dr.run_id)}
+    assert late.replace("raw/", "masked/", 1) in _objects(s3, bucket, "masked/")
+    _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, rep)
+    # a live holder keeps its day: its late photos stay its own
+    s3.delete_object(Bucket=bucket, Key=late.replace("raw/", "audit/", 1) + ".json")
+    spec = RunSpec(region="DE", run_id="manual__other", window_start="2026-11-19T23:00:00+00:00",
+                   window_end="2026-11-20T23:00:00+00:00")
+    got = collect(s3, Settings.load(), spec, log=lambda m: None, is_live=lambda held: held["run_id"] == dead)
+    assert got["late"] == 0
