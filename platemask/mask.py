@@ -43,30 +43,41 @@ def masked_region(plate: Plate, style: MaskStyle) -> tuple[np.ndarray, float]:
     return grow_polygon(plate.polygon, max(style.min_margin, style.margin * h)), h
 
 
+def _stored(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float pixels rounded back to ``dtype`` (uint8 or uint16)."""
+    return np.clip(np.rint(a), 0, np.iinfo(dtype).max).astype(dtype)
+
+
 def _obscure(roi: np.ndarray, h: float, style: MaskStyle, core: np.ndarray | None) -> np.ndarray:
-    """``roi`` obscured; ``core`` (the covered pixels of ``roi``) is read by the solid mode only."""
+    """``roi`` obscured (``roi``'s shape, its dtype or float32; the solid mode's a read-only broadcast);
+    ``core`` (the covered pixels of ``roi``) is read by the solid mode only. No full-size float copy
+    of ``roi`` is made where it is large: a close-up whose plate fills an 80 MP photo took 4 GB more
+    to mask (17 times the photo), beyond the pixel budget the job reserves, with several in flight."""
     if style.mode == "gaussian":
         sigma = max(3.0, style.blur_sigma * h)
         # two passes of a wide box-like blur on a downscaled copy: same look, a fraction of the cost
         # of a huge kernel, and no high-frequency residue a deblurring tool could invert
         small = max(1, int(sigma / 3))
-        f = roi.astype(np.float32)
         if small > 1:
-            ds = cv2.resize(f, (max(1, roi.shape[1] // small), max(1, roi.shape[0] // small)), interpolation=cv2.INTER_AREA)
+            ds = cv2.resize(roi, (max(1, roi.shape[1] // small), max(1, roi.shape[0] // small)),
+                            interpolation=cv2.INTER_AREA).astype(np.float32)
             ds = cv2.GaussianBlur(ds, (0, 0), sigma / small)
             ds = cv2.GaussianBlur(ds, (0, 0), sigma / small)
-            out = cv2.resize(ds, (roi.shape[1], roi.shape[0]), interpolation=cv2.INTER_LINEAR)
+            out = cv2.resize(_stored(ds, roi.dtype), (roi.shape[1], roi.shape[0]), interpolation=cv2.INTER_LINEAR)
         else:
+            f = roi.astype(np.float32)
             out = cv2.GaussianBlur(cv2.GaussianBlur(f, (0, 0), sigma), (0, 0), sigma)
         return out.reshape(roi.shape)
     if style.mode == "pixelate":
         b = max(4, int(round(style.pixel_block * CHAR_HEIGHT * h)))
-        small = cv2.resize(roi.astype(np.float32), (max(1, roi.shape[1] // b), max(1, roi.shape[0] // b)),
-                           interpolation=cv2.INTER_AREA)
+        small = cv2.resize(roi, (max(1, roi.shape[1] // b), max(1, roi.shape[0] // b)), interpolation=cv2.INTER_AREA)
         return cv2.resize(small, (roi.shape[1], roi.shape[0]), interpolation=cv2.INTER_NEAREST).reshape(roi.shape)
     # solid: the mean colour of what is covered
-    mean = roi[core > 0].reshape(-1, *roi.shape[2:]).astype(np.float32).mean(axis=0) if core.any() else roi.mean(axis=(0, 1))
-    return np.broadcast_to(np.asarray(mean, np.float32), roi.shape).copy()
+    if core.any():
+        mean = np.asarray(cv2.mean(roi, mask=core.astype(np.uint8))[:roi.shape[2] if roi.ndim == 3 else 1], np.float32)
+    else:
+        mean = np.asarray(cv2.mean(roi)[:roi.shape[2] if roi.ndim == 3 else 1], np.float32)
+    return np.broadcast_to(mean if roi.ndim == 3 else mean[0], roi.shape)
 
 
 def colour_channels(out: np.ndarray) -> np.ndarray:
@@ -132,14 +143,19 @@ def outline_core(region: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarr
 
 
 def feather_alpha(core: np.ndarray, band: float) -> np.ndarray:
-    """1 on the core, falling to 0 over ``band`` px outside it."""
+    """1 on the core, falling to 0 over ``band`` px outside it (float32, computed in place)."""
     if band >= 0.5:
-        dist = cv2.distanceTransform((1 - core).astype(np.uint8), cv2.DIST_L2, 5)
-        alpha = np.clip(1.0 - dist / band, 0.0, 1.0)
+        alpha = cv2.distanceTransform((1 - core).astype(np.uint8), cv2.DIST_L2, 5)
+        alpha *= np.float32(-1.0 / band)
+        alpha += np.float32(1.0)
+        np.clip(alpha, 0.0, 1.0, out=alpha)
     else:
         alpha = core.astype(np.float32)
     alpha[core > 0] = 1.0
     return alpha
+
+
+_BLEND_STRIP = 1 << 19  # values blended at a time: the float copies are a strip's size, not the box's
 
 
 def blend_into(color: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndarray, obscured: np.ndarray) -> None:
@@ -147,9 +163,11 @@ def blend_into(color: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndar
     x0, y0, x1, y1 = box
     roi = color[y0:y1, x0:x1]
     maxval = np.iinfo(roi.dtype).max if np.issubdtype(roi.dtype, np.integer) else 1.0
-    a = alpha if roi.ndim == 2 else alpha[..., None]
-    blended = roi.astype(np.float32) * (1 - a) + obscured * a
-    color[y0:y1, x0:x1] = np.clip(np.rint(blended), 0, maxval).astype(roi.dtype)
+    step = max(1, _BLEND_STRIP // max(1, roi[:1].size))
+    for r in range(0, roi.shape[0], step):
+        a = alpha[r:r + step] if roi.ndim == 2 else alpha[r:r + step, :, None]
+        blended = roi[r:r + step].astype(np.float32) * (1 - a) + obscured[r:r + step] * a
+        roi[r:r + step] = np.clip(np.rint(blended), 0, maxval).astype(roi.dtype)
 
 
 def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskStyle(), *,
