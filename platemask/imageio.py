@@ -110,12 +110,18 @@ class Decoded:
 _VIEW_SAMPLES = 1 << 20  # pixels of a 16-bit photo sampled for its levels
 
 
+_LEVEL_SAMPLES = 8  # sampled pixels beyond a level that make it the darkest or brightest content
+
+
 def _levels16(a: np.ndarray) -> tuple[int, int]:
-    """The 0.1 and 99.9 percentiles of a 16-bit grey photo's values (from a sample of its pixels):
-    where its content lies, whatever the container's range (one hot pixel does not move them)."""
-    step = max(1, int(np.sqrt(a.size / _VIEW_SAMPLES)))
+    """The darkest and brightest levels of a 16-bit photo's content (from a sample of its pixels):
+    where its content lies, whatever the container's range. A few stuck pixels do not set them,
+    and a small bright plate in a dark photo does (a percentile left it out, saturated white)."""
+    step = max(1, int(np.sqrt(a.shape[0] * a.shape[1] / _VIEW_SAMPLES)))
     cdf = np.cumsum(np.bincount(a[::step, ::step].ravel(), minlength=1 << 16))
-    lo, hi = (int(np.searchsorted(cdf, cdf[-1] * q)) for q in (0.001, 0.999))
+    k = min(_LEVEL_SAMPLES, max(1, int(cdf[-1]) // 4))
+    lo = int(np.searchsorted(cdf, k))
+    hi = int(np.searchsorted(cdf, cdf[-1] - k))
     return lo, max(hi, lo + 1)
 
 

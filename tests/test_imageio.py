@@ -675,3 +675,16 @@ def test_a_16bit_colour_photo_holding_8bit_values_is_seen_and_written_as_it_show
     assert np.array_equal(back, dec.pixels)
     full = decode(_rgb16(rgb.astype(np.uint16) * 257, ext, orientation))  # a full-range one: its high bytes
     assert np.array_equal(full.pixels, want)
+
+
+def test_a_small_plate_in_a_dark_16bit_photo_keeps_its_contrast_in_the_detectors_view():
+    """A night photo in a 16-bit grey file holding 8-bit values: mostly black, a small lit plate (under
+    0.1 % of the pixels) and two stuck pixels. Levels from percentiles put the plate above the
+    brightest level: characters and plate both white in the detector's view."""
+    a = np.zeros((1000, 1500), np.uint16)
+    a[500:530, 700:740] = 240  # the lit plate: 1,200 pixels, 0.08 %
+    a[505:525, 705:735:6] = 30  # its characters
+    a[3, 3] = a[900, 1400] = 65535
+    view = decode(png_bytes(a)).rgb[..., 0].astype(int)
+    plate, chars = view[500:530, 700:740], view[505:525, 705:735:6]
+    assert plate.max() - chars.max() > 150
