@@ -688,3 +688,31 @@ def test_a_small_plate_in_a_dark_16bit_photo_keeps_its_contrast_in_the_detectors
     view = decode(png_bytes(a)).rgb[..., 0].astype(int)
     plate, chars = view[500:530, 700:740], view[505:525, 705:735:6]
     assert plate.max() - chars.max() > 150
+
+
+@pytest.mark.parametrize("kind", ["jpeg_after_eoi", "png_after_iend", "mpo"])
+@pytest.mark.parametrize("metadata", ["safe", "keep"])
+def test_no_hidden_second_image_of_the_input_reaches_the_output(kind, metadata):
+    """A second, unmasked copy of the photo carried beside the one viewers show (a JPEG appended after
+    EOI, an uncropped original left after a PNG's IEND as aCropalypse left it, an MPO's second frame)
+    never reaches the output: it is a fresh encode of the first image's masked pixels."""
+    rng = np.random.default_rng(1)
+    shown = rng.integers(0, 255, (40, 60, 3), np.uint8)
+    hidden = np.full((80, 120, 3), (10, 200, 30), np.uint8)
+    tag = b"UNMASKED-ORIGINAL-0123456789"
+    hidden_jpeg = jpeg_bytes(hidden, comment=tag)
+    if kind == "jpeg_after_eoi":
+        data = jpeg_bytes(shown) + hidden_jpeg
+    elif kind == "png_after_iend":
+        data = png_bytes(shown) + png_bytes(hidden) + tag
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(shown).save(buf, format="MPO", save_all=True, append_images=[Image.fromarray(hidden)])
+        data = buf.getvalue()
+    dec = decode(data)
+    assert (dec.width, dec.height) == (60, 40)
+    out = encode(dec, dec.pixels, metadata=metadata)
+    assert tag not in out and hidden_jpeg[20:200] not in out
+    assert out.count(b"\xff\xd8\xff") <= 1 and out.count(b"\x89PNG") <= 1
+    back = Image.open(io.BytesIO(out))
+    assert getattr(back, "n_frames", 1) == 1 and back.size == (60, 40)
