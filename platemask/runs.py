@@ -384,9 +384,19 @@ class ManifestSource:
     ``failed``, nothing is published, and the next run (which lists the new ETag) picks it up.
     """
 
-    def __init__(self, store: S3Store, etags: dict[str, str], expected_sha256: dict[str, str] | None = None):
+    def __init__(self, store: S3Store, etags: dict[str, str], expected_sha256: dict[str, str] | None = None,
+                 sizes: dict[str, int] | None = None):
         self.store, self.etags, self.expected = store, etags, expected_sha256 or {}
+        self.sizes = sizes or {}
         self.uri = store.uri
+
+    def size(self, key: str) -> int:
+        """The size the manifest listed (the only version ``read`` returns, pinned to its ETag): the job
+        refuses an object larger than any photo can be unread (``too_large``: a video is not read whole
+        into the worker). ValueError when the manifest gave none."""
+        if key not in self.sizes:
+            raise ValueError(f"no listed size for {key!r}")
+        return int(self.sizes[key])
 
     def read(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
@@ -486,7 +496,8 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
                                     "window to redo it)" if left else ""))
                 log(f"{rec['key']}: {rec['error']}")
 
-        source = ManifestSource(store, etags, getattr(detect, "expected_sha256", None))
+        source = ManifestSource(store, etags, getattr(detect, "expected_sha256", None),
+                                {e["key"]: e["size"] for e in entries if isinstance(e.get("size"), int)})
         new = [stamp(record(k, status="failed", reason="key_too_long", error=why)) for k, why in too_long.items()]
         new += run_job(source, store, [e["key"] for e in todo], detect, opts, model=model_info, timings=timings,
                        on_record=write_audit, progress=Progress(len(todo), every=10.0, emit=log),

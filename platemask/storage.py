@@ -158,6 +158,7 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.sse, self.kms_key_id = sse, kms_key_id
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._listed_sizes: dict[str, int] = {}  # key -> Size, from iter_keys
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -191,7 +192,15 @@ class S3Store:
             for obj in page.get("Contents", []):
                 k = obj["Key"][len(pfx):]
                 if k and not (k.endswith("/") and int(obj.get("Size", 0)) == 0):
+                    self._listed_sizes[k] = int(obj.get("Size", 0))
                     yield k
+
+    def size(self, key: str) -> int:
+        """The object's size as the last ``iter_keys`` listed it, without reading it (the job refuses an
+        object larger than any photo unread: a video is not read whole); ValueError when not listed."""
+        if key not in self._listed_sizes:
+            raise ValueError(f"{key!r} was not listed")
+        return self._listed_sizes[key]
 
     def read(self, key: str, *, if_match: str | None = None) -> bytes:
         """The object's bytes; with ``if_match`` (an ETag) only that version, else S3 answers

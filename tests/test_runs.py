@@ -463,3 +463,32 @@ def test_a_raw_prefix_that_is_not_one_regions_day_partition_is_refused(photos, r
 
     manifest = [e["key"] for e in read_json_lines(s3, collect(s3, settings, two_days, log=lambda m: None)["manifest"])]
     assert sorted(manifest) == sorted(keys)  # each photo once
+
+
+def test_an_object_larger_than_any_photo_is_refused_unread_by_the_mask_step(photos, model_dir, monkeypatch):
+    """Every object of a partition is an input, a dashcam video or a disk image too. The CLI refuses
+    a local file larger than any image of max_pixels can be (704 MB at 80 MP) unread; the DAG's mask
+    step read such an object whole into the worker (several at once, one per reader thread: the
+    task killed for memory, every retry, and its whole shard with it). The manifest's listed size
+    (what the ETag-pinned read would get) now refuses it unread, ``too_large``, alone."""
+    import platemask.pipeline as pipeline
+    from platemask.runs import mask_shard
+    from platemask.airflow_support import detector_factory
+
+    s3, settings, keys = photos
+    big = "raw/DE/2026/11/20/dashcam.mp4"
+    s3.put_object(Bucket=settings.bucket, Key=big, Body=np.random.default_rng(0).bytes(3 << 20))
+    biggest_photo = max(s3.head_object(Bucket=settings.bucket, Key=k)["ContentLength"] for k in keys)
+    monkeypatch.setattr(pipeline, "max_file_bytes", lambda max_pixels: max(biggest_photo, 1 << 20))  # a 1 MB "limit"
+    gets: list[str] = []
+    s3.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **kw: gets.append(params["Key"]))
+    spec = RunSpec(region="DE", run_id="manual__big", **WINDOW)
+    settings = dataclasses.replace(settings, shard_size=10)
+    collect(s3, settings, spec, log=lambda m: None)
+    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    out = mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)), log=lambda m: None)
+    bucket, key = out["detections"][5:].split("/", 1)
+    recs = {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=bucket, Key=key)["Body"].read().splitlines())}
+    assert recs[big]["status"] == "failed" and recs[big]["reason"] == "too_large", recs[big]
+    assert big not in gets  # never read
+    assert [recs[k]["status"] for k in keys] == ["masked"] * len(keys)

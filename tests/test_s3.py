@@ -65,3 +65,32 @@ def test_an_s3_object_whose_key_ends_in_a_slash_gets_a_record_unless_it_is_an_em
     assert rc == 3
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="slashes", Prefix="masked/")["Contents"])
     assert keys == ["masked/2026/11/20/road.jpg"]
+
+
+def test_an_s3_object_larger_than_any_photo_is_refused_unread_by_the_cli(s3_env, tmp_path, model_dir, monkeypatch):
+    """A local file larger than any image of --max-pixels can be is refused unread (too_large); one in
+    an S3 source was read whole. The listing's size now refuses it the same way."""
+    import platemask.pipeline as pipeline
+
+    s3 = s3_env
+    s3.create_bucket(Bucket="bigones")
+    road = jpeg_bytes(np.full((200, 300, 3), 80, np.uint8))
+    s3.put_object(Bucket="bigones", Key="raw/road.jpg", Body=road)
+    s3.put_object(Bucket="bigones", Key="raw/disk.img", Body=b"\0" * (len(road) * 4))
+    monkeypatch.setattr(pipeline, "max_file_bytes", lambda max_pixels: len(road) * 2)
+    gets: list[str] = []
+    import boto3
+
+    real_client = boto3.client
+
+    def counting_client(*a, **kw):
+        c = real_client(*a, **kw)
+        c.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: gets.append(params["Key"]))
+        return c
+
+    monkeypatch.setattr(boto3, "client", counting_client)
+    rc = main(["mask", "s3://bigones/raw", "s3://bigones/masked", "--model", str(model_dir),
+               "--detections", str(tmp_path / "d.jsonl")])
+    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "d.jsonl").read_text().splitlines())}
+    assert rc == 3 and recs["disk.img"]["reason"] == "too_large" and recs["road.jpg"]["status"] == "no_plate"
+    assert "raw/disk.img" not in gets and "raw/road.jpg" in gets
