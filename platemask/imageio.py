@@ -248,12 +248,15 @@ def _to_uint16(a: np.ndarray, mode: str) -> np.ndarray:
     lo, hi = (a.min().item(), a.max().item()) if a.size else (0, 0)
     top = 65535 if mode == "I" else 1.0
     if lo < 0 or hi > top:  # scaled from its own range (float32: exact to 1 in 2**24)
-        a = (a.astype(np.float32) - np.float32(lo)) * np.float32(65535.0 / (hi - lo) if hi > lo else 0.0)
+        a = a.astype(np.float32, copy=mode != "F")
+        a -= np.float32(lo)
+        a *= np.float32(65535.0 / (hi - lo) if hi > lo else 0.0)
     elif mode == "F":
-        a = a * np.float32(65535.0)
+        a *= np.float32(65535.0)
     else:
         return a.astype(np.uint16)
-    return np.clip(np.rint(a), 0, 65535).astype(np.uint16)
+    np.rint(a, out=a)  # in place: a float photo at the pixel ceiling is 1 GB a copy
+    return np.clip(a, 0, 65535, out=a).astype(np.uint16)
 
 
 def _deep_colour(img: Image.Image) -> bool:
@@ -281,8 +284,9 @@ def _deep_colour_image(data: bytes, img: Image.Image) -> Image.Image:
     bands = len(img.getbands())
     if deep is None or deep.dtype != np.uint16 or deep.ndim != 3 or deep.shape[2] != bands:
         return img
-    deep = cv2.cvtColor(deep, cv2.COLOR_BGRA2RGBA if bands == 4 else cv2.COLOR_BGR2RGB)
-    out = (deep >> 8).astype(np.uint8)
+    cv2.cvtColor(deep, cv2.COLOR_BGRA2RGBA if bands == 4 else cv2.COLOR_BGR2RGB, dst=deep)
+    out = np.empty(deep.shape, np.uint8)
+    np.right_shift(deep, 8, out=out, casting="unsafe")
     if out.shape[1::-1] != img.size or not np.array_equal(out, np.asarray(img)):
         return img
     out[..., :3] = _view16(deep[..., :3])  # alpha stays its high byte
