@@ -304,6 +304,14 @@ def _white_is_zero(img: Image.Image) -> bool:
 _DEEP_GREY = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
+def _exif_is_shown(img: Image.Image) -> bool:
+    """Whether viewers read the EXIF ``img.getexif()`` returned. Not when it came from a PNG text chunk
+    "Raw profile type exif" (ImageMagick's way of keeping EXIF in a PNG without an eXIf chunk), which
+    Pillow reads and browsers ignore: a photo shown upright with a stale Orientation of 3 there was
+    detected upside down (a real held-out photo: its plate missed, no_plate) and published turned."""
+    return not (img.format == "PNG" and "exif" not in img.info and "Raw profile type exif" in img.info)
+
+
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
     m = img.mode
     if m in ("RGB", "RGBA", "L", "LA"):
@@ -390,7 +398,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     try:
         _forget_xmp(img)  # a PNG's XMP after its pixels is read as they load
         exif = img.getexif()
-        orientation = _orientation(exif)
+        orientation = _orientation(exif) if _exif_is_shown(img) else 1
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
         icc = img.info.get("icc_profile")
         method = _UPRIGHT.get(orientation)
