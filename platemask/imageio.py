@@ -304,12 +304,15 @@ def _white_is_zero(img: Image.Image) -> bool:
 _DEEP_GREY = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
-def _exif_is_shown(img: Image.Image) -> bool:
-    """Whether viewers read the EXIF ``img.getexif()`` returned. Not when it came from a PNG text chunk
-    "Raw profile type exif" (ImageMagick's way of keeping EXIF in a PNG without an eXIf chunk), which
-    Pillow reads and browsers ignore: a photo shown upright with a stale Orientation of 3 there was
-    detected upside down (a real held-out photo: its plate missed, no_plate) and published turned."""
-    return not (img.format == "PNG" and "exif" not in img.info and "Raw profile type exif" in img.info)
+def _exif_is_shown(img: Image.Image, early: bool) -> bool:
+    """Whether viewers turn the photo by the EXIF ``img.getexif()`` returned (``early``: a PNG's eXIf
+    chunk was read before its pixels). A PNG's is not when it came from a text chunk "Raw profile type
+    exif" (ImageMagick's way of keeping EXIF in a PNG), which browsers ignore, nor from an eXIf chunk
+    after the pixels, which browsers ignore too (CSS Images 3: "UAs should ignore exif data that comes
+    after image data"; PNG 3rd edition puts eXIf before IDAT; ExifTool writes it after by default).
+    Pillow reads both: a photo shown upright with a stale Orientation 3 there was detected upside
+    down (a real held-out photo: its plate missed, no_plate) and published turned."""
+    return img.format != "PNG" or early
 
 
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
@@ -378,6 +381,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             # thread runs Python; bench/bench_gil.py). Capped: the read is a transient copy
             img.decodermaxblock = max(img.decodermaxblock, min(len(data), DECODE_READ_MAX))
             deep = _deep_colour(img)
+            early_exif = "exif" in img.info  # a PNG's eXIf before its pixels (one after is read as they load)
             img.load()
     except ImageError:
         raise
@@ -398,7 +402,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     try:
         _forget_xmp(img)  # a PNG's XMP after its pixels is read as they load
         exif = img.getexif()
-        orientation = _orientation(exif) if _exif_is_shown(img) else 1
+        orientation = _orientation(exif) if _exif_is_shown(img, early_exif) else 1
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
         icc = img.info.get("icc_profile")
         method = _UPRIGHT.get(orientation)

@@ -753,3 +753,24 @@ def test_a_png_orientation_in_a_text_chunk_does_not_turn_the_photo(orientation, 
     x, y, w, h = _expected_position(orientation)
     dec = decode(buf.getvalue())
     assert (dec.width, dec.height) == (w, h) and dec.rgb[y, x, 0] > 200
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_png_exif_chunk_after_the_pixels_does_not_turn_the_photo(orientation):
+    """Browsers ignore an eXIf chunk after IDAT (CSS Images 3: UAs ignore EXIF that comes after the image
+    data; PNG's 3rd edition puts eXIf first; ExifTool appends it by default), Pillow read it as the
+    pixels loaded: a photo shown upright with a stale Orientation there was turned before detection."""
+    raw = _raw_with_marker()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    data = png_bytes(raw)
+    body = exif.tobytes().removeprefix(b"Exif\x00\x00")  # an eXIf chunk holds the TIFF structure alone
+    late = data[:-12] + _png_chunk(b"eXIf", body) + data[-12:]  # just before IEND
+    dec = decode(late)
+    assert dec.orientation == 1 and (dec.width, dec.height) == (W, H)
+    ys, xs = np.nonzero(dec.rgb[..., 0] > 200)
+    assert abs(xs.mean() - 10) <= 1 and abs(ys.mean() - 5) <= 1
+    at = data.index(b"IDAT") - 4  # the same chunk before the pixels: applied, as browsers do
+    x, y, w, h = _expected_position(orientation)
+    dec = decode(data[:at] + _png_chunk(b"eXIf", body) + data[at:])
+    assert (dec.width, dec.height) == (w, h) and dec.rgb[y, x, 0] > 200
