@@ -329,9 +329,14 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     entries = read_json_lines(s3, shard["shard"])
     model, model_sha = ensure_model(hook, s3, settings, model_dir)
     todo = photos_to_do(s3, settings, spec, entries, load_config(model_dir))
-    # a photo whose output keys S3 would refuse is never sent: it fails alone (key_too_long), not the job
+    # a photo whose output keys S3 would refuse, or one over SageMaker's payload limit (a video in the
+    # partition), is never sent: it fails alone (key_too_long, too_large), not the job nor the shard
     too_long = {e["key"]: {"reason": "key_too_long", "error": why} for e in todo
                 if (why := output_key_too_long(settings, spec, e["key"]))}
+    too_long.update({e["key"]: {"reason": "too_large", "error": (
+        f"s3://{settings.bucket}/{e['key']} is {e['size'] / 2**20:.0f} MB, above SageMaker's {MAX_PAYLOAD_MB} MB "
+        "MaxPayloadInMB limit: not sent to the transform job, not published; mask it with backend=local or shrink "
+        "it first")} for e in todo if e["key"] not in too_long and e["size"] > MAX_PAYLOAD_MB * 2**20})
     todo = [e for e in todo if e["key"] not in too_long]
     base = {"model": model, "model_sha256": model_sha, "photos": len(todo)}
     if not todo:
@@ -516,8 +521,8 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
     where: dict[str, str] = {}  # key -> the .out it was read from
 
     def fetch(key: str) -> dict | ImageError:
-        if key in left_out and left_out[key]["reason"] == "key_too_long":  # never sent: its .out key cannot exist
-            return ImageError("key_too_long", left_out[key]["error"])
+        if key in left_out:  # never sent (key too long, too large), or left out after a failed attempt: no .out
+            return ImageError(left_out[key]["reason"], left_out[key]["error"])
         for out in outputs:
             out_bucket, out_prefix = parse_s3_uri(out)  # the photo's key is no URI part ('?', '#')
             try:
@@ -534,8 +539,6 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
                                   "redoes it")
             return rec if isinstance(rec, dict) else ImageError("bad_transform_output", f"{out}{key}.out is no "
                                                                 "record; not published, the next run redoes it")
-        if key in left_out:  # would have failed the next attempt too: its own failure, not the job's
-            return ImageError(left_out[key]["reason"], left_out[key]["error"])
         if state in ENDED_EARLY:
             return ImageError("transform_job_failed", f"transform job {job} ended {state} before it processed "
                               f"s3://{settings.bucket}/{key} ({why}); not published, the next run redoes it")

@@ -599,6 +599,31 @@ def test_a_photo_whose_transform_output_key_would_be_too_long_fails_alone_not_th
         proxy.close()
 
 
+def test_an_object_over_sagemakers_payload_limit_fails_alone_not_its_shard(aws_conn, model_dir, server_url, scene,
+                                                                           monkeypatch):
+    """Every object of a partition is an input: a dashcam video over SageMaker's 100 MB MaxPayloadInMB
+    made submit raise (RunError naming it), so the submit task failed, every retry, and all photos of
+    its shard (up to 5,000) failed shard_failed in every run. It is now left out of the job and fails
+    alone, too_large. (The limit is lowered to 2 MB here so that the test uploads 2.5 MB, not 100.)"""
+    import platemask.sagemaker_backend as sm
+
+    monkeypatch.setattr(sm, "MAX_PAYLOAD_MB", 2)
+    s3 = aws_conn
+    settings = _local_runner_settings(s3, server_url, max_concurrent=1)
+    photos = _four_photos(scene)
+    video = "raw/DE/2026/11/20/b9-huge.jpg"  # a photo here (a video would fail its decode first: not_an_image)
+    photos[video] = _noise_jpeg(int(2.5 * 2**20))
+    shard = _shard_of(s3, settings, dict(sorted(photos.items())))
+    waited, recs = _run_shard(s3, settings, shard, model_dir)
+    t = waited["transform"]
+    assert t["state"] == "Completed" and t["attempt"] == 0, t
+    assert recs[video]["status"] == "failed" and recs[video]["reason"] == "too_large", recs[video]
+    assert "2 MB" in recs[video]["error"] and video in recs[video]["error"]
+    others = [k for k in photos if k != video]
+    assert [recs[k]["status"] for k in others] == ["masked"] * 4
+    assert _published(s3, settings) == {k.replace("raw/", "masked/", 1) for k in others}
+
+
 def test_a_photo_regrown_past_the_payload_limit_is_left_out_of_the_next_attempt(aws_conn, model_dir, server_url, scene):
     """Past even the headroom (10 MB at 10 at once) the record fails its job, as on AWS. The next
     attempt leaves it out (S3 shows another ETag, and a size over the job's limit: it would fail
