@@ -2,9 +2,11 @@
 
 Decoding reads phones' MPO as the JPEG of its first frame (the other frames dropped and counted),
 refuses other multi-page or animated files rather than cut them silently, applies EXIF orientation
-first (detection and output share one pixel frame; XMP's tiff:Orientation is not applied, as viewers
-ignore it), refuses decompression bombs before any pixel is decoded, and normalises the many modes
-photos come in.
+first (detection and output share one pixel frame; XMP's tiff:Orientation, a PNG's EXIF in a text
+chunk or after its pixels are not applied, as browsers ignore them), refuses decompression bombs
+before any pixel is decoded, and normalises the many modes photos come in: 16-bit grey is kept and
+seen by its levels (a 16-bit file holding 8-bit values is not black to the detector), 16-bit colour
+is reduced by its levels, float and 32-bit grey become 16-bit grey, WhiteIsZero deep grey is inverted.
 Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
 metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
 default) keeps only an allow-list (camera make and model, exposure settings, date-time, colour space
@@ -84,7 +86,7 @@ class Decoded:
     """A decoded photo in its display orientation.
 
     ``pixels`` keeps the depth and channels to write back (uint8 RGB/L/RGBA/LA or uint16 L);
-    ``rgb`` is the uint8 RGB view the detector sees.
+    ``rgb`` is the uint8 RGB view the detector sees (for uint16, by its levels: ``_view16``).
     """
 
     pixels: np.ndarray
