@@ -133,7 +133,7 @@ def outline_core(region: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarr
     x0, y0, x1, y1 = box
     core = np.zeros((y1 - y0, x1 - x0), np.uint8)
     region = clip_convex(region, (x0 - 2, y0 - 2, x1 + 2, y1 + 2))
-    if len(region) < 3:
+    if not len(region):
         return core
     shift = 2
     pts = np.round((region - [x0, y0]) * (1 << shift)).astype(np.int32)
