@@ -183,10 +183,10 @@ def _bytes_per_pixel(mode: str) -> int:
     """Bytes a pixel of a source ``mode`` takes once decoded: ``pixels`` plus a separate ``rgb`` unless RGB."""
     if mode in ("L", "1"):
         return 1 + 3
+    if mode in ("I", "F"):  # 16-bit grey once decoded, after a 32-bit copy and at most one float one
+        return 4 + 4 + 2 + 3
     if mode in ("LA", "La") or mode.startswith("I"):
         return 2 + 3
-    if mode == "F":  # 16-bit grey once decoded, after a float copy
-        return 4 + 2 + 3
     if mode in ("RGBA", "RGBa", "P", "PA"):  # P counted as RGBA: it may carry transparency
         return 4 + 3
     return 3  # RGB, and what is converted to it (CMYK, YCbCr, LAB, HSV, RGBX, F)
