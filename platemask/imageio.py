@@ -127,14 +127,14 @@ def _levels16(a: np.ndarray) -> tuple[int, int]:
     return lo, max(hi, lo + 1)
 
 
-def _view16(a: np.ndarray) -> np.ndarray:
-    """The uint8 view of 16-bit grey pixels the detector sees: their high byte, or, for content within
-    less than half the range, its levels stretched to 0..255.
+def _view16(a: np.ndarray, span: int = 1 << 15) -> np.ndarray:
+    """The uint8 view of 16-bit pixels the detector sees: their high byte, or, for content within
+    less than ``span`` levels, its levels stretched to 0..255.
     The high byte alone (``a >> 8``) was black for a 16-bit file holding 8- or 9-bit values (what
     ``arr.astype(np.uint16)`` writes; ImageJ and photo editors show it by its levels): its plate went
     undetected and was published as stored, readable in the low bits."""
     lo, hi = _levels16(a)
-    if hi - lo >= 1 << 15:  # a photo that spans most of the range: seen as stored
+    if hi - lo >= span:  # a photo that spans enough of the range: seen as stored
         return (a >> 8).astype(np.uint8)
     out = np.empty(a.shape, np.uint8)
     step = max(1, _STRIP_BYTES // max(1, a.shape[1] * 4))
@@ -291,7 +291,9 @@ def _deep_colour_image(data: bytes, img: Image.Image) -> Image.Image:
     np.right_shift(deep, 8, out=out, casting="unsafe")
     if out.shape[1::-1] != img.size or not np.array_equal(out, np.asarray(img)):
         return img
-    out[..., :3] = _view16(deep[..., :3])  # alpha stays its high byte
+    # this is what is written (8 bits a channel), so only content within 12 bits is stretched: a dim
+    # photo keeps its look (the detector finds plates in 12-bit content's high bytes, 0..15, not 0..3)
+    out[..., :3] = _view16(deep[..., :3], span=1 << 12)  # alpha stays its high byte
     return Image.fromarray(out, img.mode)
 
 

@@ -675,6 +675,9 @@ def test_a_16bit_colour_photo_holding_8bit_values_is_seen_and_written_as_it_show
     assert np.array_equal(back, dec.pixels)
     full = decode(_rgb16(rgb.astype(np.uint16) * 257, ext, orientation))  # a full-range one: its high bytes
     assert np.array_equal(full.pixels, want)
+    dim = rgb.astype(np.uint16) * 80  # a dim 16-bit photo (up to 20,400): written as Pillow reads it, its look kept
+    dim[..., 3:] = 65535
+    assert np.array_equal(decode(_rgb16(dim, ext, orientation)).pixels[..., :3], (want[..., :3].astype(np.uint16) * 80) >> 8)
 
 
 def test_a_small_plate_in_a_dark_16bit_photo_keeps_its_contrast_in_the_detectors_view():
