@@ -48,11 +48,22 @@ def _pair(client, settings, masked_key, rec: dict) -> str:
     esc = escape
     cells = []
     store = S3Store(settings.bucket, client=client)
+    etag = rec.get("source_etag")
     try:
-        raw = store.read(rec["key"])
+        # the upload that was masked, not whatever is at the key now: another upload would be shown
+        # with this record's polygons beside this record's masked copy
+        raw = store.read(rec["key"], if_match=f'"{etag}"' if etag else None)
         cells.append(f'<img src="{_thumb(raw, rec["plates"], rec.get("near_misses", []))}" alt="before">')
     except Exception as exc:  # noqa: BLE001 - a missing thumbnail must not sink the report
-        cells.append(f"<div class=miss>original unavailable: {esc(str(exc))}</div>")
+        from botocore.exceptions import ClientError
+
+        from .storage import error_code
+
+        if etag and isinstance(exc, ClientError) and error_code(exc) in ("PreconditionFailed", "412"):
+            cells.append(f"<div class=miss>original re-uploaded since it was masked (ETag {esc(etag)} is gone): "
+                         "not shown; the next run masks the new upload</div>")
+        else:
+            cells.append(f"<div class=miss>original unavailable: {esc(str(exc))}</div>")
     if rec["status"] != "failed":
         try:
             mk = masked_key(rec["key"])

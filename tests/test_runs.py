@@ -492,3 +492,33 @@ def test_an_object_larger_than_any_photo_is_refused_unread_by_the_mask_step(phot
     assert recs[big]["status"] == "failed" and recs[big]["reason"] == "too_large", recs[big]
     assert big not in gets  # never read
     assert [recs[k]["status"] for k in keys] == ["masked"] * len(keys)
+
+
+def test_the_qa_page_never_shows_another_upload_as_the_photo_that_was_masked(photos):
+    """report.html's "before" thumbnail read the original as it is now: a photo re-uploaded after it was
+    masked showed the new upload with the old record's polygons beside the old masked copy (a reviewer
+    sees a mask that misses its plate, or approves a photo that was never masked). It is read pinned to
+    the record's source ETag now; another upload is named, not shown."""
+    from platemask.detections import record
+    from platemask.qa import build_report
+    from platemask.report_html import render_report
+
+    s3, settings, keys = photos
+    key = keys[0]
+    etag = s3.head_object(Bucket=settings.bucket, Key=key)["ETag"].strip('"')
+    masked = key.replace("raw/", "masked/", 1)
+    s3.put_object(Bucket=settings.bucket, Key=masked, Body=s3.get_object(Bucket=settings.bucket, Key=keys[1])["Body"].read())
+    plate = {"score": 0.95, "polygon": [[10, 10], [60, 10], [60, 30], [10, 30]]}
+    rec = dict(record(key, status="masked", width=1280, height=720, review=True, review_reason="low score",
+                      source_etag=etag), plates=[plate])
+    spec = RunSpec(region="DE", run_id="manual__thumbs", **WINDOW)
+
+    def page():
+        report = dict(build_report([rec]), thresholds={"score": 0.5})
+        return render_report(report, [rec], client=s3, settings=settings, spec=spec,
+                             masked_key=lambda k: k.replace("raw/", "masked/", 1))
+
+    assert page().count("data:image/jpeg;base64") == 2  # before and after
+    s3.put_object(Bucket=settings.bucket, Key=key, Body=s3.get_object(Bucket=settings.bucket, Key=keys[2])["Body"].read())
+    html = page()
+    assert html.count("data:image/jpeg;base64") == 1 and "re-uploaded since" in html and etag in html
