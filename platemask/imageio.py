@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
+from .colour import shown
 from .constants import DEFAULT_METADATA_POLICY, MetadataPolicy
 
 SUPPORTED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}
@@ -86,7 +87,9 @@ class Decoded:
     """A decoded photo in its display orientation.
 
     ``pixels`` keeps the depth and channels to write back (uint8 RGB/L/RGBA/LA or uint16 L);
-    ``rgb`` is the uint8 RGB view the detector sees (for uint16, by its levels: ``_view16``).
+    ``rgb`` is the uint8 RGB view the detector sees (for uint16, by its levels: ``_view16``): the
+    photo as a colour-managed viewer shows it (its ICC profile or a PNG's gAMA applied, transparency
+    over mid-grey; ``platemask.colour``), at the same pixels' positions.
     """
 
     pixels: np.ndarray
@@ -205,13 +208,16 @@ def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
                 w, h = img.size
                 mode = img.mode
                 deep = _deep_colour(img)  # read again at 16 bits a channel beside Pillow's copy
+                # the view as shown is a copy of its own (colour.shown) where a profile, a gamma or transparency applies
+                shown_copy = (bool(img.info.get("icc_profile")) or "gamma" in img.info or "transparency" in img.info
+                              or mode in ("RGBA", "RGBa", "LA", "La", "PA"))
     except MemoryError:
         raise
     except Exception:  # noqa: BLE001 - whatever a hostile header trips in any of Pillow's plugins is decode's to report
         return 0
     if w * h > max_pixels:
         return 0
-    return w * h * (_bytes_per_pixel(mode) + (2 * len(mode) if deep else 0))
+    return w * h * (_bytes_per_pixel(mode) + (2 * len(mode) if deep else 0) + (3 if shown_copy else 0))
 
 
 def _orientation(exif: Image.Exif) -> int:
@@ -409,6 +415,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         orientation = _orientation(exif) if _exif_is_shown(img, early_exif) else 1
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
         icc = img.info.get("icc_profile")
+        # a PNG's gAMA is what viewers apply only without an ICC profile or sRGB chunk
+        png_gamma = None if (icc or "srgb" in img.info) else img.info.get("gamma")
         method = _UPRIGHT.get(orientation)
         negative = _white_is_zero(img)
         if deep:
@@ -425,7 +433,9 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     img.close()  # the Pillow copy (4 bytes a pixel for RGB) goes before the RGB view is made
     del img
     pixels = np.ascontiguousarray(pixels)
-    return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=_to_rgb8(pixels), exif=exif,
+    alpha = pixels[..., -1] if mode in ("RGBA", "LA") else None
+    rgb = shown(_to_rgb8(pixels), icc, png_gamma, alpha)
+    return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=rgb, exif=exif,
                    icc_profile=icc, orientation=orientation, frames_dropped=frames_dropped, subsampling=subsampling)
 
 

@@ -1,0 +1,139 @@
+"""The detector looks at the photo as a colour-managed viewer shows it (platemask.colour)."""
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from platemask.cli import main
+from platemask.colour import shown
+from platemask.imageio import decode, decoded_nbytes
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _s15(v: float) -> bytes:
+    return struct.pack(">i", int(round(v * 65536)))
+
+
+def stretching_profile(levels: int) -> bytes:
+    """An RGB profile whose tone curve shows stored values 0..levels as the full range (and above
+    as white): lcms' sRGB profile with each TRC replaced by the ICC parametric curve
+    Y = (a X) ** 2.2, a = 255 / levels."""
+    icc = bytearray(_SRGB.tobytes())
+    (count,) = struct.unpack(">I", icc[128:132])
+    for i in range(count):
+        sig, off, size = struct.unpack(">4sII", icc[132 + 12 * i:144 + 12 * i])
+        if sig in (b"rTRC", b"gTRC", b"bTRC"):
+            para = b"para" + bytes(4) + struct.pack(">H", 1) + bytes(2) + _s15(2.2) + _s15(255 / levels) + _s15(0.0)
+            icc[off:off + size] = para.ljust(size, b"\0")
+    return bytes(icc)
+
+
+def _through_profile(stored: np.ndarray, icc: bytes) -> np.ndarray:
+    """What a viewer shows: lcms applying the embedded profile (as browsers do)."""
+    src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    return np.asarray(ImageCms.profileToProfile(Image.fromarray(stored), src, _SRGB, outputMode="RGB"))
+
+
+def test_the_view_is_the_stored_pixels_when_a_viewer_shows_them_as_stored():
+    rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    assert shown(rgb) is rgb
+    assert shown(rgb, _SRGB.tobytes()) is rgb  # the sRGB profiles cameras embed
+    assert shown(rgb, b"not a profile at all") is rgb  # unreadable: viewers fall back to the stored values
+    assert shown(rgb, ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()) is rgb
+    assert shown(rgb, None, 0.45455) is rgb  # a PNG's sRGB-like gAMA
+    assert shown(rgb, None, float("nan")) is rgb and shown(rgb, None, 0.0) is rgb
+
+
+def test_the_view_follows_a_tone_curve_profile_and_a_png_gamma():
+    rgb = (np.random.default_rng(1).random((50, 70, 3)) * 4).astype(np.uint8)  # stored 0..3
+    icc = stretching_profile(3)
+    view = shown(rgb, icc)
+    assert view is not rgb and np.array_equal(view, _through_profile(rgb, icc))
+    assert view.max() >= 250 and rgb.max() <= 3  # what the screen shows spans the range
+    ramp = np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, 2)
+    gamma = shown(ramp, None, 1.0)  # stored = linear ** 1.0: a viewer shows linear ** (1 / 2.2)
+    want = np.round(255 * (np.arange(256) / 255) ** (1 / 2.2))
+    assert np.abs(gamma[0, :, 0].astype(int) - want).max() <= 1
+    black, alpha = np.zeros((1, 3, 3), np.uint8), np.array([[0, 128, 255]], np.uint8)
+    assert shown(black, alpha=alpha)[0, :, 0].tolist() == [128, 64, 0]  # over mid-grey
+    assert shown(black, alpha=np.full((1, 3), 255, np.uint8)) is black  # opaque: as stored
+
+
+def _hidden_plate_png(scene, levels: int) -> tuple[bytes, np.ndarray]:
+    """The generated photo stored as levels+1 dark values, with a profile that shows it as it was."""
+    img, quads, _ = scene
+    stored = np.round(img.astype(np.float32) / 255 * levels).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "PNG", icc_profile=stretching_profile(levels))
+    return buf.getvalue(), stored
+
+
+def test_decode_gives_the_detector_the_photo_as_shown_and_keeps_the_stored_pixels(scene):
+    data, stored = _hidden_plate_png(scene, 2)
+    dec = decode(data)
+    assert np.array_equal(dec.pixels, stored)  # what is masked and written: the stored values
+    assert np.array_equal(dec.rgb, _through_profile(stored, dec.icc_profile))
+    assert decoded_nbytes(data) == stored.size * 2  # the view is a second copy: reserved with the pixels
+
+
+def test_a_plate_stored_dark_under_a_stretching_profile_is_found_and_masked(scene, tmp_path, model_dir):
+    """A PNG whose stored values are three dark levels (0..2) and whose ICC profile shows them as
+    the full range: every browser shows a readable plate. The detector saw the stored, nearly
+    black pixels and found nothing: "no plate", published with its profile kept and the plate
+    readable. It now looks at the photo as shown, and the plate is masked in the stored pixels."""
+    _, _, texts = scene
+    data, stored = _hidden_plate_png(scene, 2)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "car.png").write_bytes(data)
+    det = tmp_path / "d.jsonl"
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
+    (rec,) = [json.loads(line) for line in det.read_text().splitlines()]
+    assert rec["status"] == "masked" and rec["plates"], rec
+    out = Image.open(dst / "car.png")
+    icc = out.info.get("icc_profile")
+    assert icc  # the published photo still shows as the original did
+    from rapidocr_onnxruntime import RapidOCR
+
+    ocr = RapidOCR()
+    text = texts[0].replace(" ", "")
+
+    def read(pixels):  # every text OCR reads in the photo as a viewer shows it
+        return "".join(t for _, t, _ in (ocr(_through_profile(pixels, icc))[0] or [])).replace(" ", "")
+
+    assert text in read(stored)  # the original shows a readable plate
+    assert not any(text[i:i + 3] in read(np.asarray(out.convert("RGB"))) for i in range(len(text) - 2))
+
+
+def test_a_plate_drawn_in_the_alpha_channel_alone_is_found_and_masked(scene, tmp_path, model_dir):
+    """A PNG whose colours are all black and whose alpha holds the photo (transparent where it is
+    light): on a white page every browser shows the plate. The detector saw the colours alone, all
+    black, and found nothing: "no plate", published with the plate readable. It now looks at the
+    photo composited as shown, and the plate is masked in colours and alpha alike."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    img, _, texts = scene
+    grey = np.asarray(Image.fromarray(img).convert("L"))
+    rgba = np.dstack([np.zeros_like(img), 255 - grey])
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    Image.fromarray(rgba, "RGBA").save(src / "car.png")
+    det = tmp_path / "d.jsonl"
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
+    (rec,) = [json.loads(line) for line in det.read_text().splitlines()]
+    assert rec["status"] == "masked" and rec["plates"], rec
+    ocr = RapidOCR()
+    text = texts[0].replace(" ", "")
+
+    def on_white(rgba_pixels):  # a browser's page
+        a = rgba_pixels[..., 3:].astype(np.float32) / 255
+        page = rgba_pixels[..., :3] * a + 255 * (1 - a)
+        return "".join(t for _, t, _ in (ocr(page.astype(np.uint8))[0] or [])).replace(" ", "")
+
+    assert text in on_white(rgba)
+    after = np.asarray(Image.open(dst / "car.png").convert("RGBA"))
+    assert not any(text[i:i + 3] in on_white(after) for i in range(len(text) - 2))
