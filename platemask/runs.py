@@ -131,6 +131,24 @@ def _release_one(client, settings: Settings, spec: RunSpec, key: str, log: Calla
 MAX_SKIPPED_LISTED = 100  # hidden files named in collected.json and the QA report (all are counted)
 
 
+ARCHIVED_CLASSES = ("GLACIER", "DEEP_ARCHIVE")  # storage classes a GET refuses (InvalidObjectState) until restored
+
+
+def _listed(obj: dict, **extra) -> dict:
+    """A manifest entry for a listed object: key, size, ETag, whether its extension is supported, and
+    its storage class when it is an archived one (read only once restored)."""
+    sc = obj.get("StorageClass")
+    return {"key": obj["Key"], "size": int(obj["Size"]), "etag": obj["ETag"].strip('"'),
+            "supported": extension_supported(obj["Key"]), **({"storage_class": sc} if sc in ARCHIVED_CLASSES else {}),
+            **extra}
+
+
+def archived_error(uri: str, storage_class: str) -> str:
+    return (f"{uri} is in the {storage_class} storage class and not restored: S3 refuses to read it "
+            "(InvalidObjectState); restore it (S3 RestoreObject, or the console's 'Initiate restore') and rerun "
+            "this window; not masked, nothing published")
+
+
 def _is_folder_marker(obj: dict) -> bool:
     """An empty object whose key ends in '/': what consoles create for a folder, not a photo."""
     return obj["Key"].endswith("/") and int(obj.get("Size", 0)) == 0
@@ -174,8 +192,7 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
                 if hidden is not None:
                     hidden.append(o["Key"])
                 continue
-            photos.append({"key": o["Key"], "size": int(o["Size"]), "etag": o["ETag"].strip('"'),
-                           "supported": extension_supported(o["Key"]), "late": True})
+            photos.append(_listed(o, late=True))
         late = [e for e in photos if audit_key(settings, spec.region, e["key"]) not in audited]
         recorded = [e for e in photos if audit_key(settings, spec.region, e["key"]) in audited]
         with ThreadPoolExecutor(max(1, settings.io_workers)) as pool:
@@ -224,8 +241,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
                 hidden.append(key)
                 continue
             # a non-empty object whose key ends in '/' stays in: an input gets a record (it fails for its extension)
-            entries.append({"key": key, "size": int(obj["Size"]), "etag": obj["ETag"].strip('"'),
-                            "supported": extension_supported(key)})
+            entries.append(_listed(obj))
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
@@ -388,6 +404,7 @@ class ManifestSource:
                  sizes: dict[str, int] | None = None):
         self.store, self.etags, self.expected = store, etags, expected_sha256 or {}
         self.sizes = sizes or {}
+        self.storage_classes: dict[str, str] = {}  # key -> archived storage class, as listed
         self.uri = store.uri
 
     def size(self, key: str) -> int:
@@ -405,6 +422,9 @@ class ManifestSource:
         try:
             data = self.store.read(key, if_match=f'"{etag}"')
         except ClientError as exc:
+            if error_code(exc) == "InvalidObjectState":  # archived (Glacier, Deep Archive), not restored
+                raise ImageError("archived", archived_error(self.describe(key),
+                                                            self.storage_classes.get(key, "an archive"))) from None
             if error_code(exc) not in ("PreconditionFailed", "412"):  # IfMatch on a GET: 412 only
                 raise
             raise ImageError("source_changed", f"{self.describe(key)} changed since it was listed (ETag {etag} "
@@ -498,6 +518,7 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
 
         source = ManifestSource(store, etags, getattr(detect, "expected_sha256", None),
                                 {e["key"]: e["size"] for e in entries if isinstance(e.get("size"), int)})
+        source.storage_classes = {e["key"]: e["storage_class"] for e in entries if e.get("storage_class")}
         new = [stamp(record(k, status="failed", reason="key_too_long", error=why)) for k, why in too_long.items()]
         new += run_job(source, store, [e["key"] for e in todo], detect, opts, model=model_info, timings=timings,
                        on_record=write_audit, progress=Progress(len(todo), every=10.0, emit=log),

@@ -37,7 +37,7 @@ from .imageio import ImageError
 from .model import load_config
 from .package import package_model
 from .layout import S3_MAX_KEY_BYTES, audit_key, key_too_long, run_prefix
-from .runs import already_done, photo_identities, read_audit
+from .runs import already_done, archived_error, photo_identities, read_audit
 from .runspec import RunError, RunSpec
 from .settings import Settings
 from .storage import MISSING_CODES, S3Store, error_code, parse_s3_uri, read_json_lines
@@ -315,6 +315,29 @@ def leave_out(s3, settings: Settings, desc: dict, job: str, attempt: int, pendin
     return out
 
 
+def _archived(s3, settings: Settings, entries: list[dict]) -> dict[str, dict]:
+    """The photos listed in an archived storage class (Glacier, Deep Archive) whose restore has not
+    finished (a HEAD's ``Restore`` header), each with its failure: a transform job cannot read them
+    and would fail on every attempt. A photo S3 does not answer for stays in the job."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    store = S3Store(settings.bucket, client=s3)
+    out = {}
+    for e in entries:
+        if not e.get("storage_class"):
+            continue
+        try:
+            head = store.head(e["key"])
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("cannot check whether s3://%s/%s is restored: %s", settings.bucket, e["key"], exc)
+            continue
+        if head is not None and 'ongoing-request="false"' in (head.get("Restore") or ""):
+            continue  # restored: readable until its expiry
+        out[e["key"]] = {"reason": "archived", "error": archived_error(f"s3://{settings.bucket}/{e['key']}",
+                                                                      e["storage_class"])}
+    return out
+
+
 def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     """Start (or find) this shard's transform job. Returns the shard dict with a ``transform`` entry.
 
@@ -337,6 +360,7 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
         f"s3://{settings.bucket}/{e['key']} is {e['size'] / 2**20:.0f} MB, above SageMaker's {MAX_PAYLOAD_MB} MB "
         "MaxPayloadInMB limit: not sent to the transform job, not published; mask it with backend=local or shrink "
         "it first")} for e in todo if e["key"] not in too_long and e["size"] > MAX_PAYLOAD_MB * 2**20})
+    too_long.update(_archived(s3, settings, [e for e in todo if e["key"] not in too_long]))
     todo = [e for e in todo if e["key"] not in too_long]
     base = {"model": model, "model_sha256": model_sha, "photos": len(todo)}
     if not todo:

@@ -522,3 +522,25 @@ def test_the_qa_page_never_shows_another_upload_as_the_photo_that_was_masked(pho
     s3.put_object(Bucket=settings.bucket, Key=key, Body=s3.get_object(Bucket=settings.bucket, Key=keys[2])["Body"].read())
     html = page()
     assert html.count("data:image/jpeg;base64") == 1 and "re-uploaded since" in html and etag in html
+
+
+def test_an_archived_photo_fails_alone_naming_the_restore_it_needs(photos, model_dir):
+    """backend=local: a photo in Glacier failed read_error with S3's "The operation is not valid for the
+    object's storage class"; it fails ``archived`` now, naming its class and the restore to start."""
+    s3, settings, keys = photos
+    cold = "raw/DE/2026/11/20/cold.jpg"
+    s3.put_object(Bucket=settings.bucket, Key=cold, Body=s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read(),
+                  StorageClass="DEEP_ARCHIVE")
+    spec = RunSpec(region="DE", run_id="manual__cold", **WINDOW)
+    settings = dataclasses.replace(settings, shard_size=10, late_days=0)
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+
+    collect(s3, settings, spec, log=lambda m: None)
+    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    out = mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)), log=lambda m: None)
+    bucket, key = out["detections"][5:].split("/", 1)
+    recs = {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=bucket, Key=key)["Body"].read().splitlines())}
+    assert recs[cold]["status"] == "failed" and recs[cold]["reason"] == "archived", recs[cold]
+    assert "DEEP_ARCHIVE" in recs[cold]["error"] and "RestoreObject" in recs[cold]["error"]
+    assert [recs[k]["status"] for k in keys] == ["masked"] * len(keys)

@@ -624,6 +624,34 @@ def test_an_object_over_sagemakers_payload_limit_fails_alone_not_its_shard(aws_c
     assert _published(s3, settings) == {k.replace("raw/", "masked/", 1) for k in others}
 
 
+def test_an_archived_photo_fails_alone_not_its_transform_job(aws_conn, model_dir, server_url, scene):
+    """A photo in S3 Glacier (a lifecycle rule moved an old partition, then a backfill lists it) cannot
+    be read until it is restored (GET: InvalidObjectState). Sent to the transform job, it failed the
+    job on every attempt (3 jobs here, each paying its instances' start-up on AWS), the photo failing
+    transform_job_failed with an InternalServerError. The listing's storage class (and, for an
+    archived one, a HEAD for a finished restore) now leaves it out: it fails alone, ``archived``,
+    naming what to do; a restored one is sent."""
+    from platemask.runs import collect, make_shards
+
+    s3 = aws_conn
+    settings = dataclasses.replace(_local_runner_settings(s3, server_url, max_concurrent=1), late_days=0)
+    photos = _four_photos(scene)
+    for k, body in photos.items():
+        s3.put_object(Bucket=settings.bucket, Key=k, Body=body)
+    cold = "raw/DE/2026/11/20/b5-archived.jpg"
+    s3.put_object(Bucket=settings.bucket, Key=cold, Body=jpeg_bytes(scene[0]), StorageClass="GLACIER")
+    spec = dataclasses.replace(SPEC, run_id="manual__cold")
+    collect(s3, settings, spec, log=lambda m: None)
+    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    waited, recs = _run_shard(s3, settings, shard, model_dir)
+    t = waited["transform"]
+    assert t["state"] == "Completed" and t["attempt"] == 0, t
+    assert recs[cold]["status"] == "failed" and recs[cold]["reason"] == "archived", recs[cold]
+    assert "GLACIER" in recs[cold]["error"] and "restore" in recs[cold]["error"].lower()
+    assert [recs[k]["status"] for k in photos] == ["masked"] * 4
+    assert _published(s3, settings) == {k.replace("raw/", "masked/", 1) for k in photos}
+
+
 def test_a_photo_regrown_past_the_payload_limit_is_left_out_of_the_next_attempt(aws_conn, model_dir, server_url, scene):
     """Past even the headroom (10 MB at 10 at once) the record fails its job, as on AWS. The next
     attempt leaves it out (S3 shows another ETag, and a size over the job's limit: it would fail
