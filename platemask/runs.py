@@ -480,7 +480,11 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
             done = list(pool.map(lambda ea: already_done(client, settings, spec, ea[0], ea[1], identity[ea[0]["key"]]),
                                  zip(fits, audits)))
     todo = [e for e, d in zip(fits, done) if not d]
-    records: list[dict] = [dict(a, skipped=True) for a, d in zip(audits, done) if d]
+    # a photo an earlier attempt of this task finished (retried after its worker was lost) was processed
+    # by this run: only what another run masked is "skipped, already masked"
+    records: list[dict] = [dict(a, skipped=True) if a.get("run_id") != spec.run_id else dict(a, earlier_attempt=True)
+                           for a, d in zip(audits, done) if d]
+    by_earlier_attempt = sum(bool(r.get("earlier_attempt")) for r in records)
     log(f"shard {shard['shard']}: {len(entries)} photos, {len(records)} already done with the same result identity, "
         f"{len(todo)} to do" + (f", {len(too_long)} with keys too long for S3" if too_long else ""))
     store = _store(client, settings)
@@ -529,8 +533,9 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
     records.sort(key=lambda r: order.get(r["key"], 0))
     base = run_prefix(settings, spec) + f"detections/{shard['index']:04d}"
     det_uri = _store(client, settings).put_json(base + ".jsonl", records, lines=True)
-    summary = {"shard": shard["shard"], "index": shard["index"], "photos": len(entries), "processed": len(new),
-               "skipped": len(entries) - len(todo) - len(too_long), "wall_seconds": round(wall, 3),
+    summary = {"shard": shard["shard"], "index": shard["index"], "photos": len(entries),
+               "processed": len(new) + by_earlier_attempt,
+               "skipped": len(entries) - len(todo) - len(too_long) - by_earlier_attempt, "wall_seconds": round(wall, 3),
                "images_per_second": round(len(new) / wall, 3) if new and wall > 0 else None,
                "timings_s": {k: round(v, 3) for k, v in timings.as_dict().items()}, "model": model_info,
                "failed": sum(r["status"] == "failed" for r in new), "dry_run": spec.dry_run, "threshold": threshold,

@@ -544,3 +544,32 @@ def test_an_archived_photo_fails_alone_naming_the_restore_it_needs(photos, model
     assert recs[cold]["status"] == "failed" and recs[cold]["reason"] == "archived", recs[cold]
     assert "DEEP_ARCHIVE" in recs[cold]["error"] and "RestoreObject" in recs[cold]["error"]
     assert [recs[k]["status"] for k in keys] == ["masked"] * len(keys)
+
+
+def test_photos_a_retried_mask_task_finds_done_by_its_own_first_attempt_count_as_processed_this_run(photos, model_dir):
+    """A mask task that died after masking some photos (a worker lost mid-shard) is retried; the retry
+    skips what the first attempt finished. The QA report then said those photos were "skipped (already
+    masked with this model)" by an earlier run and left them out of processed_this_run, though this run
+    masked them. Only photos another run masked count as skipped now."""
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import aggregate, mask_shard
+
+    s3, settings, keys = photos
+    settings = dataclasses.replace(settings, shard_size=10, late_days=0)
+    spec = RunSpec(region="DE", run_id="manual__retried", **WINDOW)
+    collect(s3, settings, spec, log=lambda m: None)
+    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    factory = detector_factory(settings, str(model_dir))
+    mask_shard(s3, settings, shard, factory, log=lambda m: None)  # the first attempt (its end is lost)
+    retry = mask_shard(s3, settings, shard, factory, log=lambda m: None)
+    assert retry["processed"] == len(keys) and retry["skipped"] == 0, retry
+    (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    bucket, key = report["report"][5:].split("/", 1)
+    qa = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert qa["processed_this_run"] == len(keys) and qa["skipped_already_masked"] == 0
+    # another run of the window: skipped, already masked by an earlier run
+    later = RunSpec(region="DE", run_id="manual__later", **WINDOW)
+    collect(s3, settings, later, log=lambda m: None)
+    (shard2,) = make_shards(s3, settings, [later.as_dict()], log=lambda m: None)
+    again = mask_shard(s3, settings, shard2, factory, log=lambda m: None)
+    assert again["processed"] == 0 and again["skipped"] == len(keys)
