@@ -521,6 +521,13 @@ def record_plates(rec: dict, threshold: float) -> list[Plate]:
             if name == "near_misses" and plate.score >= effective + SCORE_ROUNDING:
                 raise ThresholdMismatch(f"near miss {i} scores {plate.score:g}, at or above this run's threshold "
                                         f"{effective:g}")
+            # the container's split stands: the mask step splits again at the threshold, and a score
+            # rounded across it (a threshold of more than 4 decimals) would drop a plate the container
+            # masked (published readable) or mask a near miss it did not
+            if name == "plates" and plate.score < effective:
+                plate.score = effective
+            elif name == "near_misses" and plate.score >= effective:
+                plate.score = math.nextafter(effective, 0.0)
             out.append(plate)
     return out
 

@@ -1,0 +1,112 @@
+"""backend=sagemaker: the ``.out`` contract between the container and the mask step, and the
+container server's own environment, attacked as an operator or a broken deployment would."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+
+import numpy as np
+import pytest
+
+from platemask.runspec import RunSpec
+from platemask.settings import Settings
+
+from conftest import jpeg_bytes
+
+SPEC = RunSpec(region="DE", window_start="2026-11-19T23:00:00+00:00", window_end="2026-11-20T23:00:00+00:00",
+               run_id="manual__contract", backend="sagemaker")
+
+
+def _setup(s3, photos: dict[str, bytes], *, threshold=None):
+    """A bucket holding ``photos``, a shard listing them as collect+shard would, and its spec."""
+    settings = Settings(bucket=f"smc-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
+                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm")
+    s3.create_bucket(Bucket=settings.bucket)
+    entries = []
+    for key, body in photos.items():
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=body)
+        head = s3.head_object(Bucket=settings.bucket, Key=key)
+        entries.append({"key": key, "size": head["ContentLength"], "etag": head["ETag"].strip('"')})
+    spec = RunSpec(**{**SPEC.as_dict(), "threshold": threshold})
+    shard_key = f"runs/DE/{spec.window.id}/{spec.run_id}/shards/0000.jsonl"
+    s3.put_object(Bucket=settings.bucket, Key=shard_key, Body="".join(json.dumps(e) + "\n" for e in entries).encode())
+    shard = {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": 0, "count": len(entries)}
+    return settings, shard
+
+
+def _container_record(key: str, body: bytes, model_dir, plates: list[dict], near: list[dict] | None = None) -> dict:
+    """The record the container writes for ``body`` (what ``serve`` answers: the CLI's record)."""
+    from PIL import Image
+
+    from platemask.model import load_config
+
+    w, h = Image.open(io.BytesIO(body)).size
+    return {"key": "", "status": "masked" if plates else "no_plate", "width": w, "height": h, "plates": plates,
+            "near_misses": near or [], "model": load_config(model_dir).identity(),
+            "input_sha256": hashlib.sha256(body).hexdigest(), "output_sha256": None, "review": False}
+
+
+def _completed_job(s3, settings, shard, records: dict[str, dict]) -> dict:
+    """The shard as the wait returns it after a Completed job whose ``.out`` files are ``records``."""
+    job = "pm-de-contract-a0"
+    out = f"s3://{settings.bucket}/sagemaker/output/DE/{RunSpec.from_dict(shard['spec']).window.id}/{job}/"
+    for key, rec in records.items():
+        s3.put_object(Bucket=settings.bucket, Key=out[len(f"s3://{settings.bucket}/"):] + key + ".out",
+                      Body=json.dumps(rec).encode())
+    return {**shard, "transform": {"job": job, "attempt": 0, "output": out, "outputs": [out], "state": "Completed",
+                                   "failure_reason": None, "left_out": {}}}
+
+
+def _mask(s3, settings, shard, model_dir) -> dict[str, dict]:
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+
+    result = mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)), log=lambda m: None)
+    key = result["detections"].split(f"s3://{settings.bucket}/")[1]
+    recs = [json.loads(line) for line in s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read().splitlines()]
+    assert len({r["key"] for r in recs}) == len(recs)
+    return {r["key"]: r for r in recs}
+
+
+def _region_change(s3, settings, key: str, original: np.ndarray, quad) -> float:
+    """Mean absolute change of the published copy of ``key`` inside ``quad`` (0: left as it was)."""
+    from PIL import Image
+
+    body = s3.get_object(Bucket=settings.bucket, Key="masked/" + key.split("raw/", 1)[1])["Body"].read()
+    out = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), np.float32)
+    x0, y0 = np.floor(np.min(quad, axis=0)).astype(int)
+    x1, y1 = np.ceil(np.max(quad, axis=0)).astype(int)
+    return float(np.abs(out[y0:y1, x0:x1] - original[y0:y1, x0:x1].astype(np.float32)).mean())
+
+
+def test_a_plate_the_container_masked_is_masked_though_its_rounded_score_is_under_the_threshold(aws_conn, model_dir, scene):
+    """A run at threshold 0.12344 (any threshold with more than 4 decimals): the container masks a
+    plate scoring 0.123443 and writes its score rounded to 4 decimals, 0.1234. The check accepted it
+    (within the rounding) but the mask step split the plates again at 0.12344: the plate the
+    container masked was dropped, the photo recorded no_plate and published with the plate readable.
+    The container's split is kept now: the plate is masked. The other way round (a run at 0.12346,
+    a near miss scoring 0.12345 written as 0.1235) the mask step masked what the container and the
+    local backend leave unmasked: it stays a near miss, as the container decided."""
+    s3 = aws_conn
+    img, quads, _ = scene
+    body = jpeg_bytes(img)
+    quad = np.asarray(quads[0], np.float64)
+    polygon = [[round(float(x), 1), round(float(y), 1)] for x, y in quad]
+    key = "raw/DE/2026/11/20/rounded.jpg"
+
+    settings, shard = _setup(s3, {key: body}, threshold=0.12344)
+    plate = {"score": round(0.123443, 4), "polygon": polygon}  # masked by the container (>= 0.12344), written 0.1234
+    assert plate["score"] < 0.12344
+    recs = _mask(s3, settings, _completed_job(s3, settings, shard, {key: _container_record(key, body, model_dir, [plate])}),
+                 model_dir)
+    assert recs[key]["status"] == "masked" and len(recs[key]["plates"]) == 1, recs[key]
+    assert _region_change(s3, settings, key, img, quad) > 10, "the plate was published readable"
+
+    settings, shard = _setup(s3, {key: body}, threshold=0.12346)
+    near = {"score": round(0.12345, 4), "polygon": polygon}  # a near miss (< 0.12346) written 0.1235
+    assert near["score"] >= 0.12346
+    recs = _mask(s3, settings, _completed_job(s3, settings, shard, {key: _container_record(key, body, model_dir, [], [near])}),
+                 model_dir)
+    assert recs[key]["status"] == "no_plate" and len(recs[key]["near_misses"]) == 1, recs[key]
