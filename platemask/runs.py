@@ -631,7 +631,9 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
             "planned": c and c["count"], "late": c and c.get("late", 0), "max_images": spec.max_images,
             "skipped_hidden": (c or {}).get("skipped_hidden", {"count": 0, "keys": []}),
             "not_accounted_for": unrecorded, "duplicate_records": sum(n > 1 for n in seen.values()),
-            "records_outside_manifest": len(set(seen) - planned) if manifest else 0,
+            # a dry run's manifest is not read (its records are the photos already done); an empty one is
+            # checked like any other: a cleared run's earlier records must not pass for the window's
+            "records_outside_manifest": len(set(seen) - planned) if c and not spec.dry_run else 0,
             "processed_this_run": len(processed),
             "would_process": sum(s.get("would_process", 0) for s in summaries) if spec.dry_run else None,
             "skipped_already_masked": sum(bool(rec.get("skipped")) for rec in records), "dry_run": spec.dry_run,

@@ -573,3 +573,26 @@ def test_photos_a_retried_mask_task_finds_done_by_its_own_first_attempt_count_as
     (shard2,) = make_shards(s3, settings, [later.as_dict()], log=lambda m: None)
     again = mask_shard(s3, settings, shard2, factory, log=lambda m: None)
     assert again["processed"] == 0 and again["skipped"] == len(keys)
+
+
+def test_records_of_a_run_whose_manifest_is_now_empty_are_not_reported_as_the_windows(photos, model_dir):
+    """A run masked the window, then was cleared and run again after its photos were removed from raw/
+    (collect found none). QA still read the first attempt's records, and their check against the
+    manifest was skipped for an empty manifest (meant for dry runs, whose manifest is not read): a
+    report of 4 masked photos for a window of 0 passed, with an Asset event. They are records outside
+    the manifest now, as they are for a non-empty one."""
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import aggregate, mask_shard
+
+    s3, settings, keys = photos
+    settings = dataclasses.replace(settings, shard_size=10, late_days=0)
+    spec = RunSpec(region="DE", run_id="manual__cleared", **WINDOW)
+    collect(s3, settings, spec, log=lambda m: None)
+    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)), log=lambda m: None)
+    for k in keys:  # moved away, then the whole run cleared and run again
+        s3.delete_object(Bucket=settings.bucket, Key=k)
+    assert collect(s3, settings, spec, log=lambda m: None)["count"] == 0
+    assert make_shards(s3, settings, [spec.as_dict()], log=lambda m: None) == []
+    (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    assert not report["passed"] and any("not in the manifest" in p for p in report["problems"]), report
