@@ -29,7 +29,9 @@ alone): parallel 79 MP requests wait their turn instead of each holding its own 
 Every environment value the server reads is checked at start-up (``read_environment``): a
 threshold outside [0, 1] or not a number, a payload limit outside SageMaker's 1-100 MB, a pixel
 budget under 1 MB, an unknown runtime or CUDA flag make /ping answer 503 ``bad_environment``
-naming the variable, instead of 200 followed by a 500 or 413 for every request.
+naming the variable, instead of 200 followed by a 500 or 413 for every request; so do gunicorn's
+worker count, threads and timeout when they are no whole numbers (``server_environment``: the
+server starts with their defaults and says why it will not serve, instead of exiting unheard).
 """
 from __future__ import annotations
 
@@ -53,6 +55,10 @@ REQUIRE_CUDA_ENV = "PLATEMASK_REQUIRE_CUDA"
 THRESHOLD_ENV = "PLATEMASK_THRESHOLD"
 PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
 PIXEL_BUDGET_ENV = "PLATEMASK_PIXEL_BUDGET_MB"
+WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
+THREADS_ENV = "PLATEMASK_SERVER_THREADS"
+TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
+DEFAULT_SERVER_THREADS = 8
 DEFAULT_PAYLOAD_MB = 6.0  # SageMaker's default MaxPayloadInMB
 PAYLOAD_MB_RANGE = (1, 100)  # SageMaker's MaxPayloadInMB range (its 0, "unlimited, chunked", is not supported)
 _TRUE, _FALSE = ("1", "true", "yes"), ("", "0", "false", "no")
@@ -247,6 +253,30 @@ def read_environment(env=None, *, max_payload_mb: float | None = None) -> tuple[
             "require_cuda": cuda not in _FALSE}, problems
 
 
+def server_environment(env=None) -> tuple[dict, list[str]]:
+    """Gunicorn's values from the environment (workers, threads per worker, worker timeout) and
+    what is wrong with them, as ``read_environment`` does for the model's: a bad value is replaced
+    by its default, so the server still starts and /ping answers 503 ``bad_environment`` naming it.
+    Before, a value that was no whole number crashed the server before it listened (the job failed
+    on its health check with no reason) and 0 workers left a master that never answers."""
+    env = os.environ if env is None else env
+    batch = str(env.get("SAGEMAKER_BATCH", "false")).strip().lower() == "true"
+    problems: list[str] = []
+    values: dict[str, int] = {}
+    for key, name, default, minimum, what in (
+            ("workers", WORKERS_ENV, max(1, (os.cpu_count() or 1) // 2), 1,
+             "model server workers (each loads the model; default one per two cores)"),
+            ("threads", THREADS_ENV, DEFAULT_SERVER_THREADS, 1, "threads per worker (default 8)"),
+            ("timeout", TIMEOUT_ENV, 3600 if batch else 120, 0, "seconds a request may take (0: no limit)")):
+        raw = str(env.get(name, "")).strip()
+        v = _number(raw) if raw else None
+        if raw and (v is None or v != int(v) or v < minimum):
+            problems.append(f"{name}={raw!r} is not a whole number >= {minimum}: set the {what} or leave it unset")
+            v = None
+        values[key] = default if v is None else int(v)
+    return values, problems
+
+
 def _device() -> str:
     d = os.environ.get("PLATEMASK_DEVICE", "auto")
     return "cuda" if d == "auto" and _require_cuda() else resolve_device(d)
@@ -263,8 +293,10 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
 
     model_dir = model_dir or os.environ.get(MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR)
     env, problems = read_environment(max_payload_mb=max_payload_mb)
+    server, server_problems = server_environment()
+    problems += server_problems
     max_payload_mb = env["max_payload_mb"]
-    workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", 1))
+    workers = workers or server["workers"]
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     holder = ModelHolder(model_dir, _device(), threads, require_cuda=env["require_cuda"], threshold=env["threshold"],
                          runtime=env["runtime"])
@@ -365,23 +397,24 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
 
 
 def gunicorn_options() -> dict:
-    cores = os.cpu_count() or 1
-    workers = int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS") or max(1, cores // 2))
-    batch = os.environ.get("SAGEMAKER_BATCH", "false").lower() == "true"
+    """Gunicorn's settings; a bad environment value gets its default here (the server starts) and is
+    left in the environment, so each worker's ``create_app`` reports it (/ping 503 bad_environment)."""
+    server, problems = server_environment()
+    workers = server["workers"]
     return {
         "bind": f"0.0.0.0:{int(os.environ.get('SAGEMAKER_BIND_TO_PORT', 8080))}",
         "workers": workers,
         "worker_class": "gthread",
         # inferences hold a thread each (one runs the model, others decode or wait their turn):
         # enough threads that /ping always finds a free one
-        "threads": int(os.environ.get("PLATEMASK_SERVER_THREADS") or 8),
-        "timeout": int(os.environ.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", 3600 if batch else 120)),
+        "threads": server["threads"],
+        "timeout": server["timeout"],
         "graceful_timeout": 30,
         "keepalive": 75,  # longer than SageMaker's idle connection reuse
         "accesslog": "-",
         "errorlog": "-",
         "loglevel": os.environ.get("PLATEMASK_LOG_LEVEL", "info"),
-        "raw_env": [f"SAGEMAKER_MODEL_SERVER_WORKERS={workers}"],
+        "raw_env": [] if any(p.startswith(WORKERS_ENV + "=") for p in problems) else [f"{WORKERS_ENV}={workers}"],
     }
 
 
@@ -389,7 +422,8 @@ def serve() -> None:
     from gunicorn.app.base import BaseApplication
 
     opts = gunicorn_options()
-    os.environ["SAGEMAKER_MODEL_SERVER_WORKERS"] = str(opts["workers"])
+    if opts["raw_env"]:  # a bad value stays for the workers to report
+        os.environ[WORKERS_ENV] = str(opts["workers"])
 
     class App(BaseApplication):
         def load_config(self):

@@ -110,3 +110,48 @@ def test_a_plate_the_container_masked_is_masked_though_its_rounded_score_is_unde
     recs = _mask(s3, settings, _completed_job(s3, settings, shard, {key: _container_record(key, body, model_dir, [], [near])}),
                  model_dir)
     assert recs[key]["status"] == "no_plate" and len(recs[key]["near_misses"]) == 1, recs[key]
+
+
+BAD_SERVER_ENVIRONMENT = [("SAGEMAKER_MODEL_SERVER_WORKERS", v) for v in ("0", "four", "-1", "1.5")] + \
+                         [("PLATEMASK_SERVER_THREADS", v) for v in ("0", "x")] + \
+                         [("SAGEMAKER_MODEL_SERVER_TIMEOUT", v) for v in ("abc", "-5")]
+
+
+@pytest.mark.parametrize("name,value", BAD_SERVER_ENVIRONMENT)
+def test_a_bad_worker_count_threads_or_timeout_fails_the_health_check_with_its_name(name, value, tmp_path, model_dir):
+    """The real server with SAGEMAKER_MODEL_SERVER_WORKERS=four (or threads, timeout that are no
+    whole numbers) exited with a ValueError traceback before it listened, and with 0 workers or 0
+    threads gunicorn's master listened with no worker to answer: the transform job failed on its
+    health check after minutes, with no reason (or, with more workers than the host holds, never).
+    Now the server starts on the defaults and /ping answers 503 bad_environment naming the variable,
+    as it does for a bad threshold; the job fails on that, with that reason."""
+    import os
+
+    from conftest import _free_port
+    from test_serve import start_refusing_server
+
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu")
+    env[name] = value
+    log = tmp_path / "server.log"
+    url, proc, status, body = start_refusing_server(env, port, log, "bad_environment",
+                                                    "a server whose environment is wrong must not pass /ping")
+    try:
+        assert proc.poll() is None, f"the server exited:\n{log.read_text()[-2000:]}"
+        assert status == 503 and body.get("reason") == "bad_environment", (status, body, log.read_text()[-2000:])
+        assert f"{name}={value!r}" in body["error"] and "leave it unset" in body["error"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_server_environment_check_leaves_good_values_alone():
+    from platemask.serve import gunicorn_options, server_environment
+
+    values, problems = server_environment({"SAGEMAKER_MODEL_SERVER_WORKERS": " 3 ", "PLATEMASK_SERVER_THREADS": "2",
+                                           "SAGEMAKER_MODEL_SERVER_TIMEOUT": "0"})
+    assert problems == [] and values == {"workers": 3, "threads": 2, "timeout": 0}
+    values, problems = server_environment({"SAGEMAKER_BATCH": "true"})
+    assert problems == [] and values["workers"] >= 1 and values["threads"] == 8 and values["timeout"] == 3600
+    assert gunicorn_options()["raw_env"] == [f"SAGEMAKER_MODEL_SERVER_WORKERS={gunicorn_options()['workers']}"]
