@@ -154,13 +154,24 @@ def _is_folder_marker(obj: dict) -> bool:
     return obj["Key"].endswith("/") and int(obj.get("Size", 0)) == 0
 
 
+# failures the upload itself causes (its bytes, its size or its key): the same upload fails the same
+# way again, so late pick-up leaves them to a new upload. Any other failure (reading or writing S3, a
+# transform job, the detector, an archived photo since restored) is retried by the next nights.
+UPLOAD_FAULTS = frozenset({
+    "empty_file", "not_an_image", "unsupported_format", "unsupported_mode", "multi_page_unsupported", "corrupt",
+    "truncated", "too_large", "payload_too_large", "unsupported_media_type", "key_too_long", "unsafe_key",
+    "output_collision"})
+
+
 def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None],
                   hidden: list[str] | None = None, is_live: Callable[[dict], bool] | None = None) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
     after their night's run, or missed by it), or whose audit record is of another upload (its
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
-    when that run's record says ``source_changed``); an audit record that cannot be read counts as
-    none. A day whose lock another run holds is left to it, unless ``is_live`` (the lock's test)
+    when that run's record says ``source_changed``), or whose record says it failed for a reason
+    other than the upload itself (``UPLOAD_FAULTS``: a read cut short, a failed transform job; that
+    night was green within its failure limit, and nothing else would ever mask it); an audit record
+    that cannot be read counts as none. A day whose lock another run holds is left to it, unless ``is_live`` (the lock's test)
     says that run is no longer running: a lock left held by a run that ended without releasing it
     (its release task failed for good or never ran) would otherwise keep that day's late photos out of every
     later night, with no record."""
@@ -199,11 +210,15 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
             audits = list(pool.map(lambda e: read_audit(client, settings, audit_key(settings, spec.region, e["key"]), log),
                                    recorded))
         changed = [e for e, a in zip(recorded, audits) if (a or {}).get("source_etag") != e["etag"]]
-        if late or changed:
+        retried = [e for e, a in zip(recorded, audits) if a and a.get("source_etag") == e["etag"]
+                   and a.get("status") == "failed" and a.get("reason") not in UPLOAD_FAULTS]
+        if late or changed or retried:
             log(f"{spec.region} {d}: {len(late)} late photo(s) without an audit record"
-                + (f" and {len(changed)} re-uploaded since theirs" if changed else "")
+                + (f", {len(changed)} re-uploaded since theirs" if changed else "")
+                + (f", {len(retried)} whose last try failed for a reason other than the upload itself, tried again"
+                   if retried else "")
                 + f" under s3://{settings.bucket}/{prefix}")
-        out += sorted(late + changed, key=lambda e: e["key"])
+        out += sorted(late + changed + retried, key=lambda e: e["key"])
     return out
 
 

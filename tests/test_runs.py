@@ -596,3 +596,28 @@ def test_records_of_a_run_whose_manifest_is_now_empty_are_not_reported_as_the_wi
     assert make_shards(s3, settings, [spec.as_dict()], log=lambda m: None) == []
     (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
     assert not report["passed"] and any("not in the manifest" in p for p in report["problems"]), report
+
+
+def test_a_photo_that_failed_for_a_reason_other_than_its_upload_is_tried_again_by_later_nights(photos):
+    """A photo whose read was cut short (or whose transform job failed) on its night got a `failed`
+    record; the night was green within its failure limit, and late pick-up skipped every photo with
+    an unchanged record: it stayed unmasked for good unless someone reran that window. Failures the
+    upload causes (a damaged file, a key too long) are left to a new upload."""
+    s3, settings, keys = photos
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
+    day = "raw/DE/2026/11/19/"
+    records = {"cut-read.jpg": {"status": "failed", "reason": "read_error"},
+               "job-failed.jpg": {"status": "failed", "reason": "transform_job_failed"},
+               "damaged.jpg": {"status": "failed", "reason": "truncated"},
+               "masked.jpg": {"status": "masked"}}
+    for name, rec in records.items():
+        s3.put_object(Bucket=settings.bucket, Key=day + name, Body=body)
+        etag = s3.head_object(Bucket=settings.bucket, Key=day + name)["ETag"].strip('"')
+        s3.put_object(Bucket=settings.bucket, Key=f"audit/DE/2026/11/19/{name}.json",
+                      Body=json.dumps(dict(rec, source_etag=etag)).encode())
+    logs = []
+    c = collect(s3, settings, RunSpec(region="DE", run_id="scheduled__20", **WINDOW), log=logs.append)
+    manifest = [json.loads(x) for x in s3.get_object(Bucket=settings.bucket, Key=c["manifest"].split("/", 3)[3])["Body"]
+                .read().decode().splitlines()]
+    assert sorted(e["key"] for e in manifest if e.get("late")) == [day + "cut-read.jpg", day + "job-failed.jpg"]
+    assert c["late"] == 2 and any("2 whose last try failed" in m for m in logs), logs
