@@ -374,7 +374,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("too_large", f"{w}x{h} = {w * h:,} pixels exceeds the limit of "
-                                 f"{max_pixels:,} (raise --max-pixels, up to {MAX_PIXELS_CEILING:,}, if this is a real photo)")
+                                 f"{max_pixels:,}: if this is a real photo, downscale it, or mask it with the CLI's --max-pixels "
+                                 f"raised (up to {MAX_PIXELS_CEILING:,})")
             frames = getattr(img, "n_frames", 1)
             if fmt in READ_AS:  # MPO: phone JPEG + MP extension: the first frame is the photo, the rest previews/depth
                 fmt, frames_dropped = READ_AS[fmt], frames - 1

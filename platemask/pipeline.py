@@ -447,8 +447,8 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
                 if size is not None and size > max_bytes:  # a video or disk image: not read whole into memory
                     return _Loaded(key, error=ImageError(
                         "too_large", f"{size:,} bytes, more than any image of at most {opts.max_pixels:,} pixels "
-                        f"takes ({max_bytes:,}): not read; move it out of the source, or raise --max-pixels if it is "
-                        "a real photo"))
+                        f"takes ({max_bytes:,}): not read; move it out of the source, or, if it is a real photo, "
+                        "downscale it or mask it with the CLI's --max-pixels raised"))
                 data = src.read(key)
             except ImageError as exc:  # the store's own verdict on this input (e.g. source_changed), reason kept
                 return _Loaded(key, error=exc)
