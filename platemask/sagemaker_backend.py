@@ -407,6 +407,12 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
         sure = any(v["reason"] != "transform_record_failed" for v in dropped.values())
         if not (new or sure):
             dropped = {}
+            # every check of the wait walks the attempts again and asks S3 again: an attempt this
+            # run already started (when S3 showed a photo to leave out, and a HEAD that fails now
+            # cannot show it) is walked into, never forgotten with its work
+            nxt = job_name(spec, shard["index"], todo, model, attempt + 1, settings.bucket,
+                           container_environment(settings, spec, todo))
+            sure = attempt + 1 < MAX_ATTEMPTS and _describe(hook, nxt) is not None
         left_out.update(dropped)
         last = {**t, "outputs": list(earlier), "state": state, "failure_reason": desc.get("FailureReason"),
                 "left_out": dict(left_out)}

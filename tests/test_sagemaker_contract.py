@@ -155,3 +155,107 @@ def test_the_server_environment_check_leaves_good_values_alone():
     values, problems = server_environment({"SAGEMAKER_BATCH": "true"})
     assert problems == [] and values["workers"] >= 1 and values["threads"] == 8 and values["timeout"] == 3600
     assert gunicorn_options()["raw_env"] == [f"SAGEMAKER_MODEL_SERVER_WORKERS={gunicorn_options()['workers']}"]
+
+
+@pytest.fixture(scope="module")
+def server_url(model_dir):
+    """The real container server (gunicorn, 2 workers, the model's threshold, 6 MB payload limit)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, _free_port
+    from platemask.local_transform import wait_ready
+
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="2",
+               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu")
+    for name in ("PLATEMASK_THRESHOLD", "SAGEMAKER_MAX_PAYLOAD_IN_MB", "PLATEMASK_SERVER_THREADS",
+                 "SAGEMAKER_MODEL_SERVER_TIMEOUT"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=120)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class _HeadFails:
+    """An S3 client whose HEAD of ``key`` fails with a throttling error while ``on`` (the rest as is)."""
+
+    def __init__(self, s3, key: str):
+        self.s3, self.key, self.on = s3, key, False
+
+    def __getattr__(self, name):
+        return getattr(self.s3, name)
+
+    def head_object(self, **kw):
+        from botocore.exceptions import ClientError
+
+        if self.on and kw.get("Key") == self.key:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}, "HeadObject")
+        return self.s3.head_object(**kw)
+
+
+def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the_running_attempt(
+        aws_conn, model_dir, server_url, scene):
+    """Attempt 0 fails on its first record (big.jpg, re-uploaded at 7 MB after the listing: the
+    container's 413) before any output; S3 shows big.jpg changed, so attempt 1 runs over the two
+    other photos. Every later check of the wait walks the attempts again from the submit task's
+    XCom, and asks S3 again: when that HEAD failed (throttling, a moment's 5xx), attempt 0 looked
+    like a failure without progress, the walk stopped there and the wait ended on attempt 0
+    ``Failed``: attempt 1's work was never read, both photos failed transform_job_failed (the
+    shard's every photo, on AWS up to 5,000). An attempt that exists is walked into, whatever
+    the re-check says: both are masked, and big.jpg alone fails."""
+    import time
+
+    from platemask.airflow_support import detector_factory, sagemaker_hook
+    from platemask.runs import mask_shard
+    from platemask.sagemaker_backend import poll, submit
+
+    s3 = aws_conn
+    settings = Settings(bucket=f"smc-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
+                        sagemaker_role_arn="arn:aws:iam::123456789012:role/pm", sagemaker_max_concurrent=1,
+                        sagemaker_local_endpoint=server_url)
+    s3.create_bucket(Bucket=settings.bucket)
+    big, b, c = "raw/DE/2026/11/20/a-big.jpg", "raw/DE/2026/11/20/b.jpg", "raw/DE/2026/11/20/c.jpg"
+    photos = {big: jpeg_bytes(scene[0], quality=50), b: jpeg_bytes(scene[0]), c: jpeg_bytes(scene[0][:, ::-1])}
+    entries = []
+    for key, body in photos.items():
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=body)
+        head = s3.head_object(Bucket=settings.bucket, Key=key)
+        entries.append({"key": key, "size": head["ContentLength"], "etag": head["ETag"].strip('"')})
+    spec = SPEC
+    shard_key = f"runs/DE/{spec.window.id}/{spec.run_id}/shards/0000.jsonl"
+    s3.put_object(Bucket=settings.bucket, Key=shard_key, Body="".join(json.dumps(e) + "\n" for e in entries).encode())
+    shard = {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": 0, "count": 3}
+    s3.put_object(Bucket=settings.bucket, Key=big, Body=np.random.default_rng(5).bytes(7 * 2**20))  # after listing
+
+    flaky = _HeadFails(s3, big)
+    hook = sagemaker_hook(settings, s3)
+    resubmit = lambda sh: submit(hook, flaky, settings, sh, str(model_dir))  # noqa: E731
+    submitted = resubmit(shard)
+    deadline = time.monotonic() + 180
+    while not poll(hook, submitted)[0]:  # attempt 0 alone
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    done, waited = poll(hook, submitted, resubmit=resubmit)  # starts attempt 1 over b and c
+    assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
+    flaky.on = True  # from now on S3 cannot say what became of big.jpg
+    while True:
+        done, waited = poll(hook, submitted, resubmit=resubmit)
+        if done:
+            break
+        assert time.monotonic() < deadline, waited["transform"]
+        time.sleep(0.2)
+    t = waited["transform"]
+    assert t["attempt"] == 1 and t["state"] == "Completed", t
+    result = mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)), log=lambda m: None)
+    key = result["detections"].split(f"s3://{settings.bucket}/")[1]
+    recs = {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read().splitlines())}
+    assert recs[b]["status"] == "masked" and recs[c]["status"] == "masked", (recs[b], recs[c])
+    assert recs[big]["status"] == "failed", recs[big]
