@@ -346,7 +346,9 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     the photos ``leave_out`` finds would fail it again (each gets its own failure in
     ``transform["left_out"]``). An attempt that ended without new output and without a photo to
     leave out ends the walk (no job over the same photos again and again): the mask step then
-    fails the rest with that job's FailureReason.
+    fails the rest with that job's FailureReason. An attempt that exists is always walked into, and
+    called from the wait (``shard`` is the submit task's XCom) the attempts keep the names it gave
+    them: what S3 answers on a later check never starts a second chain of jobs nor forgets one.
     """
     spec = RunSpec.from_dict(shard["spec"])
     entries = read_json_lines(s3, shard["shard"])
@@ -373,8 +375,19 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     left_out: dict[str, dict] = dict(too_long)  # key -> its own failure: not sent to later attempts
     heads: dict = {}
     last: dict = {}
+    # the wait's checks walk the attempts the submit task named (its XCom): recomputed here, the names
+    # would follow whatever S3 answers now (an audit record that cannot be read counts as to do), and
+    # another name is another job over the whole shard beside the running one
+    pinned = (shard.get("transform") or {}).get("job")
+    pinned = pinned if isinstance(pinned, str) and re.search(r"-a\d+$", pinned) else None
+
+    def name_of(attempt: int) -> str:
+        if pinned:
+            return re.sub(r"-a\d+$", f"-a{attempt}", pinned)
+        return job_name(spec, shard["index"], todo, model, attempt, settings.bucket, container_environment(settings, spec, todo))
+
     for attempt in range(MAX_ATTEMPTS):
-        job = job_name(spec, shard["index"], todo, model, attempt, settings.bucket, container_environment(settings, spec, todo))
+        job = name_of(attempt)
         output = output_uri(settings, spec, job)
         t = {**base, "job": job, "attempt": attempt, "output": output, "outputs": [output, *earlier],
              "left_out": dict(left_out)}
@@ -410,9 +423,7 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
             # every check of the wait walks the attempts again and asks S3 again: an attempt this
             # run already started (when S3 showed a photo to leave out, and a HEAD that fails now
             # cannot show it) is walked into, never forgotten with its work
-            nxt = job_name(spec, shard["index"], todo, model, attempt + 1, settings.bucket,
-                           container_environment(settings, spec, todo))
-            sure = attempt + 1 < MAX_ATTEMPTS and _describe(hook, nxt) is not None
+            sure = attempt + 1 < MAX_ATTEMPTS and _describe(hook, name_of(attempt + 1)) is not None
         left_out.update(dropped)
         last = {**t, "outputs": list(earlier), "state": state, "failure_reason": desc.get("FailureReason"),
                 "left_out": dict(left_out)}

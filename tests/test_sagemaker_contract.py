@@ -259,3 +259,84 @@ def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the
     recs = {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read().splitlines())}
     assert recs[b]["status"] == "masked" and recs[c]["status"] == "masked", (recs[b], recs[c])
     assert recs[big]["status"] == "failed", recs[big]
+
+
+class _ReadFails:
+    """An S3 client whose GET of ``key`` fails with a throttling error while ``on`` (the rest as is)."""
+
+    def __init__(self, s3, key: str):
+        self.s3, self.key, self.on = s3, key, False
+
+    def __getattr__(self, name):
+        return getattr(self.s3, name)
+
+    def get_object(self, **kw):
+        from botocore.exceptions import ClientError
+
+        if self.on and kw.get("Key") == self.key:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}, "GetObject")
+        return self.s3.get_object(**kw)
+
+
+def test_a_failed_audit_read_while_the_wait_rechecks_starts_no_second_job(aws_conn, model_dir, server_url, scene):
+    """A rerun of a window where done.jpg is already masked: the job is over a-big.jpg and new.jpg.
+    Attempt 0 fails on a-big.jpg (re-uploaded at 7 MB after the listing: the container's 413) and
+    attempt 1 takes new.jpg. Every later check of the wait walks the attempts again and recomputed
+    the photos to do from the audit records, where one that cannot be read counts as to do: one
+    failed read (throttling) put done.jpg back, the attempts' names (they hash the photos) changed,
+    and the wait started a new attempt 0 over the whole shard beside the running attempt 1, which
+    it forgot (its output unread, never stopped at the deadline, instances paid twice). The
+    attempts' names are now the submit task's: the wait ends on attempt 1, no other job starts."""
+    import dataclasses
+    import time
+
+    from platemask.airflow_support import sagemaker_hook
+    from platemask.sagemaker_backend import poll, submit
+
+    s3 = aws_conn
+    img, quads, _ = scene
+    done_key, big, new_key = "raw/DE/2026/11/20/done.jpg", "raw/DE/2026/11/20/a-big.jpg", "raw/DE/2026/11/20/new.jpg"
+    body = jpeg_bytes(img)
+    settings, shard = _setup(s3, {done_key: body})
+    polygon = [[round(float(x), 1), round(float(y), 1)] for x, y in np.asarray(quads[0], np.float64)]
+    recs = _mask(s3, settings, _completed_job(s3, settings, shard, {
+        done_key: _container_record(done_key, body, model_dir, [{"score": 0.99, "polygon": polygon}])}), model_dir)
+    assert recs[done_key]["status"] == "masked"
+
+    entries = [json.loads(line) for line in s3.get_object(Bucket=settings.bucket, Key=shard["shard"].split("/", 3)[3])[
+        "Body"].read().splitlines()]
+    for key, photo in ((big, jpeg_bytes(img, quality=50)), (new_key, jpeg_bytes(img[:, ::-1]))):
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=photo)
+        head = s3.head_object(Bucket=settings.bucket, Key=key)
+        entries.append({"key": key, "size": head["ContentLength"], "etag": head["ETag"].strip('"')})
+    spec = RunSpec(**{**SPEC.as_dict(), "run_id": "manual__rerun"})
+    shard_key = f"runs/DE/{spec.window.id}/{spec.run_id}/shards/0000.jsonl"
+    s3.put_object(Bucket=settings.bucket, Key=shard_key, Body="".join(json.dumps(e) + "\n" for e in entries).encode())
+    shard = {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": 0, "count": 3}
+    s3.put_object(Bucket=settings.bucket, Key=big, Body=np.random.default_rng(5).bytes(7 * 2**20))  # after listing
+
+    settings = dataclasses.replace(settings, sagemaker_local_endpoint=server_url, sagemaker_max_concurrent=1)
+    flaky = _ReadFails(s3, "audit/DE/2026/11/20/done.jpg.json")
+    hook = sagemaker_hook(settings, s3)
+    resubmit = lambda sh: submit(hook, flaky, settings, sh, str(model_dir))  # noqa: E731
+    submitted = resubmit(shard)
+    assert submitted["transform"]["photos"] == 2  # a-big.jpg and new.jpg: done.jpg is masked
+    deadline = time.monotonic() + 180
+    while not poll(hook, submitted)[0]:  # attempt 0 alone: it fails on a-big.jpg
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    done, waited = poll(hook, submitted, resubmit=resubmit)  # attempt 1 over new.jpg
+    assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
+    second = waited["transform"]["job"]
+    flaky.on = True  # from now on done.jpg's audit record cannot be read
+    while True:
+        done, waited = poll(hook, submitted, resubmit=resubmit)
+        if done:
+            break
+        assert time.monotonic() < deadline, waited["transform"]
+        time.sleep(0.2)
+    assert waited["transform"]["job"] == second and waited["transform"]["state"] == "Completed", waited["transform"]
+    ours = sorted(j["TransformJobName"] for j in hook.get_conn().list_transform_jobs(MaxResults=100)["TransformJobSummaries"]
+                  if hook.describe_transform_job(j["TransformJobName"])["TransformOutput"]["S3OutputPath"].startswith(
+                      f"s3://{settings.bucket}/"))
+    assert ours == sorted([submitted["transform"]["job"], second]), ours
