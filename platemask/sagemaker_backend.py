@@ -634,6 +634,14 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
             return ImageError("detection_mismatch", f"{where.get(key, key)} has no valid input_sha256 ({str(sha)[:70]!r}): "
                               "the bytes the container saw cannot be checked; not masking with it, not published; "
                               "the next run redoes it")
+        ran_at = rec.get("threshold")
+        if isinstance(ran_at, bool) or not isinstance(ran_at, (int, float)) or ran_at != threshold:
+            # below the model's review_low a container at another threshold leaves no trace in the split
+            # (the detections between the two are in neither list): the threshold itself must be the run's
+            return ImageError("detection_mismatch", f"{where.get(key, key)}: the container ran at threshold "
+                              f"{str(ran_at)[:40]}, this run's is {threshold:g} (another threshold, or an "
+                              "inference image older than this code); not masking with it, not published; the "
+                              "next run redoes it")
         if (rec.get("width"), rec.get("height")) != (dec.width, dec.height):
             return ImageError("detection_mismatch", f"{key}: the container saw {rec.get('width')}x{rec.get('height')}, "
                               f"the worker decoded {dec.width}x{dec.height}; not masking with misplaced polygons")

@@ -382,6 +382,11 @@ def test_out_records_the_mask_step_cannot_trust_fail_their_photo_closed(sm_env, 
                                                     "near_misses": [{**r["plates"][0], "score": 0.95}]},
                                          "detection_mismatch", "another threshold"),
         "input_sha256_no_hash": (lambda r: {**r, "input_sha256": ["a"]}, "detection_mismatch", "input_sha256"),
+        # a container at another threshold (one that ignored PLATEMASK_THRESHOLD, an older image): under
+        # the model's review_low its split leaves no trace, the detections between the two in neither list
+        "another_threshold": (lambda r: {**r, "threshold": 0.5}, "detection_mismatch", "another threshold"),
+        "no_threshold": (lambda r: {k: v for k, v in r.items() if k != "threshold"}, "detection_mismatch",
+                         "older than this code"),
     }
     for case, (edit, reason, words) in cases.items():
         recs = _remask_with_out(s3, settings, waited, model_dir, victim, edit)

@@ -36,8 +36,10 @@ def _setup(s3, photos: dict[str, bytes], *, threshold=None):
     return settings, shard
 
 
-def _container_record(key: str, body: bytes, model_dir, plates: list[dict], near: list[dict] | None = None) -> dict:
-    """The record the container writes for ``body`` (what ``serve`` answers: the CLI's record)."""
+def _container_record(key: str, body: bytes, model_dir, plates: list[dict], near: list[dict] | None = None,
+                      threshold: float | None = None) -> dict:
+    """The record the container writes for ``body`` (what ``serve`` answers: the CLI's record and
+    the threshold it ran at, ``threshold`` or the model's)."""
     from PIL import Image
 
     from platemask.model import load_config
@@ -45,7 +47,8 @@ def _container_record(key: str, body: bytes, model_dir, plates: list[dict], near
     w, h = Image.open(io.BytesIO(body)).size
     return {"key": "", "status": "masked" if plates else "no_plate", "width": w, "height": h, "plates": plates,
             "near_misses": near or [], "model": load_config(model_dir).identity(),
-            "input_sha256": hashlib.sha256(body).hexdigest(), "output_sha256": None, "review": False}
+            "input_sha256": hashlib.sha256(body).hexdigest(), "output_sha256": None, "review": False,
+            "threshold": load_config(model_dir).score_threshold if threshold is None else threshold}
 
 
 def _completed_job(s3, settings, shard, records: dict[str, dict]) -> dict:
@@ -99,7 +102,7 @@ def test_a_plate_the_container_masked_is_masked_though_its_rounded_score_is_unde
     settings, shard = _setup(s3, {key: body}, threshold=0.12344)
     plate = {"score": round(0.123443, 4), "polygon": polygon}  # masked by the container (>= 0.12344), written 0.1234
     assert plate["score"] < 0.12344
-    recs = _mask(s3, settings, _completed_job(s3, settings, shard, {key: _container_record(key, body, model_dir, [plate])}),
+    recs = _mask(s3, settings, _completed_job(s3, settings, shard, {key: _container_record(key, body, model_dir, [plate], threshold=0.12344)}),
                  model_dir)
     assert recs[key]["status"] == "masked" and len(recs[key]["plates"]) == 1, recs[key]
     assert _region_change(s3, settings, key, img, quad) > 10, "the plate was published readable"
@@ -107,7 +110,7 @@ def test_a_plate_the_container_masked_is_masked_though_its_rounded_score_is_unde
     settings, shard = _setup(s3, {key: body}, threshold=0.12346)
     near = {"score": round(0.12345, 4), "polygon": polygon}  # a near miss (< 0.12346) written 0.1235
     assert near["score"] >= 0.12346
-    recs = _mask(s3, settings, _completed_job(s3, settings, shard, {key: _container_record(key, body, model_dir, [], [near])}),
+    recs = _mask(s3, settings, _completed_job(s3, settings, shard, {key: _container_record(key, body, model_dir, [], [near], threshold=0.12346)}),
                  model_dir)
     assert recs[key]["status"] == "no_plate" and len(recs[key]["near_misses"]) == 1, recs[key]
 
