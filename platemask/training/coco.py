@@ -71,8 +71,29 @@ def annotation_polygons(ann: dict) -> list[np.ndarray]:
     return polys
 
 
+def _visible(poly: np.ndarray, width: int, height: int) -> bool:
+    """Whether a label covers any area of the photo: a box of zero width or height, or one wholly
+    outside the photo, labels nothing (it would count as a plate no mask can hide)."""
+    x0, y0, x1, y1 = poly[:, 0].min(), poly[:, 1].min(), poly[:, 0].max(), poly[:, 1].max()
+    return min(x1, width) - max(x0, 0) > 0 and min(y1, height) - max(y0, 0) > 0
+
+
+def unique_polygons(polys: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``polys`` without repeats (an annotation exported twice is one plate, not two)."""
+    seen, out = set(), []
+    for p in polys:
+        key = tuple(np.round(np.asarray(p, np.float64), 2).reshape(-1).tolist())
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
 def load_coco(root: str | Path, annotations: str = "annotations.json", category: str = "plate") -> list[Record]:
-    """Read a COCO file. Images with no annotation of ``category`` are negatives (first-class)."""
+    """Read a COCO file. Images with no annotation of ``category`` are negatives (first-class).
+
+    Each plate is counted once: repeated annotations are one plate, and labels with no area in the
+    photo (zero width or height, wholly outside it) are dropped."""
     root = Path(root)
     doc = json.loads((root / annotations).read_text())
     cat_ids = {c["id"] for c in doc.get("categories", []) if c.get("name") == category}
@@ -84,7 +105,8 @@ def load_coco(root: str | Path, annotations: str = "annotations.json", category:
             by_image.setdefault(ann["image_id"], []).extend(annotation_polygons(ann))
     records = []
     for img in doc["images"]:
-        polys = by_image.get(img["id"], [])
+        w, h = int(img["width"]), int(img["height"])
+        polys = unique_polygons([p for p in by_image.get(img["id"], []) if _visible(p, w, h)])
         negative = bool(img.get("negative")) or not polys
         records.append(
             Record(
@@ -104,12 +126,25 @@ def load_coco(root: str | Path, annotations: str = "annotations.json", category:
 
 
 def load_datasets(roots: str | Path | Sequence[str | Path]) -> list[Record]:
-    """Records of one or several COCO folders, in the order given (image ids stay per folder)."""
+    """Records of one or several COCO folders, in the order given (image ids stay per folder).
+
+    A photo is one record however often it is listed (twice in one annotations.json, or the same
+    folder given twice): its labels are merged, repeats dropped, so it is neither evaluated nor
+    counted twice."""
     if isinstance(roots, (str, Path)):
         roots = [roots]
     if not roots:
         raise ValueError("no data set given: pass at least one COCO folder")
-    return [r for root in roots for r in load_coco(root)]
+    by_path: dict[Path, Record] = {}
+    for root in roots:
+        for r in load_coco(root):
+            key = Path(r.path).resolve()
+            first = by_path.setdefault(key, r)
+            if first is not r:
+                first.polygons = unique_polygons(first.polygons + r.polygons)
+                if first.negative and not r.negative:  # one listing has plates and is no negative
+                    first.negative, first.category = False, r.category
+    return list(by_path.values())
 
 
 def split_records(records: list[Record], val_fraction: float = 0.15) -> tuple[list[Record], list[Record]]:

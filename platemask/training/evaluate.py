@@ -3,8 +3,13 @@
 A plate counts as *hidden* at threshold t when the masked region (grown fail-safe polygons of the
 detections scoring >= t) covers at least ``cover`` of its labelled box: that is what the product
 promises, and it credits a mask that hides a plate even when its box would fail an IoU test.
-Precision counts a detection as correct when it overlaps a labelled plate; unlabelled real
-plates therefore count against it (labels are not exhaustive), so it is a lower bound.
+Precision counts a detection as correct when it overlaps a labelled plate, on every photo (a mask
+on a photo without plates is a wrong detection too); unlabelled real plates therefore count against
+it (labels are not exhaustive), so it is a lower bound.
+
+Every labelled plate counts, on whichever photo it is: a plate labelled on a photo of a negative set
+(label noise) must be hidden like any other, and the mask that hides it is not a false mask. A box
+running past the photo's edge is measured on the part the photo shows (nothing can mask the rest).
 """
 from __future__ import annotations
 
@@ -46,8 +51,9 @@ def analyse(record: Record, plates: list[Plate], width: int, height: int, style:
     regions = [masked_region(p, style)[0] for p in plates]
     order = sorted(range(len(plates)), key=lambda i: -plates[i].score)
     for gb in gt_boxes:
-        x0, y0 = int(np.floor(gb[0])), int(np.floor(gb[1]))
-        x1, y1 = int(np.ceil(gb[2])), int(np.ceil(gb[3]))
+        # the part of the box inside the photo: what a mask can cover
+        x0, y0 = max(int(np.floor(gb[0])), 0), max(int(np.floor(gb[1])), 0)
+        x1, y1 = min(int(np.ceil(gb[2])), width), min(int(np.ceil(gb[3])), height)
         w, h = max(x1 - x0, 1), max(y1 - y0, 1)
         union = np.zeros((h, w), np.uint8)
         curve, ious = [], []
@@ -85,12 +91,16 @@ def _coverage_at(curve: list[tuple[float, float]], t: float) -> float:
     return cov
 
 
+def _false_mask(r: ImageResult, t: float) -> bool:
+    """Whether the photo has a mask at ``t`` that covers no labelled plate."""
+    return any(p.score >= t and not ok for p, ok in zip(r.plates, r.det_on_plate))
+
+
 def metrics_at(results: list[ImageResult], t: float, cover: float = 0.8, min_width: float = 0.0) -> dict[str, Any]:
-    pos = [r for r in results if not r.record.negative]
     neg = [r for r in results if r.record.negative]
     hidden = total = iou_hits = 0
     cov_vals = []
-    for r in pos:
+    for r in results:  # every labelled plate, a negative photo's too (label noise)
         for poly, curve, ious in zip(r.record.polygons, r.cover_curves, r.gt_iou_best):
             if np.ptp(poly[:, 0]) < min_width:
                 continue
@@ -101,7 +111,7 @@ def metrics_at(results: list[ImageResult], t: float, cover: float = 0.8, min_wid
             iou_hits += any(s >= t and iou >= 0.5 for s, iou in ious)
     tp = fp = 0
     outside, region = 0.0, 0.0
-    for r in pos:
+    for r in results:  # a detection on a photo without plates is a wrong one too
         for p, ok, out_px, reg_px in zip(r.plates, r.det_on_plate, r.det_outside_px, r.det_region_px):
             if p.score >= t:
                 tp += ok
@@ -109,12 +119,12 @@ def metrics_at(results: list[ImageResult], t: float, cover: float = 0.8, min_wid
                 if ok:
                     outside += out_px
                     region += reg_px
-    fp_neg = sum(any(p.score >= t for p in r.plates) for r in neg)
+    fp_neg = sum(_false_mask(r, t) for r in neg)
     by_cat: dict[str, dict[str, Any]] = {}
     for r in neg:
         c = by_cat.setdefault(r.record.category, {"images": 0, "masked": 0})
         c["images"] += 1
-        c["masked"] += any(p.score >= t for p in r.plates)
+        c["masked"] += _false_mask(r, t)
     for c in by_cat.values():
         c["rate"] = c["masked"] / c["images"]
     return {
@@ -192,8 +202,24 @@ def detection_labels(results: list[ImageResult]) -> tuple[np.ndarray, np.ndarray
     for r in results:
         for p, ok in zip(r.plates, r.det_on_plate):
             scores.append(p.score)
-            labels.append(0 if r.record.negative else int(ok))
-    return np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+            labels.append(int(ok))  # no labelled plate on the photo: not ok
+    # in (score, label) order, not the photos': the fit and the table do not change with the files' order
+    order = np.lexsort((labels, scores))
+    return np.asarray(scores, np.float64)[order], np.asarray(labels, np.float64)[order]
+
+
+def calibration_halves(results: list[ImageResult]) -> tuple[list[ImageResult], list[ImageResult]]:
+    """The held-out photos in two halves, a pure function of each photo's split group (the day for
+    the interior set, so one day's photos of the same cluster stay on one side); not of the order of
+    the files, the data sets given or the photos added. Hashed apart from the train/val split,
+    which holds out a hash range of its own."""
+    import hashlib
+
+    a, b = [], []
+    for r in results:
+        g = r.record.split_group or r.record.identity or str(r.record.path)
+        (a if int(hashlib.sha256(f"calibration-half:{g}".encode()).hexdigest()[:8], 16) % 2 == 0 else b).append(r)
+    return a, b
 
 
 def reliability(scores: np.ndarray, labels: np.ndarray, knots, bins=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
@@ -239,8 +265,7 @@ def review_outcome(results: list[ImageResult], t: float, low: float, high: float
             if _coverage_at(curve, t) < cover:
                 misses += 1
                 caught_misses += bool(why)
-        wrong = any(p.score >= t and (r.record.negative or not ok) for p, ok in zip(r.plates, r.det_on_plate))
-        if r.record.negative and wrong:
+        if r.record.negative and _false_mask(r, t):
             false_masked += 1
             caught_false += bool(why)
     n = len(results)
@@ -426,7 +451,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
                  "negatives": sum(r.negative for r in val),
                  "negatives_by_category": {c: sum(r.category == c for r in val if r.negative)
                                            for c in sorted({r.category for r in val if r.negative})},
-                 "plates": sum(len(r.polygons) for r in val if not r.negative)},
+                 "plates": sum(len(r.polygons) for r in val)},
         "definition": {"hidden_if_box_covered": cover, "recall_counts_plates_wider_than_px": min_width,
                        "input_max_side": seg.cfg.input_max_side},
         "operating_threshold": chosen,
@@ -439,8 +464,9 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
     }
     # calibration: fitted on every other held-out photo, its reliability shown on the rest, then the
     # shipped map is fitted on all of them
-    sc_a, lb_a = detection_labels(results[0::2])
-    sc_b, lb_b = detection_labels(results[1::2])
+    half_a, half_b = calibration_halves(results)
+    sc_a, lb_a = detection_labels(half_a)
+    sc_b, lb_b = detection_labels(half_b)
     sc_all, lb_all = detection_labels(results)
     knots = isotonic(sc_all, lb_all) if len(sc_all) else []
     report["calibration"] = {
