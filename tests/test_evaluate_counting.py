@@ -73,7 +73,8 @@ def run_eval(monkeypatch):
         from platemask.training.evaluate import evaluate
 
         kw.setdefault("val_fraction", 1.0)
-        rep = evaluate("unused", data, ocr=False, log=lambda m: None, **kw)
+        kw.setdefault("ocr", False)
+        rep = evaluate("unused", data, log=lambda m: None, **kw)
         rep.pop("seconds")
         return json.loads(json.dumps(rep, default=str))
 
@@ -173,3 +174,45 @@ def test_halves_and_choices_do_not_depend_on_the_order_of_the_photos(run_eval, t
     assert a["calibration"]["reliability_other_half"] == b["calibration"]["reliability_other_half"]
     assert a["calibration"]["knots"] == b["calibration"]["knots"]
     assert a["review"] == b["review"] and a["operating_threshold"] == b["operating_threshold"]
+
+
+def _fake_ocr(monkeypatch, reads):
+    """RapidOCR replaced: call i returns ``reads[i]`` (text, confidence) as one line over the whole
+    crop, or nothing (None) - what an engine whose models did not load gives back."""
+    import sys
+    import types
+
+    calls = []
+
+    class Engine:
+        def __call__(self, crop):
+            calls.append(1)
+            got = reads[len(calls) - 1] if len(calls) <= len(reads) else None
+            if got is None:
+                return None, 0.01
+            h, w = crop.shape[:2]
+            return [[[[0, 0], [w, 0], [w, h], [0, h]], got[0], got[1]]], 0.01
+
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", types.SimpleNamespace(RapidOCR=Engine))
+    return calls
+
+
+def test_ocr_that_reads_nothing_before_masking_reports_no_result_not_zero_leaks(run_eval, tmp_path, monkeypatch):
+    """An OCR that ran but read nothing (models missing, a broken install) reported 0 plates with
+    a character read after masking: the project's headline "0 / N" with N = 0, read as success.
+    With nothing readable before masking the check now says it is inconclusive and gives no count;
+    where it read plates, it counts them."""
+    root = write_coco(tmp_path / "d", [
+        {"key": 1, "boxes": [[20, 20, 60, 20]], "dets": [(0.9, _box(20, 20, 80, 40))]},
+        {"key": 2, "boxes": [[20, 60, 60, 20]], "dets": [(0.9, _box(20, 60, 80, 80))]},
+    ])
+    _fake_ocr(monkeypatch, [])
+    ocr = run_eval(root, ocr=True)["ocr"]
+    assert ocr["readable_before"] == 0
+    assert ocr["any_char_read_after"] is None and ocr["three_char_run_after"] is None  # was 0 and 0
+    assert ocr["conclusive"] is False and ocr["plates_tried"] == 2
+
+    _fake_ocr(monkeypatch, [("AB1234", 0.9), None, None])  # plate 1 read before, not after; plate 2 not read
+    ocr = run_eval(root, ocr=True)["ocr"]
+    assert ocr["conclusive"] is True and ocr["plates_tried"] == 2
+    assert ocr["readable_before"] == 1 and ocr["any_char_read_after"] == 0 and ocr["three_char_run_after"] == 0

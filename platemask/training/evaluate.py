@@ -305,7 +305,7 @@ def choose_review_band(results: list[ImageResult], t: float, max_rate: float = 0
 
 
 def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_width: int = 40,
-              limit: int = 200, log=print) -> dict[str, Any]:
+              limit: int = 200, cover: float = 0.8, log=print) -> dict[str, Any]:
     """Read each labelled plate with RapidOCR before and after masking at threshold ``t``."""
     from rapidocr_onnxruntime import RapidOCR
 
@@ -334,10 +334,10 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
         text = "".join(ch for txt, _ in lines for ch in str(txt) if ch.isalnum()).upper()
         return text, float(np.mean([c for _, c in lines]))
 
-    readable = leaked_chars = leaked_3gram = missed_readable = checked = 0
+    readable = leaked_chars = leaked_3gram = missed_readable = checked = tried = 0
     examples = []
     for r in results:
-        if r.record.negative or checked >= limit:
+        if checked >= limit:  # every photo with a labelled plate (a negative set's too: label noise)
             continue
         boxes = [polygon_box(p) for p in r.record.polygons if np.ptp(p[:, 0]) >= min_width]
         if not boxes:
@@ -345,6 +345,7 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
         rgb = decode(Path(r.record.path).read_bytes()).rgb
         masked = apply_mask(rgb, [p for p in r.plates if p.score >= t], style)
         for b in boxes:
+            tried += 1
             before, conf = read(rgb, b)
             if len(before) < 3 or conf < 0.5:
                 continue
@@ -355,17 +356,25 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
             grams = {before[i:i + 3] for i in range(len(before) - 2)}
             has3 = any(after[i:i + 3] in grams for i in range(max(0, len(after) - 2)))
             curve = r.cover_curves[[polygon_box(p) for p in r.record.polygons].index(b)]
-            hidden = _coverage_at(curve, t) >= 0.8
+            hidden = _coverage_at(curve, t) >= cover
             if not hidden:
                 missed_readable += 1
             leaked_chars += bool(common)
             leaked_3gram += has3
             if (common or has3) and len(examples) < 20:
                 examples.append({"image": str(r.record.path.name), "before": before, "after": after, "hidden": hidden})
-    log(f"OCR: {readable} readable plates; after masking {leaked_chars} share a character, "
+    if not readable:
+        # nothing read before masking (an engine that did not load its models, no plate wide enough):
+        # "0 read after masking" would say nothing, so no count is given
+        log(f"OCR: none of {tried} plates >= {min_width} px was readable before masking: the check is inconclusive")
+        return {"conclusive": False, "plates_tried": tried, "readable_before": 0, "any_char_read_after": None,
+                "three_char_run_after": None, "not_hidden_by_detector": None, "examples": [],
+                "min_plate_width_px": min_width}
+    log(f"OCR: {readable} readable plates of {tried}; after masking {leaked_chars} share a character, "
         f"{leaked_3gram} share a 3-character run; {missed_readable} were not hidden by the detector")
-    return {"readable_before": readable, "any_char_read_after": leaked_chars, "three_char_run_after": leaked_3gram,
-            "not_hidden_by_detector": missed_readable, "examples": examples, "min_plate_width_px": min_width}
+    return {"conclusive": True, "plates_tried": tried, "readable_before": readable, "any_char_read_after": leaked_chars,
+            "three_char_run_after": leaked_3gram, "not_hidden_by_detector": missed_readable, "examples": examples,
+            "min_plate_width_px": min_width}
 
 
 class DetectorCache:
@@ -484,7 +493,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
                                                           )["flagged_rate"]
                                         for c in sorted({r.record.category for r in results})}}
     if ocr:
-        report["ocr"] = ocr_check(results, chosen, style, log=log)
+        report["ocr"] = ocr_check(results, chosen, style, cover=cover, log=log)
     return report
 
 
