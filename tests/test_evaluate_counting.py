@@ -216,3 +216,44 @@ def test_ocr_that_reads_nothing_before_masking_reports_no_result_not_zero_leaks(
     ocr = run_eval(root, ocr=True)["ocr"]
     assert ocr["conclusive"] is True and ocr["plates_tried"] == 2
     assert ocr["readable_before"] == 1 and ocr["any_char_read_after"] == 0 and ocr["three_char_run_after"] == 0
+
+
+def test_the_threshold_and_review_list_are_also_reported_on_photos_they_were_not_chosen_on(run_eval, tmp_path):
+    """The operating threshold, the review band and its limits are chosen on the held-out photos and
+    then reported on the same photos: the recall, false-mask rates and "misses the review list
+    catches" at the operating point are optimistic by construction. The report now also gives each
+    chosen on one half and shown on the other (both ways, pooled); here, where scores are noise,
+    the in-sample recall meets the target and the honest figure does not."""
+    from platemask.training.coco import load_datasets
+
+    rng = np.random.default_rng(12)
+    photos = []
+    for k in range(1, 61):
+        s = round(float(rng.uniform(0.05, 0.99)), 3)
+        if k <= 40:
+            photos.append({"key": k, "boxes": [[20, 20, 40, 20]], "dets": [(s, _box(20, 20, 60, 40))]})
+        else:
+            photos.append({"key": k, "fields": {"negative": True, "negative_kind": "vin_plate_closeup"},
+                           "dets": [(s, _box(70, 60, 110, 80))]})
+    rep = run_eval(write_coco(tmp_path / "d", photos), target_recall=0.5, max_fp_rate=0.2)
+    honest = rep["chosen_on_the_other_half"]
+    assert [h["chosen_on"] for h in honest["halves"]] == ["a", "b"]
+    assert rep["at_operating_threshold"]["recall"] >= 0.5
+    # recomputed here from the halves: each half's threshold, applied to the other half
+    from platemask.training.evaluate import calibration_halves, choose_threshold, metrics_at, THRESHOLDS
+    from platemask.training.evaluate import analyse
+    from platemask.mask import MaskStyle
+
+    results = [analyse(r, _Seg().detect([cv2.cvtColor(cv2.imread(str(r.path)), cv2.COLOR_BGR2RGB)])[0],
+                       r.width, r.height, MaskStyle()) for r in load_datasets(tmp_path / "d")]
+    a, b = calibration_halves(results)
+    hidden = total = 0
+    for fit, shown, row in ((a, b, honest["halves"][0]), (b, a, honest["halves"][1])):
+        t, _ = choose_threshold([metrics_at(fit, x, 0.8, 16.0) for x in THRESHOLDS], 0.5, 0.2)
+        m = metrics_at(shown, t, 0.8, 16.0)
+        assert row["threshold"] == t and row["recall"] == m["recall"] and row["photos_shown_on"] == len(shown)
+        hidden += round(m["recall"] * m["plates"])
+        total += m["plates"]
+    assert honest["recall"] == hidden / total and total == 40
+    assert honest["recall"] < 0.5 <= rep["at_operating_threshold"]["recall"]  # 0.475 against 0.525 in-sample
+    assert sum(c["images"] for c in honest["fp_by_category"].values()) == 20
