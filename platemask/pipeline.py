@@ -282,6 +282,7 @@ def build_record(key: str, dec: Decoded, plates: list[Plate], opts: JobOptions, 
         model=model, input_sha256=input_sha256, output_sha256=output_sha256, review=bool(why),
         review_reason="; ".join(why), near_misses=[p.to_json() for p in near], output_key=output_key,
         masked_area_px=round(area, 1),
+        threshold=opts.threshold,  # which split this is (the SageMaker backend checks the container's is the run's)
         **({"frames_dropped": dec.frames_dropped,
             "note": f"multi-picture JPEG (MPO): the first frame was masked and written as a plain JPEG; "
                     f"{dec.frames_dropped} other frame(s) (previews, depth maps) were dropped"}

@@ -361,7 +361,6 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         with holder.lock:
             plates = seg([dec.rgb])[0]
         rec = build_record(key, dec, plates, holder.opts, model=seg.model_info, input_sha256=sha)
-        rec["threshold"] = holder.opts.threshold  # which split this is: the backend checks it is the run's
         return _json(rec)
 
     @app.teardown_request
