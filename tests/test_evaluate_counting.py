@@ -257,3 +257,17 @@ def test_the_threshold_and_review_list_are_also_reported_on_photos_they_were_not
     assert honest["recall"] == hidden / total and total == 40
     assert honest["recall"] < 0.5 <= rep["at_operating_threshold"]["recall"]  # 0.475 against 0.525 in-sample
     assert sum(c["images"] for c in honest["fp_by_category"].values()) == 20
+
+
+def test_one_mask_over_the_whole_photo_does_not_count_as_hiding_its_plates(run_eval, tmp_path):
+    """Over-masking was rewarded: a single detection over the whole photo "hid" every plate on it
+    (recall 1.0 for blurring everything). A mask now hides a plate for recall only when it is not
+    out of all proportion to it (its masked area at most OVERSIZED_MASK times the plate's box, at
+    least OVERSIZED_MASK_FLOOR px); a loose but plate-sized mask still counts (on the real held-out
+    photos the smallest mask hiding a plate is at most 15 times its box)."""
+    root = write_coco(tmp_path / "d", [
+        {"key": 1, "size": (400, 300), "boxes": [[100, 100, 40, 20]], "dets": [(0.9, _box(0, 0, 399, 299))]},
+        {"key": 2, "size": (400, 300), "boxes": [[100, 100, 40, 20]], "dets": [(0.9, _box(85, 92, 155, 128))]},
+    ])
+    m = _at(run_eval(root), 0.5)
+    assert m["plates"] == 2 and m["recall"] == 0.5  # the loose mask hides its plate, the whole-photo one does not
