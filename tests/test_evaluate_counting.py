@@ -271,3 +271,22 @@ def test_one_mask_over_the_whole_photo_does_not_count_as_hiding_its_plates(run_e
     ])
     m = _at(run_eval(root), 0.5)
     assert m["plates"] == 2 and m["recall"] == 0.5  # the loose mask hides its plate, the whole-photo one does not
+
+
+def test_labels_made_for_another_size_of_the_photo_stop_the_evaluation(run_eval, tmp_path):
+    """A labelled photo whose pixels are not the size its record gives (an EXIF-turned phone photo,
+    labels drawn on a resized export) has its boxes in other coordinates: every plate on it was
+    silently measured against the wrong place (a miss, and its masks false). It now stops the
+    evaluation with the photo named; a negative photo without labels is not affected."""
+    root = write_coco(tmp_path / "d", [
+        {"key": 1, "boxes": [[20, 20, 40, 20]], "dets": [(0.9, _box(20, 20, 60, 40))]},
+        {"key": 2, "fields": {"negative": True, "negative_kind": "odometer_digital"}, "dets": []},
+    ])
+    doc = json.loads((root / "annotations.json").read_text())
+    doc["images"][1]["width"], doc["images"][1]["height"] = 100, 120  # no labels: harmless
+    (root / "annotations.json").write_text(json.dumps(doc))
+    assert run_eval(root)["data"]["images"] == 2
+    doc["images"][0]["width"], doc["images"][0]["height"] = 100, 120
+    (root / "annotations.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="1.png"):
+        run_eval(root)

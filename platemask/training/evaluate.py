@@ -487,6 +487,10 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
     results, t0 = [], time.time()
     for i, rec in enumerate(val):
         dec = decode(Path(rec.path).read_bytes())
+        if rec.polygons and (dec.width, dec.height) != (rec.width, rec.height):
+            # its labels are in another photo's coordinates: every plate would be measured in the wrong place
+            raise ValueError(f"{rec.path}: the photo is {dec.width} x {dec.height} px as decoded (EXIF orientation "
+                             f"applied) but its labels were made for {rec.width} x {rec.height}: fix its record")
         # the detector's plates (from the cache when there is one), then the verifier's second look
         found = seg.detect([dec.rgb])[0] if cached is None else cached.plates(rec, dec.rgb)
         plates = seg.with_turned_view([dec.rgb], [seg.verify_plates(dec.rgb, found)])[0]
