@@ -28,7 +28,9 @@ class _Seg:
     def __init__(self, *a, **k):
         from types import SimpleNamespace
 
-        self.cfg = SimpleNamespace(input_max_side=896)
+        self.cfg = SimpleNamespace(input_max_side=896, onnx={}, weights_sha256="w", architecture="a", coarse_side=0,
+                                   tile_above=0, tile_overlap=0, mask_threshold=0.4)
+        self.runtime, self.min_score = "torch", 0.05
         self.model_info = {"name": "stand-in"}
 
     def detect(self, rgbs):
@@ -290,3 +292,19 @@ def test_labels_made_for_another_size_of_the_photo_stop_the_evaluation(run_eval,
     (root / "annotations.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="1.png"):
         run_eval(root)
+
+
+def test_the_detector_cache_is_not_read_for_a_photo_replaced_at_the_same_path(run_eval, tmp_path):
+    """``--cache-dir`` kept the detector's plates per file path only: a photo replaced at the same
+    path (a data set refreshed, "other photos of the same sources") was scored with the old photo's
+    detections, silently. The cache now names each entry by the photo's pixels too."""
+    cache = tmp_path / "cache"
+    root = write_coco(tmp_path / "d", [{"key": 1, "boxes": [[20, 20, 40, 20]], "dets": []}])
+    assert _at(run_eval(root, cache_dir=cache), 0.5)["recall"] == 0.0
+    # the same file name, another photo (its plate is found)
+    img = np.full((100, 120, 3), 128, np.uint8)
+    img[0, 0] = 7
+    cv2.imwrite(str(root / "images/1.png"), img)
+    _Seg.DETS[7] = [(0.9, _box(20, 20, 60, 40))]
+    assert _at(run_eval(root), 0.5)["recall"] == 1.0  # without the cache
+    assert _at(run_eval(root, cache_dir=cache), 0.5)["recall"] == 1.0

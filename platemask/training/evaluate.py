@@ -435,7 +435,8 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
 
 
 class DetectorCache:
-    """The detector's own plates (before the verifier) per held-out photo, in a JSONL file named for
+    """The detector's own plates (before the verifier) per held-out photo (its path and the SHA-1 of
+    its decoded pixels), in a JSONL file named for
     everything that changes them: the weights, what ran the trunk (the ONNX graph's SHA-256, or
     PyTorch), the views (sizes, tiling), the mask threshold, the score floor. A new verifier or
     threshold rule is then evaluated without the detector pass that dominates the cost on a CPU; a
@@ -460,15 +461,25 @@ class DetectorCache:
                     d = json.loads(line)
                 except ValueError:
                     continue  # a line cut by an interrupted run: recomputed
-                self.known[d["path"]] = d["plates"]
+                # entries of older caches (no "pixels") never match: recomputed
+                self.known[(d["path"], d.get("pixels"))] = d["plates"]
+
+    @staticmethod
+    def pixels_key(rgb: np.ndarray) -> str:
+        """What names the photo's content: a photo replaced at the same path is another photo."""
+        import hashlib
+
+        a = np.ascontiguousarray(rgb)
+        return hashlib.sha1(str(a.shape).encode() + str(a.dtype).encode() + a.tobytes()).hexdigest()
 
     def plates(self, rec: Record, rgb: np.ndarray) -> list[Plate]:
-        key = str(Path(rec.path).resolve())
+        path, pixels = str(Path(rec.path).resolve()), self.pixels_key(rgb)
+        key = (path, pixels)
         if key not in self.known:
             found = self.seg.detect([rgb])[0]
             self.known[key] = [[p.score, p.polygon.tolist()] for p in found]
             with self.path.open("a") as f:
-                f.write(json.dumps({"path": key, "plates": self.known[key]}) + "\n")
+                f.write(json.dumps({"path": path, "pixels": pixels, "plates": self.known[key]}) + "\n")
         return [Plate(score=float(s), polygon=np.asarray(poly, np.float32)) for s, poly in self.known[key]]
 
 
