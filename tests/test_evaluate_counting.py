@@ -308,3 +308,15 @@ def test_the_detector_cache_is_not_read_for_a_photo_replaced_at_the_same_path(ru
     _Seg.DETS[7] = [(0.9, _box(20, 20, 60, 40))]
     assert _at(run_eval(root), 0.5)["recall"] == 1.0  # without the cache
     assert _at(run_eval(root, cache_dir=cache), 0.5)["recall"] == 1.0
+
+
+def test_a_plate_cut_by_the_photo_edge_is_as_wide_as_what_the_photo_shows(run_eval, tmp_path):
+    """The size limits of recall (plates >= 16 px wide; recall of plates < 16 px) read the labelled
+    box's width, also the part outside the photo: 8 px of a plate at the edge counted as a 30-px plate."""
+    root = write_coco(tmp_path / "d", [
+        {"key": 1, "boxes": [[112, 40, 30, 10]], "dets": []},  # 8 px of it in the photo
+        {"key": 2, "boxes": [[20, 40, 30, 10]], "dets": [(0.9, _box(20, 40, 50, 50))]},
+    ])
+    rep = run_eval(root)
+    assert _at(rep, 0.5)["plates"] == 1 and _at(rep, 0.5)["recall"] == 1.0
+    assert rep["recall_by_plate_width"]["0-16px"] == {"plates": 1, "recall": 0.0}

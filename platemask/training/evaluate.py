@@ -93,6 +93,12 @@ def analyse(record: Record, plates: list[Plate], width: int, height: int, style:
     return res
 
 
+def plate_width(poly: np.ndarray, record: Record) -> float:
+    """A labelled plate's width in the photo: the part of its box the photo shows (a plate cut by the
+    photo's edge is as small as what is left of it, for the size limits of recall)."""
+    return float(max(0.0, min(float(poly[:, 0].max()), record.width) - max(float(poly[:, 0].min()), 0.0)))
+
+
 def _coverage_at(curve: list[tuple[float, float]], t: float) -> float:
     cov = 0.0
     for score, c in curve:  # sorted by score, descending; coverage is cumulative
@@ -112,7 +118,7 @@ def metrics_at(results: list[ImageResult], t: float, cover: float = 0.8, min_wid
     cov_vals = []
     for r in results:  # every labelled plate, a negative photo's too (label noise)
         for poly, curve, ious in zip(r.record.polygons, r.cover_curves, r.gt_iou_best):
-            if np.ptp(poly[:, 0]) < min_width:
+            if plate_width(poly, r.record) < min_width:
                 continue
             total += 1
             c = _coverage_at(curve, t)
@@ -396,7 +402,7 @@ def ocr_check(results: list[ImageResult], t: float, style: MaskStyle, *, min_wid
     for r in results:
         if checked >= limit:  # every photo with a labelled plate (a negative set's too: label noise)
             continue
-        boxes = [polygon_box(p) for p in r.record.polygons if np.ptp(p[:, 0]) >= min_width]
+        boxes = [polygon_box(p) for p in r.record.polygons if plate_width(p, r.record) >= min_width]
         if not boxes:
             continue
         rgb = decode(Path(r.record.path).read_bytes()).rgb
@@ -518,7 +524,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
         sub_total = sub_hidden = 0
         for r in results:
             for poly, c in zip(r.record.polygons, r.cover_curves):
-                w = np.ptp(poly[:, 0])
+                w = plate_width(poly, r.record)
                 if lo <= w < hi:
                     sub_total += 1
                     sub_hidden += _coverage_at(c, chosen) >= cover
