@@ -549,7 +549,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
         "pr_curve": curve,
         "seconds": round(time.time() - t0, 1),
     }
-    # calibration: fitted on every other held-out photo, its reliability shown on the rest, then the
+    # calibration: fitted on one half of the held-out photos (calibration_halves), its reliability shown on the other, then the
     # shipped map is fitted on all of them
     half_a, half_b = calibration_halves(results)
     sc_a, lb_a = detection_labels(half_a)
