@@ -320,3 +320,16 @@ def test_a_plate_cut_by_the_photo_edge_is_as_wide_as_what_the_photo_shows(run_ev
     rep = run_eval(root)
     assert _at(rep, 0.5)["plates"] == 1 and _at(rep, 0.5)["recall"] == 1.0
     assert rep["recall_by_plate_width"]["0-16px"] == {"plates": 1, "recall": 0.0}
+
+
+def test_isotonic_calibration_gives_tied_scores_one_probability():
+    """Detections with the same fused score must get one calibrated probability, the share of plates
+    among them: the fit kept tied scores in separate blocks (two knots at one score), so four
+    detections at 0.5 of which two are plates were calibrated to 0.67 (and 0.0 just below)."""
+    from platemask.review import calibrate
+    from platemask.training.evaluate import isotonic
+
+    knots = isotonic(np.array([0.2, 0.5, 0.5, 0.5, 0.5, 0.8]), np.array([0, 0, 1, 1, 0, 1.0]))
+    xs = [k[0] for k in knots]
+    assert len(xs) == len(set(xs))
+    assert calibrate(0.5, knots) == 0.5

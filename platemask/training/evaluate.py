@@ -192,11 +192,14 @@ def choose_threshold(curve: list[dict], target_recall: float, max_fp_rate: float
 def isotonic(scores: np.ndarray, labels: np.ndarray) -> list[list[float]]:
     """Isotonic regression (pool adjacent violators) of ``labels`` (1 = plate) on ``scores``:
     knots ``[[score, probability], ...]``, ascending, for :func:`platemask.review.calibrate`."""
-    order = np.argsort(scores, kind="stable")
-    xs, ys = np.asarray(scores, np.float64)[order], np.asarray(labels, np.float64)[order]
+    # tied scores are one point (their share of plates): a detection's probability depends on its
+    # score alone, never on where among equal scores it happened to be sorted
+    xs, inverse = np.unique(np.asarray(scores, np.float64), return_inverse=True)
+    sums = np.bincount(inverse.reshape(-1), weights=np.asarray(labels, np.float64).reshape(-1), minlength=len(xs))
+    counts = np.bincount(inverse.reshape(-1), minlength=len(xs)).astype(np.float64)
     blocks: list[list[float]] = []  # [sum of labels, count, min score, max score]
-    for x, y in zip(xs, ys):
-        blocks.append([y, 1.0, x, x])
+    for x, y, n in zip(xs, sums, counts):
+        blocks.append([y, n, x, x])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
             s_, n_, lo, hi = blocks.pop()
             blocks[-1][0] += s_
