@@ -333,3 +333,16 @@ def test_isotonic_calibration_gives_tied_scores_one_probability():
     xs = [k[0] for k in knots]
     assert len(xs) == len(set(xs))
     assert calibrate(0.5, knots) == 0.5
+
+
+def test_the_review_list_counts_misses_with_the_evaluations_own_cover(run_eval, tmp_path):
+    """``evaluate(cover=...)`` set what "hidden" means for recall, but the review list was chosen and
+    reported with 0.8 always: at cover 0.5 a plate 60 % covered is hidden for recall and was still a
+    "missed plate" of the review list."""
+    root = write_coco(tmp_path / "d", [
+        {"key": 1, "size": (300, 200), "boxes": [[100, 100, 100, 20]], "dets": [(0.9, _box(100, 100, 155, 120))]},
+    ])
+    rep = run_eval(root, cover=0.5)
+    assert rep["at_operating_threshold"]["recall"] == 1.0
+    assert rep["review"]["missed_plates"] == 0
+    assert run_eval(root)["review"]["missed_plates"] == 1  # at the default 0.8 it is a miss

@@ -300,7 +300,8 @@ REVIEW_MAX_MASKS = (6, 8, 10, 15, 25)
 REVIEW_MAX_MASKED_FRACTIONS = (0.2, 0.3, 0.5, 0.8)
 
 
-def choose_review_band(results: list[ImageResult], t: float, max_rate: float = 0.10) -> dict[str, Any]:
+def choose_review_band(results: list[ImageResult], t: float, max_rate: float = 0.10,
+                       cover: float = 0.8) -> dict[str, Any]:
     """The band and the limits of a usual result (mask count, masked share of the photo) that catch
     the most missed plates (then most false masks on negatives) while flagging at most ``max_rate``
     of the photos; ties go to the shorter list, then the stricter limits. When nothing fits, the
@@ -312,14 +313,14 @@ def choose_review_band(results: list[ImageResult], t: float, max_rate: float = 0
         for hi in highs:
             for n in REVIEW_MAX_MASKS:
                 for f in REVIEW_MAX_MASKED_FRACTIONS:
-                    o = review_outcome(results, t, lo, hi, max_masks=n, max_masked_fraction=f)
+                    o = review_outcome(results, t, lo, hi, cover=cover, max_masks=n, max_masked_fraction=f)
                     if o["flagged_rate"] > max_rate:
                         continue
                     key = (o["missed_plates_flagged"], o["negatives_masked_flagged"], -o["flagged_images"], -lo, hi,
                            -n, -f)
                     if best is None or key > best[0]:
                         best = (key, o)
-    return best[1] if best else review_outcome(results, t, t, t, max_masks=REVIEW_MAX_MASKS[-1],
+    return best[1] if best else review_outcome(results, t, t, t, cover=cover, max_masks=REVIEW_MAX_MASKS[-1],
                                                max_masked_fraction=REVIEW_MAX_MASKED_FRACTIONS[-1])
 
 
@@ -338,7 +339,7 @@ def chosen_on_the_other_half(results: list[ImageResult], target_recall: float, m
             continue
         t, _ = choose_threshold([metrics_at(fit, x, cover, min_width) for x in THRESHOLDS], target_recall, max_fp_rate)
         m = metrics_at(shown, t, cover, min_width)
-        band = choose_review_band(fit, t, max_review_rate)
+        band = choose_review_band(fit, t, max_review_rate, cover)
         o = review_outcome(shown, t, band["review_low"], band["review_high"], cover=cover,
                            max_masks=band["review_max_masks"], max_masked_fraction=band["review_max_masked_fraction"])
         rows.append({"chosen_on": name, "photos_chosen_on": len(fit), "photos_shown_on": len(shown),
@@ -565,10 +566,10 @@ def evaluate(model_dir: str | Path, data: str | Path, *, val_fraction: float = 0
         "reliability_all": reliability(sc_all, lb_all, knots),
         "note": "a detection is a plate when it overlaps a labelled one; unlabelled plates count against it",
     }
-    band = choose_review_band(results, chosen, max_review_rate)
+    band = choose_review_band(results, chosen, max_review_rate, cover)
     report["review"] = {**band, "max_rate": max_review_rate,
                         "by_category": {c: review_outcome([r for r in results if r.record.category == c], chosen,
-                                                          band["review_low"], band["review_high"],
+                                                          band["review_low"], band["review_high"], cover=cover,
                                                           max_masks=band["review_max_masks"],
                                                           max_masked_fraction=band["review_max_masked_fraction"]
                                                           )["flagged_rate"]
