@@ -48,6 +48,30 @@ def lr_at(step: int, progress: float, base: float, warmup: int) -> float:
     return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def _data_paths(data) -> list[str]:
+    return [str(Path(d).resolve()) for d in ([data] if isinstance(data, (str, Path)) else data)]
+
+
+def _check_same_run(ckpt_path: Path, meta: dict, *, data, val_fraction: float, seed: int, batch_size: int,
+                    crop: int) -> None:
+    """Refuse to resume a checkpoint with other data or another split: the run would silently mix two
+    data sets, or train on photos its own held-out split set aside. More steps, another time budget or
+    another learning rate are fine (a run is extended that way)."""
+    differ = []
+    if "data" in meta and _data_paths(meta["data"]) != _data_paths(data):
+        differ.append(f"data {meta['data']} (now {[str(d) for d in _data_paths(data)]})")
+    for key, now in (("val_fraction", val_fraction), ("seed", seed), ("batch_size", batch_size)):
+        if key in meta and meta[key] != now:
+            differ.append(f"{key} {meta[key]} (now {now})")
+    was_crop = meta.get("augment", {}).get("crop")
+    if was_crop is not None and was_crop != crop:
+        differ.append(f"crop {was_crop} (now {crop})")
+    if differ:
+        raise ValueError(
+            f"{ckpt_path} was trained with " + "; ".join(differ) + ": resuming it would mix two runs. "
+            "Run the same command again to resume, or pass another --workdir to start a new run")
+
+
 def train(
     *,
     data: str | Path,
@@ -85,6 +109,13 @@ def train(
     torch.manual_seed(seed)
     records = load_datasets(data)
     train_recs, val_recs = split_records(records, val_fraction)
+    # a photo that is missing would only fail when it is first drawn, possibly hours in (or never,
+    # training silently on fewer photos than the log says): refuse it now, by name
+    missing = [r.path for r in train_recs if not Path(r.path).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} training photo(s) listed in the annotations are not there, e.g. {missing[0]}"
+            + (f", {missing[1]}" if len(missing) > 1 else "") + ": fix the data set's annotations.json or its images")
     pos = [r for r in train_recs if not r.negative]
     neg = [r for r in train_recs if r.negative]
     log(f"data {data}: train {len(pos)} positive + {len(neg)} negative images "
@@ -106,7 +137,15 @@ def train(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     step, elapsed_before = 0, 0.0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=False)
+            state["model"], state["optimizer"], state["step"], state["meta"]
+        except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, or another program's file
+            raise ValueError(
+                f"{ckpt_path} cannot be resumed: it is not a complete training checkpoint ({exc}). "
+                f"Remove it to start over in {workdir}, or pass another --workdir") from exc
+        _check_same_run(ckpt_path, state["meta"], data=data, val_fraction=val_fraction, seed=seed,
+                        batch_size=batch_size, crop=crop)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])

