@@ -82,3 +82,19 @@ def test_a_truncated_checkpoint_is_refused_with_its_name(coco, tmp_path):
     (work / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="last.ckpt"):
         train(data=coco, workdir=work, log=lambda *_: None, **KW)
+
+
+def test_a_half_written_mining_cache_is_scored_again_not_a_start_that_fails_forever(coco, tmp_path):
+    from platemask.training.train import train
+
+    torch.set_num_threads(2)
+    work = tmp_path / "w"
+    train(data=coco, workdir=work, log=lambda *_: None, **KW)
+    mined = {**KW, "hard_negative_gain": 8.0}
+    train(data=coco, workdir=work, log=lambda *_: None, **mined)  # scores the negatives with the step-1 model
+    caches = list(work.glob("negative-scores-*.json"))
+    assert len(caches) == 1
+    caches[0].write_text(caches[0].read_text()[:10])  # cut short, as a kill or a full disk mid-write would
+    train(data=coco, workdir=work, log=lambda *_: None, **{**mined, "steps": 2})
+    assert torch.load(work / "last.ckpt", weights_only=False)["step"] == 2
+    assert json.loads(caches[0].read_text())["scores"]  # scored again and written whole

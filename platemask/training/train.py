@@ -162,12 +162,18 @@ def train(
         # scores of the same model on the same negatives are cached: a restart does not pay for them again
         model_sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
         cache = workdir / f"negative-scores-{model_sha[:12]}-{len(neg)}.json"
-        cached = json.loads(cache.read_text()) if cache.is_file() else None
-        if cached and cached.get("paths") == [str(r.path) for r in neg]:
+        try:  # a cache cut short (killed, disk full) is scored again, not a start that fails from now on
+            cached = json.loads(cache.read_text()) if cache.is_file() else None
+        except (OSError, ValueError):
+            cached = None
+        if (isinstance(cached, dict) and cached.get("paths") == [str(r.path) for r in neg]
+                and isinstance(cached.get("scores"), list) and len(cached["scores"]) == len(neg)):
             scores = cached["scores"]
         else:
             scores = score_negatives(model, neg, device=device)
-            cache.write_text(json.dumps({"paths": [str(r.path) for r in neg], "scores": scores}))
+            tmp = cache.with_name(cache.name + ".tmp")
+            tmp.write_text(json.dumps({"paths": [str(r.path) for r in neg], "scores": scores}))
+            tmp.replace(cache)
         neg_weights = hardness_weights(scores, hard_negative_gain)
         hard = np.asarray(scores) >= 0.3
         log(f"hard negatives: {int(hard.sum())}/{len(neg)} training negatives score >= 0.3 "
