@@ -98,3 +98,39 @@ def test_a_half_written_mining_cache_is_scored_again_not_a_start_that_fails_fore
     train(data=coco, workdir=work, log=lambda *_: None, **{**mined, "steps": 2})
     assert torch.load(work / "last.ckpt", weights_only=False)["step"] == 2
     assert json.loads(caches[0].read_text())["scores"]  # scored again and written whole
+
+
+def _edit_annotations(coco, tmp_path, edit):
+    data = tmp_path / "coco"
+    shutil.copytree(coco, data)
+    doc = json.loads((data / "annotations.json").read_text())
+    edit(doc)
+    (data / "annotations.json").write_text(json.dumps(doc))
+    return data
+
+
+def test_a_label_of_an_undeclared_category_or_with_a_negative_box_is_refused_not_a_negative_photo(coco, tmp_path):
+    from platemask.training.coco import load_coco
+
+    def undeclared(doc):
+        doc["annotations"][0]["category_id"] = 7  # e.g. the exporter's own id for plates, not in "categories"
+
+    data = _edit_annotations(coco, tmp_path / "a", undeclared)
+    with pytest.raises(ValueError, match=r"category_id 7"):
+        load_coco(data)
+
+    def flipped(doc):
+        a = doc["annotations"][1]
+        a["bbox"][2] = -a["bbox"][2]
+        a.pop("segmentation")
+
+    data = _edit_annotations(coco, tmp_path / "b", flipped)
+    with pytest.raises(ValueError, match=r"annotation 2 .*negative"):
+        load_coco(data)
+
+    def other_declared(doc):  # a declared category that is not a plate (cars) is ignored, as before
+        doc["categories"].append({"id": 2, "name": "car"})
+        doc["annotations"][0]["category_id"] = 2
+
+    recs = load_coco(_edit_annotations(coco, tmp_path / "c", other_declared))
+    assert len(recs) == 6

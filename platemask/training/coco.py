@@ -99,8 +99,22 @@ def load_coco(root: str | Path, annotations: str = "annotations.json", category:
     cat_ids = {c["id"] for c in doc.get("categories", []) if c.get("name") == category}
     if not cat_ids:
         raise ValueError(f"{root / annotations} has no category named {category!r}")
+    declared = {c.get("id") for c in doc.get("categories", [])}
+    undeclared = sorted({repr(a.get("category_id")) for a in doc.get("annotations", [])
+                         if a.get("category_id") not in declared})
+    if undeclared:
+        # its photos would silently become negatives: plates taught as background
+        raise ValueError(
+            f"{root / annotations}: annotations have category_id {', '.join(undeclared)}, which no entry of "
+            f"'categories' declares (declared: {sorted(declared, key=repr)}); fix the ids (plates are the "
+            f"category named {category!r})")
     by_image: dict[int, list[np.ndarray]] = {}
     for ann in doc.get("annotations", []):
+        bbox = ann.get("bbox")
+        if isinstance(bbox, (list, tuple)) and len(bbox) == 4 and (bbox[2] < 0 or bbox[3] < 0):
+            raise ValueError(
+                f"{root / annotations}: annotation {ann.get('id')} (image {ann.get('image_id')}) has a negative "
+                f"width or height in its bbox {bbox}; COCO boxes are [x, y, width, height]")
         if ann.get("category_id") in cat_ids and not ann.get("iscrowd", 0):
             by_image.setdefault(ann["image_id"], []).extend(annotation_polygons(ann))
     records = []
