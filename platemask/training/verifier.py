@@ -206,8 +206,11 @@ def collect_detections(model_dir: str | Path, records, *, min_score: float = 0.0
     from ..segment import Segmenter
 
     if cache is not None and cache.is_file():
-        rows = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
-        if [r["path"] for r in rows] == [str(r.path) for r in records]:
+        try:  # a cache cut short (killed, disk full) is detected again, not a run that fails from now on
+            rows = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            rows = []
+        if rows and all(isinstance(r, dict) for r in rows) and [r.get("path") for r in rows] == [str(r.path) for r in records]:
             log(f"verifier: reusing detections in {cache}")
             return rows
     seg = Segmenter(model_dir, min_score=min_score, batch_size=2, verify=False)
@@ -223,7 +226,9 @@ def collect_detections(model_dir: str | Path, records, *, min_score: float = 0.0
             log(f"verifier: detected {i + 1}/{len(records)} images, {rate:.2f} images/s, ETA {(len(records) - i - 1) / rate:.0f} s")
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(cache)
     return rows
 
 
@@ -334,15 +339,25 @@ def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
 
     model_dir = Path(model_dir)
     path = model_dir / "verifier.pt"
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, path)
+    # written beside and renamed: a kill or a full disk mid-write leaves the old verifier.pt, which
+    # still matches config.json, so the model folder keeps loading
+    tmp = model_dir / "verifier.pt.tmp"
+    try:
+        torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     cfg = load_config(model_dir)
-    cfg.verifier = {"weights": path.name, "weights_sha256": sha256_file(path), "input_hw": list(INPUT_HW),
+    cfg.verifier = {"weights": path.name, "weights_sha256": sha256_file(tmp), "input_hw": list(INPUT_HW),
                     "context": CONTEXT, "fusion": DEFAULT_FUSION, **info}
     if cfg.onnx.get("verifier"):
         # the exported graph is of the previous weights: drop it (the verifier runs on PyTorch until
         # 'platemask export-onnx' exports the new one)
         cfg.onnx = {k: v for k, v in cfg.onnx.items() if k != "verifier"}
-    (model_dir / "config.json").write_text(cfg.to_json())
+    cfg_tmp = model_dir / "config.json.tmp"
+    cfg_tmp.write_text(cfg.to_json())
+    tmp.replace(path)  # from here to the next line the folder is refused (hash mismatch), never loaded mixed
+    cfg_tmp.replace(model_dir / "config.json")
     return cfg.verifier
 
 
