@@ -134,3 +134,33 @@ def test_a_label_of_an_undeclared_category_or_with_a_negative_box_is_refused_not
 
     recs = load_coco(_edit_annotations(coco, tmp_path / "c", other_declared))
     assert len(recs) == 6
+
+
+def test_an_export_cut_short_leaves_the_model_folder_it_was_writing_over_loadable(model_dir, tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from platemask import model as M
+    from platemask.training.train import export
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    before = M.load_config(folder).weights_sha256
+    arch = M.Architecture()
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"model": M.build_model(arch=arch).state_dict(), "step": 3,
+                "meta": {"architecture": asdict(arch), "data": ["d"]}}, ckpt)
+
+    def torch_save_then_disk_full(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(M.torch, "save", torch_save_then_disk_full)
+    with pytest.raises(OSError):
+        export(ckpt, folder, name="new")
+    monkeypatch.undo()
+    model, cfg = M.load_model(folder)  # the old weights, still matching config.json
+    assert cfg.weights_sha256 == before
+    cfg = export(ckpt, folder, name="new")
+    assert M.load_model(folder)[1].weights_sha256 == cfg.weights_sha256 != before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in model_dir.iterdir())  # no leftovers

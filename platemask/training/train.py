@@ -257,4 +257,18 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, name: str, **config) 
     meta["data"] = [Path(d).name for d in data]  # the data sets' names, not this machine's paths
     cfg.extra = {"trained_steps": int(state["step"]), "trained_minutes": round(float(state.get("elapsed_s", 0)) / 60, 1),
                  "train": meta}
-    return save_model(model, cfg, out_dir)
+    # written into a staging folder beside and renamed over: a kill or a full disk mid-write leaves the
+    # folder's previous weights.pt and config.json, which still load (not a folder refused as mixed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".export-partial"
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        cfg = save_model(model, cfg, staging)
+        (staging / cfg.weights).replace(out / cfg.weights)
+        (staging / "config.json").replace(out / "config.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cfg
