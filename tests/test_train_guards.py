@@ -164,3 +164,35 @@ def test_an_export_cut_short_leaves_the_model_folder_it_was_writing_over_loadabl
     cfg = export(ckpt, folder, name="new")
     assert M.load_model(folder)[1].weights_sha256 == cfg.weights_sha256 != before
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in model_dir.iterdir())  # no leftovers
+
+
+def test_a_data_set_with_no_training_plate_is_refused_before_the_model_or_the_mining_pass(coco, tmp_path, monkeypatch):
+    from platemask.training import train as T
+
+    def all_negative(doc):
+        doc["annotations"] = []
+
+    data = _edit_annotations(coco, tmp_path, all_negative)
+
+    def never(*a, **k):
+        raise AssertionError("the model was built / the negatives mined before the data was checked")
+
+    monkeypatch.setattr(T, "build_model", never)
+    monkeypatch.setattr(T, "score_negatives", never)
+    with pytest.raises(ValueError, match="no photo with a plate"):
+        T.train(data=data, workdir=tmp_path / "w", log=lambda *_: None, **KW)
+
+
+def test_an_interrupted_run_saves_where_it_stopped(coco, tmp_path):
+    from platemask.training.train import train
+
+    torch.set_num_threads(2)
+    work = tmp_path / "w"
+
+    def ctrl_c_at_step_20(line):
+        if line.startswith("step 20/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(data=coco, workdir=work, log=ctrl_c_at_step_20, **{**KW, "steps": 40, "crop": 64})
+    assert torch.load(work / "last.ckpt", weights_only=False)["step"] == 20

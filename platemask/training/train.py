@@ -118,6 +118,11 @@ def train(
             + (f", {missing[1]}" if len(missing) > 1 else "") + ": fix the data set's annotations.json or its images")
     pos = [r for r in train_recs if not r.negative]
     neg = [r for r in train_recs if r.negative]
+    if not pos:  # found now, not after building the model and mining the negatives (minutes to an hour)
+        raise ValueError(
+            f"no photo with a plate in the training split of {data} ({len(train_recs)} training, "
+            f"{len(val_recs)} held-out photos): check the annotations' category (plates are 'plate') "
+            "and --val-fraction")
     log(f"data {data}: train {len(pos)} positive + {len(neg)} negative images "
         f"({sum(len(r.polygons) for r in pos)} plates); held out {len(val_recs)}")
     init_info = None
@@ -210,36 +215,42 @@ def train(
         tmp.replace(ckpt_path)
 
     it = iter(loader)
-    while progress() < 1.0:
-        images, targets = next(it)
-        images = [i.to(device) for i in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, progress(), lr, warmup)
-        losses = model(images, targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            log(f"step {step}: non-finite loss {float(loss)}; skipping batch")
+    try:
+        while progress() < 1.0:
+            images, targets = next(it)
+            images = [i.to(device) for i in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, progress(), lr, warmup)
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                log(f"step {step}: non-finite loss {float(loss)}; skipping batch")
+                opt.zero_grad(set_to_none=True)
+                continue
             opt.zero_grad(set_to_none=True)
-            continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        step += 1
-        for k, v in losses.items():
-            v = float(v.detach())
-            ema[k] = 0.95 * ema.get(k, v) + 0.05 * v
-        now = time.time()
-        if step % 20 == 0:
-            rate = (now - start) / max(1, step - first_step)
-            eta = (1.0 - progress()) * (elapsed() / max(progress(), 1e-9))
-            log(f"step {step}/{steps} ({progress():.0%}) lr {opt.param_groups[0]['lr']:.2e} "
-                + " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in ema.items())
-                + f" | {rate:.2f} s/step, ETA {eta / 60:.0f} min")
-        if now - last_ckpt > checkpoint_minutes * 60:
-            save()
-            last_ckpt = now
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+            step += 1
+            for k, v in losses.items():
+                v = float(v.detach())
+                ema[k] = 0.95 * ema.get(k, v) + 0.05 * v
+            now = time.time()
+            if step % 20 == 0:
+                rate = (now - start) / max(1, step - first_step)
+                eta = (1.0 - progress()) * (elapsed() / max(progress(), 1e-9))
+                log(f"step {step}/{steps} ({progress():.0%}) lr {opt.param_groups[0]['lr']:.2e} "
+                    + " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in ema.items())
+                    + f" | {rate:.2f} s/step, ETA {eta / 60:.0f} min")
+            if now - last_ckpt > checkpoint_minutes * 60:
+                save()
+                last_ckpt = now
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the steps since the last checkpoint (up to checkpoint_minutes of work)
+        save()
+        log(f"interrupted at step {step}; checkpoint {ckpt_path} (run the same command to resume)")
+        raise
     save()
     log(f"finished at step {step} after {elapsed() / 60:.1f} min; checkpoint {ckpt_path}")
     return ckpt_path
