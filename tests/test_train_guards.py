@@ -196,3 +196,21 @@ def test_an_interrupted_run_saves_where_it_stopped(coco, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(data=coco, workdir=work, log=ctrl_c_at_step_20, **{**KW, "steps": 40, "crop": 64})
     assert torch.load(work / "last.ckpt", weights_only=False)["step"] == 20
+
+
+def test_an_unreadable_training_photo_or_one_of_another_size_is_refused_before_the_first_step(coco, tmp_path):
+    from platemask.training.train import train
+
+    data = tmp_path / "a" / "coco"
+    shutil.copytree(coco, data)
+    (data / "images" / "2.jpg").write_bytes(b"<html>403 Forbidden</html>")  # a download that went wrong
+    with pytest.raises(ValueError, match=r"2\.jpg"):
+        train(data=data, workdir=tmp_path / "wa", log=lambda *_: None, **KW)
+    assert not (tmp_path / "wa" / "last.ckpt").exists()
+
+    def wrong_size(doc):
+        doc["images"][1]["width"] = 640  # the labels were drawn on another copy of the photo
+
+    data = _edit_annotations(coco, tmp_path / "b", wrong_size)
+    with pytest.raises(ValueError, match=r"1\.jpg.*640"):
+        train(data=data, workdir=tmp_path / "wb", log=lambda *_: None, **KW)

@@ -48,6 +48,25 @@ def lr_at(step: int, progress: float, base: float, warmup: int) -> float:
     return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def _check_photos(records) -> None:
+    """Every training photo opens as an image of the size its annotations give (either way round, for
+    an EXIF turn): a photo that does not would only fail, or be trained on with its labels in the
+    wrong place, when first drawn, possibly hours in. Reads headers only (seconds for thousands)."""
+    from PIL import Image
+
+    for r in records:
+        try:
+            with Image.open(r.path) as im:
+                size = im.size
+        except Exception as exc:  # noqa: BLE001 - not an image, truncated header, unknown format
+            raise ValueError(f"training photo {r.path} cannot be read as an image ({exc}): "
+                             "replace it or remove it from the annotations") from exc
+        if size not in ((r.width, r.height), (r.height, r.width)):
+            raise ValueError(f"training photo {r.path} is {size[0]} x {size[1]} px, but its annotations give "
+                             f"{r.width} x {r.height}: its labels would land in the wrong place; fix width/height "
+                             "(and the boxes) or the photo")
+
+
 def _data_paths(data) -> list[str]:
     return [str(Path(d).resolve()) for d in ([data] if isinstance(data, (str, Path)) else data)]
 
@@ -116,6 +135,7 @@ def train(
         raise FileNotFoundError(
             f"{len(missing)} training photo(s) listed in the annotations are not there, e.g. {missing[0]}"
             + (f", {missing[1]}" if len(missing) > 1 else "") + ": fix the data set's annotations.json or its images")
+    _check_photos(train_recs)
     pos = [r for r in train_recs if not r.negative]
     neg = [r for r in train_recs if r.negative]
     if not pos:  # found now, not after building the model and mining the negatives (minutes to an hour)
