@@ -71,20 +71,15 @@ def _data_paths(data) -> list[str]:
     return [str(Path(d).resolve()) for d in ([data] if isinstance(data, (str, Path)) else data)]
 
 
-def _check_same_run(ckpt_path: Path, meta: dict, *, data, val_fraction: float, seed: int, batch_size: int,
-                    crop: int) -> None:
+def _check_same_run(ckpt_path: Path, meta: dict, *, data, val_fraction: float) -> None:
     """Refuse to resume a checkpoint with other data or another split: the run would silently mix two
-    data sets, or train on photos its own held-out split set aside. More steps, another time budget or
-    another learning rate are fine (a run is extended that way)."""
+    data sets, or train on photos its own held-out split set aside. More steps, another time budget,
+    learning rate, batch size or seed are fine (a run is extended or adjusted that way)."""
     differ = []
     if "data" in meta and _data_paths(meta["data"]) != _data_paths(data):
         differ.append(f"data {meta['data']} (now {[str(d) for d in _data_paths(data)]})")
-    for key, now in (("val_fraction", val_fraction), ("seed", seed), ("batch_size", batch_size)):
-        if key in meta and meta[key] != now:
-            differ.append(f"{key} {meta[key]} (now {now})")
-    was_crop = meta.get("augment", {}).get("crop")
-    if was_crop is not None and was_crop != crop:
-        differ.append(f"crop {was_crop} (now {crop})")
+    if "val_fraction" in meta and meta["val_fraction"] != val_fraction:
+        differ.append(f"val_fraction {meta['val_fraction']} (now {val_fraction})")
     if differ:
         raise ValueError(
             f"{ckpt_path} was trained with " + "; ".join(differ) + ": resuming it would mix two runs. "
@@ -169,8 +164,7 @@ def train(
             raise ValueError(
                 f"{ckpt_path} cannot be resumed: it is not a complete training checkpoint ({exc}). "
                 f"Remove it to start over in {workdir}, or pass another --workdir") from exc
-        _check_same_run(ckpt_path, state["meta"], data=data, val_fraction=val_fraction, seed=seed,
-                        batch_size=batch_size, crop=crop)
+        _check_same_run(ckpt_path, state["meta"], data=data, val_fraction=val_fraction)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
