@@ -49,3 +49,25 @@ def test_a_verifier_write_cut_short_leaves_the_model_folder_loadable(model_dir, 
     assert load_config(folder).verifier["weights_sha256"] == before["weights_sha256"]
     load_verifier(folder, load_config(folder).verifier)  # the old verifier still matches its recorded hash
     assert not list(folder.glob("*.tmp"))
+
+
+def test_train_verifier_refuses_a_missing_photo_before_the_detector_pass(model_dir, tmp_path, monkeypatch):
+    from platemask.training import verifier as V
+
+    root = tmp_path / "coco"
+    (root / "images").mkdir(parents=True)
+    images = []
+    for i in range(3):
+        cv2.imwrite(str(root / f"images/{i}.jpg"), np.full((64, 96, 3), 80, np.uint8))
+        images.append({"id": i + 1, "file_name": f"images/{i}.jpg", "width": 96, "height": 64, "sha1": f"v{i}",
+                       "negative": True})
+    (root / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": [], "categories": [{"id": 1, "name": "plate"}]}))
+    (root / "images" / "2.jpg").unlink()
+
+    def never(*a, **k):
+        raise AssertionError("the detector pass started before the photos were checked")
+
+    monkeypatch.setattr(V, "collect_detections", never)
+    with pytest.raises(FileNotFoundError, match=r"2\.jpg"):
+        V.train_for_model(model_dir, root, tmp_path / "work", val_fraction=0.0, log=lambda *_: None)

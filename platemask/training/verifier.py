@@ -383,6 +383,11 @@ def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path
         log(f"verifier: {sum(not r.negative for r in keep)} of {sum(not r.negative for r in train_recs)} photos with "
             f"plates (positive_fraction {positive_fraction}), all {sum(r.negative for r in keep)} negatives")
         train_recs = keep
+    missing = [r.path for r in train_recs if not Path(r.path).is_file()]
+    if missing:  # found now, not when the detector pass (tens of minutes on a CPU) reaches it
+        raise FileNotFoundError(
+            f"{len(missing)} training photo(s) listed in the annotations are not there, e.g. {missing[0]}: "
+            "fix the data set's annotations.json or its images")
     workdir = Path(workdir)
     cache = workdir / f"detections-{cfg.weights_sha256[:12]}-{len(train_recs)}.jsonl"
     images = collect_detections(model_dir, train_recs, cache=cache, log=log)
