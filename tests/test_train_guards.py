@@ -214,3 +214,14 @@ def test_an_unreadable_training_photo_or_one_of_another_size_is_refused_before_t
     data = _edit_annotations(coco, tmp_path / "b", wrong_size)
     with pytest.raises(ValueError, match=r"1\.jpg.*640"):
         train(data=data, workdir=tmp_path / "wb", log=lambda *_: None, **KW)
+
+
+def test_a_photo_marked_negative_that_has_plate_labels_is_refused_not_taught_as_background(coco, tmp_path):
+    from platemask.training.train import train
+
+    def contradictory(doc):
+        doc["images"][0]["negative"] = True  # it has a plate label
+
+    data = _edit_annotations(coco, tmp_path, contradictory)
+    with pytest.raises(ValueError, match=r"negative.*0\.jpg"):
+        train(data=data, workdir=tmp_path / "w", log=lambda *_: None, **KW)

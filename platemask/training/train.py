@@ -131,6 +131,11 @@ def train(
             f"{len(missing)} training photo(s) listed in the annotations are not there, e.g. {missing[0]}"
             + (f", {missing[1]}" if len(missing) > 1 else "") + ": fix the data set's annotations.json or its images")
     _check_photos(train_recs)
+    both = [r.path for r in train_recs if r.negative and r.polygons]
+    if both:  # drawn as a negative sample, its plates would be taught as background
+        raise ValueError(
+            f"{len(both)} training photo(s) are marked \"negative\": true but have plate labels, e.g. {both[0]}: "
+            "remove the flag or the labels")
     pos = [r for r in train_recs if not r.negative]
     neg = [r for r in train_recs if r.negative]
     if not pos:  # found now, not after building the model and mining the negatives (minutes to an hour)
