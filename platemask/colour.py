@@ -23,12 +23,13 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image, ImageCms
 
+from .rows import row_bands
+
 # the most a probe colour may move for a profile to count as showing the stored values as they are
 IDENTITY_TOLERANCE = 3
 # a PNG gAMA within this of the sRGB-like 1/2.2 (as Pillow reads it: 0.45455) is shown as stored
 GAMMA_TOLERANCE = 0.03
 BACKDROP = 128  # what a transparent pixel is shown over (see shown)
-_STRIP_BYTES = 16 << 20  # rows converted at a time
 _CACHE_SIZE = 32  # distinct profiles remembered (a fleet of phones embeds a handful)
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
@@ -110,10 +111,9 @@ def shown(rgb: np.ndarray, icc: bytes | None = None, png_gamma: float | None = N
     if alpha is None or alpha.min() == 255:
         return rgb
     out = np.empty_like(rgb)
-    step = max(1, _STRIP_BYTES // max(1, rgb.shape[1] * 6))
-    for y in range(0, rgb.shape[0], step):  # in strips of rows: no full-size transients
-        a = alpha[y:y + step, :, None].astype(np.uint16)
-        out[y:y + step] = (rgb[y:y + step] * a + BACKDROP * (255 - a) + 127) // 255
+    for band in row_bands(rgb.shape[0], rgb.shape[1] * 6):  # no full-size transients
+        a = alpha[band, :, None].astype(np.uint16)
+        out[band] = (rgb[band] * a + BACKDROP * (255 - a) + 127) // 255
     return out
 
 
@@ -124,12 +124,11 @@ def _colours(rgb: np.ndarray, icc: bytes | None, png_gamma: float | None) -> np.
             return rgb
         transform, mode = built
         out = np.empty((*rgb.shape[:2], 3), np.uint8)
-        step = max(1, _STRIP_BYTES // max(1, rgb.shape[1] * 3))  # in strips of rows: no full-size transients
         try:
-            for y in range(0, rgb.shape[0], step):
-                part = rgb[y:y + step]
+            for band in row_bands(rgb.shape[0], rgb.shape[1] * 3):  # no full-size transients
+                part = rgb[band]
                 src = Image.fromarray(np.ascontiguousarray(part[..., 0] if mode == "L" else part), mode)
-                out[y:y + step] = np.asarray(ImageCms.applyTransform(src, transform))
+                out[band] = np.asarray(ImageCms.applyTransform(src, transform))
         except Exception:  # noqa: BLE001 - the probe ran through this transform: a failure here is the pixels'
             return rgb
         return out

@@ -16,6 +16,7 @@ from .constants import DEFAULT_MASK_MODE, MASK_MODES
 from .constants import MaskMode as Mode
 from .detections import Plate
 from .geometry import grow_polygon, plate_height
+from .rows import row_bands
 
 CHAR_HEIGHT = 0.6  # characters are ~60% of plate height
 
@@ -155,7 +156,7 @@ def feather_alpha(core: np.ndarray, band: float) -> np.ndarray:
     return alpha
 
 
-_BLEND_STRIP = 1 << 19  # values blended at a time: the float copies are a strip's size, not the box's
+_BLEND_STRIP = 1 << 19  # values blended at a time: the float copies are a band's size, not the box's
 
 
 def blend_into(color: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndarray, obscured: np.ndarray) -> None:
@@ -163,11 +164,10 @@ def blend_into(color: np.ndarray, box: tuple[int, int, int, int], alpha: np.ndar
     x0, y0, x1, y1 = box
     roi = color[y0:y1, x0:x1]
     maxval = np.iinfo(roi.dtype).max if np.issubdtype(roi.dtype, np.integer) else 1.0
-    step = max(1, _BLEND_STRIP // max(1, roi[:1].size))
-    for r in range(0, roi.shape[0], step):
-        a = alpha[r:r + step] if roi.ndim == 2 else alpha[r:r + step, :, None]
-        blended = roi[r:r + step].astype(np.float32) * (1 - a) + obscured[r:r + step] * a
-        roi[r:r + step] = np.clip(np.rint(blended), 0, maxval).astype(roi.dtype)
+    for band in row_bands(roi.shape[0], roi[:1].size, _BLEND_STRIP):
+        a = alpha[band] if roi.ndim == 2 else alpha[band, :, None]
+        blended = roi[band].astype(np.float32) * (1 - a) + obscured[band] * a
+        roi[band] = np.clip(np.rint(blended), 0, maxval).astype(roi.dtype)
 
 
 def apply_mask(pixels: np.ndarray, plates: list[Plate], style: MaskStyle = MaskStyle(), *,

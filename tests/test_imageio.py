@@ -479,7 +479,7 @@ def test_pixels_come_out_of_pillow_whole_or_in_strips_the_same(mode, strip_bytes
     ``np.array(img)`` exactly, as a writable array (masking writes into it)."""
     import platemask.imageio as imageio
 
-    monkeypatch.setattr(imageio, "_STRIP_BYTES", strip_bytes)
+    monkeypatch.setattr(imageio, "BAND_BYTES", strip_bytes)
     a = np.random.default_rng(2).integers(0, 255, (37, 53, len(mode)), dtype=np.uint8)
     img = Image.fromarray(a[..., 0] if mode == "L" else a, mode)
     got = imageio._array(img)
