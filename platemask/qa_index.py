@@ -109,13 +109,25 @@ MAX_NAMED_FOLDERS = 5
 MAX_REPORT_HTML_BYTES = 64 << 20
 
 
+class ReportTooLarge(Exception):
+    """A report.json larger than ``MAX_REPORT_BYTES``: not read."""
+
+
+def load_report(store: S3Store, key: str) -> object:
+    """A report.json parsed; ``ReportTooLarge`` above ``MAX_REPORT_BYTES`` (never read whole).
+    S3's errors and ``json``'s are the caller's."""
+    data = store.read_at_most(key, MAX_REPORT_BYTES)
+    if data is None:
+        raise ReportTooLarge(key)
+    return json.loads(data)
+
+
 def foreign_report(store: S3Store, settings: Settings, region: str, window: str) -> str | None:
     """Why the report in ``region``/``window``'s folder is not that window's (its report.json names
     another region or window: copied or moved there), or None. A missing or unreadable report.json
     is not this check's business (the index shows why)."""
     try:
-        data = store.read_at_most(qa_key(settings, region, window, "report.json"), MAX_REPORT_BYTES)
-        report = json.loads(data) if data is not None else None
+        report = load_report(store, qa_key(settings, region, window, "report.json"))
     except Exception:  # noqa: BLE001 - missing, unreadable or not JSON: the index's row says which
         return None
     if not isinstance(report, dict):
@@ -153,12 +165,11 @@ def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[
         for w in sorted((w for w in windows if WINDOW_ID.match(w)), reverse=True)[:per_region]:
             key = qa_key(settings, region, w, "report.json")
             try:
-                data = store.read_at_most(key, MAX_REPORT_BYTES)
-                if data is None:
-                    rows.append({"region": region, "window": w, "error": f"report.json is larger than "
-                                 f"{MAX_REPORT_BYTES >> 20} MB (s3://{settings.bucket}/{key}): not read"})
-                    continue
-                report = json.loads(data)
+                report = load_report(store, key)
+            except ReportTooLarge:
+                rows.append({"region": region, "window": w, "error": f"report.json is larger than "
+                             f"{MAX_REPORT_BYTES >> 20} MB (s3://{settings.bucket}/{key}): not read"})
+                continue
             except (ClientError, BotoCoreError) as exc:
                 err = store_error(exc, bucket=settings.bucket, key=key, action="reading", conn_id=settings.aws_conn_id)
                 if err.status == 503:  # S3 went away mid-page: say so instead of a page of error rows

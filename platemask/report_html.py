@@ -57,9 +57,9 @@ def _pair(client, settings, masked_key, rec: dict) -> str:
     except Exception as exc:  # noqa: BLE001 - a missing thumbnail must not sink the report
         from botocore.exceptions import ClientError
 
-        from .storage import error_code
+        from .storage import IF_MATCH_FAILED_CODES, error_code
 
-        if etag and isinstance(exc, ClientError) and error_code(exc) in ("PreconditionFailed", "412"):
+        if etag and isinstance(exc, ClientError) and error_code(exc) in IF_MATCH_FAILED_CODES:
             cells.append(f"<div class=miss>original re-uploaded since it was masked (ETag {esc(etag)} is gone): "
                          "not shown; the next run masks the new upload</div>")
         else:

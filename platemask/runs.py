@@ -22,7 +22,7 @@ from .imageio import ImageError, extension_supported
 from .layout import audit_key, key_too_long, lock_keys, masked_key, qa_prefix, qa_run_prefix, run_prefix, s3_uri
 from .runspec import RunError, RunSpec
 from .settings import Settings
-from .storage import MISSING_CODES, PRECONDITION_CODES, S3Store, error_code, is_hidden, read_json_lines
+from .storage import IF_MATCH_FAILED_CODES, MISSING_CODES, PRECONDITION_CODES, S3Store, error_code, is_hidden, read_json_lines
 
 
 def _store(client, settings: Settings) -> S3Store:
@@ -416,10 +416,10 @@ class ManifestSource:
     """
 
     def __init__(self, store: S3Store, etags: dict[str, str], expected_sha256: dict[str, str] | None = None,
-                 sizes: dict[str, int] | None = None):
+                 sizes: dict[str, int] | None = None, storage_classes: dict[str, str] | None = None):
         self.store, self.etags, self.expected = store, etags, expected_sha256 or {}
         self.sizes = sizes or {}
-        self.storage_classes: dict[str, str] = {}  # key -> archived storage class, as listed
+        self.storage_classes = storage_classes or {}  # key -> archived storage class, as listed
         self.uri = store.uri
 
     def size(self, key: str) -> int:
@@ -440,7 +440,7 @@ class ManifestSource:
             if error_code(exc) == "InvalidObjectState":  # archived (Glacier, Deep Archive), not restored
                 raise ImageError("archived", archived_error(self.describe(key),
                                                             self.storage_classes.get(key, "an archive"))) from None
-            if error_code(exc) not in ("PreconditionFailed", "412"):  # IfMatch on a GET: 412 only
+            if error_code(exc) not in IF_MATCH_FAILED_CODES:
                 raise
             raise ImageError("source_changed", f"{self.describe(key)} changed since it was listed (ETag {etag} "
                              "no longer matches): not masked; a rerun of this window, or the next nights' late "
@@ -536,8 +536,8 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
                 log(f"{rec['key']}: {rec['error']}")
 
         source = ManifestSource(store, etags, getattr(detect, "expected_sha256", None),
-                                {e["key"]: e["size"] for e in entries if isinstance(e.get("size"), int)})
-        source.storage_classes = {e["key"]: e["storage_class"] for e in entries if e.get("storage_class")}
+                                {e["key"]: e["size"] for e in entries if isinstance(e.get("size"), int)},
+                                {e["key"]: e["storage_class"] for e in entries if e.get("storage_class")})
         new = [stamp(record(k, status="failed", reason="key_too_long", error=why)) for k, why in too_long.items()]
         new += run_job(source, store, [e["key"] for e in todo], detect, opts, model=model_info, timings=timings,
                        on_record=write_audit, progress=Progress(len(todo), every=10.0, emit=log),

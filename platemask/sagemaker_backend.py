@@ -356,23 +356,23 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     todo = photos_to_do(s3, settings, spec, entries, load_config(model_dir))
     # a photo whose output keys S3 would refuse, or one over SageMaker's payload limit (a video in the
     # partition), is never sent: it fails alone (key_too_long, too_large), not the job nor the shard
-    too_long = {e["key"]: {"reason": "key_too_long", "error": why} for e in todo
+    not_sent = {e["key"]: {"reason": "key_too_long", "error": why} for e in todo
                 if (why := output_key_too_long(settings, spec, e["key"]))}
-    too_long.update({e["key"]: {"reason": "too_large", "error": (
+    not_sent.update({e["key"]: {"reason": "too_large", "error": (
         f"s3://{settings.bucket}/{e['key']} is {e['size'] / 2**20:.0f} MB, above SageMaker's {MAX_PAYLOAD_MB} MB "
         "MaxPayloadInMB limit: not sent to the transform job, not published; mask it with backend=local or shrink "
-        "it first")} for e in todo if e["key"] not in too_long and e["size"] > MAX_PAYLOAD_MB * 2**20})
-    too_long.update(_archived(s3, settings, [e for e in todo if e["key"] not in too_long]))
-    todo = [e for e in todo if e["key"] not in too_long]
+        "it first")} for e in todo if e["key"] not in not_sent and e["size"] > MAX_PAYLOAD_MB * 2**20})
+    not_sent.update(_archived(s3, settings, [e for e in todo if e["key"] not in not_sent]))
+    todo = [e for e in todo if e["key"] not in not_sent]
     base = {"model": model, "model_sha256": model_sha, "photos": len(todo)}
     if not todo:
-        log.info("shard %s: no photo to send of %d (already masked with this model, or keys too long for S3): "
-                 "no transform job", shard["shard"], len(entries))
-        return {**shard, "transform": {**base, "job": None, "state": "Completed", "outputs": [], "left_out": too_long}}
+        log.info("shard %s: no photo to send of %d (already masked with this model, or failing alone: keys too "
+                 "long for S3, too large, archived): no transform job", shard["shard"], len(entries))
+        return {**shard, "transform": {**base, "job": None, "state": "Completed", "outputs": [], "left_out": not_sent}}
     todo_keys = {e["key"] for e in todo}
     earlier: list[str] = []  # outputs of this run's failed or stopped attempts, newest first
     have: set[str] = set()
-    left_out: dict[str, dict] = dict(too_long)  # key -> its own failure: not sent to later attempts
+    left_out: dict[str, dict] = dict(not_sent)  # key -> its own failure: not sent to later attempts
     heads: dict = {}
     last: dict = {}
     # the wait's checks walk the attempts the submit task named (its XCom): recomputed here, the names

@@ -141,14 +141,14 @@ class S3Store:
     including ``AWS_ENDPOINT_URL`` for MinIO or moto, unless one is passed in.
 
     A write whose client retries are spent on a transient error (a 5xx storm, throttling, broken
-    connections) is tried again ``write_retries`` times, ``retry_delay`` s, then twice that, apart (a
+    connections) is tried again ``retries`` times, ``retry_delay`` s, then twice that, apart (a
     PUT of the whole body is idempotent), so a photo does not fail on a burst of S3 errors a little
     longer than the client's own retries ride out. Other errors (denied, bad key) are not retried.
     Reads (``read``, ``read_at_most``, ``get_json``) are tried again the same way, the body read to its
     end inside each try: botocore retries a request, but not a connection reset while the body of its
     answer (a photo, or a 404's error document) streams in, which would fail a photo on a blip."""
 
-    write_retries = 2
+    retries = 2
     retry_delay = 1.0
 
     def __init__(self, bucket: str, prefix: str = "", *, client=None, sse: str | None = None,
@@ -164,7 +164,7 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _retrying(self, call: Callable[[], Any]) -> Any:
-        """``call()``, repeated ``write_retries`` times (``retry_delay`` s, then twice that, apart) while it
+        """``call()``, repeated ``retries`` times (``retry_delay`` s, then twice that, apart) while it
         fails with a transient error (:func:`transient_s3_error`) once the client's own retries are spent.
         Only for idempotent calls: a whole PUT, a GET read to its end. A connection broken while an
         answer's body was read ends as a botocore ``ResponseStreamingError`` (a ``BotoCoreError``, what
@@ -172,11 +172,11 @@ class S3Store:
         from botocore.exceptions import ResponseStreamingError
         from urllib3.exceptions import ProtocolError
 
-        for attempt in range(self.write_retries + 1):
+        for attempt in range(self.retries + 1):
             try:
                 return call()
             except Exception as exc:  # noqa: BLE001 - only transient errors are repeated, the rest re-raised
-                if attempt == self.write_retries or not transient_s3_error(exc):
+                if attempt == self.retries or not transient_s3_error(exc):
                     if isinstance(exc, ProtocolError):
                         raise ResponseStreamingError(error=exc) from exc
                     raise
@@ -321,6 +321,8 @@ class S3Store:
 
 MISSING_CODES = ("NoSuchKey", "404", "NotFound")
 PRECONDITION_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+# what a GET with IfMatch answers when the object is another version now (a GET never answers 409)
+IF_MATCH_FAILED_CODES = ("PreconditionFailed", "412")
 
 
 def error_code(exc) -> str:
