@@ -118,3 +118,64 @@ def exif_orientation_jpeg(typ: int, count: int, value4: bytes, size=(96, 64)) ->
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, "JPEG", exif=blob)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server_url(model_dir):
+    """The real container server (gunicorn, 2 workers, the model's threshold, 6 MB payload limit)."""
+    from platemask.local_transform import wait_ready
+
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="2",
+               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu")
+    for name in ("PLATEMASK_THRESHOLD", "SAGEMAKER_MAX_PAYLOAD_IN_MB", "PLATEMASK_SERVER_THREADS",
+                 "SAGEMAKER_MODEL_SERVER_TIMEOUT"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=120)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def write_tiny_coco(root: Path, n: int = 8, n_neg: int = 2, seed: int = 0) -> Path:
+    """A tiny generated COCO set under ``root``: ``n`` 320x240 car photos, the last ``n_neg`` of them
+    negatives (no plate), the others one plate each (boxes and outlines)."""
+    import json
+
+    import cv2
+
+    from platemask.training.synth import synth_car_scene
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(n):
+        negative = i >= n - n_neg
+        img, quads, _ = synth_car_scene(rng, size=(240, 320), n_plates=0 if negative else 1, plate_width=(40, 60))
+        name = f"images/{i}.jpg"
+        cv2.imwrite(str(root / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        rec = {"id": i + 1, "file_name": name, "width": 320, "height": 240, "sha1": f"img{i}"}
+        if negative:
+            rec["negative"] = True
+        images.append(rec)
+        for q in quads:
+            x0, y0 = q.min(0)
+            x1, y1 = q.max(0)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                         "segmentation": [q.reshape(-1).tolist()]})
+    (root / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "plate"}]}))
+    return root
+
+
+def torch_save_then_disk_full(obj, f, *a, **k):
+    """A stand-in for ``torch.save`` that writes the start of a file and then fails as a full disk does."""
+    with open(f, "wb") as fh:
+        fh.write(b"PK\x03\x04 partial")
+    raise OSError(28, "No space left on device")

