@@ -259,15 +259,35 @@ def _ui(a, log: Path, say, endpoint: str, photos_in_window: int) -> int:
                 f"backfill its local day 2026-11-20:\n  {backfill_command(REGION, date(2026, 11, 20), date(2026, 11, 20))}\n"
                 f"the embedded S3 keeps running here ({endpoint}); Ctrl-C stops both.")
         return proc.wait()
-    except KeyboardInterrupt:
-        say("stopping `airflow standalone` ...")
+    except KeyboardInterrupt as e:
+        _ignore_stop_signals()  # a second Ctrl-C or SIGTERM must not cut the stopping short
+        what = e.args[0] if isinstance(e, Stop) else "Ctrl-C"
+        say(f"{what}: stopping `airflow standalone` ...")
         if _stop_group(proc):
             say("stopped")
             return 0
-        say(f"`airflow standalone` did not stop within a minute of Ctrl-C; its processes were ended (see {log})")
+        say(f"`airflow standalone` did not stop within a minute of {what}; its processes were ended (see {log})")
         return 1
     finally:
         _stop_group(proc)  # however this ends (an error, standalone gone): leave nothing of it running
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stop(KeyboardInterrupt):
+    """SIGTERM (``kill``, a supervisor, a CI runner's timeout) or SIGHUP (the terminal closed): stop as
+    on Ctrl-C. Their default action ends this process at once, without its clean-up, and `airflow
+    standalone` runs in a process group of its own, so it was left running with the embedded S3 gone."""
+
+
+def _raise_stop(signum, _frame):
+    raise Stop(signal.Signals(signum).name)
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 60) -> bool:
@@ -307,11 +327,13 @@ def main(argv=None) -> int:
     demo = a.dir.resolve()
     demo.mkdir(parents=True, exist_ok=True)
     log = demo / LOG_NAME
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stop)
     with _logs_to(log) as say:
         try:
             return _run(a, demo, log, say, t_start)
-        except KeyboardInterrupt:
-            say(f"interrupted; the full log: {log}")
+        except KeyboardInterrupt as e:
+            say(f"interrupted ({e.args[0] if isinstance(e, Stop) else 'Ctrl-C'}); the full log: {log}")
             return 130
         except BaseException as e:
             say(f"the demo stopped: {type(e).__name__}: {e}\nthe full log (Airflow's and the tasks'): {log}")

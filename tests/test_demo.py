@@ -127,9 +127,13 @@ def _alive(pids: set[int]) -> set[int]:
     return live
 
 
-def test_make_airflow_ui_starts_without_an_activated_venv(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_make_airflow_ui_starts_without_an_activated_venv(tmp_path, stop):
     """`python -m platemask.demo --ui` (what `make airflow-ui` runs) with PATH as in a fresh shell:
-    the API server answers its health endpoint with every component healthy, and Ctrl-C stops it all."""
+    the API server answers its health endpoint with every component healthy, and Ctrl-C in the
+    terminal (SIGINT to the group) or a ``kill`` of the demo (SIGTERM to it alone: a supervisor, a CI
+    timeout) stops it all. SIGTERM's default action had ended the demo at once and left `airflow
+    standalone`, in a process group of its own, running."""
     try:
         port = _free_port()
     except OSError as e:
@@ -164,15 +168,19 @@ def test_make_airflow_ui_starts_without_an_activated_venv(tmp_path):
         started = _descendants(proc.pid)  # standalone and its components
         assert len(started) >= 5, started
         t0 = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # `kill PID`: the demo alone
         rc = proc.wait(timeout=200)
         stopped = console.read_text()
-        assert not _alive(started), "left running after Ctrl-C: " + ", ".join(
+        assert not _alive(started), f"left running after {stop}: " + ", ".join(
             Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ") for p in _alive(started))
         assert _health(port) is None
         # standalone stops its components itself (within a minute), or the demo ends them and says so
         assert (rc, stopped.splitlines()[-1]) == (0, "stopped") or (
-            rc == 1 and "did not stop within a minute of Ctrl-C; its processes were ended" in stopped), (rc, stopped)
+            rc == 1 and "did not stop within a minute of" in stopped and "its processes were ended" in stopped), (rc, stopped)
+        assert ("SIGTERM: stopping" if stop == "sigterm" else "Ctrl-C: stopping") in stopped, stopped
         print(f"stopped in {time.monotonic() - t0:.1f} s, exit code {rc}")
     finally:
         leftovers = _alive(started | _descendants(proc.pid))
