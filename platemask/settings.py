@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 from .constants import REPO_MODEL_DIR
@@ -23,6 +24,52 @@ PARSE_TIME_FIELDS = frozenset({
     "lock_wait_minutes", "lock_poll_seconds", "sagemaker_poll_seconds", "sagemaker_max_runtime_hours",
     "alert_sns_topic_arn", "alert_aws_conn_id", "cpu_queue", "cpu_pool",
 })
+
+
+SSE_VALUES = (None, "AES256", "aws:kms", "aws:kms:dsse")  # S3's ServerSideEncryption values
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# field annotation -> (check, what it must be); a field of another type needs an entry here
+_KINDS = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or empty"),
+    "int": (_is_int, "a whole number"),
+    "float": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "tuple[str, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+                        "a list of names (PLATEMASK_REGIONS=DE,PL)"),
+    "dict[str, str]": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()),
+                       'a JSON object of names to names ({"DE": "Europe/Berlin"})'),
+}
+
+
+def _where(name: str) -> str:
+    variable = "" if name in PARSE_TIME_FIELDS else f" or the platemask_settings Variable's {name!r}"
+    return f" (set by PLATEMASK_{name.upper()} in the environment{variable})"
+
+
+def _from_env(name: str, kind: str, raw: str):
+    """One ``PLATEMASK_<NAME>`` value, converted to the field's type; a value that does not convert is
+    refused naming the variable, not with Python's bare ``invalid literal for int()``."""
+    try:
+        if kind == "tuple[str, ...]":
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+        if kind == "dict[str, str]":
+            return json.loads(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as exc:
+        what = {"int": "a whole number", "float": "a number", "dict[str, str]": "a JSON object"}[kind]
+        raise ValueError(f"PLATEMASK_{name.upper()}={raw!r} in the environment is not {what} ({exc}); "
+                         f"fix or unset it (setting {name})") from None
+    if "None" in kind:
+        return raw or None
+    return raw
 
 
 @dataclass(frozen=True)
@@ -101,6 +148,9 @@ class Settings:
     sagemaker_local_endpoint: str | None = None
 
     def __post_init__(self):
+        problem = self.value_problem()
+        if problem:
+            raise ValueError(problem)
         if self.time_source not in ("partition", "last_modified"):
             raise ValueError(f"time_source must be 'partition' or 'last_modified', got {self.time_source!r}")
         if self.shard_size < 1 or self.sagemaker_shard_size < 1 or not 1 <= self.max_shards <= 1000:
@@ -109,18 +159,67 @@ class Settings:
         if "{run}" not in self.runs_root:
             raise ValueError(f"runs_root must contain {{run}} (runs of one window must not share files), got {self.runs_root!r}")
         if self.retries < 0 or self.late_days < 0 or self.lock_wait_minutes < 0 or self.lock_poll_seconds < 1:
-            raise ValueError("retries and lock_wait_minutes must be >= 0, lock_poll_seconds >= 1")
+            raise ValueError(f"retries, late_days and lock_wait_minutes must be >= 0 and lock_poll_seconds >= 1, got "
+                             f"retries={self.retries}, late_days={self.late_days}, "
+                             f"lock_wait_minutes={self.lock_wait_minutes}, lock_poll_seconds={self.lock_poll_seconds}")
         if not 0 <= self.max_failure_rate <= 1:
             raise ValueError(f"max_failure_rate must be within [0, 1], got {self.max_failure_rate}")
-        for r in self.regions:
-            if r not in self.region_timezones:
-                raise ValueError(f"region {r!r} has no time zone in region_timezones")
         partition = self.partition_problem()
         if partition:
             raise ValueError(partition)
         clash = self.layout_clash()
         if clash:
             raise ValueError(clash)
+
+    def value_problem(self) -> str | None:
+        """Why a field holds a value no run can use (wrong type, out of range, unknown time zone, a bucket
+        given as a URL...), naming the field and where it is set; None when every value is usable. Checked
+        when the settings are built (the DAG file's parse, every task's start), so a typo fails there, by
+        name, not hours later in a mask task or as a DAG that Airflow cannot serialise."""
+        import zoneinfo
+
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _KINDS[f.type]
+            if not kind[0](value):
+                return (f"setting {f.name} must be {kind[1]}, got {value!r} ({type(value).__name__}){_where(f.name)}")
+        positive = ("shard_size", "batch_size", "io_workers", "sagemaker_instance_count", "sagemaker_max_concurrent",
+                    "sagemaker_invocation_timeout_s", "sagemaker_poll_seconds", "sagemaker_shard_size",
+                    "sagemaker_max_runtime_hours")
+        for name in positive + ("deadline_hours", "review_samples", "sagemaker_invocation_retries"):
+            value = getattr(self, name)
+            if value < 0 or (value == 0 and name in positive):
+                return f"setting {name} must be {'> 0' if name in positive else '>= 0'}, got {value!r}{_where(name)}"
+        bucket = self.bucket
+        if not bucket or "/" in bucket or any(c.isspace() for c in bucket):
+            return (f"setting bucket must be a bucket name alone (e.g. inspection-photos), got {bucket!r}: no s3://, "
+                    f"no prefix (the key layout is raw_prefix, masked_root, ...), no spaces{_where('bucket')}")
+        if self.sse not in SSE_VALUES:
+            return (f"setting sse must be one of {', '.join(v for v in SSE_VALUES if v)} or empty (no encryption "
+                    f"header), got {self.sse!r}{_where('sse')}")
+        if self.kms_key_id and not (self.sse or "").startswith("aws:kms"):
+            return (f"setting kms_key_id is {self.kms_key_id!r} but sse is {self.sse!r}: the key is only sent with "
+                    "sse aws:kms (or aws:kms:dsse), so objects would be written without it; set PLATEMASK_SSE=aws:kms "
+                    "too, or remove the key id")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            return f"setting device must be auto, cpu, cuda or cuda:N, got {self.device!r}{_where('device')}"
+        if not self.regions:
+            return ("setting regions is empty: no region would be masked (no nightly DAG); set PLATEMASK_REGIONS, "
+                    "e.g. DE,PL,TH,US")
+        for r in self.regions:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", r):
+                return (f"region {r!r} in setting regions is not a plain name (letters, digits, _ and -): it is "
+                        f"part of S3 keys and of the DAG id{_where('regions')}")
+            if r not in self.region_timezones:
+                return (f"region {r!r} has no time zone in region_timezones: set PLATEMASK_REGION_TIMEZONES (a JSON "
+                        f"object, e.g. {{\"{r}\": \"Europe/Berlin\", ...}}) with an IANA zone for every region in "
+                        f"PLATEMASK_REGIONS ({', '.join(self.regions)})")
+        for r, tz in self.region_timezones.items():
+            try:
+                zoneinfo.ZoneInfo(tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                return (f"region_timezones gives region {r} the time zone {tz!r}, which is no IANA time zone name "
+                        f"(e.g. Europe/Berlin, America/New_York); a region's night is its local day{_where('region_timezones')}")
+        return None
 
     def partition_problem(self) -> str | None:
         """Why ``raw_prefix`` does not name one region's one local day, or None. Collect lists the
@@ -193,18 +292,7 @@ class Settings:
             raw = env.get(f"PLATEMASK_{name.upper()}")
             if raw is None:
                 continue
-            if name in ("regions",):
-                values[name] = tuple(s.strip() for s in raw.split(",") if s.strip())
-            elif name in ("region_timezones",):
-                values[name] = json.loads(raw)
-            elif types[name] in ("int",):
-                values[name] = int(raw)
-            elif types[name] in ("float",):
-                values[name] = float(raw)
-            elif "None" in str(types[name]):
-                values[name] = raw or None
-            else:
-                values[name] = raw
+            values[name] = _from_env(name, types[name], raw)
         if variable:
             unknown = set(variable) - set(types)
             if unknown:
@@ -216,7 +304,7 @@ class Settings:
                     f"the platemask_settings Variable sets {', '.join(parse_time)}: "
                     f"{'this is' if len(parse_time) == 1 else 'these are'} read when the DAG file is parsed "
                     "(schedules, Params, Assets, queues, pools, deadlines, alerts), where no Variable is read. "
-                    f"Set {env_names} in the environment of the scheduler, DAG processor and workers instead, "
+                    f"Set {env_names} in the environment of the scheduler, DAG processor, triggerer and workers instead, "
                     "and remove them from the Variable.")
             values.update({k: tuple(v) if k == "regions" else v for k, v in variable.items()})
         return cls(**values)

@@ -3,6 +3,7 @@ and the inference server all read the same masking modes, metadata policies, bac
 environment variable and "auto" device rule."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import uuid
@@ -107,3 +108,49 @@ def test_no_copy_of_the_review_band_rule():
     copies = [str(p.relative_to(ROOT)) for folder in ("platemask", "dags", "plugins") for p in (ROOT / folder).rglob("*.py")
               if "min(cfg.review_low" in p.read_text()]
     assert not copies, copies
+
+
+# ------------------------------------------------------------------ settings: a mistyped value is refused by name
+
+def _parse_dag_file(monkeypatch, **env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    spec = importlib.util.spec_from_file_location(f"plate_masking_{uuid.uuid4().hex}", ROOT / "dags" / "plate_masking.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+@pytest.mark.parametrize("env,named", [
+    # before: parsed, then Airflow could not serialise plate_masking_de ("Failed to serialize DAG ...: Europe/Berlinn")
+    ({"PLATEMASK_REGION_TIMEZONES": '{"DE": "Europe/Berlinn", "PL": "Europe/Warsaw", "TH": "Asia/Bangkok", '
+                                    '"US": "America/New_York"}'}, "Europe/Berlinn"),
+    ({"PLATEMASK_BATCH_SIZE": "four"}, "PLATEMASK_BATCH_SIZE"),  # before: "invalid literal for int() ...: 'four'"
+    ({"PLATEMASK_REGION_TIMEZONES": "{DE: Europe/Berlin}"}, "PLATEMASK_REGION_TIMEZONES"),  # before: a bare JSONDecodeError
+    ({"PLATEMASK_BUCKET": "s3://inspection-photos"}, "bucket name alone"),  # before: botocore's "Invalid bucket name" in collect
+    ({"PLATEMASK_SSE": "kms"}, "PLATEMASK_SSE"),  # before: every write refused by S3
+    ({"PLATEMASK_KMS_KEY_ID": "arn:aws:kms:eu-central-1:111122223333:key/k"}, "PLATEMASK_SSE=aws:kms"),  # before: key ignored
+    ({"PLATEMASK_DEVICE": "gpu"}, "PLATEMASK_DEVICE"),  # before: torch's error in the first mask task
+    ({"PLATEMASK_IO_WORKERS": "0"}, "PLATEMASK_IO_WORKERS"),
+    ({"PLATEMASK_REGIONS": ""}, "PLATEMASK_REGIONS"),  # before: no nightly DAG at all, silently
+])
+def test_a_mistyped_setting_is_refused_by_name_when_the_dag_file_is_parsed(monkeypatch, env, named):
+    with pytest.raises(ValueError) as exc:
+        _parse_dag_file(monkeypatch, **env)
+    assert named in str(exc.value)
+
+
+@pytest.mark.parametrize("variable,named", [
+    ({"batch_size": "8"}, "batch_size must be a whole number"),  # a JSON string: before, accepted, a TypeError in mask
+    ({"shard_size": "200"}, "shard_size must be a whole number"),  # before: "'<' not supported between 'str' and 'int'"
+    ({"late_days": -1}, "late_days=-1"),  # before: the message named retries and lock_wait_minutes only
+    ({"sse": "AES"}, "setting sse"),
+])
+def test_a_variable_value_of_the_wrong_type_or_range_is_refused_by_name(variable, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Settings.load(variable, env={})
+
+
+def test_every_settings_field_has_a_type_the_checks_know():
+    from platemask.settings import _KINDS
+
+    assert {f.type for f in dataclasses.fields(Settings)} <= set(_KINDS)
+    assert Settings.load(env={}) == Settings()  # the defaults pass their own checks
