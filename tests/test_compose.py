@@ -76,7 +76,7 @@ def test_celery_queues_and_gpu_reservation():
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
     assert _env("airflow-worker-gpu")["PLATEMASK_DEVICE"] == "cuda"
     env = _env("airflow-scheduler")
-    assert env["PLATEMASK_QUEUE"] == "gpu" and env["PLATEMASK_POOL"] == "platemask_gpu"
+    assert _interpolate(env["PLATEMASK_QUEUE"], {}) == "gpu" and _interpolate(env["PLATEMASK_POOL"], {}) == "platemask_gpu"
     assert "airflow pools set platemask_gpu 1" in _cmd("airflow-init")
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://") and "@redis:" in env["AIRFLOW__CELERY__BROKER_URL"]
@@ -116,6 +116,43 @@ def test_workers_and_triggerer_wait_for_a_healthy_api_server():
         assert SERVICES[name]["depends_on"]["airflow-apiserver"]["condition"] == "service_healthy", name
 
 
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """What compose makes of a value given the variables of .env: ${X}, ${X:-default}, ${X-default},
+    ${X:?message} (compose's documented interpolation; $$ is a literal $)."""
+    def one(m):
+        name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+        if op == ":?" and not env.get(name):
+            raise KeyError(f"{name}: {arg}")
+        if op == ":-":
+            return env.get(name) or arg
+        if op == "-":
+            return env.get(name, arg)
+        return env.get(name, "")
+    return VAR.sub(one, value.replace("$$", "\0")).replace("\0", "$")
+
+
+def test_a_host_without_a_gpu_sends_masking_to_the_cpu_worker_from_dot_env(tmp_path):
+    """Before: PLATEMASK_QUEUE and PLATEMASK_POOL were literals in the compose file ("gpu"), so the file's
+    own advice for a host without a GPU (set PLATEMASK_QUEUE=default) had no effect from .env: every
+    masking task waited on the queue of a worker that was never started."""
+    from platemask.settings import Settings
+
+    env_file = tmp_path / ".env"
+    deploy_env.generate(env_file)
+    env = deploy_env.read_env(env_file)
+    with_gpu = {n: {k: _interpolate(str(v), env) for k, v in _env(n).items()} for n in AIRFLOW}
+    env_file.write_text(env_file.read_text() + "PLATEMASK_QUEUE=default\nPLATEMASK_POOL=default_pool\n")
+    env = deploy_env.read_env(env_file)
+    without = {n: {k: _interpolate(str(v), env) for k, v in _env(n).items()} for n in AIRFLOW}
+    for name in AIRFLOW:
+        assert (with_gpu[name]["PLATEMASK_QUEUE"], with_gpu[name]["PLATEMASK_POOL"]) == ("gpu", "platemask_gpu"), name
+        assert (without[name]["PLATEMASK_QUEUE"], without[name]["PLATEMASK_POOL"]) == ("default", "default_pool"), name
+        # what the DAG file and the tasks read from that environment
+        settings = Settings.load(env={k: v for k, v in without[name].items() if k.startswith("PLATEMASK_")})
+        assert (settings.queue, settings.pool) == ("default", "default_pool"), name
+    assert "--queues default" in _cmd("airflow-worker")  # the CPU worker takes that queue
+
+
 # --- secrets ------------------------------------------------------------------------------------------
 
 def test_no_literal_secrets_in_the_compose_file():
@@ -146,7 +183,8 @@ def test_every_secret_is_required_and_known_to_make_env():
     for name, forms in used.items():
         if ":?" in {f for f, _ in forms}:
             assert name in deploy_env.VARIABLES, f"{name} is required by compose but make env does not write it"
-    assert set(used) - set(deploy_env.VARIABLES) <= {"AIRFLOW_USERS", "PLATEMASK_BUCKET"}  # the only optional knobs
+    # the only optional knobs
+    assert set(used) - set(deploy_env.VARIABLES) <= {"AIRFLOW_USERS", "PLATEMASK_BUCKET", "PLATEMASK_QUEUE", "PLATEMASK_POOL"}
 
 
 def test_minio_root_is_not_airflows_login():
