@@ -6,6 +6,7 @@ network and database access.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .constants import resolve_device
@@ -40,7 +41,7 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
     dag_run = context["dag_run"]
     try:
         specs = plan_runs(settings, dict(context["params"]), run_id=dag_run.run_id,
-                          data_interval_end=context.get("data_interval_end"))
+                          data_interval_end=context.get("data_interval_end"), now=datetime.now(timezone.utc))
     except RunError as exc:
         raise AirflowFailException(f"invalid run parameters: {exc}") from None
     for s in specs:

@@ -57,8 +57,11 @@ class RunSpec:
         return cls(**d)
 
 
-def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_end: datetime | None) -> list[RunSpec]:
-    """Validate the run's Params and turn them into one RunSpec per region (pure)."""
+def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_end: datetime | None,
+              now: datetime | None = None) -> list[RunSpec]:
+    """Validate the run's Params and turn them into one RunSpec per region (pure). With ``now`` (the DAG's
+    plan passes it), an explicit window that has not ended by then is refused: photos still arrive in it, yet
+    its QA report would become the window's latest and its Asset events would say it is masked."""
     region = params.get("region") or "ALL"
     regions = list(settings.regions) if region == "ALL" else [region]
     for r in regions:
@@ -96,6 +99,12 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_en
         except ValueError as exc:
             raise RunError(f"region {r}: {exc}") from None
         tz = settings.region_timezones[r]
+        if now is not None and params.get("window_end") and w.end > now:
+            raise RunError(f"region {r}: window {w.start.astimezone(ZoneInfo(tz)).isoformat()} .. "
+                           f"{w.end.astimezone(ZoneInfo(tz)).isoformat()} has not ended yet (now "
+                           f"{now.astimezone(ZoneInfo(tz)).isoformat(timespec='seconds')}): photos still arrive in it, "
+                           "so a run would report it masked while it is not; give a window_end no later than now (the "
+                           "photos after it are the next run's), or trigger it once it has ended")
         if settings.time_source == "partition" and not w.partition_days(tz):
             raise RunError(f"region {r}: window {w.start.astimezone(ZoneInfo(tz)).isoformat()} .. "
                            f"{w.end.astimezone(ZoneInfo(tz)).isoformat()} contains no local midnight, so it covers no "

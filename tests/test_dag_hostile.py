@@ -1,0 +1,52 @@
+"""The DAG as an operator or an attacker triggers it: odd params, windows that have not ended, runs without a
+logical date, backfill runs side by side. Real dag.test() runs against moto's S3 server (fixtures of test_dag)."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+
+from conftest import jpeg_bytes
+from test_dag import (_asset_events, _assert_accounted, _objects, _report, _ti_states, bucket_env,  # noqa: F401
+                      load_dag)
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def _photo(seed: int) -> bytes:
+    from platemask.training.synth import synth_car_scene
+
+    img, _, _ = synth_car_scene(np.random.default_rng(seed), plate_width=(120, 160))
+    return jpeg_bytes(img)
+
+
+def test_a_window_that_has_not_ended_is_refused_not_reported_masked(monkeypatch, bucket_env, capfd):
+    """A manual run of today's window (or next year's) listed what was there so far, ended green, became the
+    window's latest QA report and emitted Asset events saying the window was masked, while photos kept
+    arriving in it."""
+    s3, bucket, _ = bucket_env
+    today = datetime.now(BERLIN).date()
+    s3.put_object(Bucket=bucket, Key=f"raw/DE/{today:%Y/%m/%d}/early.jpg", Body=_photo(5))
+    conf = {"region": "DE", "window_start": today.isoformat(), "window_end": (today + timedelta(days=1)).isoformat()}
+    dr = load_dag(monkeypatch).test(run_conf=conf)
+    assert dr.state == "failed" and _ti_states(dr)["plan"] == "failed"
+    out = capfd.readouterr()
+    assert "has not ended yet" in out.out + out.err and "window_end" in out.out + out.err
+    assert _asset_events(dr.run_id) == []
+    assert _objects(s3, bucket, "masked/") == {} and _objects(s3, bucket, "qa/") == {}
+
+    from platemask.runspec import RunError, plan_runs
+    from platemask.settings import Settings
+
+    now = datetime(2026, 11, 27, 12, tzinfo=timezone.utc)
+    for start, end in (("2030-01-01", "2030-01-02"), ("2026-11-27", "2026-11-28"),
+                       ("2026-11-27T00:00", "2026-11-27T13:00:01+00:00")):
+        with pytest.raises(RunError, match="has not ended yet"):
+            plan_runs(Settings(), {"region": "ALL", "window_start": start, "window_end": end}, run_id="r",
+                      data_interval_end=None, now=now)
+    # a window that ended (to the second) is a window like any other
+    assert plan_runs(Settings(), {"region": "DE", "window_start": "2026-11-26T12:00+00:00",
+                                  "window_end": "2026-11-27T12:00+00:00"}, run_id="r", data_interval_end=None, now=now)
