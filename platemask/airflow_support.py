@@ -39,9 +39,12 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
     from .runspec import RunError, plan_runs
 
     dag_run = context["dag_run"]
+    # a manual run may have no logical date (Airflow 3), hence no data interval: its night is the local day
+    # that ended before it was triggered (run_after), as for a manual run with one
+    night_end = context.get("data_interval_end") or getattr(dag_run, "run_after", None)
     try:
-        specs = plan_runs(settings, dict(context["params"]), run_id=dag_run.run_id,
-                          data_interval_end=context.get("data_interval_end"), now=datetime.now(timezone.utc))
+        specs = plan_runs(settings, dict(context["params"]), run_id=dag_run.run_id, data_interval_end=night_end,
+                          now=datetime.now(timezone.utc))
     except RunError as exc:
         raise AirflowFailException(f"invalid run parameters: {exc}") from None
     for s in specs:

@@ -50,3 +50,25 @@ def test_a_window_that_has_not_ended_is_refused_not_reported_masked(monkeypatch,
     # a window that ended (to the second) is a window like any other
     assert plan_runs(Settings(), {"region": "DE", "window_start": "2026-11-26T12:00+00:00",
                                   "window_end": "2026-11-27T12:00+00:00"}, run_id="r", data_interval_end=None, now=now)
+
+
+def test_a_manual_run_without_a_logical_date_masks_the_day_that_ended_before_it(monkeypatch, bucket_env):
+    """Airflow 3 lets a manual run have no logical date (the UI's and the API's default for a DAG without a
+    schedule), so it has no data interval: the run failed in plan ("no window: the run has no data interval"),
+    though the DAG's docs promise the local day that ended before the trigger."""
+    from platemask.windows import nightly_window
+
+    s3, bucket, _ = bucket_env
+    night = nightly_window(datetime.now(timezone.utc), "Europe/Berlin")
+    day = night.start.astimezone(BERLIN).date()
+    key = f"raw/DE/{day:%Y/%m/%d}/car.jpg"
+    s3.put_object(Bucket=bucket, Key=key, Body=_photo(6))
+    dr = load_dag(monkeypatch).test(logical_date=None, run_conf={"region": "DE", "max_failure_rate": 0.5})
+    assert dr.logical_date is None and dr.state == "success"
+    window = nightly_window(dr.run_after, "Europe/Berlin")
+    assert window == night  # (a trigger a few seconds before midnight would make this one day off)
+    rep = _report(s3, bucket, "DE", window.id)
+    assert rep["run_id"] == dr.run_id and rep["by_status"]["masked"] == 1
+    assert key.replace("raw/", "masked/", 1) in _objects(s3, bucket, "masked/")
+    _assert_accounted(s3, bucket, "DE", window.id, dr.run_id, rep)
+    assert [e["window"] for _, e in _asset_events(dr.run_id)] == [window.id] * 2
