@@ -116,7 +116,20 @@ def check(names: list[str], env: dict[str, str]) -> list[str]:
     unknown = [n for n in names if n not in VARIABLES]
     if unknown:
         raise SystemExit(f"unknown variable(s) {unknown}; known: {sorted(VARIABLES)}")
-    return [p for n in names if (p := problem(n, env.get(n)))]
+    out = [p for n in names if (p := problem(n, env.get(n)))]
+    # one value in two roles (the JWT secret pasted as the session secret, the admin's password as
+    # Postgres'): whoever learns it through one role holds the other too
+    seen: dict[str, str] = {}
+    for n in names:
+        value = env.get(n)
+        if not value:
+            continue
+        if value in seen:
+            out.append(f"{n} has the same value as {seen[value]}: every secret must be its own random value "
+                       f"(a leak of one would give the other); delete {n} from .env and run `make env` to draw a new one")
+        else:
+            seen[value] = n
+    return out
 
 
 def write_passwords(path: Path, users: dict[str, str]) -> None:

@@ -408,3 +408,20 @@ def test_docker_compose_config_refuses_a_missing_env_and_accepts_a_generated_one
     deploy_env.generate(env_file)
     r = subprocess.run(base + ["--env-file", str(env_file), "config", "-q"], capture_output=True, text=True, env=clean)
     assert r.returncode == 0, r.stderr
+
+
+def test_check_refuses_one_value_reused_for_two_secrets(tmp_path):
+    """Before: a .env whose session secret was a copy of the JWT secret (or the admin's password the
+    Postgres one) passed airflow-init's check, each value being long and random on its own."""
+    env_file = tmp_path / ".env"
+    deploy_env.generate(env_file)
+    values = deploy_env.read_env(env_file)
+    values["AIRFLOW_API_SECRET_KEY"] = values["AIRFLOW_JWT_SECRET"]
+    names = ["AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET_KEY", "POSTGRES_PASSWORD"]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "deploy_env.py"), "check", *names],
+                       env={**os.environ, **values}, capture_output=True, text=True)
+    assert r.returncode == 1 and "AIRFLOW_API_SECRET_KEY has the same value as AIRFLOW_JWT_SECRET" in r.stderr, r.stderr
+    env_file.write_text("\n".join(f"{k}={v}" for k, v in values.items()) + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "deploy_env.py"), "generate", "--env-file", str(env_file)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "same value" in r.stderr  # `make env` says so too
