@@ -194,3 +194,34 @@ def test_a_photo_marked_negative_that_has_plate_labels_is_refused_not_taught_as_
     data = _edit_annotations(coco, tmp_path, contradictory)
     with pytest.raises(ValueError, match=r"negative.*0\.jpg"):
         train(data=data, workdir=tmp_path / "w", log=lambda *_: None, **KW)
+
+
+def test_init_from_on_a_resume_is_refused_unless_it_is_the_model_the_run_started_from(coco, tmp_path):
+    """A resume goes on from the checkpoint: ``--init-from`` was ignored there without a word, and a run
+    begun from ImageNet (or from another model) went on while its command said it fine-tuned the one
+    named. Now that is refused, by both names; the model the run did start from resumes."""
+    from platemask.model import Architecture, ModelConfig, build_model, save_model
+    from platemask.training.train import export, train
+
+    torch.set_num_threads(2)
+    work = tmp_path / "w"
+    ckpt = train(data=coco, workdir=work, log=lambda *_: None, **KW)  # from ImageNet
+    shipped = export(ckpt, tmp_path / "m", name="m")
+    with pytest.raises(ValueError, match=r"started from ImageNet weights, not from --init-from .*[/\\]m "):
+        train(data=coco, workdir=work, init_from=tmp_path / "m", log=lambda *_: None, **{**KW, "steps": 2})
+    assert torch.load(ckpt, weights_only=False)["step"] == 1
+
+    # a model of another architecture (narrower FPN): a fine-tune from it resumes with that architecture
+    # (the default one was built on resume, and the checkpoint did not fit it)
+    arch = Architecture(fpn_channels=32, mask_head_channels=32)
+    save_model(build_model(arch=arch), ModelConfig(name="narrow", architecture=arch), tmp_path / "narrow")
+    ft = train(data=coco, workdir=tmp_path / "ft", init_from=tmp_path / "narrow", log=lambda *_: None, **KW)
+    with pytest.raises(ValueError, match=r"started from narrow \(weights [0-9a-f]{12}\), not from --init-from"):
+        train(data=coco, workdir=tmp_path / "ft", init_from=tmp_path / "m", log=lambda *_: None, **{**KW, "steps": 2})
+    said = []
+    train(data=coco, workdir=tmp_path / "ft", init_from=tmp_path / "narrow", log=said.append, **{**KW, "steps": 2})
+    train(data=coco, workdir=tmp_path / "ft", log=said.append, **{**KW, "steps": 3})  # or without it
+    state = torch.load(ft, weights_only=False)
+    assert state["step"] == 3 and state["meta"]["architecture"]["fpn_channels"] == 32
+    assert state["meta"]["init_from"]["name"] == "narrow" and shipped.weights_sha256 != state["meta"]["init_from"]["weights_sha256"]
+    assert any("resumed from" in str(s) for s in said)

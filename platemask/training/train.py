@@ -86,6 +86,36 @@ def _check_same_run(ckpt_path: Path, meta: dict, *, data, val_fraction: float) -
             "Run the same command again to resume, or pass another --workdir to start a new run")
 
 
+def _read_checkpoint(ckpt_path: Path, device: str, workdir: Path) -> dict:
+    try:
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state["model"], state["optimizer"], state["step"], state["meta"]
+    except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, or another program's file
+        raise ValueError(
+            f"{ckpt_path} cannot be resumed: it is not a complete training checkpoint ({exc}). "
+            f"Remove it to start over in {workdir}, or pass another --workdir") from exc
+    return state
+
+
+def _check_same_start(ckpt_path: Path, init_info: dict | None, init_from: str | Path) -> None:
+    """Refuse ``--init-from`` on a resume when the checkpoint did not start from that model: it was
+    ignored without a word, and the run went on from the checkpoint's own start (ImageNet, or another
+    model) while its command line said it fine-tuned the one named."""
+    from ..model import load_config
+
+    try:
+        wanted = load_config(init_from).weights_sha256
+    except Exception as exc:  # noqa: BLE001 - no config.json, unreadable: the same advice applies
+        raise ValueError(f"--init-from {init_from} cannot be read as a model folder ({exc})") from exc
+    if init_info is None or init_info.get("weights_sha256") != wanted:
+        began = ("ImageNet weights" if init_info is None else
+                 f"{init_info.get('name')} (weights {str(init_info.get('weights_sha256'))[:12]})")
+        raise ValueError(
+            f"{ckpt_path} was started from {began}, not from --init-from {init_from} (weights {wanted[:12]}): "
+            "a resume goes on from the checkpoint, so that option would be ignored. Drop --init-from to resume, "
+            "or pass another --workdir to fine-tune from it")
+
+
 def train(
     *,
     data: str | Path,
@@ -110,8 +140,9 @@ def train(
 ) -> Path:
     """Train (or resume) into ``workdir``; returns the checkpoint path.
 
-    ``init_from`` is a shipped model folder to fine-tune from instead of starting at ImageNet
-    (ignored when ``workdir`` already holds a checkpoint: that one is resumed).
+    ``init_from`` is a shipped model folder to fine-tune from instead of starting at ImageNet. When
+    ``workdir`` already holds a checkpoint, that one is resumed (with its own architecture), and an
+    ``init_from`` other than the model it started from is refused.
     ``hard_negative_gain`` weights each training negative by the plate score the current model
     gives it (re-measured on every start and resume; not on a start from ImageNet, whose scores
     mean nothing yet); ``hard_roi_fraction`` is the share of box-head negatives on a negative
@@ -146,7 +177,15 @@ def train(
     log(f"data {data}: train {len(pos)} positive + {len(neg)} negative images "
         f"({sum(len(r.polygons) for r in pos)} plates); held out {len(val_recs)}")
     init_info = None
-    if init_from is not None and not ckpt_path.exists():
+    state = _read_checkpoint(ckpt_path, device, workdir) if ckpt_path.exists() else None
+    if state is not None:  # resumed: the checkpoint's own architecture and weights, whatever it started from
+        _check_same_run(ckpt_path, state["meta"], data=data, val_fraction=val_fraction)
+        init_info = state["meta"].get("init_from")
+        if init_from is not None:
+            _check_same_start(ckpt_path, init_info, init_from)
+        arch = Architecture.from_dict(state["meta"].get("architecture", {}))
+        model = build_model(arch=arch)  # no ImageNet weights needed: the checkpoint replaces them
+    elif init_from is not None:
         from ..model import load_model
 
         model, init_cfg = load_model(init_from)
@@ -161,20 +200,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     step, elapsed_before = 0, 0.0
-    if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location=device, weights_only=False)
-            state["model"], state["optimizer"], state["step"], state["meta"]
-        except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, or another program's file
-            raise ValueError(
-                f"{ckpt_path} cannot be resumed: it is not a complete training checkpoint ({exc}). "
-                f"Remove it to start over in {workdir}, or pass another --workdir") from exc
-        _check_same_run(ckpt_path, state["meta"], data=data, val_fraction=val_fraction)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
-        init_info = state["meta"].get("init_from")
         log(f"resumed from {ckpt_path} at step {step}")
     aug = AugmentConfig(crop=crop, negative_fraction=negative_fraction)
     if hard_roi_fraction:
