@@ -13,7 +13,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, is_dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
@@ -154,6 +154,12 @@ def _is_folder_marker(obj: dict) -> bool:
     return obj["Key"].endswith("/") and int(obj.get("Size", 0)) == 0
 
 
+def day_prefix(settings: Settings, region: str, d: date) -> str:
+    """The raw day partition of ``region``'s local day ``d`` (``raw_prefix``): what collect lists for a day of
+    the window, and late pick-up for a day before it."""
+    return settings.raw_prefix.format(region=region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
+
+
 # failures the upload itself causes (its bytes, its size or its key): the same upload fails the same
 # way again, so late pick-up leaves them to a new upload. Any other failure (reading or writing S3, a
 # transform job, the detector, an archived photo since restored) is retried by the next nights.
@@ -192,7 +198,7 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
                 continue
             log(f"{spec.region} {d}: the lock of that night is held by run {lock[0].get('run_id')}, which is no longer "
                 "running (it ended without releasing it): its late photos are picked up here")
-        prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
+        prefix = day_prefix(settings, spec.region, d)
         audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
         audited = {o["Key"] for o in _store(client, settings).iter_objects(audit_prefix)}
         photos = []
@@ -235,7 +241,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     hidden: list[str] = []
     store = _store(client, settings)
     for d in days:
-        prefix = settings.raw_prefix.format(region=spec.region, yyyy=f"{d.year:04d}", mm=f"{d.month:02d}", dd=f"{d.day:02d}")
+        prefix = day_prefix(settings, spec.region, d)
         n_listed = 0
         midnight = datetime(d.year, d.month, d.day, tzinfo=z)
         last_instant = datetime.combine(d + timedelta(days=1), datetime.min.time(), tzinfo=z) - timedelta(microseconds=1)
