@@ -110,7 +110,7 @@ def test_a_label_of_an_undeclared_category_or_with_a_negative_box_is_refused_not
     assert len(recs) == 6
 
 
-def test_an_export_cut_short_leaves_the_model_folder_it_was_writing_over_loadable(model_dir, tmp_path, monkeypatch):
+def test_an_export_cut_short_leaves_the_model_folder_loadable_and_a_whole_one_leaves_no_stale_part(model_dir, tmp_path, monkeypatch):
     from dataclasses import asdict
 
     from platemask import model as M
@@ -130,9 +130,16 @@ def test_an_export_cut_short_leaves_the_model_folder_it_was_writing_over_loadabl
     monkeypatch.undo()
     model, cfg = M.load_model(folder)  # the old weights, still matching config.json
     assert cfg.weights_sha256 == before
-    cfg = export(ckpt, folder, name="new")
+    said = []
+    cfg = export(ckpt, folder, name="new", log=said.append)
     assert M.load_model(folder)[1].weights_sha256 == cfg.weights_sha256 != before
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in model_dir.iterdir())  # no leftovers
+    # no leftovers: neither the staging folder nor the verifier and ONNX graphs of the model exported
+    # over, which the new config.json does not name (they were left beside it, fitted to another detector)
+    old = M.load_config(model_dir)
+    stale = {old.verifier["weights"], *(part["file"] for part in old.onnx.values() if isinstance(part, dict))}
+    assert stale and not stale & {cfg.weights, "config.json"}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in model_dir.iterdir() if p.name not in stale)
+    assert all(n in said[-1] for n in stale), said
 
 
 def test_a_data_set_with_no_training_plate_is_refused_before_the_model_or_the_mining_pass(coco, tmp_path, monkeypatch):

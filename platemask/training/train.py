@@ -305,8 +305,21 @@ def train(
     return ckpt_path
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, *, name: str, **config) -> ModelConfig:
-    """Write the shipped model (fp16 weights + config.json) from a training checkpoint."""
+def _named_files(config_json: Path) -> set[str]:
+    """The files a model folder's config.json names (weights, verifier, ONNX graphs); none if unreadable."""
+    try:
+        doc = json.loads(config_json.read_text())
+        names = {doc.get("weights"), (doc.get("verifier") or {}).get("weights")}
+        names |= {part.get("file") for part in (doc.get("onnx") or {}).values() if isinstance(part, dict)}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, *, name: str, log=print, **config) -> ModelConfig:
+    """Write the shipped model (fp16 weights + config.json) from a training checkpoint. Exported over a
+    model folder, the files its previous config named and the new one does not (a verifier and ONNX
+    graphs fitted to the old detector) are removed: a folder holds one model, not a stale part beside it."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     arch = Architecture.from_dict(state["meta"]["architecture"])
     model = build_model(arch=arch)
@@ -325,10 +338,17 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, name: str, **config) 
     import shutil
 
     shutil.rmtree(staging, ignore_errors=True)
+    before = _named_files(out / "config.json")
     try:
         cfg = save_model(model, cfg, staging)
         (staging / cfg.weights).replace(out / cfg.weights)
         (staging / "config.json").replace(out / "config.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    stale = sorted(before - _named_files(out / "config.json"))
+    for n in stale:
+        (out / n).unlink(missing_ok=True)
+    if stale:
+        log(f"removed from {out} what its previous model named and this one does not: {', '.join(stale)} "
+            "(fitted to the previous detector; train-verifier and export-onnx make this model's)")
     return cfg
