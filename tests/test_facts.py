@@ -154,3 +154,39 @@ def test_every_settings_field_has_a_type_the_checks_know():
 
     assert {f.type for f in dataclasses.fields(Settings)} <= set(_KINDS)
     assert Settings.load(env={}) == Settings()  # the defaults pass their own checks
+
+
+def test_the_readme_documents_every_setting_with_its_default_and_the_parse_time_list_is_the_codes():
+    """Before: the README's parse-time list lacked cpu_queue and cpu_pool (a deployer putting them in the
+    Variable got a refusal the README said could not happen), and review_samples and six sagemaker_*
+    settings were documented nowhere."""
+    from platemask.settings import PARSE_TIME_FIELDS
+
+    text = (ROOT / "README.md").read_text()
+    cfg = text[text.index("## Configuration"):text.index("### Schedule and backfill")]
+    listed = re.search(r"These fields \(`settings.PARSE_TIME_FIELDS`\)\s+are (.*?): set them", cfg, re.S).group(1)
+    assert set(re.findall(r"`(\w+)`", listed)) == set(PARSE_TIME_FIELDS)
+    defaults, documented = Settings(), set()
+    for line in cfg.splitlines():
+        row = re.match(r"\| ((?:`\w+`(?:, )?)+) \| ([^|]+) \|", line)
+        if not row:
+            continue
+        names = re.findall(r"`(\w+)`", row.group(1))
+        documented |= set(names)
+        if names[0] in ("regions", "region_timezones"):
+            continue  # described in words
+        cells = [c.strip().strip("`") for c in row.group(2).split(",")] if len(names) > 1 else [row.group(2).strip().strip("`")]
+        for name, cell in zip(names, cells):
+            value = getattr(defaults, name)
+            shown = "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+            assert cell.startswith(shown) or str(value).endswith(cell), f"README says {name} defaults to {cell!r}, code: {value!r}"
+    assert {f.name for f in dataclasses.fields(Settings)} <= documented
+
+
+def test_the_readme_names_every_variable_the_container_server_reads():
+    import platemask.serve as serve
+
+    text = (ROOT / "README.md").read_text()
+    source = Path(serve.__file__).read_text()
+    names = set(re.findall(r"[\"']((?:PLATEMASK|SAGEMAKER)_[A-Z0-9_]+)[\"']", source))
+    assert names and not [n for n in sorted(names) if n not in text]
