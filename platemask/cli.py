@@ -155,6 +155,19 @@ def _open_for_records(path: str, **kw):
     return open(path, "w", **kw)
 
 
+def _discard_report(path: str, opened: os.stat_result) -> None:
+    """Remove the report file this run opened (a run that did not finish leaves none), only if the
+    name still leads to that regular file: ``--report /dev/null`` (or any device, pipe or file put
+    there since) is never unlinked; unlinking /dev/null as root broke the machine's /dev/null."""
+    real = os.path.realpath(Path(path).expanduser())
+    try:
+        st = os.stat(real)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino):
+        Path(real).unlink(missing_ok=True)
+
+
 def cmd_mask(a: argparse.Namespace) -> int:
     from .mask import MaskStyle
     from .model import load_config
@@ -228,6 +241,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
         # line-buffered: each record reaches the file when its photo is done, not when a buffer fills
         det_file = _open_for_records(a.detections, buffering=1) if a.detections else None
         report_file = _open_for_records(a.report) if a.report else None
+        report_opened = os.fstat(report_file.fileno()) if report_file else None
     except OSError as exc:
         if det_file:
             det_file.close()
@@ -249,7 +263,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
     except BaseException as exc:
         if report_file:  # no report for a job that did not finish (nor the one an earlier run left)
             report_file.close()
-            Path(os.path.realpath(a.report)).unlink(missing_ok=True)  # the file it wrote, not a link to it
+            _discard_report(a.report, report_opened)  # the file it wrote, not a link to it nor a device
         if not isinstance(exc, (Interrupted, KeyboardInterrupt)):
             raise
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT

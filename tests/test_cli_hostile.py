@@ -1,0 +1,64 @@
+"""`platemask mask` run by a hostile operator on hostile inputs: the promises hold (no plate leaves
+unmasked, originals untouched, every input exactly one record, honest exit codes and summaries)."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from platemask.cli import main
+
+from conftest import jpeg_bytes
+
+
+def _photos(folder: Path, n: int, seed: int = 3, size=(48, 64)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (folder / f"p{i:03d}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (*size, 3), dtype=np.uint8)))
+
+
+def _start(args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "platemask.cli", "mask", *map(str, args)], stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+
+
+def _wait_for_outputs(proc: subprocess.Popen, dst: Path, n: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (not dst.is_dir() or len(list(dst.iterdir())) < n):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+
+
+def _records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_an_interrupted_run_never_unlinks_a_device_given_as_report(tmp_path, model_dir):
+    """``--report /dev/null`` and Ctrl-C: the stopped run removed "its" report by unlinking the path,
+    as root the machine's /dev/null itself (here an identical device node). Now only the regular file
+    the run opened is removed; a device (or a pipe) stays."""
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _photos(src, 300)
+    proc = _start([src, dst, "--model", model_dir, "--report", null, "--batch-size", "2"])
+    try:
+        _wait_for_outputs(proc, dst, 3)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "no report written" in err
+    assert null.exists() and stat.S_ISCHR(os.stat(null).st_mode)
