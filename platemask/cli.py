@@ -141,6 +141,23 @@ def _unwritable(path: str) -> str | None:
     return None
 
 
+def _unwritable_folder(path: str) -> str | None:
+    """Why the local folder ``path`` (DST) cannot be created or written, or None. Checked before the
+    model loads: a DST that is a file, or on a read-only file system, ended in a traceback (exit 1),
+    or in every photo masked and then failed one by one (write_error)."""
+    p = Path(os.path.realpath(Path(path).expanduser()))
+    q = p
+    while not q.exists() and q != q.parent:  # the nearest folder that exists: where DST gets created
+        q = q.parent
+    if not q.is_dir():
+        return (f"{q} is a file, not a folder" if q == p else
+                f"it cannot be created: {q} is a file, not a folder")
+    if not os.access(q, os.W_OK | os.X_OK):
+        what = "a read-only file system" if os.statvfs(q).f_flag & os.ST_RDONLY else "permission denied"
+        return f"{'it' if q == p else q} cannot be written ({what})"
+    return None
+
+
 def _open_for_records(path: str, **kw):
     """``path`` opened for writing text. A regular file there with other names (hard links: an
     original in SRC, a backup snapshot's copy) is unlinked first, so that this name gets a new file
@@ -187,6 +204,10 @@ def cmd_mask(a: argparse.Namespace) -> int:
     if not a.src.startswith("s3://") and not Path(a.src).is_dir():
         _log(f"platemask: error: SRC {a.src} is not a folder (or an s3://bucket/prefix URI)")
         return EXIT_USAGE
+    problem = None if a.dst.startswith("s3://") else _unwritable_folder(a.dst)
+    if problem:
+        _log(f"platemask: error: DST {a.dst}: {problem}; pick a folder this user can write")
+        return EXIT_USAGE
     try:
         check_threshold(a.threshold, load_config(a.model).score_threshold, unsafe=a.unsafe_threshold)
         seg = Segmenter(a.model, device=a.device, batch_size=a.batch_size, threshold=a.threshold, runtime=a.runtime)
@@ -205,7 +226,11 @@ def cmd_mask(a: argparse.Namespace) -> int:
                       max_pixels=a.max_pixels, batch_size=a.batch_size, remove_stale_outputs=True,
                       **{**JobOptions.for_device(str(seg.device), a.io_workers, a.batch_size),
                          **({"pixel_budget_mb": a.pixel_budget_mb} if a.pixel_budget_mb else {})})
-    src, dst = open_store(a.src), open_store(a.dst, create=True)
+    try:
+        src, dst = open_store(a.src), open_store(a.dst, create=True)
+    except OSError as exc:  # DST made a file, or read-only, since the check above
+        _log(f"platemask: error: cannot create DST {a.dst}: {exc.strerror or exc}; pick a folder this user can write")
+        return EXIT_USAGE
     try:
         found = list(src.iter_keys())
     except FileNotFoundError as exc:

@@ -62,3 +62,17 @@ def test_an_interrupted_run_never_unlinks_a_device_given_as_report(tmp_path, mod
     assert proc.returncode == 130, err[-2000:]
     assert "no report written" in err
     assert null.exists() and stat.S_ISCHR(os.stat(null).st_mode)
+
+
+def test_a_dst_that_is_a_file_is_a_usage_error_before_the_model_loads(tmp_path, model_dir, capsys):
+    """DST given as an existing file (or a folder under one): a traceback (FileExistsError,
+    NotADirectoryError) and exit 1 after the model was loaded. Now exit 2, naming the file."""
+    src = tmp_path / "src"
+    _photos(src, 2)
+    afile = tmp_path / "out.jpg"
+    afile.write_bytes(b"an earlier export")
+    for dst in (afile, afile / "sub"):
+        assert main(["mask", str(src), str(dst), "--model", str(model_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"{afile} is a file, not a folder" in err and "Traceback" not in err
+    assert afile.read_bytes() == b"an earlier export"
