@@ -70,13 +70,14 @@ def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
 
 
 def collect_region(context: Any, settings: Settings, spec_dict: dict) -> dict:
-    """The collect step for one region: a late day whose lock is held by a run that is no longer
-    queued or running (it ended without releasing it) has its late photos picked up."""
+    """The collect step for one region: a late day's photos are picked up under that day's lock (taken
+    for this DAG's run), also when a run that is no longer queued or running left it held."""
     from .runs import collect
     from .runspec import RunSpec
 
-    return collect(s3_client(settings), settings, RunSpec.from_dict(spec_dict),
-                   is_live=_run_is_live(context["dag_run"].dag_id))
+    dag_id = context["dag_run"].dag_id
+    return collect(s3_client(settings), settings, RunSpec.from_dict(spec_dict), is_live=_run_is_live(dag_id),
+                   owner={"dag_id": dag_id})
 
 
 def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[bool, list[dict]]:

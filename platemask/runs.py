@@ -91,9 +91,11 @@ def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live
 
 
 def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print) -> bool:
-    """Mark this run's locks of the window's days released (a lock of another run is left alone);
-    whether it held any."""
-    released = [_release_one(client, settings, spec, key, log) for key in lock_keys(settings, spec)]
+    """Mark this run's locks of the window's days, and of the days before it whose late photos it picked
+    up, released (a lock of another run is left alone); whether it held any."""
+    keys = lock_keys(settings, spec)
+    keys += [k for k in (_day_lock_key(settings, spec.region, d) for d in late_days(settings, spec)) if k not in keys]
+    released = [_release_one(client, settings, spec, key, log) for key in keys]
     return any(released)
 
 
@@ -169,35 +171,58 @@ UPLOAD_FAULTS = frozenset({
     "output_collision"})
 
 
-def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Callable[[str], None],
-                  hidden: list[str] | None = None, is_live: Callable[[dict], bool] | None = None) -> list[dict]:
+def late_days(settings: Settings, spec: RunSpec) -> list[date]:
+    """The ``late_days`` local days before the first day the window's collect lists, oldest first: the days
+    whose late photos a run of ``spec`` picks up."""
+    w, tz = spec.window, settings.region_timezones[spec.region]
+    days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
+    first = (days or w.days(tz))[0]
+    return [first - timedelta(days=i) for i in range(settings.late_days, 0, -1)]
+
+
+def _day_lock_key(settings: Settings, region: str, d: date) -> str:
+    """The lock of ``region``'s local day ``d`` (the one a nightly run of that day holds)."""
+    z = ZoneInfo(settings.region_timezones[region])
+    e = d + timedelta(days=1)
+    night = RunSpec(region=region, window_start=datetime(d.year, d.month, d.day, tzinfo=z).isoformat(),
+                    window_end=datetime(e.year, e.month, e.day, tzinfo=z).isoformat())
+    (key,) = lock_keys(settings, night)
+    return key
+
+
+def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str], None],
+                  hidden: list[str] | None = None, is_live: Callable[[dict], bool] | None = None,
+                  owner: dict | None = None) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
     after their night's run, or missed by it), or whose audit record is of another upload (its
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
     when that run's record says ``source_changed``), or whose record says it failed for a reason
     other than the upload itself (``UPLOAD_FAULTS``: a read cut short, a failed transform job; that
     night was green within its failure limit, and nothing else would ever mask it); an audit record
-    that cannot be read counts as none. A day whose lock another run holds is left to it, unless ``is_live`` (the lock's test)
-    says that run is no longer running: a lock left held by a run that ended without releasing it
-    (its release task failed for good or never ran) would otherwise keep that day's late photos out of every
-    later night, with no record."""
-    z = ZoneInfo(settings.region_timezones[spec.region])
+    that cannot be read counts as none.
+
+    A run picks up a day's late photos holding that day's lock (taken here, without waiting; ``release``
+    gives it back with the window's): a run of that day (a backfill's, a rerun) waits meanwhile, instead of
+    taking the free lock and masking the same photos beside it. A day whose lock another run holds is left
+    to it, unless ``is_live`` (the lock's test) says that run is no longer running: a lock left held by a
+    run that ended without releasing it (its release task failed for good or never ran) would otherwise keep
+    that day's late photos out of every later night, with no record. A dry run takes no lock: it only looks."""
     out = []
-    for i in range(settings.late_days, 0, -1):
-        d, e = first_day - timedelta(days=i), first_day - timedelta(days=i - 1)
-        night = RunSpec(region=spec.region, window_start=datetime(d.year, d.month, d.day, tzinfo=z).isoformat(),
-                        window_end=datetime(e.year, e.month, e.day, tzinfo=z).isoformat())
-        try:
-            (key,) = lock_keys(settings, night)
-            lock = _store(client, settings).get_json(key)
-        except ValueError:
-            lock = None
-        if lock and lock[0].get("state") == "held" and lock[0].get("run_id") != spec.run_id:
-            if is_live is None or is_live(lock[0]):
-                log(f"{spec.region} {d}: late photos left to run {lock[0].get('run_id')}, which holds that night")
-                continue
-            log(f"{spec.region} {d}: the lock of that night is held by run {lock[0].get('run_id')}, which is no longer "
-                "running (it ended without releasing it): its late photos are picked up here")
+    for d in late_days(settings, spec):
+        key = _day_lock_key(settings, spec.region, d)
+        if spec.dry_run:
+            try:
+                lock = _store(client, settings).get_json(key)
+            except ValueError:
+                lock = None
+            holder = lock[0] if lock and lock[0].get("state") == "held" and lock[0].get("run_id") != spec.run_id \
+                and (is_live is None or is_live(lock[0])) else None
+        else:
+            holder = _acquire_one(client, settings, spec, key, is_live=is_live or (lambda held: True), log=log,
+                                  owner=owner)
+        if holder is not None:
+            log(f"{spec.region} {d}: late photos left to run {holder.get('run_id')}, which holds that day")
+            continue
         prefix = day_prefix(settings, spec.region, d)
         audit_prefix = audit_key(settings, spec.region, prefix)[: -len(".json")]
         audited = {o["Key"] for o in _store(client, settings).iter_objects(audit_prefix)}
@@ -229,10 +254,11 @@ def _late_entries(client, settings: Settings, spec: RunSpec, first_day, log: Cal
 
 
 def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print, *,
-            is_live: Callable[[dict], bool] | None = None) -> dict:
+            is_live: Callable[[dict], bool] | None = None, owner: dict | None = None) -> dict:
     """List only the partitions the window covers, keep supported images in it, add the late photos of
-    the days before (``late_days``; ``is_live(lock)``: whether the run holding such a day's lock is
-    still running, see ``_late_entries``), write the manifest."""
+    the days before (``late_days``, under their day locks; ``is_live(lock)``: whether the run holding such
+    a day's lock is still running, see ``_late_entries``; ``owner`` is stored in a lock taken), write the
+    manifest."""
     w = spec.window
     tz = settings.region_timezones[spec.region]
     days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
@@ -266,7 +292,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
-        entries += _late_entries(client, settings, spec, (days or w.days(tz))[0], log, hidden, is_live)
+        entries += _late_entries(client, settings, spec, log, hidden, is_live, owner)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # unsupported extensions stay in the manifest: they are accounted for (and fail with a reason)

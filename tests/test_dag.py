@@ -535,7 +535,11 @@ def test_late_photos_of_a_day_whose_lock_a_dead_run_left_held_are_picked_up(monk
     assert rep["late"] == 1 and late in {r["key"] for r in _records(s3, bucket, "DE", DE_20, dr.run_id)}
     assert late.replace("raw/", "masked/", 1) in _objects(s3, bucket, "masked/")
     _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, rep)
+    # picked up under the 19th's lock, taken over from the dead run and released with the run's own
+    taken = json.loads(s3.get_object(Bucket=bucket, Key="runs/DE/locks/2026-11-19.json")["Body"].read())
+    assert (taken["run_id"], taken["state"]) == (dr.run_id, "released")
     # a live holder keeps its day: its late photos stay its own
+    s3.put_object(Bucket=bucket, Key="runs/DE/locks/2026-11-19.json", Body=json.dumps(lock).encode())
     s3.delete_object(Bucket=bucket, Key=late.replace("raw/", "audit/", 1) + ".json")
     spec = RunSpec(region="DE", run_id="manual__other", window_start="2026-11-19T23:00:00+00:00",
                    window_end="2026-11-20T23:00:00+00:00")

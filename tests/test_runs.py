@@ -270,7 +270,8 @@ def test_late_photos_of_the_days_before_are_picked_up_once_and_reported(photos, 
     qa = json.loads(s3.get_object(Bucket=settings.bucket, Key=report["report"].split("/", 3)[3])["Body"].read())
     assert qa["late"] == 1 and qa["images"] == 5 and report["passed"]
     assert "masked/DE/2026/11/19/late.jpg" in {o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket)["Contents"]}
-    # the next night finds it audited: not late any more
+    # the next night finds it audited: not late any more (once this run has released its locks)
+    assert release_lock(s3, settings, spec)
     assert collect(s3, settings, RunSpec(region="DE", run_id="scheduled__20b", **WINDOW))["late"] == 0
 
 
@@ -618,3 +619,40 @@ def test_a_photo_that_failed_for_a_reason_other_than_its_upload_is_tried_again_b
                 .read().decode().splitlines()]
     assert sorted(e["key"] for e in manifest if e.get("late")) == [day + "cut-read.jpg", day + "job-failed.jpg"]
     assert c["late"] == 2 and any("2 whose last try failed" in m for m in logs), logs
+
+
+def test_late_pick_up_holds_the_days_lock_so_a_backfill_run_of_that_day_waits(photos, model_dir):
+    """A backfill of never-masked days runs two nights at once. The 21st's run collected the 20th's photos as late
+    (no audit records yet, the 20th's lock not yet taken) and masked them without that day's lock, while the
+    20th's own run took the free lock and masked the same photos beside it: every photo twice, under two runs'
+    records, the 21st's QA reporting the whole 20th as its late photos. Late pick-up now takes the day's lock
+    (or leaves the day to the live run holding it), and release gives it back."""
+    s3, settings, keys = photos
+    settings = dataclasses.replace(settings, late_days=1)
+    live = {"backfill__20", "backfill__21"}
+    is_live = lambda lock: lock["run_id"] in live  # noqa: E731
+    night_20 = RunSpec(region="DE", run_id="backfill__20", **WINDOW)
+    night_21 = RunSpec(region="DE", run_id="backfill__21", window_start="2026-11-20T23:00:00+00:00",
+                       window_end="2026-11-21T23:00:00+00:00")
+    assert acquire_lock(s3, settings, night_21, is_live=is_live) is None  # the 21st's hold
+    c = collect(s3, settings, night_21, log=lambda m: None, is_live=is_live)
+    assert c["late"] == 4  # the 20th's photos: no records yet
+    held = acquire_lock(s3, settings, night_20, is_live=is_live)  # the 20th's hold, a moment later
+    assert held is not None and held["run_id"] == "backfill__21" and held["day"] == "2026-11-20"
+    assert _mask(s3, settings, night_21, model_dir) == (4, 0)  # (collects again: its own lock, the same photos)
+    assert release_lock(s3, settings, night_21)
+    assert json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())[
+        "state"] == "released"
+    assert acquire_lock(s3, settings, night_20, is_live=is_live) is None  # now the 20th's run goes on
+    assert _mask(s3, settings, night_20, model_dir) == (0, 4)  # done once: nothing masked twice
+    # the other way round: the 20th's run holds its day, so the 21st leaves its photos to it
+    night_21b = dataclasses.replace(night_21, run_id="backfill__21b")
+    live.add("backfill__21b")
+    s3.delete_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car0.jpg.json")
+    assert collect(s3, settings, night_21b, log=lambda m: None, is_live=is_live)["late"] == 0
+    # a dry run takes no lock: it only looks
+    assert release_lock(s3, settings, night_20)
+    dry = dataclasses.replace(night_21, run_id="manual__dry", dry_run=True)
+    assert collect(s3, settings, dry, log=lambda m: None, is_live=is_live)["late"] == 1
+    assert json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())[
+        "run_id"] == "backfill__20"
