@@ -72,6 +72,29 @@ def _from_env(name: str, kind: str, raw: str):
     return raw
 
 
+# variables that were read once and are not any more -> the one to set instead
+RETIRED = {"PLATEMASK_MODEL": "PLATEMASK_MODEL_DIR"}
+
+
+def _misspelt(env, names: list[str]) -> str | None:
+    """A ``PLATEMASK_`` variable that names no setting but nearly names one (``PLATEMASK_BUCKETT``,
+    ``PLATEMASK_REGION``) or a retired one: without this the setting kept its default silently (another
+    bucket, all regions). Other ``PLATEMASK_`` variables (the server's, the tests') are left alone."""
+    import difflib
+
+    for var in sorted(k for k in env if k.startswith("PLATEMASK_")):
+        name = var[len("PLATEMASK_"):].lower()
+        if var in RETIRED:
+            return f"{var} is no longer read: set {RETIRED[var]} instead (and unset {var})"
+        if name in names:
+            continue
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+        if close:
+            return (f"{var} is set but names no setting: did you mean PLATEMASK_{close[0].upper()}? As it is, "
+                    f"{close[0]} keeps its default {getattr(Settings(), close[0])!r}; rename the variable")
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
     bucket: str = "inspection-photos"
@@ -288,6 +311,9 @@ class Settings:
         env = os.environ if env is None else env
         values: dict = {}
         types = {f.name: f.type for f in fields(cls)}
+        typo = _misspelt(env, list(types))
+        if typo:
+            raise ValueError(typo)
         for name in types:
             raw = env.get(f"PLATEMASK_{name.upper()}")
             if raw is None:

@@ -190,3 +190,21 @@ def test_the_readme_names_every_variable_the_container_server_reads():
     source = Path(serve.__file__).read_text()
     names = set(re.findall(r"[\"']((?:PLATEMASK|SAGEMAKER)_[A-Z0-9_]+)[\"']", source))
     assert names and not [n for n in sorted(names) if n not in text]
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"PLATEMASK_BUCKETT": "prod-inspection-photos"}, "did you mean PLATEMASK_BUCKET?"),  # before: the default bucket, silently
+    ({"PLATEMASK_REGION": "DE"}, "did you mean PLATEMASK_REGIONS?"),  # before: every region's nightly DAG
+    ({"PLATEMASK_MODEL": "/opt/models/v2"}, "set PLATEMASK_MODEL_DIR instead"),  # the retired name: the shipped model ran
+])
+def test_a_misspelt_or_retired_setting_variable_is_refused_not_left_at_its_default(monkeypatch, env, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        _parse_dag_file(monkeypatch, **env)
+
+
+def test_variables_of_the_server_and_the_deployment_are_not_taken_for_misspelt_settings():
+    others = {"PLATEMASK_RUNTIME": "torch", "PLATEMASK_THRESHOLD": "0.1", "PLATEMASK_REQUIRE_CUDA": "1",
+              "PLATEMASK_SERVER_THREADS": "8", "PLATEMASK_PIXEL_BUDGET_MB": "512", "PLATEMASK_LOG_LEVEL": "info",
+              "PLATEMASK_S3_ACCESS_KEY": "airflow-1", "PLATEMASK_S3_SECRET_KEY": "x" * 43,
+              "PLATEMASK_CONTAINER_URL": "http://127.0.0.1:8080", "PLATEMASK_REAL_DATA": "/data"}
+    assert Settings.load(env=others) == Settings()
