@@ -208,3 +208,10 @@ def test_variables_of_the_server_and_the_deployment_are_not_taken_for_misspelt_s
               "PLATEMASK_S3_ACCESS_KEY": "airflow-1", "PLATEMASK_S3_SECRET_KEY": "x" * 43,
               "PLATEMASK_CONTAINER_URL": "http://127.0.0.1:8080", "PLATEMASK_REAL_DATA": "/data"}
     assert Settings.load(env=others) == Settings()
+
+
+def test_the_readme_lists_every_dag_param():
+    """Before: unsafe_threshold, which a high threshold needs, was missing from the README's Params list."""
+    text = (ROOT / "README.md").read_text()
+    listed = text[text.index("DAG Params (validated"):text.index("A run whose `max_images`")]
+    assert set(_dag_params().keys()) <= set(re.findall(r"`(\w+)`", listed))
