@@ -43,8 +43,9 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
     # that ended before it was triggered (run_after), as for a manual run with one
     night_end = context.get("data_interval_end") or getattr(dag_run, "run_after", None)
     try:
+        run_type = getattr(dag_run, "run_type", None)
         specs = plan_runs(settings, dict(context["params"]), run_id=dag_run.run_id, data_interval_end=night_end,
-                          now=datetime.now(timezone.utc))
+                          now=datetime.now(timezone.utc), run_type=getattr(run_type, "value", run_type))
     except RunError as exc:
         raise AirflowFailException(f"invalid run parameters: {exc}") from None
     for s in specs:

@@ -57,11 +57,24 @@ class RunSpec:
         return cls(**d)
 
 
+INTERVAL_RUN_TYPES = ("scheduled", "backfill")  # runs that stand for their data interval: their night is their window
+
+
 def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_end: datetime | None,
-              now: datetime | None = None) -> list[RunSpec]:
+              now: datetime | None = None, run_type: str | None = None) -> list[RunSpec]:
     """Validate the run's Params and turn them into one RunSpec per region (pure). With ``now`` (the DAG's
     plan passes it), an explicit window that has not ended by then is refused: photos still arrive in it, yet
-    its QA report would become the window's latest and its Asset events would say it is masked."""
+    its QA report would become the window's latest and its Asset events would say it is masked. A scheduled
+    or backfill run (``run_type``) masks its own night: an explicit window (a backfill's --dag-run-conf) is
+    refused, or each night's run would mask that window instead and end green, its night unmasked."""
+    if run_type in INTERVAL_RUN_TYPES and (params.get("window_start") or params.get("window_end")):
+        night = "" if data_interval_end is None else \
+            f" (the local day that ended at {data_interval_end.isoformat()})"
+        raise RunError(f"this is the {run_type} run of the night{night}; window_start/window_end "
+                       f"({params.get('window_start')!r} .. {params.get('window_end')!r}) would mask that window "
+                       "instead, and this night's run would end green with its night unmasked. Leave them out of "
+                       "the backfill's --dag-run-conf; to mask an explicit window, trigger the DAG by hand "
+                       "(plate_masking) with it")
     region = params.get("region") or "ALL"
     regions = list(settings.regions) if region == "ALL" else [region]
     for r in regions:

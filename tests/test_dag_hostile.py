@@ -72,3 +72,40 @@ def test_a_manual_run_without_a_logical_date_masks_the_day_that_ended_before_it(
     assert key.replace("raw/", "masked/", 1) in _objects(s3, bucket, "masked/")
     _assert_accounted(s3, bucket, "DE", window.id, dr.run_id, rep)
     assert [e["window"] for _, e in _asset_events(dr.run_id)] == [window.id] * 2
+
+
+def test_a_backfill_whose_conf_names_a_window_is_refused_not_green_for_nights_it_never_masked(monkeypatch, bucket_env):
+    """`airflow backfill create --dag-run-conf` may set the other Params (the README's example); with a
+    window_start/window_end in it every backfill run planned that one window instead of its own night: a
+    backfill of three nights masked one window three times, and each night's run would end green, its night
+    unmasked. The plan of a scheduled or backfill run now refuses an explicit window, naming the run's own."""
+    from datetime import date
+
+    from airflow.models.backfill import Backfill, _create_backfill
+    from airflow.models.dagrun import DagRun
+    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.utils.session import create_session
+
+    from platemask.airflow_support import plan_from_context
+    from platemask.schedules import backfill_bounds
+    from platemask.settings import Settings
+    from test_dag import merged_params
+
+    dag = load_dag(monkeypatch, "plate_masking_th")
+    load_dag(monkeypatch).test(run_conf={"region": "TH", "dry_run": True})  # writes the DAG folder's DAGs to the DB
+    start, end = backfill_bounds(date(2026, 11, 10), date(2026, 11, 12))
+    conf = {"window_start": "2026-11-01", "window_end": "2026-11-02", "max_failure_rate": 0.1}
+    bf = _create_backfill(dag_id="plate_masking_th", from_date=start, to_date=end, max_active_runs=2, reverse=False,
+                          dag_run_conf=conf, triggering_user_name="test")
+    with create_session() as session:
+        session.query(Backfill).filter(Backfill.id == bf.id).update({"completed_at": datetime.now(timezone.utc)})
+        runs = session.query(DagRun).filter(DagRun.backfill_id == bf.id).order_by(DagRun.logical_date).all()
+        assert len(runs) == 3
+        for r in runs:
+            context = {"dag_run": r, "params": merged_params(dag, r.conf), "data_interval_end": r.data_interval_end}
+            with pytest.raises(AirflowFailException, match="backfill run of the night .*2026-11-1[012].*window_start"):
+                plan_from_context(context, Settings.load())
+            # the same run without the window plans its own night
+            context["params"] = merged_params(dag, {"max_failure_rate": 0.1})
+            (spec,) = plan_from_context(context, Settings.load())
+            assert spec["window_end"] == r.data_interval_end.isoformat()
