@@ -1,7 +1,8 @@
 """``platemask``: mask photos in a folder or S3 prefix; train, export and evaluate the model.
 
-Exit codes: 0 every input masked or without plate, 3 some input failed, 2 usage error (or a model that
-cannot run here: nothing read), 128 + the signal's number when stopped by SIGINT, SIGTERM or SIGHUP
+Exit codes: 0 every input masked or without plate, 3 some input failed (also a photo whose record
+--detections could not take: its masked copy is removed) or the report could not be written, 2 usage
+error (or a model that cannot run here: nothing read), 128 + the signal's number when stopped by SIGINT, SIGTERM or SIGHUP
 (130, 143, 129: the photos in flight are finished and each finished one has its record; the others
 have none and no report is written; further stop signals are ignored until the process exits).
 """
@@ -158,20 +159,6 @@ def _unwritable_folder(path: str) -> str | None:
     return None
 
 
-def _open_for_records(path: str, **kw):
-    """``path`` opened for writing text. A regular file there with other names (hard links: an
-    original in SRC, a backup snapshot's copy) is unlinked first, so that this name gets a new file
-    and the others keep their bytes; truncating it in place emptied the original it shared."""
-    real = os.path.realpath(Path(path).expanduser())
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-        os.unlink(real)
-    return open(path, "w", **kw)
-
-
 def _discard_report(path: str, opened: os.stat_result) -> None:
     """Remove the report file this run opened (a run that did not finish leaves none), only if the
     name still leads to that regular file: ``--report /dev/null`` (or any device, pipe or file put
@@ -185,13 +172,59 @@ def _discard_report(path: str, opened: os.stat_result) -> None:
         Path(real).unlink(missing_ok=True)
 
 
+class _RecordsFile:
+    """A file the run writes its records (``--detections``) or its report to, one whole write at a
+    time: a write the disk cannot take (full, over quota, an I/O error) raises OSError and leaves no
+    half line behind (a regular file is cut back to the last whole write), so a later record lands
+    on a line of its own. A regular file there with other names (hard links: an original in SRC, a
+    backup snapshot's copy) is unlinked first, so that this name gets a new file and the others keep
+    their bytes; truncating it in place emptied the original it shared."""
+
+    def __init__(self, path: str):
+        self.path = path
+        real = os.path.realpath(Path(path).expanduser())
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            os.unlink(real)
+        self.fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        self.opened = os.fstat(self.fd)
+        self.regular = stat.S_ISREG(self.opened.st_mode)
+        self.size = 0
+
+    def write(self, text: str) -> None:
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            if self.regular:  # no half record: cut back to the last whole one
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, self.size)
+                    os.lseek(self.fd, self.size, os.SEEK_SET)
+            raise
+        self.size += len(text.encode())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Closed and removed: the report of a run that did not finish (or could not be written whole)."""
+        self.close()
+        _discard_report(self.path, self.opened)
+
+
 def cmd_mask(a: argparse.Namespace) -> int:
     from .mask import MaskStyle
     from .model import load_config
     from .pipeline import JobOptions, Progress, Timings, check_threshold, run_job
     from .qa import build_report, headline
     from .segment import Segmenter
-    from .storage import is_hidden, open_store, overlap
+    from .storage import is_hidden, normalise_key, open_store, overlap
 
     clash = overlap(a.src, a.dst)
     if clash:
@@ -263,21 +296,49 @@ def cmd_mask(a: argparse.Namespace) -> int:
             _log(f"platemask: error: cannot write {path}: {problem}")
             return EXIT_USAGE
     try:
-        # line-buffered: each record reaches the file when its photo is done, not when a buffer fills
-        det_file = _open_for_records(a.detections, buffering=1) if a.detections else None
-        report_file = _open_for_records(a.report) if a.report else None
-        report_opened = os.fstat(report_file.fileno()) if report_file else None
+        # one write a record: each record reaches the file when its photo is done, not when a buffer fills
+        det_file = _RecordsFile(a.detections) if a.detections else None
+        report_file = _RecordsFile(a.report) if a.report else None
     except OSError as exc:
         if det_file:
             det_file.close()
         _log(f"platemask: error: cannot write {exc.filename}: {exc.strerror}")
         return EXIT_USAGE
     recorded = [0]
+    unrecorded: list[str] = []  # inputs whose record --detections could not take
 
     def on_record(r: dict):
         if det_file:
-            det_file.write(json.dumps(r) + "\n")
+            try:
+                det_file.write(json.dumps(r) + "\n")
+            except OSError as exc:
+                return record_not_written(r, exc)
         recorded[0] += 1
+
+    def record_not_written(r: dict, exc: OSError):
+        """--detections cannot take ``r`` (disk full, quota, I/O error): a photo is never published
+        without its record, so its masked copy leaves DST and it fails; the run goes on (each record
+        tries the file again) and ends with exit 3. Before, the OSError ended the run in a traceback
+        (exit 1, no summary) while the writers went on publishing photos that had no record."""
+        why = f"its record could not be written to {a.detections} ({exc.strerror or exc})"
+        if not unrecorded:
+            _log(f"platemask: error: cannot write to {a.detections}: {exc.strerror or exc}; each photo whose record "
+                 "cannot be written fails, and its masked copy is removed from DST (never published without its "
+                 "record). Free space there and run the same command again")
+        unrecorded.append(r["key"])
+        if r["status"] == "failed":
+            r["record_not_written"] = why
+            return
+        out = normalise_key(r["key"])
+        try:
+            dst.delete(out)
+        except Exception as del_exc:  # noqa: BLE001 - named in the record and the log
+            r["unrecorded_masked_copy"] = f"{dst.describe(out)}: {type(del_exc).__name__}: {del_exc}"
+        r.update(status="failed", reason="record_not_written", output_key=None, output_sha256=None,
+                 error=f"{src.describe(r['key'])}: {why}; " + (
+                     f"its masked copy {dst.describe(out)} could not be removed and is in DST without a record: "
+                     "delete it, or free space and run again" if r.get("unrecorded_masked_copy") else
+                     "its masked copy was removed from DST; free space and run again"))
 
     timings = Timings()
     start = time.perf_counter()
@@ -287,8 +348,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
                               progress=Progress(len(keys)), on_record=on_record)
     except BaseException as exc:
         if report_file:  # no report for a job that did not finish (nor the one an earlier run left)
-            report_file.close()
-            _discard_report(a.report, report_opened)  # the file it wrote, not a link to it nor a device
+            report_file.discard()  # the file it wrote, not a link to it nor a device
         if not isinstance(exc, (Interrupted, KeyboardInterrupt)):
             raise
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
@@ -307,9 +367,14 @@ def cmd_mask(a: argparse.Namespace) -> int:
                           extra={"src": src.uri, "dst": dst.uri, "mode": a.mode, "device": a.device,
                                  "batch_size": a.batch_size,
                                  "skipped": {"hidden_files": hidden, "linked_folders_not_followed": linked}})
+    report_error = None
     if report_file:
-        with report_file:
+        try:
             report_file.write(json.dumps(report, indent=2) + "\n")
+            report_file.close()
+        except OSError as exc:  # a full disk: no half report, and the run says so (was a traceback, exit 1)
+            report_error = exc.strerror or str(exc)
+            report_file.discard()
     _log("platemask: " + headline(report))
     for reason, info in report["failures_by_reason"].items():
         for item in info["items"][:20]:
@@ -319,7 +384,16 @@ def cmd_mask(a: argparse.Namespace) -> int:
             _log(f"platemask: warning: {_visible(r['key'])} failed, but the masked copy an earlier run wrote for it "
                  f"could not be removed and is still in DST ({_visible(r['stale_output_not_removed'])}): it is not "
                  "this run's result; delete it by hand")
-    return EXIT_FAILED if report["by_status"]["failed"] else EXIT_OK
+        if r.get("unrecorded_masked_copy"):
+            _log(f"platemask: warning: {_visible(r['key'])} is masked in DST without its record "
+                 f"({_visible(r['unrecorded_masked_copy'])}): delete it by hand, or run again")
+    if unrecorded:
+        _log(f"platemask: error: {len(unrecorded)} record(s) could not be written to {a.detections}: those photos "
+             "failed (record_not_written) and their masked copies were removed from DST")
+    if report_error:
+        _log(f"platemask: error: cannot write the report {a.report} ({report_error}): no report written"
+             + (f"; the records are in {a.detections}" if a.detections and not unrecorded else ""))
+    return EXIT_FAILED if report["by_status"]["failed"] or report_error else EXIT_OK
 
 
 def cmd_train(a: argparse.Namespace) -> int:

@@ -76,3 +76,31 @@ def test_a_dst_that_is_a_file_is_a_usage_error_before_the_model_loads(tmp_path, 
         err = capsys.readouterr().err
         assert f"{afile} is a file, not a folder" in err and "Traceback" not in err
     assert afile.read_bytes() == b"an earlier export"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a disk that is always full)")
+def test_a_records_file_on_a_full_disk_unpublishes_and_fails_its_photos_honestly(tmp_path, model_dir, capsys):
+    """--detections on a full disk: the first record's write ended the run in a traceback (exit 1, no
+    summary) while the writer threads went on publishing masked photos that had no record. Now each
+    photo whose record cannot be written fails (record_not_written) and its masked copy leaves DST,
+    the summary counts it, exit 3; a report the disk cannot take is named, not a traceback."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _photos(src, 6)
+    report = tmp_path / "r.json"
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", "/dev/full",
+                 "--report", str(report)]) == 3
+    err = capsys.readouterr().err
+    assert "cannot write to /dev/full: No space left on device" in err
+    assert "6 images: 0 masked, 0 no plate, 6 failed" in err
+    assert not [p for p in dst.rglob("*") if p.is_file()]  # nothing published without its record
+    qa = json.loads(report.read_text())
+    assert qa["by_status"]["failed"] == 6 and list(qa["failures_by_reason"]) == ["record_not_written"]
+    # the report on a full disk: the photos are masked and recorded, the run says no report was written
+    det = tmp_path / "d.jsonl"
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det),
+                 "--report", "/dev/full"]) == 3
+    err = capsys.readouterr().err
+    assert "cannot write the report /dev/full (No space left on device): no report written" in err
+    assert sorted(r["key"] for r in _records(det) if r["status"] != "failed") == sorted(
+        p.name for p in dst.iterdir())
+    assert os.path.exists("/dev/full")
