@@ -321,6 +321,9 @@ def load_collected(client, settings: Settings, spec: RunSpec) -> dict | None:
     return None if found is None else found[0]
 
 
+SHARDED = "sharded.json"  # under a run's folder: the number of shards make_shards cut its manifest into
+
+
 def make_shards(client, settings: Settings, specs: list[dict], log: Callable[[str], None] = print) -> list[dict]:
     """Cut each collected region's manifest into shards; the total stays under ``max_shards``
     (Airflow maps < 1024). A region whose collect failed is left out (QA reports it, the run fails);
@@ -338,14 +341,15 @@ def make_shards(client, settings: Settings, specs: list[dict], log: Callable[[st
     size = max(base, math.ceil(total / settings.max_shards)) if total else base
     shards = []
     for c in collected:
-        if not c["count"]:
-            continue
         spec = RunSpec.from_dict(c["spec"])
-        entries = read_json_lines(client, c["manifest"])
+        entries = read_json_lines(client, c["manifest"]) if c["count"] else []
         for i in range(0, len(entries), size):
             key = run_prefix(settings, spec) + f"shards/{i // size:04d}.jsonl"
             uri = _store(client, settings).put_json(key, entries[i: i + size], lines=True)
             shards.append({"spec": c["spec"], "shard": uri, "index": i // size, "count": len(entries[i: i + size])})
+        # how many shards this cut has: a cleared run cut into fewer leaves its first try's higher ones behind
+        _store(client, settings).put_json(run_prefix(settings, spec) + SHARDED,
+                                          {"shards": math.ceil(len(entries) / size), "size": size})
     log(f"{total} photos in {len(shards)} shard(s) of up to {size}")
     return shards
 
@@ -596,18 +600,29 @@ def mask_shard(client, settings: Settings, shard: dict, detector_factory: Callab
 
 # ---------------------------------------------------------------- QA
 
-def _run_shard_results(client, settings: Settings, spec: RunSpec) -> tuple[list[dict], list[dict]]:
-    """Records and summaries this run wrote for the region's window (its own run-keyed folder)."""
+def _run_shard_results(client, settings: Settings, spec: RunSpec) -> tuple[list[dict], list[dict], list[dict]]:
+    """Records and summaries this run wrote for the region's window (its own run-keyed folder), and the
+    records of shards its current cut no longer has (``SHARDED``: a run cleared and cut into fewer shards,
+    after a photo left raw/ or shard_size was raised, leaves its first try's higher shards behind)."""
     store = _store(client, settings)
     keys = [o["Key"] for o in store.iter_objects(run_prefix(settings, spec) + "detections/")]
-    records, summaries = [], []
+    try:
+        found = store.get_json(run_prefix(settings, spec) + SHARDED)
+    except ValueError:
+        found = None  # unreadable: every shard counts, as before the cut was recorded
+    cut = found[0].get("shards") if found and isinstance(found[0], dict) else None
+    records, summaries, stale = [], [], []
     for key in sorted(k for k in keys if k.endswith(".summary.json")):
         summary = json.loads(store.read(key))
         if summary.get("run_id") != spec.run_id:
             continue
+        recs = read_json_lines(client, s3_uri(settings, key[: -len(".summary.json")] + ".jsonl"))
+        if cut is not None and summary.get("index", 0) >= cut:
+            stale.extend(recs)
+            continue
         summaries.append(summary)
-        records.extend(read_json_lines(client, s3_uri(settings, key[: -len(".summary.json")] + ".jsonl")))
-    return records, summaries
+        records.extend(recs)
+    return records, summaries, stale
 
 
 def verdict(report: dict) -> list[str]:
@@ -650,9 +665,12 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
     for d in specs:
         spec = RunSpec.from_dict(d)
         c = load_collected(client, settings, spec)
-        records, summaries = _run_shard_results(client, settings, spec) if c else ([], [])
+        records, summaries, stale = _run_shard_results(client, settings, spec) if c else ([], [], [])
         manifest = read_json_lines(client, c["manifest"]) if c and not spec.dry_run else []
         planned = {e["key"] for e in manifest}
+        # a shard of an earlier cut: its photos still planned are in a current shard (recorded there, or
+        # shard_failed); a photo no longer planned stays a record outside the manifest
+        records += [r for r in stale if not spec.dry_run and r["key"] not in planned]
         seen: dict[str, int] = {}
         for rec in records:
             seen[rec["key"]] = seen.get(rec["key"], 0) + 1

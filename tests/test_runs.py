@@ -656,3 +656,39 @@ def test_late_pick_up_holds_the_days_lock_so_a_backfill_run_of_that_day_waits(ph
     assert collect(s3, settings, dry, log=lambda m: None, is_live=is_live)["late"] == 1
     assert json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())[
         "run_id"] == "backfill__20"
+
+
+def test_a_cleared_run_cut_into_fewer_shards_is_not_failed_by_its_first_tries_records(photos, model_dir):
+    """A run was cleared and run again after one of its photos was removed from raw/ (or shard_size was raised
+    in the Variable): its manifest was cut into fewer shards, and the first try's detections of the shard index
+    no longer cut stayed under the run's folder. QA read them too: their photos, recorded again by the new
+    shards, had two records each, and a run that masked every photo of its window failed, for good (every clear
+    failed the same way). Records of shards the current cut no longer has count only where no current shard
+    covers their photo (records outside the manifest still fail the run)."""
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import aggregate, mask_shard
+
+    s3, settings, keys = photos
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
+    s3.put_object(Bucket=settings.bucket, Key="raw/DE/2026/11/20/car4.jpg", Body=body)
+    settings = dataclasses.replace(settings, late_days=0)
+    spec = RunSpec(region="DE", run_id="manual__cleared", **WINDOW)
+    factory = detector_factory(settings, str(model_dir))
+
+    def run():
+        collect(s3, settings, spec, log=lambda m: None)
+        shards = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+        for sh in shards:
+            mask_shard(s3, settings, sh, factory, log=lambda m: None)
+        (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+        return shards, report
+
+    shards, report = run()
+    assert len(shards) == 3 and report["passed"] and report["photos"] == 5
+    s3.delete_object(Bucket=settings.bucket, Key=keys[0])  # removed from raw/, then the run is cleared
+    shards, report = run()
+    assert len(shards) == 2
+    assert report["passed"], report["problems"]
+    assert report["photos"] == 4 and report["by_status"]["failed"] == 0
+    qa = json.loads(s3.get_object(Bucket=settings.bucket, Key=report["report"].split("/", 3)[3])["Body"].read())
+    assert qa["duplicate_records"] == 0 and qa["records_outside_manifest"] == 0 and len(qa["shards"]) == 2
