@@ -63,8 +63,9 @@ INTERVAL_RUN_TYPES = ("scheduled", "backfill")  # runs that stand for their data
 def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_end: datetime | None,
               now: datetime | None = None, run_type: str | None = None) -> list[RunSpec]:
     """Validate the run's Params and turn them into one RunSpec per region (pure). With ``now`` (the DAG's
-    plan passes it), an explicit window that has not ended by then is refused: photos still arrive in it, yet
-    its QA report would become the window's latest and its Asset events would say it is masked. A scheduled
+    plan passes it), a manual run's window that has not ended by then (an explicit one, or the night before a
+    logical date ahead) is refused: photos still arrive in it, yet its QA report would become the window's
+    latest and its Asset events would say it is masked. A scheduled
     or backfill run (``run_type``) masks its own night: an explicit window (a backfill's --dag-run-conf) is
     refused, or each night's run would mask that window instead and end green, its night unmasked."""
     if run_type in INTERVAL_RUN_TYPES and (params.get("window_start") or params.get("window_end")):
@@ -112,12 +113,15 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_en
         except ValueError as exc:
             raise RunError(f"region {r}: {exc}") from None
         tz = settings.region_timezones[r]
-        if now is not None and params.get("window_end") and w.end > now:
+        if now is not None and run_type not in INTERVAL_RUN_TYPES and w.end > now:
             raise RunError(f"region {r}: window {w.start.astimezone(ZoneInfo(tz)).isoformat()} .. "
                            f"{w.end.astimezone(ZoneInfo(tz)).isoformat()} has not ended yet (now "
                            f"{now.astimezone(ZoneInfo(tz)).isoformat(timespec='seconds')}): photos still arrive in it, "
-                           "so a run would report it masked while it is not; give a window_end no later than now (the "
-                           "photos after it are the next run's), or trigger it once it has ended")
+                           "so a run would report it masked while it is not; "
+                           + ("give a window_end no later than now (the photos after it are the next run's), or "
+                              "trigger it once it has ended" if params.get("window_end") else
+                              "trigger without a logical date (the local day that ended before the trigger), or with "
+                              "one no later than now"))
         if settings.time_source == "partition" and not w.partition_days(tz):
             raise RunError(f"region {r}: window {w.start.astimezone(ZoneInfo(tz)).isoformat()} .. "
                            f"{w.end.astimezone(ZoneInfo(tz)).isoformat()} contains no local midnight, so it covers no "

@@ -109,3 +109,26 @@ def test_a_backfill_whose_conf_names_a_window_is_refused_not_green_for_nights_it
             context["params"] = merged_params(dag, {"max_failure_rate": 0.1})
             (spec,) = plan_from_context(context, Settings.load())
             assert spec["window_end"] == r.data_interval_end.isoformat()
+
+
+def test_a_manual_run_with_a_logical_date_ahead_is_refused_not_reported_masked(monkeypatch, bucket_env, capfd):
+    """Airflow 3 runs a manual trigger with a logical date in the future at once (its run_after is the trigger
+    time) with that date's data interval: a manual run dated next year masked the (empty) day before it,
+    ended green and emitted Asset events saying that day was masked, a year before it happened."""
+    s3, bucket, _ = bucket_env
+    ahead = datetime.now(timezone.utc) + timedelta(days=400)
+    dr = load_dag(monkeypatch).test(logical_date=ahead, run_conf={"region": "DE"})
+    assert dr.state == "failed" and _ti_states(dr)["plan"] == "failed"
+    out = capfd.readouterr()
+    assert "has not ended yet" in out.out + out.err
+    assert _asset_events(dr.run_id) == [] and _objects(s3, bucket, "qa/") == {}
+
+    from platemask.runspec import RunError, plan_runs
+    from platemask.settings import Settings
+
+    now = datetime(2026, 11, 27, 12, tzinfo=timezone.utc)
+    with pytest.raises(RunError, match="has not ended yet"):
+        plan_runs(Settings(), {"region": "DE"}, run_id="r", data_interval_end=now + timedelta(days=2), now=now,
+                  run_type="manual")
+    (spec,) = plan_runs(Settings(), {"region": "DE"}, run_id="r", data_interval_end=now, now=now, run_type="manual")
+    assert spec.window.end <= now
