@@ -629,7 +629,12 @@ def verdict(report: dict) -> list[str]:
     """What keeps a region's run from being trusted (pure); empty when its QA passed."""
     problems = []
     if not report.get("collected", True):
-        problems.append("not collected: its collect task failed (see the task log); nothing was masked")
+        if report.get("lock_held") is False and not report.get("dry_run"):
+            problems.append("not collected: this run never held the region's day locks (its hold task failed: "
+                            "another run is masking these days, named in hold's log, or the locks could not be "
+                            "taken); nothing was masked; rerun the window once that run has finished")
+        else:
+            problems.append("not collected: its collect task failed (see the task log); nothing was masked")
         return problems
     if report.get("not_accounted_for"):
         problems.append(f"{report['not_accounted_for']} photo(s) of the manifest have no record: their shard's masking "
@@ -709,6 +714,8 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
             "max_failure_rate": spec.max_failure_rate,
         })
         report["thresholds"] = {"score": next((s["threshold"] for s in summaries), spec.threshold)}
+        held = not spec.dry_run and _holds_lock(client, settings, spec)  # (released only after QA)
+        report["lock_held"] = held
         problems = verdict(report)
         report["verdict"] = {"passed": not problems, "problems": problems}
         own = qa_run_prefix(settings, spec)
@@ -718,7 +725,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
                              samples=settings.review_samples, rng=random.Random(spec.window.id))
         store = _store(client, settings)
         store.write(own + "report.html", html.encode(), "text/html; charset=utf-8")
-        latest = not spec.dry_run and not report["partial"] and _holds_lock(client, settings, spec)
+        latest = held and not report["partial"]
         if latest:  # the window's latest report: one run at a time holds the lock, so copies never interleave
             for name, ctype in (("report.json", "application/json"), ("report.html", "text/html; charset=utf-8")):
                 store.write(qa_prefix(settings, spec) + name, store.read(own + name), ctype)

@@ -132,3 +132,26 @@ def test_a_manual_run_with_a_logical_date_ahead_is_refused_not_reported_masked(m
                   run_type="manual")
     (spec,) = plan_runs(Settings(), {"region": "DE"}, run_id="r", data_interval_end=now, now=now, run_type="manual")
     assert spec.window.end <= now
+
+
+def test_a_run_that_never_got_the_lock_says_so_in_its_qa_report_not_that_collect_failed(monkeypatch, bucket_env):
+    """When hold gave up waiting for another run's lock, collect never ran (upstream_failed), yet the run's QA
+    report said "not collected: its collect task failed (see the task log)": a reviewer was sent to a log that
+    does not exist, and not to the run that holds the window."""
+    from test_dag import DE_CONF, _live_run
+
+    from platemask.runspec import run_key
+
+    s3, bucket, _ = bucket_env
+    monkeypatch.setenv("PLATEMASK_LOCK_WAIT_MINUTES", "0")
+    holder = "manual__holder-of-the-20th"
+    _live_run(holder)
+    s3.put_object(Bucket=bucket, Key="runs/DE/locks/2026-11-20.json", Body=json.dumps(
+        {"state": "held", "run_id": holder, "region": "DE", "dag_id": "plate_masking", "since": "2026-11-21T01:00"}))
+    dr = load_dag(monkeypatch).test(run_conf=DE_CONF)
+    assert dr.state == "failed" and _ti_states(dr)["hold"] == "failed" and _ti_states(dr)["collect"] == "upstream_failed"
+    own = json.loads(s3.get_object(Bucket=bucket, Key=f"qa/DE/20261119T2300Z-20261120T2300Z/runs/{run_key(dr.run_id)}"
+                                                      "/report.json")["Body"].read())
+    (problem,) = own["verdict"]["problems"]
+    assert problem.startswith("not collected") and "hold" in problem and "collect task failed" not in problem
+    assert _asset_events(dr.run_id) == []
