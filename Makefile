@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` (the main job on the embedded default) and `make test`.
-.PHONY: setup demo airflow-ui test container-test bench evaluate env
+.PHONY: setup browser demo airflow-ui test container-test bench evaluate env
 VENV := .venv/bin
 
 setup:
@@ -11,7 +11,11 @@ demo: setup
 airflow-ui: setup
 	$(VENV)/python -m platemask.demo --ui
 
-test: setup
+# a Chromium for the browser tests, when none is installed (as root with apt-get; they skip otherwise)
+browser:
+	./scripts/browser.sh
+
+test: setup browser
 	$(VENV)/python -m pytest -q
 
 # builds containers/inference/Dockerfile, runs it as SageMaker does and runs tests/test_container.py

@@ -12,9 +12,12 @@ roles; VIEWER is refused. With the FAB auth manager it is "can edit on DAG:plate
 all DAGs): give that permission to a "reviewer" role.
 
 What is served: every page carries a Content-Security-Policy that forbids scripts, frames, forms
-and any fetch (``sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'``) plus
-``X-Content-Type-Options: nosniff``: a report.html that someone slipped into ``qa/`` runs no code
-on Airflow's origin. The index escapes every field of report.json, numbers included. When S3
+and any fetch (``default-src 'none'; img-src data:; style-src 'unsafe-inline'``) plus
+``X-Content-Type-Options: nosniff``. A report.html is also sandboxed to an opaque origin
+(``sandbox``): one that someone slipped into ``qa/`` runs no code and reaches nothing of Airflow's
+origin. The view's own pages are sandboxed too but keep their origin (``sandbox
+allow-same-origin``): from an opaque origin, following a report link is a cross-site request, and
+the browser withholds Airflow's session cookie (SameSite=Lax). The index escapes every field of report.json, numbers included. When S3
 fails the view answers a page that names the key, what failed and what to do (404/502/503).
 """
 from __future__ import annotations
@@ -36,10 +39,17 @@ from platemask.storage import S3Store
 REVIEW_DAG_ID = "plate_masking"
 REVIEW_METHOD = "PUT"  # "may edit the DAG": USER and above in the SimpleAuthManager, can_edit in FAB
 # no script, no plugins, no frames, no fetches, no forms; only inline styles and data: thumbnails
-CSP = ("sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
+_POLICY = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+           "base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
+# A report.html is bytes someone wrote into S3: sandboxed to an opaque origin, nothing of Airflow's
+# origin (cookies, storage) is reachable from it, scripts or not.
+CSP = "sandbox; " + _POLICY
+# The view's own pages (the index and the error pages: every field escaped, no script allowed either)
+# keep their origin: a link followed from an opaque-origin page is a cross-site request, and the
+# browser then withholds Airflow's session cookie (SameSite=Lax), so in a real browser every report
+# link of the index answered "please log in" (tests/test_browser.py).
+INDEX_CSP = "sandbox allow-same-origin; " + _POLICY
 SECURITY_HEADERS = {
-    "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
@@ -54,6 +64,8 @@ app = FastAPI(title="Plate QA", docs_url=None, redoc_url=None, openapi_url=None)
 async def _security_headers(request: Request, call_next):
     response = await call_next(request)
     response.headers.update(SECURITY_HEADERS)
+    untrusted = "report" in request.url.path.split("/")  # .../report/<region>/<window>, and anything like it
+    response.headers["Content-Security-Policy"] = CSP if untrusted else INDEX_CSP
     return response
 
 

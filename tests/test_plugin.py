@@ -130,6 +130,10 @@ def test_reviewer_sees_index_and_report(api, qa_bucket):
     assert rep.status_code == 200 and rep.text == f"<html>report {W_NEW}</html>"
     assert rep.headers["content-type"] == "text/html; charset=utf-8"
     _assert_strict_headers(rep)
+    # a report is someone's bytes: an opaque origin; the view's own index keeps Airflow's, so that its
+    # links carry the session cookie in a browser (tests/test_browser.py)
+    assert rep.headers["content-security-policy"].startswith("sandbox; ")
+    assert page.headers["content-security-policy"].startswith("sandbox allow-same-origin; ")
     assert client.get("/plate-qa/report/DE/..%2F..%2Fraw", headers=tokens["reviewer"]).status_code == 404
     missing = client.get("/plate-qa/report/DE/20261201T2300Z-20261202T2300Z", headers=tokens["reviewer"])
     assert missing.status_code == 404
