@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import re
 import signal
@@ -172,6 +173,61 @@ def _discard_report(path: str, opened: os.stat_result) -> None:
         Path(real).unlink(missing_ok=True)
 
 
+class Busy(Exception):
+    """Another ``platemask mask`` run holds what this one would write (DST or a records file)."""
+
+
+def _lock_folder(path: str) -> tuple[list[int], str | None]:
+    """Create and hold the local folder ``path`` (DST) for this run: a shared lock on each folder above
+    it, then (created only if none of those is another run's DST) an exclusive one on it, so that a
+    run writing the same folder, one inside another run's DST or one around it, is refused. Locks
+    are ``flock``s the kernel drops when the process ends, however it ends (SIGKILL too). Returns
+    the held descriptors (close them to release) and why another run holds it, or None; OSError
+    when DST cannot be created. A file system without locks is not refused: just not guarded."""
+    real = Path(os.path.realpath(Path(path).expanduser()))
+    held: list[int] = []
+
+    def lock(folder: Path, how: int) -> str | None:
+        try:
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            where = f"DST {path} or a folder inside it" if folder == real else f"{folder}, a folder that holds DST"
+            return (f"another platemask mask run is writing {where} (two runs at once overwrite each other's "
+                    "photos and records, and an older version's mask can land last). Wait for it to end, or give "
+                    "this run a DST of its own")
+        except OSError:
+            os.close(fd)
+            return None
+        held.append(fd)
+        return None
+
+    busy = None
+    try:
+        above = [f for f in reversed(real.parents)]
+        made = [f for f in above if not f.is_dir()]  # created with DST: held once they exist
+        for folder in above:
+            busy = busy or (lock(folder, fcntl.LOCK_SH) if folder not in made else None)
+        if not busy:
+            real.mkdir(parents=True, exist_ok=True)
+            for folder in made:
+                busy = busy or lock(folder, fcntl.LOCK_SH)
+            busy = busy or lock(real, fcntl.LOCK_EX)
+    except BaseException:
+        for fd in held:
+            os.close(fd)
+        raise
+    if busy:
+        for fd in held:
+            os.close(fd)
+        return [], busy
+    return held, None
+
+
 class _RecordsFile:
     """A file the run writes its records (``--detections``) or its report to, one whole write at a
     time: a write the disk cannot take (full, over quota, an I/O error) raises OSError and leaves no
@@ -189,10 +245,27 @@ class _RecordsFile:
             st = None
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             os.unlink(real)
-        self.fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        self.opened = os.fstat(self.fd)
-        self.regular = stat.S_ISREG(self.opened.st_mode)
+        self.fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            self.opened = os.fstat(self.fd)
+            self.regular = stat.S_ISREG(self.opened.st_mode)
+            if self.regular:  # one run at a time: a second run emptied it under the first, whose records
+                try:          # then sat behind a hole of NUL bytes, its lines broken
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise Busy(f"{path} is being written by another platemask mask run (its records or report): "
+                               "wait for it to end, or give this run a file of its own") from None
+                except OSError:  # no locks on this file system: not guarded
+                    pass
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.size = 0
+
+    def empty(self) -> None:
+        """Emptied (once this run holds every file it writes: an earlier run's records never outlive this one)."""
+        if self.regular:
+            os.ftruncate(self.fd, 0)
 
     def write(self, text: str) -> None:
         data = memoryview(text.encode())
@@ -219,6 +292,11 @@ class _RecordsFile:
 
 
 def cmd_mask(a: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as held:  # the locks on DST, released when the run ends
+        return _cmd_mask(a, held)
+
+
+def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from .mask import MaskStyle
     from .model import load_config
     from .pipeline import JobOptions, Progress, Timings, check_threshold, run_job
@@ -240,6 +318,37 @@ def cmd_mask(a: argparse.Namespace) -> int:
     problem = None if a.dst.startswith("s3://") else _unwritable_folder(a.dst)
     if problem:
         _log(f"platemask: error: DST {a.dst}: {problem}; pick a folder this user can write")
+        return EXIT_USAGE
+    if not a.dst.startswith("s3://"):  # held before the model loads: a second run is refused at once
+        try:
+            fds, busy = _lock_folder(a.dst)
+        except OSError as exc:  # DST made a file, or read-only, since the check above
+            _log(f"platemask: error: cannot create DST {a.dst}: {exc.strerror or exc}; pick a folder this user can write")
+            return EXIT_USAGE
+        held.callback(lambda: [os.close(fd) for fd in fds])
+        if busy:
+            _log(f"platemask: error: {busy}")
+            return EXIT_USAGE
+    # Both files are opened (and held: one run at a time) before the model loads: a path that cannot be
+    # written is a usage error now, not a traceback after the whole run (exit 1, no summary), and a
+    # report an earlier run left there never outlives this run (emptied when the job starts, written
+    # when it is done, removed if stopped).
+    det_file = report_file = None
+    for path in (a.detections, a.report):  # both checked before either is emptied
+        problem = _unwritable(path) if path else None
+        if problem:
+            _log(f"platemask: error: cannot write {path}: {problem}")
+            return EXIT_USAGE
+    try:
+        # one write a record: each record reaches the file when its photo is done, not when a buffer fills
+        det_file = _RecordsFile(a.detections) if a.detections else None
+        report_file = _RecordsFile(a.report) if a.report else None
+        held.callback(lambda: [f.close() for f in (det_file, report_file) if f])
+    except (OSError, Busy) as exc:
+        if det_file:
+            det_file.close()
+        _log(f"platemask: error: {exc}" if isinstance(exc, Busy) else
+             f"platemask: error: cannot write {exc.filename}: {exc.strerror}")
         return EXIT_USAGE
     try:
         check_threshold(a.threshold, load_config(a.model).score_threshold, unsafe=a.unsafe_threshold)
@@ -286,24 +395,9 @@ def cmd_mask(a: argparse.Namespace) -> int:
     def detect(_keys, decoded):
         return seg([d.rgb for d in decoded])
 
-    # Both files are opened before any photo is read: a path that cannot be written is a usage error
-    # now, not a traceback after the whole run (exit 1, no summary), and a report an earlier run left
-    # there never outlives this run (emptied now, written when the job is done, removed if stopped).
-    det_file = report_file = None
-    for path in (a.detections, a.report):  # both checked before either is emptied
-        problem = _unwritable(path) if path else None
-        if problem:
-            _log(f"platemask: error: cannot write {path}: {problem}")
-            return EXIT_USAGE
-    try:
-        # one write a record: each record reaches the file when its photo is done, not when a buffer fills
-        det_file = _RecordsFile(a.detections) if a.detections else None
-        report_file = _RecordsFile(a.report) if a.report else None
-    except OSError as exc:
-        if det_file:
-            det_file.close()
-        _log(f"platemask: error: cannot write {exc.filename}: {exc.strerror}")
-        return EXIT_USAGE
+    for f in (det_file, report_file):  # an earlier run's records or report never outlive this run
+        if f:
+            f.empty()
     recorded = [0]
     unrecorded: list[str] = []  # inputs whose record --detections could not take
 

@@ -104,3 +104,35 @@ def test_a_records_file_on_a_full_disk_unpublishes_and_fails_its_photos_honestly
     assert sorted(r["key"] for r in _records(det) if r["status"] != "failed") == sorted(
         p.name for p in dst.iterdir())
     assert os.path.exists("/dev/full")
+
+
+def test_a_second_run_into_the_same_dst_or_records_file_is_refused_while_the_first_runs(tmp_path, model_dir, capsys):
+    """Two runs at once (an overlapping cron job): the second emptied the first's --detections under
+    it (the first's later records landed behind a hole of NUL bytes, lines broken, most of its records
+    lost, and it still exited 0), and both wrote the same DST, where the older version's mask could
+    land last. Now a run holds DST (and the folders above it) and its records files: a second run into
+    the same DST, a folder inside or around it, or onto the same records file exits 2 before writing."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _photos(src, 300)
+    dst, det = out / "a", tmp_path / "d.jsonl"
+    first = _start([src, dst, "--model", model_dir, "--detections", det, "--batch-size", "2"])
+    try:
+        _wait_for_outputs(first, dst, 3)
+        for other_dst, extra, why in ((dst, [], f"is writing DST {dst} or a folder inside it"),
+                                      (dst / "sub", [], f"is writing {dst}, a folder that holds DST"),
+                                      (out, [], f"is writing DST {out} or a folder inside it"),
+                                      (tmp_path / "b", ["--detections", str(det)], f"{det} is being written by another")):
+            assert main(["mask", str(src), str(other_dst), "--model", str(model_dir), *extra]) == 2, other_dst
+            assert why in capsys.readouterr().err
+            assert first.poll() is None  # the refusals came while the first run was still writing
+        first.send_signal(signal.SIGTERM)
+        err = first.communicate(timeout=120)[1]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 143, err[-2000:]
+    raw = det.read_bytes()
+    assert b"\0" not in raw
+    recs = [json.loads(line) for line in raw.decode().splitlines()]  # every line whole
+    assert sorted(r["key"] for r in recs) == sorted(p.name for p in dst.iterdir())
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
