@@ -676,6 +676,10 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
         # a shard of an earlier cut: its photos still planned are in a current shard (recorded there, or
         # shard_failed); a photo no longer planned stays a record outside the manifest
         records += [r for r in stale if not spec.dry_run and r["key"] not in planned]
+        # a record of another upload than the one listed (an earlier try of this run, cleared after the photo
+        # was re-uploaded, whose shard's task failed this time) is no record of it: shard_failed below
+        listed = {e["key"]: e["etag"] for e in manifest}
+        records = [r for r in records if r.get("source_etag") in (None, listed.get(r["key"], r.get("source_etag")))]
         seen: dict[str, int] = {}
         for rec in records:
             seen[rec["key"]] = seen.get(rec["key"], 0) + 1

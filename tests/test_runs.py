@@ -692,3 +692,32 @@ def test_a_cleared_run_cut_into_fewer_shards_is_not_failed_by_its_first_tries_re
     assert report["photos"] == 4 and report["by_status"]["failed"] == 0
     qa = json.loads(s3.get_object(Bucket=settings.bucket, Key=report["report"].split("/", 3)[3])["Body"].read())
     assert qa["duplicate_records"] == 0 and qa["records_outside_manifest"] == 0 and len(qa["shards"]) == 2
+
+
+def test_a_cleared_runs_first_try_record_of_an_earlier_upload_does_not_pass_for_the_new_one(photos, model_dir):
+    """A run masked its window, a photo was re-uploaded, and the run was cleared: collect listed the new upload,
+    but the new try's task for that photo's shard failed for good. QA read the first try's detections at the
+    same shard index: the photo counted as masked (of the old upload), the region's QA passed and its Asset
+    event said the window was masked, the new upload unmasked. Only a record of the upload the manifest lists
+    counts; this one is shard_failed."""
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import aggregate, mask_shard
+
+    s3, settings, keys = photos
+    settings = dataclasses.replace(settings, late_days=0)
+    spec = RunSpec(region="DE", run_id="manual__cleared", **WINDOW)
+    factory = detector_factory(settings, str(model_dir))
+    collect(s3, settings, spec, log=lambda m: None)
+    first = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    mask_shard(s3, settings, first[0], factory, log=lambda m: None)
+    mask_shard(s3, settings, first[1], factory, log=lambda m: None)
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[1])["Body"].read()
+    s3.put_object(Bucket=settings.bucket, Key=keys[0], Body=body)  # re-uploaded, then the run is cleared
+    collect(s3, settings, spec, log=lambda m: None)
+    again = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    mask_shard(s3, settings, again[1], factory, log=lambda m: None)  # shard 0's task fails for good this time
+    (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    qa = json.loads(s3.get_object(Bucket=settings.bucket, Key=report["report"].split("/", 3)[3])["Body"].read())
+    reasons = {i["key"]: reason for reason, f in qa["failures_by_reason"].items() for i in f["items"]}
+    assert reasons.get(keys[0]) == "shard_failed", qa["failures_by_reason"]
+    assert not report["passed"] and report["by_status"]["masked"] == 3
