@@ -143,6 +143,26 @@ def _unwritable(path: str) -> str | None:
     return None
 
 
+# what LocalStore.write's temporary files are named (tempfile.mkstemp: ".tmp-", 8 of [a-z0-9_], the suffix)
+_LEFTOVER_TEMP = re.compile(r"\.tmp-[a-z0-9_]{8}(\.[^.]*)?")
+
+
+def _remove_leftover_temps(folder: str) -> list[str]:
+    """Remove the half-written temporary files a run killed mid-write (SIGKILL, a power cut) left in
+    the local DST ``folder`` (only while this run holds it: no other run is writing there); the
+    paths removed, relative to it. They stayed for good, hidden names that a sync of DST published."""
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if _LEFTOVER_TEMP.fullmatch(name) and stat.S_ISREG(os.lstat(path).st_mode):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(os.path.relpath(path, folder))
+    return removed
+
+
 def _unwritable_folder(path: str) -> str | None:
     """Why the local folder ``path`` (DST) cannot be created or written, or None. Checked before the
     model loads: a DST that is a file, or on a read-only file system, ended in a traceback (exit 1),
@@ -329,6 +349,10 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         if busy:
             _log(f"platemask: error: {busy}")
             return EXIT_USAGE
+        leftovers = _remove_leftover_temps(a.dst)
+        if leftovers:
+            _log(f"platemask: removed {len(leftovers)} half-written temporary file(s) that a run killed mid-write left "
+                 f"in DST: {', '.join(_visible(repr(k)) for k in leftovers[:5])}{' ...' if len(leftovers) > 5 else ''}")
     # Both files are opened (and held: one run at a time) before the model loads: a path that cannot be
     # written is a usage error now, not a traceback after the whole run (exit 1, no summary), and a
     # report an earlier run left there never outlives this run (emptied when the job starts, written

@@ -136,3 +136,27 @@ def test_a_second_run_into_the_same_dst_or_records_file_is_refused_while_the_fir
     recs = [json.loads(line) for line in raw.decode().splitlines()]  # every line whole
     assert sorted(r["key"] for r in recs) == sorted(p.name for p in dst.iterdir())
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+
+
+def test_a_rerun_removes_the_half_written_files_a_killed_run_left_in_dst(tmp_path, model_dir, capsys):
+    """SIGKILL (the OOM killer, a power cut) during a write left LocalStore's temporary file
+    (``.tmp-r8_kyn44.jpg``, 4 MB of a 20 MB photo, seen for real) in DST; no rerun ever removed it, and
+    a sync of DST published it. The rerun, holding DST, now removes such files and says so."""
+    import tempfile
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _photos(src / "day", 2)
+    (dst / "day").mkdir(parents=True)
+    left = []
+    for folder in (dst, dst / "day"):  # what LocalStore.write makes before a kill cut it short
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jpg")
+        os.write(fd, b"\xff\xd8 half a masked photo")
+        os.close(fd)
+        left.append(Path(tmp))
+    (dst / ".tmp-notes.txt").write_text("not ours")
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "removed 2 half-written temporary file(s) that a run killed mid-write left in DST" in err
+    assert not [p for p in left if p.exists()]
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == [
+        ".tmp-notes.txt", "day/p000.jpg", "day/p001.jpg"]
