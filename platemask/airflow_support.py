@@ -104,22 +104,24 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
 
 
 def hold_lock_to_mask(context: Any, settings: Settings, spec_dict: dict) -> None:
-    """Before a shard is masked: this run holds the day locks of its region-window, or takes them
-    again when they are free (released, or left by a run that is no longer running). A run's failed
+    """Before a shard is masked: this run holds the day locks of its region-window (and of the days
+    before it whose late photos its collect picked up), or takes them again when they are free (released, or left by a run that is no longer running). A run's failed
     tasks cleared after it ended (what its failure alert suggests) would otherwise mask without them,
     beside another run of those days, and its QA would never become the window's latest report.
     Raises ``AirflowFailException`` naming the live run that holds one. Dry runs take no lock."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from .runs import acquire_lock
+    from .runs import acquire_late_locks, acquire_lock
     from .runspec import RunSpec
 
     spec = RunSpec.from_dict(spec_dict)
     if spec.dry_run:
         return
     dag_id = context["dag_run"].dag_id
-    held = acquire_lock(s3_client(settings), settings, spec, is_live=_run_is_live(dag_id), log=log.info,
-                        owner={"dag_id": dag_id})
+    client, is_live, owner = s3_client(settings), _run_is_live(dag_id), {"dag_id": dag_id}
+    held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info, owner=owner)
+    if held is None:  # and the days whose late photos its collect picked up
+        held = acquire_late_locks(client, settings, spec, is_live=is_live, log=log.info, owner=owner)
     if held is not None:
         raise AirflowFailException(
             f"not masking: {_holders(held)}; two runs must not mask "

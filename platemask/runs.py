@@ -192,7 +192,7 @@ def _day_lock_key(settings: Settings, region: str, d: date) -> str:
 
 def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str], None],
                   hidden: list[str] | None = None, is_live: Callable[[dict], bool] | None = None,
-                  owner: dict | None = None) -> list[dict]:
+                  owner: dict | None = None, locks: list[str] | None = None) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
     after their night's run, or missed by it), or whose audit record is of another upload (its
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
@@ -206,8 +206,11 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
     taking the free lock and masking the same photos beside it. A day whose lock another run holds is left
     to it, unless ``is_live`` (the lock's test) says that run is no longer running: a lock left held by a
     run that ended without releasing it (its release task failed for good or never ran) would otherwise keep
-    that day's late photos out of every later night, with no record. A dry run takes no lock: it only looks."""
+    that day's late photos out of every later night, with no record. A dry run takes no lock: it only looks.
+    A day with no late photo is given back at once; the locks of the days that had some are added to ``locks``
+    (the mask step takes them again when cleared after the run ended: ``acquire_late_locks``)."""
     out = []
+    own = lock_keys(settings, spec)
     for d in late_days(settings, spec):
         key = _day_lock_key(settings, spec.region, d)
         if spec.dry_run:
@@ -250,7 +253,26 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
                    if retried else "")
                 + f" under s3://{settings.bucket}/{prefix}")
         out += sorted(late + changed + retried, key=lambda e: e["key"])
+        if not spec.dry_run and key not in own:
+            if late or changed or retried:
+                if locks is not None:
+                    locks.append(key)
+            else:
+                _release_one(client, settings, spec, key, log)  # nothing to do there: no run of it waits for this one
     return out
+
+
+def acquire_late_locks(client, settings: Settings, spec: RunSpec, *, is_live: Callable[[dict], bool],
+                       log: Callable[[str], None] = print, owner: dict | None = None) -> dict | None:
+    """Take again the locks of the days before the window whose late photos this run's collect picked up
+    (``late_locks`` in collected.json), as ``acquire_lock`` does the window's: None, or the lock document
+    of the live run that holds one (a mask task cleared after the run ended must not mask them beside it)."""
+    c = load_collected(client, settings, spec)
+    for key in (c or {}).get("late_locks", []):
+        held = _acquire_one(client, settings, spec, key, is_live=is_live, log=log, owner=owner)
+        if held is not None:
+            return held
+    return None
 
 
 def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print, *,
@@ -265,6 +287,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     z = ZoneInfo(tz)
     entries = []
     hidden: list[str] = []
+    late_locks: list[str] = []
     store = _store(client, settings)
     for d in days:
         prefix = day_prefix(settings, spec.region, d)
@@ -292,7 +315,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
-        entries += _late_entries(client, settings, spec, log, hidden, is_live, owner)
+        entries += _late_entries(client, settings, spec, log, hidden, is_live, owner, late_locks)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # unsupported extensions stay in the manifest: they are accounted for (and fail with a reason)
@@ -309,6 +332,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
             f"not masked, named in the QA report): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
             "rename one to mask it")
     collected = {"spec": spec.as_dict(), "manifest": uri, "count": len(entries), "photos_in_window": in_window,
+                 "late_locks": late_locks,
                  "late": sum(bool(e.get("late")) for e in entries), "listed": n_all,
                  "skipped_hidden": {"count": len(hidden), "keys": sorted(hidden)[:MAX_SKIPPED_LISTED]}}
     _store(client, settings).put_json(run_prefix(settings, spec) + "collected.json", collected)  # last: present = collected

@@ -721,3 +721,42 @@ def test_a_cleared_runs_first_try_record_of_an_earlier_upload_does_not_pass_for_
     reasons = {i["key"]: reason for reason, f in qa["failures_by_reason"].items() for i in f["items"]}
     assert reasons.get(keys[0]) == "shard_failed", qa["failures_by_reason"]
     assert not report["passed"] and report["by_status"]["masked"] == 3
+
+
+def test_a_cleared_mask_task_takes_its_late_days_locks_again_or_refuses(photos, monkeypatch):
+    """The 21st's run picked up the 20th's photos as late under the 20th's lock, failed, and gave its locks
+    back; a run of the 20th then took that day. Clearing the 21st's failed mask task (what the alert says)
+    took the 21st's own lock again and masked the 20th's photos beside the 20th's run. The mask step now
+    also takes the locks of the days whose late photos its collect picked up, or refuses naming the run;
+    a day with no late photo is not kept from its own runs meanwhile."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    import platemask.airflow_support as support
+
+    s3, settings, _ = photos
+    settings = dataclasses.replace(settings, late_days=2)
+    monkeypatch.setattr(support, "s3_client", lambda _settings: s3)
+    night_21 = RunSpec(region="DE", run_id="scheduled__21", window_start="2026-11-20T23:00:00+00:00",
+                       window_end="2026-11-21T23:00:00+00:00")
+    night_20 = RunSpec(region="DE", run_id="backfill__20", **WINDOW)
+    live = {night_21.run_id}
+    is_live = lambda lock: lock.get("run_id") in live  # noqa: E731
+    monkeypatch.setattr(support, "_run_is_live", lambda dag_id: is_live)
+    context = {"dag_run": SimpleNamespace(dag_id="plate_masking_de")}
+    assert acquire_lock(s3, settings, night_21, is_live=is_live) is None
+    assert collect(s3, settings, night_21, log=lambda m: None, is_live=is_live)["late"] == 4
+    day_19 = json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-19.json")["Body"].read())
+    assert day_19["state"] == "released"  # no late photo that day: given back at once
+    support.hold_lock_to_mask(context, settings, night_21.as_dict())  # its own run: re-entrant
+    assert release_lock(s3, settings, night_21)  # the 21st's run failed; release gave its locks back
+    live = {night_20.run_id}
+    assert acquire_lock(s3, settings, night_20, is_live=is_live) is None  # the 20th's run masks that day now
+    with pytest.raises(AirflowFailException, match="backfill__20.*must not mask one window at once"):
+        support.hold_lock_to_mask(context, settings, night_21.as_dict())  # the 21st's mask task, cleared
+    live = set()  # the 20th's run has finished
+    assert release_lock(s3, settings, night_20)
+    support.hold_lock_to_mask(context, settings, night_21.as_dict())
+    day_20 = json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
+    assert (day_20["run_id"], day_20["state"]) == (night_21.run_id, "held")
