@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,9 @@ def api_server(qa_bucket, tmp_path_factory):
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(folder / "passwords.json"),
            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32)}
     log = folder / "api-server.log"
+    # the DAGs in the metadata database, as the DAG processor puts them there, for the UI's DAG pages
+    subprocess.run([sys.executable, "-m", "airflow", "dags", "reserialize"], env=env, check=True, capture_output=True,
+                   timeout=300)
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port),
                                  "--workers", "1"], env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -233,3 +237,51 @@ def test_a_viewer_is_shown_reviewers_only_in_the_browser(browser, api_server, tm
     shown = page.inner_text("body")
     page.screenshot(path=str(tmp_path / "viewer.png"))
     assert "reviewers only" in shown and "2026-11-19T23:00:00" not in shown, shown[:500]
+
+
+def _api(url: str, user: str, password: str, path: str) -> dict:
+    req = urllib.request.Request(url + "/auth/token", data=json.dumps({"username": user, "password": password}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        token = json.loads(r.read())["access_token"]
+    with urllib.request.urlopen(urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"}),
+                                timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_a_window_triggered_from_the_ui_form_is_the_window_the_run_plans(browser, api_server, tmp_path):
+    """The operator's manual run: the DAG's trigger form in the Airflow UI, region and window filled in,
+    the rest left as the form shows it. The conf the UI sends is what the plan task turns into the run's
+    window (an empty field must arrive as "no value", a date as the date typed)."""
+    from platemask.runspec import plan_runs
+    from platemask.settings import Settings
+
+    url, passwords = api_server
+    page = _login(browser, url, "reviewer", passwords["reviewer"])
+    page.goto(url + "/dags/plate_masking")
+    page.get_by_role("button", name="Trigger").first.click()
+    form = page.get_by_role("dialog").last
+    form.locator("#element_window_start").fill("2026-11-20")
+    form.locator("#element_window_end").fill("2026-11-21")
+    form.locator("#element_region").click()
+    page.get_by_role("option", name="DE", exact=True).click()
+    page.screenshot(path=str(tmp_path / "trigger-form.png"), full_page=True)
+    before = {r["dag_run_id"] for r in _api(url, "reviewer", passwords["reviewer"], "/api/v2/dags/plate_masking/dagRuns")["dag_runs"]}
+    form.get_by_role("button", name="Trigger").last.click()
+    deadline = time.monotonic() + 30
+    while True:
+        runs = [r for r in _api(url, "reviewer", passwords["reviewer"], "/api/v2/dags/plate_masking/dagRuns")["dag_runs"]
+                if r["dag_run_id"] not in before]
+        if runs or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(500)
+    page.screenshot(path=str(tmp_path / "triggered.png"))
+    assert len(runs) == 1, "the form created no run"
+    run = runs[0]
+    conf = run["conf"]
+    assert (conf["region"], conf["window_start"], conf["window_end"]) == ("DE", "2026-11-20", "2026-11-21"), conf
+    assert conf["threshold"] is None and conf["model"] is None and conf["max_images"] is None, conf  # empty: no value
+    specs = plan_runs(Settings(), conf, run_id=run["dag_run_id"], data_interval_end=None,
+                      now=datetime.now(timezone.utc), run_type=run["run_type"])
+    assert [(sp.region, sp.window.id) for sp in specs] == [("DE", W_RUN)]
+    assert specs[0].threshold is None and specs[0].backend == "local" and not specs[0].dry_run
