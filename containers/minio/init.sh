@@ -34,7 +34,10 @@ cat > /tmp/platemask-airflow.json <<POLICY
      "Resource": ["$B/raw/*", "$B/audit/*", "$B/runs/*", "$B/masked/*", "$B/qa/*", "$B/sagemaker/*"]},
     {"Sid": "Write", "Effect": "Allow",
      "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-     "Resource": ["$B/masked/*", "$B/audit/*", "$B/runs/*", "$B/qa/*", "$B/sagemaker/models/*", "$B/sagemaker/output/*"]}
+     "Resource": ["$B/masked/*", "$B/audit/*", "$B/runs/*", "$B/qa/*", "$B/sagemaker/models/*", "$B/sagemaker/output/*"]},
+    {"Sid": "RemoveStaleMaskedCopies", "Effect": "Allow",
+     "Action": ["s3:DeleteObject"],
+     "Resource": ["$B/masked/*"]}
   ]
 }
 POLICY
