@@ -130,6 +130,45 @@ def _output_file_clash(src: str, dst: str, **files: str | None) -> str | None:
     return None
 
 
+def _folder_ids(path: str) -> list[tuple[tuple[int, int], Path]]:
+    """(device, inode) of ``path`` (when it exists) and of each folder above it, with the path."""
+    p = Path(os.path.realpath(Path(path).expanduser()))
+    ids = []
+    for f in (p, *p.parents):
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        ids.append(((st.st_dev, st.st_ino), f))
+    return ids
+
+
+def _same_folder_clash(src: str, dst: str, **files: str | None) -> str | None:
+    """Why DST or a record file is SRC or lies in it (or SRC in DST) as the file system sees them, or
+    None: the path check (``storage.overlap``) compares resolved paths, and a bind mount (``mount
+    --bind``, a container's ``-v /photos:/in -v /photos:/out``) shows one folder at two paths. SRC and
+    DST through one such pair passed: every original was replaced by its masked copy, exit 0."""
+    if src.startswith("s3://"):
+        return None
+    src_id = os.stat(os.path.realpath(Path(src).expanduser()))
+    src_id = (src_id.st_dev, src_id.st_ino)
+    targets = {} if dst.startswith("s3://") else {"DST": dst}
+    targets.update({f"--{k}": str(Path(v).expanduser().parent) for k, v in files.items() if v})
+    for what, path in targets.items():
+        for fid, folder in _folder_ids(path):
+            if fid == src_id:
+                return (f"{what} {path if what == 'DST' else files[what[2:]]} lies in SRC {src}: {folder} is SRC "
+                        "reached by another path (a bind mount or a second mount of it); originals are never "
+                        "overwritten. " + ("Pick a DST outside SRC" if what == "DST" else "Write it outside SRC"))
+    if "DST" in targets and Path(dst).expanduser().is_dir():
+        dst_id = _folder_ids(dst)[0][0]
+        for fid, folder in _folder_ids(src):
+            if fid == dst_id:
+                return (f"SRC {src} lies in DST {dst}: {folder} is DST reached by another path (a bind mount "
+                        "or a second mount of it). Pick a DST outside SRC")
+    return None
+
+
 def _unwritable(path: str) -> str | None:
     """Why the records file ``path`` cannot be written, or None (checked for both files before
     either is opened: opening one empties it, and the other failing then lost the earlier run's)."""
@@ -334,6 +373,10 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         return EXIT_USAGE
     if not a.src.startswith("s3://") and not Path(a.src).is_dir():
         _log(f"platemask: error: SRC {a.src} is not a folder (or an s3://bucket/prefix URI)")
+        return EXIT_USAGE
+    clash = _same_folder_clash(a.src, a.dst, detections=a.detections, report=a.report)
+    if clash:
+        _log(f"platemask: error: {clash}")
         return EXIT_USAGE
     problem = None if a.dst.startswith("s3://") else _unwritable_folder(a.dst)
     if problem:

@@ -160,3 +160,36 @@ def test_a_rerun_removes_the_half_written_files_a_killed_run_left_in_dst(tmp_pat
     assert not [p for p in left if p.exists()]
     assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == [
         ".tmp-notes.txt", "day/p000.jpg", "day/p001.jpg"]
+
+
+def _in_own_mount_namespace(script: str) -> subprocess.CompletedProcess:
+    """``script`` (sh) in a private mount namespace: its bind mounts vanish with it."""
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_src_and_dst_that_are_one_folder_through_a_bind_mount_are_refused(tmp_path, model_dir):
+    """``mount --bind /photos /view`` (or a container's ``-v /photos:/in -v /photos:/out``), then
+    ``platemask mask /photos /view``: the path check compared resolved paths, saw two folders, and
+    every original was replaced by its masked copy, exit 0. Now the folders' identities are compared
+    too: DST (or a records file) in SRC through such a mount, or SRC in DST, is refused, exit 2."""
+    import hashlib
+    import shlex
+    import shutil
+
+    if shutil.which("unshare") is None or _in_own_mount_namespace("true").returncode != 0:
+        pytest.skip("needs unshare --mount (root or user namespaces)")
+    src, view = tmp_path / "photos", tmp_path / "view"
+    _photos(src, 2)
+    view.mkdir()
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    cli = f"{shlex.quote(sys.executable)} -m platemask.cli mask --model {shlex.quote(str(model_dir))}"
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    for args, what in ((f"{q(src)} {q(view)}", "DST"), (f"{q(src)} {q(view / 'masked')}", "DST"),
+                       (f"{q(view / 'sub')} {q(src)}", "SRC"),
+                       (f"{q(src)} {q(tmp_path / 'out')} --detections {q(view / 'p000.jpg')}", "--detections")):
+        (src / "sub").mkdir(exist_ok=True)
+        out = _in_own_mount_namespace(f"mount --bind {q(src)} {q(view)} && cd {q(Path.cwd())} && {cli} {args}")
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert f"platemask: error: {what} " in out.stderr and "reached by another path" in out.stderr, out.stderr
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir() if p.is_file()} == before
