@@ -266,10 +266,18 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no config.json in model directory {model_dir}: pass --model pointing at a folder made by "
-            "'platemask train --export' (it holds config.json and weights.pt)"
+            f"no config.json in model directory {model_dir}: point at a folder made by 'platemask train --export' "
+            "(it holds config.json and weights.pt): --model on the command line, the model Param or "
+            "PLATEMASK_MODEL_DIR in a DAG, the image's /opt/ml/model in the container"
         )
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+        return ModelConfig.from_dict(doc)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:  # bad JSON, unknown or mistyped fields
+        raise ValueError(f"{path} cannot be read as a model config ({exc}): the model folder is damaged or was "
+                         "edited by hand; re-export it ('platemask export')") from exc
 
 
 def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:

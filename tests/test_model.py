@@ -252,3 +252,26 @@ def test_a_photo_lying_sideways_without_exif_has_its_plate_found_as_upright(mode
     assert inter >= 0.8 * (want[2] - want[0]) * (want[3] - want[1]) and upright >= 0.5
     seg.cfg = dataclasses.replace(seg.cfg, turned_view=False)  # the model's config can switch it off
     assert [p.box for p in seg([side])[0]] == [p.box for p in seg.verify_many([side], seg.detect([side]))[0]]
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"name": "m", "weights": "weights.pt",', "Expecting"),  # cut short
+    ('["not", "an", "object"]', "not an object"),
+    ('{"name": "m", "architecture": {"fpn_channel": 96}}', "unknown architecture keys"),
+    ('{"name": "m", "no_such_field": 1}', "no_such_field"),
+])
+def test_a_damaged_config_json_is_refused_naming_its_path(tmp_path, text, why):
+    """A damaged config.json said only "Expecting property name ..." or "__init__() got an unexpected
+    keyword argument": no path, nothing to do. Now the path, what was wrong and what to do."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError) as exc:
+        load_config(tmp_path)
+    msg = str(exc.value)
+    assert str(tmp_path / "config.json") in msg and why in msg and "re-export" in msg, msg
+
+
+def test_a_missing_model_folder_says_where_each_entry_point_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as exc:
+        load_config(tmp_path / "nowhere")
+    msg = str(exc.value)
+    assert str(tmp_path / "nowhere") in msg and "PLATEMASK_MODEL_DIR" in msg and "--model" in msg, msg
