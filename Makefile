@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the main job on the embedded default) and `make test`.
+# The commands of the README: `make demo` (the main job on the embedded default), `make airflow-ui` and `make test`.
 .PHONY: setup browser demo airflow-ui test container-test bench evaluate env
 VENV := .venv/bin
 

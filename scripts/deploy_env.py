@@ -88,6 +88,8 @@ def read_env(path: Path) -> dict[str, str]:
     if path.is_file():
         for line in path.read_text().splitlines():
             line = line.strip()
+            if line.startswith("export "):  # compose's .env reads `export NAME=value` lines too
+                line = line[len("export "):].strip()
             if line and not line.startswith("#") and "=" in line:
                 k, v = line.split("=", 1)
                 values[k.strip()] = v.strip().strip('"').strip("'")

@@ -271,6 +271,19 @@ def test_admin_password_is_persisted_on_a_volume():
 
 # --- make env / scripts/deploy_env.py -------------------------------------------------------------------
 
+def test_make_env_keeps_a_value_written_as_an_export_line(tmp_path):
+    """`export NAME=value` is a .env line compose reads; `make env` took it for a missing value and
+    appended a second, different one, which compose then used: a Postgres password or Fernet key
+    changed under existing volumes."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("export AIRFLOW_FERNET_KEY=kept-value\n")
+    env_file.chmod(0o600)
+    added = deploy_env.generate(env_file)
+    assert "AIRFLOW_FERNET_KEY" not in added
+    assert deploy_env.read_env(env_file)["AIRFLOW_FERNET_KEY"] == "kept-value"
+    assert env_file.read_text().count("AIRFLOW_FERNET_KEY") == 1
+
+
 def test_make_env_writes_random_private_secrets_that_pass_the_check(tmp_path):
     from cryptography.fernet import Fernet
 
