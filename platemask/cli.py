@@ -169,6 +169,16 @@ def _same_folder_clash(src: str, dst: str, **files: str | None) -> str | None:
     return None
 
 
+def _unlistable_folders(root: str) -> list[tuple[str, OSError]]:
+    """The folders under the local SRC ``root`` that cannot be listed (permission denied, an I/O
+    error, removed while listed), as keys ending in '/', with the error. ``os.walk`` (the store's
+    listing) passes over them without a word: their photos got no record and no mention, exit 0."""
+    errors: list[OSError] = []
+    for dirpath, dirnames, _ in os.walk(root, onerror=errors.append):
+        dirnames.sort()
+    return [(Path(os.path.relpath(e.filename, root)).as_posix() + "/", e) for e in errors]
+
+
 def _unwritable(path: str) -> str | None:
     """Why the records file ``path`` cannot be written, or None (checked for both files before
     either is opened: opening one empties it, and the other failing then lost the earlier run's)."""
@@ -359,6 +369,7 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from .mask import MaskStyle
     from .model import load_config
     from .pipeline import JobOptions, Progress, Timings, check_threshold, run_job
+    from .detections import record
     from .qa import build_report, headline
     from .segment import Segmenter
     from .storage import is_hidden, normalise_key, open_store, overlap
@@ -445,6 +456,14 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
     except FileNotFoundError as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
+    unlisted = [] if a.src.startswith("s3://") else _unlistable_folders(a.src)
+    if unlisted and unlisted[0][0] == "./":
+        _log(f"platemask: error: cannot list SRC {a.src}: {unlisted[0][1].strerror}")
+        return EXIT_USAGE
+    if unlisted:
+        _log(f"platemask: warning: {len(unlisted)} folder(s) in SRC cannot be listed, the photos in them are NOT "
+             f"masked: {', '.join(_visible(repr(k)) for k, _ in unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}; "
+             "each is a failed record (unreadable_folder)")
     hidden = [k for k in found if is_hidden(k)]
     keys = [k for k in found if not is_hidden(k)]
     if hidden:  # .DS_Store and the like: not inputs, but never left out silently
@@ -501,11 +520,19 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
                      "delete it, or free space and run again" if r.get("unrecorded_masked_copy") else
                      "its masked copy was removed from DST; free space and run again"))
 
+    # a folder that cannot be listed is one failed record (its photos are unknown, none of them masked):
+    # the run is not clean, and the records, the report and the log say which folder and why
+    records = [record(k, status="failed", reason="unreadable_folder", model=seg.model_info,
+                      error=f"cannot list the folder {src.describe(k)} ({exc.strerror or exc}): the photos in it "
+                            "(if any) were not masked and have no record of their own; make it readable to this "
+                            "user and run again") for k, exc in unlisted]
+    for r in records:
+        on_record(r)
     timings = Timings()
     start = time.perf_counter()
     try:
         with _stop_signals_interrupt():
-            records = run_job(src, dst, keys, detect, opts, model=seg.model_info, timings=timings,
+            records += run_job(src, dst, keys, detect, opts, model=seg.model_info, timings=timings,
                               progress=Progress(len(keys)), on_record=on_record)
     except BaseException as exc:
         if report_file:  # no report for a job that did not finish (nor the one an earlier run left)
@@ -513,10 +540,10 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         if not isinstance(exc, (Interrupted, KeyboardInterrupt)):
             raise
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        _log(f"platemask: interrupted ({signal.Signals(signum).name}) after {recorded[0]} of {len(keys)} inputs: "
+        _log(f"platemask: interrupted ({signal.Signals(signum).name}) after {recorded[0]} of {len(keys) + len(unlisted)} inputs: "
              + (f"each of those has its record in {a.detections}" if a.detections else
                 "their records were not saved (no --detections)")
-             + f"; the other {len(keys) - recorded[0]} were not masked and have none; no report written. Run the "
+             + f"; the other {len(keys) + len(unlisted) - recorded[0]} were not masked and have none; no report written. Run the "
              "same command again to mask them all")
         return 128 + int(signum)
     finally:

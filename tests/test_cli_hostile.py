@@ -193,3 +193,36 @@ def test_src_and_dst_that_are_one_folder_through_a_bind_mount_are_refused(tmp_pa
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert f"platemask: error: {what} " in out.stderr and "reached by another path" in out.stderr, out.stderr
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir() if p.is_file()} == before
+
+
+def test_a_folder_in_src_that_cannot_be_listed_is_a_failed_record_not_silence(tmp_path, model_dir):
+    """A folder of SRC this user cannot list (another user's upload folder, mode 700; an I/O error):
+    os.walk passed over it without a word, so its photos got no record and no mention and the run
+    said "1 images: 1 no plate", exit 0. Now it is one failed record (unreadable_folder) naming the
+    folder and the fix, in the log and the report too, and the exit code is 3."""
+    import shutil
+
+    src, dst, det, report = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl", tmp_path / "r.json"
+    _photos(src / "open", 1)
+    _photos(src / "locked", 2)
+    os.chmod(src / "locked", 0)
+    cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--model", str(model_dir),
+           "--detections", str(det), "--report", str(report)]
+    if os.geteuid() == 0:  # root lists any folder: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to run without root's file-permission override")
+        caps = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *cmd]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        os.chmod(src / "locked", 0o755)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "1 folder(s) in SRC cannot be listed, the photos in them are NOT masked: 'locked/'" in out.stderr
+    recs = {r["key"]: r for r in _records(det)}
+    assert set(recs) == {"locked/", "open/p000.jpg"}
+    assert recs["locked/"]["status"] == "failed" and recs["locked/"]["reason"] == "unreadable_folder"
+    assert "Permission denied" in recs["locked/"]["error"] and "make it readable" in recs["locked/"]["error"]
+    assert recs["open/p000.jpg"]["status"] == "no_plate"
+    assert json.loads(report.read_text())["failures_by_reason"]["unreadable_folder"]["count"] == 1
+    assert not (dst / "locked").exists()
