@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import os
+import urllib.parse
 from pathlib import Path
 
 from .constants import (DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES, METADATA_POLICIES,
@@ -488,6 +489,11 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
     unrecorded: list[str] = []  # inputs whose record --detections could not take
 
     def on_record(r: dict):
+        if r["key"] != (raw := os.fsencode(r["key"])).decode("utf-8", "replace"):
+            # a name that is not UTF-8 (a Linux name is bytes): its key holds surrogate escapes, which
+            # JSON readers other than Python (jq, Node, Go) read as U+FFFD, so that b'\xff.jpg' and
+            # b'\xfe.jpg' had one key there. Its bytes, percent-encoded, name it exactly
+            r["key_bytes"] = urllib.parse.quote(raw, safe="/")
         if det_file:
             try:
                 det_file.write(json.dumps(r) + "\n")

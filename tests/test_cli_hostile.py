@@ -226,3 +226,26 @@ def test_a_folder_in_src_that_cannot_be_listed_is_a_failed_record_not_silence(tm
     assert recs["open/p000.jpg"]["status"] == "no_plate"
     assert json.loads(report.read_text())["failures_by_reason"]["unreadable_folder"]["count"] == 1
     assert not (dst / "locked").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names are bytes on Linux")
+def test_two_names_that_are_not_utf8_stay_two_names_in_the_records(tmp_path, model_dir):
+    """Files named b'\\xff.jpg' and b'\\xfe.jpg' (Latin-1 names from an old camera or a Windows share):
+    their records' keys held surrogate escapes, which jq, Node or Go read as U+FFFD, so the two
+    records had one key outside Python and could not be matched to their files. Now such a record
+    also carries the name's bytes, percent-encoded (key_bytes)."""
+    import urllib.parse
+
+    src, dst, det = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl"
+    _photos(src, 3)
+    names = [b"\xff.jpg", b"\xfe.jpg"]
+    for name, p in zip(names, sorted(src.iterdir())):
+        os.rename(p, os.path.join(os.fsencode(src), name))
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
+    recs = _records(det)
+    assert len(recs) == 3 and sum("key_bytes" in r for r in recs) == 2
+    outside_python = {r["key"].encode("utf-8", "replace") for r in recs}
+    exact = {urllib.parse.unquote_to_bytes(r["key_bytes"]) if "key_bytes" in r else r["key"].encode() for r in recs}
+    assert len(outside_python) == 2  # what a reader other than Python sees of the keys alone
+    assert exact == set(os.listdir(os.fsencode(dst))) == {*names, b"p002.jpg"}
+    assert "key_bytes" not in next(r for r in recs if r["key"] == "p002.jpg")
