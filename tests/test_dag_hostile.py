@@ -93,7 +93,7 @@ def test_a_backfill_whose_conf_names_a_window_is_refused_not_green_for_nights_it
 
     dag = load_dag(monkeypatch, "plate_masking_th")
     load_dag(monkeypatch).test(run_conf={"region": "TH", "dry_run": True})  # writes the DAG folder's DAGs to the DB
-    start, end = backfill_bounds(date(2026, 11, 10), date(2026, 11, 12))
+    start, end = backfill_bounds(date(2026, 10, 10), date(2026, 10, 12))  # nights no other test backfills
     conf = {"window_start": "2026-11-01", "window_end": "2026-11-02", "max_failure_rate": 0.1}
     bf = _create_backfill(dag_id="plate_masking_th", from_date=start, to_date=end, max_active_runs=2, reverse=False,
                           dag_run_conf=conf, triggering_user_name="test")
@@ -103,7 +103,7 @@ def test_a_backfill_whose_conf_names_a_window_is_refused_not_green_for_nights_it
         assert len(runs) == 3
         for r in runs:
             context = {"dag_run": r, "params": merged_params(dag, r.conf), "data_interval_end": r.data_interval_end}
-            with pytest.raises(AirflowFailException, match="backfill run of the night .*2026-11-1[012].*window_start"):
+            with pytest.raises(AirflowFailException, match="backfill run of the night .*2026-10-1[012].*window_start"):
                 plan_from_context(context, Settings.load())
             # the same run without the window plans its own night
             context["params"] = merged_params(dag, {"max_failure_rate": 0.1})
