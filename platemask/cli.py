@@ -213,6 +213,22 @@ def _remove_leftover_temps(folder: str) -> list[str]:
     return removed
 
 
+def _unlink_output_links(folder: str, outputs: list[str]) -> list[str]:
+    """Remove the symbolic links that sit in the local DST ``folder`` where masked copies go (the link
+    only, never what it leads to); the outputs they were at. A write followed such a link (one left by
+    a dedupe tool such as ``rdfind -makesymlinks``): ``a.jpg -> b.jpg`` got a's masked photo written
+    over b's, so DST served b's photo as a's (its record naming another hash), and a failed a's stale
+    copy removal deleted b's."""
+    removed = []
+    for out in outputs:
+        path = os.path.join(folder, out)
+        if os.path.islink(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(out)
+    return removed
+
+
 def _unwritable_folder(path: str) -> str | None:
     """Why the local folder ``path`` (DST) cannot be created or written, or None. Checked before the
     model loads: a DST that is a file, or on a read-only file system, ended in a traceback (exit 1),
@@ -481,6 +497,17 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
     def detect(_keys, decoded):
         return seg([d.rgb for d in decoded])
+
+    if not a.dst.startswith("s3://"):
+        outputs = []
+        for k in keys:
+            with contextlib.suppress(ValueError):  # an unsafe key fails in the job, with its record
+                outputs.append(normalise_key(k))
+        links = _unlink_output_links(a.dst, outputs)
+        if links:
+            _log(f"platemask: removed {len(links)} link(s) in DST where masked copies go (a write followed them "
+                 f"and overwrote what they lead to): {', '.join(_visible(repr(k)) for k in links[:5])}"
+                 f"{' ...' if len(links) > 5 else ''}")
 
     for f in (det_file, report_file):  # an earlier run's records or report never outlive this run
         if f:

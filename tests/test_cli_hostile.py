@@ -249,3 +249,32 @@ def test_two_names_that_are_not_utf8_stay_two_names_in_the_records(tmp_path, mod
     assert len(outside_python) == 2  # what a reader other than Python sees of the keys alone
     assert exact == set(os.listdir(os.fsencode(dst))) == {*names, b"p002.jpg"}
     assert "key_bytes" not in next(r for r in recs if r["key"] == "p002.jpg")
+
+
+def test_links_in_dst_where_masked_copies_go_are_replaced_not_written_through(tmp_path, model_dir):
+    """DST deduplicated with symlinks (``rdfind -makesymlinks``: identical masked copies became
+    ``a.jpg -> b.jpg``), then a.jpg re-shot and c.jpg broken in SRC: the rerun wrote a's new masked
+    photo through the link over b.jpg, so DST served another photo as b's (b's record naming another
+    hash), c's stale-copy removal deleted b.jpg through its link, and the failed c.jpg still served
+    a photo. Now the links at output paths are removed first (only the links): every output is its
+    own record's, and a failed input has none."""
+    import hashlib
+
+    src, dst, det = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl"
+    _photos(src, 3)
+    for old, new in zip(sorted(src.iterdir()), ("a.jpg", "b.jpg", "c.jpg")):
+        old.rename(src / new)
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir)]) == 0
+    for name in ("a.jpg", "c.jpg"):
+        (dst / name).unlink()
+        (dst / name).symlink_to("b.jpg")
+    _photos(tmp_path / "new", 1, seed=11)
+    (src / "a.jpg").write_bytes((tmp_path / "new" / "p000.jpg").read_bytes())
+    (src / "c.jpg").write_bytes((src / "c.jpg").read_bytes()[:200])
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 3
+    recs = {r["key"]: r for r in _records(det)}
+    assert recs["c.jpg"]["status"] == "failed"
+    assert not [p for p in dst.iterdir() if p.is_symlink()]
+    assert sorted(p.name for p in dst.iterdir()) == ["a.jpg", "b.jpg"]
+    for name in ("a.jpg", "b.jpg"):
+        assert hashlib.sha256((dst / name).read_bytes()).hexdigest() == recs[name]["output_sha256"], name
