@@ -105,8 +105,9 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
 
 def hold_lock_to_mask(context: Any, settings: Settings, spec_dict: dict) -> None:
     """Before a shard is masked: this run holds the day locks of its region-window (and of the days
-    before it whose late photos its collect picked up), or takes them again when they are free (released, or left by a run that is no longer running). A run's failed
-    tasks cleared after it ended (what its failure alert suggests) would otherwise mask without them,
+    before it whose late photos its collect picked up), or takes them again when they are free
+    (released, or left by a run that is no longer running). A run's failed tasks cleared after it
+    ended (what its failure alert suggests) would otherwise mask without them,
     beside another run of those days, and its QA would never become the window's latest report.
     Raises ``AirflowFailException`` naming the live run that holds one. Dry runs take no lock."""
     from airflow.sdk.exceptions import AirflowFailException
