@@ -21,7 +21,9 @@ One DAG per region, `plate_masking_<region>`, runs at the region's local midnigh
 that just ended (its data interval); backfill one with `airflow backfill create --dag-id
 plate_masking_<region> --from-date <day before the first>T12:00:00+00:00 --to-date <last day>T12:00:00+00:00`
 (README "Schedule and backfill"). `plate_masking` has no schedule: trigger it by hand for any
-region (or ALL) and, optionally, an explicit window.
+region (or ALL) and, optionally, an explicit window that has ended (one still open is refused: photos
+still arrive in it); without one, with or without a logical date, it masks the local day that ended
+before the trigger. A backfill's conf may not name a window: each of its runs masks its own night.
 """
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ params = {
                     description="Region to process; ALL (the nightly default) processes every configured region."),
     "window_start": Param(None, **NULLABLE, title="Window start",
                           description="ISO date or date-time (region time if no offset). Leave empty for the run's night."),
-    "window_end": Param(None, **NULLABLE, title="Window end", description="Exclusive end, same format as the start."),
+    "window_end": Param(None, **NULLABLE, title="Window end",
+                        description="Exclusive end, same format as the start; no later than now (a window still "
+                                    "open is refused)."),
     "backend": Param(DEFAULT_BACKEND, enum=list(BACKENDS), title="Segmentation backend"),
     "mode": Param(DEFAULT_MASK_MODE, enum=list(MASK_MODES), title="Masking mode"),
     "threshold": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Score threshold",
