@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import re
@@ -331,7 +332,15 @@ class _RecordsFile:
             st = None
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             os.unlink(real)
-        self.fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # without waiting: a named pipe no process reads blocked the open forever, before any word
+        try:
+            self.fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise OSError(exc.errno, "it is a named pipe that no process reads (the run would wait for "
+                              "one forever)", path) from None
+            raise
+        os.set_blocking(self.fd, True)
         try:
             self.opened = os.fstat(self.fd)
             self.regular = stat.S_ISREG(self.opened.st_mode)

@@ -278,3 +278,23 @@ def test_links_in_dst_where_masked_copies_go_are_replaced_not_written_through(tm
     assert sorted(p.name for p in dst.iterdir()) == ["a.jpg", "b.jpg"]
     for name in ("a.jpg", "b.jpg"):
         assert hashlib.sha256((dst / name).read_bytes()).hexdigest() == recs[name]["output_sha256"], name
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_records_path_that_is_a_pipe_nobody_reads_is_refused_instead_of_hanging(tmp_path, model_dir):
+    """--report (or --detections) naming a named pipe that no process reads: opening it waited for a
+    reader forever, before any photo and without a word. Now exit 2 naming the pipe; a pipe that is
+    read (``--report >(jq .)``-style) still gets the report."""
+    src = tmp_path / "src"
+    _photos(src, 2)
+    fifo = tmp_path / "report.pipe"
+    os.mkfifo(fifo)
+    args = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir),
+            "--report", str(fifo)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "it is a named pipe that no process reads" in out.stderr
+    with subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE) as reader:
+        time.sleep(0.5)  # the reader has the pipe open
+        assert subprocess.run(args, capture_output=True, text=True, timeout=120).returncode == 0
+        assert json.loads(reader.communicate(timeout=60)[0])["images"] == 2
