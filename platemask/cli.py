@@ -181,6 +181,22 @@ def _unlistable_folders(root: str) -> list[tuple[str, OSError]]:
     return [(Path(os.path.relpath(e.filename, root)).as_posix() + "/", e) for e in errors]
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def _special_file(root: str, key: str) -> str | None:
+    """What the input ``key`` of the local SRC ``root`` is when it is not a regular file (a named pipe,
+    socket or device), or None (also when it cannot be examined: the job reads it and reports why)."""
+    try:
+        mode = os.stat(os.path.join(root, key)).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
 def _unwritable(path: str) -> str | None:
     """Why the records file ``path`` cannot be written, or None (checked for both files before
     either is opened: opening one empties it, and the other failing then lost the earlier run's)."""
@@ -394,7 +410,7 @@ def cmd_mask(a: argparse.Namespace) -> int:
 def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from .mask import MaskStyle
     from .model import load_config
-    from .pipeline import JobOptions, Progress, Timings, check_threshold, run_job
+    from .pipeline import JobOptions, Progress, Timings, check_threshold, remove_stale_output, run_job
     from .detections import record
     from .qa import build_report, headline
     from .segment import Segmenter
@@ -492,6 +508,9 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
              "each is a failed record (unreadable_folder)")
     hidden = [k for k in found if is_hidden(k)]
     keys = [k for k in found if not is_hidden(k)]
+    special = {} if a.src.startswith("s3://") else {
+        k: what for k in keys if (what := _special_file(a.src, k))}
+    keys = [k for k in keys if k not in special]
     if hidden:  # .DS_Store and the like: not inputs, but never left out silently
         _log(f"platemask: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, nothing "
              f"written): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
@@ -501,7 +520,7 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         _log(f"platemask: warning: {len(linked)} link(s) to a folder not followed, the photos behind them are "
              f"NOT masked: {', '.join(repr(k) for k in linked[:5])}{' ...' if len(linked) > 5 else ''}; "
              "run platemask mask on the folder they point to to mask those")
-    _log(f"platemask: {len(keys)} files under {src.uri} -> {dst.uri}; model {cfg.name} "
+    _log(f"platemask: {len(keys) + len(special)} files under {src.uri} -> {dst.uri}; model {cfg.name} "
          f"({cfg.weights_sha256[:12]}), threshold {threshold}, mode {a.mode}, device {a.device}")
 
     def detect(_keys, decoded):
@@ -568,6 +587,16 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
                       error=f"cannot list the folder {src.describe(k)} ({exc.strerror or exc}): the photos in it "
                             "(if any) were not masked and have no record of their own; make it readable to this "
                             "user and run again") for k, exc in unlisted]
+    # a named pipe, socket or device in SRC (a dashcam card or an extracted archive mounted without
+    # nodev) is failed unopened: the job opened it (without waiting) to find out, and opening a device
+    # acts (a watchdog arms and reboots the machine, a tape rewinds, a serial line drops DTR)
+    for k, what in special.items():
+        stale = {}
+        with contextlib.suppress(ValueError):
+            stale = remove_stale_output(dst, normalise_key(k))
+        records.append(record(k, status="failed", reason="not_a_file", model=seg.model_info, **stale,
+                              error=f"{src.describe(k)} is not a regular file ({what}); only files are masked, "
+                                    "and it was not opened. Move it out of SRC"))
     for r in records:
         on_record(r)
     timings = Timings()
@@ -582,10 +611,10 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         if not isinstance(exc, (Interrupted, KeyboardInterrupt)):
             raise
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        _log(f"platemask: interrupted ({signal.Signals(signum).name}) after {recorded[0]} of {len(keys) + len(unlisted)} inputs: "
+        _log(f"platemask: interrupted ({signal.Signals(signum).name}) after {recorded[0]} of {len(keys) + len(unlisted) + len(special)} inputs: "
              + (f"each of those has its record in {a.detections}" if a.detections else
                 "their records were not saved (no --detections)")
-             + f"; the other {len(keys) + len(unlisted) - recorded[0]} were not masked and have none; no report written. Run the "
+             + f"; the other {len(keys) + len(unlisted) + len(special) - recorded[0]} were not masked and have none; no report written. Run the "
              "same command again to mask them all")
         return 128 + int(signum)
     finally:

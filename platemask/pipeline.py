@@ -375,7 +375,7 @@ def _output_keys(keys: Sequence[str],
     return out, refused
 
 
-def _remove_stale_output(dst: Store, key: str) -> dict:
+def remove_stale_output(dst: Store, key: str) -> dict:
     """Delete what an earlier run wrote at ``key`` for an input that failed now; the record's note."""
     try:
         if not dst.exists(key):
@@ -487,7 +487,7 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
     def fail(item: _Loaded, err: ImageError, **kw):
         try:
             if opts.remove_stale_outputs and item.key in out_keys:
-                kw.update(_remove_stale_output(dst, out_keys[item.key]))
+                kw.update(remove_stale_output(dst, out_keys[item.key]))
             emit(record(item.key, status="failed", error=f"{src.describe(item.key)}: {err}", reason=err.reason,
                         model=model, input_sha256=item.sha, **kw))
         finally:
@@ -570,7 +570,7 @@ def run_job(src: Store, dst: Store, keys: Sequence[str], detect: Detector, opts:
         try:
             for key, (reason, message) in refused.items():
                 # a refused input (colliding output) loses what an earlier run wrote at its output too
-                stale = (_remove_stale_output(dst, out_keys[key])
+                stale = (remove_stale_output(dst, out_keys[key])
                          if opts.remove_stale_outputs and key in out_keys else {})
                 emit(record(key, status="failed", error=f"{src.describe(key)}: {message}", reason=reason, model=model,
                             **stale))

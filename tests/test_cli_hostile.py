@@ -298,3 +298,36 @@ def test_a_records_path_that_is_a_pipe_nobody_reads_is_refused_instead_of_hangin
         time.sleep(0.5)  # the reader has the pipe open
         assert subprocess.run(args, capture_output=True, text=True, timeout=120).returncode == 0
         assert json.loads(reader.communicate(timeout=60)[0])["images"] == 2
+
+
+def test_a_device_or_pipe_in_src_is_failed_without_being_opened(tmp_path, model_dir):
+    """A device node in SRC (a dashcam card or an extracted archive mounted without nodev): the job
+    opened it (O_NONBLOCK, to find out it is not a file), and opening a device acts: a watchdog node
+    arms the watchdog and reboots the machine, a tape rewinds, a serial line drops DTR. Now a named
+    pipe, socket or device fails (not_a_file) unopened, seen by the system calls the run made."""
+    import shutil
+
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace to see which files the run opens")
+    src, dst, det, trace = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl", tmp_path / "openat.trace"
+    _photos(src, 1)
+    os.mkfifo(src / "pipe.jpg")
+    try:
+        os.mknod(src / "cam.jpg", stat.S_IFCHR | 0o644, os.makedev(1, 3))  # what /dev/null is: harmless to open
+        nodes = ["pipe.jpg", "cam.jpg"]
+    except PermissionError:
+        nodes = ["pipe.jpg"]
+    out = subprocess.run(["strace", "-f", "-e", "trace=openat,open", "-o", str(trace), sys.executable, "-m",
+                          "platemask.cli", "mask", str(src), str(dst), "--model", str(model_dir), "--detections",
+                          str(det)], capture_output=True, text=True, timeout=300)
+    if "ptrace" in out.stderr and out.returncode != 3:
+        pytest.skip(f"strace cannot trace here: {out.stderr[-300:]}")
+    assert out.returncode == 3, out.stderr[-2000:]
+    opened = [line for line in trace.read_text().splitlines() if any(f"/{n}\"" in line for n in nodes)]
+    assert opened == []
+    recs = {r["key"]: r for r in _records(det)}
+    assert recs["p000.jpg"]["status"] == "no_plate"
+    for n in nodes:
+        assert recs[n]["status"] == "failed" and recs[n]["reason"] == "not_a_file", recs[n]
+        assert "is not a regular file" in recs[n]["error"] and "not opened" in recs[n]["error"]
+    assert sorted(p.name for p in dst.iterdir()) == ["p000.jpg"]
