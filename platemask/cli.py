@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import os
+import posixpath
 import urllib.parse
 from pathlib import Path
 
@@ -214,19 +215,22 @@ def _unwritable(path: str) -> str | None:
 _LEFTOVER_TEMP = re.compile(r"\.tmp-[a-z0-9_]{8}(\.[^.]*)?")
 
 
-def _remove_leftover_temps(folder: str) -> list[str]:
+def _remove_leftover_temps(folder: str, outputs: list[str]) -> list[str]:
     """Remove the half-written temporary files a run killed mid-write (SIGKILL, a power cut) left in
-    the local DST ``folder`` (only while this run holds it: no other run is writing there); the
-    paths removed, relative to it. They stayed for good, hidden names that a sync of DST published."""
+    the local DST ``folder``, in the folders this run writes to (and DST itself; only while this run
+    holds DST: no other run is writing there); the paths removed, relative to it. They stayed for
+    good, hidden names that a sync of DST published."""
     removed = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            if _LEFTOVER_TEMP.fullmatch(name) and stat.S_ISREG(os.lstat(path).st_mode):
+    for sub in sorted({posixpath.dirname(o) for o in outputs} | {""}):
+        try:
+            entries = sorted(os.scandir(os.path.join(folder, sub)), key=lambda e: e.name)
+        except (NotADirectoryError, FileNotFoundError):
+            continue
+        for entry in entries:
+            if _LEFTOVER_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed.append(os.path.relpath(path, folder))
+                    os.unlink(entry.path)
+                    removed.append(posixpath.join(sub, entry.name))
     return removed
 
 
@@ -445,10 +449,6 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         if busy:
             _log(f"platemask: error: {busy}")
             return EXIT_USAGE
-        leftovers = _remove_leftover_temps(a.dst)
-        if leftovers:
-            _log(f"platemask: removed {len(leftovers)} half-written temporary file(s) that a run killed mid-write left "
-                 f"in DST: {', '.join(_visible(repr(k)) for k in leftovers[:5])}{' ...' if len(leftovers) > 5 else ''}")
     # Both files are opened (and held: one run at a time) before the model loads: a path that cannot be
     # written is a usage error now, not a traceback after the whole run (exit 1, no summary), and a
     # report an earlier run left there never outlives this run (emptied when the job starts, written
@@ -531,6 +531,10 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         for k in keys:
             with contextlib.suppress(ValueError):  # an unsafe key fails in the job, with its record
                 outputs.append(normalise_key(k))
+        leftovers = _remove_leftover_temps(a.dst, outputs)
+        if leftovers:
+            _log(f"platemask: removed {len(leftovers)} half-written temporary file(s) that a run killed mid-write left "
+                 f"in DST: {', '.join(_visible(repr(k)) for k in leftovers[:5])}{' ...' if len(leftovers) > 5 else ''}")
         links = _unlink_output_links(a.dst, outputs)
         if links:
             _log(f"platemask: removed {len(links)} link(s) in DST where masked copies go (a write followed them "
