@@ -8,6 +8,7 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from .constants import BACKENDS, DEFAULT_BACKEND, DEFAULT_MASK_MODE, MASK_MODES
@@ -90,13 +91,22 @@ def plan_runs(settings: Settings, params: dict, *, run_id: str, data_interval_en
     threshold = params.get("threshold")
     if threshold is not None and not 0 <= float(threshold) <= 1:
         raise RunError(f"threshold must be within [0, 1], got {threshold}")
+    from .model import load_config
+
+    model_dir = params.get("model") or settings.model_dir
+    try:  # found here, not by every mask task after the window was collected, locked and sharded
+        cfg = load_config(model_dir)
+        if not (Path(model_dir) / cfg.weights).is_file():
+            raise FileNotFoundError(f"model folder {model_dir} has config.json but not its weights {cfg.weights!r}: "
+                                    "copy the whole folder, or re-export it")
+    except (FileNotFoundError, ValueError) as exc:
+        raise RunError(f"model: {exc}") from None
     if threshold is not None and not params.get("unsafe_threshold"):
-        from .model import load_config
         from .pipeline import check_threshold
 
         try:
-            check_threshold(float(threshold), load_config(params.get("model") or settings.model_dir).score_threshold)
-        except (FileNotFoundError, ValueError) as exc:
+            check_threshold(float(threshold), cfg.score_threshold)
+        except ValueError as exc:
             raise RunError(str(exc)) from None
     max_images = params.get("max_images")
     if max_images is not None and int(max_images) < 1:

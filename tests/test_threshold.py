@@ -95,6 +95,27 @@ def test_dag_params_need_unsafe_threshold(model_dir):
     assert plan_runs(s, base, **kw)[0].threshold is None
 
 
+def test_a_model_folder_that_cannot_run_fails_the_plan_not_every_mask_task(model_dir, tmp_path):
+    """PLATEMASK_MODEL_DIR (or the model Param) naming no model was only checked with a threshold: plan,
+    hold, collect and shard went through, every mask task failed (four times each with retries) and a QA
+    report was published as the window's latest. Now plan refuses it, naming the folder."""
+    import shutil
+
+    from platemask.runspec import RunError, plan_runs
+    from platemask.settings import Settings
+
+    kw = dict(run_id="r", data_interval_end=None)
+    base = {"region": "DE", "window_start": "2026-11-20", "window_end": "2026-11-21"}
+    with pytest.raises(RunError, match=r"model: no config.json in model directory .*nowhere"):
+        plan_runs(Settings(model_dir=str(tmp_path / "nowhere")), base, **kw)
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(model_dir / "config.json", half / "config.json")  # copied without its weights
+    with pytest.raises(RunError, match=r"has config.json but not its weights 'weights.pt'"):
+        plan_runs(Settings(), {**base, "model": str(half)}, **kw)
+    assert plan_runs(Settings(model_dir=str(model_dir)), base, **kw)[0].region == "DE"
+
+
 def test_a_run_below_the_models_review_low_sees_what_it_masks(model_dir, scene, tmp_path):
     """The detector's floor follows the run's threshold: a run at 0.05 on a model whose review_low
     is higher gets every detection at 0.05 or above (before, those under review_low were dropped
