@@ -228,6 +228,9 @@ class Settings:
         if not self.regions:
             return ("setting regions is empty: no region would be masked (no nightly DAG); set PLATEMASK_REGIONS, "
                     "e.g. DE,PL,TH,US")
+        twice = sorted({r for r in self.regions if self.regions.count(r) > 1})
+        if twice:  # an ALL run would plan the region twice under one run folder: every photo masked twice
+            return f"setting regions names {', '.join(twice)} more than once ({', '.join(self.regions)}){_where('regions')}"
         for r in self.regions:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", r):
                 return (f"region {r!r} in setting regions is not a plain name (letters, digits, _ and -): it is "
@@ -258,6 +261,10 @@ class Settings:
             return f"raw_prefix {self.raw_prefix!r} is not a key template: {exc}"
         need = {"yyyy", "mm", "dd"} | ({"region"} if len(self.regions) > 1 else set())
         missing, unknown = sorted(need - names), sorted(names - {"region", "yyyy", "mm", "dd"})
+        if not missing and not unknown and self.raw_prefix.endswith("}"):
+            return (f"raw_prefix {self.raw_prefix!r} ends with a placeholder: the 20th's prefix '.../20' would also "
+                    "list '.../20-old/', '.../201/' and any other key that starts with it; end it with the '/' (or "
+                    "other character) that follows the day in your keys, e.g. raw/{region}/{yyyy}/{mm}/{dd}/")
         if not missing and not unknown:
             return None
         return (f"raw_prefix {self.raw_prefix!r} "

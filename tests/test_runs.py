@@ -458,6 +458,19 @@ def test_under_last_modified_a_photo_uploaded_outside_its_partitions_day_has_one
         [[], [ahead], []]
 
 
+def test_a_raw_prefix_ending_in_its_day_or_regions_named_twice_are_refused():
+    """raw/{region}/{yyyy}/{mm}/{dd} (no '/') was accepted: the 20th's listing '.../20' also took
+    '.../20-old/' and '.../201/'. PLATEMASK_REGIONS=DE,PL,DE was accepted: an ALL run planned DE twice
+    under one run folder. Both refused when the settings are built, naming the setting."""
+    from platemask.settings import Settings
+
+    with pytest.raises(ValueError, match=r"raw_prefix .* ends with a placeholder"):
+        Settings(raw_prefix="raw/{region}/{yyyy}/{mm}/{dd}")
+    with pytest.raises(ValueError, match=r"regions names DE more than once"):
+        Settings(regions=("DE", "PL", "DE"))
+    assert Settings(raw_prefix="raw/{region}/{yyyy}{mm}{dd}_").raw_prefix.endswith("_")
+
+
 @pytest.mark.parametrize("raw_prefix", ["raw/{region}/{yyyy}/{mm}/", "raw/{region}/", "raw/{yyyy}/{mm}/{dd}/",
                                         "raw/{region}/{yyyy}/{mm}/{dd}/{camera}/"])
 def test_a_raw_prefix_that_is_not_one_regions_day_partition_is_refused(photos, raw_prefix):
