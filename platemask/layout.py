@@ -4,12 +4,15 @@ Layout (all under ``settings.bucket``):
   raw/{region}/{yyyy}/{mm}/{dd}/...            originals (read only, never modified)
   masked/{region}/{yyyy}/{mm}/{dd}/...         masked copies, same relative path
   audit/{region}/{yyyy}/{mm}/{dd}/....json     one audit record per photo (source ETag, model, result)
-  runs/{region}/{window}/{run}/collected.json  what collect found (written last: present = collected)
+  runs/{region}/{window}/{run}/collected.json  what collect found (written last: present = collected), with
+                                               the late days whose locks it took (``late_locks``)
   runs/{region}/{window}/{run}/manifest.jsonl  what the run covers: key, size, ETag
+  runs/{region}/{window}/{run}/sharded.json    how many shards the latest cut made (``runs.SHARDED``)
   runs/{region}/{window}/{run}/shards/NNNN.jsonl      the manifest cut into shards
   runs/{region}/{window}/{run}/detections/NNNN.jsonl  detection records per shard (+ NNNN.summary.json)
   runs/{region}/locks/{yyyy-mm-dd}.json        which run masks this region's local day now (S3 conditional
-                                               writes); a run holds the lock of every day its window touches
+                                               writes); a run holds the lock of every day its window touches,
+                                               and of each late day whose photos it picks up
   qa/{region}/{window}/runs/{run}/report.json|report.html   the run's QA
   qa/{region}/{window}/report.json|report.html the latest non-dry run's QA (a copy; what the Plate QA
                                                view reads). The HTML embeds thumbnails of originals,
