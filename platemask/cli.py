@@ -377,6 +377,27 @@ class _RecordsFile:
             raise
         self.size = 0
 
+    def earlier_records(self, keys: set[str]) -> dict[str, dict]:
+        """The records an earlier run left in this file for ``keys`` (read before ``empty``): a run
+        stopped part-way puts back those of the photos it did not reach, whose masked copies that
+        run left in DST, so no published photo is left without a record. Lines that are not whole
+        JSON records (a file of something else) are passed over."""
+        found: dict[str, dict] = {}
+        if not (self.regular and self.opened.st_size):
+            return found
+        try:
+            with open(os.path.realpath(Path(self.path).expanduser()), "rb") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(r, dict) and r.get("key") in keys:
+                        found[r["key"]] = r
+        except OSError:
+            return {}
+        return found
+
     def empty(self) -> None:
         """Emptied (once this run holds every file it writes: an earlier run's records never outlive this one)."""
         if self.regular:
@@ -404,6 +425,23 @@ class _RecordsFile:
         """Closed and removed: the report of a run that did not finish (or could not be written whole)."""
         self.close()
         _discard_report(self.path, self.opened)
+
+
+def _put_back_earlier_records(det_file: "_RecordsFile | None", earlier: dict[str, dict], reached: set[str]) -> int:
+    """A stopped run's --detections: the earlier run's records of the inputs this run did not reach
+    go back in, marked ``from_earlier_run``. The file had been emptied at the start, so a rerun
+    stopped part-way left the earlier run's masked copies of every photo it had not reached yet in
+    DST with no record anywhere (400 masked copies, 208 records). Returns how many went back."""
+    kept = 0
+    for key, r in earlier.items():
+        if key in reached:
+            continue
+        try:
+            det_file.write(json.dumps({**r, "from_earlier_run": True}) + "\n")
+        except OSError:
+            break
+        kept += 1
+    return kept
 
 
 def cmd_mask(a: argparse.Namespace) -> int:
@@ -541,13 +579,16 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
                  f"and overwrote what they lead to): {', '.join(_visible(repr(k)) for k in links[:5])}"
                  f"{' ...' if len(links) > 5 else ''}")
 
+    earlier = det_file.earlier_records(set(keys)) if det_file else {}
     for f in (det_file, report_file):  # an earlier run's records or report never outlive this run
         if f:
             f.empty()
     recorded = [0]
+    reached: set[str] = set()  # inputs this run has recorded (or tried to)
     unrecorded: list[str] = []  # inputs whose record --detections could not take
 
     def on_record(r: dict):
+        reached.add(r["key"])
         if r["key"] != (raw := os.fsencode(r["key"])).decode("utf-8", "replace"):
             # a name that is not UTF-8 (a Linux name is bytes): its key holds surrogate escapes, which
             # JSON readers other than Python (jq, Node, Go) read as U+FFFD, so that b'\xff.jpg' and
@@ -615,11 +656,14 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         if not isinstance(exc, (Interrupted, KeyboardInterrupt)):
             raise
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        kept = _put_back_earlier_records(det_file, earlier, reached)
         _log(f"platemask: interrupted ({signal.Signals(signum).name}) after {recorded[0]} of {len(keys) + len(unlisted) + len(special)} inputs: "
              + (f"each of those has its record in {a.detections}" if a.detections else
                 "their records were not saved (no --detections)")
-             + f"; the other {len(keys) + len(unlisted) + len(special) - recorded[0]} were not masked and have none; no report written. Run the "
-             "same command again to mask them all")
+             + f"; the other {len(keys) + len(unlisted) + len(special) - recorded[0]} were not reached and have no record of this run"
+             + (f" ({kept} of them keep the record an earlier run wrote for the masked copy it left in DST, marked "
+                "from_earlier_run)" if kept else "")
+             + "; no report written. Run the same command again to mask them all")
         return 128 + int(signum)
     finally:
         if det_file:

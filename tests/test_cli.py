@@ -395,3 +395,47 @@ def test_a_model_that_cannot_run_here_is_refused_before_any_photo(photo_dir, tmp
     err = capsys.readouterr().err
     assert "failed its first pass" in err and "CUDA out of memory" in err and "--device cpu" in err
     assert not [p for p in dst.rglob("*") if p.is_file()]
+
+
+def test_a_rerun_stopped_part_way_leaves_no_published_photo_without_a_record(tmp_path, model_dir):
+    """The same command run again and stopped (SIGTERM) part-way emptied --detections at its start: the
+    earlier run's masked copies of the photos it had not reached yet stayed in DST with no record
+    anywhere (400 copies, 208 records). Now those keep the earlier run's record, marked
+    from_earlier_run; the photos the rerun did reach have its own; each published photo has one."""
+    import os
+    import signal
+    import time
+
+    src, dst, det = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl"
+    src.mkdir()
+    rng = np.random.default_rng(4)
+    n = 200
+    for i in range(n):
+        (src / f"p{i:03d}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--model", str(model_dir),
+           "--detections", str(det), "--batch-size", "2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert len(_records(det)) == n
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # the rerun has emptied the file and recorded a few photos
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            if det.stat().st_size and 5 <= det.read_text().count("\n") < 50:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    recs = _records(det)
+    keys = [r["key"] for r in recs]
+    published = sorted(p.name for p in dst.iterdir())
+    assert len(published) == n and sorted(keys) == published, (len(keys), len(set(keys)))  # one record each
+    again = [r for r in recs if not r.get("from_earlier_run")]
+    kept = [r for r in recs if r.get("from_earlier_run")]
+    assert 5 <= len(again) < n and len(kept) == n - len(again), (len(again), len(kept))
+    assert f"{len(kept)} of them keep the record an earlier run wrote" in err, err[-1500:]
