@@ -310,7 +310,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
             if is_hidden(key):
                 hidden.append(key)
                 continue
-            # a non-empty object whose key ends in '/' stays in: an input gets a record (it fails for its extension)
+            # a non-empty object whose key ends in '/' stays in: an input gets a record (what it holds decides)
             entries.append(_listed(obj))
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
@@ -318,14 +318,16 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         entries += _late_entries(client, settings, spec, log, hidden, is_live, owner, late_locks)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
-    # unsupported extensions stay in the manifest: they are accounted for (and fail with a reason)
+    # other extensions stay in the manifest: what an object holds decides, not its name (a photo named
+    # IMG_1234 or x.exe is masked and published under its key; anything else fails with its reason)
     n_all = len(entries)
     if spec.max_images:
         entries = entries[: spec.max_images]
     key = run_prefix(settings, spec) + "manifest.jsonl"
     uri = _store(client, settings).put_json(key, entries, lines=True)
     log(f"{spec.region} window {w.id}: {len(entries)} photos in {len(days)} partition(s) -> {uri}"
-        + (f" ({len(skipped_ext)} with unsupported extensions)" if skipped_ext else "")
+        + (f" ({len(skipped_ext)} whose extension is not a photo's: masked if they hold one, else failed)"
+           if skipped_ext else "")
         + (f" (max_images: {len(entries)} of {n_all})" if len(entries) < n_all else ""))
     if hidden:
         log(f"{spec.region} window {w.id}: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, "
