@@ -96,7 +96,10 @@ class LocalStore:
     def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=p.suffix)
+        # the suffix keeps a half-written file's type visible; a long one (a name "car.<240 characters>")
+        # made the temporary name longer than the 255 bytes a file name may have: never masked
+        suffix = p.suffix if len(os.fsencode(p.suffix)) <= 16 else ""
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=suffix)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

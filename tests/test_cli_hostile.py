@@ -251,6 +251,19 @@ def test_two_names_that_are_not_utf8_stay_two_names_in_the_records(tmp_path, mod
     assert "key_bytes" not in next(r for r in recs if r["key"] == "p002.jpg")
 
 
+def test_a_name_with_a_long_suffix_is_masked_not_failed_for_its_temporary_name(tmp_path, model_dir):
+    """A file named "car." followed by 245 characters (a name the file system takes: 249 bytes) could
+    never be masked: its half-written copy, ".tmp-XXXXXXXX" plus that suffix, was longer than the 255
+    bytes a name may have (write_error, ENAMETOOLONG), on every run."""
+    src, dst, det = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl"
+    _photos(src, 1)
+    name = "car." + "j" * 245
+    os.rename(next(src.iterdir()), src / name)
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
+    (rec,) = _records(det)
+    assert rec["status"] in ("masked", "no_plate") and os.listdir(dst) == [name]
+
+
 def test_links_in_dst_where_masked_copies_go_are_replaced_not_written_through(tmp_path, model_dir):
     """DST deduplicated with symlinks (``rdfind -makesymlinks``: identical masked copies became
     ``a.jpg -> b.jpg``), then a.jpg re-shot and c.jpg broken in SRC: the rerun wrote a's new masked
