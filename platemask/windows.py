@@ -91,7 +91,11 @@ def resolve_window(*, tz: str, window_start: str | None = None, window_end: str 
     if window_start or window_end:
         if not (window_start and window_end):
             raise ValueError("give both window_start and window_end, or neither")
-        return Window(parse_instant(window_start, tz), parse_instant(window_end, tz))
+        try:
+            return Window(parse_instant(window_start, tz), parse_instant(window_end, tz))
+        except OverflowError:  # e.g. 0001-01-01 in a zone east of UTC: before the first instant Python has
+            raise ValueError(f"window {window_start!r} .. {window_end!r} lies outside the dates a window can have "
+                             "(years 1 to 9999 in UTC): give the window's real dates") from None
     if data_interval_end is None:
         raise ValueError("no window: the run has no data interval and no window_start/window_end")
     return nightly_window(data_interval_end, tz)

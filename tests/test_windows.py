@@ -66,6 +66,13 @@ def test_bad_overrides(start, end, msg):
         resolve_window(tz="UTC", window_start=start, window_end=end)
 
 
+def test_a_window_at_the_edge_of_the_calendar_is_refused_with_a_reason():
+    """0001-01-01 in Berlin is before the first instant Python has in UTC: plan failed with a bare
+    OverflowError ("date value out of range"). Now a ValueError that names the window."""
+    with pytest.raises(ValueError, match="'0001-01-01' .. '0001-01-02' lies outside the dates a window can have"):
+        resolve_window(tz="Europe/Berlin", window_start="0001-01-01", window_end="0001-01-02")
+
+
 def test_window_requires_tz():
     with pytest.raises(ValueError, match="aware"):
         Window(datetime(2026, 1, 1), datetime(2026, 1, 2))
