@@ -59,6 +59,8 @@ class LocalStore:
         self.uri = str(self.root)
         self.file_mode = 0o666 & ~_umask()  # what open() would give a new file
         self.linked_folders: list[str] = []  # links to folders the last iter_keys passed over
+        # folders the last iter_keys could not list (keys ending in '/', "./" for the root), with the error
+        self.unreadable_folders: list[tuple[str, OSError]] = []
 
     def _path(self, key: str) -> Path:
         p = (self.root / key).resolve()
@@ -66,14 +68,32 @@ class LocalStore:
             raise ValueError(f"key {key!r} escapes {self.root}")
         return p
 
+    def _link_path(self, key: str) -> Path:
+        """Where ``key`` is, its folder resolved but not its last component: a link there is the
+        link itself, so a write replaces it and a delete removes it, never what it leads to (a
+        dedupe tool's a.jpg -> b.jpg in DST: a's masked copy overwrote b.jpg, and removing a's
+        stale copy deleted b.jpg)."""
+        p = self.root / key
+        if p.name in ("", ".", "..") or key.endswith("/"):
+            raise ValueError(f"key {key!r} names no file in {self.root}")
+        parent = self._path(posixpath.dirname(key) or ".")
+        return parent / p.name
+
     def iter_keys(self) -> Iterator[str]:
         """Every file under the folder, in order. Links to folders are not followed (the folder is
         the boundary, as for links to files, which ``read`` refuses when they lead out of it); the
-        ones passed over are in ``linked_folders`` afterwards, for the caller to name."""
+        ones passed over are in ``linked_folders`` afterwards, for the caller to name, and the folders
+        that could not be listed (permission denied, an I/O error) in ``unreadable_folders``."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"source folder {self.root} does not exist")
         self.linked_folders = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        self.unreadable_folders = []
+
+        def unreadable(exc: OSError) -> None:  # os.walk passed these over without a word
+            where = Path(os.path.relpath(exc.filename, self.root)).as_posix() if exc.filename else "."
+            self.unreadable_folders.append((where + "/", exc))
+
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=unreadable):
             dirnames.sort()
             self.linked_folders.extend((Path(dirpath) / d).relative_to(self.root).as_posix()
                                        for d in dirnames if (Path(dirpath) / d).is_symlink())
@@ -82,11 +102,19 @@ class LocalStore:
 
     def read(self, key: str) -> bytes:
         p = self._path(key)
-        # never block on a FIFO or a device: opened without waiting, and only a regular file is read
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        # a named pipe, socket or device is never opened: opening a device acts (a watchdog arms, a
+        # tape rewinds). Checked first, then opened without waiting and without following a link
+        # (``p`` is resolved: a link there now was swapped in since), and checked again once open
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{p} is not a regular file (a named pipe, socket or device); only files are masked, "
+                          "and it was not opened")
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(f"{p} is not a regular file (a named pipe, socket or device); only files are masked")
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+                raise OSError(f"{p} was replaced while it was opened (by something not a regular file or "
+                              "another file); run again")
             return f.read()
 
     def size(self, key: str) -> int:
@@ -94,7 +122,7 @@ class LocalStore:
         return self._path(key).stat().st_size
 
     def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        p = self._path(key)
+        p = self._link_path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         # the suffix keeps a half-written file's type visible; a long one (a name "car.<240 characters>")
         # made the temporary name longer than the 255 bytes a file name may have: never masked
@@ -113,7 +141,7 @@ class LocalStore:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        self._link_path(key).unlink(missing_ok=True)  # a link there is removed, not what it leads to
 
     def describe(self, key: str) -> str:
         return str(self.root / key)
