@@ -414,6 +414,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         orientation = _orientation(exif) if _exif_is_shown(img, early_exif) else 1
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
         icc = img.info.get("icc_profile")
+        if icc and _holds_image(icc):  # a copy of a photo planted there: never published, nor looked through
+            icc = None
         # a PNG's gAMA is what viewers apply only without an ICC profile or sRGB chunk
         png_gamma = None if (icc or "srgb" in img.info) else img.info.get("gamma")
         method = _UPRIGHT.get(orientation)
@@ -540,9 +542,49 @@ def icc_for_output(icc: bytes | None, mode: str) -> bytes | None:
     photo is written as RGB (converted without colour management), so its profile would tell a
     colour-managed viewer to read RGB pixels as CMYK or Lab: the photo would show in wrong colours
     or not at all. 16-bit grey keeps none (as before)."""
-    if not icc or len(icc) < 20:
+    if not icc or len(icc) < 20 or _holds_image(icc):
         return None
     return icc if icc[16:20] == _ICC_SPACE.get(mode) else None
+
+
+def _holds_image(blob: bytes) -> bool:
+    """Whether ``blob`` (an ICC profile: kept under every policy but strip, and any tag or trailing
+    bytes in it copied as they are) carries an image Pillow can open: a JPEG or PNG, raw or in
+    base64, such as an unmasked copy of the photo planted there. Only an image that opens counts: a
+    16-bit tone curve near white holds the bytes FF D8 FF by chance, and dropping such a profile
+    would only dull the photo's colours (a profile with more than 256 such starts goes unopened)."""
+    import base64
+    import binascii
+    import re
+
+    def opens(data: bytes) -> bool:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(data)) as img:
+                    return img.format in ("JPEG", "PNG", "MPO") and img.size[0] * img.size[1] > 0
+        except Exception:  # noqa: BLE001 - what does not open as an image is not one
+            return False
+
+    tries = 0
+    for start in _IMAGE_STARTS:
+        at = blob.find(start)
+        while at >= 0:
+            tries += 1
+            if tries > 256:  # a profile made of image starts: not one any camera or editor writes
+                return True
+            if start[:1] in (b"/", b"i"):  # base64: the run of base64 characters from there, decoded
+                run = re.match(rb"[A-Za-z0-9+/=\r\n]+", blob[at:at + (64 << 20)]).group()
+                try:
+                    data = base64.b64decode(re.sub(rb"[\r\n]", b"", run) + b"==", validate=False)
+                except (binascii.Error, ValueError):
+                    data = b""
+            else:
+                data = blob[at:]
+            if opens(data):
+                return True
+            at = blob.find(start, at + 1)
+    return False
 
 
 def output_subsampling(dec: Decoded, jpeg_quality: int) -> int:

@@ -96,3 +96,61 @@ def test_local_iter_keys_names_the_folders_it_cannot_list(tmp_path):
     keys, unreadable = out.stdout.splitlines()
     assert keys == "['open/a.jpg']"
     assert unreadable == "[('locked/', 'PermissionError', 'Permission denied')]"
+
+
+def _profile_with(payload: bytes) -> bytes:
+    """An sRGB ICC profile with ``payload`` after its tags (its size field counting it)."""
+    import struct
+
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes() + payload
+    return struct.pack(">I", len(icc)) + icc[4:]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("carrier", ["jpeg", "png_base64"])
+def test_an_unmasked_copy_planted_in_the_icc_profile_is_not_published(fmt, carrier):
+    """The ICC profile was copied as it was under every policy but strip (the default 'safe' too):
+    a copy of the unmasked photo carried in it (after its tags, or as a private tag) was published
+    beside the masked pixels. A profile holding an image that opens is left out; one whose tone
+    curve holds the bytes FF D8 FF by chance is kept."""
+    import base64
+    import struct
+
+    from platemask.imageio import decode, encode
+
+    rng = np.random.default_rng(5)
+    photo = rng.integers(0, 255, (40, 60, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", comment=b"UNMASKED-ORIGINAL")
+    copy = buf.getvalue() if carrier == "jpeg" else base64.b64encode(
+        _png(photo, b"UNMASKED-ORIGINAL"))
+    src = io.BytesIO()
+    Image.fromarray(photo).save(src, fmt, icc_profile=_profile_with(copy))
+    assert copy in Image.open(io.BytesIO(src.getvalue())).info["icc_profile"]  # what the original carries
+    dec = decode(src.getvalue())
+    assert dec.icc_profile is None  # the detector looks at the pixels as they will be published
+    for policy in ("safe", "keep"):
+        out = encode(dec, dec.pixels, metadata=policy)
+        back = Image.open(io.BytesIO(out))
+        assert back.info.get("icc_profile") is None, policy
+        assert b"UNMASKED-ORIGINAL" not in out and copy[:64] not in out
+    # a profile whose 16-bit curve passes 0xFFD8, 0xFFE0 near white is kept (no image opens there)
+    curve = struct.pack(">4sII", b"curv", 0, 4) + struct.pack(">4H", 0, 0x8000, 0xFFD8, 0xFFE0)
+    plain = _profile_with(curve)
+    assert b"\xff\xd8\xff" in plain
+    src = io.BytesIO()
+    Image.fromarray(photo).save(src, fmt, icc_profile=plain)
+    dec = decode(src.getvalue())
+    assert Image.open(io.BytesIO(encode(dec, dec.pixels))).info.get("icc_profile") == plain
+
+
+def _png(rgb: np.ndarray, text: bytes) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("c", text.decode())
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
