@@ -138,7 +138,9 @@ class LocalStore:
             raise
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        """A file at ``key``, or a link there (wherever it leads, even nowhere: ``delete`` removes it)."""
+        p = self._link_path(key)
+        return p.is_symlink() or p.is_file()
 
     def delete(self, key: str) -> None:
         self._link_path(key).unlink(missing_ok=True)  # a link there is removed, not what it leads to

@@ -154,3 +154,23 @@ def _png(rgb: np.ndarray, text: bytes) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def test_a_stale_link_at_an_output_key_is_removed_for_a_failed_photo(tmp_path):
+    """A failed photo's stale output is removed when exists() says one is there: a link at its key
+    leading nowhere or out of DST was 'not there' (or escaped, and was left with its error), so it
+    stayed in DST, serving whatever it leads to under the failed photo's name."""
+    from platemask.pipeline import remove_stale_output
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (tmp_path / "elsewhere.jpg").write_bytes(b"an unmasked photo")
+    os.symlink("gone.jpg", dst / "a.jpg")
+    os.symlink("../elsewhere.jpg", dst / "b.jpg")
+    store = LocalStore(dst)
+    for key in ("a.jpg", "b.jpg"):
+        assert store.exists(key)
+        assert remove_stale_output(store, key) == {"stale_output_removed": str(dst / key)}
+        assert not os.path.lexists(dst / key)
+    assert (tmp_path / "elsewhere.jpg").read_bytes() == b"an unmasked photo"
+    assert not store.exists("a.jpg")
