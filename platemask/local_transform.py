@@ -14,6 +14,13 @@ DescribeTransformJob (moto's answer, which always says ``Completed``, overlaid w
 runner's outcome, stored next to the job's output as ``{S3OutputPath}.local-job.json``; until
 it is stored the job is ``InProgress``, as a running job on AWS, so the DAG's deferred wait
 really waits).
+
+StopTransformJob (moto does not implement it) goes to the runner as on AWS: the job is
+``Stopping`` at once, no record is started after the runner sees the stop, a record the container
+answers after it gets no ``.out`` (AWS: a stopped job's output is not stored; ``.out`` files
+written before stay), and the job ends ``Stopped``. The stop is a marker next to the job's
+outcome (``{S3OutputPath}.local-stop.json``), so a stop from another process (the DAG's
+``on_failure_callback``) reaches the runner thread of the task that started the job.
 """
 from __future__ import annotations
 
@@ -79,8 +86,28 @@ def job_state_key(output_path: str) -> tuple[str, str]:
     return bucket, prefix.rstrip("/") + ".local-job.json"
 
 
-def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str], None] = print) -> dict:
-    """Run the job; returns its outcome (``TransformJobStatus``, ``FailureReason``, per-record stats)."""
+def job_stop_key(output_path: str) -> tuple[str, str]:
+    """Where a StopTransformJob for the job is marked: next to its outcome."""
+    bucket, key = job_state_key(output_path)
+    return bucket, key[:-len(".local-job.json")] + ".local-stop.json"
+
+
+def stop_requested(s3, output_path: str) -> bool:
+    bucket, key = job_stop_key(output_path)
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except s3.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
+def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str], None] = print,
+                        stopped: Callable[[], bool] | None = None) -> dict:
+    """Run the job; returns its outcome (``TransformJobStatus``, ``FailureReason``, per-record stats).
+    ``stopped`` (default: the job's stop marker, checked at most once a second) says whether a
+    StopTransformJob arrived: then no record is started nor written and the job ends ``Stopped``."""
     src = request["TransformInput"]["DataSource"]["S3DataSource"]
     if src["S3DataType"] != "ManifestFile":
         raise ValueError("the local runner implements S3DataType=ManifestFile only")
@@ -100,6 +127,19 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     max_bytes = max_mb * 1024 * 1024
     name = request["TransformJobName"]
     t0 = time.perf_counter()
+    stop_seen = threading.Event()
+    checked = [0.0]
+    check_lock = threading.Lock()
+
+    def is_stopped() -> bool:
+        if stop_seen.is_set():
+            return True
+        with check_lock:
+            if time.monotonic() - checked[0] >= 1.0 or stopped is not None:
+                checked[0] = time.monotonic()
+                if (stopped or (lambda: stop_requested(s3, request["TransformOutput"]["S3OutputPath"])))():
+                    stop_seen.set()
+        return stop_seen.is_set()
     try:
         wait_ready(endpoint)
     except (TimeoutError, ContainerUnhealthy) as exc:  # SageMaker: the container failed its ping health check
@@ -113,11 +153,11 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     url = endpoint.rstrip("/") + "/invocations"
     job_failed = threading.Event()
 
-    not_started = "not started: the job had failed"
+    not_started = "not started: the job had failed or was stopped"
 
     def one(rel: str) -> tuple[str, int | None, str]:
         """(key, the container's last status or None, what went wrong as a phrase after the record's URI)."""
-        if job_failed.is_set():
+        if job_failed.is_set() or is_stopped():
             return rel, None, not_started
         data = s3.get_object(Bucket=in_bucket, Key=in_prefix + rel)["Body"].read()
         if len(data) > max_bytes:  # SageMaker's own check: the container never sees the record, the job fails
@@ -130,6 +170,8 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 status, resp, last = None, b"", f"{type(exc).__name__}: {exc}"
             if status is not None and 200 <= status < 300:
+                if is_stopped():  # AWS does not store a stopped job's output
+                    return rel, None, not_started
                 extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms} if kms else {}
                 s3.put_object(Bucket=out_bucket, Key=out_prefix + rel + ".out", Body=resp, ContentType=accept, **extra)
                 return rel, status, ""
@@ -147,14 +189,17 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     failed = [{"key": k, "status": s, "error": e} for k, s, e in results if e and e != not_started]
     skipped = sum(1 for _, _, e in results if e == not_started)
     done = len(rel_keys) - len(failed) - skipped
-    outcome = {"TransformJobStatus": "Failed" if failed else "Completed", "records": len(rel_keys), "done": done,
+    state = "Failed" if failed else "Completed"
+    if stop_seen.is_set() or (stopped or (lambda: stop_requested(s3, request["TransformOutput"]["S3OutputPath"])))():
+        state = "Stopped"
+    outcome = {"TransformJobStatus": state, "records": len(rel_keys), "done": done,
                "failed": failed, "not_started": skipped, "seconds": round(wall, 3)}
-    if failed:
+    if failed and state == "Failed":
         first = failed[0]
         outcome["FailureReason"] = f"ClientError: record {prefix}{first['key']} {first['error'][:340]}"
     log(f"local transform {name}: {outcome['TransformJobStatus']}, {done}/{len(rel_keys)} records in {wall:.1f} s "
         f"({done / wall if wall else 0:.2f} records/s, concurrency {concurrency})"
-        + (f"; {outcome['FailureReason']}" if failed else ""))
+        + (f"; {outcome['FailureReason']}" if outcome.get("FailureReason") else ""))
     return outcome
 
 
@@ -170,8 +215,26 @@ class LocalTransformHook:
     def __init__(self, hook, endpoint: str, s3, *, log: Callable[[str], None] = print):
         self.hook, self.endpoint, self.s3, self.log = hook, endpoint, s3, log
 
-    def __getattr__(self, name):  # describe_model, create_model, get_conn, ...
+    def __getattr__(self, name):  # describe_model, create_model, ...
         return getattr(self.hook, name)
+
+    def get_conn(self):
+        """The wrapped hook's client, its StopTransformJob going to the local runner."""
+        return _LocalClient(self, self.hook.get_conn())
+
+    def stop_transform_job(self, name: str) -> None:
+        """StopTransformJob: the job is ``Stopping`` until its runner ends it ``Stopped``. A job that
+        has ended cannot be stopped (ValidationException, as on AWS); an unknown one is not found."""
+        from botocore.exceptions import ClientError
+
+        desc = self.describe_transform_job(name)  # the wrapped hook raises for an unknown job
+        if desc["TransformJobStatus"] not in ("InProgress", "Stopping"):
+            raise ClientError({"Error": {"Code": "ValidationException", "Message": (
+                f"Transform job {name} has already ended ({desc['TransformJobStatus']}): it cannot be stopped")}},
+                "StopTransformJob")
+        bucket, key = job_stop_key(desc["TransformOutput"]["S3OutputPath"])
+        self.s3.put_object(Bucket=bucket, Key=key, Body=json.dumps({"TransformJobName": name}).encode(),
+                           ContentType="application/json")
 
     def create_transform_job(self, config: dict, wait_for_completion: bool = False, **kw):
         """Register the job, then run it: in a background thread unless ``wait_for_completion``
@@ -199,9 +262,24 @@ class LocalTransformHook:
         bucket, key = job_state_key(desc["TransformOutput"]["S3OutputPath"])
         try:
             outcome = json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except self.s3.exceptions.NoSuchKey:
-            return {**desc, "TransformJobStatus": "InProgress"}  # registered, not (yet) run here
+        except self.s3.exceptions.NoSuchKey:  # registered, not (yet) run here
+            stopping = stop_requested(self.s3, desc["TransformOutput"]["S3OutputPath"])
+            return {**desc, "TransformJobStatus": "Stopping" if stopping else "InProgress"}
         desc = {**desc, "TransformJobStatus": outcome["TransformJobStatus"]}
         if outcome.get("FailureReason"):
             desc["FailureReason"] = outcome["FailureReason"]
         return desc
+
+
+class _LocalClient:
+    """A boto3 SageMaker client whose ``stop_transform_job`` stops the local runner's job."""
+
+    def __init__(self, owner: LocalTransformHook, client):
+        self._owner, self._client = owner, client
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def stop_transform_job(self, *, TransformJobName: str) -> dict:  # noqa: N803 - boto3's keyword
+        self._owner.stop_transform_job(TransformJobName)
+        return {}

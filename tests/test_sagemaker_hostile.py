@@ -1,0 +1,119 @@
+"""backend=sagemaker, second review: the local transform runner held to AWS Batch Transform's
+documented behaviour where a hostile operator or a broken job meets it."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from platemask.runspec import RunSpec
+from platemask.sagemaker_backend import manifest_document, stop, transform_request
+from platemask.settings import Settings
+
+SPEC = RunSpec(region="DE", window_start="2026-11-19T23:00:00+00:00", window_end="2026-11-20T23:00:00+00:00",
+               run_id="manual__hostile", backend="sagemaker")
+
+
+class _Container:
+    """A container on 127.0.0.1 that answers the first ``quick`` records at once and holds the
+    rest until ``release`` is set; ``answered`` counts the records it got."""
+
+    def __init__(self, quick: int):
+        self.quick, self.release, self.answered, self.lock = quick, threading.Event(), 0, threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"status": "ok"} if self.path == "/ping" else {"MaxConcurrentTransforms": 1})
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with owner.lock:
+                    owner.answered += 1
+                    n = owner.answered
+                if n > owner.quick:
+                    owner.release.wait(60)
+                self._send(200, {"record": n})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+
+
+def _describe_until(hook, job: str, states: tuple[str, ...], timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    while True:
+        desc = hook.describe_transform_job(job)
+        if desc["TransformJobStatus"] in states or time.monotonic() > end:
+            return desc
+        time.sleep(0.1)
+
+
+def test_a_stopped_local_job_stops_starting_records_and_ends_stopped(aws_conn):
+    """The DAG's on_failure_callback (``sagemaker_backend.stop``) stops a job past its deadline. moto
+    has no StopTransformJob: the local runner went on, wrote every ``.out`` and said Completed, so
+    no stopped job, nor what the backend does after one, could be seen before AWS."""
+    from platemask.airflow_support import sagemaker_hook
+
+    s3 = aws_conn
+    container = _Container(quick=2)
+    try:
+        settings = Settings(bucket=f"hs-{uuid.uuid4().hex[:8]}", sagemaker_local_endpoint=container.url,
+                            sagemaker_max_concurrent=2)
+        s3.create_bucket(Bucket=settings.bucket)
+        entries = []
+        for i in range(8):
+            key = f"raw/DE/2026/11/20/car {i}+%#é.jpg"
+            s3.put_object(Bucket=settings.bucket, Key=key, Body=b"photo %d" % i)
+            entries.append({"key": key, "size": 7, "etag": s3.head_object(Bucket=settings.bucket, Key=key)["ETag"]})
+        s3.put_object(Bucket=settings.bucket, Key="m.manifest",
+                      Body=json.dumps(manifest_document(settings, entries)).encode())
+        job = f"pm-stop-{uuid.uuid4().hex[:8]}-a0"
+        request = transform_request(settings, SPEC, job=job, model="platemask-m", entries=entries,
+                                    manifest_uri=f"s3://{settings.bucket}/m.manifest")
+        assert request["MaxConcurrentTransforms"] == 2
+        hook = sagemaker_hook(settings, s3)
+        hook.create_transform_job(request, wait_for_completion=False)
+        end = time.monotonic() + 30
+        while container.answered < 4 and time.monotonic() < end:  # 2 answered, 2 held by the container
+            time.sleep(0.05)
+        assert container.answered == 4
+
+        stop(hook, {"transform": {"job": job, "attempt": 0}})
+        assert hook.describe_transform_job(job)["TransformJobStatus"] == "Stopping"
+        time.sleep(1.2)  # the runner looks for a stop at most once a second
+        container.release.set()
+        desc = _describe_until(hook, job, ("Completed", "Failed", "Stopped"))
+        assert desc["TransformJobStatus"] == "Stopped"
+        assert not desc.get("FailureReason")
+        out = request["TransformOutput"]["S3OutputPath"][len(f"s3://{settings.bucket}/"):]
+        written = [o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix=out).get("Contents", [])]
+        assert len(written) == 2, written  # the two answered before the stop; none after it
+        assert all(w[len(out):-len(".out")] in {e["key"] for e in entries} for w in written)
+        assert container.answered == 4  # no record started after the stop
+        # an ended job cannot be stopped again (AWS: ValidationException); the backend's stop logs it
+        from botocore.exceptions import ClientError
+
+        with pytest.raises(ClientError, match="already ended"):
+            hook.get_conn().stop_transform_job(TransformJobName=job)
+    finally:
+        container.close()
