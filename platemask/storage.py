@@ -69,14 +69,19 @@ class LocalStore:
         return p
 
     def _link_path(self, key: str) -> Path:
-        """Where ``key`` is, its folder resolved but not its last component: a link there is the
-        link itself, so a write replaces it and a delete removes it, never what it leads to (a
-        dedupe tool's a.jpg -> b.jpg in DST: a's masked copy overwrote b.jpg, and removing a's
-        stale copy deleted b.jpg)."""
+        """Where ``key`` is, its last component not resolved: a link there is the link itself, so a
+        write replaces it and a delete removes it, never what it leads to (a dedupe tool's a.jpg ->
+        b.jpg in DST: a's masked copy overwrote b.jpg, and removing a's stale copy deleted b.jpg).
+        A link among its folders is refused (ValueError): x -> y sent x/a.jpg's copy over y/a.jpg's."""
         p = self.root / key
         if p.name in ("", ".", "..") or key.endswith("/"):
             raise ValueError(f"key {key!r} names no file in {self.root}")
-        parent = self._path(posixpath.dirname(key) or ".")
+        folder = posixpath.dirname(key) or "."
+        parent = self._path(folder)
+        if parent != Path(os.path.normpath(self.root.resolve() / folder)):
+            # a folder on the way is a link (DST's x -> y): x/a.jpg's masked copy went over y/a.jpg's
+            raise ValueError(f"a folder on the way to {self.root / key} is a link (it leads to {parent}); "
+                             "photos are never written or removed through a link: remove the link and run again")
         return parent / p.name
 
     def iter_keys(self) -> Iterator[str]:

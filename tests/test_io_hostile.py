@@ -174,3 +174,21 @@ def test_a_stale_link_at_an_output_key_is_removed_for_a_failed_photo(tmp_path):
         assert not os.path.lexists(dst / key)
     assert (tmp_path / "elsewhere.jpg").read_bytes() == b"an unmasked photo"
     assert not store.exists("a.jpg")
+
+
+def test_a_folder_link_in_dst_is_refused_not_written_through(tmp_path):
+    """DST's x -> y (a 'latest' link, or a dedupe of two folders): x/a.jpg's masked copy was written
+    over y/a.jpg's, one photo's output lost and its record naming the other's bytes, and removing
+    x/a.jpg's stale copy deleted y/a.jpg. Writes and deletes through a folder link are refused,
+    naming it; y/a.jpg is untouched."""
+    dst = tmp_path / "dst"
+    (dst / "y").mkdir(parents=True)
+    (dst / "y" / "a.jpg").write_bytes(b"y's masked copy")
+    os.symlink("y", dst / "x")
+    store = LocalStore(dst)
+    for act in (lambda: store.write("x/a.jpg", b"x's masked copy"), lambda: store.delete("x/a.jpg")):
+        with pytest.raises(ValueError, match="is a link"):
+            act()
+    assert (dst / "y" / "a.jpg").read_bytes() == b"y's masked copy"
+    store.write("y/b/c.jpg", b"new folder")  # folders that do not exist yet are made, as before
+    assert (dst / "y" / "b" / "c.jpg").read_bytes() == b"new folder"
