@@ -10,7 +10,7 @@ is reduced by its levels, float and 32-bit grey become 16-bit grey, WhiteIsZero 
 Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
 metadata policy: the EXIF thumbnail (an unmasked copy of the photo) never survives; ``safe`` (the
 default) keeps only an allow-list (camera make and model, exposure settings, date-time, colour space
-and the ICC profile; orientation reset to 1 as the pixels are upright); ``strip`` keeps no EXIF;
+and the ICC profile, unless it carries an image; orientation reset to 1 as the pixels are upright); ``strip`` keeps no EXIF;
 ``keep`` keeps all EXIF but the thumbnail, any value holding another preview (a maker note's,
 Photoshop's) and the tags that describe how the original's pixels were stored. XMP, IPTC, comments
 and PNG text chunks are never written (but for EXIF's own XMP and IPTC tags under ``keep``).
