@@ -167,7 +167,7 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
                      seg.warm_up())
 
             def detect(keys, decoded):
-                return seg([d.rgb for d in decoded])
+                return seg.on_views([d.detector_views for d in decoded])
 
             detect.device = str(seg.device)  # the job's threads and memory follow it (JobOptions.for_device)
             return detect, seg.model_info, seg.cfg

@@ -562,7 +562,7 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
          f"({cfg.weights_sha256[:12]}), threshold {threshold}, mode {a.mode}, device {a.device}")
 
     def detect(_keys, decoded):
-        return seg([d.rgb for d in decoded])
+        return seg.on_views([d.detector_views for d in decoded])
 
     if not a.dst.startswith("s3://"):
         outputs = []

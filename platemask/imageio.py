@@ -90,7 +90,10 @@ class Decoded:
     ``pixels`` keeps the depth and channels to write back (uint8 RGB/L/RGBA/LA or uint16 L);
     ``rgb`` is the uint8 RGB view the detector sees (for uint16, by its levels: ``_view16``): the
     photo as a colour-managed viewer shows it (its ICC profile or a PNG's gAMA applied, transparency
-    over mid-grey; ``platemask.colour``), at the same pixels' positions.
+    over mid-grey; ``platemask.colour``), at the same pixels' positions. ``stored_rgb`` is the stored
+    values as uint8 RGB when they differ from that view, else None: a tool that ignores the profile,
+    the gamma or the alpha (many do: thumbnailers, converters, ML pipelines) shows those, so the
+    detector looks at both (``detector_views``) and what either shows is masked.
     """
 
     pixels: np.ndarray
@@ -103,6 +106,14 @@ class Decoded:
     frames_dropped: int = 0  # MPO (multi-picture JPEG): frames after the first, not written
     # a JPEG's chroma subsampling as Pillow numbers it (0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0); -1 = none or unknown
     subsampling: int = -1
+    stored_rgb: np.ndarray | None = None
+
+    @property
+    def detector_views(self) -> list[np.ndarray]:
+        """What the detector looks at, each at the pixels' positions: the photo as shown, and its stored
+        values where those differ (a profile or an alpha channel that hides a plate from viewers that
+        apply it leaves it readable to every tool that does not)."""
+        return [self.rgb] if self.stored_rgb is None else [self.rgb, self.stored_rgb]
 
     @property
     def width(self) -> int:
@@ -194,7 +205,7 @@ def _bytes_per_pixel(mode: str) -> int:
 
 
 def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """Bytes ``decode(data)`` will hold in memory (``pixels`` and ``rgb``), from the header alone.
+    """Bytes ``decode(data)`` will hold in memory (``pixels``, ``rgb`` and ``stored_rgb``), from the header alone.
 
     0 when the header is unreadable or the photo is over ``max_pixels``: ``decode`` refuses those
     before decoding any pixel. Lets a caller reserve memory before the (large) decode happens.
@@ -215,7 +226,11 @@ def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
         return 0
     if w * h > max_pixels:
         return 0
-    return w * h * (_bytes_per_pixel(mode) + (2 * len(mode) if deep else 0) + (3 if shown_copy else 0))
+    # where the view as shown is a copy, the stored values' RGB view is kept too: the pixels themselves for
+    # 8-bit RGB, a copy of its own for every other mode
+    stored_copy = shown_copy and not (mode == "RGB" and not deep)
+    return w * h * (_bytes_per_pixel(mode) + (2 * len(mode) if deep else 0) + (3 if shown_copy else 0)
+                    + (3 if stored_copy else 0))
 
 
 def _orientation(exif: Image.Exif) -> int:
@@ -435,9 +450,10 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     del img
     pixels = np.ascontiguousarray(pixels)
     alpha = pixels[..., -1] if mode in ("RGBA", "LA") else None
-    rgb = shown(_to_rgb8(pixels), icc, png_gamma, alpha)
-    return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=rgb, exif=exif,
-                   icc_profile=icc, orientation=orientation, frames_dropped=frames_dropped, subsampling=subsampling)
+    stored = _to_rgb8(pixels)
+    rgb = shown(stored, icc, png_gamma, alpha)
+    return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=rgb, exif=exif, icc_profile=icc, orientation=orientation,
+                   frames_dropped=frames_dropped, subsampling=subsampling, stored_rgb=None if rgb is stored else stored)
 
 
 # The start of an image inside a metadata value: a JPEG's or a PNG's, raw or in base64 (XMP's

@@ -262,6 +262,20 @@ class Segmenter:
     def __call__(self, images: list[np.ndarray]) -> list[list[Plate]]:
         return self.with_turned_view(images, self.verify_many(images, self.detect(images)))
 
+    def on_views(self, views: list[list[np.ndarray]]) -> list[list[Plate]]:
+        """Plates of each photo given as several views of the same pixels (``Decoded.detector_views``:
+        the photo as shown, and its stored values where those differ): each view detected and
+        verified, what any of them finds united. One view a photo costs what ``self(images)`` does."""
+        found = self([v for vs in views for v in vs])
+        out, i = [], 0
+        for vs in views:
+            plates = found[i]
+            for more in found[i + 1:i + len(vs)]:
+                plates = merge_plates(more, into=plates)
+            out.append(plates)
+            i += len(vs)
+        return out
+
     def with_turned_view(self, images: list[np.ndarray], plates: list[list[Plate]]) -> list[list[Plate]]:
         """``plates`` (verified) of each portrait photo united with those found in it turned a quarter
         clockwise (detected and verified there, mapped back): see ``ModelConfig.turned_view``.

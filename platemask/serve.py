@@ -359,7 +359,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
             return _json(record(key, status="failed", reason=err.reason, error=str(err), model=seg.model_info,
                                 input_sha256=sha))
         with holder.lock:
-            plates = seg([dec.rgb])[0]
+            plates = seg.on_views([dec.detector_views])[0]
         rec = build_record(key, dec, plates, holder.opts, model=seg.model_info, input_sha256=sha)
         return _json(rec)
 

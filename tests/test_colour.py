@@ -137,3 +137,40 @@ def test_a_plate_drawn_in_the_alpha_channel_alone_is_found_and_masked(scene, tmp
     assert text in on_white(rgba)
     after = np.asarray(Image.open(dst / "car.png").convert("RGBA"))
     assert not any(text[i:i + 3] in on_white(after) for i in range(len(text) - 2))
+
+
+def test_a_plate_hidden_from_viewers_by_transparency_is_masked_in_the_stored_colours(scene, tmp_path, model_dir):
+    """A PNG whose alpha is 0 over the plate: a browser shows the page there, the detector (looking
+    at the photo as shown) saw no plate, and it was published as 'no plate' with the plate intact
+    in its colours, readable to every tool that drops the alpha (converters, thumbnailers, an ML
+    pipeline reading RGB). The detector now also looks at the stored colours where they differ from
+    the view, and the plate is masked in them."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    img, quads, texts = scene
+    alpha = np.full(img.shape[:2], 255, np.uint8)
+    x0, y0 = np.floor(quads[0].min(axis=0)).astype(int) - 6
+    x1, y1 = np.ceil(quads[0].max(axis=0)).astype(int) + 6
+    alpha[max(y0, 0):y1, max(x0, 0):x1] = 0
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    Image.fromarray(np.dstack([img, alpha]), "RGBA").save(src / "car.png")
+    det = tmp_path / "d.jsonl"
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
+    (rec,) = [json.loads(line) for line in det.read_text().splitlines()]
+    assert rec["status"] == "masked" and rec["plates"], rec
+    ocr = RapidOCR()
+    text = texts[0].replace(" ", "")
+
+    def read(rgb):
+        return "".join(t for _, t, _ in (ocr(np.ascontiguousarray(rgb))[0] or [])).replace(" ", "")
+
+    assert text in read(img)  # the colours alone show a readable plate
+    after = np.asarray(Image.open(dst / "car.png").convert("RGBA"))[..., :3]  # the alpha dropped
+    assert not any(text[i:i + 3] in read(after) for i in range(len(text) - 2))
+    dec = decode((src / "car.png").read_bytes())
+    assert len(dec.detector_views) == 2 and np.array_equal(dec.detector_views[1], img)
+    from platemask.imageio import _bytes_per_pixel
+
+    # reserved for: the pixels (and Pillow's copy), the view as shown, and the stored colours' view
+    assert decoded_nbytes((src / "car.png").read_bytes()) == img.shape[0] * img.shape[1] * (_bytes_per_pixel("RGBA") + 3 + 3)
