@@ -30,6 +30,12 @@ IDENTITY_TOLERANCE = 3
 # a PNG gAMA within this of the sRGB-like 1/2.2 (as Pillow reads it: 0.45455) is shown as stored
 GAMMA_TOLERANCE = 0.03
 BACKDROP = 128  # what a transparent pixel is shown over (see shown)
+# A view whose greys stay within TONE_GREY and whose every probe colour's luma within TONE_LUMA levels
+# of the stored values' only moves the gamut (Display P3, Adobe RGB: greys 0 and 9, luma 41 and 49):
+# what the stored values show, it shows. Beyond, the stored values are looked at too (may_hide).
+TONE_GREY = 12
+TONE_LUMA = 64
+_LUMA = np.array([0.299, 0.587, 0.114])
 _CACHE_SIZE = 32  # distinct profiles remembered (a fleet of phones embeds a handful)
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
@@ -51,9 +57,17 @@ def _probe(mode: str) -> Image.Image:
     return Image.fromarray(np.concatenate([*ramps, cube])[None, :, :], "RGB")
 
 
-def _build(icc: bytes) -> tuple[ImageCms.ImageCmsTransform, str] | None:
-    """The transform to sRGB for ``icc``, or None when the view needs none: a profile that shows the
-    stored values as they are, or one that cannot be read (viewers then show the stored values too)."""
+def _tone_kept(shown: np.ndarray, stored: np.ndarray, mode: str) -> bool:
+    """Whether a view (of the probe) keeps the stored values' tones (see TONE_GREY)."""
+    greys = slice(768, 1024) if mode == "RGB" else slice(None)
+    luma = np.abs((shown.astype(np.float32) - stored) @ _LUMA)
+    return bool(np.abs(shown[greys] - stored[greys]).max() <= TONE_GREY and luma.max() <= TONE_LUMA)
+
+
+def _build(icc: bytes) -> tuple[ImageCms.ImageCmsTransform, str, bool] | None:
+    """The transform to sRGB for ``icc`` and whether it keeps the stored tones, or None when the view
+    needs none: a profile that shows the stored values as they are, or one that cannot be read
+    (viewers then show the stored values too)."""
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         mode = _MODES.get(profile.profile.xcolor_space.strip())
@@ -67,10 +81,10 @@ def _build(icc: bytes) -> tuple[ImageCms.ImageCmsTransform, str] | None:
         return None
     if np.abs(shown - stored).max() <= IDENTITY_TOLERANCE:
         return None
-    return transform, mode
+    return transform, mode, _tone_kept(shown[0], stored[0], mode)
 
 
-def _transform(icc: bytes) -> tuple[ImageCms.ImageCmsTransform, str] | None:
+def _transform(icc: bytes) -> tuple[ImageCms.ImageCmsTransform, str, bool] | None:
     key = hashlib.sha256(icc).digest()  # not the profile itself: one may be megabytes
     with _lock:
         if key in _transforms:
@@ -117,12 +131,29 @@ def shown(rgb: np.ndarray, icc: bytes | None = None, png_gamma: float | None = N
     return out
 
 
+def may_hide(icc: bytes | None = None, png_gamma: float | None = None, alpha: np.ndarray | None = None) -> bool:
+    """Whether the view ``shown`` makes of a photo may hide what its stored values show: transparency
+    (a plate under alpha 0 shows as the page), a profile or gamma that changes its tones (one can show
+    a plate as flat grey). Tools that ignore them (converters, thumbnailers, pipelines reading RGB)
+    show the stored values, so the detector looks at those too. A profile that only moves the gamut
+    (every iPhone's Display P3) does not: its photos are detected once."""
+    if alpha is not None and alpha.min() < 255:
+        return True
+    if icc:
+        built = _transform(icc)
+        return built is not None and not built[2]
+    if png_gamma is not None:
+        lut = _gamma_lut(png_gamma)
+        return lut is not None and int(np.abs(lut.astype(np.int16) - np.arange(256)).max()) > TONE_GREY
+    return False
+
+
 def _colours(rgb: np.ndarray, icc: bytes | None, png_gamma: float | None) -> np.ndarray:
     if icc:
         built = _transform(icc)
         if built is None:
             return rgb
-        transform, mode = built
+        transform, mode, _ = built
         out = np.empty((*rgb.shape[:2], 3), np.uint8)
         try:
             for band in row_bands(rgb.shape[0], rgb.shape[1] * 3):  # no full-size transients

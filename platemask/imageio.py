@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
-from .colour import shown
+from .colour import may_hide, shown
 from .constants import DEFAULT_METADATA_POLICY, MetadataPolicy
 from .rows import BAND_BYTES, row_bands
 
@@ -91,8 +91,8 @@ class Decoded:
     ``rgb`` is the uint8 RGB view the detector sees (for uint16, by its levels: ``_view16``): the
     photo as a colour-managed viewer shows it (its ICC profile or a PNG's gAMA applied, transparency
     over mid-grey; ``platemask.colour``), at the same pixels' positions. ``stored_rgb`` is the stored
-    values as uint8 RGB when they differ from that view, else None: a tool that ignores the profile,
-    the gamma or the alpha (many do: thumbnailers, converters, ML pipelines) shows those, so the
+    values as uint8 RGB when that view may hide what they show (``colour.may_hide``), else None: a
+    tool that ignores the profile, the gamma or the alpha (many do: thumbnailers, converters, ML pipelines) shows those, so the
     detector looks at both (``detector_views``) and what either shows is masked.
     """
 
@@ -452,8 +452,9 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     alpha = pixels[..., -1] if mode in ("RGBA", "LA") else None
     stored = _to_rgb8(pixels)
     rgb = shown(stored, icc, png_gamma, alpha)
+    both = rgb is not stored and may_hide(icc, png_gamma, alpha)
     return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=rgb, exif=exif, icc_profile=icc, orientation=orientation,
-                   frames_dropped=frames_dropped, subsampling=subsampling, stored_rgb=None if rgb is stored else stored)
+                   frames_dropped=frames_dropped, subsampling=subsampling, stored_rgb=stored if both else None)
 
 
 # The start of an image inside a metadata value: a JPEG's or a PNG's, raw or in base64 (XMP's

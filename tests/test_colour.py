@@ -174,3 +174,34 @@ def test_a_plate_hidden_from_viewers_by_transparency_is_masked_in_the_stored_col
 
     # reserved for: the pixels (and Pillow's copy), the view as shown, and the stored colours' view
     assert decoded_nbytes((src / "car.png").read_bytes()) == img.shape[0] * img.shape[1] * (_bytes_per_pixel("RGBA") + 3 + 3)
+
+
+def _display_p3() -> bytes:
+    """lcms' sRGB profile with Display P3's primaries (D50-adapted): what every iPhone photo embeds."""
+    icc = bytearray(_SRGB.tobytes())
+    (count,) = struct.unpack(">I", icc[128:132])
+    prims = {b"rXYZ": (0.5151, 0.2412, -0.0011), b"gXYZ": (0.2919, 0.6922, 0.0419), b"bXYZ": (0.1571, 0.0666, 0.7841)}
+    for i in range(count):
+        sig, off, _ = struct.unpack(">4sII", icc[132 + 12 * i:144 + 12 * i])
+        if sig in prims:
+            icc[off:off + 20] = b"XYZ " + bytes(4) + b"".join(_s15(v) for v in prims[sig])
+    return bytes(icc)
+
+
+def test_the_stored_values_are_looked_at_too_only_where_the_view_may_hide_them():
+    """Two views cost two detector passes: a profile that only moves the gamut (Display P3) keeps one,
+    a tone curve that changes what is visible, a gamma far from sRGB's and transparency get both."""
+    from platemask.colour import may_hide
+
+    rgb = (np.random.default_rng(2).random((40, 60, 3)) * 255).astype(np.uint8)
+    p3 = _display_p3()
+    assert shown(rgb, p3) is not rgb and not may_hide(p3)  # converted, but its tones are the stored ones
+    assert may_hide(stretching_profile(3)) and not may_hide(_SRGB.tobytes())
+    assert may_hide(png_gamma=1.0) and not may_hide(png_gamma=0.45455)
+    assert may_hide(alpha=np.full((2, 2), 254, np.uint8)) and not may_hide(alpha=np.full((2, 2), 255, np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", icc_profile=p3)
+    assert len(decode(buf.getvalue()).detector_views) == 1
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG", icc_profile=stretching_profile(3))
+    assert len(decode(buf.getvalue()).detector_views) == 2
