@@ -172,16 +172,6 @@ def _same_folder_clash(src: str, dst: str, **files: str | None) -> str | None:
     return None
 
 
-def _unlistable_folders(root: str) -> list[tuple[str, OSError]]:
-    """The folders under the local SRC ``root`` that cannot be listed (permission denied, an I/O
-    error, removed while listed), as keys ending in '/', with the error. ``os.walk`` (the store's
-    listing) passes over them without a word: their photos got no record and no mention, exit 0."""
-    errors: list[OSError] = []
-    for dirpath, dirnames, _ in os.walk(root, onerror=errors.append):
-        dirnames.sort()
-    return [(Path(os.path.relpath(e.filename, root)).as_posix() + "/", e) for e in errors]
-
-
 _FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
                (stat.S_ISBLK, "a block device"))
 
@@ -536,7 +526,9 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
     except FileNotFoundError as exc:
         _log(f"platemask: error: {exc}")
         return EXIT_USAGE
-    unlisted = [] if a.src.startswith("s3://") else _unlistable_folders(a.src)
+    # the folders the listing could not enter (permission denied, an I/O error): os.walk passes over them
+    # without a word, and their photos got no record and no mention, exit 0
+    unlisted = list(getattr(src, "unreadable_folders", []))
     if unlisted and unlisted[0][0] == "./":
         _log(f"platemask: error: cannot list SRC {a.src}: {unlisted[0][1].strerror}")
         return EXIT_USAGE
