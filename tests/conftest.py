@@ -179,3 +179,16 @@ def torch_save_then_disk_full(obj, f, *a, **k):
     with open(f, "wb") as fh:
         fh.write(b"PK\x03\x04 partial")
     raise OSError(28, "No space left on device")
+
+
+def without_root_file_override(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that file permissions bind it: as root (which lists and reads any folder), under
+    setpriv without the capabilities that override them; skips the test when setpriv is missing."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return cmd
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run without root's file-permission override")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *cmd]

@@ -14,7 +14,7 @@ import pytest
 
 from platemask.cli import main
 
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, without_root_file_override
 
 
 def _photos(folder: Path, n: int, seed: int = 3, size=(48, 64)) -> None:
@@ -200,19 +200,13 @@ def test_a_folder_in_src_that_cannot_be_listed_is_a_failed_record_not_silence(tm
     os.walk passed over it without a word, so its photos got no record and no mention and the run
     said "1 images: 1 no plate", exit 0. Now it is one failed record (unreadable_folder) naming the
     folder and the fix, in the log and the report too, and the exit code is 3."""
-    import shutil
-
     src, dst, det, report = tmp_path / "src", tmp_path / "dst", tmp_path / "d.jsonl", tmp_path / "r.json"
     _photos(src / "open", 1)
     _photos(src / "locked", 2)
     os.chmod(src / "locked", 0)
     cmd = [sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--model", str(model_dir),
            "--detections", str(det), "--report", str(report)]
-    if os.geteuid() == 0:  # root lists any folder: drop the capabilities that let it
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv to run without root's file-permission override")
-        caps = "-dac_override,-dac_read_search"
-        cmd = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *cmd]
+    cmd = without_root_file_override(cmd)  # root lists any folder
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     finally:

@@ -2,6 +2,7 @@
 import io
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,19 @@ def test_decode_gives_the_detector_the_photo_as_shown_and_keeps_the_stored_pixel
     assert decoded_nbytes(data) == stored.size * 2  # the view is a second copy: reserved with the pixels
 
 
+def _masked_as_one_photo(tmp_path, model_dir, save) -> Path:
+    """``save(path)`` writes car.png into a fresh SRC; the CLI masks it with the shipped model, and
+    the one record must say masked, with plates. Returns the published car.png."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    save(src / "car.png")
+    det = tmp_path / "d.jsonl"
+    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
+    (rec,) = [json.loads(line) for line in det.read_text().splitlines()]
+    assert rec["status"] == "masked" and rec["plates"], rec
+    return dst / "car.png"
+
+
 def test_a_plate_stored_dark_under_a_stretching_profile_is_found_and_masked(scene, tmp_path, model_dir):
     """A PNG whose stored values are three dark levels (0..2) and whose ICC profile shows them as
     the full range: every browser shows a readable plate. The detector saw the stored, nearly
@@ -87,14 +101,7 @@ def test_a_plate_stored_dark_under_a_stretching_profile_is_found_and_masked(scen
     readable. It now looks at the photo as shown, and the plate is masked in the stored pixels."""
     _, _, texts = scene
     data, stored = _hidden_plate_png(scene, 2)
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    (src / "car.png").write_bytes(data)
-    det = tmp_path / "d.jsonl"
-    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
-    (rec,) = [json.loads(line) for line in det.read_text().splitlines()]
-    assert rec["status"] == "masked" and rec["plates"], rec
-    out = Image.open(dst / "car.png")
+    out = Image.open(_masked_as_one_photo(tmp_path, model_dir, lambda path: path.write_bytes(data)))
     icc = out.info.get("icc_profile")
     assert icc  # the published photo still shows as the original did
     from rapidocr_onnxruntime import RapidOCR
@@ -119,13 +126,7 @@ def test_a_plate_drawn_in_the_alpha_channel_alone_is_found_and_masked(scene, tmp
     img, _, texts = scene
     grey = np.asarray(Image.fromarray(img).convert("L"))
     rgba = np.dstack([np.zeros_like(img), 255 - grey])
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    Image.fromarray(rgba, "RGBA").save(src / "car.png")
-    det = tmp_path / "d.jsonl"
-    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
-    (rec,) = [json.loads(line) for line in det.read_text().splitlines()]
-    assert rec["status"] == "masked" and rec["plates"], rec
+    published = _masked_as_one_photo(tmp_path, model_dir, lambda path: Image.fromarray(rgba, "RGBA").save(path))
     ocr = RapidOCR()
     text = texts[0].replace(" ", "")
 
@@ -135,7 +136,7 @@ def test_a_plate_drawn_in_the_alpha_channel_alone_is_found_and_masked(scene, tmp
         return "".join(t for _, t, _ in (ocr(page.astype(np.uint8))[0] or [])).replace(" ", "")
 
     assert text in on_white(rgba)
-    after = np.asarray(Image.open(dst / "car.png").convert("RGBA"))
+    after = np.asarray(Image.open(published).convert("RGBA"))
     assert not any(text[i:i + 3] in on_white(after) for i in range(len(text) - 2))
 
 
@@ -152,13 +153,8 @@ def test_a_plate_hidden_from_viewers_by_transparency_is_masked_in_the_stored_col
     x0, y0 = np.floor(quads[0].min(axis=0)).astype(int) - 6
     x1, y1 = np.ceil(quads[0].max(axis=0)).astype(int) + 6
     alpha[max(y0, 0):y1, max(x0, 0):x1] = 0
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    Image.fromarray(np.dstack([img, alpha]), "RGBA").save(src / "car.png")
-    det = tmp_path / "d.jsonl"
-    assert main(["mask", str(src), str(dst), "--model", str(model_dir), "--detections", str(det)]) == 0
-    (rec,) = [json.loads(line) for line in det.read_text().splitlines()]
-    assert rec["status"] == "masked" and rec["plates"], rec
+    published = _masked_as_one_photo(tmp_path, model_dir,
+                                     lambda path: Image.fromarray(np.dstack([img, alpha]), "RGBA").save(path))
     ocr = RapidOCR()
     text = texts[0].replace(" ", "")
 
@@ -166,14 +162,15 @@ def test_a_plate_hidden_from_viewers_by_transparency_is_masked_in_the_stored_col
         return "".join(t for _, t, _ in (ocr(np.ascontiguousarray(rgb))[0] or [])).replace(" ", "")
 
     assert text in read(img)  # the colours alone show a readable plate
-    after = np.asarray(Image.open(dst / "car.png").convert("RGBA"))[..., :3]  # the alpha dropped
+    after = np.asarray(Image.open(published).convert("RGBA"))[..., :3]  # the alpha dropped
     assert not any(text[i:i + 3] in read(after) for i in range(len(text) - 2))
-    dec = decode((src / "car.png").read_bytes())
+    original = tmp_path / "src" / "car.png"
+    dec = decode(original.read_bytes())
     assert len(dec.detector_views) == 2 and np.array_equal(dec.detector_views[1], img)
     from platemask.imageio import _bytes_per_pixel
 
     # reserved for: the pixels (and Pillow's copy), the view as shown, and the stored colours' view
-    assert decoded_nbytes((src / "car.png").read_bytes()) == img.shape[0] * img.shape[1] * (_bytes_per_pixel("RGBA") + 3 + 3)
+    assert decoded_nbytes(original.read_bytes()) == img.shape[0] * img.shape[1] * (_bytes_per_pixel("RGBA") + 3 + 3)
 
 
 def _display_p3() -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,9 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ROOT, without_root_file_override
 from platemask.storage import LocalStore
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_local_writes_and_deletes_replace_a_link_never_what_it_leads_to(tmp_path):
@@ -76,18 +74,14 @@ def test_local_iter_keys_names_the_folders_it_cannot_list(tmp_path):
     (tmp_path / "locked" / "b.jpg").write_bytes(b"b")
     os.chmod(tmp_path / "locked", 0)
     code = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {ROOT!r})
+        import sys; sys.path.insert(0, {str(ROOT)!r})
         from platemask.storage import LocalStore
         s = LocalStore({str(tmp_path)!r})
         print(list(s.iter_keys()))
         print([(k, type(e).__name__, e.strerror) for k, e in s.unreadable_folders])
     """)
     cmd = [sys.executable, "-c", code]
-    if os.geteuid() == 0:  # root lists any folder: drop the capabilities that let it
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv to run without root's file-permission override")
-        caps = "-dac_override,-dac_read_search"
-        cmd = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *cmd]
+    cmd = without_root_file_override(cmd)  # root lists any folder
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     finally:
