@@ -370,6 +370,24 @@ def decode_failure(exc: Exception) -> ImageError:
                       "re-export it as a plain JPEG or PNG and mask that")
 
 
+# ISO base media (HEIF) brands in a file's ``ftyp`` box: phones' photo formats Pillow cannot read.
+_HEIF_BRANDS = {b"heic": "HEIC (HEIF with HEVC: an iPhone's default photo format)", b"heix": "HEIC", b"heim": "HEIC",
+                b"heis": "HEIC", b"hevc": "HEIC", b"hevx": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF",
+                b"avif": "AVIF", b"avis": "AVIF"}
+
+
+def _unsupported_kind(data: bytes) -> str:
+    """The name of a known photo format Pillow does not read (HEIC/HEIF, AVIF, JPEG XL), or ''."""
+    if data[4:8] == b"ftyp":
+        brands = [data[8:12]] + [data[i:i + 4] for i in range(16, min(len(data), 64), 4)]
+        for b in brands:
+            if b in _HEIF_BRANDS:
+                return _HEIF_BRANDS[b] + " data"
+    if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "JPEG XL data"
+    return ""
+
+
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data``; raise ImageError with a reason code for anything unusable."""
     check_max_pixels(max_pixels)
@@ -410,6 +428,11 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     except ImageError:
         raise
     except UnidentifiedImageError:
+        known = _unsupported_kind(data)
+        if known:
+            raise ImageError("unsupported_format", f"{known} is not supported (supported: "
+                             f"{', '.join([*SUPPORTED_FORMATS, *READ_AS])}); convert it to JPEG and mask that "
+                             "(an iPhone saves JPEG with Settings > Camera > Formats > Most Compatible)") from None
         raise ImageError("not_an_image", "not a recognisable image file (not JPEG, PNG, WebP or TIFF data, whatever its name says): check that it is a photo, or move it out of the source") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("too_large", f"refused as a decompression bomb: its header declares more pixels than "

@@ -184,6 +184,22 @@ def test_bad_inputs_have_reasons(data, reason):
     assert str(e.value)
 
 
+@pytest.mark.parametrize("head,named", [
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIC"),  # an iPhone photo
+    (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heicmiaf", "HEIF"),  # major brand generic, HEVC inside
+    (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf", "AVIF"),
+    (b"\xff\x0a\xfa\x7f\x01\x90\x08", "JPEG XL"),
+], ids=["heic", "heif", "avif", "jxl"])
+def test_a_phone_format_pillow_cannot_read_is_named_with_what_to_do(head, named):
+    """A HEIC photo (what an iPhone saves by default) failed as 'not a recognisable image file ...
+    check that it is a photo': the operator was told it may not be a photo. It is one, in a format
+    the pipeline does not read: the record says which, and how to get a JPEG."""
+    with pytest.raises(ImageError) as e:
+        decode(head + bytes(range(256)) * 4)
+    assert e.value.reason == "unsupported_format"
+    assert named in str(e.value) and "convert it to JPEG" in str(e.value)
+
+
 def test_truncated_jpeg_fails():
     rgb = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
     data = jpeg_bytes(rgb)
