@@ -82,7 +82,7 @@ def summarise(region: str, window: str, report) -> dict:
         v = report.get(name)
         return v if isinstance(v, dict) else {}
 
-    by_status, review = sub("by_status"), sub("review")
+    by_status, review, verdict = sub("by_status"), sub("review"), sub("verdict")
     says = (report.get("region"), sub("window").get("id"))
     if says != (region, window):  # copied or moved here: its numbers are another window's (or nobody's)
         return {"region": region, "window": window,
@@ -96,6 +96,11 @@ def summarise(region: str, window: str, report) -> dict:
         "failure_rate": _number(report.get("failure_rate")), "max_failure_rate": _number(report.get("max_failure_rate")),
         "plates": _number(report.get("plates")), "review": _number(review.get("count")),
         "images_per_second": _number(report.get("mask_images_per_second")), "model": sub("model").get("name"),
+        # the run's verdict (runs.verdict): a report whose run failed must not read as a pass from its
+        # numbers (a collect that failed: 0 photos, 0 failed, 0.00 %); None when the report has none
+        "passed": verdict.get("passed") if isinstance(verdict.get("passed"), bool) else None,
+        "problems": [str(p)[:MAX_PROBLEM_CHARS] for p in verdict.get("problems", [])[:MAX_PROBLEMS]]
+                    if isinstance(verdict.get("problems"), list) else [],
     }
 
 
@@ -103,6 +108,7 @@ def summarise(region: str, window: str, report) -> dict:
 # lists are capped); a larger one is a row that says so, never read whole into the api-server
 MAX_REPORT_BYTES = 8 << 20
 MAX_NAMED_FOLDERS = 5
+MAX_PROBLEMS, MAX_PROBLEM_CHARS = 5, 400  # of a verdict, shown in the index
 
 
 # report.html embeds its thumbnails: larger than report.json, still capped (served from memory)
@@ -207,13 +213,17 @@ def render_index(rows: list[dict], report_href) -> str:
                 if isinstance(r["window"], str) and WINDOW_ID.match(r["window"]) else "")
         if "error" in r:
             body.append(f"<tr><td>{esc(str(r['region']))}</td><td>{esc(str(r['window']))}</td>"
-                        f"<td colspan=9>unreadable: {esc(str(r['error']))}</td><td>{link}</td></tr>")
+                        f"<td colspan=10>unreadable: {esc(str(r['error']))}</td><td>{link}</td></tr>")
             continue
         over = r["failure_rate"] is not None and r["failure_rate"] > (r["max_failure_rate"] or 0)
+        passed = r.get("passed")
+        qa = ("?" if passed is None else "passed" if passed else
+              "FAILED" + (": " + "; ".join(esc(p) for p in r.get("problems") or []) if r.get("problems") else ""))
+        over = over or passed is False
         body.append(
             f"<tr{' class=bad' if over else ''}><td>{_cell(r['region'])}</td><td>{_cell(r['window_start'] or r['window'])}</td>"
             f"<td>{_cell(r['photos'])}</td><td>{_cell(r['masked'])}</td><td>{_cell(r['no_plate'])}</td><td>{_cell(r['failed'])}</td>"
-            f"<td>{_cell(r['failure_rate'], '{:.2%}'.format)}</td><td>{_cell(r['plates'])}</td><td>{_cell(r['review'])}</td>"
+            f"<td>{_cell(r['failure_rate'], '{:.2%}'.format)}</td><td>{qa}</td><td>{_cell(r['plates'])}</td><td>{_cell(r['review'])}</td>"
             f"<td>{'' if r['images_per_second'] is None else _cell(r['images_per_second'])}</td><td>{_cell(r['model'])}</td>"
             f"<td>{link}</td></tr>")
     return ("<!doctype html><html><head><meta charset=utf-8><title>Plate QA</title><style>"
@@ -221,7 +231,7 @@ def render_index(rows: list[dict], report_href) -> str:
             "table{border-collapse:collapse} .bad{background:#fdd}</style></head><body><h1>Plate QA — recent runs</h1>"
             "<p>Headline numbers from each window's QA report. Reports show thumbnails of unmasked originals: reviewers only.</p>"
             "<table><tr><th>region</th><th>window</th><th>photos</th><th>masked</th><th>no plate</th><th>failed</th>"
-            "<th>failure rate</th><th>plates</th><th>review</th><th>images/s</th><th>model</th><th></th></tr>"
+            "<th>failure rate</th><th>QA</th><th>plates</th><th>review</th><th>images/s</th><th>model</th><th></th></tr>"
             + "".join(body) + "</table>" + ("" if rows else "<p>No QA reports yet.</p>") + "</body></html>")
 
 

@@ -44,6 +44,21 @@ def _thumb(data: bytes, plates: list[dict], near: list[dict]) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _verdict(report: dict) -> str:
+    """The run's verdict on this region (``runs.verdict``) at the top of the page: a report whose run
+    failed (not collected, photos without a record, duplicates, over the failure limit) must not read
+    as a pass from its numbers (a collect that failed showed 0 photos, 0 failed, 0.00 %)."""
+    v = report.get("verdict")
+    if not isinstance(v, dict) or not isinstance(v.get("passed"), bool):
+        return "<p class=warn>QA verdict: not recorded in this report.</p>"
+    if v["passed"]:
+        return "<p class=ok>QA verdict: <b>passed</b>.</p>"
+    problems = v.get("problems") if isinstance(v.get("problems"), list) else []
+    return ("<div class=warn><b>QA verdict: FAILED</b>: this run is not to be trusted for the window"
+            + ("<ul>" + "".join(f"<li>{escape(p)}</li>" for p in problems) + "</ul>" if problems else "")
+            + "</div>")
+
+
 def _pair(client, settings, masked_key, rec: dict) -> str:
     esc = escape
     cells = []
@@ -104,9 +119,10 @@ def render_report(report: dict, records: list[dict], *, client, settings, spec, 
 {CSP_META}<meta name="robots" content="noindex"><style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;vertical-align:top}}
 figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-width:760px}} img{{margin:2px}} .bar{{background:#4a7;height:10px}}
-.warn{{background:#fee;padding:8px;border:1px solid #c88}} .miss{{display:inline-block;width:{THUMB}px;color:#a00}}</style></head><body>
+.warn{{background:#fee;padding:8px;border:1px solid #c88}} .ok{{background:#efe;padding:8px;border:1px solid #8c8}} .miss{{display:inline-block;width:{THUMB}px;color:#a00}}</style></head><body>
 <h1>Plate QA — {esc(spec.region)}, window {esc(spec.window.start.isoformat())} → {esc(spec.window.end.isoformat())}</h1>
 <p class=warn>This page shows thumbnails of <b>unmasked originals</b>. It lives only in the QA prefix; do not copy it elsewhere.</p>
+{_verdict(report)}
 <table><tr><th>photos in window</th><td>{_e(report.get('photos_in_window', report['images']))}</td></tr>
 <tr><th>masked</th><td>{_e(s['masked'])}</td></tr><tr><th>no plate</th><td>{_e(s['no_plate'])}</td></tr>
 <tr><th>failed (never published)</th><td>{_e(s['failed'])} ({_e(format(report['failure_rate'], '.2%'))}; limit {_e(format(report.get('max_failure_rate', 0), '.2%'))})</td></tr>

@@ -1,0 +1,109 @@
+"""The QA numbers a reviewer acts on, checked adversarially: reports made by the real run steps (real
+model, moto's S3 server), then read the way a reviewer reads them (report.html, the Plate QA index)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+
+import numpy as np
+import pytest
+
+from conftest import jpeg_bytes
+from platemask.runspec import RunSpec
+from platemask.settings import Settings
+
+WINDOW = {"window_start": "2026-11-19T23:00:00+00:00", "window_end": "2026-11-20T23:00:00+00:00"}
+DAY = "raw/DE/2026/11/20/"
+
+
+@pytest.fixture
+def photos(s3_env):
+    from platemask.training.synth import synth_car_scene
+
+    s3 = s3_env
+    bucket = f"qa-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        img, _, _ = synth_car_scene(rng, plate_width=(120, 160))
+        s3.put_object(Bucket=bucket, Key=f"{DAY}car{i}.jpg", Body=jpeg_bytes(img))
+    return s3, Settings(bucket=bucket, shard_size=10, io_workers=2, batch_size=2)
+
+
+def _get(s3, settings, uri_or_key: str) -> bytes:
+    key = uri_or_key.split("/", 3)[3] if uri_or_key.startswith("s3://") else uri_or_key
+    return s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+
+
+def _run(s3, settings, spec, model_dir, *, collect_it=True, mask_it=True):
+    """hold -> collect -> shard -> mask -> qa -> release, as the DAG's tasks call them."""
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import acquire_lock, aggregate, collect, make_shards, mask_shard, release_lock
+
+    assert acquire_lock(s3, settings, spec, is_live=lambda lock: False, log=lambda m: None) is None
+    if collect_it:
+        collect(s3, settings, spec, log=lambda m: None, is_live=lambda lock: False)
+        if mask_it:
+            for sh in make_shards(s3, settings, [spec.as_dict()], log=lambda m: None):
+                mask_shard(s3, settings, sh, detector_factory(settings, "models/platemask-mnv2-fpn"), log=lambda m: None)
+    (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    release_lock(s3, settings, spec, log=lambda m: None)
+    return report
+
+
+def _index(s3, settings):
+    from platemask.qa_index import recent_reports, render_index
+
+    return render_index(recent_reports(s3, settings), lambda r, w: f"report/{r}/{w}")
+
+
+def _cells(html: str, window: str) -> list[str]:
+    row = next(r for r in html.split("<tr") if f"report/DE/{window}" in r)
+    return [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+
+
+def _row(index: str, window: str) -> str:
+    return next(r for r in index.split("<tr") if f"report/DE/{window}" in r)
+
+
+def test_a_run_whose_qa_failed_is_shown_failed_not_as_a_pass(photos, model_dir):
+    """A rerun whose collect failed holds the lock, so its report became the window's latest: the
+    Plate QA index and report.html showed 0 masked, 0 failed, 0.00 % (under the 2 % limit) with no
+    word that QA failed; a run whose shard task failed for good, within a raised failure limit, read
+    as a plain pass too. Both show the run's verdict and its problems now."""
+    s3, settings = photos
+    shards_of_two = dataclasses.replace(settings, shard_size=2)
+    w = RunSpec(region="DE", run_id="x", **WINDOW).window.id
+    # the nightly run: a shard's task failed for good (1 of 3 photos without a record, limit raised to 50 %)
+    spec = RunSpec(region="DE", run_id="scheduled__1", max_failure_rate=0.5, **WINDOW)
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import acquire_lock, aggregate, collect, make_shards, mask_shard, release_lock
+
+    assert acquire_lock(s3, settings, spec, is_live=lambda lock: False, log=lambda m: None) is None
+    collect(s3, shards_of_two, spec, log=lambda m: None, is_live=lambda lock: False)
+    first, _ = make_shards(s3, shards_of_two, [spec.as_dict()], log=lambda m: None)
+    mask_shard(s3, shards_of_two, first, detector_factory(settings, str(model_dir)), log=lambda m: None)
+    (rep,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    release_lock(s3, settings, spec, log=lambda m: None)
+    assert not rep["passed"] and rep["latest"] and rep["failure_rate"] < 0.5  # the run fails; the rate passes
+    html = _get(s3, settings, rep["html"]).decode()
+    assert "QA verdict: FAILED" in html and "have no record" in html
+    row = _row(_index(s3, settings), w)
+    assert "class=bad" in row and "FAILED" in row and "have no record" in row
+
+    # a rerun whose collect failed: nothing masked, and its report is the window's latest now
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="manual__2", **WINDOW), model_dir, collect_it=False)
+    assert not rep["passed"] and rep["latest"] and rep["by_status"]["failed"] == 0 and rep["failure_rate"] == 0
+    html = _get(s3, settings, rep["html"]).decode()
+    assert "QA verdict: FAILED" in html and "not collected" in html and "passed" not in html
+    row = _row(_index(s3, settings), w)
+    assert "class=bad" in row and "FAILED" in row and "not collected" in row
+
+    # a run that passed says so
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="manual__3", **WINDOW), model_dir)
+    assert rep["passed"] and rep["latest"]
+    assert "QA verdict: <b>passed</b>" in _get(s3, settings, rep["html"]).decode()
+    row = _row(_index(s3, settings), w)
+    assert "class=bad" not in row and "<td>passed</td>" in row
