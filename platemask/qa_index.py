@@ -90,7 +90,8 @@ def summarise(region: str, window: str, report) -> dict:
                          f"({region}, {window}): copied or moved there, so its numbers are not shown as this window's"}
     return {
         "region": region, "window": window, "window_start": sub("window").get("start"),
-        "run_id": report.get("run_id"), "photos": _number(report.get("photos_in_window", report.get("images"))),
+        "run_id": report.get("run_id"), "photos": _number(report.get("images", report.get("photos_in_window"))),
+        "late": _number(report.get("late")),
         "masked": _number(by_status.get("masked")), "no_plate": _number(by_status.get("no_plate")),
         "failed": _number(by_status.get("failed")),
         "failure_rate": _number(report.get("failure_rate")), "max_failure_rate": _number(report.get("max_failure_rate")),
@@ -222,7 +223,7 @@ def render_index(rows: list[dict], report_href) -> str:
         over = over or passed is False
         body.append(
             f"<tr{' class=bad' if over else ''}><td>{_cell(r['region'])}</td><td>{_cell(r['window_start'] or r['window'])}</td>"
-            f"<td>{_cell(r['photos'])}</td><td>{_cell(r['masked'])}</td><td>{_cell(r['no_plate'])}</td><td>{_cell(r['failed'])}</td>"
+            f"<td>{_cell(r['photos'])}{' (' + _cell(r['late']) + ' late)' if r.get('late') else ''}</td><td>{_cell(r['masked'])}</td><td>{_cell(r['no_plate'])}</td><td>{_cell(r['failed'])}</td>"
             f"<td>{_cell(r['failure_rate'], '{:.2%}'.format)}</td><td>{qa}</td><td>{_cell(r['plates'])}</td><td>{_cell(r['review'])}</td>"
             f"<td>{'' if r['images_per_second'] is None else _cell(r['images_per_second'])}</td><td>{_cell(r['model'])}</td>"
             f"<td>{link}</td></tr>")

@@ -59,6 +59,27 @@ def _verdict(report: dict) -> str:
             + "</div>")
 
 
+def _scope(report: dict) -> str:
+    """Which photos the counts below are of. They add up to the report's records, which are the
+    window's photos plus the late ones of the days before (a late photo was counted as masked but not
+    among the "photos in window": 3 photos, 4 masked); a partial or dry run covers less than the window."""
+    rows = []
+    if "photos_in_window" in report:
+        rows.append(f"<tr><th>of them listed in the window</th><td>{escape(report['photos_in_window'])}</td></tr>")
+    if report.get("late"):
+        rows.append(f"<tr><th>of them late: uploaded into the days before the window after their night's run, "
+                    f"or redone</th><td>{escape(report['late'])}</td></tr>")
+    if report.get("partial"):
+        rows.append(f"<tr><th>partial run (max_images)</th><td class=warn>only {escape(report.get('planned'))} of the "
+                    f"{escape(report.get('listed'))} photos listed were planned: the others are not in this report "
+                    "and not masked by this run</td></tr>")
+    if report.get("dry_run"):
+        rows.append(f"<tr><th>dry run</th><td class=warn>nothing was masked or written: the counts are of the photos "
+                    f"earlier runs already masked with this model; {escape(report.get('would_process'))} would be "
+                    "processed</td></tr>")
+    return "".join(rows)
+
+
 def _pair(client, settings, masked_key, rec: dict) -> str:
     esc = escape
     cells = []
@@ -123,7 +144,8 @@ figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-wi
 <h1>Plate QA — {esc(spec.region)}, window {esc(spec.window.start.isoformat())} → {esc(spec.window.end.isoformat())}</h1>
 <p class=warn>This page shows thumbnails of <b>unmasked originals</b>. It lives only in the QA prefix; do not copy it elsewhere.</p>
 {_verdict(report)}
-<table><tr><th>photos in window</th><td>{_e(report.get('photos_in_window', report['images']))}</td></tr>
+<table><tr><th>photos in this report (one record each)</th><td>{_e(report['images'])}</td></tr>
+{_scope(report)}
 <tr><th>masked</th><td>{_e(s['masked'])}</td></tr><tr><th>no plate</th><td>{_e(s['no_plate'])}</td></tr>
 <tr><th>failed (never published)</th><td>{_e(s['failed'])} ({_e(format(report['failure_rate'], '.2%'))}; limit {_e(format(report.get('max_failure_rate', 0), '.2%'))})</td></tr>
 <tr><th>skipped (already masked with this model)</th><td>{_e(report.get('skipped_already_masked', 0))}</td></tr>
