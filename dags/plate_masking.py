@@ -199,7 +199,8 @@ def plate_masking():
 
     @task(outlets=[MASKED, QA], map_index_template="{{ region }}")
     def publish(report: dict) -> None:
-        """Asset events for one region, only when its QA passed and it was not a dry run."""
+        """Asset events for one region, only when its QA passed, it was not a dry run, and its report is
+        still the window's current one (the latest report holds exactly its bytes)."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from platemask import runs
@@ -213,6 +214,11 @@ def plate_masking():
                                           f"partial run: max_images covered {report['planned']} of {report['listed']} "
                                           "photos; run the window without max_images" if report.get("partial") else
                                           "; ".join(report["problems"])) + ")")
+        # only for the window's current report: a qa or publish task cleared after the run released its
+        # locks (after a newer run of the window, say) would send consumers to stale QA
+        stale = runs.not_current(_client(), Settings.from_airflow(), report)
+        if stale is not None:
+            raise AirflowSkipException(f"no Asset event: {stale}")
         for asset in (MASKED, QA):
             context["outlet_events"][asset].extra = extra
 

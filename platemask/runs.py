@@ -791,3 +791,38 @@ def asset_extra(report: dict) -> dict | None:
         return None
     return {"region": report["region"], "window": report["window"], "run_id": report["run_id"],
             "report": report["report"], "counts": {"photos": report["photos"], **report["by_status"]}}
+
+
+def not_current(client, settings: Settings, report: dict) -> str | None:
+    """Why this run's QA report may not have an Asset event now, or None: it must still be the window's
+    current one (``qa/{region}/{window}/report.json`` holds exactly its bytes). A ``qa`` or ``publish``
+    task cleared after the run released its locks (days later, after a newer run of the window wrote a
+    newer report, or while its own report was rewritten without the locks) would otherwise tell the
+    Asset's consumers to act on QA that is no longer the window's."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    region, window = report["region"], report["window"]
+    store = _store(client, settings)
+    prefix = f"s3://{settings.bucket}/"
+    own_key = report["report"][len(prefix):] if report["report"].startswith(prefix) else None
+    latest_key = settings.qa_root.format(region=region, window=window) + "report.json"
+    redo = (f"; an event now would point the Asset's consumers at QA that is not the window's. To publish this "
+            f"window, rerun the whole window (trigger plate_masking with region {region} and its window "
+            f"{window}); clearing this run's tasks cannot make its report current")
+    try:
+        own = store.read(own_key) if own_key else None
+        found = store.get_json(latest_key)
+        latest = store.read(latest_key) if found else None
+    except (ClientError, BotoCoreError, ValueError) as exc:
+        return (f"{region} {window}: cannot tell whether this run's QA report {report['report']} is the window's "
+                f"current one (s3://{settings.bucket}/{latest_key}): {exc}" + redo)
+    if latest is None:
+        return (f"{region} {window}: the window has no latest QA report (s3://{settings.bucket}/{latest_key}): "
+                "this run did not hold the window's day locks when its QA was written" + redo)
+    if latest != own:
+        holder = found[0].get("run_id") if isinstance(found[0], dict) else None
+        return (f"{region} {window}: this run's QA report {report['report']} is no longer the window's current one: "
+                + (f"s3://{settings.bucket}/{latest_key} is now run {holder}'s" if holder != report["run_id"] else
+                   f"it was written again without the window's locks (its qa task was cleared after the run "
+                   f"released them) and differs from s3://{settings.bucket}/{latest_key}") + redo)
+    return None

@@ -545,3 +545,71 @@ def test_late_photos_of_a_day_whose_lock_a_dead_run_left_held_are_picked_up(monk
                    window_end="2026-11-20T23:00:00+00:00")
     got = collect(s3, Settings.load(), spec, log=lambda m: None, is_live=lambda held: held["run_id"] == dead)
     assert got["late"] == 0
+
+
+def _clear_and_rerun(dag, dr, task_ids: list[str]) -> str:
+    """What an operator's "Clear" of ``task_ids`` in a finished run does (airflow tasks clear, the UI's Clear),
+    then the scheduler's part, as dag.test() runs it: those task instances run again in the same run, the others
+    keep their state and XComs. Returns the run's new state."""
+    from airflow import settings
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance, clear_task_instances
+    from airflow.sdk.definitions.dag import _run_task
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    session = settings.Session()
+    tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dr.dag_id, TaskInstance.run_id == dr.run_id,
+                                             TaskInstance.task_id.in_(task_ids)).all()
+    assert {ti.task_id for ti in tis} == set(task_ids)
+    clear_task_instances(tis, session, dag_run_state=DagRunState.QUEUED)
+    session.commit()
+    run = session.query(DagRun).filter(DagRun.dag_id == dr.dag_id, DagRun.run_id == dr.run_id).one()
+    run.dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    run.state = DagRunState.RUNNING
+    session.commit()
+    while run.state == DagRunState.RUNNING:
+        session.expire_all()
+        schedulable, _ = run.update_state(session=session)
+        for ti in schedulable:
+            if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
+                ti.try_number += 1
+            ti.state = TaskInstanceState.SCHEDULED
+        session.commit()
+        for ti in [t for t in run.get_task_instances(session=session) if t.state == TaskInstanceState.SCHEDULED]:
+            _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)
+    state = str(run.state)
+    session.close()
+    return state
+
+
+def test_a_qa_or_publish_task_cleared_after_a_newer_run_emits_no_asset_event_for_stale_qa(monkeypatch, bucket_env, capfd):
+    """Run A masked the window and published; a day later run B redid it (a photo re-uploaded) and its report became
+    the window's latest. An operator then cleared A's qa task (or its publish task): A's report, no longer the
+    window's, passed its check and publish emitted masked/qa Asset events for it again, so the Asset's consumers
+    acted on stale QA. publish now emits only for the window's current report, else skips saying why and what to
+    do (rerun the whole window)."""
+    s3, bucket, keys = bucket_env
+    dag_a = load_dag(monkeypatch)
+    a = dag_a.test(run_conf=DE_CONF)
+    assert a.state == "success" and len(_asset_events(a.run_id)) == 2
+    s3.put_object(Bucket=bucket, Key=keys[("DE", "20")][0], Body=s3.get_object(
+        Bucket=bucket, Key=keys[("DE", "20")][1])["Body"].read())  # re-uploaded, then the window is run again
+    b = load_dag(monkeypatch).test(run_conf=DE_CONF)
+    assert b.state == "success" and len(_asset_events(b.run_id)) == 2
+    latest = _report(s3, bucket, "DE", DE_20)
+    assert latest["run_id"] == b.run_id and latest["processed_this_run"] == 1
+    capfd.readouterr()
+
+    for cleared in (["qa", "check", "publish", "release", "watcher"], ["publish", "watcher"]):
+        assert _clear_and_rerun(dag_a, a, cleared) == "success"
+        states = _ti_states(a)
+        assert states["publish"] == "skipped" and states["qa"] == "success", states
+        assert len(_asset_events(a.run_id)) == 2, "an Asset event for a report that is not the window's"
+        out = capfd.readouterr()
+        assert f"no longer the window's current one: s3://{bucket}/qa/DE/{DE_20}/report.json is now run {b.run_id}'s" \
+            in out.out + out.err and "rerun the whole window" in out.out + out.err
+        assert _report(s3, bucket, "DE", DE_20) == latest  # B's report stays the window's
+    # the window's current run cleared the same way still publishes: its report is the window's
+    assert _clear_and_rerun(load_dag(monkeypatch), b, ["publish", "watcher"]) == "success"
+    assert len(_asset_events(b.run_id)) == 4
