@@ -16,6 +16,8 @@ from .storage import S3Store
 
 THUMB = 360
 MAX_REVIEW = 30
+MAX_FAILED_SHOWN = 50  # failed photos named per reason; the rest are counted, never dropped without a word
+MAX_ERROR_CHARS = 500
 # The page may be opened straight from S3 or a download: it carries its own policy (no script,
 # no fetches; inline styles and data: thumbnails only). The Plate QA view adds sandbox on top.
 CSP_META = ('<meta http-equiv="Content-Security-Policy" '
@@ -57,6 +59,23 @@ def _verdict(report: dict) -> str:
     return ("<div class=warn><b>QA verdict: FAILED</b>: this run is not to be trusted for the window"
             + ("<ul>" + "".join(f"<li>{escape(p)}</li>" for p in problems) + "</ul>" if problems else "")
             + "</div>")
+
+
+def _failure_row(reason: str, info: dict) -> str:
+    """One reason's failed photos, each with what was wrong (the key alone said nothing a reviewer
+    could act on), and how many more there are when the list is longer than the page shows (the keys
+    after the 50th were left out without a word)."""
+    items = info["items"][:MAX_FAILED_SHOWN]
+    lines = []
+    for i in items:
+        err = str(i.get("error") or "")
+        err = err[:MAX_ERROR_CHARS] + " …" if len(err) > MAX_ERROR_CHARS else err
+        lines.append(f"<code>{escape(i['key'])}</code>{': ' + escape(err) if err else ''}")
+    more = (info["count"] if isinstance(info.get("count"), int) else len(info["items"])) - len(items)
+    if more > 0:
+        lines.append(f"<b>… and {more} more not shown here</b>: report.json (failures_by_reason) and each photo's "
+                     "audit record name them")
+    return f"<tr><td>{escape(reason)}</td><td>{escape(info['count'])}</td><td>{'<br>'.join(lines)}</td></tr>"
 
 
 def _scope(report: dict) -> str:
@@ -124,9 +143,7 @@ def render_report(report: dict, records: list[dict], *, client, settings, spec, 
     review = [r for r in records if r.get("review") and r["status"] != "failed"][:MAX_REVIEW]
     pool = [r for r in records if r["status"] == "masked" and not r.get("review")]
     picks = rng.sample(pool, min(samples, len(pool)))
-    fails = "".join(
-        f"<tr><td>{_e(reason)}</td><td>{_e(info['count'])}</td><td>{'<br>'.join(esc(i['key']) for i in info['items'][:50])}</td></tr>"
-        for reason, info in report["failures_by_reason"].items())
+    fails = "".join(_failure_row(reason, info) for reason, info in report["failures_by_reason"].items())
     shards = "".join(
         f"<tr><td>{_e(sh['index'])}</td><td>{_e(sh['photos'])}</td><td>{_e(sh['processed'])}</td><td>{_e(sh['skipped'])}</td>"
         f"<td>{_e(sh['failed'])}</td><td>{_e(sh['wall_seconds'])}</td><td>{_e(sh['images_per_second'] or '')}</td></tr>"
@@ -155,7 +172,7 @@ figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-wi
 <tr><th>mask images/s</th><td>{_e(report.get('mask_images_per_second') or '')}</td></tr>
 <tr><th>model</th><td>{esc(str(model.get('name')))} <code>{esc(str(model.get('weights_sha256', ''))[:12])}</code>, threshold {_e(report.get('thresholds', {}).get('score'))}</td></tr>
 <tr><th>run</th><td>{esc(spec.run_id)}, backend {esc(spec.backend)}, mode {esc(spec.mode)}</td></tr></table>
-<h2>Failures by reason</h2>{'<table><tr><th>reason</th><th>count</th><th>keys</th></tr>' + fails + '</table>' if fails else '<p>none</p>'}
+<h2>Failures by reason</h2>{'<table><tr><th>reason</th><th>count</th><th>photos: what was wrong</th></tr>' + fails + '</table>' if fails else '<p>none</p>'}
 <h2>Score histogram (masked plates)</h2><table>{bars}</table>
 <h2>Shards</h2><table><tr><th>#</th><th>photos</th><th>processed</th><th>skipped</th><th>failed</th><th>seconds</th><th>images/s</th></tr>{shards}</table>
 <h2>Review ({_e(report['review']['count'])}{', first ' + str(MAX_REVIEW) if report['review']['count'] > MAX_REVIEW else ''})</h2>

@@ -141,3 +141,19 @@ def test_the_counts_shown_add_up_to_the_photos_shown_with_late_partial_and_dry_r
     html = _get(s3, settings, part["html"]).decode()
     assert "only 2 of the 4 photos listed were planned" in html
     assert _counts(html)["photos in this report (one record each)"] == 2
+
+
+def test_a_long_failure_list_says_how_many_more_and_what_was_wrong(photos, model_dir):
+    """60 truncated uploads in one night: report.html named the first 50 keys and dropped the other
+    10 without a word, and no key said what was wrong with it or what to do (report.json did)."""
+    s3, settings = photos
+    good = _get(s3, settings, f"{DAY}car0.jpg")
+    for i in range(60):
+        s3.put_object(Bucket=settings.bucket, Key=f"{DAY}upload-{i:03d}.jpg", Body=good[: len(good) // 2])
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="scheduled__1", **WINDOW), model_dir)
+    qa = json.loads(_get(s3, settings, rep["report"]))
+    assert qa["by_status"]["failed"] == 60 and qa["failures_by_reason"]["truncated"]["count"] == 60
+    html = _get(s3, settings, rep["html"]).decode()
+    shown = re.findall(r"upload-(\d{3})\.jpg</code>: ([^<]*)", html)
+    assert len(shown) == 50 and all("truncated" in err and "upload the original again" in err for _, err in shown)
+    assert "… and 10 more not shown here" in html
