@@ -37,7 +37,7 @@ def _get(s3, settings, uri_or_key: str) -> bytes:
     return s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
 
 
-def _run(s3, settings, spec, model_dir, *, collect_it=True, mask_it=True):
+def _run(s3, settings, spec, model_dir, *, collect_it=True):
     """hold -> collect -> shard -> mask -> qa -> release, as the DAG's tasks call them."""
     from platemask.airflow_support import detector_factory
     from platemask.runs import acquire_lock, aggregate, collect, make_shards, mask_shard, release_lock
@@ -46,9 +46,8 @@ def _run(s3, settings, spec, model_dir, *, collect_it=True, mask_it=True):
         assert acquire_lock(s3, settings, spec, is_live=lambda lock: False, log=lambda m: None) is None
     if collect_it:
         collect(s3, settings, spec, log=lambda m: None, is_live=lambda lock: False)
-        if mask_it:
-            for sh in make_shards(s3, settings, [spec.as_dict()], log=lambda m: None):
-                mask_shard(s3, settings, sh, detector_factory(settings, "models/platemask-mnv2-fpn"), log=lambda m: None)
+        for sh in make_shards(s3, settings, [spec.as_dict()], log=lambda m: None):
+            mask_shard(s3, settings, sh, detector_factory(settings, str(model_dir)), log=lambda m: None)
     (report,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
     release_lock(s3, settings, spec, log=lambda m: None)
     return report
@@ -120,6 +119,9 @@ def test_the_counts_shown_add_up_to_the_photos_shown_with_late_partial_and_dry_r
     the index showed only the window's photos: 3 photos, 4 masked. A partial (max_images) or dry run's
     page said nothing of what it left out: 4 photos in the window, 2 masked (or 3, none masked by it)."""
     s3, settings = photos
+    # the night of the 19th ran (nothing there), then a photo of the 19th came late
+    _run(s3, settings, RunSpec(region="DE", run_id="scheduled__0", window_start="2026-11-18T23:00:00+00:00",
+                               window_end="2026-11-19T23:00:00+00:00"), model_dir)
     s3.put_object(Bucket=settings.bucket, Key="raw/DE/2026/11/19/late.jpg", Body=_get(s3, settings, f"{DAY}car0.jpg"))
     spec = RunSpec(region="DE", run_id="scheduled__1", **WINDOW)
     rep = _run(s3, settings, spec, model_dir)
@@ -157,3 +159,42 @@ def test_a_long_failure_list_says_how_many_more_and_what_was_wrong(photos, model
     shown = re.findall(r"upload-(\d{3})\.jpg</code>: ([^<]*)", html)
     assert len(shown) == 50 and all("truncated" in err and "upload the original again" in err for _, err in shown)
     assert "… and 10 more not shown here" in html
+
+
+# characters a browser shows as nothing (or as a plain space): in a key they make it pass for another
+INVISIBLE = {"soft hyphen": "\u00ad", "tag": "\U000e0041", "arabic letter mark": "\u061c", "variation selector": "\ufe0f",
+             "tab": "\t", "no-break space": "\u00a0", "line separator": "\u2028",
+             "mongolian vowel separator": "\u180e", "hangul filler": "\u3164"}
+
+
+def _shown(html: str) -> str:
+    """What a browser shows of a page's text: tags gone, entities read, characters it draws as nothing
+    dropped, runs of white space (tab, newline, no-break space, line separator) one space."""
+    import html as h
+    import unicodedata
+
+    text = h.unescape(re.sub(r"<[^>]+>", " ", html))
+    text = "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Mn") and c not in "\u3164\u115f\u1160")
+    return re.sub(r"[\s\u00a0]+", " ", text)
+
+
+def test_a_key_with_invisible_characters_cannot_pass_for_another_photos_key(photos, model_dir):
+    """Damaged uploads named car0.jpg with an invisible character inside (soft hyphen, a tag character,
+    an Arabic letter mark, a variation selector, a Mongolian vowel separator; or a tab, a no-break space,
+    a line separator: a space to the eye) were listed as failed under what reads as 'car0.jpg' or
+    'car 0.jpg', the key of a photo that was masked: only bidi controls and zero-width characters were
+    shown as codes. Every such character is shown as its code now (report.html and the index alike)."""
+    s3, settings = photos
+    good = _get(s3, settings, f"{DAY}car0.jpg")
+    for ch in INVISIBLE.values():  # moto's server cannot store a key with a newline; S3 can
+        s3.put_object(Bucket=settings.bucket, Key=f"{DAY}car{ch}0.jpg", Body=good[:100])
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="scheduled__1", **WINDOW), model_dir)
+    assert rep["by_status"] == {"masked": 3, "no_plate": 0, "failed": len(INVISIBLE)}
+    html = _get(s3, settings, rep["html"]).decode()
+    failures = _shown(html[html.index("Failures by reason"):html.index("Score histogram")])
+    for name, ch in INVISIBLE.items():
+        assert ch not in html, name
+        code = f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}"
+        assert f"raw/DE/2026/11/20/car{code}0.jpg" in failures, name
+    assert "car0.jpg" not in failures and "car 0.jpg" not in failures  # no failed key reads as the masked photo's
+
