@@ -61,8 +61,12 @@ def build_report(records: Iterable[dict[str, Any]], *, timings: dict[str, float]
     }
     if timings is not None:
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        if n:
-            report["timings_ms_per_image"] = {k: round(1000 * v / n, 1) for k, v in timings.items()}
+        # the stage times are of the photos this job ran through them: a rerun's photos skipped as already
+        # done (or an earlier run's records kept, or a failed shard's) took none of them
+        timed = sum(not (r.get("skipped") or r.get("from_earlier_run") or r.get("reason") == "shard_failed")
+                    for r in records)
+        if timed:
+            report["timings_ms_per_image"] = {k: round(1000 * v / timed, 1) for k, v in timings.items()}
     if wall_seconds is not None:
         report["wall_seconds"] = round(wall_seconds, 3)
         report["images_per_second"] = round(n / wall_seconds, 3) if wall_seconds > 0 else None

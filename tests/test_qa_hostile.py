@@ -198,3 +198,18 @@ def test_a_key_with_invisible_characters_cannot_pass_for_another_photos_key(phot
         assert f"raw/DE/2026/11/20/car{code}0.jpg" in failures, name
     assert "car0.jpg" not in failures and "car 0.jpg" not in failures  # no failed key reads as the masked photo's
 
+
+
+def test_stage_times_per_photo_are_of_the_photos_that_went_through_the_stages(photos, model_dir):
+    """A rerun that skipped 3 photos already masked and masked 1 new one divided its stage times by 4:
+    timings_ms_per_image said the detector took a quarter of what it took a photo."""
+    s3, settings = photos
+    _run(s3, settings, RunSpec(region="DE", run_id="manual__1", **WINDOW), model_dir)
+    s3.put_object(Bucket=settings.bucket, Key=f"{DAY}car3.jpg", Body=_get(s3, settings, f"{DAY}car1.jpg"))
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="manual__2", **WINDOW), model_dir)
+    qa = json.loads(_get(s3, settings, rep["report"]))
+    assert qa["skipped_already_masked"] == 3 and qa["processed_this_run"] == 1 and qa["images"] == 4
+    (shard,) = qa["shards"]
+    assert shard["processed"] == 1 and shard["timings_s"]["segment"] > 0
+    for stage, seconds in shard["timings_s"].items():
+        assert qa["timings_ms_per_image"][stage] == round(1000 * seconds, 1), stage
