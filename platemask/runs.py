@@ -190,9 +190,28 @@ def _day_lock_key(settings: Settings, region: str, d: date) -> str:
     return key
 
 
+def day_collected_key(settings: Settings, region: str, d: date) -> str:
+    """The marker that a run whose own window covers ``region``'s local day ``d`` has collected it
+    (``runs/{region}/days/{yyyy-mm-dd}.json``, beside the day locks): until it exists, the day's photos are
+    its own run's to mask, not the next nights' late photos."""
+    return _day_lock_key(settings, region, d).rsplit("/locks/", 1)[0] + f"/days/{d.isoformat()}.json"
+
+
+def _whole_days(settings: Settings, spec: RunSpec) -> list[date]:
+    """The local days all of whose photos are the window's: with time_source ``partition`` the day partitions
+    it lists, with ``last_modified`` the days it covers from midnight to midnight."""
+    w, tz = spec.window, settings.region_timezones[spec.region]
+    if settings.time_source == "partition":
+        return w.partition_days(tz)
+    z = ZoneInfo(tz)
+    return [d for d in w.days(tz) if w.start <= datetime(d.year, d.month, d.day, tzinfo=z)
+            and datetime.combine(d + timedelta(days=1), datetime.min.time(), tzinfo=z) <= w.end]
+
+
 def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str], None],
                   hidden: list[str] | None = None, is_live: Callable[[dict], bool] | None = None,
-                  owner: dict | None = None, locks: list[str] | None = None) -> list[dict]:
+                  owner: dict | None = None, locks: list[str] | None = None,
+                  not_collected: list[str] | None = None) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
     after their night's run, or missed by it), or whose audit record is of another upload (its
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
@@ -208,11 +227,25 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
     run that ended without releasing it (its release task failed for good or never ran) would otherwise keep
     that day's late photos out of every later night, with no record. A dry run takes no lock: it only looks.
     A day with no late photo is given back at once; the locks of the days that had some are added to ``locks``
-    (the mask step takes them again when cleared after the run ended: ``acquire_late_locks``)."""
+    (the mask step takes them again when cleared after the run ended: ``acquire_late_locks``).
+
+    Only a day that a run of its own has collected (``day_collected_key``) has late photos: in a backfill the
+    next day's run may get there before that day's run has reached ``hold``, and would otherwise mask the
+    whole day as its "late" photos, leaving that day's run nothing to do and its QA nothing to say. Such a day
+    is left to its own run, named in the log and in ``not_collected`` (the QA report's
+    ``late_days_not_collected``: if no run of it is coming, e.g. nights missed with catchup off, backfill it)."""
     out = []
     own = lock_keys(settings, spec)
     for d in late_days(settings, spec):
         key = _day_lock_key(settings, spec.region, d)
+        if not _store(client, settings).exists(day_collected_key(settings, spec.region, d)):
+            log(f"{spec.region} {d}: no run of that day has collected it yet (no "
+                f"s3://{settings.bucket}/{day_collected_key(settings, spec.region, d)}): its photos are left to "
+                "that day's own run, not picked up as late; if no run of that day is coming (a night missed with "
+                "catchup off), backfill it")
+            if not_collected is not None:
+                not_collected.append(d.isoformat())
+            continue
         if spec.dry_run:
             try:
                 lock = _store(client, settings).get_json(key)
@@ -280,7 +313,8 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     """List only the partitions the window covers, keep supported images in it, add the late photos of
     the days before (``late_days``, under their day locks; ``is_live(lock)``: whether the run holding such
     a day's lock is still running, see ``_late_entries``; ``owner`` is stored in a lock taken), write the
-    manifest."""
+    manifest; then, unless a dry run or cut by ``max_images``, mark the window's whole days collected
+    (``day_collected_key``): from then on their photos without a record are the next nights' late photos."""
     w = spec.window
     tz = settings.region_timezones[spec.region]
     days = w.partition_days(tz) if settings.time_source == "partition" else w.days(tz)
@@ -288,6 +322,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     entries = []
     hidden: list[str] = []
     late_locks: list[str] = []
+    not_collected: list[str] = []
     store = _store(client, settings)
     for d in days:
         prefix = day_prefix(settings, spec.region, d)
@@ -315,7 +350,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
-        entries += _late_entries(client, settings, spec, log, hidden, is_live, owner, late_locks)
+        entries += _late_entries(client, settings, spec, log, hidden, is_live, owner, late_locks, not_collected)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # other extensions stay in the manifest: what an object holds decides, not its name (a photo named
@@ -334,10 +369,16 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
             f"not masked, named in the QA report): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
             "rename one to mask it")
     collected = {"spec": spec.as_dict(), "manifest": uri, "count": len(entries), "photos_in_window": in_window,
-                 "late_locks": late_locks,
+                 "late_locks": late_locks, "late_days_not_collected": not_collected,
                  "late": sum(bool(e.get("late")) for e in entries), "listed": n_all,
                  "skipped_hidden": {"count": len(hidden), "keys": sorted(hidden)[:MAX_SKIPPED_LISTED]}}
     _store(client, settings).put_json(run_prefix(settings, spec) + "collected.json", collected)  # last: present = collected
+    if not spec.dry_run and len(entries) == n_all:  # (a max_images run leaves photos of its days to a whole run)
+        for d in _whole_days(settings, spec):  # its photos from now on are late photos of the next nights
+            _store(client, settings).put_json(day_collected_key(settings, spec.region, d), {
+                "region": spec.region, "day": d.isoformat(), "run_id": spec.run_id, "run_key": spec.run_key,
+                "window": spec.window.id, "manifest": uri, "collected_at": datetime.now(timezone.utc).isoformat(),
+                **(owner or {})})
     return collected
 
 
@@ -729,6 +770,8 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
             "backend": spec.backend, "mode": spec.mode, "collected": c is not None,
             "manifest": c and c["manifest"], "photos_in_window": c and c.get("photos_in_window", c["count"]),
             "planned": c and c["count"], "late": c and c.get("late", 0), "max_images": spec.max_images,
+            # days before the window not collected by a run of their own yet: left to it, not taken as late
+            "late_days_not_collected": (c or {}).get("late_days_not_collected", []),
             "skipped_hidden": (c or {}).get("skipped_hidden", {"count": 0, "keys": []}),
             "not_accounted_for": unrecorded, "duplicate_records": sum(n > 1 for n in seen.values()),
             # a dry run's manifest is not read (its records are the photos already done); an empty one is

@@ -529,6 +529,9 @@ def test_late_photos_of_a_day_whose_lock_a_dead_run_left_held_are_picked_up(monk
             "window": "20261118T2300Z-20261119T2300Z", "since": "2026-11-20T01:00:00+00:00"}
     s3.put_object(Bucket=bucket, Key="runs/DE/locks/2026-11-19.json", Body=json.dumps(lock).encode())
     (late,) = keys[("DE", "19")]  # no audit record: never masked
+    night_19 = RunSpec(region="DE", run_id=dead, window_start="2026-11-18T23:00:00+00:00",
+                       window_end="2026-11-19T23:00:00+00:00")
+    collect(s3, Settings.load(), night_19, log=lambda m: None)  # the dead run collected its day, then died
     dr = load_dag(monkeypatch).test(run_conf=DE_CONF)
     assert dr.state == "success"
     rep = _report(s3, bucket, "DE", DE_20)
@@ -613,3 +616,41 @@ def test_a_qa_or_publish_task_cleared_after_a_newer_run_emits_no_asset_event_for
     # the window's current run cleared the same way still publishes: its report is the window's
     assert _clear_and_rerun(load_dag(monkeypatch), b, ["publish", "watcher"]) == "success"
     assert len(_asset_events(b.run_id)) == 4
+
+
+DE_21 = "20261120T2300Z-20261121T2300Z"
+
+
+def test_in_a_backfill_the_next_days_run_leaves_a_day_to_its_own_run_not_yet_started(monkeypatch, bucket_env):
+    """A backfill runs two nights at once (or --reverse). The 21st's run got to collect before the 20th's run
+    reached hold: none of the 20th's photos had an audit record, so it masked the whole 20th as its "late"
+    photos; the 20th's own run then found every photo done (processed 0) and its QA said nothing of its own day.
+    Late pick-up now takes only photos of a day a run of its own has collected (collect marks its whole days);
+    a day not collected yet is left to its run and named in the QA report. A photo uploaded into the 20th after
+    its run is still the next night's late photo."""
+    s3, bucket, keys = bucket_env
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "1")
+    night_21 = {"region": "DE", "window_start": "2026-11-21", "window_end": "2026-11-22", "max_failure_rate": 0.5}
+    first = load_dag(monkeypatch).test(run_conf=night_21)  # the 21st's run first
+    assert first.state == "success"
+    rep_21 = _report(s3, bucket, "DE", DE_21)
+    assert rep_21["late"] == 0 and rep_21["images"] == 1, rep_21["by_status"]
+    assert rep_21["late_days_not_collected"] == ["2026-11-20"]
+    assert _manifest(s3, bucket, "DE", DE_21, first.run_id) == keys[("DE", "21")]
+    own = load_dag(monkeypatch).test(run_conf=DE_CONF)  # then the 20th's own run: its day is its own
+    assert own.state == "success"
+    rep_20 = _report(s3, bucket, "DE", DE_20)
+    assert rep_20["processed_this_run"] == 3 and rep_20["skipped_already_masked"] == 0
+    assert rep_20["by_status"]["masked"] == 3 and rep_20["late_days_not_collected"] == ["2026-11-19"]
+    for key in keys[("DE", "20")]:
+        audit = json.loads(s3.get_object(Bucket=bucket, Key=key.replace("raw/", "audit/", 1) + ".json")["Body"].read())
+        assert audit["run_id"] == own.run_id and audit["window"] == DE_20
+    # a photo uploaded into the 20th after its run: the 21st's next run picks it up as late
+    late = "raw/DE/2026/11/20/after-its-run.jpg"
+    s3.put_object(Bucket=bucket, Key=late, Body=s3.get_object(Bucket=bucket, Key=keys[("DE", "21")][0])["Body"].read())
+    again = load_dag(monkeypatch).test(run_conf=night_21)
+    assert again.state == "success"
+    rep = _report(s3, bucket, "DE", DE_21)
+    assert rep["late"] == 1 and rep["late_days_not_collected"] == [] and rep["processed_this_run"] == 1
+    assert set(_manifest(s3, bucket, "DE", DE_21, again.run_id)) == {late, *keys[("DE", "21")]}
+    _assert_accounted(s3, bucket, "DE", DE_21, again.run_id, rep)

@@ -43,6 +43,16 @@ def _shard_keys(s3, shards):
     return out
 
 
+def _collected_by_its_run(s3, settings, *days: int):
+    """What the nightly run of each DE local day of November does first: its collect marks the day collected
+    (late pick-up takes only photos of such days). Called before the test uploads that day's photos, they are
+    photos that arrived after their night's run."""
+    for day in days:
+        spec = RunSpec(region="DE", run_id=f"scheduled__{day}", window_start=f"2026-11-{day - 1:02d}T23:00:00+00:00",
+                       window_end=f"2026-11-{day:02d}T23:00:00+00:00")
+        collect(s3, dataclasses.replace(settings, late_days=0), spec, log=lambda m: None)
+
+
 def test_run_keys_are_readable_stable_and_distinct():
     a = run_key("scheduled__2026-11-21T01:00:00+00:00")
     assert a.startswith("scheduled__2026-11-21T01-00-00-00-00-") and a == run_key("scheduled__2026-11-21T01:00:00+00:00")
@@ -248,6 +258,7 @@ def test_late_photos_of_the_days_before_are_picked_up_once_and_reported(photos, 
     from platemask.runs import aggregate
 
     s3, settings, keys = photos
+    _collected_by_its_run(s3, settings, 17, 18, 19)
     body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
     late = "raw/DE/2026/11/19/late.jpg"
     for key in (late, "raw/DE/2026/11/19/done.jpg", "raw/DE/2026/11/18/held.jpg", "raw/DE/2026/11/16/too-old.jpg"):
@@ -320,6 +331,7 @@ def test_a_photo_re_uploaded_since_its_audit_record_is_picked_up_late(photos):
     new upload"), but late pick-up skipped every photo with an audit record: the new upload was
     never masked and had no record of its own."""
     s3, settings, keys = photos
+    _collected_by_its_run(s3, settings, 19)
     body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
     day = "raw/DE/2026/11/19/"
     for name in ("same.jpg", "replaced.jpg", "failed-then-replaced.jpg", "unreadable-record.jpg"):
@@ -615,6 +627,7 @@ def test_a_photo_that_failed_for_a_reason_other_than_its_upload_is_tried_again_b
     an unchanged record: it stayed unmasked for good unless someone reran that window. Failures the
     upload causes (a damaged file, a key too long) are left to a new upload."""
     s3, settings, keys = photos
+    _collected_by_its_run(s3, settings, 19)
     body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
     day = "raw/DE/2026/11/19/"
     records = {"cut-read.jpg": {"status": "failed", "reason": "read_error"},
@@ -637,38 +650,53 @@ def test_a_photo_that_failed_for_a_reason_other_than_its_upload_is_tried_again_b
 def test_late_pick_up_holds_the_days_lock_so_a_backfill_run_of_that_day_waits(photos, model_dir):
     """A backfill of never-masked days runs two nights at once. The 21st's run collected the 20th's photos as late
     (no audit records yet, the 20th's lock not yet taken) and masked them without that day's lock, while the
-    20th's own run took the free lock and masked the same photos beside it: every photo twice, under two runs'
-    records, the 21st's QA reporting the whole 20th as its late photos. Late pick-up now takes the day's lock
-    (or leaves the day to the live run holding it), and release gives it back."""
+    20th's own run took the free lock and masked the same photos beside it. Late pick-up now leaves a day no run
+    of its own has collected yet to that run; the late photos of a collected day (uploaded after its run) it
+    picks up under the day's lock (or leaves the day to the live run holding it), and release gives it back."""
     s3, settings, keys = photos
     settings = dataclasses.replace(settings, late_days=1)
-    live = {"backfill__20", "backfill__21"}
+    live = {"backfill__20", "backfill__21", "backfill__21b", "backfill__20b"}
     is_live = lambda lock: lock["run_id"] in live  # noqa: E731
     night_20 = RunSpec(region="DE", run_id="backfill__20", **WINDOW)
     night_21 = RunSpec(region="DE", run_id="backfill__21", window_start="2026-11-20T23:00:00+00:00",
                        window_end="2026-11-21T23:00:00+00:00")
     assert acquire_lock(s3, settings, night_21, is_live=is_live) is None  # the 21st's hold
-    c = collect(s3, settings, night_21, log=lambda m: None, is_live=is_live)
-    assert c["late"] == 4  # the 20th's photos: no records yet
-    held = acquire_lock(s3, settings, night_20, is_live=is_live)  # the 20th's hold, a moment later
-    assert held is not None and held["run_id"] == "backfill__21" and held["day"] == "2026-11-20"
-    assert _mask(s3, settings, night_21, model_dir) == (4, 0)  # (collects again: its own lock, the same photos)
-    assert release_lock(s3, settings, night_21)
+    logs = []
+    c = collect(s3, settings, night_21, log=logs.append, is_live=is_live)
+    assert c["late"] == 0 and c["late_days_not_collected"] == ["2026-11-20"]  # the 20th is its own run's
+    assert any("2026-11-20: no run of that day has collected it yet" in m and "backfill it" in m for m in logs), logs
+    assert "runs/DE/locks/2026-11-20.json" not in {o["Key"] for o in s3.list_objects_v2(
+        Bucket=settings.bucket, Prefix="runs/DE/locks/").get("Contents", [])}  # not taken: nothing to wait for
+    assert acquire_lock(s3, settings, night_20, is_live=is_live) is None  # the 20th's hold, a moment later
+    assert _mask(s3, settings, night_20, model_dir) == (4, 0)  # its own day, all of it
+    assert release_lock(s3, settings, night_20) and release_lock(s3, settings, night_21)
+    # a photo of the 20th without a record now (uploaded after its run): the 21st's next run takes it late,
+    # under the 20th's lock, so a rerun of the 20th waits
+    s3.delete_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car0.jpg.json")
+    night_21b = dataclasses.replace(night_21, run_id="backfill__21b")
+    assert acquire_lock(s3, settings, night_21b, is_live=is_live) is None
+    c = collect(s3, settings, night_21b, log=lambda m: None, is_live=is_live)
+    assert c["late"] == 1 and c["late_days_not_collected"] == []
+    night_20b = dataclasses.replace(night_20, run_id="backfill__20b")
+    held = acquire_lock(s3, settings, night_20b, is_live=is_live)
+    assert held is not None and held["run_id"] == "backfill__21b" and held["day"] == "2026-11-20"
+    assert _mask(s3, settings, night_21b, model_dir) == (1, 0)  # (collects again: its own lock, the same photo)
+    assert release_lock(s3, settings, night_21b)
     assert json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())[
         "state"] == "released"
-    assert acquire_lock(s3, settings, night_20, is_live=is_live) is None  # now the 20th's run goes on
-    assert _mask(s3, settings, night_20, model_dir) == (0, 4)  # done once: nothing masked twice
-    # the other way round: the 20th's run holds its day, so the 21st leaves its photos to it
-    night_21b = dataclasses.replace(night_21, run_id="backfill__21b")
-    live.add("backfill__21b")
+    assert acquire_lock(s3, settings, night_20b, is_live=is_live) is None  # now the 20th's rerun goes on
+    assert _mask(s3, settings, night_20b, model_dir) == (0, 4)  # done once: nothing masked twice
+    # the other way round: the 20th's rerun holds its day, so the 21st leaves its photos to it
+    night_21c = dataclasses.replace(night_21, run_id="backfill__21c")
+    live.add("backfill__21c")
     s3.delete_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car0.jpg.json")
-    assert collect(s3, settings, night_21b, log=lambda m: None, is_live=is_live)["late"] == 0
+    assert collect(s3, settings, night_21c, log=lambda m: None, is_live=is_live)["late"] == 0
     # a dry run takes no lock: it only looks
-    assert release_lock(s3, settings, night_20)
+    assert release_lock(s3, settings, night_20b)
     dry = dataclasses.replace(night_21, run_id="manual__dry", dry_run=True)
     assert collect(s3, settings, dry, log=lambda m: None, is_live=is_live)["late"] == 1
     assert json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())[
-        "run_id"] == "backfill__20"
+        "run_id"] == "backfill__20b"
 
 
 def test_a_cleared_run_cut_into_fewer_shards_is_not_failed_by_its_first_tries_records(photos, model_dir):
@@ -750,6 +778,7 @@ def test_a_cleared_mask_task_takes_its_late_days_locks_again_or_refuses(photos, 
 
     s3, settings, _ = photos
     settings = dataclasses.replace(settings, late_days=2)
+    _collected_by_its_run(s3, settings, 19, 20)  # the 20th's run collected its photos, then failed unrecorded
     monkeypatch.setattr(support, "s3_client", lambda _settings: s3)
     night_21 = RunSpec(region="DE", run_id="scheduled__21", window_start="2026-11-20T23:00:00+00:00",
                        window_end="2026-11-21T23:00:00+00:00")
