@@ -7,9 +7,14 @@ MaxConcurrentTransforms at once, retries on 5xx and timeouts up to InvocationsMa
 writes the response to ``{S3OutputPath}/{key relative to the manifest prefix}.out``.
 
 Like Batch Transform, a record answered with a non-2xx status (after the retries for 5xx and
-timeouts), or over MaxPayloadInMB, fails the whole job: no new records are started, the
-``.out`` files of records finished before stay, and the job ends ``Failed`` with a
-``FailureReason``. ``LocalTransformHook`` puts that outcome where the backend looks for it:
+timeouts), or over MaxPayloadInMB, fails the whole job, but not the other records: every record
+of the manifest is still tried and each one answered 2xx gets its ``.out``, and the job then
+ends ``Failed`` with a ``FailureReason`` naming the first failed record (``ClientError: record
+s3://bucket/key ...``) and how many failed. (SageMaker developer guide, "Use batch transform" and
+Troubleshooting, "Job shows as failed": when the dataset has multiple input files, a transform job
+continues to process input files even if it fails to process one; the processed files still
+generate usable results. With a ManifestFile and SplitType=None each object is one input file.)
+``LocalTransformHook`` puts that outcome where the backend looks for it:
 DescribeTransformJob (moto's answer, which always says ``Completed``, overlaid with the
 runner's outcome, stored next to the job's output as ``{S3OutputPath}.local-job.json``; until
 it is stored the job is ``InProgress``, as a running job on AWS, so the DAG's deferred wait
@@ -151,17 +156,17 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     if status == 200 and not request.get("MaxConcurrentTransforms"):
         concurrency = int(json.loads(body).get("MaxConcurrentTransforms", 1))
     url = endpoint.rstrip("/") + "/invocations"
-    job_failed = threading.Event()
 
-    not_started = "not started: the job had failed or was stopped"
+    not_started = "not started: the job was stopped"
 
     def one(rel: str) -> tuple[str, int | None, str]:
-        """(key, the container's last status or None, what went wrong as a phrase after the record's URI)."""
-        if job_failed.is_set() or is_stopped():
+        """(key, the container's last status or None, what went wrong as a phrase after the record's URI).
+        A failed record fails the job, not the records after it: they are all tried (AWS goes on with
+        the other input files), only a stop ends the job early."""
+        if is_stopped():
             return rel, None, not_started
         data = s3.get_object(Bucket=in_bucket, Key=in_prefix + rel)["Body"].read()
         if len(data) > max_bytes:  # SageMaker's own check: the container never sees the record, the job fails
-            job_failed.set()
             return rel, None, f"is {len(data)} bytes, over the job's MaxPayloadInMB of {max_mb}: not sent to the container"
         last = ""
         for attempt in range(retries + 1):
@@ -176,11 +181,9 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
                 s3.put_object(Bucket=out_bucket, Key=out_prefix + rel + ".out", Body=resp, ContentType=accept, **extra)
                 return rel, status, ""
             if status is not None and 400 <= status < 500:
-                job_failed.set()
                 return rel, status, f"got {status} from the container: {resp.decode(errors='replace')[:500]}"
             last = last or resp.decode(errors="replace")[:500]
             time.sleep(min(2 ** attempt * 0.2, 5))
-        job_failed.set()
         return rel, status, f"got {status or 'no answer'} from the container: {last}"
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -196,7 +199,9 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
                "failed": failed, "not_started": skipped, "seconds": round(wall, 3)}
     if failed and state == "Failed":
         first = failed[0]
-        outcome["FailureReason"] = f"ClientError: record {prefix}{first['key']} {first['error'][:340]}"
+        more = (f"; {len(failed)} of {len(rel_keys)} records failed, the output of the {done} others is stored"
+                if len(failed) > 1 else "")
+        outcome["FailureReason"] = f"ClientError: record {prefix}{first['key']} {first['error'][:340]}{more}"
     log(f"local transform {name}: {outcome['TransformJobStatus']}, {done}/{len(rel_keys)} records in {wall:.1f} s "
         f"({done / wall if wall else 0:.2f} records/s, concurrency {concurrency})"
         + (f"; {outcome['FailureReason']}" if outcome.get("FailureReason") else ""))

@@ -403,33 +403,37 @@ def test_out_records_the_mask_step_cannot_trust_fail_their_photo_closed(sm_env, 
 def test_a_regrown_photo_is_left_out_of_the_next_attempt_when_the_failure_reason_does_not_name_it(
         aws_conn, model_dir, server_url, scene):
     """AWS's FailureReason usually names no record ("See job logs"): the photo that failed the job
-    is found in S3 (another ETag than the listing's) and left out of the next attempt; the photos
-    queued after it are masked by that attempt instead of failing transform_job_failed."""
+    is found in S3 (another ETag than the listing's) and left out of the next attempt; the photo
+    attempt 0 could not finish (c2: the container answered 503 until the job's retries ran out) is
+    masked by that attempt instead of failing transform_job_failed, and b1 is not sent again."""
     s3 = aws_conn
-    settings = _local_runner_settings(s3, server_url, max_concurrent=1)
     photos = _four_photos(scene)
-    # re-uploaded at 7 MB: the server's own limit is 6 MB (413), the job's is 100 (one at a time)
-    shard = _regrown(s3, settings, photos, "raw/DE/2026/11/20/b1.jpg", np.random.default_rng(5).bytes(7 * 2**20))
-    from platemask.airflow_support import sagemaker_hook
-    from platemask.local_transform import job_state_key
-    from platemask.sagemaker_backend import submit
+    with _FlakyContainer(server_url, [photos["raw/DE/2026/11/20/c2.jpg"]]) as container:
+        settings = _local_runner_settings(s3, container.url, max_concurrent=1)
+        # re-uploaded at 7 MB: the server's own limit is 6 MB (413), the job's is 100 (one at a time)
+        shard = _regrown(s3, settings, photos, "raw/DE/2026/11/20/b1.jpg", np.random.default_rng(5).bytes(7 * 2**20))
+        from platemask.airflow_support import sagemaker_hook
+        from platemask.local_transform import job_state_key
+        from platemask.sagemaker_backend import outputs_present, submit
 
-    hook = sagemaker_hook(settings, s3)
-    resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
-    submitted = resubmit(shard)
-    first = _wait(hook, submitted)["transform"]  # attempt 0 alone: it fails on b1 after a0
-    assert first["state"] == "Failed" and "b1.jpg" in first["failure_reason"]
-    # as AWS words it: no record named
-    desc = hook.describe_transform_job(first["job"])
-    bucket, key = job_state_key(desc["TransformOutput"]["S3OutputPath"])
-    outcome = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(
-        {**outcome, "FailureReason": "ClientError: See job logs for more information"}).encode())
-    waited = _wait(hook, submitted, resubmit=resubmit)
+        hook = sagemaker_hook(settings, s3)
+        resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
+        submitted = resubmit(shard)
+        first = _wait(hook, submitted)["transform"]  # attempt 0 alone: it fails on b1, and on c2
+        assert first["state"] == "Failed" and "b1.jpg" in first["failure_reason"]
+        assert "2 of 4 records failed" in first["failure_reason"], first["failure_reason"]
+        assert outputs_present(s3, first["output"]) == {"raw/DE/2026/11/20/a0.jpg", "raw/DE/2026/11/20/d3.jpg"}
+        # as AWS words it: no record named
+        desc = hook.describe_transform_job(first["job"])
+        bucket, key = job_state_key(desc["TransformOutput"]["S3OutputPath"])
+        outcome = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(
+            {**outcome, "FailureReason": "ClientError: See job logs for more information"}).encode())
+        waited = _wait(hook, submitted, resubmit=resubmit)
+        assert container.refused == Settings().sagemaker_invocation_retries + 1  # c2, in attempt 0 only
     t = waited["transform"]
     assert t["state"] == "Completed" and t["attempt"] == 1, t
-    assert _job_manifests(s3, hook, re.sub(r"-a\d+$", "-a", t["job"]))[t["job"]] == ["raw/DE/2026/11/20/c2.jpg",
-                                                                                   "raw/DE/2026/11/20/d3.jpg"]
+    assert _job_manifests(s3, hook, re.sub(r"-a\d+$", "-a", t["job"]))[t["job"]] == ["raw/DE/2026/11/20/c2.jpg"]
     left = t["left_out"]["raw/DE/2026/11/20/b1.jpg"]
     assert left["reason"] == "source_changed" and "re-uploaded after it was listed" in left["error"]
     from platemask.airflow_support import detector_factory
@@ -450,33 +454,38 @@ def test_a_regrown_photo_is_left_out_of_the_next_attempt_when_the_failure_reason
 
 def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn, model_dir, server_url, scene):
     """A record the container refuses (413: over its SAGEMAKER_MAX_PAYLOAD_IN_MB of 6) fails the job
-    as on AWS; what the job finished is used, only the rest goes to the next attempt, less the
-    photo the FailureReason names (it would fail that attempt too): it fails alone with the job's
-    reason, and the photo queued after it is masked (it failed transform_job_failed before)."""
+    as on AWS; what the job finished is used, only the rest (c3: the container answered it 503 until
+    the job's retries ran out) goes to the next attempt, less the photo the FailureReason names (it
+    would fail that attempt too): it fails alone with the job's reason, and c3 is masked by the next
+    attempt (it failed transform_job_failed before)."""
     s3 = aws_conn
-    settings = _local_runner_settings(s3, server_url, max_concurrent=1)
     noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
     from conftest import png_bytes
 
     big = png_bytes(noise)
     assert len(big) > 6 * 2**20
     photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/a1.jpg": jpeg_bytes(scene[0][:, ::-1]),
-              "raw/DE/2026/11/20/b2.png": big, "raw/DE/2026/11/20/c3.jpg": jpeg_bytes(scene[0])}
+              "raw/DE/2026/11/20/b2.png": big, "raw/DE/2026/11/20/c3.jpg": jpeg_bytes(scene[0], quality=60)}
+    container = _FlakyContainer(server_url, [photos["raw/DE/2026/11/20/c3.jpg"]])
+    settings = _local_runner_settings(s3, container.url, max_concurrent=1)
     shard = _shard_of(s3, settings, photos)
     from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.local_transform import read_manifest
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import outputs_present, poll, submit
 
     hook = sagemaker_hook(settings, s3)
     resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
-    submitted = submit(hook, s3, settings, shard, str(model_dir))
-    assert submitted["transform"]["attempt"] == 0 and submitted["transform"]["submitted"] == 4
-    waited = _wait(hook, submitted, resubmit=resubmit)
+    with container:
+        submitted = submit(hook, s3, settings, shard, str(model_dir))
+        assert submitted["transform"]["attempt"] == 0 and submitted["transform"]["submitted"] == 4
+        waited = _wait(hook, submitted, resubmit=resubmit)
+        assert container.refused == Settings().sagemaker_invocation_retries + 1  # c3, in attempt 0 only
     t = waited["transform"]
     assert t["state"] == "Completed" and t["attempt"] == 1 and len(t["outputs"]) == 2
     first = hook.describe_transform_job(re.sub(r"-a1$", "-a0", t["job"]))
     assert first["TransformJobStatus"] == "Failed" and "b2.png" in first["FailureReason"]  # 413, or the connection it closed
+    assert outputs_present(s3, t["outputs"][1]) == {"raw/DE/2026/11/20/a0.jpg", "raw/DE/2026/11/20/a1.jpg"}
     assert t["left_out"]["raw/DE/2026/11/20/b2.png"]["reason"] == "transform_record_failed"
     # the second attempt's manifest held only the photos the first left without output, less b2
     desc = hook.describe_transform_job(t["job"])
@@ -499,6 +508,114 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     again = submit(sagemaker_hook(settings, s3), s3, settings, _shard_of(s3, settings, dict.fromkeys(photos), run_id="r2"),
                    str(model_dir))
     assert again["transform"]["photos"] == 1
+
+
+def test_a_record_the_container_rejects_fails_alone_and_its_job_still_masks_the_others(aws_conn, model_dir,
+                                                                                      server_url, scene):
+    """AWS Batch Transform goes on with the other input files when one fails, stores their output and
+    ends Failed (developer guide, "Use batch transform" and Troubleshooting, "Job shows as failed").
+    The local runner stopped starting records after the first one the container refused: a0-big.png
+    (413, over the container's 6 MB) first in the manifest left the three photos after it without
+    output, attempt 0 made no progress and every photo of the shard failed transform_job_failed.
+    Now attempt 0 writes the others' output and is the only attempt; a0-big.png alone fails."""
+    from conftest import png_bytes
+
+    s3 = aws_conn
+    settings = _local_runner_settings(s3, server_url, max_concurrent=1)
+    big = png_bytes(np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8))
+    assert len(big) > 6 * 2**20
+    rejected = "raw/DE/2026/11/20/a0-big.png"
+    others = ["raw/DE/2026/11/20/b1.jpg", "raw/DE/2026/11/20/c2.jpg", "raw/DE/2026/11/20/d3.jpg"]
+    photos = {rejected: big, others[0]: jpeg_bytes(scene[0]), others[1]: jpeg_bytes(scene[0][:, ::-1]),
+              others[2]: jpeg_bytes(scene[0], quality=60)}
+    shard = _shard_of(s3, settings, photos)
+    waited, recs = _run_shard(s3, settings, shard, model_dir)
+    t = waited["transform"]
+    assert t["attempt"] == 0 and t["state"] == "Failed" and t["outputs"] == [t["output"]], t
+    assert f"s3://{settings.bucket}/{rejected}" in t["failure_reason"], t["failure_reason"]
+    from platemask.airflow_support import sagemaker_hook
+
+    base = re.sub(r"-a\d+$", "-a", t["job"])
+    assert list(_job_manifests(s3, sagemaker_hook(settings, s3), base)) == [t["job"]]  # no second attempt
+    out_bucket, out_prefix = t["output"][len("s3://"):].split("/", 1)
+    written = sorted(o["Key"][len(out_prefix):-len(".out")]
+                     for o in s3.list_objects_v2(Bucket=out_bucket, Prefix=out_prefix).get("Contents", []))
+    assert written == others  # attempt 0 went on past the record it failed on
+    assert set(recs) == set(photos)
+    assert [recs[k]["status"] for k in others] == ["masked"] * 3, {k: recs[k].get("error") for k in others}
+    bad = recs[rejected]
+    assert bad["status"] == "failed" and bad["reason"] == "transform_record_failed", bad
+    assert rejected in bad["error"] and t["job"] in bad["error"] and "413" in bad["error"]
+    assert "CloudWatch" in bad["error"] and "next run" in bad["error"]
+    assert _published(s3, settings) == {k.replace("raw/", "masked/", 1) for k in others}
+
+
+class _FlakyContainer:
+    """The real container server behind a proxy on 127.0.0.1 that answers 503 to the first ``tries``
+    requests carrying each body of ``flaky`` (the container overloaded or restarting while the job
+    sends them) and passes every other request through as it is. With ``tries`` = the job's
+    InvocationsMaxRetries + 1 those records fail in the first job that sends them and are answered
+    in the next: a failed job really leaves them without output (the runner, as AWS, tries every
+    record; only the ones that fail stay unfinished)."""
+
+    def __init__(self, upstream: str, flaky: list[bytes], tries: int | None = None):
+        import threading
+        import urllib.error
+        import urllib.request
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        tries = Settings().sagemaker_invocation_retries + 1 if tries is None else tries
+        self.left = {hashlib.sha256(b).hexdigest(): tries for b in flaky}
+        self.refused, lock, owner = 0, threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _answer(self, status: int, body: bytes, content_type: str):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _forward(self, method: str, body: bytes | None):
+                headers = {k: self.headers[k] for k in ("Content-Type", "Accept") if self.headers.get(k)}
+                req = urllib.request.Request(upstream + self.path, data=body, method=method, headers=headers)
+                try:
+                    with urllib.request.urlopen(req, timeout=600) as r:
+                        self._answer(r.status, r.read(), r.headers.get("Content-Type", "application/json"))
+                except urllib.error.HTTPError as e:
+                    self._answer(e.code, e.read(), e.headers.get("Content-Type", "application/json"))
+                except OSError:  # the server closed the connection (a 413 before the body): so does the proxy
+                    self.close_connection = True
+
+            def do_GET(self):
+                self._forward("GET", None)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                digest = hashlib.sha256(body).hexdigest()
+                with lock:
+                    refuse = owner.left.get(digest, 0) > 0
+                    if refuse:
+                        owner.left[digest] -= 1
+                        owner.refused += 1
+                if refuse:
+                    self._answer(503, b'{"error": "container restarting"}', "application/json")
+                else:
+                    self._forward("POST", body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _local_runner_settings(s3, server_url: str, *, max_concurrent: int) -> Settings:
@@ -674,11 +791,9 @@ def test_a_photo_regrown_past_the_payload_limit_is_left_out_of_the_next_attempt(
     assert first["MaxPayloadInMB"] == 10 and first["TransformJobStatus"] == "Failed" and "b1.jpg" in first["FailureReason"]
     left = t["left_out"]["raw/DE/2026/11/20/b1.jpg"]
     assert left["reason"] == "source_changed" and "over the job's MaxPayloadInMB of 10" in left["error"]
-    # the photos the first attempt left were sent again (if any were left), b1 never
+    # attempt 0 went on past b1 (as AWS does) and finished the others: no attempt follows, b1 is never sent again
     base = re.sub(r"-a\d+$", "-a", t["job"])  # this shard's attempts (moto holds other tests' jobs too)
-    later = {job: keys for job, keys in _job_manifests(s3, hook, base).items() if not job.endswith("-a0")}
-    assert all("raw/DE/2026/11/20/b1.jpg" not in keys for keys in later.values()) and len(later) <= 1
-    assert t["attempt"] == len(later) and (t["state"] == "Completed" if later else True)
+    assert list(_job_manifests(s3, hook, base)) == [first["TransformJobName"]] and t["attempt"] == 0, t
     b1 = recs["raw/DE/2026/11/20/b1.jpg"]
     assert b1["status"] == "failed" and b1["reason"] == "source_changed" and "b1.jpg" in b1["error"]
     assert [recs[f"raw/DE/2026/11/20/{k}"]["status"] for k in ("a0.jpg", "c2.jpg", "d3.jpg")] == ["masked"] * 3
@@ -868,9 +983,10 @@ def test_dag_sagemaker_backend_matches_local(aws_conn, monkeypatch, airflow_db, 
 def test_dag_a_failed_job_is_resumed_with_the_rest_of_its_photos(aws_conn, monkeypatch, airflow_db, server_url,
                                                                   model_dir, scene):
     """Through dag.test(): the first job fails on a record the container refuses (413: over its
-    6 MB limit) after finishing two photos; on resume the wait starts an attempt over the photo
-    left after it (the refused one left out: it would fail that attempt too) and defers again;
-    that one completes, three photos are published and the refused one fails alone."""
+    6 MB limit) and on c3 (answered 503 until the job's retries ran out), finishing the two other
+    photos; on resume the wait starts an attempt over c3 (the refused one left out: it would fail
+    that attempt too) and defers again; that one completes, three photos are published and the
+    refused one fails alone."""
     from conftest import png_bytes
     from test_dag import _ti_states, load_dag
 
@@ -878,20 +994,23 @@ def test_dag_a_failed_job_is_resumed_with_the_rest_of_its_photos(aws_conn, monke
     big = png_bytes(np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8))
     assert len(big) > 6 * 2**20
     photos = {"raw/DE/2026/11/20/a0.jpg": jpeg_bytes(scene[0]), "raw/DE/2026/11/20/a1.jpg": jpeg_bytes(scene[0][:, ::-1]),
-              "raw/DE/2026/11/20/b2.png": big, "raw/DE/2026/11/20/c3.jpg": jpeg_bytes(scene[0])}
+              "raw/DE/2026/11/20/b2.png": big, "raw/DE/2026/11/20/c3.jpg": jpeg_bytes(scene[0], quality=60)}
     bucket = f"fail-{uuid.uuid4().hex[:6]}"
     s3.create_bucket(Bucket=bucket)
     for k, v in photos.items():
         s3.put_object(Bucket=bucket, Key=k, Body=v)
+    container = _FlakyContainer(server_url, [photos["raw/DE/2026/11/20/c3.jpg"]])
     for k, v in {"BUCKET": bucket, "DEADLINE_HOURS": "0", "MODEL_DIR": str(model_dir), "SAGEMAKER_POLL_SECONDS": "1",
                  "SAGEMAKER_IMAGE_URI": "123456789012.dkr.ecr.us-east-1.amazonaws.com/platemask:test",
                  "SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/platemask",
-                 "SAGEMAKER_LOCAL_ENDPOINT": server_url, "SAGEMAKER_MAX_CONCURRENT": "1"}.items():
+                 "SAGEMAKER_LOCAL_ENDPOINT": container.url, "SAGEMAKER_MAX_CONCURRENT": "1"}.items():
         monkeypatch.setenv(f"PLATEMASK_{k}", v)
     triggered = _count_trigger_runs(monkeypatch)
     dag = load_dag(monkeypatch)
-    dr = dag.test(logical_date=datetime(2026, 11, 21, 1, tzinfo=timezone.utc),
-                  run_conf={"region": "DE", "backend": "sagemaker", "max_failure_rate": 0.5})
+    with container:
+        dr = dag.test(logical_date=datetime(2026, 11, 21, 1, tzinfo=timezone.utc),
+                      run_conf={"region": "DE", "backend": "sagemaker", "max_failure_rate": 0.5})
+    assert container.refused == Settings().sagemaker_invocation_retries + 1  # c3, in attempt 0 only
     assert dr.state == "success" and _ti_states(dr)["sagemaker.wait"] == "success"
     # deferred on attempt 0; resumed when it failed, started attempt 1 over the rest, deferred on it
     assert [j[-3:] for j in triggered] == ["-a0", "-a1"]

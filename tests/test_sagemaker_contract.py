@@ -186,13 +186,15 @@ class _Throttled:
 def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the_running_attempt(
         aws_conn, model_dir, server_url, scene):
     """Attempt 0 fails on its first record (big.jpg, re-uploaded at 7 MB after the listing: the
-    container's 413) before any output; S3 shows big.jpg changed, so attempt 1 runs over the two
-    other photos. Every later check of the wait walks the attempts again from the submit task's
+    container's 413) and on the two others (the container answered them 503 until the job's
+    retries ran out), so without any output; S3 shows big.jpg changed, so attempt 1 runs over the
+    two other photos. Every later check of the wait walks the attempts again from the submit task's
     XCom, and asks S3 again: when that HEAD failed (throttling, a moment's 5xx), attempt 0 looked
     like a failure without progress, the walk stopped there and the wait ended on attempt 0
     ``Failed``: attempt 1's work was never read, both photos failed transform_job_failed (the
     shard's every photo, on AWS up to 5,000). An attempt that exists is walked into, whatever
     the re-check says: both are masked, and big.jpg alone fails."""
+    import dataclasses
     import time
 
     from platemask.airflow_support import detector_factory, sagemaker_hook
@@ -216,24 +218,30 @@ def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the
     s3.put_object(Bucket=settings.bucket, Key=shard_key, Body="".join(json.dumps(e) + "\n" for e in entries).encode())
     shard = {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": 0, "count": 3}
     s3.put_object(Bucket=settings.bucket, Key=big, Body=np.random.default_rng(5).bytes(7 * 2**20))  # after listing
+    from test_sagemaker import _FlakyContainer
+
+    container = _FlakyContainer(server_url, [photos[b], photos[c]])  # b and c fail attempt 0, not attempt 1
+    settings = dataclasses.replace(settings, sagemaker_local_endpoint=container.url)
 
     flaky = _Throttled(s3, big, "head_object")
     hook = sagemaker_hook(settings, s3)
     resubmit = lambda sh: submit(hook, flaky, settings, sh, str(model_dir))  # noqa: E731
-    submitted = resubmit(shard)
-    deadline = time.monotonic() + 180
-    while not poll(hook, submitted)[0]:  # attempt 0 alone
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    done, waited = poll(hook, submitted, resubmit=resubmit)  # starts attempt 1 over b and c
-    assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
-    flaky.on = True  # from now on S3 cannot say what became of big.jpg
-    while True:
-        done, waited = poll(hook, submitted, resubmit=resubmit)
-        if done:
-            break
-        assert time.monotonic() < deadline, waited["transform"]
-        time.sleep(0.2)
+    with container:
+        submitted = resubmit(shard)
+        deadline = time.monotonic() + 180
+        while not poll(hook, submitted)[0]:  # attempt 0 alone
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        done, waited = poll(hook, submitted, resubmit=resubmit)  # starts attempt 1 over b and c
+        assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
+        flaky.on = True  # from now on S3 cannot say what became of big.jpg
+        while True:
+            done, waited = poll(hook, submitted, resubmit=resubmit)
+            if done:
+                break
+            assert time.monotonic() < deadline, waited["transform"]
+            time.sleep(0.2)
+        assert container.refused == 2 * (settings.sagemaker_invocation_retries + 1)  # in attempt 0 only
     t = waited["transform"]
     assert t["attempt"] == 1 and t["state"] == "Completed", t
     result = mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)), log=lambda m: None)
@@ -246,7 +254,7 @@ def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the
 def test_a_failed_audit_read_while_the_wait_rechecks_starts_no_second_job(aws_conn, model_dir, server_url, scene):
     """A rerun of a window where done.jpg is already masked: the job is over a-big.jpg and new.jpg.
     Attempt 0 fails on a-big.jpg (re-uploaded at 7 MB after the listing: the container's 413) and
-    attempt 1 takes new.jpg. Every later check of the wait walks the attempts again and recomputed
+    on new.jpg (answered 503 until the job's retries ran out), and attempt 1 takes new.jpg. Every later check of the wait walks the attempts again and recomputed
     the photos to do from the audit records, where one that cannot be read counts as to do: one
     failed read (throttling) put done.jpg back, the attempts' names (they hash the photos) changed,
     and the wait started a new attempt 0 over the whole shard beside the running attempt 1, which
@@ -280,26 +288,31 @@ def test_a_failed_audit_read_while_the_wait_rechecks_starts_no_second_job(aws_co
     shard = {"spec": spec.as_dict(), "shard": f"s3://{settings.bucket}/{shard_key}", "index": 0, "count": 3}
     s3.put_object(Bucket=settings.bucket, Key=big, Body=np.random.default_rng(5).bytes(7 * 2**20))  # after listing
 
-    settings = dataclasses.replace(settings, sagemaker_local_endpoint=server_url, sagemaker_max_concurrent=1)
+    from test_sagemaker import _FlakyContainer
+
+    container = _FlakyContainer(server_url, [jpeg_bytes(img[:, ::-1])])  # new.jpg fails attempt 0, not attempt 1
+    settings = dataclasses.replace(settings, sagemaker_local_endpoint=container.url, sagemaker_max_concurrent=1)
     flaky = _Throttled(s3, "audit/DE/2026/11/20/done.jpg.json", "get_object")
     hook = sagemaker_hook(settings, s3)
     resubmit = lambda sh: submit(hook, flaky, settings, sh, str(model_dir))  # noqa: E731
-    submitted = resubmit(shard)
-    assert submitted["transform"]["photos"] == 2  # a-big.jpg and new.jpg: done.jpg is masked
-    deadline = time.monotonic() + 180
-    while not poll(hook, submitted)[0]:  # attempt 0 alone: it fails on a-big.jpg
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    done, waited = poll(hook, submitted, resubmit=resubmit)  # attempt 1 over new.jpg
-    assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
-    second = waited["transform"]["job"]
-    flaky.on = True  # from now on done.jpg's audit record cannot be read
-    while True:
-        done, waited = poll(hook, submitted, resubmit=resubmit)
-        if done:
-            break
-        assert time.monotonic() < deadline, waited["transform"]
-        time.sleep(0.2)
+    with container:
+        submitted = resubmit(shard)
+        assert submitted["transform"]["photos"] == 2  # a-big.jpg and new.jpg: done.jpg is masked
+        deadline = time.monotonic() + 180
+        while not poll(hook, submitted)[0]:  # attempt 0 alone: it fails on a-big.jpg and new.jpg
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        done, waited = poll(hook, submitted, resubmit=resubmit)  # attempt 1 over new.jpg
+        assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
+        second = waited["transform"]["job"]
+        flaky.on = True  # from now on done.jpg's audit record cannot be read
+        while True:
+            done, waited = poll(hook, submitted, resubmit=resubmit)
+            if done:
+                break
+            assert time.monotonic() < deadline, waited["transform"]
+            time.sleep(0.2)
+        assert container.refused == settings.sagemaker_invocation_retries + 1  # in attempt 0 only
     assert waited["transform"]["job"] == second and waited["transform"]["state"] == "Completed", waited["transform"]
     ours = sorted(j["TransformJobName"] for j in hook.get_conn().list_transform_jobs(MaxResults=100)["TransformJobSummaries"]
                   if hook.describe_transform_job(j["TransformJobName"])["TransformOutput"]["S3OutputPath"].startswith(
