@@ -143,8 +143,11 @@ def foreign_report(store: S3Store, settings: Settings, region: str, window: str)
     return row.get("error")
 
 
-def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[dict]:
-    """Newest first per region; each row holds the headline numbers of one report.json.
+def recent_reports(client, settings: Settings, *, per_region: int = 14, before: str | None = None) -> list[dict]:
+    """Newest first per region (of the windows that start before window id ``before``, when given); each
+    row holds the headline numbers of one report.json. A region with more windows than ``per_region``
+    ends with a row saying how many older ones there are (``older``) and the last one shown
+    (``before``: the next page), never cut off without a word.
 
     Listing a region's prefix failing raises ``QAStoreError`` (the page cannot be trusted without
     it); one unreadable report.json becomes a row that says why, without hiding the others, and so
@@ -169,7 +172,9 @@ def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[
                 f"{len(odd)} folder(s) under s3://{settings.bucket}/{base} are not window ids, so no run of this "
                 f"pipeline wrote them and they are not shown: {', '.join(repr(w) for w in odd[:MAX_NAMED_FOLDERS])}"
                 + (" ..." if len(odd) > MAX_NAMED_FOLDERS else ""))})
-        for w in sorted((w for w in windows if WINDOW_ID.match(w)), reverse=True)[:per_region]:
+        listed = sorted((w for w in windows if WINDOW_ID.match(w) and (before is None or w < before)), reverse=True)
+        shown = listed[:per_region]
+        for w in shown:
             key = qa_key(settings, region, w, "report.json")
             try:
                 report = load_report(store, key)
@@ -196,6 +201,8 @@ def recent_reports(client, settings: Settings, *, per_region: int = 14) -> list[
                 rows.append(summarise(region, w, report))
             except Exception as exc:  # noqa: BLE001 - one report the page cannot read never hides the others
                 rows.append({"region": region, "window": w, "error": f"report.json cannot be shown: {type(exc).__name__}"})
+        if len(listed) > len(shown):  # older windows (a failed night three weeks ago among them) are a page away
+            rows.append({"region": region, "window": None, "older": len(listed) - len(shown), "before": shown[-1]})
     return rows
 
 
@@ -206,10 +213,16 @@ def _cell(v, fmt=str) -> str:
     return "?" if v is None else escape(fmt(v))
 
 
-def render_index(rows: list[dict], report_href) -> str:
+def render_index(rows: list[dict], report_href, older_href=None, before: str | None = None) -> str:
+    """The index page; ``older_href(before)`` links a region's next page of older windows."""
     esc = escape
     body = []
     for r in rows:
+        if "older" in r:
+            more = f' <a href="{esc(older_href(r["before"]))}">older windows</a>' if older_href else ""
+            body.append(f"<tr><td>{esc(str(r['region']))}</td><td colspan=12>{esc(r['older'])} older window(s) "
+                        f"not shown here{more}</td></tr>")
+            continue
         link = (f'<a href="{esc(report_href(r["region"], r["window"]))}">report</a>'
                 if isinstance(r["window"], str) and WINDOW_ID.match(r["window"]) else "")
         if "error" in r:
@@ -231,7 +244,8 @@ def render_index(rows: list[dict], report_href) -> str:
             "body{font-family:system-ui,sans-serif;margin:1.5em} td,th{border:1px solid #ccc;padding:3px 8px}"
             "table{border-collapse:collapse} .bad{background:#fdd}</style></head><body><h1>Plate QA — recent runs</h1>"
             "<p>Headline numbers from each window's QA report. Reports show thumbnails of unmasked originals: reviewers only.</p>"
-            "<table><tr><th>region</th><th>window</th><th>photos</th><th>masked</th><th>no plate</th><th>failed</th>"
+            + (f"<p>Windows starting before {esc(before)} (<a href=\".\">newest</a>).</p>" if before else "")
+            + "<table><tr><th>region</th><th>window</th><th>photos</th><th>masked</th><th>no plate</th><th>failed</th>"
             "<th>failure rate</th><th>QA</th><th>plates</th><th>review</th><th>images/s</th><th>model</th><th></th></tr>"
             + "".join(body) + "</table>" + ("" if rows else "<p>No QA reports yet.</p>") + "</body></html>")
 

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # the api-server's own authentication (bearer token or session cookie) and authorisation
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
-from platemask.layout import qa_key
+from platemask.layout import WINDOW_ID, qa_key
 from platemask.qa_index import (MAX_REPORT_HTML_BYTES, QAStoreError, foreign_report, recent_reports, render_index,
                                  render_problem, store_error)
 from platemask.storage import S3Store
@@ -121,10 +121,17 @@ def _ctx():
 
 
 @app.get("/", response_class=HTMLResponse)
-def index(user: Reviewer, per_region: int = 14) -> HTMLResponse:
+def index(user: Reviewer, per_region: int = 14, before: str | None = None) -> HTMLResponse:
+    """The newest ``per_region`` windows of each region, or those starting before window id ``before``
+    (the "older windows" link a region's last row carries when it has more)."""
+    if before is not None and not WINDOW_ID.match(before):
+        return _problem(400, "not a window id", [f"before={before!r} is not a window id (such as "
+                                                 "20261119T2300Z-20261120T2300Z): follow the index's 'older windows' link."])
     settings, client = _ctx()
-    rows = recent_reports(client, settings, per_region=max(1, min(per_region, 90)))
-    return HTMLResponse(render_index(rows, lambda region, window: f"report/{region}/{window}"))
+    per_region = max(1, min(per_region, 90))
+    rows = recent_reports(client, settings, per_region=per_region, before=before)
+    return HTMLResponse(render_index(rows, lambda region, window: f"report/{region}/{window}",
+                                     lambda w: f"?per_region={per_region}&before={w}", before=before))
 
 
 @app.get("/report/{region}/{window}")

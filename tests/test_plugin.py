@@ -6,6 +6,7 @@ for a VIEWER and a USER ("reviewer"), and a real S3 endpoint (moto's server).
 """
 import importlib.util
 import json
+import re
 import secrets
 import socket
 import uuid
@@ -309,3 +310,28 @@ def test_report_html_escapes_what_it_was_given_and_carries_its_own_csp(aws_conn)
     assert "<script" not in page and page.count("&lt;script&gt;") >= 10
     assert ("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
             "style-src 'unsafe-inline';") in page
+
+
+def test_older_windows_are_a_page_away_never_cut_off_without_a_word(api, aws_conn, qa_bucket):
+    """With 16 windows of DE the index showed the newest 14 and nothing of the 2 oldest (a failed night
+    among them): no count, no link, and no way past 90 windows. The region's last row now says how many
+    older windows there are and links the next page."""
+    client, tokens = api
+    good = json.loads(aws_conn.get_object(Bucket=qa_bucket, Key=f"qa/DE/{W_OLD}/report.json")["Body"].read())
+    newer = [f"202612{d:02d}T2300Z-202612{d + 1:02d}T2300Z" for d in range(1, 15)]
+    for w in newer:
+        _put_report(aws_conn, qa_bucket, w, dict(good, window={"start": w, "id": w}), f"<html>report {w}</html>")
+    page = client.get("/plate-qa/", headers=tokens["reviewer"])
+    assert page.status_code == 200, page.text[:300]
+    assert all(f'href="report/DE/{w}"' in page.text for w in newer), re.sub(r"<[^>]+>", " ", page.text)[:3000]
+    assert f"report/DE/{W_NEW}" not in page.text and f"report/DE/{W_OLD}" not in page.text
+    assert "2 older window(s) not shown here" in page.text
+    link = re.search(r'<a href="([^"]+)">older windows</a>', page.text).group(1)
+    assert link == f"?per_region=14&amp;before={newer[0]}"
+    older = client.get("/plate-qa/" + link.replace("&amp;", "&"), headers=tokens["reviewer"])
+    assert older.status_code == 200, older.text[:300]
+    assert f'href="report/DE/{W_NEW}"' in older.text and f'href="report/DE/{W_OLD}"' in older.text
+    assert "class=bad" in older.text and "older window(s)" not in older.text  # W_NEW failed 5 %: now in sight
+    assert f"Windows starting before {newer[0]}" in older.text
+    bad = client.get("/plate-qa/?before=<b>x</b>", headers=tokens["reviewer"])
+    assert bad.status_code == 400 and "not a window id" in bad.text and "<b>" not in bad.text
