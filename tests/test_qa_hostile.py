@@ -131,6 +131,10 @@ def test_the_counts_shown_add_up_to_the_photos_shown_with_late_partial_and_dry_r
     assert n["photos in this report (one record each)"] == n["masked"] + n["no plate"] + n["failed (never published)"] == 4
     assert n["of them listed in the window"] == 3 and n["of them late: uploaded into the days before the window after "
                                                        "their night's run, or redone"] == 1
+    qa = json.loads(_get(s3, settings, rep["report"]))  # the page says what report.json says
+    assert (n["masked"], n["no plate"], n["failed (never published)"]) == tuple(qa["by_status"][k] for k in ("masked", "no_plate", "failed"))
+    assert (n["plates masked"], n["for review"], n["photos in this report (one record each)"]) == (
+        qa["plates"], qa["review"]["count"], qa["images"])
     cells = _cells(_index(s3, settings), spec.window.id)
     assert cells[2] == "4 (1 late)" and sum(int(c) for c in cells[3:6]) == 4
 
