@@ -83,11 +83,11 @@ def _scope(report: dict) -> str:
     window's photos plus the late ones of the days before (a late photo was counted as masked but not
     among the "photos in window": 3 photos, 4 masked); a partial or dry run covers less than the window."""
     rows = []
-    if "photos_in_window" in report:
-        rows.append(f"<tr><th>of them listed in the window</th><td>{escape(report['photos_in_window'])}</td></tr>")
+    if report.get("photos_in_window") is not None:
+        rows.append(f"<tr><th>photos listed in the window</th><td>{escape(report['photos_in_window'])}</td></tr>")
     if report.get("late"):
-        rows.append(f"<tr><th>of them late: uploaded into the days before the window after their night's run, "
-                    f"or redone</th><td>{escape(report['late'])}</td></tr>")
+        rows.append(f"<tr><th>late photos of the days before the window in this report (uploaded after their "
+                    f"night's run, or redone)</th><td>{escape(report['late'])}</td></tr>")
     if report.get("partial"):
         rows.append(f"<tr><th>partial run (max_images)</th><td class=warn>only {escape(report.get('planned'))} of the "
                     f"{escape(report.get('listed'))} photos listed were planned: the others are not in this report "

@@ -98,6 +98,7 @@ def test_a_run_whose_qa_failed_is_shown_failed_not_as_a_pass(photos, model_dir):
     assert not rep["passed"] and rep["latest"] and rep["by_status"]["failed"] == 0 and rep["failure_rate"] == 0
     html = _get(s3, settings, rep["html"]).decode()
     assert "QA verdict: FAILED" in html and "not collected" in html and "passed" not in html
+    assert "photos listed in the window" not in html  # nothing was listed: no empty count
     row = _row(_index(s3, settings), w)
     assert "class=bad" in row and "FAILED" in row and "not collected" in row
 
@@ -129,8 +130,8 @@ def test_the_counts_shown_add_up_to_the_photos_shown_with_late_partial_and_dry_r
     html = _get(s3, settings, rep["html"]).decode()
     n = _counts(html)
     assert n["photos in this report (one record each)"] == n["masked"] + n["no plate"] + n["failed (never published)"] == 4
-    assert n["of them listed in the window"] == 3 and n["of them late: uploaded into the days before the window after "
-                                                       "their night's run, or redone"] == 1
+    assert n["photos listed in the window"] == 3
+    assert n["late photos of the days before the window in this report (uploaded after their night's run, or redone)"] == 1
     qa = json.loads(_get(s3, settings, rep["report"]))  # the page says what report.json says
     assert (n["masked"], n["no plate"], n["failed (never published)"]) == tuple(qa["by_status"][k] for k in ("masked", "no_plate", "failed"))
     assert (n["plates masked"], n["for review"], n["photos in this report (one record each)"]) == (
@@ -146,7 +147,7 @@ def test_the_counts_shown_add_up_to_the_photos_shown_with_late_partial_and_dry_r
     assert part["partial"] and (part["planned"], part["listed"]) == (2, 4)
     html = _get(s3, settings, part["html"]).decode()
     assert "only 2 of the 4 photos listed were planned" in html
-    assert _counts(html)["photos in this report (one record each)"] == 2
+    assert _counts(html)["photos in this report (one record each)"] == 2 and _counts(html)["photos listed in the window"] == 4
 
 
 def test_a_long_failure_list_says_how_many_more_and_what_was_wrong(photos, model_dir):
