@@ -254,11 +254,29 @@ def _describe(hook, job: str) -> dict | None:
         return None
 
 
+_URI_END = re.compile(r"""[\s'"`,;:)\]}>]""")  # a character that ends a URI in prose
+
+
 def _named_in(reason: str, bucket: str, pending: list[dict]) -> list[dict]:
-    """The photos a FailureReason names as ``s3://bucket/key`` (a key that is only the start of a
-    longer named key is not named)."""
-    named = [e for e in pending if f"s3://{bucket}/{e['key']}" in reason]
-    return [e for e in named if not any(o is not e and o["key"].startswith(e["key"]) for o in named)]
+    """The photos a FailureReason names as ``s3://bucket/key``, whole: the URI must end there (the
+    end of the text, whitespace or punctuation that ends a URI in prose; the local runner writes
+    ``record s3://bucket/key got ...``), and where a longer pending key's URI starts at the same
+    place, that one is named, not this one. ``raw/x/IMG_1`` is not named by ``.../IMG_10`` nor by
+    ``.../IMG_1.jpg``, whether or not those are pending. AWS's FailureReason is free text: what
+    cannot be read as a whole key names nothing (the photo then stays in the next attempt)."""
+    out = []
+    for e in pending:
+        uri = f"s3://{bucket}/{e['key']}"
+        at = reason.find(uri)
+        while at != -1:
+            end = at + len(uri)
+            if (end == len(reason) or _URI_END.match(reason, end)) and not any(
+                    o is not e and len(o["key"]) > len(e["key"]) and reason.startswith(f"s3://{bucket}/{o['key']}", at)
+                    for o in pending):
+                out.append(e)
+                break
+            at = reason.find(uri, at + 1)
+    return out
 
 
 def _heads(s3, settings: Settings, entries: list[dict], cache: dict) -> None:

@@ -117,3 +117,39 @@ def test_a_stopped_local_job_stops_starting_records_and_ends_stopped(aws_conn):
             hook.get_conn().stop_transform_job(TransformJobName=job)
     finally:
         container.close()
+
+
+def test_a_failure_reason_names_a_photo_only_by_its_whole_key(aws_conn):
+    """``_named_in`` matched keys by substring: a FailureReason naming ``.../IMG_10`` (names without
+    an extension are photos too) or ``.../car.jpg.jpg`` also "named" ``.../IMG_1`` and ``.../car.jpg``
+    when those were pending and the longer key was not: they were left out of the next attempt and
+    failed transform_record_failed, blamed for another record's failure (found by reading the code).
+    A key is named now only where its whole URI stands in the reason (text, whitespace or
+    punctuation after it), never as the start of a longer key."""
+    from platemask.sagemaker_backend import leave_out
+
+    s3 = aws_conn
+    settings = Settings(bucket=f"hs-{uuid.uuid4().hex[:8]}")
+    s3.create_bucket(Bucket=settings.bucket)
+    keys = ["raw/DE/2026/11/20/IMG_1", "raw/DE/2026/11/20/car.jpg", "raw/DE/2026/11/20/car 2.jpg"]
+    pending = []
+    for key in keys:
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=b"photo " + key.encode())
+        pending.append({"key": key, "size": 1, "etag": s3.head_object(Bucket=settings.bucket, Key=key)["ETag"].strip('"')})
+
+    def left(reason: str) -> dict[str, str]:
+        desc = {"FailureReason": reason, "MaxPayloadInMB": 25}
+        return {k: v["reason"] for k, v in leave_out(s3, settings, desc, "pm-x-a0", 0, pending, {}).items()}
+
+    uri = f"s3://{settings.bucket}/raw/DE/2026/11/20/"
+    # the local runner's wording, and free text as AWS may word it: another record, not these
+    assert left(f"ClientError: record {uri}IMG_10 got 413 from the container: too large") == {}
+    assert left(f"ClientError: record {uri}car.jpg.jpg got 413 from the container") == {}
+    assert left(f"AlgorithmError: {uri}IMG_1.jpg: Unable to get response from algorithm") == {}
+    # named whole: each one alone
+    assert left(f"ClientError: record {uri}IMG_1 got 413 from the container") == {keys[0]: "transform_record_failed"}
+    assert left(f"AlgorithmError: {uri}car.jpg: Unable to get response") == {keys[1]: "transform_record_failed"}
+    assert left(f"ClientError: record {uri}car 2.jpg is 30000000 bytes, over the job's MaxPayloadInMB of 25") == {
+        keys[2]: "transform_record_failed"}
+    assert left(f"failed on '{uri}IMG_1'") == {keys[0]: "transform_record_failed"}
+    assert left(f"failed on {uri}IMG_1") == {keys[0]: "transform_record_failed"}
