@@ -105,11 +105,13 @@ def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[boo
 
 def hold_lock_to_mask(context: Any, settings: Settings, spec_dict: dict) -> None:
     """Before a shard is masked: this run holds the day locks of its region-window (and of the days
-    before it whose late photos its collect picked up), or takes them again when they are free
-    (released, or left by a run that is no longer running). A run's failed tasks cleared after it
-    ended (what its failure alert suggests) would otherwise mask without them,
-    beside another run of those days, and its QA would never become the window's latest report.
-    Raises ``AirflowFailException`` naming the live run that holds one. Dry runs take no lock."""
+    before it whose late photos its collect picked up), or takes them again when this run released them
+    and no other run has had them since. A run's failed tasks cleared after it ended (what its failure
+    alert suggests) would otherwise mask without them, beside another run of those days, and its QA
+    would never become the window's latest report; and, cleared after another run had those days,
+    would mask its stale manifest over that run's work (a photo re-uploaded since fails source_changed
+    and loses that run's masked copy) and make its old report the window's latest again.
+    Raises ``AirflowFailException`` naming the run that holds one, or has had it since. Dry runs take no lock."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from .runs import acquire_late_locks, acquire_lock
@@ -120,13 +122,24 @@ def hold_lock_to_mask(context: Any, settings: Settings, spec_dict: dict) -> None
         return
     dag_id = context["dag_run"].dag_id
     client, is_live, owner = s3_client(settings), _run_is_live(dag_id), {"dag_id": dag_id}
-    held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info, owner=owner)
+    held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info, owner=owner, reclaim=True)
     if held is None:  # and the days whose late photos its collect picked up
-        held = acquire_late_locks(client, settings, spec, is_live=is_live, log=log.info, owner=owner)
+        held = acquire_late_locks(client, settings, spec, is_live=is_live, log=log.info, owner=owner, reclaim=True)
+    again = (f"rerun the whole window instead (trigger plate_masking with region {spec.region}, window_start "
+             f"{spec.window_start} and window_end {spec.window_end})")
+    if held is not None and held.get("superseded"):
+        raise AirflowFailException(
+            f"not masking: run {held.get('run_id') or '(unknown: its lock document cannot be read)'} "
+            + (f"of {held['dag_id']} " if held.get("dag_id") else "")
+            + f"has had region {spec.region} day {held.get('day')} since this run released it ({held.get('state')}, "
+            f"since {held.get('since')}): it masked that day again or picked up its late photos, so this run's "
+            "manifest is no longer the day's, and masking it now could undo that run's work (a photo re-uploaded "
+            "since would fail source_changed here and lose that run's masked copy). Clearing this run's tasks "
+            f"cannot bring it up to date: {again}.")
     if held is not None:
         raise AirflowFailException(
-            f"not masking: {_holders(held)}; two runs must not mask "
-            "one window at once. Clear this task again once that run has finished, or trigger the window again.")
+            f"not masking: {_holders(held)}; two runs must not mask one window at once. Once that run has "
+            f"finished, {again}.")
 
 
 def _holders(*locks: dict) -> str:

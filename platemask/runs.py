@@ -33,7 +33,7 @@ def _store(client, settings: Settings) -> S3Store:
 # ---------------------------------------------------------------- one run per region-window
 
 def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable[[dict], bool],
-                 log: Callable[[str], None] = print, owner: dict | None = None) -> dict | None:
+                 log: Callable[[str], None] = print, owner: dict | None = None, reclaim: bool = False) -> dict | None:
     """Take the region's lock of every day the window touches for this run (:func:`lock_keys`, in day
     order) and return None, or return the lock document of the other (live) run that holds one of
     them (the days before it stay held by this run, which waits for that one: taken in order, two
@@ -43,16 +43,20 @@ def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable
     one left behind by a run that is no longer running (``is_live(lock)`` false), is taken over with
     ``IfMatch`` on its ETag, so of two runs racing exactly one wins. A retry of the holder finds its
     own lock (re-entrant). ``owner`` (e.g. the DAG id) is stored in the lock for ``is_live``.
+
+    ``reclaim`` (a task of a run that has released its locks, cleared afterwards): take a lock again only
+    when no other run has had it since, else return that run's lock document with ``superseded`` set (it
+    masked the days again, or picked up their late photos: this run's manifest is no longer theirs).
     """
     for key in lock_keys(settings, spec):
-        held = _acquire_one(client, settings, spec, key, is_live=is_live, log=log, owner=owner)
+        held = _acquire_one(client, settings, spec, key, is_live=is_live, log=log, owner=owner, reclaim=reclaim)
         if held is not None:
             return held
     return None
 
 
 def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live: Callable[[dict], bool],
-                 log: Callable[[str], None], owner: dict | None) -> dict | None:
+                 log: Callable[[str], None], owner: dict | None, reclaim: bool = False) -> dict | None:
     from botocore.exceptions import ClientError
 
     mine = {"state": "held", "run_id": spec.run_id, "run_key": spec.run_key, "region": spec.region,
@@ -78,6 +82,8 @@ def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live
             return None
         if held.get("state") == "held" and is_live(held):
             return held
+        if reclaim and held.get("run_id") != spec.run_id:
+            return dict(held, superseded=True)
         try:
             _store(client, settings).put_json_conditional(key, mine, if_match=etag)
         except ClientError as exc:
@@ -296,13 +302,15 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
 
 
 def acquire_late_locks(client, settings: Settings, spec: RunSpec, *, is_live: Callable[[dict], bool],
-                       log: Callable[[str], None] = print, owner: dict | None = None) -> dict | None:
+                       log: Callable[[str], None] = print, owner: dict | None = None,
+                       reclaim: bool = False) -> dict | None:
     """Take again the locks of the days before the window whose late photos this run's collect picked up
-    (``late_locks`` in collected.json), as ``acquire_lock`` does the window's: None, or the lock document
-    of the live run that holds one (a mask task cleared after the run ended must not mask them beside it)."""
+    (``late_locks`` in collected.json), as ``acquire_lock`` does the window's (``reclaim`` too): None, or the
+    lock document of the live run that holds one (a mask task cleared after the run ended must not mask them
+    beside it), or of the run that has had it since (``superseded``)."""
     c = load_collected(client, settings, spec)
     for key in (c or {}).get("late_locks", []):
-        held = _acquire_one(client, settings, spec, key, is_live=is_live, log=log, owner=owner)
+        held = _acquire_one(client, settings, spec, key, is_live=is_live, log=log, owner=owner, reclaim=reclaim)
         if held is not None:
             return held
     return None

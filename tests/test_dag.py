@@ -654,3 +654,42 @@ def test_in_a_backfill_the_next_days_run_leaves_a_day_to_its_own_run_not_yet_sta
     assert rep["late"] == 1 and rep["late_days_not_collected"] == [] and rep["processed_this_run"] == 1
     assert set(_manifest(s3, bucket, "DE", DE_21, again.run_id)) == {late, *keys[("DE", "21")]}
     _assert_accounted(s3, bucket, "DE", DE_21, again.run_id, rep)
+
+
+def test_a_mask_task_cleared_after_a_newer_run_of_the_window_does_not_undo_that_runs_masking(monkeypatch, bucket_env,
+                                                                                              capfd):
+    """Run A's mask task of car2's shard failed (run failed, alert). car2 was re-uploaded, and run B masked the window
+    again: car2's new upload masked, B's report the window's latest. Days later an operator cleared A's failed mask
+    task, as the alert says: it took the free lock again and masked A's stale manifest: car2, pinned to its old
+    ETag, failed source_changed, which removed B's masked copy of the new upload and overwrote its audit record
+    with a failure; A's report (of the old upload) became the window's latest and publish emitted Asset events
+    for it. A mask task now takes the locks again only when no other run has had those days since its own run
+    released them; otherwise it refuses, naming that run, and says to rerun the whole window."""
+    s3, bucket, keys = bucket_env
+    car2 = keys[("DE", "20")][2]  # alone in the second shard (shard_size 2)
+    broken = {"on": True}
+    _inject_faults(monkeypatch, lambda op, p: _client_error(op, "AccessDenied", 403, "Access Denied")
+                   if broken["on"] and op == "GetObject" and p.get("Key", "").endswith("/shards/0001.jsonl") else None)
+    dag_a = load_dag(monkeypatch)
+    a = dag_a.test(run_conf=DE_CONF)
+    assert a.state == "failed" and _ti_states(a)["process.mask"] == "failed,success"
+    broken["on"] = False
+    s3.put_object(Bucket=bucket, Key=car2, Body=s3.get_object(Bucket=bucket, Key=keys[("DE", "20")][0])["Body"].read())
+    b = load_dag(monkeypatch).test(run_conf=DE_CONF)
+    assert b.state == "success" and len(_asset_events(b.run_id)) == 2
+    masked_b = _objects(s3, bucket, "masked/")
+    audit_b = json.loads(s3.get_object(Bucket=bucket, Key=car2.replace("raw/", "audit/", 1) + ".json")["Body"].read())
+    assert audit_b["run_id"] == b.run_id and audit_b["status"] == "masked"
+    latest = _report(s3, bucket, "DE", DE_20)
+    assert latest["run_id"] == b.run_id
+    capfd.readouterr()
+
+    state = _clear_and_rerun(dag_a, a, ["process.mask", "qa", "check", "publish", "release", "watcher"])
+    assert state == "failed"
+    out = capfd.readouterr()
+    assert f"run {b.run_id}" in out.out + out.err and "rerun the whole window" in out.out + out.err
+    assert _objects(s3, bucket, "masked/") == masked_b  # B's masked copies stay
+    assert json.loads(s3.get_object(Bucket=bucket, Key=car2.replace("raw/", "audit/", 1) + ".json")["Body"].read()) \
+        == audit_b
+    assert _report(s3, bucket, "DE", DE_20) == latest  # B's report stays the window's
+    assert _asset_events(a.run_id) == []

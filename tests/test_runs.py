@@ -400,16 +400,21 @@ def test_a_mask_task_cleared_after_its_run_ended_takes_the_lock_again_or_refuses
     context = {"dag_run": SimpleNamespace(dag_id="plate_masking_de")}
     assert acquire_lock(s3, settings, a, is_live=lambda lock: True) is None
     assert release_lock(s3, settings, a)  # run a failed; release (all_done) gave the lock back
-    assert acquire_lock(s3, settings, b, is_live=lambda lock: True) is None  # run b masks the window now
-    with pytest.raises(AirflowFailException, match="manual__b.*must not mask one window at once"):
-        support.hold_lock_to_mask(context, settings, a.as_dict())
-    assert not _holds_lock(s3, settings, a)
-    live.clear()  # b has finished (or died without releasing)
-    support.hold_lock_to_mask(context, settings, a.as_dict())
+    support.hold_lock_to_mask(context, settings, a.as_dict())  # cleared, no other run since: takes it again
     assert _holds_lock(s3, settings, a)  # its QA becomes the latest report; its cleared release gives it back
     support.hold_lock_to_mask(context, settings, a.as_dict())  # re-entrant: the next shard of the same run
     support.hold_lock_to_mask(context, settings, dict(b.as_dict(), dry_run=True))  # a dry run takes no lock
     assert _holds_lock(s3, settings, a)
+    assert release_lock(s3, settings, a)
+    assert acquire_lock(s3, settings, b, is_live=lambda lock: True) is None  # run b masks the window now
+    with pytest.raises(AirflowFailException, match="manual__b.*must not mask one window at once.*rerun the whole"):
+        support.hold_lock_to_mask(context, settings, a.as_dict())
+    assert not _holds_lock(s3, settings, a)
+    live.clear()  # b has finished (or died without releasing): its masking is the window's now, a's is stale
+    with pytest.raises(AirflowFailException, match="run manual__b .*has had region DE day 2026-11-20 since this run "
+                                                   "released it.*rerun the whole window"):
+        support.hold_lock_to_mask(context, settings, a.as_dict())
+    assert not _holds_lock(s3, settings, a)
 
 
 def test_a_max_images_run_is_partial_no_latest_report_no_asset_event(photos, model_dir):
@@ -793,12 +798,17 @@ def test_a_cleared_mask_task_takes_its_late_days_locks_again_or_refuses(photos, 
     assert day_19["state"] == "released"  # no late photo that day: given back at once
     support.hold_lock_to_mask(context, settings, night_21.as_dict())  # its own run: re-entrant
     assert release_lock(s3, settings, night_21)  # the 21st's run failed; release gave its locks back
+    support.hold_lock_to_mask(context, settings, night_21.as_dict())  # cleared at once: no other run since
+    day_20 = json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
+    assert (day_20["run_id"], day_20["state"]) == (night_21.run_id, "held")
+    assert release_lock(s3, settings, night_21)
     live = {night_20.run_id}
     assert acquire_lock(s3, settings, night_20, is_live=is_live) is None  # the 20th's run masks that day now
     with pytest.raises(AirflowFailException, match="backfill__20.*must not mask one window at once"):
         support.hold_lock_to_mask(context, settings, night_21.as_dict())  # the 21st's mask task, cleared
-    live = set()  # the 20th's run has finished
+    live = set()  # the 20th's run has finished: it masked its day, the 21st's late pick-up of it is stale
     assert release_lock(s3, settings, night_20)
-    support.hold_lock_to_mask(context, settings, night_21.as_dict())
+    with pytest.raises(AirflowFailException, match="run backfill__20 .*has had region DE day 2026-11-20"):
+        support.hold_lock_to_mask(context, settings, night_21.as_dict())
     day_20 = json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
-    assert (day_20["run_id"], day_20["state"]) == (night_21.run_id, "held")
+    assert (day_20["run_id"], day_20["state"]) == (night_20.run_id, "released")
