@@ -1,6 +1,7 @@
 """QA summary from detection records: a pure function, so shards can be merged by concatenation."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any, Iterable
 
@@ -45,6 +46,9 @@ def build_report(records: Iterable[dict[str, Any]], *, timings: dict[str, float]
             masked = r.get("masked_area_px") or sum(polygon_area(np.asarray(p["polygon"])) for p in r["plates"])
             area_px.append(float(masked))
             area_frac.append(float(masked) / (r["width"] * r["height"]))
+    # the models that made the records: a shard (or a retried task) run with other weights than the first
+    # shard's made photos the report named no model for (the report's "model" is the run's first shard's)
+    made_by = Counter(json.dumps(r["model"], sort_keys=True) for r in records if isinstance(r.get("model"), dict))
     n = len(records)
     report: dict[str, Any] = {
         "images": n,
@@ -57,6 +61,7 @@ def build_report(records: Iterable[dict[str, Any]], *, timings: dict[str, float]
         "review": {"count": len(review), "items": review[:review_limit], "truncated": len(review) > review_limit},
         "mask_area": {"pixels": _stats(area_px), "fraction_of_image": _stats(area_frac)},
         "model": model,
+        "models": [{**json.loads(m), "photos": k} for m, k in made_by.most_common()],
         "thresholds": thresholds,
     }
     if timings is not None:

@@ -97,6 +97,7 @@ def summarise(region: str, window: str, report) -> dict:
         "failure_rate": _number(report.get("failure_rate")), "max_failure_rate": _number(report.get("max_failure_rate")),
         "plates": _number(report.get("plates")), "review": _number(review.get("count")),
         "images_per_second": _number(report.get("mask_images_per_second")), "model": sub("model").get("name"),
+        "models": len(report["models"]) if isinstance(report.get("models"), list) else None,
         # the run's verdict (runs.verdict): a report whose run failed must not read as a pass from its
         # numbers (a collect that failed: 0 photos, 0 failed, 0.00 %); None when the report has none
         "passed": verdict.get("passed") if isinstance(verdict.get("passed"), bool) else None,
@@ -234,11 +235,12 @@ def render_index(rows: list[dict], report_href, older_href=None, before: str | N
         qa = ("?" if passed is None else "passed" if passed else
               "FAILED" + (": " + "; ".join(esc(p) for p in r.get("problems") or []) if r.get("problems") else ""))
         over = over or passed is False
+        others = f" and {r['models'] - 1} other model(s)" if isinstance(r.get("models"), int) and r["models"] > 1 else ""
         body.append(
             f"<tr{' class=bad' if over else ''}><td>{_cell(r['region'])}</td><td>{_cell(r['window_start'] or r['window'])}</td>"
             f"<td>{_cell(r['photos'])}{' (' + _cell(r['late']) + ' late)' if r.get('late') else ''}</td><td>{_cell(r['masked'])}</td><td>{_cell(r['no_plate'])}</td><td>{_cell(r['failed'])}</td>"
             f"<td>{_cell(r['failure_rate'], '{:.2%}'.format)}</td><td>{qa}</td><td>{_cell(r['plates'])}</td><td>{_cell(r['review'])}</td>"
-            f"<td>{'' if r['images_per_second'] is None else _cell(r['images_per_second'])}</td><td>{_cell(r['model'])}</td>"
+            f"<td>{'' if r['images_per_second'] is None else _cell(r['images_per_second'])}</td><td>{_cell(r['model'])}{others}</td>"
             f"<td>{link}</td></tr>")
     return ("<!doctype html><html><head><meta charset=utf-8><title>Plate QA</title><style>"
             "body{font-family:system-ui,sans-serif;margin:1.5em} td,th{border:1px solid #ccc;padding:3px 8px}"

@@ -78,6 +78,18 @@ def _failure_row(reason: str, info: dict) -> str:
     return f"<tr><td>{escape(reason)}</td><td>{escape(info['count'])}</td><td>{'<br>'.join(lines)}</td></tr>"
 
 
+def _other_models(report: dict) -> str:
+    """Every model that made this report's records, when more than one did (a shard run with other
+    weights: the page named only the first shard's model)."""
+    models = report.get("models")
+    if not isinstance(models, list) or len(models) < 2:
+        return ""
+    items = "".join(f"<li>{escape(m.get('name'))} <code>{escape(str(m.get('weights_sha256', ''))[:12])}</code>"
+                    f"{' verifier <code>' + escape(str(m['verifier_sha256'])[:12]) + '</code>' if m.get('verifier_sha256') else ''}"
+                    f": {escape(m.get('photos'))} photo(s)</li>" for m in models if isinstance(m, dict))
+    return f"<div class=warn><b>{len(models)} models</b> made this report's records:<ul>{items}</ul></div>"
+
+
 def _scope(report: dict) -> str:
     """Which photos the counts below are of. They add up to the report's records, which are the
     window's photos plus the late ones of the days before (a late photo was counted as masked but not
@@ -170,7 +182,7 @@ figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-wi
 <tr><th>plates masked</th><td>{_e(report['plates'])}</td></tr><tr><th>for review</th><td>{_e(report['review']['count'])}</td></tr>
 <tr><th>masked area, median fraction of photo</th><td>{_e(format(area.get('median') or 0, '.3%'))}</td></tr>
 <tr><th>mask images/s</th><td>{_e(report.get('mask_images_per_second') or '')}</td></tr>
-<tr><th>model</th><td>{esc(str(model.get('name')))} <code>{esc(str(model.get('weights_sha256', ''))[:12])}</code>, threshold {_e(report.get('thresholds', {}).get('score'))}</td></tr>
+<tr><th>model</th><td>{esc(str(model.get('name')))} <code>{esc(str(model.get('weights_sha256', ''))[:12])}</code>, threshold {_e(report.get('thresholds', {}).get('score'))}{_other_models(report)}</td></tr>
 <tr><th>run</th><td>{esc(spec.run_id)}, backend {esc(spec.backend)}, mode {esc(spec.mode)}</td></tr></table>
 <h2>Failures by reason</h2>{'<table><tr><th>reason</th><th>count</th><th>photos: what was wrong</th></tr>' + fails + '</table>' if fails else '<p>none</p>'}
 <h2>Score histogram (masked plates)</h2><table>{bars}</table>

@@ -218,3 +218,35 @@ def test_stage_times_per_photo_are_of_the_photos_that_went_through_the_stages(ph
     assert shard["processed"] == 1 and shard["timings_s"]["segment"] > 0
     for stage, seconds in shard["timings_s"].items():
         assert qa["timings_ms_per_image"][stage] == round(1000 * seconds, 1), stage
+
+
+def test_photos_masked_by_another_model_than_the_first_shards_are_named(photos, model_dir, tmp_path):
+    """A shard whose task ran with other weights (a model deployed or the folder changed while the run
+    was masking, then a retried or later task) made records the report never named: report.json, the
+    page and the index gave the first shard's model alone. Every model that made records is listed now."""
+    import shutil
+
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import acquire_lock, aggregate, collect, make_shards, mask_shard, release_lock
+
+    s3, settings = photos
+    other = tmp_path / "redeployed"
+    shutil.copytree(model_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, name="platemask-redeployed")))
+    two = dataclasses.replace(settings, shard_size=2)
+    spec = RunSpec(region="DE", run_id="scheduled__1", **WINDOW)
+    assert acquire_lock(s3, two, spec, is_live=lambda lock: False, log=lambda m: None) is None
+    collect(s3, two, spec, log=lambda m: None, is_live=lambda lock: False)
+    first, second = make_shards(s3, two, [spec.as_dict()], log=lambda m: None)
+    mask_shard(s3, two, first, detector_factory(two, str(model_dir)), log=lambda m: None)
+    mask_shard(s3, two, second, detector_factory(two, str(other)), log=lambda m: None)
+    (rep,) = aggregate(s3, two, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    release_lock(s3, two, spec, log=lambda m: None)
+    qa = json.loads(_get(s3, settings, rep["report"]))
+    assert qa["model"]["name"] == cfg["name"]  # the first shard's, as before
+    assert sorted((m["name"], m["photos"]) for m in qa["models"]) == [(cfg["name"], 2), ("platemask-redeployed", 1)]
+    html = _get(s3, settings, rep["html"]).decode()
+    assert "<b>2 models</b> made this report's records" in html and "platemask-redeployed</li>" not in html
+    assert re.search(r"platemask-redeployed <code>[0-9a-f]{12}</code> verifier <code>[0-9a-f]{12}</code>: 1 photo", html)
+    assert "and 1 other model(s)" in _cells(_index(s3, settings), spec.window.id)[11]
