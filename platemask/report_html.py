@@ -90,6 +90,15 @@ def _other_models(report: dict) -> str:
     return f"<div class=warn><b>{len(models)} models</b> made this report's records:<ul>{items}</ul></div>"
 
 
+def _skipped_split(records: list[dict]) -> str:
+    """What the skipped photos' earlier records say: the row read "already masked" for photos an earlier
+    run found no plate in too (4 "already masked" beside 3 masked in all)."""
+    split = {s: sum(1 for r in records if r.get("skipped") and r.get("status") == s) for s in ("masked", "no_plate")}
+    if not any(split.values()):
+        return ""
+    return f" ({escape(split['masked'])} masked, {escape(split['no_plate'])} no plate)"
+
+
 def _scope(report: dict) -> str:
     """Which photos the counts below are of. They add up to the report's records, which are the
     window's photos plus the late ones of the days before (a late photo was counted as masked but not
@@ -177,7 +186,7 @@ figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-wi
 {_scope(report)}
 <tr><th>masked</th><td>{_e(s['masked'])}</td></tr><tr><th>no plate</th><td>{_e(s['no_plate'])}</td></tr>
 <tr><th>failed (never published)</th><td>{_e(s['failed'])} ({_e(format(report['failure_rate'], '.2%'))}; limit {_e(format(report.get('max_failure_rate', 0), '.2%'))})</td></tr>
-<tr><th>skipped (already masked with this model)</th><td>{_e(report.get('skipped_already_masked', 0))}</td></tr>
+<tr><th>skipped: done by an earlier run with the same model and settings (counted above)</th><td>{_e(report.get('skipped_already_masked', 0))}{_skipped_split(records)}</td></tr>
 <tr><th>hidden files not masked (names starting with '.'; no record)</th><td>{_e(report.get('skipped_hidden', {}).get('count', 0))}{(': ' + esc(', '.join(report['skipped_hidden']['keys'][:10])) + (' …' if report['skipped_hidden']['count'] > 10 else '')) if report.get('skipped_hidden', {}).get('count') else ''}</td></tr>
 <tr><th>plates masked</th><td>{_e(report['plates'])}</td></tr><tr><th>for review</th><td>{_e(report['review']['count'])}</td></tr>
 <tr><th>masked area, median fraction of photo</th><td>{_e(format(area.get('median') or 0, '.3%'))}</td></tr>

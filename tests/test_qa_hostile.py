@@ -250,3 +250,18 @@ def test_photos_masked_by_another_model_than_the_first_shards_are_named(photos, 
     assert "<b>2 models</b> made this report's records" in html and "platemask-redeployed</li>" not in html
     assert re.search(r"platemask-redeployed <code>[0-9a-f]{12}</code> verifier <code>[0-9a-f]{12}</code>: 1 photo", html)
     assert "and 1 other model(s)" in _cells(_index(s3, settings), spec.window.id)[11]
+
+
+def test_photos_skipped_on_a_rerun_are_not_all_called_already_masked(photos, model_dir):
+    """On a rerun the page said 'skipped (already masked with this model): 4' beside 'masked: 3': the
+    photo an earlier run found no plate in was counted as already masked too."""
+    s3, settings = photos
+    s3.put_object(Bucket=settings.bucket, Key=f"{DAY}empty.jpg", Body=jpeg_bytes(np.full((480, 640, 3), 128, np.uint8)))
+    first = _run(s3, settings, RunSpec(region="DE", run_id="manual__1", **WINDOW), model_dir)
+    assert first["by_status"] == {"masked": 3, "no_plate": 1, "failed": 0}
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="manual__2", **WINDOW), model_dir)
+    html = _get(s3, settings, rep["html"]).decode()
+    n = _counts(html)
+    assert (n["masked"], n["no plate"]) == (3, 1)
+    assert re.search(r"<tr><th>skipped: done by an earlier run[^<]*</th><td>4 \(3 masked, 1 no plate\)</td>", html)
+    assert "already masked" not in html
