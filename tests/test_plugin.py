@@ -335,3 +335,20 @@ def test_older_windows_are_a_page_away_never_cut_off_without_a_word(api, aws_con
     assert f"Windows starting before {newer[0]}" in older.text
     bad = client.get("/plate-qa/?before=<b>x</b>", headers=tokens["reviewer"])
     assert bad.status_code == 400 and "not a window id" in bad.text and "<b>" not in bad.text
+
+
+def test_index_fields_of_the_verdict_models_and_late_photos_are_escaped_whatever_their_type():
+    """Guard: the fields the index reads since the verdict, late and models columns came in."""
+    from platemask.qa_index import render_index, summarise
+
+    evil = "<svg onload=alert(1)>\u202e"
+    base = {"images": 3, "by_status": {"masked": 3, "no_plate": 0, "failed": 0}, "failure_rate": 0,
+            "max_failure_rate": 0.02, "region": "DE", "window": {"start": W_NEW, "id": W_NEW}}
+    rows = [summarise("DE", W_NEW, dict(base, verdict={"passed": False, "problems": [evil, {"x": evil}] * 9},
+                                        models=[evil, 1], late=evil)),
+            summarise("DE", W_NEW, dict(base, verdict={"passed": "yes", "problems": evil}, models=evil, late=10**400)),
+            summarise("DE", W_NEW, dict(base, verdict=[evil], models=None, late=True))]
+    assert [r["passed"] for r in rows] == [False, None, None] and len(rows[0]["problems"]) == 5
+    out = render_index(rows, lambda r, w: f"report/{r}/{w}")
+    assert "<svg" not in out and "\u202e" not in out and "&lt;svg onload=alert(1)&gt;\\u202e" in out
+    assert "FAILED: " in out and "and 1 other model(s)" in out and out.count("class=bad") == 1
