@@ -7,8 +7,10 @@ failed and what to do; the plugin turns it into a readable page with a 404/502/5
 """
 from __future__ import annotations
 
+import html as html_lib
 import json
 import math
+import re
 
 from .html_text import escape
 from .layout import WINDOW_ID, qa_key, qa_windows_prefix
@@ -115,6 +117,7 @@ MAX_PROBLEMS, MAX_PROBLEM_CHARS = 5, 400  # of a verdict, shown in the index
 
 # report.html embeds its thumbnails: larger than report.json, still capped (served from memory)
 MAX_REPORT_HTML_BYTES = 64 << 20
+MAX_HEAD_BYTES = 4096  # where report.html's run meta is looked for
 
 
 class ReportTooLarge(Exception):
@@ -130,18 +133,36 @@ def load_report(store: S3Store, key: str) -> object:
     return json.loads(data)
 
 
-def foreign_report(store: S3Store, settings: Settings, region: str, window: str) -> str | None:
+# report.html names the run that wrote it (report_html.render_report), escaped as the page shows it
+RUN_META = re.compile(r'<meta name="platemask-run-id" content="([^"]*)">')
+
+
+def foreign_report(store: S3Store, settings: Settings, region: str, window: str, html: bytes | None = None) -> str | None:
     """Why the report in ``region``/``window``'s folder is not that window's (its report.json names
-    another region or window: copied or moved there), or None. A missing or unreadable report.json
-    is not this check's business (the index shows why)."""
+    another region or window: copied or moved there), or, given the report.html about to be served,
+    why that page is not the report.json the index shows (another run's page: the copy of the latest
+    report.html failed after report.json's, or an older page was put back), or None. A missing or
+    unreadable report.json is not this check's business (the index shows why)."""
+    key = qa_key(settings, region, window, "report.json")
     try:
-        report = load_report(store, qa_key(settings, region, window, "report.json"))
+        report = load_report(store, key)
     except Exception:  # noqa: BLE001 - missing, unreadable or not JSON: the index's row says which
         return None
     if not isinstance(report, dict):
         return None
     row = summarise(region, window, report)
-    return row.get("error")
+    if row.get("error") or html is None:
+        return row.get("error")
+    m = RUN_META.search(html[:MAX_HEAD_BYTES].decode("utf-8", "replace"))
+    if m and report.get("run_id") is not None and m.group(1) != escape(str(report["run_id"])):
+        run_key = report.get("run_key")
+        return (f"report.html here is the page of run {html_lib.unescape(m.group(1))}, but report.json (whose numbers the "
+                f"index shows) is of run {report['run_id']}: the copy of the latest page failed or an "
+                "older page was put back, so it is not served as this window's. That run's own page is "
+                + (f"s3://{settings.bucket}/{key.rsplit('/', 1)[0]}/runs/{run_key}/report.html" if isinstance(run_key, str)
+                   else "under runs/ in this window's QA folder")
+                + "; rerun the QA task of that run to copy it here again.")
+    return None
 
 
 def recent_reports(client, settings: Settings, *, per_region: int = 14, before: str | None = None) -> list[dict]:

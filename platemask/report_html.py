@@ -175,7 +175,7 @@ def render_report(report: dict, records: list[dict], *, client, settings, spec, 
     area = (report["mask_area"].get("fraction_of_image") or {})
     model = report.get("model") or {}
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Plate QA {esc(spec.region)} {esc(spec.window.id)}</title>
-{CSP_META}<meta name="robots" content="noindex"><style>
+{CSP_META}<meta name="robots" content="noindex"><meta name="platemask-run-id" content="{esc(spec.run_id)}"><style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;vertical-align:top}}
 figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-width:760px}} img{{margin:2px}} .bar{{background:#4a7;height:10px}}
 .warn{{background:#fee;padding:8px;border:1px solid #c88}} .ok{{background:#efe;padding:8px;border:1px solid #8c8}} .miss{{display:inline-block;width:{THUMB}px;color:#a00}}</style></head><body>

@@ -154,9 +154,10 @@ def report(region: str, window: str, user: Reviewer) -> Response:
     if body is None:
         return _problem(413, "report too large", [f"s3://{settings.bucket}/{key} is larger than "
                                                   f"{MAX_REPORT_HTML_BYTES >> 20} MB: not served. Open it from S3."])
-    foreign = foreign_report(store, settings, region, window)  # reads report.json; its own errors are None
-    if foreign:  # a copied report would show another night's numbers as this window's
-        return _problem(409, "report of another window", [foreign])
+    # reads report.json; its own errors are None
+    foreign = foreign_report(store, settings, region, window, html=body)
+    if foreign:  # a copied report, or another run's page, would show other numbers than the index as this window's
+        return _problem(409, "report of another window or run", [foreign])
     # served as bytes with an explicit type; the CSP and nosniff headers come from the middleware
     return Response(body, media_type="text/html; charset=utf-8")
 

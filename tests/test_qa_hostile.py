@@ -265,3 +265,48 @@ def test_photos_skipped_on_a_rerun_are_not_all_called_already_masked(photos, mod
     assert (n["masked"], n["no plate"]) == (3, 1)
     assert re.search(r"<tr><th>skipped: done by an earlier run[^<]*</th><td>4 \(3 masked, 1 no plate\)</td>", html)
     assert "already masked" not in html
+
+
+def test_the_page_served_for_a_window_is_the_run_whose_numbers_the_index_shows(photos, model_dir, moto_server):
+    """The latest report is two copies, report.json then report.html. When the second failed (S3 refused
+    it, for real, through the fault proxy), the index showed the new run's numbers (1 failed, QA FAILED)
+    and its report link served the old run's page (0 failed, QA passed) as this window's. The view now
+    refuses a page of another run than report.json's, naming both and where the matching page is."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from fault_proxy import FaultProxy
+    from platemask.qa_index import foreign_report, recent_reports
+    from platemask.runs import acquire_lock, aggregate, collect, make_shards, mask_shard
+    from platemask.airflow_support import detector_factory
+    from platemask.storage import S3Store
+
+    s3, settings = photos
+    first = _run(s3, settings, RunSpec(region="DE", run_id="manual__1", **WINDOW), model_dir)
+    assert first["passed"] and first["latest"]
+    s3.put_object(Bucket=settings.bucket, Key=f"{DAY}damaged.jpg", Body=_get(s3, settings, f"{DAY}car0.jpg")[:300])
+    spec = RunSpec(region="DE", run_id="manual__2", **WINDOW)
+    w = spec.window.id
+    latest_html = f"qa/DE/{w}/report.html"
+    proxy = FaultProxy(moto_server, fault=lambda req: ("status", 403, "AccessDenied")
+                       if req.method == "PUT" and req.key == latest_html else None)
+    try:
+        via_proxy = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1")
+        assert acquire_lock(s3, settings, spec, is_live=lambda lock: False, log=lambda m: None) is None
+        collect(s3, settings, spec, log=lambda m: None, is_live=lambda lock: False)
+        for sh in make_shards(s3, settings, [spec.as_dict()], log=lambda m: None):
+            mask_shard(s3, settings, sh, detector_factory(settings, str(model_dir)), log=lambda m: None)
+        with pytest.raises(ClientError, match="AccessDenied"):
+            aggregate(via_proxy, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    finally:
+        proxy.close()
+    (row,) = [r for r in recent_reports(s3, settings) if r["window"] == w]
+    assert (row["run_id"], row["failed"], row["passed"]) == ("manual__2", 1, False)  # what the index shows
+    page = _get(s3, settings, latest_html)
+    assert b'content="manual__1"' in page and b"QA verdict: <b>passed</b>" in page  # what its link would serve
+    why = foreign_report(S3Store(settings.bucket, client=s3), settings, "DE", w, html=page)
+    assert why and "page of run manual__1" in why and "report.json (whose numbers the index shows) is of run manual__2" in why
+    assert f"/qa/DE/{w}/runs/{spec.run_key}/report.html" in why
+    # the page of the run report.json names is served as before
+    s3.put_object(Bucket=settings.bucket, Key=latest_html, Body=_get(s3, settings, f"qa/DE/{w}/runs/{spec.run_key}/report.html"))
+    assert foreign_report(S3Store(settings.bucket, client=s3), settings, "DE", w, html=_get(s3, settings, latest_html)) is None
