@@ -9,10 +9,12 @@ retry finds and reuses its job instead of starting a duplicate), wait without a 
 
 Batch Transform fails the whole job when one record gets a non-2xx answer, so the container
 answers 200 with a ``failed`` record for a photo it cannot decode (that photo's failure, not the
-job's). A job that fails or is stopped anyway keeps the ``.out`` files of the records it
-finished: they are used, and the next attempt's manifest holds only the rest, less the photos
-that would fail it again (re-uploaded or gone since the listing, or named by the FailureReason),
-which fail on their own; attempts stop when one makes no progress. ``MaxPayloadInMB`` is the
+job's). A job that fails anyway goes on with its other records (as AWS does) and keeps the
+``.out`` files of the records it finished: they are used, and the next attempt's manifest holds
+only the rest, less the photos that would fail it again (re-uploaded or gone since the listing,
+or named by the FailureReason), which fail on their own; attempts stop when one makes no
+progress. A stopped job (StopTransformJob) is the end of the shard's attempts: its ``.out``
+files are used, the rest fails ``transform_job_stopped``. ``MaxPayloadInMB`` is the
 largest the job's concurrency allows, not the largest listed photo's size: a photo re-uploaded
 larger before the job reaches it fails alone (``source_changed``) instead of failing the job. A
 photo without ``.out`` fails with the job's FailureReason, a photo whose bytes are not the ones
@@ -359,12 +361,13 @@ def _archived(s3, settings: Settings, entries: list[dict]) -> dict[str, dict]:
 def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
     """Start (or find) this shard's transform job. Returns the shard dict with a ``transform`` entry.
 
-    Walks the attempts of this run: a running or completed job is reused; a failed or stopped one
+    Walks the attempts of this run: a running or completed job is reused; a failed one
     contributes the ``.out`` files it wrote and the next attempt gets a manifest of the rest, less
     the photos ``leave_out`` finds would fail it again (each gets its own failure in
-    ``transform["left_out"]``). An attempt that ended without new output and without a photo to
-    leave out ends the walk (no job over the same photos again and again): the mask step then
-    fails the rest with that job's FailureReason. An attempt that exists is always walked into, and
+    ``transform["left_out"]``); a stopped one contributes its ``.out`` files and ends the walk (an
+    operator's stop is not undone by a new attempt). An attempt that ended without new output and
+    without a photo to leave out ends the walk (no job over the same photos again and again): the
+    mask step then fails the rest with that job's FailureReason. An attempt that exists is always walked into, and
     called from the wait (``shard`` is the submit task's XCom) the attempts keep the names it gave
     them: what S3 answers on a later check never starts a second chain of jobs nor forgets one.
     """
@@ -436,7 +439,10 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
         # FailureReason names alone is no reason for another attempt (a container that fails every
         # record must not cost an attempt per photo): then it fails with the rest, the job's reason
         sure = any(v["reason"] != "transform_record_failed" for v in dropped.values())
-        if not (new or sure):
+        # a stopped job (StopTransformJob: an operator's decision; this DAG stops jobs only once its
+        # wait has failed) is not followed by an attempt over the rest: a stop is never undone
+        stopped = state == "Stopped"
+        if not (new or sure) or stopped:
             dropped = {}
             # every check of the wait walks the attempts again and asks S3 again: an attempt this
             # run already started (when S3 showed a photo to leave out, and a HEAD that fails now
@@ -447,8 +453,10 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
                 "left_out": dict(left_out)}
         log.warning("transform job %s %s (%s): %d photos done by it, %d of %d still without output%s", job, state,
                     desc.get("FailureReason") or "no reason given", len(new), len(todo_keys - have), len(todo),
-                    "".join(f"; {k} left out of the next attempt ({v['reason']})" for k, v in dropped.items()))
-        if not (new or sure) or have | set(left_out) >= todo_keys:
+                    "".join(f"; {k} left out of the next attempt ({v['reason']})" for k, v in dropped.items())
+                    + ("; stopped (StopTransformJob): no attempt is started over the rest" if stopped and not sure
+                       else ""))
+        if not ((new and not stopped) or sure) or have | set(left_out) >= todo_keys:
             break
     return {**shard, "transform": last}
 
@@ -457,9 +465,9 @@ def poll(hook, shard: dict, *, resubmit: Callable[[dict], dict] | None = None) -
     """(done, shard with the final state of the job in charge): one check of the deferred wait.
 
     ``shard`` is what the submit task returned (each check, first or after a resume, starts
-    from it). With ``resubmit`` (``submit`` bound to its clients), a failed or stopped job is
-    followed through the run's attempts: ``submit`` reuses the attempt in charge or starts one over
-    the photos still without output, and the wait goes on; it ends at an attempt without progress.
+    from it). With ``resubmit`` (``submit`` bound to its clients), a failed job is followed through
+    the run's attempts: ``submit`` reuses the attempt in charge or starts one over the photos still
+    without output, and the wait goes on; it ends at an attempt without progress, or at a stopped one.
     """
     t = shard["transform"]
     if t.get("job") is None:
@@ -605,9 +613,16 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
                                   "redoes it")
             return rec if isinstance(rec, dict) else ImageError("bad_transform_output", f"{out}{key}.out is no "
                                                                 "record; not published, the next run redoes it")
+        if state == "Stopped":
+            return ImageError("transform_job_stopped", f"transform job {job} was stopped (StopTransformJob: by an "
+                              "operator, or by this DAG once its wait had failed) before it processed "
+                              f"s3://{settings.bucket}/{key}; a stop is not undone: not sent to another attempt, "
+                              "not published; once the reason for the stop is dealt with, rerun the window (the "
+                              "next nights' late pick-up redoes it too)")
         if state in ENDED_EARLY:
-            return ImageError("transform_job_failed", f"transform job {job} ended {state} before it processed "
-                              f"s3://{settings.bucket}/{key} ({why}); not published, the next run redoes it")
+            return ImageError("transform_job_failed", f"transform job {job} ended {state} without output for "
+                              f"s3://{settings.bucket}/{key} ({why}); not published; see the job's CloudWatch logs "
+                              f"(/aws/sagemaker/TransformJobs, {job}); the next run redoes it")
         return ImageError("no_transform_output", f"transform job {job} wrote no output for "
                           f"s3://{settings.bucket}/{key} ({why}); not published, the next run redoes it")
 

@@ -2,8 +2,9 @@
 
 ``TransformWaitOperator`` defers at once to ``TransformJobTrigger`` (the job was started seconds
 before), and after every trigger event checks the job on a worker with ``sagemaker_backend.poll``
-(a failed or stopped job that made progress is followed by an attempt over the photos still
-without output, and the wait defers again on that attempt). The trigger polls
+(a failed job that made progress is followed by an attempt over the photos still without output,
+and the wait defers again on that attempt; a stopped job is not: StopTransformJob is an
+operator's decision, and its photos without output fail ``transform_job_stopped``). The trigger polls
 DescribeTransformJob in the triggerer (the same hook as the tasks, so a local transform runner's
 outcome is seen too) until the job ends or the wait's deadline passes; the task then resumes on a
 worker and checks again: a new attempt means another deferral, a finished one returns the shard

@@ -558,7 +558,9 @@ class _FlakyContainer:
     in the next: a failed job really leaves them without output (the runner, as AWS, tries every
     record; only the ones that fail stay unfinished)."""
 
-    def __init__(self, upstream: str, flaky: list[bytes], tries: int | None = None):
+    def __init__(self, upstream: str, flaky: list[bytes], tries: int | None = None, hold_after: int | None = None):
+        """``hold_after``: the records after the first ``hold_after`` it passes through wait for
+        ``release`` (set) before they are passed on (a job part-way through its manifest)."""
         import threading
         import urllib.error
         import urllib.request
@@ -566,7 +568,8 @@ class _FlakyContainer:
 
         tries = Settings().sagemaker_invocation_retries + 1 if tries is None else tries
         self.left = {hashlib.sha256(b).hexdigest(): tries for b in flaky}
-        self.refused, lock, owner = 0, threading.Lock(), self
+        self.refused, self.passed, lock, owner = 0, 0, threading.Lock(), self
+        self.release = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -603,8 +606,13 @@ class _FlakyContainer:
                         owner.refused += 1
                 if refuse:
                     self._answer(503, b'{"error": "container restarting"}', "application/json")
-                else:
-                    self._forward("POST", body)
+                    return
+                with lock:
+                    owner.passed += 1
+                    held = hold_after is not None and owner.passed > hold_after
+                if held:
+                    owner.release.wait(120)
+                self._forward("POST", body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -614,6 +622,7 @@ class _FlakyContainer:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -153,3 +153,51 @@ def test_a_failure_reason_names_a_photo_only_by_its_whole_key(aws_conn):
         keys[2]: "transform_record_failed"}
     assert left(f"failed on '{uri}IMG_1'") == {keys[0]: "transform_record_failed"}
     assert left(f"failed on {uri}IMG_1") == {keys[0]: "transform_record_failed"}
+
+
+def test_a_job_an_operator_stops_is_not_resubmitted_and_its_rest_fails_saying_so(aws_conn, model_dir, server_url,
+                                                                                  scene):
+    """An operator stops a running transform job (console or CLI: StopTransformJob). The DAG's wait
+    took the Stopped job like a failed one and started an attempt over the photos it had not done,
+    at once and without a word: the stop was undone (and each further stop started the next of up
+    to 10 attempts). A stop is now the end of the shard's jobs: what the job finished is masked,
+    the rest fails transform_job_stopped, saying who may have stopped it and what to do."""
+    from test_sagemaker import (_FlakyContainer, _four_photos, _job_manifests, _local_runner_settings, _published,
+                                _records, _shard_of, _wait)
+
+    from platemask.airflow_support import detector_factory, sagemaker_hook
+    from platemask.runs import mask_shard
+    from platemask.sagemaker_backend import outputs_present, submit
+
+    s3 = aws_conn
+    photos = _four_photos(scene)
+    done, *rest = sorted(photos)
+    with _FlakyContainer(server_url, [], hold_after=1) as container:  # a0 answered, b1 held until released
+        settings = _local_runner_settings(s3, container.url, max_concurrent=1)
+        shard = _shard_of(s3, settings, photos)
+        hook = sagemaker_hook(settings, s3)
+        resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
+        submitted = resubmit(shard)
+        job = submitted["transform"]["job"]
+        end = time.monotonic() + 60
+        while container.passed < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert container.passed == 2
+        hook.get_conn().stop_transform_job(TransformJobName=job)  # the operator
+        assert hook.describe_transform_job(job)["TransformJobStatus"] == "Stopping"
+        time.sleep(1.2)  # the runner looks for a stop at most once a second
+        container.release.set()
+        waited = _wait(hook, submitted, resubmit=resubmit)
+        assert container.passed == 2  # nothing sent after the stop, by this job or another
+    t = waited["transform"]
+    assert t["job"] == job and t["attempt"] == 0 and t["state"] == "Stopped", t
+    assert list(_job_manifests(s3, hook, job[:-1])) == [job]  # no attempt over the rest
+    assert outputs_present(s3, t["output"]) == {done}
+    recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
+                                             log=lambda m: None))
+    assert set(recs) == set(photos) and recs[done]["status"] == "masked"
+    for key in rest:
+        assert recs[key]["status"] == "failed" and recs[key]["reason"] == "transform_job_stopped", recs[key]
+        error = recs[key]["error"]
+        assert key in error and job in error and "StopTransformJob" in error and "rerun" in error, error
+    assert _published(s3, settings) == {done.replace("raw/", "masked/", 1)}
