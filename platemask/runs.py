@@ -817,7 +817,8 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
                     "partial": report["partial"], "planned": report["planned"], "listed": report["listed"],
                     "failure_rate": report["failure_rate"], "max_failure_rate": spec.max_failure_rate,
                     "by_status": report["by_status"], "photos": report["images"], "review": report["review"]["count"],
-                    "plates": report["plates"], "passed": not problems, "problems": problems})
+                    "plates": report["plates"], "late": report["late"] or 0, "passed": not problems,
+                    "problems": problems})
     return out
 
 
@@ -840,8 +841,11 @@ def asset_extra(report: dict) -> dict | None:
     of the window out, and an event says the window is masked)."""
     if not report["passed"] or report["dry_run"] or report.get("partial"):
         return None
+    # ``late``: how many of counts' photos are late photos of the days before the window (their masked copies
+    # are under those days), so that a consumer does not take counts.photos for the window's own photos
     return {"region": report["region"], "window": report["window"], "run_id": report["run_id"],
-            "report": report["report"], "counts": {"photos": report["photos"], **report["by_status"]}}
+            "report": report["report"], "counts": {"photos": report["photos"], **report["by_status"]},
+            "late": report.get("late", 0)}
 
 
 def not_current(client, settings: Settings, report: dict) -> str | None:

@@ -538,6 +538,8 @@ def test_late_photos_of_a_day_whose_lock_a_dead_run_left_held_are_picked_up(monk
     assert rep["late"] == 1 and late in {r["key"] for r in _records(s3, bucket, "DE", DE_20, dr.run_id)}
     assert late.replace("raw/", "masked/", 1) in _objects(s3, bucket, "masked/")
     _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, rep)
+    # the Asset events say that one of the 4 photos counted is a late photo of the 19th, not of the window
+    assert [(e["counts"]["photos"], e["late"]) for _, e in _asset_events(dr.run_id)] == [(4, 1), (4, 1)]
     # picked up under the 19th's lock, taken over from the dead run and released with the run's own
     taken = json.loads(s3.get_object(Bucket=bucket, Key="runs/DE/locks/2026-11-19.json")["Body"].read())
     assert (taken["run_id"], taken["state"]) == (dr.run_id, "released")

@@ -305,7 +305,8 @@ def test_check_wants_a_passing_report_for_every_planned_region():
         check_reports(specs, [de])
     check_reports(specs[:1], [de])
     assert asset_extra(de) == {"region": "DE", "window": "w", "run_id": "r", "report": de["report"],
-                               "counts": {"photos": 3, "masked": 2, "no_plate": 1, "failed": 0}}
+                               "counts": {"photos": 3, "masked": 2, "no_plate": 1, "failed": 0}, "late": 0}
+    assert asset_extra(dict(de, late=1))["late"] == 1
     assert asset_extra(dict(de, dry_run=True)) is None and asset_extra(dict(de, passed=False)) is None
 
 
