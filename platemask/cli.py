@@ -26,8 +26,10 @@ from pathlib import Path
 
 from .constants import (DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES, METADATA_POLICIES,
                         MODEL_DIR_ENV, OVERLAY_STYLES, REPO_MODEL_DIR, RUNTIMES, DEFAULT_RUNTIME, resolve_device)
+from .html_text import visible
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
+LOGGED_FAILURES_PER_REASON = 20  # failures named in the log per reason; the rest are counted
 
 
 def default_model_dir() -> Path:
@@ -62,16 +64,12 @@ def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-# Line breaks, terminal escapes (C0 and C1 controls) and the Unicode controls that reorder or hide
-# text (bidi overrides and isolates, zero-width marks): what a file name may hold and a log line must not.
-_LOG_CONTROLS = re.compile("[\u0000-\u001f\u007f-\u009f\u200b-\u200f\u2028\u2029\u202a-\u202e"
-                           "\u2060-\u2064\u2066-\u2069\ufeff]")
-
-
 def _visible(text: str) -> str:
-    """``text`` (an error naming an input) as one log line: controls shown as ``\\u000a``-style codes,
-    so that a file named ``x.jpg\\nplatemask: 9 images: 9 masked, 0 failed`` cannot forge a line."""
-    return _LOG_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    """``text`` (an error naming an input) as one log line: every control, invisible or reordering
+    character shown as a ``\\u000a``-style code (``html_text.visible``, the QA pages' rule too), so that
+    a file named ``x.jpg\\nplatemask: 9 images: 9 masked, 0 failed`` cannot forge a line and
+    ``car\\u00ad0.jpg`` cannot pass for ``car0.jpg``."""
+    return visible(text)
 
 
 class Interrupted(BaseException):
@@ -676,8 +674,13 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
             report_file.discard()
     _log("platemask: " + headline(report))
     for reason, info in report["failures_by_reason"].items():
-        for item in info["items"][:20]:
+        for item in info["items"][:LOGGED_FAILURES_PER_REASON]:
             _log(f"platemask: failed ({_visible(reason)}): {_visible(item['error'])}")
+        if info["count"] > LOGGED_FAILURES_PER_REASON:
+            kept = [str(p) for p in (a.detections, None if report_error else a.report) if p]
+            _log(f"platemask: failed ({_visible(reason)}): ... and {info['count'] - LOGGED_FAILURES_PER_REASON} more "
+                 "not shown here: " + (f"each is named, with what went wrong, in {_visible(' and '.join(kept))}" if kept
+                                       else "give --detections or --report to have each named, with what went wrong"))
     for r in records:  # a failed photo's old masked copy still published: never only in the records file
         if r.get("stale_output_not_removed"):
             _log(f"platemask: warning: {_visible(r['key'])} failed, but the masked copy an earlier run wrote for it "

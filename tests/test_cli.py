@@ -336,6 +336,42 @@ def test_a_file_name_cannot_forge_or_hide_log_lines(tmp_path, model_dir, capsys)
     assert "x.jpg\\u000aplatemask: 9 images" in err and "y\\u001b[2J\\u202egpj.jpg" in err
 
 
+def test_a_key_with_invisible_characters_cannot_pass_for_another_in_the_log(tmp_path, model_dir, capsys):
+    """A damaged upload named ``car<soft hyphen>0.jpg`` (or with a tag character, a no-break space)
+    was logged as failing under what reads as ``car0.jpg``, the name of a photo that was masked: the
+    log showed only line breaks, terminal escapes, bidi and zero-width characters as codes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "car0.jpg").write_bytes(jpeg_bytes(np.full((64, 96, 3), 120, np.uint8)))
+    for name in ("car\u00ad0.jpg", "car\U000e00410.jpg", "car\u00a00.jpg"):
+        (src / name).write_bytes(b"")
+    assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir)]) == 3
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if line.startswith("platemask: failed")]
+    assert len(failed) == 3 and not [line for line in failed if "car0.jpg" in line or not line.isascii()], failed
+    for coded in ("/car\\u00ad0.jpg:", "/car\\U000e00410.jpg:", "/car\\u00a00.jpg:"):
+        assert len([line for line in failed if coded in line]) == 1, (coded, failed)
+
+
+def test_failures_past_the_logged_ones_are_counted_and_say_where_they_are_named(tmp_path, model_dir, capsys):
+    """With 23 empty uploads the log named 20 and left 3 out without a word: the operator read 20
+    failures where there were 23. The rest are now counted, with where each is named."""
+    from platemask.cli import LOGGED_FAILURES_PER_REASON as shown
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(shown + 3):
+        (src / f"empty{i:02d}.jpg").write_bytes(b"")
+    assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir)]) == 3
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.startswith("platemask: failed (empty_file): ")]) == shown + 1
+    assert "platemask: failed (empty_file): ... and 3 more not shown here: give --detections or --report" in err
+    det = tmp_path / "d.jsonl"
+    assert main(["mask", str(src), str(tmp_path / "dst"), "--model", str(model_dir), "--detections", str(det)]) == 3
+    assert f"... and 3 more not shown here: each is named, with what went wrong, in {det}" in capsys.readouterr().err
+    assert len(det.read_text().splitlines()) == shown + 3
+
+
 def test_an_old_masked_copy_that_could_not_be_removed_is_named_in_the_log(tmp_path, model_dir, scene, capsys,
                                                                              monkeypatch):
     """A read-only DST on a rerun: the photo that failed now kept the earlier run's masked copy, and
