@@ -180,10 +180,12 @@ def plate_masking():
         """QA per planned region from this run's records, whatever happened upstream: photos of failed
         shards count as failed (shard_failed), a region that was not collected is reported as such."""
         from platemask import runs
+        from platemask.airflow_support import hold_locks_for_qa
 
         _planned(specs)
-        return runs.aggregate(_client(), Settings.from_airflow(), list(specs),
-                              run_id=get_current_context()["dag_run"].run_id)
+        settings = Settings.from_airflow()
+        hold_locks_for_qa(get_current_context(), settings, list(specs))  # (cleared after release: if still its)
+        return runs.aggregate(_client(), settings, list(specs), run_id=get_current_context()["dag_run"].run_id)
 
     @task
     def check(specs: list[dict], reports: list[dict]) -> None:

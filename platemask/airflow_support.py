@@ -142,6 +142,29 @@ def hold_lock_to_mask(context: Any, settings: Settings, spec_dict: dict) -> None
             f"finished, {again}.")
 
 
+def hold_locks_for_qa(context: Any, settings: Settings, specs: list[dict]) -> None:
+    """Before QA: a run's ``qa`` task cleared after the run released its locks (it failed, or the reports
+    could not be written) takes the window's locks again where this run released them and no other run has
+    had them since, so that its report becomes the window's latest (and ``publish`` may emit for it); where
+    another run has had them, its report stays its own (``publish`` says why). Only regions this run
+    collected (a run that collected held the locks); dry runs take no lock. ``release`` gives them back."""
+    from .runs import acquire_lock, load_collected
+    from .runspec import RunSpec
+
+    client, dag_id = s3_client(settings), context["dag_run"].dag_id
+    is_live = _run_is_live(dag_id)
+    for d in sorted(specs, key=lambda d: d["region"]):
+        spec = RunSpec.from_dict(d)
+        if spec.dry_run or load_collected(client, settings, spec) is None:
+            continue
+        held = acquire_lock(client, settings, spec, is_live=is_live, log=log.info, owner={"dag_id": dag_id},
+                            reclaim=True)
+        if held is not None:
+            log.info("%s %s: this run's QA report will not be the window's latest: run %s %s", spec.region,
+                     spec.window.id, held.get("run_id"),
+                     "has had its days since this run released them" if held.get("superseded") else "holds them")
+
+
 def _holders(*locks: dict) -> str:
     """Who holds these lock documents, in words."""
     return "; ".join(f"region {b.get('region')} window {b.get('window')} is being masked by run {b.get('run_id')} "

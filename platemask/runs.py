@@ -876,7 +876,7 @@ def not_current(client, settings: Settings, report: dict) -> str | None:
                 "this run did not hold the window's day locks when its QA was written" + redo)
     if latest != own:
         holder = found[0].get("run_id") if isinstance(found[0], dict) else None
-        return (f"{region} {window}: this run's QA report {report['report']} is no longer the window's current one: "
+        return (f"{region} {window}: this run's QA report {report['report']} is not the window's current one: "
                 + (f"s3://{settings.bucket}/{latest_key} is now run {holder}'s" if holder != report["run_id"] else
                    f"it was written again without the window's locks (its qa task was cleared after the run "
                    f"released them) and differs from s3://{settings.bucket}/{latest_key}") + redo)

@@ -612,7 +612,7 @@ def test_a_qa_or_publish_task_cleared_after_a_newer_run_emits_no_asset_event_for
         assert states["publish"] == "skipped" and states["qa"] == "success", states
         assert len(_asset_events(a.run_id)) == 2, "an Asset event for a report that is not the window's"
         out = capfd.readouterr()
-        assert f"no longer the window's current one: s3://{bucket}/qa/DE/{DE_20}/report.json is now run {b.run_id}'s" \
+        assert f"is not the window's current one: s3://{bucket}/qa/DE/{DE_20}/report.json is now run {b.run_id}'s" \
             in out.out + out.err and "rerun the whole window" in out.out + out.err
         assert _report(s3, bucket, "DE", DE_20) == latest  # B's report stays the window's
     # the window's current run cleared the same way still publishes: its report is the window's
@@ -695,3 +695,28 @@ def test_a_mask_task_cleared_after_a_newer_run_of_the_window_does_not_undo_that_
         == audit_b
     assert _report(s3, bucket, "DE", DE_20) == latest  # B's report stays the window's
     assert _asset_events(a.run_id) == []
+
+
+def test_a_qa_task_that_failed_and_is_cleared_makes_its_report_the_windows_latest(monkeypatch, bucket_env):
+    """A run masked its window, but its qa task failed (S3 refused the report for a while); release (all_done)
+    gave the locks back, and the run failed. Clearing qa, as the alert says, wrote the report without the locks:
+    it never became the window's latest report, and publish emitted Asset events for a report the window did not
+    show. A cleared qa now takes the window's locks again when no other run has had them since, so its report
+    is the window's latest and its events are for the window's current report; release gives them back."""
+    s3, bucket, keys = bucket_env
+    broken = {"on": True}
+    _inject_faults(monkeypatch, lambda op, p: _client_error(op, "AccessDenied", 403, "Access Denied")
+                   if broken["on"] and op == "PutObject" and p.get("Key", "").startswith(f"qa/DE/{DE_20}/") else None)
+    dag = load_dag(monkeypatch)
+    dr = dag.test(run_conf=DE_CONF)
+    assert dr.state == "failed" and _ti_states(dr)["qa"] == "failed" and _ti_states(dr)["release"] == "success"
+    assert f"qa/DE/{DE_20}/report.json" not in _objects(s3, bucket, "qa/") and _asset_events(dr.run_id) == []
+    broken["on"] = False
+    assert _clear_and_rerun(dag, dr, ["qa", "check", "publish", "release", "watcher"]) == "success"
+    rep = _report(s3, bucket, "DE", DE_20)
+    assert rep["run_id"] == dr.run_id and rep["verdict"]["passed"] and rep["lock_held"]
+    _assert_accounted(s3, bucket, "DE", DE_20, dr.run_id, rep)
+    assert [e["report"] for _, e in _asset_events(dr.run_id)] == \
+        [f"s3://{bucket}/qa/DE/{DE_20}/runs/{run_key(dr.run_id)}/report.json"] * 2
+    lock = json.loads(s3.get_object(Bucket=bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
+    assert (lock["run_id"], lock["state"]) == (dr.run_id, "released")
