@@ -10,6 +10,10 @@ import numpy as np
 from .geometry import polygon_area
 
 SCORE_BINS = [round(x * 0.1, 1) for x in range(11)]
+# failed photos a DAG run's report.json names per reason (each photo's audit record names it anyway): a
+# night of 33,000 failed uploads made a report over the Plate QA view's 8 MB read limit, so the night
+# every photo failed was the one the view could not show. The CLI's report names them all.
+MAX_FAILURES_LISTED = 500
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -23,7 +27,10 @@ def _stats(values: list[float]) -> dict[str, float] | None:
 def build_report(records: Iterable[dict[str, Any]], *, timings: dict[str, float] | None = None,
                  wall_seconds: float | None = None, model: dict | None = None,
                  thresholds: dict[str, float] | None = None, review_limit: int = 500,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 failure_limit: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report of ``records``: counts, failures by reason (the first ``failure_limit`` of each named,
+    ``truncated`` when more; all when None), the review list (the first ``review_limit``), scores,
+    mask areas, the models that made the records, stage timings."""
     records = list(records)
     by_status = Counter(r["status"] for r in records)
     failures: dict[str, list[dict[str, str]]] = {}
@@ -54,7 +61,9 @@ def build_report(records: Iterable[dict[str, Any]], *, timings: dict[str, float]
         "images": n,
         "by_status": {s: by_status.get(s, 0) for s in ("masked", "no_plate", "failed")},
         "failure_rate": (by_status.get("failed", 0) / n) if n else 0.0,
-        "failures_by_reason": {k: {"count": len(v), "items": v} for k, v in sorted(failures.items())},
+        "failures_by_reason": {k: {"count": len(v), "items": v[:failure_limit],
+                                   "truncated": failure_limit is not None and len(v) > failure_limit}
+                               for k, v in sorted(failures.items())},
         "plates": len(scores),
         "plates_per_image": {str(k): v for k, v in sorted(plates_per_image.items())},
         "score_histogram": {"bins": SCORE_BINS, "counts": [int(c) for c in hist]},

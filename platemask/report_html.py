@@ -73,8 +73,9 @@ def _failure_row(reason: str, info: dict) -> str:
         lines.append(f"<code>{escape(i['key'])}</code>{': ' + escape(err) if err else ''}")
     more = (info["count"] if isinstance(info.get("count"), int) else len(info["items"])) - len(items)
     if more > 0:
-        lines.append(f"<b>… and {more} more not shown here</b>: report.json (failures_by_reason) and each photo's "
-                     "audit record name them")
+        lines.append(f"<b>… and {more} more not shown here</b>: " + (
+            f"each photo's audit record names it (report.json lists the first {len(info['items'])})"
+            if info.get("truncated") is True else "report.json (failures_by_reason) and each photo's audit record name them"))
     return f"<tr><td>{escape(reason)}</td><td>{escape(info['count'])}</td><td>{'<br>'.join(lines)}</td></tr>"
 
 

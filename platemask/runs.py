@@ -738,6 +738,7 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
     with reason ``shard_failed``; a region whose collect failed gets a report that says so.
     """
     from .detections import record
+    from . import qa
     from .qa import build_report, headline
     from .report_html import render_report
 
@@ -773,7 +774,8 @@ def aggregate(client, settings: Settings, specs: list[dict], *, run_id: str,
             for k, v in s["timings_s"].items():
                 timings[k] = timings.get(k, 0.0) + v
         model = next((s["model"] for s in summaries), None)
-        report = build_report(records, timings=timings, model=model, extra={
+        # each failed photo's audit record names it: the report names the first MAX_FAILURES_LISTED of a reason
+        report = build_report(records, timings=timings, model=model, failure_limit=qa.MAX_FAILURES_LISTED, extra={
             "region": spec.region, "window": spec.window.as_dict(), "run_id": spec.run_id, "run_key": spec.run_key,
             "backend": spec.backend, "mode": spec.mode, "collected": c is not None,
             "manifest": c and c["manifest"], "photos_in_window": c and c.get("photos_in_window", c["count"]),

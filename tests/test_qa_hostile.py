@@ -310,3 +310,30 @@ def test_the_page_served_for_a_window_is_the_run_whose_numbers_the_index_shows(p
     # the page of the run report.json names is served as before
     s3.put_object(Bucket=settings.bucket, Key=latest_html, Body=_get(s3, settings, f"qa/DE/{w}/runs/{spec.run_key}/report.html"))
     assert foreign_report(S3Store(settings.bucket, client=s3), settings, "DE", w, html=_get(s3, settings, latest_html)) is None
+
+
+def test_a_night_of_more_failures_than_a_report_lists_stays_readable_and_says_where_the_rest_are(
+        photos, model_dir, monkeypatch):
+    """7,500 failed uploads with long keys made an 8.4 MB report.json, and the Plate QA index (which
+    reads at most 8 MB) showed that window as 'not read': the night every photo failed was the one
+    a reviewer could not see. A DAG run's report now names the first ``MAX_FAILURES_LISTED`` of a
+    reason (here 4) and says it left the rest to the audit records, which name each one."""
+    from platemask import qa
+    from platemask.layout import audit_key
+
+    monkeypatch.setattr(qa, "MAX_FAILURES_LISTED", 4)
+    s3, settings = photos
+    good = _get(s3, settings, f"{DAY}car0.jpg")
+    for i in range(12):
+        s3.put_object(Bucket=settings.bucket, Key=f"{DAY}upload-{i:03d}.jpg", Body=good[: len(good) // 2])
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="scheduled__1", **WINDOW), model_dir)
+    report = json.loads(_get(s3, settings, rep["report"]))
+    truncated = report["failures_by_reason"]["truncated"]
+    assert report["by_status"]["failed"] == truncated["count"] == 12
+    assert len(truncated["items"]) == 4 and truncated["truncated"] is True
+    for i in range(12):  # each photo left out of the list is named by its audit record
+        audit = json.loads(_get(s3, settings, audit_key(settings, "DE", f"{DAY}upload-{i:03d}.jpg")))
+        assert audit["status"] == "failed" and audit["reason"] == "truncated"
+    html = _get(s3, settings, rep["html"]).decode()
+    assert len(re.findall(r"upload-\d{3}\.jpg</code>: ", html)) == 4
+    assert "… and 8 more not shown here</b>: each photo's audit record names it (report.json lists the first 4)" in html
