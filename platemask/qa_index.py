@@ -113,6 +113,10 @@ def summarise(region: str, window: str, report) -> dict:
 MAX_REPORT_BYTES = 8 << 20
 MAX_NAMED_FOLDERS = 5
 MAX_PROBLEMS, MAX_PROBLEM_CHARS = 5, 400  # of a verdict, shown in the index
+# a window that passed with no photo at all: a quiet night, or a region whose photos go somewhere its runs
+# never list (a wrong raw_prefix, an upload path changed); a reviewer must not read it as a region masked
+NOTHING_LISTED = ("no photo was listed for this window: if photos were uploaded for it, they are under another "
+                  "prefix than the region's raw_prefix (check the setting and the upload path) and none was masked")
 
 
 # report.html embeds its thumbnails: larger than report.json, still capped (served from memory)
@@ -253,19 +257,20 @@ def render_index(rows: list[dict], report_href, older_href=None, before: str | N
             continue
         over = r["failure_rate"] is not None and r["failure_rate"] > (r["max_failure_rate"] or 0)
         passed = r.get("passed")
-        qa = ("?" if passed is None else "passed" if passed else
+        qa = ("?" if passed is None else f"passed, but {esc(NOTHING_LISTED)}" if passed and r["photos"] == 0 else
+              "passed" if passed else
               "FAILED" + (": " + "; ".join(esc(p) for p in r.get("problems") or []) if r.get("problems") else ""))
         over = over or passed is False
         others = f" and {r['models'] - 1} other model(s)" if isinstance(r.get("models"), int) and r["models"] > 1 else ""
         body.append(
-            f"<tr{' class=bad' if over else ''}><td>{_cell(r['region'])}</td><td>{_cell(r['window_start'] or r['window'])}</td>"
+            f"<tr{' class=bad' if over else ' class=warn' if passed and r['photos'] == 0 else ''}><td>{_cell(r['region'])}</td><td>{_cell(r['window_start'] or r['window'])}</td>"
             f"<td>{_cell(r['photos'])}{' (' + _cell(r['late']) + ' late)' if r.get('late') else ''}</td><td>{_cell(r['masked'])}</td><td>{_cell(r['no_plate'])}</td><td>{_cell(r['failed'])}</td>"
             f"<td>{_cell(r['failure_rate'], '{:.2%}'.format)}</td><td>{qa}</td><td>{_cell(r['plates'])}</td><td>{_cell(r['review'])}</td>"
             f"<td>{'' if r['images_per_second'] is None else _cell(r['images_per_second'])}</td><td>{_cell(r['model'])}{others}</td>"
             f"<td>{link}</td></tr>")
     return ("<!doctype html><html><head><meta charset=utf-8><title>Plate QA</title><style>"
             "body{font-family:system-ui,sans-serif;margin:1.5em} td,th{border:1px solid #ccc;padding:3px 8px}"
-            "table{border-collapse:collapse} .bad{background:#fdd}</style></head><body><h1>Plate QA — recent runs</h1>"
+            "table{border-collapse:collapse} .bad{background:#fdd} .warn{background:#ffd}</style></head><body><h1>Plate QA — recent runs</h1>"
             "<p>Headline numbers from each window's QA report. Reports show thumbnails of unmasked originals: reviewers only.</p>"
             + (f"<p>Windows starting before {esc(before)} (<a href=\".\">newest</a>).</p>" if before else "")
             + "<table><tr><th>region</th><th>window</th><th>photos</th><th>masked</th><th>no plate</th><th>failed</th>"

@@ -12,6 +12,7 @@ import random
 from PIL import Image, ImageDraw
 
 from .html_text import escape
+from .qa_index import NOTHING_LISTED
 from .storage import S3Store
 
 THUMB = 360
@@ -53,6 +54,8 @@ def _verdict(report: dict) -> str:
     v = report.get("verdict")
     if not isinstance(v, dict) or not isinstance(v.get("passed"), bool):
         return "<p class=warn>QA verdict: not recorded in this report.</p>"
+    if v["passed"] and report.get("images") == 0 and report.get("collected") is not False:
+        return f"<p class=warn>QA verdict: passed, but <b>{escape(NOTHING_LISTED)}</b>.</p>"
     if v["passed"]:
         return "<p class=ok>QA verdict: <b>passed</b>.</p>"
     problems = v.get("problems") if isinstance(v.get("problems"), list) else []

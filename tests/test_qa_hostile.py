@@ -337,3 +337,27 @@ def test_a_night_of_more_failures_than_a_report_lists_stays_readable_and_says_wh
     html = _get(s3, settings, rep["html"]).decode()
     assert len(re.findall(r"upload-\d{3}\.jpg</code>: ", html)) == 4
     assert "… and 8 more not shown here</b>: each photo's audit record names it (report.json lists the first 4)" in html
+
+
+def test_a_window_in_which_nothing_was_listed_is_not_shown_as_a_plain_pass(photos, model_dir):
+    """A region whose photos are uploaded under another prefix than its raw_prefix lists nothing every
+    night: its QA passed with 0 photos, 0 failed, 0.00 %, and the index and page said 'passed', as
+    for a night masked in full. They now say that nothing was listed, and where to look."""
+    from platemask.html_text import escape
+    from platemask.qa_index import NOTHING_LISTED
+
+    s3, settings = photos
+    empty = dataclasses.replace(settings, raw_prefix="uploads/{region}/{yyyy}/{mm}/{dd}/")  # the photos are under raw/
+    spec = RunSpec(region="DE", run_id="scheduled__1", **WINDOW)
+    rep = _run(s3, empty, spec, model_dir)
+    report = json.loads(_get(s3, empty, rep["report"]))
+    assert report["images"] == 0 and report["verdict"]["passed"] is True
+    html = _get(s3, empty, rep["html"]).decode()
+    assert f"QA verdict: passed, but <b>{escape(NOTHING_LISTED)}</b>" in html
+    row = _row(_index(s3, empty), spec.window.id)
+    assert "class=warn" in row and f"passed, but {escape(NOTHING_LISTED)}" in row
+    # a window with photos still reads as a plain pass
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="scheduled__2", **WINDOW), model_dir)
+    assert json.loads(_get(s3, settings, rep["report"]))["images"] == 3
+    row = _row(_index(s3, settings), spec.window.id)
+    assert "<td>passed</td>" in row and escape(NOTHING_LISTED) not in row
