@@ -186,14 +186,26 @@ def late_days(settings: Settings, spec: RunSpec) -> list[date]:
     return [first - timedelta(days=i) for i in range(settings.late_days, 0, -1)]
 
 
-def _day_lock_key(settings: Settings, region: str, d: date) -> str:
-    """The lock of ``region``'s local day ``d`` (the one a nightly run of that day holds)."""
+def _night(settings: Settings, region: str, d: date) -> RunSpec:
+    """A run of ``region``'s local day ``d``: the nightly window of that day."""
     z = ZoneInfo(settings.region_timezones[region])
     e = d + timedelta(days=1)
-    night = RunSpec(region=region, window_start=datetime(d.year, d.month, d.day, tzinfo=z).isoformat(),
-                    window_end=datetime(e.year, e.month, e.day, tzinfo=z).isoformat())
-    (key,) = lock_keys(settings, night)
+    return RunSpec(region=region, window_start=datetime(d.year, d.month, d.day, tzinfo=z).isoformat(),
+                   window_end=datetime(e.year, e.month, e.day, tzinfo=z).isoformat())
+
+
+def _day_lock_key(settings: Settings, region: str, d: date) -> str:
+    """The lock of ``region``'s local day ``d`` (the one a nightly run of that day holds)."""
+    (key,) = lock_keys(settings, _night(settings, region, d))
     return key
+
+
+def _day_was_collected(client, settings: Settings, region: str, d: date) -> bool:
+    """Whether a run of its own has collected ``region``'s day ``d``: its marker (``day_collected_key``), or,
+    for a day masked before collect wrote markers, the latest QA report of its nightly window."""
+    store = _store(client, settings)
+    return store.exists(day_collected_key(settings, region, d)) or \
+        store.exists(qa_prefix(settings, _night(settings, region, d)) + "report.json")
 
 
 def day_collected_key(settings: Settings, region: str, d: date) -> str:
@@ -235,7 +247,8 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
     A day with no late photo is given back at once; the locks of the days that had some are added to ``locks``
     (the mask step takes them again when cleared after the run ended: ``acquire_late_locks``).
 
-    Only a day that a run of its own has collected (``day_collected_key``) has late photos: in a backfill the
+    Only a day that a run of its own has collected (``day_collected_key``, or for a day masked before collect
+    wrote markers, its nightly window's latest QA report) has late photos: in a backfill the
     next day's run may get there before that day's run has reached ``hold``, and would otherwise mask the
     whole day as its "late" photos, leaving that day's run nothing to do and its QA nothing to say. Such a day
     is left to its own run, named in the log and in ``not_collected`` (the QA report's
@@ -244,9 +257,10 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
     own = lock_keys(settings, spec)
     for d in late_days(settings, spec):
         key = _day_lock_key(settings, spec.region, d)
-        if not _store(client, settings).exists(day_collected_key(settings, spec.region, d)):
+        if not _day_was_collected(client, settings, spec.region, d):
             log(f"{spec.region} {d}: no run of that day has collected it yet (no "
-                f"s3://{settings.bucket}/{day_collected_key(settings, spec.region, d)}): its photos are left to "
+                f"s3://{settings.bucket}/{day_collected_key(settings, spec.region, d)}, no latest QA report of its "
+                "night): its photos are left to "
                 "that day's own run, not picked up as late; if no run of that day is coming (a night missed with "
                 "catchup off), backfill it")
             if not_collected is not None:

@@ -813,3 +813,27 @@ def test_a_cleared_mask_task_takes_its_late_days_locks_again_or_refuses(photos, 
         support.hold_lock_to_mask(context, settings, night_21.as_dict())
     day_20 = json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
     assert (day_20["run_id"], day_20["state"]) == (night_20.run_id, "released")
+
+
+def test_a_day_masked_before_collect_marked_days_still_has_late_photos(photos, model_dir):
+    """Late pick-up takes only days a run of their own has collected, by the marker collect writes. A day masked
+    by a version that wrote no marker has none, so a photo uploaded into it late would have waited for a run of
+    that day that had long happened: never masked, no record. Its nightly window's latest QA report counts too."""
+    from platemask.runs import aggregate, day_collected_key
+
+    s3, settings, keys = photos
+    settings = dataclasses.replace(settings, late_days=1)
+    night_20 = RunSpec(region="DE", run_id="scheduled__20", **WINDOW)
+    assert acquire_lock(s3, settings, night_20, is_live=lambda lock: True) is None
+    assert _mask(s3, settings, night_20, model_dir) == (4, 0)
+    (report,) = aggregate(s3, settings, [night_20.as_dict()], run_id=night_20.run_id, log=lambda m: None)
+    assert report["latest"] and release_lock(s3, settings, night_20)
+    from datetime import date
+
+    s3.delete_object(Bucket=settings.bucket, Key=day_collected_key(settings, "DE", date(2026, 11, 20)))  # as before
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
+    s3.put_object(Bucket=settings.bucket, Key="raw/DE/2026/11/20/late.jpg", Body=body)
+    night_21 = RunSpec(region="DE", run_id="scheduled__21", window_start="2026-11-20T23:00:00+00:00",
+                       window_end="2026-11-21T23:00:00+00:00")
+    c = collect(s3, settings, night_21, log=lambda m: None, is_live=lambda lock: False)
+    assert c["late"] == 1 and c["late_days_not_collected"] == []
