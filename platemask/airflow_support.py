@@ -239,8 +239,8 @@ def submit_transform(settings: Settings, shard: dict, model_dir: str | None) -> 
 
 
 def poll_transform(settings: Settings, shard: dict, model_dir: str | None = None) -> tuple[bool, dict]:
-    """One check of the deferred wait (``transform_wait``): a failed or stopped job that made progress
-    is followed by one over the rest."""
+    """One check of the deferred wait (``transform_wait``): a failed job that made progress (or one this
+    DAG stopped itself) is followed by one over the rest; a job an operator stopped is not."""
     from .sagemaker_backend import poll, submit
 
     s3 = s3_client(settings)
@@ -254,7 +254,7 @@ def stop_transform(settings: Settings, shard: dict | None) -> None:
     from .sagemaker_backend import stop
 
     if shard and shard.get("spec", {}).get("backend") == "sagemaker":
-        stop(sagemaker_hook(settings), shard)
+        stop(sagemaker_hook(settings), shard, s3_client(settings), settings)
 
 
 # deadline rows created before the alerts moved to schedules name this path

@@ -441,7 +441,7 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
         sure = any(v["reason"] != "transform_record_failed" for v in dropped.values())
         # a stopped job (StopTransformJob: an operator's decision; this DAG stops jobs only once its
         # wait has failed) is not followed by an attempt over the rest: a stop is never undone
-        stopped = state == "Stopped"
+        stopped = state == "Stopped" and not stopped_by_dag(s3, settings, output)
         if not (new or sure) or stopped:
             dropped = {}
             # every check of the wait walks the attempts again and asks S3 again: an attempt this
@@ -488,8 +488,22 @@ def poll(hook, shard: dict, *, resubmit: Callable[[dict], dict] | None = None) -
     return done, {**shard, "transform": {**t, "state": state, "failure_reason": desc.get("FailureReason")}}
 
 
-def stop(hook, shard: dict) -> None:
-    """Stop the shard's job and any later attempt the wait started (its XCom only names the first)."""
+def dag_stop_key(output: str) -> tuple[str, str]:
+    """Where ``stop`` marks a job this DAG stopped itself: next to (not inside) the job's output folder."""
+    bucket, prefix = parse_s3_uri(output.rstrip("/") + "/")
+    return bucket, prefix.rstrip("/") + ".dag-stop.json"
+
+
+def stopped_by_dag(s3, settings: Settings, output: str) -> bool:
+    """Whether the job writing to ``output`` was stopped by this DAG (``stop``), not by an operator."""
+    return S3Store.for_settings(settings, s3).exists(dag_stop_key(output)[1])
+
+
+def stop(hook, shard: dict, s3=None, settings: Settings | None = None) -> None:
+    """Stop the shard's job and any later attempt the wait started (its XCom only names the first).
+    With ``s3`` and ``settings`` each job is first marked stopped by this DAG (``dag_stop_key``), so a
+    wait cleared afterwards (what the failure alert says to do) follows it with an attempt over the rest
+    instead of taking it for an operator's stop, which ends the shard's attempts."""
     t = (shard or {}).get("transform") or {}
     job = t.get("job")
     if not job:
@@ -497,7 +511,11 @@ def stop(hook, shard: dict) -> None:
     names = [job]
     if re.search(r"-a\d+$", job):
         names += [re.sub(r"-a\d+$", f"-a{n}", job) for n in range(int(t.get("attempt", 0)) + 1, MAX_ATTEMPTS)]
+    spec = RunSpec.from_dict(shard["spec"]) if s3 is not None and settings is not None and shard.get("spec") else None
     for name in names:
+        if spec is not None:
+            bucket, key = dag_stop_key(output_uri(settings, spec, name))
+            S3Store.for_settings(settings, s3).put_json(key, {"TransformJobName": name, "stopped_by": "plate_masking"})
         try:
             hook.get_conn().stop_transform_job(TransformJobName=name)
             log.warning("stopped transform job %s", name)

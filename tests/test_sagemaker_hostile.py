@@ -201,3 +201,43 @@ def test_a_job_an_operator_stops_is_not_resubmitted_and_its_rest_fails_saying_so
         error = recs[key]["error"]
         assert key in error and job in error and "StopTransformJob" in error and "rerun" in error, error
     assert _published(s3, settings) == {done.replace("raw/", "masked/", 1)}
+
+
+def test_a_job_this_dag_stopped_is_followed_by_an_attempt_over_the_rest_when_its_wait_is_cleared(
+        aws_conn, model_dir, server_url, scene):
+    """The wait's on_failure_callback stops the shard's job (a wait that failed, e.g. at its deadline),
+    and the failure alert says to clear the failed tasks. The cleared wait saw a Stopped job and took
+    it for an operator's stop: the rest of the shard failed transform_job_stopped where an attempt
+    over the rest used to finish it. The DAG's own stop is now marked, and only an unmarked stop ends
+    the shard's attempts."""
+    from test_sagemaker import (_FlakyContainer, _four_photos, _job_manifests, _local_runner_settings, _records,
+                                _shard_of, _wait)
+
+    from platemask.airflow_support import detector_factory, sagemaker_hook, stop_transform
+    from platemask.runs import mask_shard
+    from platemask.sagemaker_backend import submit
+
+    s3 = aws_conn
+    photos = _four_photos(scene)
+    with _FlakyContainer(server_url, [], hold_after=1) as container:  # a0 answered, b1 held until released
+        settings = _local_runner_settings(s3, container.url, max_concurrent=1)
+        shard = _shard_of(s3, settings, photos)
+        hook = sagemaker_hook(settings, s3)
+        resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
+        submitted = resubmit(shard)
+        job = submitted["transform"]["job"]
+        end = time.monotonic() + 60
+        while container.passed < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert container.passed == 2
+        stop_transform(settings, submitted)  # the failed wait's on_failure_callback
+        assert hook.describe_transform_job(job)["TransformJobStatus"] == "Stopping"
+        time.sleep(1.2)  # the runner looks for a stop at most once a second
+        container.release.set()
+        waited = _wait(hook, submitted, resubmit=resubmit)  # the wait, cleared
+    t = waited["transform"]
+    assert t["state"] == "Completed" and t["attempt"] == 1, t
+    assert list(_job_manifests(s3, hook, job[:-1])) == [job, job[:-1] + "1"]
+    recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
+                                             log=lambda m: None))
+    assert set(recs) == set(photos) and all(r["status"] == "masked" for r in recs.values()), recs
