@@ -14,6 +14,9 @@ SCORE_BINS = [round(x * 0.1, 1) for x in range(11)]
 # night of 33,000 failed uploads made a report over the Plate QA view's 8 MB read limit, so the night
 # every photo failed was the one the view could not show. The CLI's report names them all.
 MAX_FAILURES_LISTED = 500
+# failures decided before a photo is read: it went through no stage, so it takes no share of their time
+NOT_TIMED_REASONS = frozenset({"shard_failed", "key_too_long", "not_a_file", "unreadable_folder", "output_collision",
+                               "archived"})
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -77,8 +80,8 @@ def build_report(records: Iterable[dict[str, Any]], *, timings: dict[str, float]
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         # the stage times are of the photos this job ran through them: a rerun's photos skipped as already
         # done (or an earlier run's records kept, or a failed shard's) took none of them
-        timed = sum(not (r.get("skipped") or r.get("from_earlier_run") or r.get("reason") == "shard_failed")
-                    for r in records)
+        timed = sum(not (r.get("skipped") or r.get("from_earlier_run") or r.get("earlier_attempt")
+                         or r.get("reason") in NOT_TIMED_REASONS) for r in records)
         if timed:
             report["timings_ms_per_image"] = {k: round(1000 * v / timed, 1) for k, v in timings.items()}
     if wall_seconds is not None:

@@ -220,6 +220,21 @@ def test_stage_times_per_photo_are_of_the_photos_that_went_through_the_stages(ph
         assert qa["timings_ms_per_image"][stage] == round(1000 * seconds, 1), stage
 
 
+def test_photos_that_never_reached_a_stage_take_no_share_of_its_time(photos, model_dir):
+    """A photo whose key is legal but whose masked copy's or audit record's key would be over S3's
+    1,024 bytes fails key_too_long before it is read; it still counted among the photos the stage
+    times were divided by (3 photos through the stages, the times divided by 4)."""
+    s3, settings = photos
+    long_key = DAY + "k" * (1016 - len(DAY)) + ".jpg"
+    s3.put_object(Bucket=settings.bucket, Key=long_key, Body=_get(s3, settings, f"{DAY}car1.jpg"))
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="manual__1", **WINDOW), model_dir)
+    qa = json.loads(_get(s3, settings, rep["report"]))
+    assert qa["images"] == 4 and [i["key"] for i in qa["failures_by_reason"]["key_too_long"]["items"]] == [long_key]
+    (shard,) = qa["shards"]
+    for stage, seconds in shard["timings_s"].items():
+        assert qa["timings_ms_per_image"][stage] == round(1000 * seconds / 3, 1), stage
+
+
 def test_photos_masked_by_another_model_than_the_first_shards_are_named(photos, model_dir, tmp_path):
     """A shard whose task ran with other weights (a model deployed or the folder changed while the run
     was masking, then a retried or later task) made records the report never named: report.json, the
