@@ -30,6 +30,7 @@ from contextlib import contextmanager, suppress
 from datetime import date, datetime, timezone
 from pathlib import Path
 
+from .html_text import visible
 from .settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -412,7 +413,9 @@ def _nightly(client, demo: Path, log: Path, say, t_start: float, in_window: int)
     say(f"QA: {headline(rep)}; failure rate {rep['failure_rate']:.1%} (limit {rep['max_failure_rate']:.0%})")
     for reason, info in rep["failures_by_reason"].items():
         for item in info["items"]:
-            say(f"  failed ({reason}): {item['key']} — never published")
+            say(f"  failed ({reason}): {visible(item['key'])} — never published")
+        if info["count"] > len(info["items"]):
+            say(f"  failed ({reason}): ... and {info['count'] - len(info['items'])} more, each named by its audit record")
     for item in rep["review"]["items"][:10]:
         say(f"  review: {item['key']} ({item['why']})")
     if rep["review"]["count"] > 10:
