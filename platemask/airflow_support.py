@@ -70,6 +70,25 @@ def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
     return is_live
 
 
+def _day_run_pending(settings: Settings, region: str) -> Callable[[Any], bool]:
+    """``day_pending(d)``: whether the region's nightly run of local day ``d`` (logical date: that day's
+    local midnight) is queued or running, e.g. a backfill's run not started yet."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    from .schedules import region_dag_id
+
+    tz = ZoneInfo(settings.region_timezones[region])
+
+    def pending(d) -> bool:
+        return RuntimeTaskInstance.get_dr_count(dag_id=region_dag_id(region), logical_dates=[
+            datetime(d.year, d.month, d.day, tzinfo=tz)], states=["queued", "running"]) > 0
+
+    return pending
+
+
 def collect_region(context: Any, settings: Settings, spec_dict: dict) -> dict:
     """The collect step for one region: a late day's photos are picked up under that day's lock (taken
     for this DAG's run), also when a run that is no longer queued or running left it held."""
@@ -77,8 +96,9 @@ def collect_region(context: Any, settings: Settings, spec_dict: dict) -> dict:
     from .runspec import RunSpec
 
     dag_id = context["dag_run"].dag_id
-    return collect(s3_client(settings), settings, RunSpec.from_dict(spec_dict), is_live=_run_is_live(dag_id),
-                   owner={"dag_id": dag_id})
+    spec = RunSpec.from_dict(spec_dict)
+    return collect(s3_client(settings), settings, spec, is_live=_run_is_live(dag_id), owner={"dag_id": dag_id},
+                   day_pending=_day_run_pending(settings, spec.region))
 
 
 def hold_locks(context: Any, settings: Settings, specs: list[dict]) -> tuple[bool, list[dict]]:

@@ -229,7 +229,8 @@ def _whole_days(settings: Settings, spec: RunSpec) -> list[date]:
 def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str], None],
                   hidden: list[str] | None = None, is_live: Callable[[dict], bool] | None = None,
                   owner: dict | None = None, locks: list[str] | None = None,
-                  not_collected: list[str] | None = None) -> list[dict]:
+                  not_collected: list[str] | None = None,
+                  day_pending: Callable[[date], bool] | None = None) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
     after their night's run, or missed by it), or whose audit record is of another upload (its
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
@@ -252,20 +253,31 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
     next day's run may get there before that day's run has reached ``hold``, and would otherwise mask the
     whole day as its "late" photos, leaving that day's run nothing to do and its QA nothing to say. Such a day
     is left to its own run, named in the log and in ``not_collected`` (the QA report's
-    ``late_days_not_collected``: if no run of it is coming, e.g. nights missed with catchup off, backfill it)."""
+    ``late_days_not_collected``), while a run of it is queued or running (``day_pending(d)``: Airflow
+    creates a backfill's runs up front) or a later night's late pick-up can still reach it. On the last
+    night that reaches it (the oldest of the late days) a day no run has collected and none is about to
+    is picked up as late all the same: a night missed with catchup off is masked ``late_days`` nights
+    later, never left unmasked without a record."""
     out = []
     own = lock_keys(settings, spec)
-    for d in late_days(settings, spec):
+    days = late_days(settings, spec)
+    for d in days:
         key = _day_lock_key(settings, spec.region, d)
         if not _day_was_collected(client, settings, spec.region, d):
-            log(f"{spec.region} {d}: no run of that day has collected it yet (no "
-                f"s3://{settings.bucket}/{day_collected_key(settings, spec.region, d)}, no latest QA report of its "
-                "night): its photos are left to "
-                "that day's own run, not picked up as late; if no run of that day is coming (a night missed with "
-                "catchup off), backfill it")
-            if not_collected is not None:
-                not_collected.append(d.isoformat())
-            continue
+            marker = (f"no s3://{settings.bucket}/{day_collected_key(settings, spec.region, d)}, no latest QA report "
+                      "of its night")
+            pending = day_pending is not None and day_pending(d)
+            if pending or d != days[0]:
+                log(f"{spec.region} {d}: no run of that day has collected it yet ({marker}): its photos are left to "
+                    + ("that day's run, which is queued or running" if pending else
+                       "that day's own run, not picked up as late yet; if no run of that day comes (a night missed "
+                       "with catchup off), the late pick-up of the night that ends its late days takes them, or "
+                       "backfill it"))
+                if not_collected is not None:
+                    not_collected.append(d.isoformat())
+                continue
+            log(f"{spec.region} {d}: no run of that day has collected it ({marker}) and none is queued or running; "
+                "this is the last night whose late pick-up reaches it: its photos without a record are picked up as late")
         if spec.dry_run:
             try:
                 lock = _store(client, settings).get_json(key)
@@ -331,7 +343,8 @@ def acquire_late_locks(client, settings: Settings, spec: RunSpec, *, is_live: Ca
 
 
 def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None] = print, *,
-            is_live: Callable[[dict], bool] | None = None, owner: dict | None = None) -> dict:
+            is_live: Callable[[dict], bool] | None = None, owner: dict | None = None,
+            day_pending: Callable[[date], bool] | None = None) -> dict:
     """List only the partitions the window covers, keep supported images in it, add the late photos of
     the days before (``late_days``, under their day locks; ``is_live(lock)``: whether the run holding such
     a day's lock is still running, see ``_late_entries``; ``owner`` is stored in a lock taken), write the
@@ -372,7 +385,8 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
-        entries += _late_entries(client, settings, spec, log, hidden, is_live, owner, late_locks, not_collected)
+        entries += _late_entries(client, settings, spec, log, hidden, is_live, owner, late_locks, not_collected,
+                                 day_pending)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # other extensions stay in the manifest: what an object holds decides, not its name (a photo named

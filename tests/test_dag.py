@@ -628,17 +628,18 @@ def test_in_a_backfill_the_next_days_run_leaves_a_day_to_its_own_run_not_yet_sta
     reached hold: none of the 20th's photos had an audit record, so it masked the whole 20th as its "late"
     photos; the 20th's own run then found every photo done (processed 0) and its QA said nothing of its own day.
     Late pick-up now takes only photos of a day a run of its own has collected (collect marks its whole days);
-    a day not collected yet is left to its run and named in the QA report. A photo uploaded into the 20th after
-    its run is still the next night's late photo."""
+    a day not collected yet is left to its run (while a later night's late pick-up can still reach it: the 19th,
+    the 21st's last late day, never had a run and is picked up) and named in the QA report. A photo uploaded into
+    the 20th after its run is still the next night's late photo."""
     s3, bucket, keys = bucket_env
-    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "1")
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "2")
     night_21 = {"region": "DE", "window_start": "2026-11-21", "window_end": "2026-11-22", "max_failure_rate": 0.5}
     first = load_dag(monkeypatch).test(run_conf=night_21)  # the 21st's run first
     assert first.state == "success"
     rep_21 = _report(s3, bucket, "DE", DE_21)
-    assert rep_21["late"] == 0 and rep_21["images"] == 1, rep_21["by_status"]
+    assert rep_21["late"] == 1 and rep_21["images"] == 2, rep_21["by_status"]  # the 19th's photo, on its last night
     assert rep_21["late_days_not_collected"] == ["2026-11-20"]
-    assert _manifest(s3, bucket, "DE", DE_21, first.run_id) == keys[("DE", "21")]
+    assert _manifest(s3, bucket, "DE", DE_21, first.run_id) == sorted(keys[("DE", "19")] + keys[("DE", "21")])
     own = load_dag(monkeypatch).test(run_conf=DE_CONF)  # then the 20th's own run: its day is its own
     assert own.state == "success"
     rep_20 = _report(s3, bucket, "DE", DE_20)

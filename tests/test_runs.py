@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import date
 import json
 import shutil
 import threading
@@ -669,9 +670,11 @@ def test_late_pick_up_holds_the_days_lock_so_a_backfill_run_of_that_day_waits(ph
                        window_end="2026-11-21T23:00:00+00:00")
     assert acquire_lock(s3, settings, night_21, is_live=is_live) is None  # the 21st's hold
     logs = []
-    c = collect(s3, settings, night_21, log=logs.append, is_live=is_live)
+    queued = lambda d: d == date(2026, 11, 20)  # noqa: E731 - the backfill created the 20th's run, not started yet
+    c = collect(s3, settings, night_21, log=logs.append, is_live=is_live, day_pending=queued)
     assert c["late"] == 0 and c["late_days_not_collected"] == ["2026-11-20"]  # the 20th is its own run's
-    assert any("2026-11-20: no run of that day has collected it yet" in m and "backfill it" in m for m in logs), logs
+    assert any("2026-11-20: no run of that day has collected it yet" in m and "queued or running" in m
+               for m in logs), logs
     assert "runs/DE/locks/2026-11-20.json" not in {o["Key"] for o in s3.list_objects_v2(
         Bucket=settings.bucket, Prefix="runs/DE/locks/").get("Contents", [])}  # not taken: nothing to wait for
     assert acquire_lock(s3, settings, night_20, is_live=is_live) is None  # the 20th's hold, a moment later
@@ -823,7 +826,7 @@ def test_a_day_masked_before_collect_marked_days_still_has_late_photos(photos, m
     from platemask.runs import aggregate, day_collected_key
 
     s3, settings, keys = photos
-    settings = dataclasses.replace(settings, late_days=1)
+    settings = dataclasses.replace(settings, late_days=2)  # the 20th is not the 21st's last late day
     night_20 = RunSpec(region="DE", run_id="scheduled__20", **WINDOW)
     assert acquire_lock(s3, settings, night_20, is_live=lambda lock: True) is None
     assert _mask(s3, settings, night_20, model_dir) == (4, 0)
@@ -838,3 +841,32 @@ def test_a_day_masked_before_collect_marked_days_still_has_late_photos(photos, m
                        window_end="2026-11-21T23:00:00+00:00")
     c = collect(s3, settings, night_21, log=lambda m: None, is_live=lambda lock: False)
     assert c["late"] == 1 and c["late_days_not_collected"] == []
+
+
+def test_a_missed_night_is_picked_up_as_late_on_the_last_night_that_reaches_it(photos):
+    """The nightly DAGs run with catchup off: a night the scheduler missed gets no run. Its day then had
+    no marker of a run of its own, and late pick-up left it to that run for ever: its photos were never
+    masked and had no record (only report.json's late_days_not_collected named the day). It is now left
+    to its own run only while one is queued or running, or a later night can still reach it; the night
+    that ends its late days picks it up."""
+    s3, settings, keys = photos
+    settings = dataclasses.replace(settings, late_days=2)
+    night = lambda day, run_id: RunSpec(region="DE", run_id=run_id, window_start=f"2026-11-{day - 1}T23:00:00+00:00",  # noqa: E731
+                                        window_end=f"2026-11-{day}T23:00:00+00:00")
+    nobody = lambda d: False  # noqa: E731 - no run of the 20th is queued or running: the night was missed
+    c = collect(s3, settings, night(21, "scheduled__21"), log=lambda m: None, is_live=lambda lock: False,
+                day_pending=nobody)
+    assert c["late"] == 0 and c["late_days_not_collected"] == ["2026-11-20"]  # the 22nd's night can still reach it
+    logs = []
+    queued = collect(s3, settings, night(22, "scheduled__22a"), log=logs.append, is_live=lambda lock: False,
+                     day_pending=lambda d: d == date(2026, 11, 20))  # a backfill of the 20th is queued: its own
+    assert queued["late"] == 0 and "2026-11-20" in queued["late_days_not_collected"], logs
+    release_lock(s3, settings, night(22, "scheduled__22a"))
+    logs = []
+    c = collect(s3, settings, night(22, "scheduled__22"), log=logs.append, is_live=lambda lock: False,
+                day_pending=nobody)
+    manifest = [json.loads(x) for x in s3.get_object(Bucket=settings.bucket, Key=c["manifest"].split("/", 3)[3])["Body"]
+                .read().decode().splitlines()]
+    assert sorted(e["key"] for e in manifest if e.get("late")) == sorted(k for k in keys if "/2026/11/20/" in k)
+    assert c["late"] == len(keys) and "2026-11-20" not in c["late_days_not_collected"]
+    assert any("2026-11-20: no run of that day has collected it" in m and "last night" in m for m in logs), logs
