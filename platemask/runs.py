@@ -898,9 +898,14 @@ def not_current(client, settings: Settings, report: dict) -> str | None:
         own = store.read(own_key) if own_key else None
         found = store.get_json(latest_key)
         latest = store.read(latest_key) if found else None
-    except (ClientError, BotoCoreError, ValueError) as exc:
-        return (f"{region} {window}: cannot tell whether this run's QA report {report['report']} is the window's "
-                f"current one (s3://{settings.bucket}/{latest_key}): {exc}" + redo)
+    except (ClientError, BotoCoreError) as exc:  # S3 did not answer what is there: not a reason to skip the events
+        raise RunError(f"{region} {window}: cannot tell whether this run's QA report {report['report']} is the "
+                       f"window's current one: reading s3://{settings.bucket}/{latest_key} failed ({exc}); the task "
+                       "fails (and retries), no Asset event is skipped for it; if it keeps failing, check the "
+                       "connection's S3 access to qa/, then clear the publish task") from exc
+    except ValueError as exc:  # the latest report.json is not JSON: not this run's report, whatever it is
+        return (f"{region} {window}: s3://{settings.bucket}/{latest_key} cannot be read as a report ({exc}), so "
+                f"this run's QA report {report['report']} is not the window's current one" + redo)
     if latest is None:
         return (f"{region} {window}: the window has no latest QA report (s3://{settings.bucket}/{latest_key}): "
                 "this run did not hold the window's day locks when its QA was written" + redo)

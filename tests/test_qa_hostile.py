@@ -376,3 +376,29 @@ def test_a_window_in_which_nothing_was_listed_is_not_shown_as_a_plain_pass(photo
     assert json.loads(_get(s3, settings, rep["report"]))["images"] == 3
     row = _row(_index(s3, settings), spec.window.id)
     assert "<td>passed</td>" in row and escape(NOTHING_LISTED) not in row
+
+
+def test_publish_does_not_skip_its_asset_events_when_s3_cannot_say_whether_its_report_is_current(
+        photos, model_dir, moto_server):
+    """publish emits only for the window's current report (runs.not_current). When S3 refused the read of
+    the window's latest report.json (AccessDenied, SlowDown), not_current answered 'cannot tell ... rerun the
+    whole window' and publish skipped: the run ended green with no Asset event and no alert, although its
+    report was the current one. A failed read now fails the task (it retries; the run fails if it goes on)."""
+    import boto3
+
+    from fault_proxy import FaultProxy
+    from platemask.runs import not_current
+    from platemask.runspec import RunError
+
+    s3, settings = photos
+    rep = _run(s3, settings, RunSpec(region="DE", run_id="scheduled__1", **WINDOW), model_dir)
+    assert rep["passed"] and rep["latest"] and not_current(s3, settings, rep) is None
+    latest = f"qa/DE/{RunSpec(region='DE', run_id='x', **WINDOW).window.id}/report.json"
+    proxy = FaultProxy(moto_server, fault=lambda req: ("status", 403, "AccessDenied")
+                       if req.method == "GET" and req.key == latest else None)
+    try:
+        via_proxy = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1")
+        with pytest.raises(RunError, match="AccessDenied.*no Asset event is skipped"):
+            not_current(via_proxy, settings, rep)
+    finally:
+        proxy.close()
