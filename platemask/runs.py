@@ -56,7 +56,11 @@ def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable
 
 
 def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live: Callable[[dict], bool],
-                 log: Callable[[str], None], owner: dict | None, reclaim: bool = False) -> dict | None:
+                 log: Callable[[str], None], owner: dict | None, reclaim: bool = False,
+                 previous: list | None = None) -> dict | None:
+    """Take the lock at ``key`` for ``spec``'s run; None when taken (or already this run's), else the live
+    holder's document (``superseded`` with ``reclaim``: another run has had it since). ``previous`` gets
+    the document this run's replaced (None: there was none), so a look that took nothing can put it back."""
     from botocore.exceptions import ClientError
 
     mine = {"state": "held", "run_id": spec.run_id, "run_key": spec.run_key, "region": spec.region,
@@ -66,6 +70,8 @@ def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live
         try:
             _store(client, settings).put_json_conditional(key, mine, if_none_match=True)
             log(f"{spec.region} {spec.window.id}: lock s3://{settings.bucket}/{key} taken by run {spec.run_id}")
+            if previous is not None:
+                previous.append(None)
             return None
         except ClientError as exc:
             if error_code(exc) not in PRECONDITION_CODES:
@@ -82,10 +88,12 @@ def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live
             return None
         if held.get("state") == "held" and is_live(held):
             return held
-        if reclaim and held.get("run_id") != spec.run_id:
+        if reclaim and held.get("run_id") not in (spec.run_id, None):
             return dict(held, superseded=True)
         try:
             _store(client, settings).put_json_conditional(key, mine, if_match=etag)
+            if previous is not None:
+                previous.append(held)
         except ClientError as exc:
             if error_code(exc) in PRECONDITION_CODES or error_code(exc) in MISSING_CODES:
                 continue  # another run took it in between: look again
@@ -103,6 +111,29 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
     keys += [k for k in (_day_lock_key(settings, spec.region, d) for d in late_days(settings, spec)) if k not in keys]
     released = [_release_one(client, settings, spec, key, log) for key in keys]
     return any(released)
+
+
+def _give_back_unused(client, settings: Settings, spec: RunSpec, key: str, before: dict | None,
+                      log: Callable[[str], None]) -> None:
+    """Give back a late day's lock this run took only to look and found nothing to mask there: the document
+    it replaced goes back (none: a released lock naming no run), with who looked, so the lock still names
+    the last run that masked that day. A cleared task of that run may take it again (``reclaim``): a look
+    that took nothing is no run that has had the day."""
+    from botocore.exceptions import ClientError
+
+    found = _own_lock(client, settings, spec, key)
+    if found is None:
+        return
+    doc = dict(before) if isinstance(before, dict) and before else {"state": "released"}
+    doc["looked"] = {"run_id": spec.run_id, "at": datetime.now(timezone.utc).isoformat(), "took": 0}
+    try:
+        _store(client, settings).put_json_conditional(key, doc, if_match=found[1])
+    except ClientError as exc:
+        if error_code(exc) in PRECONDITION_CODES:
+            return  # taken over meanwhile (this run was thought dead): not ours any more
+        raise
+    log(f"{spec.region} {spec.window.id}: lock {key.rsplit('/', 1)[-1]} given back by run {spec.run_id} "
+        "(no late photo there)")
 
 
 def _own_lock(client, settings: Settings, spec: RunSpec, key: str) -> tuple[dict, str] | None:
@@ -286,8 +317,9 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
             holder = lock[0] if lock and lock[0].get("state") == "held" and lock[0].get("run_id") != spec.run_id \
                 and (is_live is None or is_live(lock[0])) else None
         else:
+            before: list = []
             holder = _acquire_one(client, settings, spec, key, is_live=is_live or (lambda held: True), log=log,
-                                  owner=owner)
+                                  owner=owner, previous=before)
         if holder is not None:
             log(f"{spec.region} {d}: late photos left to run {holder.get('run_id')}, which holds that day")
             continue
@@ -323,7 +355,8 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
                 if locks is not None:
                     locks.append(key)
             else:
-                _release_one(client, settings, spec, key, log)  # nothing to do there: no run of it waits for this one
+                # nothing to do there: no run of it waits for this one, and the lock still names the run that masked it
+                _give_back_unused(client, settings, spec, key, before[0] if before else None, log)
     return out
 
 

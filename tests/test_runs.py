@@ -870,3 +870,37 @@ def test_a_missed_night_is_picked_up_as_late_on_the_last_night_that_reaches_it(p
     assert sorted(e["key"] for e in manifest if e.get("late")) == sorted(k for k in keys if "/2026/11/20/" in k)
     assert c["late"] == len(keys) and "2026-11-20" not in c["late_days_not_collected"]
     assert any("2026-11-20: no run of that day has collected it" in m and "last night" in m for m in logs), logs
+
+
+def test_a_next_nights_look_that_took_nothing_does_not_keep_a_cleared_task_from_its_days(photos, model_dir,
+                                                                                         monkeypatch):
+    """A cleared mask (or qa) task takes its day locks again only where no other run has had them since. The
+    next night's late pick-up takes each late day's lock to look, and gave it back released in its own name
+    when it found nothing there: the 20th's failed task, cleared after the 21st's night (a Friday failure
+    cleared on Monday), was refused as superseded by a run that had masked nothing of its day. A look that
+    took nothing now puts back the lock as it was (naming the 20th's run), with who looked."""
+    from types import SimpleNamespace
+
+    from platemask import airflow_support as support
+
+    s3, settings, keys = photos
+    settings = dataclasses.replace(settings, late_days=1)
+    monkeypatch.setattr(support, "s3_client", lambda _settings: s3)
+    monkeypatch.setattr(support, "_run_is_live", lambda dag_id: (lambda lock: False))
+    context = {"dag_run": SimpleNamespace(dag_id="plate_masking_de")}
+    night_20 = RunSpec(region="DE", run_id="scheduled__20", **WINDOW)
+    night_21 = RunSpec(region="DE", run_id="scheduled__21", window_start="2026-11-20T23:00:00+00:00",
+                       window_end="2026-11-21T23:00:00+00:00")
+    assert acquire_lock(s3, settings, night_20, is_live=lambda lock: False) is None
+    assert _mask(s3, settings, night_20, model_dir) == (4, 0)
+    assert release_lock(s3, settings, night_20)  # the 20th's run failed later on (say, its qa task): released
+    assert acquire_lock(s3, settings, night_21, is_live=lambda lock: False) is None
+    logs = []
+    assert collect(s3, settings, night_21, log=logs.append, is_live=lambda lock: False)["late"] == 0
+    assert release_lock(s3, settings, night_21)
+    day_20 = json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
+    assert (day_20["run_id"], day_20["state"], day_20["looked"]["run_id"]) == (night_20.run_id, "released",
+                                                                                night_21.run_id), day_20
+    support.hold_lock_to_mask(context, settings, night_20.as_dict())  # the 20th's task, cleared: not refused
+    day_20 = json.loads(s3.get_object(Bucket=settings.bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
+    assert (day_20["run_id"], day_20["state"]) == (night_20.run_id, "held")
