@@ -13,6 +13,8 @@ Layout (all under ``settings.bucket``):
   runs/{region}/locks/{yyyy-mm-dd}.json        which run masks this region's local day now (S3 conditional
                                                writes); a run holds the lock of every day its window touches,
                                                and of each late day whose photos it picks up
+  runs/{region}/days/{yyyy-mm-dd}.json         written by collect for each day its window covers whole: a run of
+                                               its own has collected that day (late pick-up takes only such days)
   qa/{region}/{window}/runs/{run}/report.json|report.html   the run's QA
   qa/{region}/{window}/report.json|report.html the latest non-dry run's QA (a copy; what the Plate QA
                                                view reads). The HTML embeds thumbnails of originals,
