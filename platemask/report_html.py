@@ -18,6 +18,7 @@ from .storage import S3Store
 THUMB = 360
 MAX_REVIEW = 30
 MAX_FAILED_SHOWN = 50  # failed photos named per reason; the rest are counted, never dropped without a word
+MAX_DAYS_LEFT_SHOWN = 31  # earlier days left to their own runs, named on the page
 MAX_ERROR_CHARS = 500
 # The page may be opened straight from S3 or a download: it carries its own policy (no script,
 # no fetches; inline styles and data: thumbnails only). The Plate QA view adds sandbox on top.
@@ -80,6 +81,17 @@ def _failure_row(reason: str, info: dict) -> str:
             f"each photo's audit record names it (report.json lists the first {len(info['items'])})"
             if info.get("truncated") is True else "report.json (failures_by_reason) and each photo's audit record name them"))
     return f"<tr><td>{escape(reason)}</td><td>{escape(info['count'])}</td><td>{'<br>'.join(lines)}</td></tr>"
+
+
+def _days_left(report: dict) -> str:
+    """The days before the window whose photos this run left to their own runs (no run of them had
+    collected them yet): named in report.json only, a reviewer read the night as covering them."""
+    days = report.get("late_days_not_collected")
+    if not isinstance(days, list) or not days:
+        return ""
+    return ("<tr><th>earlier days left to their own runs (no run of them has collected them yet; their photos are "
+            "picked up as late on the last night that reaches them, or backfill them)</th><td>"
+            + escape(", ".join(str(d) for d in days[:MAX_DAYS_LEFT_SHOWN])) + "</td></tr>\n")
 
 
 def _other_models(report: dict) -> str:
@@ -191,7 +203,7 @@ figure{{display:inline-block;margin:8px;border:1px solid #ddd;padding:6px;max-wi
 <tr><th>masked</th><td>{_e(s['masked'])}</td></tr><tr><th>no plate</th><td>{_e(s['no_plate'])}</td></tr>
 <tr><th>failed (never published)</th><td>{_e(s['failed'])} ({_e(format(report['failure_rate'], '.2%'))}; limit {_e(format(report.get('max_failure_rate', 0), '.2%'))})</td></tr>
 <tr><th>skipped: done by an earlier run with the same model and settings (counted above)</th><td>{_e(report.get('skipped_already_masked', 0))}{_skipped_split(records)}</td></tr>
-<tr><th>hidden files not masked (names starting with '.'; no record)</th><td>{_e(report.get('skipped_hidden', {}).get('count', 0))}{(': ' + esc(', '.join(report['skipped_hidden']['keys'][:10])) + (' …' if report['skipped_hidden']['count'] > 10 else '')) if report.get('skipped_hidden', {}).get('count') else ''}</td></tr>
+{_days_left(report)}<tr><th>hidden files not masked (names starting with '.'; no record)</th><td>{_e(report.get('skipped_hidden', {}).get('count', 0))}{(': ' + esc(', '.join(report['skipped_hidden']['keys'][:10])) + (' …' if report['skipped_hidden']['count'] > 10 else '')) if report.get('skipped_hidden', {}).get('count') else ''}</td></tr>
 <tr><th>plates masked</th><td>{_e(report['plates'])}</td></tr><tr><th>for review</th><td>{_e(report['review']['count'])}</td></tr>
 <tr><th>masked area, median fraction of photo</th><td>{_e(format(area.get('median') or 0, '.3%'))}</td></tr>
 <tr><th>mask images/s</th><td>{_e(report.get('mask_images_per_second') or '')}</td></tr>

@@ -402,3 +402,18 @@ def test_publish_does_not_skip_its_asset_events_when_s3_cannot_say_whether_its_r
             not_current(via_proxy, settings, rep)
     finally:
         proxy.close()
+
+
+def test_earlier_days_left_to_their_own_runs_are_named_on_the_page(photos, model_dir):
+    """The 21st's run leaves the 20th (no run of it has collected it yet) to that day's own run and picks up
+    none of its photos as late: only report.json's late_days_not_collected said so, and the page read as if
+    the night covered every day its late pick-up reaches."""
+    s3, settings = photos
+    settings = dataclasses.replace(settings, late_days=2)
+    night_21 = RunSpec(region="DE", run_id="scheduled__21", window_start="2026-11-20T23:00:00+00:00",
+                       window_end="2026-11-21T23:00:00+00:00")
+    rep = _run(s3, settings, night_21, model_dir)
+    report = json.loads(_get(s3, settings, rep["report"]))
+    assert report["late_days_not_collected"] == ["2026-11-20"] and report["late"] == 0
+    html = _get(s3, settings, rep["html"]).decode()
+    assert re.search(r"earlier days left to their own runs[^<]*</th><td>2026-11-20</td>", html), html[:3000]
