@@ -119,21 +119,11 @@ def _give_back_unused(client, settings: Settings, spec: RunSpec, key: str, befor
     it replaced goes back (none: a released lock naming no run), with who looked, so the lock still names
     the last run that masked that day. A cleared task of that run may take it again (``reclaim``): a look
     that took nothing is no run that has had the day."""
-    from botocore.exceptions import ClientError
-
-    found = _own_lock(client, settings, spec, key)
-    if found is None:
-        return
     doc = dict(before) if isinstance(before, dict) and before else {"state": "released"}
     doc["looked"] = {"run_id": spec.run_id, "at": datetime.now(timezone.utc).isoformat(), "took": 0}
-    try:
-        _store(client, settings).put_json_conditional(key, doc, if_match=found[1])
-    except ClientError as exc:
-        if error_code(exc) in PRECONDITION_CODES:
-            return  # taken over meanwhile (this run was thought dead): not ours any more
-        raise
-    log(f"{spec.region} {spec.window.id}: lock {key.rsplit('/', 1)[-1]} given back by run {spec.run_id} "
-        "(no late photo there)")
+    if _rewrite_own_lock(client, settings, spec, key, lambda mine: doc):
+        log(f"{spec.region} {spec.window.id}: lock {key.rsplit('/', 1)[-1]} given back by run {spec.run_id} "
+            "(no late photo there)")
 
 
 def _own_lock(client, settings: Settings, spec: RunSpec, key: str) -> tuple[dict, str] | None:
@@ -148,21 +138,29 @@ def _own_lock(client, settings: Settings, spec: RunSpec, key: str) -> tuple[dict
     return found
 
 
-def _release_one(client, settings: Settings, spec: RunSpec, key: str, log: Callable[[str], None]) -> bool:
+def _rewrite_own_lock(client, settings: Settings, spec: RunSpec, key: str, doc: Callable[[dict], dict]) -> bool:
+    """Replace the lock at ``key`` with ``doc(its document)`` if this run holds it (a conditional write on
+    its ETag); whether it did (False: not this run's, or taken over meanwhile, this run thought dead)."""
     from botocore.exceptions import ClientError
 
     found = _own_lock(client, settings, spec, key)
     if found is None:
         return False
     try:
-        _store(client, settings).put_json_conditional(
-            key, dict(found[0], state="released", released=datetime.now(timezone.utc).isoformat()), if_match=found[1])
+        _store(client, settings).put_json_conditional(key, doc(found[0]), if_match=found[1])
     except ClientError as exc:
         if error_code(exc) in PRECONDITION_CODES:
             return False  # taken over meanwhile (this run was thought dead): not ours any more
         raise
-    log(f"{spec.region} {spec.window.id}: lock {key.rsplit('/', 1)[-1]} released by run {spec.run_id}")
     return True
+
+
+def _release_one(client, settings: Settings, spec: RunSpec, key: str, log: Callable[[str], None]) -> bool:
+    released = _rewrite_own_lock(client, settings, spec, key, lambda mine: dict(
+        mine, state="released", released=datetime.now(timezone.utc).isoformat()))
+    if released:
+        log(f"{spec.region} {spec.window.id}: lock {key.rsplit('/', 1)[-1]} released by run {spec.run_id}")
+    return released
 
 
 # ---------------------------------------------------------------- collect
