@@ -488,15 +488,15 @@ def poll(hook, shard: dict, *, resubmit: Callable[[dict], dict] | None = None) -
     return done, {**shard, "transform": {**t, "state": state, "failure_reason": desc.get("FailureReason")}}
 
 
-def dag_stop_key(output: str) -> tuple[str, str]:
-    """Where ``stop`` marks a job this DAG stopped itself: next to (not inside) the job's output folder."""
-    bucket, prefix = parse_s3_uri(output.rstrip("/") + "/")
-    return bucket, prefix.rstrip("/") + ".dag-stop.json"
+def dag_stop_key(output: str) -> str:
+    """Where ``stop`` marks a job this DAG stopped itself: next to (not inside) the job's output folder
+    (in the run's bucket, as every job's output is)."""
+    return parse_s3_uri(output.rstrip("/") + "/")[1].rstrip("/") + ".dag-stop.json"
 
 
 def stopped_by_dag(s3, settings: Settings, output: str) -> bool:
     """Whether the job writing to ``output`` was stopped by this DAG (``stop``), not by an operator."""
-    return S3Store.for_settings(settings, s3).exists(dag_stop_key(output)[1])
+    return S3Store.for_settings(settings, s3).exists(dag_stop_key(output))
 
 
 def stop(hook, shard: dict, s3=None, settings: Settings | None = None) -> None:
@@ -514,8 +514,8 @@ def stop(hook, shard: dict, s3=None, settings: Settings | None = None) -> None:
     spec = RunSpec.from_dict(shard["spec"]) if s3 is not None and settings is not None and shard.get("spec") else None
     for name in names:
         if spec is not None:
-            bucket, key = dag_stop_key(output_uri(settings, spec, name))
-            S3Store.for_settings(settings, s3).put_json(key, {"TransformJobName": name, "stopped_by": "plate_masking"})
+            S3Store.for_settings(settings, s3).put_json(dag_stop_key(output_uri(settings, spec, name)),
+                                                        {"TransformJobName": name, "stopped_by": "plate_masking"})
         try:
             hook.get_conn().stop_transform_job(TransformJobName=name)
             log.warning("stopped transform job %s", name)
