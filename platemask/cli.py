@@ -26,6 +26,8 @@ from pathlib import Path
 
 from .constants import (DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES, METADATA_POLICIES,
                         MODEL_DIR_ENV, OVERLAY_STYLES, REPO_MODEL_DIR, RUNTIMES, DEFAULT_RUNTIME, resolve_device)
+# log lines name inputs with every control, invisible or reordering character as a code (the QA pages'
+# rule): a file named 'x.jpg\nplatemask: 9 images: 9 masked' cannot forge a line, 'car\u00ad0.jpg' pass for 'car0.jpg'
 from .html_text import visible
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
@@ -62,14 +64,6 @@ def _max_pixels(s: str) -> int:
 
 def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
-
-
-def _visible(text: str) -> str:
-    """``text`` (an error naming an input) as one log line: every control, invisible or reordering
-    character shown as a ``\\u000a``-style code (``html_text.visible``, the QA pages' rule too), so that
-    a file named ``x.jpg\\nplatemask: 9 images: 9 masked, 0 failed`` cannot forge a line and
-    ``car\\u00ad0.jpg`` cannot pass for ``car0.jpg``."""
-    return visible(text)
 
 
 class Interrupted(BaseException):
@@ -532,7 +526,7 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         return EXIT_USAGE
     if unlisted:
         _log(f"platemask: warning: {len(unlisted)} folder(s) in SRC cannot be listed, the photos in them are NOT "
-             f"masked: {', '.join(_visible(repr(k)) for k, _ in unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}; "
+             f"masked: {', '.join(visible(repr(k)) for k, _ in unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}; "
              "each is a failed record (unreadable_folder)")
     hidden = [k for k in found if is_hidden(k)]
     keys = [k for k in found if not is_hidden(k)]
@@ -562,11 +556,11 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         leftovers = _remove_leftover_temps(a.dst, outputs)
         if leftovers:
             _log(f"platemask: removed {len(leftovers)} half-written temporary file(s) that a run killed mid-write left "
-                 f"in DST: {', '.join(_visible(repr(k)) for k in leftovers[:5])}{' ...' if len(leftovers) > 5 else ''}")
+                 f"in DST: {', '.join(visible(repr(k)) for k in leftovers[:5])}{' ...' if len(leftovers) > 5 else ''}")
         links = _unlink_output_links(a.dst, outputs)
         if links:
             _log(f"platemask: removed {len(links)} link(s) in DST where masked copies go (a write followed them "
-                 f"and overwrote what they lead to): {', '.join(_visible(repr(k)) for k in links[:5])}"
+                 f"and overwrote what they lead to): {', '.join(visible(repr(k)) for k in links[:5])}"
                  f"{' ...' if len(links) > 5 else ''}")
 
     earlier = det_file.earlier_records(set(keys)) if det_file else {}
@@ -675,20 +669,20 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
     _log("platemask: " + headline(report))
     for reason, info in report["failures_by_reason"].items():
         for item in info["items"][:LOGGED_FAILURES_PER_REASON]:
-            _log(f"platemask: failed ({_visible(reason)}): {_visible(item['error'])}")
+            _log(f"platemask: failed ({visible(reason)}): {visible(item['error'])}")
         if info["count"] > LOGGED_FAILURES_PER_REASON:
             kept = [str(p) for p in (a.detections, None if report_error else a.report) if p]
-            _log(f"platemask: failed ({_visible(reason)}): ... and {info['count'] - LOGGED_FAILURES_PER_REASON} more "
-                 "not shown here: " + (f"each is named, with what went wrong, in {_visible(' and '.join(kept))}" if kept
+            _log(f"platemask: failed ({visible(reason)}): ... and {info['count'] - LOGGED_FAILURES_PER_REASON} more "
+                 "not shown here: " + (f"each is named, with what went wrong, in {visible(' and '.join(kept))}" if kept
                                        else "give --detections or --report to have each named, with what went wrong"))
     for r in records:  # a failed photo's old masked copy still published: never only in the records file
         if r.get("stale_output_not_removed"):
-            _log(f"platemask: warning: {_visible(r['key'])} failed, but the masked copy an earlier run wrote for it "
-                 f"could not be removed and is still in DST ({_visible(r['stale_output_not_removed'])}): it is not "
+            _log(f"platemask: warning: {visible(r['key'])} failed, but the masked copy an earlier run wrote for it "
+                 f"could not be removed and is still in DST ({visible(r['stale_output_not_removed'])}): it is not "
                  "this run's result; delete it by hand")
         if r.get("unrecorded_masked_copy"):
-            _log(f"platemask: warning: {_visible(r['key'])} is masked in DST without its record "
-                 f"({_visible(r['unrecorded_masked_copy'])}): delete it by hand, or run again")
+            _log(f"platemask: warning: {visible(r['key'])} is masked in DST without its record "
+                 f"({visible(r['unrecorded_masked_copy'])}): delete it by hand, or run again")
     if unrecorded:
         _log(f"platemask: error: {len(unrecorded)} record(s) could not be written to {a.detections}: those photos "
              "failed (record_not_written) and their masked copies were removed from DST")
