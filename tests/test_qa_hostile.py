@@ -150,14 +150,19 @@ def test_the_counts_shown_add_up_to_the_photos_shown_with_late_partial_and_dry_r
     assert _counts(html)["photos in this report (one record each)"] == 2 and _counts(html)["photos listed in the window"] == 4
 
 
+def _night_of_truncated_uploads(s3, settings, n: int, model_dir) -> dict:
+    """``n`` uploads cut in half (upload-000.jpg ...) beside the night's photos, and the night's run."""
+    good = _get(s3, settings, f"{DAY}car0.jpg")
+    for i in range(n):
+        s3.put_object(Bucket=settings.bucket, Key=f"{DAY}upload-{i:03d}.jpg", Body=good[: len(good) // 2])
+    return _run(s3, settings, RunSpec(region="DE", run_id="scheduled__1", **WINDOW), model_dir)
+
+
 def test_a_long_failure_list_says_how_many_more_and_what_was_wrong(photos, model_dir):
     """60 truncated uploads in one night: report.html named the first 50 keys and dropped the other
     10 without a word, and no key said what was wrong with it or what to do (report.json did)."""
     s3, settings = photos
-    good = _get(s3, settings, f"{DAY}car0.jpg")
-    for i in range(60):
-        s3.put_object(Bucket=settings.bucket, Key=f"{DAY}upload-{i:03d}.jpg", Body=good[: len(good) // 2])
-    rep = _run(s3, settings, RunSpec(region="DE", run_id="scheduled__1", **WINDOW), model_dir)
+    rep = _night_of_truncated_uploads(s3, settings, 60, model_dir)
     qa = json.loads(_get(s3, settings, rep["report"]))
     assert qa["by_status"]["failed"] == 60 and qa["failures_by_reason"]["truncated"]["count"] == 60
     html = _get(s3, settings, rep["html"]).decode()
@@ -338,10 +343,7 @@ def test_a_night_of_more_failures_than_a_report_lists_stays_readable_and_says_wh
 
     monkeypatch.setattr(qa, "MAX_FAILURES_LISTED", 4)
     s3, settings = photos
-    good = _get(s3, settings, f"{DAY}car0.jpg")
-    for i in range(12):
-        s3.put_object(Bucket=settings.bucket, Key=f"{DAY}upload-{i:03d}.jpg", Body=good[: len(good) // 2])
-    rep = _run(s3, settings, RunSpec(region="DE", run_id="scheduled__1", **WINDOW), model_dir)
+    rep = _night_of_truncated_uploads(s3, settings, 12, model_dir)
     report = json.loads(_get(s3, settings, rep["report"]))
     truncated = report["failures_by_reason"]["truncated"]
     assert report["by_status"]["failed"] == truncated["count"] == 12

@@ -195,11 +195,10 @@ def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the
     shard's every photo, on AWS up to 5,000). An attempt that exists is walked into, whatever
     the re-check says: both are masked, and big.jpg alone fails."""
     import dataclasses
-    import time
 
     from platemask.airflow_support import detector_factory, sagemaker_hook
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import submit
 
     s3 = aws_conn
     settings = Settings(bucket=f"smc-{uuid.uuid4().hex[:8]}", sagemaker_image_uri="1.dkr.ecr.us-east-1.amazonaws.com/pm:t",
@@ -228,19 +227,8 @@ def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the
     resubmit = lambda sh: submit(hook, flaky, settings, sh, str(model_dir))  # noqa: E731
     with container:
         submitted = resubmit(shard)
-        deadline = time.monotonic() + 180
-        while not poll(hook, submitted)[0]:  # attempt 0 alone
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        done, waited = poll(hook, submitted, resubmit=resubmit)  # starts attempt 1 over b and c
-        assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
-        flaky.on = True  # from now on S3 cannot say what became of big.jpg
-        while True:
-            done, waited = poll(hook, submitted, resubmit=resubmit)
-            if done:
-                break
-            assert time.monotonic() < deadline, waited["transform"]
-            time.sleep(0.2)
+        # attempt 1 runs over b and c; from then on S3 cannot say what became of big.jpg
+        waited = _wait_with_reads_failing_from_attempt_1(hook, submitted, resubmit, flaky)
         assert container.refused == 2 * (settings.sagemaker_invocation_retries + 1)  # in attempt 0 only
     t = waited["transform"]
     assert t["attempt"] == 1 and t["state"] == "Completed", t
@@ -249,6 +237,29 @@ def test_a_failed_s3_check_while_the_wait_walks_the_attempts_does_not_forget_the
     recs = {r["key"]: r for r in map(json.loads, s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read().splitlines())}
     assert recs[b]["status"] == "masked" and recs[c]["status"] == "masked", (recs[b], recs[c])
     assert recs[big]["status"] == "failed", recs[big]
+
+
+def _wait_with_reads_failing_from_attempt_1(hook, submitted, resubmit, flaky, second=lambda job: None) -> dict:
+    """The wait's checks: attempt 0 alone until it ends, then the check that starts attempt 1 (its job
+    name to ``second``), then ``flaky`` on (S3 reads failing) for every later check until the wait ends."""
+    import time
+
+    from platemask.sagemaker_backend import poll
+
+    deadline = time.monotonic() + 180
+    while not poll(hook, submitted)[0]:  # attempt 0 alone
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    done, waited = poll(hook, submitted, resubmit=resubmit)  # starts attempt 1 over the rest
+    assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
+    second(waited["transform"]["job"])
+    flaky.on = True
+    while True:
+        done, waited = poll(hook, submitted, resubmit=resubmit)
+        if done:
+            return waited
+        assert time.monotonic() < deadline, waited["transform"]
+        time.sleep(0.2)
 
 
 def test_a_failed_audit_read_while_the_wait_rechecks_starts_no_second_job(aws_conn, model_dir, server_url, scene):
@@ -261,10 +272,9 @@ def test_a_failed_audit_read_while_the_wait_rechecks_starts_no_second_job(aws_co
     it forgot (its output unread, never stopped at the deadline, instances paid twice). The
     attempts' names are now the submit task's: the wait ends on attempt 1, no other job starts."""
     import dataclasses
-    import time
 
     from platemask.airflow_support import sagemaker_hook
-    from platemask.sagemaker_backend import poll, submit
+    from platemask.sagemaker_backend import submit
 
     s3 = aws_conn
     img, quads, _ = scene
@@ -298,20 +308,11 @@ def test_a_failed_audit_read_while_the_wait_rechecks_starts_no_second_job(aws_co
     with container:
         submitted = resubmit(shard)
         assert submitted["transform"]["photos"] == 2  # a-big.jpg and new.jpg: done.jpg is masked
-        deadline = time.monotonic() + 180
-        while not poll(hook, submitted)[0]:  # attempt 0 alone: it fails on a-big.jpg and new.jpg
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        done, waited = poll(hook, submitted, resubmit=resubmit)  # attempt 1 over new.jpg
-        assert not done and waited["transform"]["attempt"] == 1, waited["transform"]
-        second = waited["transform"]["job"]
-        flaky.on = True  # from now on done.jpg's audit record cannot be read
-        while True:
-            done, waited = poll(hook, submitted, resubmit=resubmit)
-            if done:
-                break
-            assert time.monotonic() < deadline, waited["transform"]
-            time.sleep(0.2)
+        # attempt 0 fails on a-big.jpg and new.jpg, attempt 1 runs over new.jpg; from then on done.jpg's
+        # audit record cannot be read
+        seconds: list[str] = []
+        waited = _wait_with_reads_failing_from_attempt_1(hook, submitted, resubmit, flaky, seconds.append)
+        (second,) = seconds
         assert container.refused == settings.sagemaker_invocation_retries + 1  # in attempt 0 only
     assert waited["transform"]["job"] == second and waited["transform"]["state"] == "Completed", waited["transform"]
     ours = sorted(j["TransformJobName"] for j in hook.get_conn().list_transform_jobs(MaxResults=100)["TransformJobSummaries"]

@@ -155,23 +155,16 @@ def test_a_failure_reason_names_a_photo_only_by_its_whole_key(aws_conn):
     assert left(f"failed on {uri}IMG_1") == {keys[0]: "transform_record_failed"}
 
 
-def test_a_job_an_operator_stops_is_not_resubmitted_and_its_rest_fails_saying_so(aws_conn, model_dir, server_url,
-                                                                                  scene):
-    """An operator stops a running transform job (console or CLI: StopTransformJob). The DAG's wait
-    took the Stopped job like a failed one and started an attempt over the photos it had not done,
-    at once and without a word: the stop was undone (and each further stop started the next of up
-    to 10 attempts). A stop is now the end of the shard's jobs: what the job finished is masked,
-    the rest fails transform_job_stopped, saying who may have stopped it and what to do."""
-    from test_sagemaker import (_FlakyContainer, _four_photos, _job_manifests, _local_runner_settings, _published,
-                                _records, _shard_of, _wait)
+def _stopped_part_way(s3, model_dir, server_url, scene, stop):
+    """Four photos in one job that answers a0 and holds b1 until released; ``stop(settings, hook, submitted)``
+    stops the job then, and the wait follows it to its end. (settings, hook, photos, job, the waited shard,
+    requests the container answered in all)."""
+    from test_sagemaker import _FlakyContainer, _four_photos, _local_runner_settings, _shard_of, _wait
 
-    from platemask.airflow_support import detector_factory, sagemaker_hook
-    from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import outputs_present, submit
+    from platemask.airflow_support import sagemaker_hook
+    from platemask.sagemaker_backend import submit
 
-    s3 = aws_conn
     photos = _four_photos(scene)
-    done, *rest = sorted(photos)
     with _FlakyContainer(server_url, [], hold_after=1) as container:  # a0 answered, b1 held until released
         settings = _local_runner_settings(s3, container.url, max_concurrent=1)
         shard = _shard_of(s3, settings, photos)
@@ -183,12 +176,33 @@ def test_a_job_an_operator_stops_is_not_resubmitted_and_its_rest_fails_saying_so
         while container.passed < 2 and time.monotonic() < end:
             time.sleep(0.05)
         assert container.passed == 2
-        hook.get_conn().stop_transform_job(TransformJobName=job)  # the operator
+        stop(settings, hook, submitted)
         assert hook.describe_transform_job(job)["TransformJobStatus"] == "Stopping"
         time.sleep(1.2)  # the runner looks for a stop at most once a second
         container.release.set()
         waited = _wait(hook, submitted, resubmit=resubmit)
-        assert container.passed == 2  # nothing sent after the stop, by this job or another
+        return settings, hook, photos, job, waited, container.passed
+
+
+def test_a_job_an_operator_stops_is_not_resubmitted_and_its_rest_fails_saying_so(aws_conn, model_dir, server_url,
+                                                                                  scene):
+    """An operator stops a running transform job (console or CLI: StopTransformJob). The DAG's wait
+    took the Stopped job like a failed one and started an attempt over the photos it had not done,
+    at once and without a word: the stop was undone (and each further stop started the next of up
+    to 10 attempts). A stop is now the end of the shard's jobs: what the job finished is masked,
+    the rest fails transform_job_stopped, saying who may have stopped it and what to do."""
+    from test_sagemaker import _job_manifests, _published, _records
+
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import mask_shard
+    from platemask.sagemaker_backend import outputs_present
+
+    s3 = aws_conn
+    settings, hook, photos, job, waited, passed = _stopped_part_way(  # the operator stops it
+        s3, model_dir, server_url, scene, lambda settings, hook, submitted: hook.get_conn().stop_transform_job(
+            TransformJobName=submitted["transform"]["job"]))
+    assert passed == 2  # nothing sent after the stop, by this job or another
+    done, *rest = sorted(photos)
     t = waited["transform"]
     assert t["job"] == job and t["attempt"] == 0 and t["state"] == "Stopped", t
     assert list(_job_manifests(s3, hook, job[:-1])) == [job]  # no attempt over the rest
@@ -210,31 +224,15 @@ def test_a_job_this_dag_stopped_is_followed_by_an_attempt_over_the_rest_when_its
     it for an operator's stop: the rest of the shard failed transform_job_stopped where an attempt
     over the rest used to finish it. The DAG's own stop is now marked, and only an unmarked stop ends
     the shard's attempts."""
-    from test_sagemaker import (_FlakyContainer, _four_photos, _job_manifests, _local_runner_settings, _records,
-                                _shard_of, _wait)
+    from test_sagemaker import _job_manifests, _records
 
-    from platemask.airflow_support import detector_factory, sagemaker_hook, stop_transform
+    from platemask.airflow_support import detector_factory, stop_transform
     from platemask.runs import mask_shard
-    from platemask.sagemaker_backend import submit
 
     s3 = aws_conn
-    photos = _four_photos(scene)
-    with _FlakyContainer(server_url, [], hold_after=1) as container:  # a0 answered, b1 held until released
-        settings = _local_runner_settings(s3, container.url, max_concurrent=1)
-        shard = _shard_of(s3, settings, photos)
-        hook = sagemaker_hook(settings, s3)
-        resubmit = lambda sh: submit(hook, s3, settings, sh, str(model_dir))  # noqa: E731
-        submitted = resubmit(shard)
-        job = submitted["transform"]["job"]
-        end = time.monotonic() + 60
-        while container.passed < 2 and time.monotonic() < end:
-            time.sleep(0.05)
-        assert container.passed == 2
-        stop_transform(settings, submitted)  # the failed wait's on_failure_callback
-        assert hook.describe_transform_job(job)["TransformJobStatus"] == "Stopping"
-        time.sleep(1.2)  # the runner looks for a stop at most once a second
-        container.release.set()
-        waited = _wait(hook, submitted, resubmit=resubmit)  # the wait, cleared
+    settings, hook, photos, job, waited, _ = _stopped_part_way(  # the failed wait's on_failure_callback stops it
+        s3, model_dir, server_url, scene, lambda settings, hook, submitted: stop_transform(settings, submitted))
+    # ... and the wait, cleared, followed it to its end
     t = waited["transform"]
     assert t["state"] == "Completed" and t["attempt"] == 1, t
     assert list(_job_manifests(s3, hook, job[:-1])) == [job, job[:-1] + "1"]
