@@ -64,7 +64,9 @@ params = {
     "dry_run": Param(False, type="boolean", title="Dry run (collect and plan only; nothing masked)"),
     "max_images": Param(None, type=["null", "integer"], minimum=1, title="At most this many photos per region"),
     "max_failure_rate": Param(SETTINGS.max_failure_rate, type="number", minimum=0, maximum=1,
-                              title="Fail the run above this failure rate (after writing the QA report)"),
+                              title="Fail the run above this failure rate (after writing the QA report)",
+                              description="A window whose every photo failed (none masked or found without a plate) "
+                                          "fails at any value, 1 included."),
 }
 
 

@@ -777,7 +777,15 @@ def verdict(report: dict) -> list[str]:
         problems.append(f"{report['duplicate_records']} photo(s) have more than one record")
     if report.get("records_outside_manifest"):
         problems.append(f"{report['records_outside_manifest']} record(s) are for photos not in the manifest")
-    if report["failure_rate"] > report["max_failure_rate"]:
+    images, failed = report.get("images") or 0, (report.get("by_status") or {}).get("failed", 0)
+    if images and failed == images and not report.get("dry_run"):
+        # max_failure_rate may be set to 1 (a Param): a window none of whose photos was masked or found plate-free
+        # is never a passed QA, whatever the limit says
+        problems.append(f"every one of the {images} photo(s) failed: none was masked or found without a plate, so "
+                        f"this window's QA does not pass whatever max_failure_rate says (it is "
+                        f"{report['max_failure_rate']:.1%}); see the failed photos and their reasons, fix what they "
+                        "name, then rerun the window")
+    elif report["failure_rate"] > report["max_failure_rate"]:
         problems.append(f"failure rate {report['failure_rate']:.1%} exceeds {report['max_failure_rate']:.1%}")
     return problems
 

@@ -155,3 +155,23 @@ def test_a_run_that_never_got_the_lock_says_so_in_its_qa_report_not_that_collect
     (problem,) = own["verdict"]["problems"]
     assert problem.startswith("not collected") and "hold" in problem and "collect task failed" not in problem
     assert _asset_events(dr.run_id) == []
+
+
+def test_a_window_in_which_every_photo_failed_never_passes_whatever_max_failure_rate_says(monkeypatch, bucket_env):
+    """max_failure_rate is a Param the operator may set up to 1: with it at 1 a window whose every photo failed
+    (nothing masked, nothing found plate-free) ended green, became the window's latest report as "passed" and
+    emitted Asset events saying the window was masked, though none of its photos was checked."""
+    s3, bucket, _ = bucket_env
+    for name in ("a.jpg", "b.jpg"):
+        s3.put_object(Bucket=bucket, Key=f"raw/DE/2026/11/22/{name}", Body=b"\xff\xd8\xff\xe0 not really a jpeg")
+    window = "20261121T2300Z-20261122T2300Z"
+    conf = {"region": "DE", "window_start": "2026-11-22", "window_end": "2026-11-23", "max_failure_rate": 1}
+    dr = load_dag(monkeypatch).test(run_conf=conf)
+    rep = _report(s3, bucket, "DE", window)
+    assert rep["run_id"] == dr.run_id and rep["by_status"] == {"masked": 0, "no_plate": 0, "failed": 2}
+    assert dr.state == "failed" and _ti_states(dr)["check"] == "failed"
+    assert rep["verdict"]["passed"] is False
+    (problem,) = rep["verdict"]["problems"]
+    assert "every one of the 2 photo(s) failed" in problem and "max_failure_rate" in problem
+    assert _asset_events(dr.run_id) == []
+    _assert_accounted(s3, bucket, "DE", window, dr.run_id, rep)

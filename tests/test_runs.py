@@ -297,6 +297,16 @@ def test_check_wants_a_passing_report_for_every_planned_region():
     assert "no record" in verdict(dict(base, not_accounted_for=2))[0]
     assert "more than one record" in verdict(dict(base, duplicate_records=1))[0]
     assert "exceeds" in verdict(dict(base, failure_rate=0.5))[0]
+    # every photo failed: never a pass, even at max_failure_rate 1 (one problem, not the rate's too); a dry run
+    # has no failed record of its own to judge, a partial run's planned photos are judged like any other
+    all_failed = dict(base, images=2, by_status={"masked": 0, "no_plate": 0, "failed": 2}, failure_rate=1.0)
+    for limit in (1.0, 0.02):
+        (problem,) = verdict(dict(all_failed, max_failure_rate=limit))
+        assert "every one of the 2 photo(s) failed" in problem and "max_failure_rate" in problem
+    assert "every one" in verdict(dict(all_failed, max_failure_rate=1.0, partial=True))[0]
+    assert verdict(dict(base, images=2, by_status={"masked": 1, "no_plate": 0, "failed": 1}, failure_rate=0.5,
+                        max_failure_rate=1.0)) == []
+    assert verdict(dict(base, images=0, by_status={"masked": 0, "no_plate": 0, "failed": 0}, max_failure_rate=1.0)) == []
     assert "not collected" in verdict(dict(base, collected=False))[0]
     specs = [{"region": "DE", "run_id": "r"}, {"region": "PL", "run_id": "r"}]
     de = {"region": "DE", "window": "w", "run_id": "r", "report": "s3://b/qa/DE/w/runs/k/report.json",
