@@ -23,6 +23,7 @@ import os
 import posixpath
 import urllib.parse
 from pathlib import Path
+from typing import Callable
 
 from .constants import (DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES, METADATA_POLICIES,
                         MODEL_DIR_ENV, OVERLAY_STYLES, REPO_MODEL_DIR, RUNTIMES, DEFAULT_RUNTIME, resolve_device)
@@ -317,6 +318,96 @@ def _lock_folder(path: str) -> tuple[list[int], str | None]:
     return held, None
 
 
+# the lock document a run writing an S3 DST holds in it (a hidden name: the CLI and the DAG's collect
+# pass it over as an input); written with IfNoneMatch="*", removed when the run ends
+S3_DST_LOCK = ".platemask-mask.lock.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, another user's
+        return True
+    return True
+
+
+def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
+    """Hold the S3 DST ``dst`` for this run: a lock document ``<DST>/.platemask-mask.lock.json``
+    written only if none is there (S3's conditional write, ``IfNoneMatch="*"``), after checking that
+    no prefix above DST is another run's DST (their lock documents). Two runs into one S3 DST at once
+    (two cron jobs, two machines) each masked every photo and wrote it there: the copies in DST were
+    whichever run wrote last, so the other run's records and report described copies that were not
+    there (60 of 60 records naming another SHA-256). Returns (release, None), or (None, why another
+    run holds it and what to do). A lock left by a run that was killed (SIGKILL, a power cut) on this
+    machine is taken over (its process is gone); one from another machine is named with how to remove it."""
+    import socket
+    import uuid
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .storage import MISSING_CODES, PRECONDITION_CODES, S3Store, error_code, parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(dst)
+    parts = [s for s in posixpath.normpath("/" + prefix).split("/") if s]
+    store = S3Store(bucket, "/".join(parts))
+    host = socket.gethostname()
+    mine = {"run": uuid.uuid4().hex, "host": host, "pid": os.getpid(), "dst": store.uri,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tool": "platemask mask"}
+
+    def held_by(doc: dict, where: S3Store) -> str:
+        return (f"another platemask mask run (host {doc.get('host')!r}, pid {doc.get('pid')}, started "
+                f"{doc.get('started_at')}) is writing {where.uri}" + ("" if where is store else ", a prefix that holds DST")
+                + " (two runs at once overwrite each other's masked copies, so one run's records and report describe "
+                "copies that are not there). Wait for it to end, or give this run a DST of its own; if that run is gone "
+                f"(killed on another machine), delete {where.describe(S3_DST_LOCK)} and run again")
+
+    def gone(doc: dict) -> bool:
+        return doc.get("host") == host and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"])
+
+    try:
+        for n in range(len(parts)):  # a run writing a prefix above DST writes DST too
+            above = S3Store(bucket, "/".join(parts[:n]))
+            try:
+                found = above.get_json(S3_DST_LOCK)
+            except (ClientError, ValueError):  # not ours to read (a role limited to DST), or not a lock
+                continue
+            if found and isinstance(found[0], dict) and not gone(found[0]):
+                return None, held_by(found[0], above)
+        for _ in range(3):
+            try:
+                store.put_json_conditional(S3_DST_LOCK, mine, if_none_match=True)
+                break
+            except ClientError as exc:
+                if error_code(exc) not in PRECONDITION_CODES:
+                    raise
+            found = store.get_json(S3_DST_LOCK)
+            if found is None:
+                continue  # released meanwhile: try again
+            doc, etag = found
+            if not (isinstance(doc, dict) and gone(doc)):
+                return None, held_by(doc if isinstance(doc, dict) else {}, store)
+            try:  # its run was killed on this machine: take it over (only that version of it)
+                store.put_json_conditional(S3_DST_LOCK, {**mine, "took_over_from": doc}, if_match=etag)
+                break
+            except ClientError as exc:
+                if error_code(exc) not in PRECONDITION_CODES + MISSING_CODES:
+                    raise
+        else:
+            return None, f"the lock {store.describe(S3_DST_LOCK)} kept changing: another run is starting there. Run again"
+    except (ClientError, BotoCoreError) as exc:
+        raise OSError(f"cannot write the run's lock {store.describe(S3_DST_LOCK)}: {exc}") from exc
+
+    def release() -> None:
+        with contextlib.suppress(ClientError, BotoCoreError, ValueError):
+            found = store.get_json(S3_DST_LOCK)
+            if found and isinstance(found[0], dict) and found[0].get("run") == mine["run"]:
+                store.delete(S3_DST_LOCK)
+
+    return release, None
+
+
 class _RecordsFile:
     """A file the run writes its records (``--detections``) or its report to, one whole write at a
     time: a write the disk cannot take (full, over quota, an I/O error) raises OSError and leaves no
@@ -469,6 +560,16 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
         if busy:
             _log(f"platemask: error: {busy}")
             return EXIT_USAGE
+    else:  # an S3 DST: held by a lock document in it (a conditional write), also before the model loads
+        try:
+            release, busy = _lock_s3_dst(a.dst)
+        except OSError as exc:
+            _log(f"platemask: error: {exc}; check the credentials and that this user may write DST {a.dst}")
+            return EXIT_USAGE
+        if busy:
+            _log(f"platemask: error: {busy}")
+            return EXIT_USAGE
+        held.callback(release)
     # Both files are opened (and held: one run at a time) before the model loads: a path that cannot be
     # written is a usage error now, not a traceback after the whole run (exit 1, no summary), and a
     # report an earlier run left there never outlives this run (emptied when the job starts, written

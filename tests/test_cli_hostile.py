@@ -338,3 +338,53 @@ def test_a_device_or_pipe_in_src_is_failed_without_being_opened(tmp_path, model_
         assert recs[n]["status"] == "failed" and recs[n]["reason"] == "not_a_file", recs[n]
         assert "is not a regular file" in recs[n]["error"] and "not opened" in recs[n]["error"]
     assert sorted(p.name for p in dst.iterdir()) == ["p000.jpg"]
+
+
+def test_a_second_run_into_the_same_s3_dst_is_refused_while_the_first_runs(s3_env, tmp_path, model_dir, capsys):
+    """Two runs at once into one S3 DST (two cron jobs, two machines): a local DST is held with a flock,
+    an S3 one was not held at all. Both masked every photo and wrote it there, so the copies in DST were
+    whichever run wrote last and the other run's records and report described copies that were not there
+    (with two --jpeg-quality values: 60 of 60 records naming another SHA-256). Now a run holds an S3 DST
+    with a lock document written by a conditional PUT: a second run into it, or into a prefix inside it,
+    exits 2 before writing, naming the run and what to do; the lock goes when the run ends, and a lock
+    whose run was killed on this machine is taken over."""
+    s3 = s3_env
+    s3.create_bucket(Bucket="lockbkt")
+    rng = np.random.default_rng(5)
+    for i in range(150):
+        s3.put_object(Bucket="lockbkt", Key=f"raw/p{i:03d}.jpg",
+                      Body=jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    lock = "masked/.platemask-mask.lock.json"
+    first = _start(["s3://lockbkt/raw", "s3://lockbkt/masked", "--model", model_dir, "--batch-size", "2",
+                    "--detections", tmp_path / "first.jsonl"])
+    try:
+        deadline = time.monotonic() + 240
+        while s3.list_objects_v2(Bucket="lockbkt", Prefix="masked/p").get("KeyCount", 0) < 3:
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        for other in ("s3://lockbkt/masked", "s3://lockbkt/masked/", "s3://lockbkt/masked/sub"):
+            assert main(["mask", "s3://lockbkt/raw", other, "--model", str(model_dir),
+                         "--detections", str(tmp_path / "second.jsonl")]) == 2, other
+            err = capsys.readouterr().err
+            assert f"pid {first.pid}" in err and "is writing s3://lockbkt/masked" in err, err
+            assert f"delete s3://lockbkt/masked/{lock.rsplit('/', 1)[1]}" in err
+            assert first.poll() is None  # refused while the first run was still writing
+        assert not (tmp_path / "second.jsonl").exists()
+        err = first.communicate(timeout=300)[1]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-2000:]
+    assert s3.list_objects_v2(Bucket="lockbkt", Prefix=lock)["KeyCount"] == 0  # released at the end
+    recs = _records(tmp_path / "first.jsonl")
+    assert len(recs) == 150
+    for r in recs:  # every record describes the copy in DST
+        head = s3.head_object(Bucket="lockbkt", Key="masked/" + r["key"])
+        assert head["Metadata"]["sha256"] == r["output_sha256"], r["key"]
+    # a lock left by a run killed on this machine (its process is gone) does not block the next run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+    s3.put_object(Bucket="lockbkt", Key=lock, Body=json.dumps(
+        {"run": "x", "host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "then"}).encode())
+    assert main(["mask", "s3://lockbkt/raw", "s3://lockbkt/masked", "--model", str(model_dir)]) == 0
+    assert s3.list_objects_v2(Bucket="lockbkt", Prefix=lock)["KeyCount"] == 0
