@@ -85,6 +85,8 @@ def summarise(region: str, window: str, report) -> dict:
         return v if isinstance(v, dict) else {}
 
     by_status, review, verdict = sub("by_status"), sub("review"), sub("verdict")
+    days_left = report.get("late_days_not_collected")
+    days_left = days_left if isinstance(days_left, list) else []
     says = (report.get("region"), sub("window").get("id"))
     if says != (region, window):  # copied or moved here: its numbers are another window's (or nobody's)
         return {"region": region, "window": window,
@@ -105,6 +107,10 @@ def summarise(region: str, window: str, report) -> dict:
         "passed": verdict.get("passed") if isinstance(verdict.get("passed"), bool) else None,
         "problems": [str(p)[:MAX_PROBLEM_CHARS] for p in verdict.get("problems", [])[:MAX_PROBLEMS]]
                     if isinstance(verdict.get("problems"), list) else [],
+        # days before the window this night left to their own runs (none had collected them): their photos are
+        # in no report of this night, and a reviewer reading the row must not take it as covering them
+        "days_left": [str(d)[:MAX_DAY_CHARS] for d in days_left[:MAX_DAYS_LEFT]],
+        "days_left_more": max(0, len(days_left) - MAX_DAYS_LEFT),
     }
 
 
@@ -113,6 +119,7 @@ def summarise(region: str, window: str, report) -> dict:
 MAX_REPORT_BYTES = 8 << 20
 MAX_NAMED_FOLDERS = 5
 MAX_PROBLEMS, MAX_PROBLEM_CHARS = 5, 400  # of a verdict, shown in the index
+MAX_DAYS_LEFT, MAX_DAY_CHARS = 10, 40  # of late_days_not_collected, shown in the index
 # a window that passed with no photo at all: a quiet night, or a region whose photos go somewhere its runs
 # never list (a wrong raw_prefix, an upload path changed); a reviewer must not read it as a region masked
 NOTHING_LISTED = ("no photo was listed for this window: if photos were uploaded for it, they are under another "
@@ -261,6 +268,11 @@ def render_index(rows: list[dict], report_href, older_href=None, before: str | N
               "passed" if passed else
               "FAILED" + (": " + "; ".join(esc(p) for p in r.get("problems") or []) if r.get("problems") else ""))
         over = over or passed is False
+        if r.get("days_left"):
+            qa += ("; earlier day(s) left to their own runs, not in this report (no run of them had collected them: "
+                   "their photos are picked up as late on the last night that reaches them, or backfill them): "
+                   + ", ".join(esc(d) for d in r["days_left"])
+                   + (f" and {esc(r['days_left_more'])} more" if r.get("days_left_more") else ""))
         others = f" and {r['models'] - 1} other model(s)" if isinstance(r.get("models"), int) and r["models"] > 1 else ""
         body.append(
             f"<tr{' class=bad' if over else ' class=warn' if passed and r['photos'] == 0 else ''}><td>{_cell(r['region'])}</td><td>{_cell(r['window_start'] or r['window'])}</td>"

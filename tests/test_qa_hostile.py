@@ -419,3 +419,35 @@ def test_earlier_days_left_to_their_own_runs_are_named_on_the_page(photos, model
     assert report["late_days_not_collected"] == ["2026-11-20"] and report["late"] == 0
     html = _get(s3, settings, rep["html"]).decode()
     assert re.search(r"earlier days left to their own runs[^<]*</th><td>2026-11-20</td>", html), html[:3000]
+
+
+def test_the_index_names_the_earlier_days_a_night_left_to_their_own_runs(photos, model_dir):
+    """report.json and report.html named the days before the window that the night left to their own runs
+    (late_days_not_collected), but the Plate QA index did not: a reviewer scanning it read the 21st's row as
+    a night that covered every day its late pick-up reaches, while the 20th's photos were in no report."""
+    s3, settings = photos
+    settings = dataclasses.replace(settings, late_days=2)
+    s3.put_object(Bucket=settings.bucket, Key="raw/DE/2026/11/21/car.jpg", Body=_get(s3, settings, f"{DAY}car0.jpg"))
+    night_21 = RunSpec(region="DE", run_id="scheduled__21", window_start="2026-11-20T23:00:00+00:00",
+                       window_end="2026-11-21T23:00:00+00:00")
+    rep = _run(s3, settings, night_21, model_dir)
+    assert json.loads(_get(s3, settings, rep["report"]))["late_days_not_collected"] == ["2026-11-20"]
+    row = _row(_index(s3, settings), night_21.window.id)
+    assert re.search(r"<td>passed[^<]*earlier day\(s\) left to their own runs[^<]*: 2026-11-20</td>", row), row
+    # once the 20th's own run has collected it, the next try of the 21st leaves no day: a plain pass
+    _run(s3, settings, RunSpec(region="DE", run_id="scheduled__20", **WINDOW), model_dir)
+    rep = _run(s3, settings, dataclasses.replace(night_21, run_id="scheduled__21b"), model_dir)
+    assert json.loads(_get(s3, settings, rep["report"]))["late_days_not_collected"] == []
+    row = _row(_index(s3, settings), night_21.window.id)
+    assert "<td>passed</td>" in row and "left to their own runs" not in row
+    # report.json is untrusted: whatever the field holds, the row shows escaped text, at most MAX_DAYS_LEFT days
+    from platemask.qa_index import MAX_DAYS_LEFT, render_index, summarise
+
+    report = json.loads(_get(s3, settings, rep["report"]))
+    evil = "<svg onload=alert(1)>\u202e"
+    for odd in ([evil] * 25, evil, {"x": evil}, 7, None):
+        out = render_index([summarise("DE", night_21.window.id, dict(report, late_days_not_collected=odd))],
+                           lambda r, w: f"report/{r}/{w}")
+        assert "<svg" not in out and "\u202e" not in out
+        assert ("and 15 more" in out and out.count("&lt;svg") == MAX_DAYS_LEFT) if isinstance(odd, list) else \
+            "left to their own runs" not in out
