@@ -175,3 +175,45 @@ def test_a_window_in_which_every_photo_failed_never_passes_whatever_max_failure_
     assert "every one of the 2 photo(s) failed" in problem and "max_failure_rate" in problem
     assert _asset_events(dr.run_id) == []
     _assert_accounted(s3, bucket, "DE", window, dr.run_id, rep)
+
+
+def test_with_one_late_day_a_backfills_next_night_leaves_the_day_to_its_queued_run(monkeypatch, bucket_env):
+    """late_days=1: the 20th is the 21st's only late day, so its last: a backfill of the 20th and the 21st whose
+    21st's night got to collect first must still leave the 20th to the backfill's own run of it, queued (asked of
+    Airflow through the real Execution API: the unit tests only stand in for it), instead of masking the whole
+    20th as its late photos. Guard: checked against the real backfill, it already held."""
+    from datetime import date
+
+    from airflow.models.backfill import Backfill, _create_backfill
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    from platemask.schedules import backfill_bounds
+    from test_dag import DE_20, DE_CONF, _manifest
+
+    s3, bucket, keys = bucket_env
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "1")
+    load_dag(monkeypatch).test(run_conf={"region": "TH", "dry_run": True})  # writes the DAG folder's DAGs to the DB
+    start, end = backfill_bounds(date(2026, 11, 20), date(2026, 11, 21))
+    bf = _create_backfill(dag_id="plate_masking_de", from_date=start, to_date=end, max_active_runs=2, reverse=True,
+                          dag_run_conf={"max_failure_rate": 0.5}, triggering_user_name="test")
+    try:
+        with create_session() as session:
+            runs = session.query(DagRun).filter(DagRun.backfill_id == bf.id).order_by(DagRun.logical_date).all()
+            assert [(r.logical_date.astimezone(BERLIN).date().day, str(r.state)) for r in runs] == \
+                [(20, "queued"), (21, "queued")]
+        night_21 = dict(DE_CONF, window_start="2026-11-21", window_end="2026-11-22")
+        dr = load_dag(monkeypatch).test(run_conf=night_21)  # the 21st's night collects before the 20th's run started
+        assert dr.state == "success"
+        rep = _report(s3, bucket, "DE", "20261120T2300Z-20261121T2300Z")
+        assert rep["late"] == 0 and rep["late_days_not_collected"] == ["2026-11-20"], rep["late_days_not_collected"]
+        assert _manifest(s3, bucket, "DE", "20261120T2300Z-20261121T2300Z", dr.run_id) == keys[("DE", "21")]
+        assert not any(k.startswith("masked/DE/2026/11/20/") for k in _objects(s3, bucket, "masked/"))
+        own = load_dag(monkeypatch).test(run_conf=DE_CONF)  # the 20th's own run masks its own day (and the 19th,
+        rep_20 = _report(s3, bucket, "DE", DE_20)  # no run of which is queued, on the last night that reaches it)
+        assert own.state == "success" and rep_20["processed_this_run"] == 4 and rep_20["late"] == 1
+        assert sorted(_manifest(s3, bucket, "DE", DE_20, own.run_id)) == sorted(keys[("DE", "19")] + keys[("DE", "20")])
+    finally:
+        with create_session() as session:  # no queued run of the 20th left for the next tests' late pick-up
+            session.query(Backfill).filter(Backfill.id == bf.id).update({"completed_at": datetime.now(timezone.utc)})
+            session.query(DagRun).filter(DagRun.backfill_id == bf.id).update({"state": "failed"})
