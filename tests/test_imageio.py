@@ -863,3 +863,33 @@ def test_a_webp_with_an_exif_orientation_fails_naming_it_not_masked_turned(orien
     x, y, w, h = _expected_position(orientation)
     dec = decode(buf.getvalue())
     assert (dec.width, dec.height) == (w, h) and dec.rgb[y, x, 0] > 200
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_plate_in_the_deep_shadows_of_a_16bit_grey_photo_is_seen_by_the_detector(fmt):
+    """16-bit grey is written at 16 bits. A full-range photo whose plate lies 8 stops down (values
+    under 256) was seen by its high byte, plate black: a real held-out photo made so was recorded
+    with its plate unfound and published with it readable once brightened (any 16-bit tool's
+    exposure). The detector also looks at its shadows lifted (a log curve), where the stripes of
+    the plate keep their contrast; the memory reserved counts that view."""
+    from platemask.imageio import decoded_nbytes
+
+    a = np.full((120, 200), 40000, np.uint16)
+    a[:30] = 65535  # sky
+    a[30:100, 30:170] = 120  # the car's shadowed front
+    a[40:80:2, 50:150] = 230  # the plate's stripes, 8 stops down
+    a[41:80:2, 50:150] = 20
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt)
+    data = buf.getvalue()
+    dec = decode(data)
+    assert dec.mode == "I;16" and dec.rgb[40:80, 50:150].max() == 0  # the view: black as it was
+    contrast = [np.abs(np.diff(v[40:80, 50:150, 0].astype(int), axis=0)).mean() for v in dec.detector_views]
+    assert max(contrast) > 40, contrast
+    assert decoded_nbytes(data) >= dec.pixels.nbytes + sum(v.nbytes for v in dec.detector_views)
+    out = Image.open(io.BytesIO(encode(dec, dec.pixels)))
+    assert np.array_equal(np.asarray(out), a)  # written at 16 bits, as before
+    narrow = (a // 32).astype(np.uint16)  # content within 12 bits: its view keeps it, no third view
+    buf = io.BytesIO()
+    Image.fromarray(narrow).save(buf, format=fmt)
+    assert decode(buf.getvalue()).shadows_rgb is None
