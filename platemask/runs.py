@@ -85,13 +85,18 @@ def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live
         held, etag = found
         held = held if isinstance(held, dict) else {}
         if held.get("state") == "held" and held.get("run_id") == spec.run_id:
+            if previous is not None:  # an earlier try of this task took it: what that try replaced
+                previous.append(held.get("replaced") if isinstance(held.get("replaced"), dict) else None)
             return None
         if held.get("state") == "held" and is_live(held):
             return held
         if reclaim and held.get("run_id") not in (spec.run_id, None):
             return dict(held, superseded=True)
         try:
-            _store(client, settings).put_json_conditional(key, mine, if_match=etag)
+            # the document replaced goes into the lock too: a retry of this task that finds the lock its own and
+            # nothing to mask there gives it back as it was (naming the run that masked the day), not bare
+            _store(client, settings).put_json_conditional(
+                key, dict(mine, replaced={k: v for k, v in held.items() if k != "replaced"}), if_match=etag)
             if previous is not None:
                 previous.append(held)
         except ClientError as exc:
@@ -123,7 +128,8 @@ def _give_back_unused(client, settings: Settings, spec: RunSpec, key: str, befor
     doc["looked"] = {"run_id": spec.run_id, "at": datetime.now(timezone.utc).isoformat(), "took": 0}
     if _rewrite_own_lock(client, settings, spec, key, lambda mine: doc):
         log(f"{spec.region} {spec.window.id}: lock {key.rsplit('/', 1)[-1]} given back by run {spec.run_id} "
-            "(no late photo there)")
+            "(no late photo there), " + (f"{doc.get('state')}, naming run {doc['run_id']} again" if doc.get("run_id")
+                                         else "released (no run had it before)"))
 
 
 def _own_lock(client, settings: Settings, spec: RunSpec, key: str) -> tuple[dict, str] | None:

@@ -217,3 +217,47 @@ def test_with_one_late_day_a_backfills_next_night_leaves_the_day_to_its_queued_r
         with create_session() as session:  # no queued run of the 20th left for the next tests' late pick-up
             session.query(Backfill).filter(Backfill.id == bf.id).update({"completed_at": datetime.now(timezone.utc)})
             session.query(DagRun).filter(DagRun.backfill_id == bf.id).update({"state": "failed"})
+
+
+def test_a_collect_retried_after_it_took_a_late_days_lock_gives_it_back_naming_the_run_that_masked_the_day(
+        monkeypatch, bucket_env, capfd):
+    """The 21st's collect took the 20th's lock to look for late photos (replacing the released lock of the run
+    that masked the 20th), then S3 refused the listing of that day; its retry found the lock already its own,
+    found nothing late there and gave the lock back as a bare released lock naming no run: the lock no longer
+    said which run masked the 20th, and the log said nothing of it. The retry now puts back the document the
+    first try replaced (kept in the lock it took)."""
+    from test_dag import DE_CONF, _inject_faults
+
+    s3, bucket, keys = bucket_env
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "1")
+    monkeypatch.setenv("PLATEMASK_RETRIES", "1")
+    refused = {"armed": False, "count": 0}
+
+    def fault(op, params):
+        if refused["armed"] and op == "ListObjectsV2" and params.get("Prefix") == "raw/DE/2026/11/20/":
+            refused["armed"] = False
+            refused["count"] += 1
+            from test_dag import _client_error
+            return _client_error(op, "AccessDenied", 403, "Access Denied")
+        return None
+
+    _inject_faults(monkeypatch, fault)
+    lock_key = "runs/DE/locks/2026-11-20.json"
+    night_20 = load_dag(monkeypatch).test(run_conf=DE_CONF)
+    assert night_20.state == "success"
+    before = json.loads(s3.get_object(Bucket=bucket, Key=lock_key)["Body"].read())
+    assert (before["run_id"], before["state"]) == (night_20.run_id, "released")
+    capfd.readouterr()
+    refused["armed"] = True
+    night_21 = load_dag(monkeypatch).test(run_conf=dict(DE_CONF, window_start="2026-11-21", window_end="2026-11-22"))
+    assert refused["count"] == 1 and night_21.state == "success"
+    assert _ti_states(night_21)["collect"] == "success"
+    rep = _report(s3, bucket, "DE", "20261120T2300Z-20261121T2300Z")
+    assert rep["late"] == 0 and rep["run_id"] == night_21.run_id
+    after = json.loads(s3.get_object(Bucket=bucket, Key=lock_key)["Body"].read())
+    assert (after["run_id"], after["state"]) == (night_20.run_id, "released"), after
+    assert {k: v for k, v in after.items() if k != "looked"} == before
+    assert after["looked"]["run_id"] == night_21.run_id and after["looked"]["took"] == 0
+    out = capfd.readouterr()
+    assert f"given back by run {night_21.run_id}" in out.out + out.err
+    assert f"naming run {night_20.run_id} again" in out.out + out.err
