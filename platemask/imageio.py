@@ -3,9 +3,9 @@
 Decoding reads phones' MPO as the JPEG of its first frame (the other frames dropped and counted),
 refuses other multi-page or animated files rather than cut them silently, applies EXIF orientation
 first (detection and output share one pixel frame; XMP's tiff:Orientation, a PNG's EXIF in a text
-chunk or after its pixels are not applied, as browsers ignore them; a WebP with one fails, as browsers
-show it as stored and other tools turn it), refuses decompression bombs
-before any pixel is decoded, and normalises the many modes photos come in: 16-bit grey is kept and
+chunk or after its pixels, an EXIF with a second "Exif\\0\\0" header are not applied, as browsers
+ignore them; a WebP with one fails, as browsers show it as stored and other tools turn it), refuses
+decompression bombs before any pixel is decoded, and normalises the many modes photos come in: 16-bit grey is kept and
 seen by its levels (a 16-bit file holding 8-bit values is not black to the detector), 16-bit colour
 is reduced by its levels, float and 32-bit grey become 16-bit grey, WhiteIsZero deep grey is inverted.
 Encoding keeps the input's format (JPEG in → JPEG out, PNG in → PNG out) and applies an explicit
@@ -361,15 +361,31 @@ def _white_is_zero(img: Image.Image) -> bool:
 _DEEP_GREY = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
-def _exif_is_shown(img: Image.Image, early: bool) -> bool:
+_TIFF_HEADERS = (b"II*\x00", b"MM\x00*")
+
+
+def _exif_is_shown(img: Image.Image, early: bytes | None) -> bool:
     """Whether viewers turn the photo by the EXIF ``img.getexif()`` returned (``early``: a PNG's eXIf
-    chunk was read before its pixels). A PNG's is not when it came from a text chunk "Raw profile type
+    chunk read before its pixels, as Pillow keeps it: "Exif\0\0" before the chunk's data).
+    A JPEG's or PNG's is not when its TIFF structure does not follow the one "Exif\0\0" the format
+    puts before it (a JPEG's APP1) or none (a PNG's eXIf): Pillow skips a second "Exif\0\0" there (code
+    that adds the header to Pillow's ``Exif.tobytes()``, which has it, writes two), browsers read no EXIF
+    at all (Chromium 156: a real held-out photo shown upright with Orientation 3 so written was
+    turned, its plate missed: no_plate, published turned and unmasked). A PNG's is not when it came from a text chunk "Raw profile type
     exif" (ImageMagick's way of keeping EXIF in a PNG), which browsers ignore, nor from an eXIf chunk
     after the pixels, which browsers ignore too (CSS Images 3: "UAs should ignore exif data that comes
     after image data"; PNG 3rd edition puts eXIf before IDAT; ExifTool writes it after by default).
     Pillow reads both: a photo shown upright with a stale Orientation 3 there was detected upside
     down (a real held-out photo: its plate missed, no_plate) and published turned."""
-    return img.format != "PNG" or early
+    if img.format == "PNG":
+        raw = early
+    elif img.format in ("JPEG", "MPO"):
+        raw = img.info.get("exif")
+        if raw is None:  # no APP1 EXIF: nothing of it turns the photo
+            return True
+    else:
+        return True
+    return raw is not None and raw[:6] == b"Exif\x00\x00" and raw[6:10] in _TIFF_HEADERS
 
 
 def _normalise(img: Image.Image) -> tuple[np.ndarray, str]:
@@ -471,7 +487,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             # thread runs Python; bench/bench_gil.py). Capped: the read is a transient copy
             img.decodermaxblock = max(img.decodermaxblock, min(len(data), DECODE_READ_MAX))
             deep = _deep_colour(img)
-            early_exif = "exif" in img.info  # a PNG's eXIf before its pixels (one after is read as they load)
+            early_exif = img.info.get("exif")  # a PNG's eXIf before its pixels (one after is read as they load)
             img.load()
     except ImageError:
         raise

@@ -893,3 +893,45 @@ def test_a_plate_in_the_deep_shadows_of_a_16bit_grey_photo_is_seen_by_the_detect
     buf = io.BytesIO()
     Image.fromarray(narrow).save(buf, format=fmt)
     assert decode(buf.getvalue()).shadows_rgb is None
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_an_exif_browsers_cannot_read_for_a_doubled_header_does_not_turn_the_photo(orientation):
+    """Code that adds "Exif\\0\\0" to Pillow's Exif.tobytes() (which has it) writes it twice: in a JPEG's
+    APP1, and in a PNG's eXIf (which holds the TIFF structure alone). Pillow skips the extra header,
+    browsers read no EXIF there (Chromium 156 shows such a photo as stored): a real held-out photo
+    shown upright with Orientation 3 so written was turned before detection, its plate missed
+    (no_plate), and published turned and unmasked. It is read as stored; the well-formed EXIF
+    still turns the photo."""
+    import struct
+
+    raw = _raw_with_marker()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    exif[ExifTags.Base.Make] = "Acme"
+    app1 = exif.tobytes()
+    assert app1.startswith(b"Exif\x00\x00")
+    jpeg = io.BytesIO()
+    Image.fromarray(raw).save(jpeg, format="JPEG", quality=95)
+    jpeg = jpeg.getvalue()
+    png = png_bytes(raw)
+    at = png.index(b"IDAT") - 4
+
+    def in_jpeg(body: bytes) -> bytes:
+        return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+
+    def in_png(body: bytes) -> bytes:
+        return png[:at] + _png_chunk(b"eXIf", body) + png[at:]
+
+    for data in (in_jpeg(b"Exif\x00\x00" + app1), in_png(app1)):
+        assert Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation) == orientation  # Pillow's reading
+        dec = decode(data)
+        assert dec.orientation == 1 and (dec.width, dec.height) == (W, H)
+        ys, xs = np.nonzero(dec.rgb[..., 0] > 200)
+        assert abs(xs.mean() - 10) <= 1 and abs(ys.mean() - 5) <= 1
+        out = Image.open(io.BytesIO(encode(dec, dec.pixels)))
+        assert out.size == (W, H) and out.getexif().get(ExifTags.Base.Orientation, 1) == 1
+    x, y, w, h = _expected_position(orientation)
+    for data in (in_jpeg(app1), in_png(app1[6:])):  # as the formats put it: turned, as browsers do
+        dec = decode(data)
+        assert dec.orientation == orientation and (dec.width, dec.height) == (w, h) and dec.rgb[y, x, 0] > 200
