@@ -12,7 +12,9 @@ Contract (SageMaker hosting and Batch Transform):
                                or exceeds the pixel limit is answered 200 with a ``failed`` record
                                (reason, error): Batch Transform fails the whole job on any non-2xx
                                answer, so only contract errors are non-2xx (415 wrong type, 413
-                               body over the limit, 503 not ready); nothing takes the server down
+                               body over the limit, 408 body not arrived within
+                               PLATEMASK_BODY_TIMEOUT_S, 400 body shorter than its
+                               Content-Length, 503 not ready); nothing takes the server down
 
 Gunicorn runs ``SAGEMAKER_MODEL_SERVER_WORKERS`` workers (default: one per 2 cores, at least 1)
 on ``SAGEMAKER_BIND_TO_PORT`` (default 8080); each worker loads the model from ``/opt/ml/model``
@@ -35,12 +37,14 @@ server starts with their defaults and says why it will not serve, instead of exi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -58,6 +62,8 @@ PIXEL_BUDGET_ENV = "PLATEMASK_PIXEL_BUDGET_MB"
 WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
 THREADS_ENV = "PLATEMASK_SERVER_THREADS"
 TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
+BODY_TIMEOUT_ENV = "PLATEMASK_BODY_TIMEOUT_S"
+DEFAULT_BODY_TIMEOUT_S = 60.0  # SageMaker's agent sends a whole body (at most 100 MB) from the same host
 DEFAULT_SERVER_THREADS = 8
 DEFAULT_PAYLOAD_MB = 6.0  # SageMaker's default MaxPayloadInMB
 PAYLOAD_MB_RANGE = (1, 100)  # SageMaker's MaxPayloadInMB range (its 0, "unlimited, chunked", is not supported)
@@ -98,6 +104,32 @@ def drain(stream, cap: int, chunk: int = 1 << 20) -> int:
     except (OSError, ValueError):  # the client went away: nothing more to read
         pass
     return n
+
+
+@contextlib.contextmanager
+def body_deadline(sock, seconds: float):
+    """Cut the reading of a request's body short after ``seconds``: at the deadline the socket's
+    read side is shut, so the read waiting on it ends (the answer can still be sent). Yields an Event
+    set when that happened. A request whose Content-Length was larger than the body it sent (or a
+    chunked body that never ended) held a server thread for good: gunicorn's worker timeout never
+    fires while its main loop runs, so a few such requests took every thread and /ping timed out.
+    Without a socket (Flask's test client) nothing is cut."""
+    late = threading.Event()
+
+    def cut():
+        late.set()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
+
+    timer = threading.Timer(seconds, cut) if sock is not None else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield late
+    finally:
+        if timer:
+            timer.cancel()
 
 
 class ModelHolder:
@@ -249,8 +281,16 @@ def read_environment(env=None, *, max_payload_mb: float | None = None) -> tuple[
         problems.append(f"{REQUIRE_CUDA_ENV}={raw(REQUIRE_CUDA_ENV)!r} is neither on ({', '.join(_TRUE)}) nor off "
                         f"({', '.join(repr(v) for v in _FALSE)}): whether a GPU is required is unknown; set 1 for a GPU "
                         "instance (the backend does for ml.g*/ml.p*) or leave it unset")
+    body_timeout = DEFAULT_BODY_TIMEOUT_S
+    if raw(BODY_TIMEOUT_ENV):
+        t = _number(raw(BODY_TIMEOUT_ENV))
+        if t is None or t <= 0:
+            problems.append(f"{BODY_TIMEOUT_ENV}={raw(BODY_TIMEOUT_ENV)!r} is not a number of seconds > 0: set how long "
+                            f"a request's body may take to arrive (default {DEFAULT_BODY_TIMEOUT_S:g}) or leave it unset")
+        else:
+            body_timeout = t
     return {"threshold": threshold, "max_payload_mb": payload, "pixel_budget_mb": budget, "runtime": runtime,
-            "require_cuda": cuda not in _FALSE}, problems
+            "require_cuda": cuda not in _FALSE, "body_timeout_s": body_timeout}, problems
 
 
 def server_environment(env=None) -> tuple[dict, list[str]]:
@@ -296,6 +336,7 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     server, server_problems = server_environment()
     problems += server_problems
     max_payload_mb = env["max_payload_mb"]
+    body_timeout = env["body_timeout_s"]
     workers = workers or server["workers"]
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     holder = ModelHolder(model_dir, _device(), threads, require_cuda=env["require_cuda"], threshold=env["threshold"],
@@ -342,7 +383,25 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
             raise RequestEntityTooLarge()
         # gunicorn ends chunked bodies itself (wsgi.input_terminated): read them raw, in chunks
         raw = "wsgi.input_terminated" in request.environ and request.content_length is None
-        data = read_body(request.environ["wsgi.input"] if raw else request.stream, max_payload)
+        with body_deadline(request.environ.get("gunicorn.socket"), body_timeout) as late:
+            try:
+                data = read_body(request.environ["wsgi.input"] if raw else request.stream, max_payload)
+            except Exception:  # noqa: BLE001 - cut short at the deadline, or the client went away
+                if not late.is_set():
+                    raise
+                data = None
+        if data is None or late.is_set():  # gunicorn hands over the bytes that came, short, without an error
+            resp = _json({"error": f"the request's body did not arrive within {body_timeout:g} s ({BODY_TIMEOUT_ENV}): "
+                                   f"fewer bytes came than its Content-Length says, or a chunked body never ended; "
+                                   "send the whole body with a Content-Length that matches it",
+                          "reason": "body_timeout"}, 408)
+            resp.headers["Connection"] = "close"
+            return resp
+        if request.content_length is not None and len(data) != request.content_length:  # the client gave up
+            resp = _json({"error": f"the request's body ended after {len(data)} of the {request.content_length} bytes "
+                                   "its Content-Length says: send the whole photo again", "reason": "body_incomplete"}, 400)
+            resp.headers["Connection"] = "close"
+            return resp
         key = request.headers.get("X-Platemask-Key", "")
         seg = holder.segmenter
         sha = hashlib.sha256(data).hexdigest()
@@ -396,6 +455,43 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
     return app
 
 
+def _timed_thread_worker():
+    """Gunicorn's gthread worker with a deadline on a request's headers (``PLATEMASK_BODY_TIMEOUT_S``,
+    the body's own deadline is ``body_deadline``): a client that sent part of its headers and then
+    nothing held a worker thread for good (gunicorn waits only for the first byte), and a few such
+    connections took every thread, so /ping timed out and the job failed on its health check. At the
+    deadline the socket's read side is shut: the parser sees the connection end and frees the thread."""
+    from gunicorn.workers.gthread import ThreadWorker
+
+    env, _ = read_environment()
+    seconds = env["body_timeout_s"]
+
+    class TimedThreadWorker(ThreadWorker):
+        _pending = threading.local()
+
+        def handle(self, conn):
+            def cut():
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RD)
+
+            timer = threading.Timer(seconds, cut)
+            timer.daemon = True
+            self._pending.timer = timer
+            timer.start()
+            try:
+                return super().handle(conn)
+            finally:
+                timer.cancel()
+
+        def handle_request(self, req, conn):
+            timer = getattr(self._pending, "timer", None)
+            if timer is not None:  # the headers are in: the app bounds the body, the inference takes its time
+                timer.cancel()
+            return super().handle_request(req, conn)
+
+    return TimedThreadWorker
+
+
 def gunicorn_options() -> dict:
     """Gunicorn's settings; a bad environment value gets its default here (the server starts) and is
     left in the environment, so each worker's ``create_app`` reports it (/ping 503 bad_environment)."""
@@ -404,7 +500,7 @@ def gunicorn_options() -> dict:
     return {
         "bind": f"0.0.0.0:{int(os.environ.get('SAGEMAKER_BIND_TO_PORT', 8080))}",
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": _timed_thread_worker(),  # gthread, with a deadline on a request's headers
         # inferences hold a thread each (one runs the model, others decode or wait their turn):
         # enough threads that /ping always finds a free one
         "threads": server["threads"],

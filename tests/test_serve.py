@@ -128,7 +128,8 @@ def test_a_broken_model_is_reported_not_hidden(tmp_path, model_dir):
 BAD_ENVIRONMENT = [("PLATEMASK_THRESHOLD", v) for v in ("nan", "inf", "-1", "2", "0.5x")] + \
                   [("SAGEMAKER_MAX_PAYLOAD_IN_MB", v) for v in ("0", "-1", "0.00001", "101", "nan", "six")] + \
                   [("PLATEMASK_PIXEL_BUDGET_MB", v) for v in ("0", "-5", "1.5")] + \
-                  [("PLATEMASK_RUNTIME", "tensorrt"), ("PLATEMASK_REQUIRE_CUDA", "on")]
+                  [("PLATEMASK_RUNTIME", "tensorrt"), ("PLATEMASK_REQUIRE_CUDA", "on")] + \
+                  [("PLATEMASK_BODY_TIMEOUT_S", v) for v in ("0", "-1", "nan", "soon")]
 
 
 @pytest.mark.parametrize("name,value", BAD_ENVIRONMENT)
@@ -163,7 +164,7 @@ def test_environment_values_at_the_edges_are_served(name, value, monkeypatch):
     env, problems = read_environment({name: value})
     assert problems == []
     assert read_environment({}) == ({"threshold": None, "max_payload_mb": 6.0, "pixel_budget_mb": JobOptions.pixel_budget_mb,
-                                     "runtime": "auto", "require_cuda": False}, [])
+                                     "runtime": "auto", "require_cuda": False, "body_timeout_s": 60.0}, [])
 
 
 def test_the_real_server_with_a_bad_threshold_fails_its_health_check_and_the_job(model_dir, tmp_path, aws_conn):
@@ -435,3 +436,49 @@ def test_worker_decodes_within_its_pixel_budget(model_dir, monkeypatch):
     assert len(seen) == 5 and max(n for _, n in seen) == 1
     assert budget.high_water == 640 * 480 * 3 <= budget.capacity
     assert budget.in_use == 0 and budget.holders == 0
+
+
+def test_requests_that_stop_sending_part_way_do_not_take_the_servers_threads(model_dir, tmp_path, scene):
+    """A slow-loris on the real gunicorn server: a POST /invocations whose Content-Length is larger than
+    the body it sends (or whose headers stop part-way) held a worker thread for good (gunicorn's worker
+    timeout never fires while its main loop runs): with as many such connections as threads, /ping timed
+    out and the transform job failed on its health check. Now the body and the headers have a deadline
+    (PLATEMASK_BODY_TIMEOUT_S): a short body is answered 408 body_timeout saying what to send, a stalled
+    header's connection is closed, and the server goes on answering."""
+    import socket
+
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+               PLATEMASK_SERVER_THREADS="2", PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu",
+               PLATEMASK_BODY_TIMEOUT_S="2")
+    url, proc, _ = start_server(env, port, tmp_path / "server.log")
+    stalled = []
+    try:
+        head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        for sent in (head + b"Content-Length: 100000\r\n\r\n" + jpeg_bytes(scene[0])[:500],) * 2 + (head,) * 2:
+            c = socket.create_connection(("127.0.0.1", port))
+            c.sendall(sent)
+            stalled.append(c)
+        time.sleep(0.5)
+        assert call(url + "/ping", timeout=30)[0] == 200  # urllib raises on a timeout: the test fails there
+        for c in stalled[:2]:
+            c.settimeout(30)
+            answer = b""
+            while b"}" not in answer:
+                part = c.recv(4096)
+                assert part, answer
+                answer += part
+            status, _, body = answer.partition(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 408"), answer
+            body = json.loads(body)
+            assert body["reason"] == "body_timeout" and "Content-Length" in body["error"], body
+        for c in stalled[2:]:
+            c.settimeout(30)
+            assert c.recv(4096) == b""  # closed, not held
+        status, body = call(url + "/invocations", jpeg_bytes(scene[0]), "image/jpeg", timeout=120)
+        assert status == 200 and json.loads(body)["status"] == "masked"
+    finally:
+        for c in stalled:
+            c.close()
+        proc.terminate()
+        proc.wait(timeout=30)
