@@ -42,6 +42,19 @@ def plan_from_context(context: Any, settings: Settings) -> list[dict]:
     # a manual run may have no logical date (Airflow 3), hence no data interval: its night is the local day
     # that ended before it was triggered (run_after), as for a manual run with one
     night_end = context.get("data_interval_end") or getattr(dag_run, "run_after", None)
+    # Airflow keeps every key of a trigger's conf: one that is no Param ({"dryrun": true}) would be ignored
+    # and the run would mask and publish what the operator meant to keep it from
+    declared = getattr(context.get("dag"), "params", None)
+    unknown = sorted(k for k in (getattr(dag_run, "conf", None) or {}) if declared is not None and k not in declared)
+    if unknown:
+        import difflib
+
+        hints = [f"{k!r}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k), list(declared), 1))
+                             else "") for k in unknown]
+        raise AirflowFailException(
+            f"invalid run parameters: the run's conf has key(s) that are no Param of this DAG: {', '.join(hints)}; "
+            "they would be ignored and the run would mask with the defaults instead. Trigger again without them; "
+            f"the Params are: {', '.join(sorted(declared))}")
     try:
         run_type = getattr(dag_run, "run_type", None)
         specs = plan_runs(settings, dict(context["params"]), run_id=dag_run.run_id, data_interval_end=night_end,

@@ -261,3 +261,19 @@ def test_a_collect_retried_after_it_took_a_late_days_lock_gives_it_back_naming_t
     out = capfd.readouterr()
     assert f"given back by run {night_21.run_id}" in out.out + out.err
     assert f"naming run {night_20.run_id} again" in out.out + out.err
+
+
+def test_a_conf_key_that_is_no_param_is_refused_not_ignored(monkeypatch, bucket_env, capfd):
+    """Airflow keeps any key of a trigger's conf (the API, the CLI's --conf, a backfill's --dag-run-conf): a run
+    triggered with {"dryrun": true} (meant: dry_run) ignored the key, masked the window for real, made its report
+    the window's latest and emitted Asset events. plan now refuses a conf key that is no Param, naming the
+    Param it looks like; nothing is masked or reported."""
+    from test_dag import DE_CONF
+
+    s3, bucket, _ = bucket_env
+    dr = load_dag(monkeypatch).test(run_conf=dict(DE_CONF, dryrun=True))
+    assert dr.state == "failed" and _ti_states(dr)["plan"] == "failed"
+    out = capfd.readouterr()
+    assert "'dryrun'" in out.out + out.err and "did you mean dry_run" in out.out + out.err
+    assert _objects(s3, bucket, "masked/") == {} and _objects(s3, bucket, "qa/") == {}
+    assert _asset_events(dr.run_id) == []
