@@ -553,14 +553,26 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
 # xmpGImg:image). Makers' notes carry a preview of the photo (Nikon's, Olympus', Pentax'), Photoshop's
 # image resources (0x8649) a thumbnail, XMP thumbnails: unmasked copies, like IFD1's.
 _IMAGE_STARTS = (b"\xff\xd8\xff", b"/9j/", b"\x89PNG\r\n\x1a\n", b"iVBORw0KGgo")
+# The starts of the other formats a copy of the photo can be planted in (TIFF, WebP, GIF, BMP,
+# Photoshop, JPEG 2000, QOI, PNM): only JPEG's and PNG's were looked for, so a TIFF, WebP, GIF or BMP
+# copy of the unmasked photo in a JPEG's ICC profile was published under the default policy (and in
+# any EXIF value under 'keep'). Their starts occur by chance in binary values (a Nikon maker note is
+# itself a TIFF structure): they count only where an image opens there.
+_OTHER_IMAGE_STARTS = (b"II*\x00", b"MM\x00*", b"RIFF", b"GIF87a", b"GIF89a", b"BM", b"8BPS",
+                       b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51", b"qoif", b"P5", b"P6")
+# Containers of formats Pillow does not open (HEIF/AVIF, JPEG XL), whose signatures do not occur by chance
+_IMAGE_SIGNATURES = (b"ftypheic", b"ftypheix", b"ftypheim", b"ftypheis", b"ftypmif1", b"ftypavif", b"ftypavis",
+                     b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+_BMP_HEADERS = {12, 16, 40, 52, 56, 64, 108, 124}
 
 
 def _no_images(tags: dict) -> dict:
     """``tags`` but those whose value holds an embedded image."""
     def holds_image(v) -> bool:
-        if isinstance(v, str):
-            v = v.encode("utf-8", "surrogateescape")
-        return isinstance(v, (bytes, bytearray)) and any(start in v for start in _IMAGE_STARTS)
+        if isinstance(v, str):  # Pillow reads a text tag's bytes as latin-1: those are the original's
+            return any(holds_image(v.encode(codec, "replace")) for codec in ("latin-1", "utf-8"))
+        return isinstance(v, (bytes, bytearray)) and (any(start in v for start in _IMAGE_STARTS)
+                                                       or _holds_image(bytes(v)))
     return {k: v for k, v in tags.items() if not holds_image(v)}
 
 
@@ -656,12 +668,13 @@ def icc_for_output(icc: bytes | None, mode: str) -> bytes | None:
     return icc if icc[16:20] == _ICC_SPACE.get(mode) else None
 
 
-def _holds_image(blob: bytes) -> bool:
+def _holds_image(blob: bytes, depth: int = 0) -> bool:
     """Whether ``blob`` (an ICC profile: kept under every policy but strip, and any tag or trailing
-    bytes in it copied as they are) carries an image Pillow can open: a JPEG or PNG, raw or in
-    base64, such as an unmasked copy of the photo planted there. Only an image that opens counts: a
-    16-bit tone curve near white holds the bytes FF D8 FF by chance, and dropping such a profile
-    would only dull the photo's colours (a profile with more than 256 such starts goes unopened)."""
+    bytes in it copied as they are; an EXIF value under 'keep') carries an image: one Pillow can open
+    (JPEG, PNG, TIFF, WebP, GIF, BMP, ...), raw or in base64, or a HEIF/AVIF/JPEG XL container, such
+    as an unmasked copy of the photo planted there. Only an image that opens counts: a 16-bit tone
+    curve near white holds the bytes FF D8 FF by chance, and dropping such a profile would only dull
+    the photo's colours (a profile with more than 256 such starts goes unopened)."""
     import base64
     import binascii
     import re
@@ -671,14 +684,26 @@ def _holds_image(blob: bytes) -> bool:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with Image.open(io.BytesIO(data)) as img:
-                    return img.format in ("JPEG", "PNG", "MPO") and img.size[0] * img.size[1] > 0
+                    return img.size[0] * img.size[1] > 0
         except Exception:  # noqa: BLE001 - what does not open as an image is not one
             return False
 
+    def plausible(start: bytes, at: int) -> bool:  # cheap checks for the two-byte starts (common by chance)
+        if start == b"BM":
+            return int.from_bytes(blob[at + 14:at + 18], "little") in _BMP_HEADERS
+        if start in (b"P5", b"P6"):
+            return blob[at + 2:at + 3] in (b" ", b"\t", b"\n", b"\r")
+        return True
+
+    if any(sig in blob for sig in _IMAGE_SIGNATURES):
+        return True
     tries = 0
-    for start in _IMAGE_STARTS:
+    for start in _IMAGE_STARTS + _OTHER_IMAGE_STARTS:
         at = blob.find(start)
         while at >= 0:
+            if not plausible(start, at):
+                at = blob.find(start, at + 1)
+                continue
             tries += 1
             if tries > 256:  # a profile made of image starts: not one any camera or editor writes
                 return True
@@ -693,6 +718,16 @@ def _holds_image(blob: bytes) -> bool:
             if opens(data):
                 return True
             at = blob.find(start, at + 1)
+    if depth == 0:  # an image of any of those formats in base64 (a run of 64 or more base64 characters)
+        for run in re.finditer(rb"[A-Za-z0-9+/\r\n]{64,}", blob):
+            text = re.sub(rb"[\r\n]", b"", run.group())
+            text = text[:len(text) - (len(text) % 4 == 1)]
+            try:
+                data = base64.b64decode(text + b"=" * (-len(text) % 4), validate=False)
+            except (binascii.Error, ValueError):
+                continue
+            if _holds_image(data, depth=1):
+                return True
     return False
 
 

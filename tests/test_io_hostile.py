@@ -186,3 +186,70 @@ def test_a_folder_link_in_dst_is_refused_not_written_through(tmp_path):
     assert (dst / "y" / "a.jpg").read_bytes() == b"y's masked copy"
     store.write("y/b/c.jpg", b"new folder")  # folders that do not exist yet are made, as before
     assert (dst / "y" / "b" / "c.jpg").read_bytes() == b"new folder"
+
+
+def _copy_as(fmt: str, rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "WEBP", "GIF", "BMP"])
+@pytest.mark.parametrize("carrier", ["raw", "base64"])
+@pytest.mark.parametrize("container", ["JPEG", "PNG"])
+def test_an_unmasked_copy_in_another_format_planted_in_the_icc_profile_is_not_published(fmt, carrier, container):
+    """Only a JPEG or PNG copy in the ICC profile was looked for: a TIFF, WebP, GIF or BMP copy of the
+    unmasked photo (raw, or in base64) carried in it was published under the default policy, and
+    opened there as the photo, pixel for pixel. Such a profile is now left out too."""
+    import base64
+
+    from platemask.imageio import decode, encode
+
+    photo = np.random.default_rng(7).integers(0, 255, (40, 60, 3), np.uint8)
+    copy = _copy_as(fmt, photo)
+    payload = copy if carrier == "raw" else base64.b64encode(copy)
+    assert Image.open(io.BytesIO(copy)).size == (60, 40)  # the planted copy is an image of the photo
+    src = io.BytesIO()
+    Image.fromarray(photo).save(src, container, icc_profile=_profile_with(payload))
+    assert payload in Image.open(io.BytesIO(src.getvalue())).info["icc_profile"]
+    dec = decode(src.getvalue())
+    assert dec.icc_profile is None
+    for policy in ("safe", "keep"):
+        out = encode(dec, dec.pixels, metadata=policy)
+        assert Image.open(io.BytesIO(out)).info.get("icc_profile") is None, policy
+        assert payload[8:64] not in out
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "WEBP", "GIF", "BMP"])
+def test_an_unmasked_copy_in_another_format_in_an_exif_value_does_not_survive_keep(fmt):
+    """Under --metadata keep, EXIF values holding a JPEG or PNG were dropped, not ones holding a TIFF,
+    WebP, GIF or BMP copy of the unmasked photo (in a user comment, a maker note, XMP in base64, or a
+    text tag, which Pillow reads as latin-1 and writes back with '?' for every byte above 127, the
+    dark characters of a plate kept): all were published. They are dropped; the rest is kept."""
+    import base64
+
+    from PIL import ExifTags
+
+    from platemask.imageio import decode, encode
+
+    photo = np.random.default_rng(8).integers(0, 255, (40, 60, 3), np.uint8)
+    copy = _copy_as(fmt, photo)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "Acme"
+    exif[ExifTags.Base.ImageDescription] = copy
+    exif[0x02BC] = b"<x:xmpmeta><xmpGImg:image>" + base64.b64encode(copy) + b"</xmpGImg:image></x:xmpmeta>"
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    sub[ExifTags.Base.UserComment] = b"ASCII\0\0\0" + copy
+    sub[ExifTags.Base.MakerNote] = b"Acme\0\1" + copy
+    sub[ExifTags.Base.ExposureTime] = 0.01
+    src = io.BytesIO()
+    Image.fromarray(photo).save(src, "JPEG", exif=exif.tobytes())
+    dec = decode(src.getvalue())
+    out = encode(dec, dec.pixels, metadata="keep")
+    back = Image.open(io.BytesIO(out)).getexif()
+    assert back.get(ExifTags.Base.Make) == "Acme"
+    assert back.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.ExposureTime) == 0.01
+    for gone in (ExifTags.Base.ImageDescription, 0x02BC):
+        assert gone not in back, gone
+    assert not ({ExifTags.Base.UserComment, ExifTags.Base.MakerNote} & set(back.get_ifd(ExifTags.IFD.Exif)))
+    assert copy[8:64] not in out and base64.b64encode(copy)[8:64] not in out
