@@ -451,3 +451,41 @@ def test_the_index_names_the_earlier_days_a_night_left_to_their_own_runs(photos,
         assert "<svg" not in out and "\u202e" not in out
         assert ("and 15 more" in out and out.count("&lt;svg") == MAX_DAYS_LEFT) if isinstance(odd, list) else \
             "left to their own runs" not in out
+
+
+def test_a_retried_mask_task_does_not_count_its_first_tries_photos_in_the_images_per_second(photos, model_dir):
+    """A mask task whose worker was lost after it had masked 2 of its shard's 3 photos (their audit records
+    written) is retried: the retry finds those 2 done by this run (earlier_attempt) and masks the third. The
+    report's mask images/s (report.html, the Plate QA index) divided all 3 photos by the retry's time, which
+    masked one: three times the speed the task had (a shard of 200 with one left: 200 times)."""
+    from platemask.airflow_support import detector_factory
+    from platemask.runs import acquire_lock, aggregate, collect, make_shards, mask_shard, release_lock
+
+    s3, settings = photos
+    spec = RunSpec(region="DE", run_id="scheduled__20", **WINDOW)
+    assert acquire_lock(s3, settings, spec, is_live=lambda lock: False, log=lambda m: None) is None
+    collect(s3, settings, spec, log=lambda m: None)
+    (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
+    factory = detector_factory(settings, str(model_dir))
+    mask_shard(s3, settings, shard, factory, log=lambda m: None)
+    s3.delete_object(Bucket=settings.bucket, Key=f"audit/DE/2026/11/20/car2.jpg.json")  # the worker is lost first
+    retry = mask_shard(s3, settings, shard, factory, log=lambda m: None)  # the task's retry
+    retried = json.loads(_get(s3, settings, retry["summary"]))
+    assert retried["processed"] == 3 and retried["images_per_second"] > 0  # (of the 1 photo it masked)
+    (rep,) = aggregate(s3, settings, [spec.as_dict()], run_id=spec.run_id, log=lambda m: None)
+    release_lock(s3, settings, spec, log=lambda m: None)
+    qa = json.loads(_get(s3, settings, rep["report"]))
+    assert qa["processed_this_run"] == 3 and qa["by_status"]["masked"] == 3 and rep["passed"]
+    assert sum(bool(r.get("earlier_attempt")) for r in _records(s3, settings, spec)) == 2
+    assert qa["mask_images_per_second"] == round(1 / retried["wall_seconds"], 3), (qa["mask_images_per_second"],
+                                                                                   retried["wall_seconds"])
+
+
+def _records(s3, settings, spec) -> list[dict]:
+    from platemask.layout import run_prefix
+
+    out = []
+    for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix=run_prefix(settings, spec) + "detections/")["Contents"]:
+        if o["Key"].endswith(".jsonl"):
+            out += [json.loads(x) for x in _get(s3, settings, o["Key"]).decode().splitlines()]
+    return out
