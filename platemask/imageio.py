@@ -452,6 +452,27 @@ _WEBP_ORIENTATION = (
     "shows upright as stored, with the tag removed ('exiftool -Orientation= in.webp'), and mask that")
 
 
+FRAME_COUNT_CAP = 1000  # a TIFF's pages are counted up to this many (more: the count says so)
+
+
+def _frame_count(img: Image.Image) -> int:
+    """The number of frames or pages of ``img``; for a TIFF counted page by page, up to
+    FRAME_COUNT_CAP + 1. Pillow's ``n_frames`` walks every page of a TIFF, checking each against all
+    the pages before it (quadratic): a 5.7 MB TIFF of 50,000 one-pixel pages held the decoder, and
+    the interpreter lock with it, for 16 s, a 34 MB one of 300,000 for minutes: a nightly run's
+    worker stalled on one upload. MPO, APNG and WebP declare their count in a header."""
+    if img.format != "TIFF":
+        return getattr(img, "n_frames", 1)
+    n = 1
+    try:
+        while n <= FRAME_COUNT_CAP:
+            img.seek(n)
+            n += 1
+    except EOFError:
+        pass
+    return n
+
+
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data``; raise ImageError with a reason code for anything unusable."""
     check_max_pixels(max_pixels)
@@ -471,11 +492,12 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
                 raise ImageError("too_large", f"{w}x{h} = {w * h:,} pixels exceeds the limit of "
                                  f"{max_pixels:,}: if this is a real photo, downscale it, or mask it with the CLI's --max-pixels "
                                  f"raised (up to {MAX_PIXELS_CEILING:,})")
-            frames = getattr(img, "n_frames", 1)
+            frames = _frame_count(img)
             if fmt in READ_AS:  # MPO: phone JPEG + MP extension: the first frame is the photo, the rest previews/depth
                 fmt, frames_dropped = READ_AS[fmt], frames - 1
             elif frames > 1:  # masking one page and dropping (or passing through) the others would lose or leak
-                raise ImageError("multi_page_unsupported", f"{fmt} file with {frames} pages/frames: only single-image "
+                count = f"{frames}" if frames <= FRAME_COUNT_CAP else f"more than {FRAME_COUNT_CAP}"
+                raise ImageError("multi_page_unsupported", f"{fmt} file with {count} pages/frames: only single-image "
                                  "files are masked (a page left out would be lost, one passed through would leak); "
                                  "split it into one file per page or frame (e.g. 'magick in.tif page-%d.tif') "
                                  "and mask those")

@@ -253,3 +253,51 @@ def test_an_unmasked_copy_in_another_format_in_an_exif_value_does_not_survive_ke
         assert gone not in back, gone
     assert not ({ExifTags.Base.UserComment, ExifTags.Base.MakerNote} & set(back.get_ifd(ExifTags.IFD.Exif)))
     assert copy[8:64] not in out and base64.b64encode(copy)[8:64] not in out
+
+
+def _tiff_of_pages(n: int) -> bytes:
+    """A little-endian TIFF of ``n`` one-pixel grey pages (one IFD each, all sharing one pixel byte)."""
+    import struct
+
+    entries = [(256, 1), (257, 1), (258, 8), (259, 1), (262, 1), (273, None), (277, 1), (278, 1), (279, 1)]
+    size = 2 + 12 * len(entries) + 4
+    pixel_at = 8 + n * size
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    for i in range(n):
+        out += struct.pack("<H", len(entries))
+        for tag, value in entries:
+            if value is None:
+                out += struct.pack("<HHII", tag, 4, 1, pixel_at)
+            else:
+                out += struct.pack("<HHIHH", tag, 3, 1, value, 0)
+        out += struct.pack("<I", 8 + (i + 1) * size if i + 1 < n else 0)
+    return bytes(out + b"\x80")
+
+
+def test_a_tiff_of_many_pages_is_refused_without_walking_them_all(monkeypatch):
+    """Pillow's n_frames walks every page of a TIFF, checking each against all those before it: a
+    5.7 MB upload of 50,000 one-pixel pages held the decoder (and the interpreter lock, so the
+    detector and every other thread of the worker) for 16 s, a 34 MB one of 300,000 for minutes.
+    Pages are now counted up to FRAME_COUNT_CAP; the file still fails multi_page_unsupported."""
+    from PIL import TiffImagePlugin
+
+    from platemask.imageio import FRAME_COUNT_CAP, ImageError, decode
+
+    pages = 3 * FRAME_COUNT_CAP
+    data = _tiff_of_pages(pages)
+    seen: list[int] = []
+    real_seek = TiffImagePlugin.TiffImageFile._seek
+
+    def spy(self, frame):  # calls through: only records how far the file was walked
+        seen.append(frame)
+        return real_seek(self, frame)
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_seek", spy)
+    with pytest.raises(ImageError) as e:
+        decode(data)
+    assert e.value.reason == "multi_page_unsupported" and f"more than {FRAME_COUNT_CAP} pages" in str(e.value)
+    assert max(seen) <= FRAME_COUNT_CAP + 1 < pages
+    with pytest.raises(ImageError) as e:
+        decode(_tiff_of_pages(3))
+    assert e.value.reason == "multi_page_unsupported" and "3 pages" in str(e.value)
+    assert decode(_tiff_of_pages(1)).pixels.shape == (1, 1)
