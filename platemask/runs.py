@@ -113,8 +113,19 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
     """Mark this run's locks of the window's days, and of the days before it whose late photos it picked
     up, released (a lock of another run is left alone); whether it held any."""
     keys = lock_keys(settings, spec)
-    keys += [k for k in (_day_lock_key(settings, spec.region, d) for d in late_days(settings, spec)) if k not in keys]
+    late = [k for k in (_day_lock_key(settings, spec.region, d) for d in late_days(settings, spec)) if k not in keys]
     released = [_release_one(client, settings, spec, key, log) for key in keys]
+    if late:
+        # a late day's lock that collect did not keep (it failed for good while it looked there) goes back as it
+        # was, with who looked: released in this run's name it would read as a run that had the day since
+        kept = set((load_collected(client, settings, spec) or {}).get("late_locks", []))
+        for key in late:
+            if key in kept:
+                released.append(_release_one(client, settings, spec, key, log))
+            elif (found := _own_lock(client, settings, spec, key)) is not None:
+                before = found[0].get("replaced")
+                _give_back_unused(client, settings, spec, key, before if isinstance(before, dict) else None, log)
+                released.append(True)
     return any(released)
 
 

@@ -277,3 +277,41 @@ def test_a_conf_key_that_is_no_param_is_refused_not_ignored(monkeypatch, bucket_
     assert "'dryrun'" in out.out + out.err and "did you mean dry_run" in out.out + out.err
     assert _objects(s3, bucket, "masked/") == {} and _objects(s3, bucket, "qa/") == {}
     assert _asset_events(dr.run_id) == []
+
+
+def test_a_collect_that_failed_for_good_after_taking_a_late_days_lock_does_not_pass_for_a_run_that_had_the_day(
+        monkeypatch, bucket_env, capfd):
+    """The 21st's collect took the 20th's lock to look for late photos, then failed for good (S3 refused that
+    day's listing): release gave the lock back released in the 21st's name, as if that run had masked the 20th.
+    A task of the 20th's run cleared afterwards (its qa, what the failure alert suggests) was then told that run
+    21 'has had the day since: it masked that day again or picked up its late photos', untrue, and its report
+    could no longer become the window's latest. A look that never finished now puts the lock back as it was."""
+    from test_dag import DE_20, DE_CONF, _clear_and_rerun, _client_error, _inject_faults
+
+    s3, bucket, keys = bucket_env
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "1")
+    refused = {"on": False}
+    _inject_faults(monkeypatch, lambda op, p: _client_error(op, "AccessDenied", 403, "Access Denied")
+                   if refused["on"] and op == "ListObjectsV2" and p.get("Prefix") == "raw/DE/2026/11/20/" else None)
+    lock_key = "runs/DE/locks/2026-11-20.json"
+    dag_20 = load_dag(monkeypatch)
+    night_20 = dag_20.test(run_conf=DE_CONF)
+    assert night_20.state == "success" and len(_asset_events(night_20.run_id)) == 2
+    before = json.loads(s3.get_object(Bucket=bucket, Key=lock_key)["Body"].read())
+    refused["on"] = True
+    night_21 = load_dag(monkeypatch).test(run_conf=dict(DE_CONF, window_start="2026-11-21", window_end="2026-11-22"))
+    assert night_21.state == "failed" and _ti_states(night_21)["collect"] == "failed"
+    refused["on"] = False
+    after = json.loads(s3.get_object(Bucket=bucket, Key=lock_key)["Body"].read())
+    assert (after["run_id"], after["state"]) == (night_20.run_id, "released"), after
+    assert {k: v for k, v in after.items() if k != "looked"} == before and after["looked"]["run_id"] == night_21.run_id
+    # the 21st's own day is released in its name as usual
+    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/DE/locks/2026-11-21.json")["Body"].read())[
+        "run_id"] == night_21.run_id
+    capfd.readouterr()
+    assert _clear_and_rerun(dag_20, night_20, ["qa", "check", "publish", "release", "watcher"]) == "success"
+    out = capfd.readouterr()
+    assert "has had its days since" not in out.out + out.err
+    rep = _report(s3, bucket, "DE", DE_20)
+    assert rep["run_id"] == night_20.run_id and rep["lock_held"]
+    assert len(_asset_events(night_20.run_id)) == 4  # the cleared qa's report is the window's current one
