@@ -301,3 +301,24 @@ def test_a_tiff_of_many_pages_is_refused_without_walking_them_all(monkeypatch):
         decode(_tiff_of_pages(3))
     assert e.value.reason == "multi_page_unsupported" and "3 pages" in str(e.value)
     assert decode(_tiff_of_pages(1)).pixels.shape == (1, 1)
+
+
+def test_a_progressive_jpeg_with_its_scans_repeated_fails_before_decoding():
+    """libjpeg decodes a progressive JPEG's repeated scans (with a warning), each over the whole photo:
+    a 123 KB upload of a 12 MP photo whose last 26-byte scan was repeated 2,000 times held a worker
+    16 s (a 10 MB one would hold it for hours). A JPEG of more than MAX_JPEG_SCANS scans fails
+    'corrupt' with what to do before any pixel is decoded; ordinary progressive JPEGs decode."""
+    from platemask.imageio import MAX_JPEG_SCANS, ImageError, decode
+
+    rgb = np.random.default_rng(9).integers(0, 255, (48, 64, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    bomb = data[:-2] + data[last:-2] * MAX_JPEG_SCANS + b"\xff\xd9"
+    assert Image.open(io.BytesIO(bomb)).size == (64, 48)  # what Pillow opens and would decode, scan by scan
+    with pytest.raises(ImageError) as e:
+        decode(bomb)
+    assert e.value.reason == "corrupt" and f"more than {MAX_JPEG_SCANS} scans" in str(e.value) and "re-save" in str(e.value)
+    assert decode(data).rgb.shape == (48, 64, 3)
+    assert decode(data[:-2] + data[last:-2] * 3 + b"\xff\xd9").rgb.shape == (48, 64, 3)  # a few repeats: decoded
