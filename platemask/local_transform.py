@@ -6,6 +6,11 @@ job's ContentType and Accept, one record per request with SplitType=None, at mos
 MaxConcurrentTransforms at once, retries on 5xx and timeouts up to InvocationsMaxRetries) and
 writes the response to ``{S3OutputPath}/{key relative to the manifest prefix}.out``.
 
+A container that stops answering (a request gets no answer and /ping then answers neither, or says
+``"status": "error"``) fails
+the job at once, as AWS does, with a ``FailureReason`` naming the cause and no record; the records
+not yet sent are counted (``not_sent``), not each tried through the retries.
+
 Like Batch Transform, a record answered with a non-2xx status (after the retries for 5xx and
 timeouts), or over MaxPayloadInMB, fails the whole job, but not the other records: every record
 of the manifest is still tried and each one answered 2xx gets its ``.out``, and the job then
@@ -158,6 +163,34 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     url = endpoint.rstrip("/") + "/invocations"
 
     not_started = "not started: the job was stopped"
+    not_sent = "not sent: the container stopped answering"
+    dead: list[str] = []  # why the container is taken for dead (the first finding)
+    dead_lock = threading.Lock()
+    ping_url = endpoint.rstrip("/") + "/ping"
+
+    def container_gone(last: str) -> bool:
+        """Whether the container is down, asked after a request that got no answer: AWS fails the job
+        once the container stops answering /ping or keeps refusing connections; each record then
+        waited through every retry (connection refused, or the invocation timeout, again and again),
+        minutes of retries over a dead container before the job failed. A /ping that answers (200, or
+        503 while a restarted worker loads) means the miss was this request's: it is tried again as before."""
+        if dead:
+            return True
+        try:
+            status, body = _http("GET", ping_url, timeout=5)
+            try:
+                broken = json.loads(body).get("status") == "error"  # the server says it cannot serve, for good
+            except (ValueError, AttributeError):
+                broken = False
+            if not broken:  # 200, or 503 loading (a worker restarted by gunicorn): the retries ride it out
+                return False
+            ping = f"{status} {body.decode(errors='replace')[:200]}"
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            ping = f"{type(exc).__name__}: {exc}"
+        with dead_lock:
+            if not dead:
+                dead.append(f"POST /invocations got no answer ({last[:200]}) and GET /ping then answered {ping[:200]}")
+        return True
 
     def one(rel: str) -> tuple[str, int | None, str]:
         """(key, the container's last status or None, what went wrong as a phrase after the record's URI).
@@ -165,6 +198,8 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
         the other input files), only a stop ends the job early."""
         if is_stopped():
             return rel, None, not_started
+        if dead:
+            return rel, None, not_sent
         data = s3.get_object(Bucket=in_bucket, Key=in_prefix + rel)["Body"].read()
         if len(data) > max_bytes:  # SageMaker's own check: the container never sees the record, the job fails
             return rel, None, f"is {len(data)} bytes, over the job's MaxPayloadInMB of {max_mb}: not sent to the container"
@@ -174,6 +209,8 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
                 status, resp = _http("POST", url, data, {"Content-Type": content_type, "Accept": accept}, timeout=timeout)
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 status, resp, last = None, b"", f"{type(exc).__name__}: {exc}"
+                if container_gone(last):  # the job fails now, naming why; this record and the rest are not sent
+                    return rel, None, not_sent
             if status is not None and 200 <= status < 300:
                 if is_stopped():  # AWS does not store a stopped job's output
                     return rel, None, not_started
@@ -189,15 +226,22 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, rel_keys))
     wall = time.perf_counter() - t0
-    failed = [{"key": k, "status": s, "error": e} for k, s, e in results if e and e != not_started]
+    failed = [{"key": k, "status": s, "error": e} for k, s, e in results if e and e not in (not_started, not_sent)]
     skipped = sum(1 for _, _, e in results if e == not_started)
-    done = len(rel_keys) - len(failed) - skipped
-    state = "Failed" if failed else "Completed"
+    unsent = sum(1 for _, _, e in results if e == not_sent)
+    done = len(rel_keys) - len(failed) - skipped - unsent
+    state = "Failed" if failed or dead else "Completed"
     if stop_seen.is_set() or (stopped or (lambda: stop_requested(s3, request["TransformOutput"]["S3OutputPath"])))():
         state = "Stopped"
     outcome = {"TransformJobStatus": state, "records": len(rel_keys), "done": done,
-               "failed": failed, "not_started": skipped, "seconds": round(wall, 3)}
-    if failed and state == "Failed":
+               "failed": failed, "not_started": skipped, "not_sent": unsent, "seconds": round(wall, 3)}
+    if dead and state == "Failed":  # no record is named: none of them is the cause
+        outcome["FailureReason"] = (
+            f"ClientError: the container stopped answering: {dead[0]}; {unsent} of {len(rel_keys)} records were not "
+            f"sent, the output of the {done} answered before is stored"
+            + (f", {len(failed)} record(s) failed on their own" if failed else "")
+            + "; see the container's logs (CloudWatch /aws/sagemaker/TransformJobs) for why it stopped")
+    elif failed and state == "Failed":
         first = failed[0]
         more = (f"; {len(failed)} of {len(rel_keys)} records failed, the output of the {done} others is stored"
                 if len(failed) > 1 else "")

@@ -153,6 +153,15 @@ def test_a_failure_reason_names_a_photo_only_by_its_whole_key(aws_conn):
         keys[2]: "transform_record_failed"}
     assert left(f"failed on '{uri}IMG_1'") == {keys[0]: "transform_record_failed"}
     assert left(f"failed on {uri}IMG_1") == {keys[0]: "transform_record_failed"}
+    # a longer key of the shard that is not pending (its output is in, or it was left out already):
+    # 'raw/.../my' was blamed for 'my car.jpg', whose name has a space where a URI in prose may end
+    mine = "raw/DE/2026/11/20/my"
+    s3.put_object(Bucket=settings.bucket, Key=mine, Body=b"photo")
+    pending = [{"key": mine, "size": 1, "etag": s3.head_object(Bucket=settings.bucket, Key=mine)["ETag"].strip('"')}]
+    desc = {"FailureReason": f"ClientError: record {uri}my car.jpg got 400 from the container", "MaxPayloadInMB": 25}
+    assert leave_out(s3, settings, desc, "pm-x-a0", 0, pending, {}, [mine, mine + " car.jpg"]) == {}
+    desc = {"FailureReason": f"ClientError: record {uri}my got 400 from the container", "MaxPayloadInMB": 25}
+    assert list(leave_out(s3, settings, desc, "pm-x-a0", 0, pending, {}, [mine, mine + " car.jpg"])) == [mine]
 
 
 def _stopped_part_way(s3, model_dir, server_url, scene, stop):
@@ -239,3 +248,64 @@ def test_a_job_this_dag_stopped_is_followed_by_an_attempt_over_the_rest_when_its
     recs = _records(s3, settings, mask_shard(s3, settings, waited, detector_factory(settings, str(model_dir)),
                                              log=lambda m: None))
     assert set(recs) == set(photos) and all(r["status"] == "masked" for r in recs.values()), recs
+
+
+def test_a_container_that_dies_fails_its_job_at_once_naming_why_instead_of_retrying_every_record(aws_conn):
+    """The container dies part-way through a job (out of memory, a crash): every request after is refused.
+    The local runner tried each remaining record through all its retries before failing the job (here 30
+    records x 4 tries, minutes when each try waits out the invocation timeout), and its FailureReason
+    blamed the first such record by its URI, so the backend left that photo out as transform_record_failed
+    although the photo was not the cause. AWS fails the job once the container stops answering /ping. Now
+    a request without an answer is followed by one /ping: no answer there fails the job at once, naming
+    both, no record named; the records not sent are counted, those answered before keep their output."""
+    from platemask.local_transform import run_local_transform
+
+    s3 = aws_conn
+    answered = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            data = json.dumps({"status": "ok"} if self.path == "/ping" else {"MaxConcurrentTransforms": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            answered.append(self.path)
+            if len(answered) > 3:  # the fourth request finds the container dying: no answer, and no more
+                threading.Thread(target=lambda: (server.shutdown(), server.server_close()), daemon=True).start()
+                self.close_connection = True
+                return
+            data = b'{"status": "no_plate"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = Settings(bucket=f"hd-{uuid.uuid4().hex[:8]}", sagemaker_max_concurrent=1,
+                        sagemaker_local_endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+    s3.create_bucket(Bucket=settings.bucket)
+    entries = []
+    for i in range(30):
+        key = f"raw/DE/2026/11/20/car{i:02d}.jpg"
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=b"photo %d" % i)
+        entries.append({"key": key, "size": 7, "etag": s3.head_object(Bucket=settings.bucket, Key=key)["ETag"]})
+    s3.put_object(Bucket=settings.bucket, Key="m.manifest", Body=json.dumps(manifest_document(settings, entries)).encode())
+    request = transform_request(settings, SPEC, job=f"pm-dead-{uuid.uuid4().hex[:8]}-a0", model="platemask-m",
+                                entries=entries, manifest_uri=f"s3://{settings.bucket}/m.manifest")
+    outcome = run_local_transform(request, settings.sagemaker_local_endpoint, s3, log=lambda m: None)
+    assert outcome["TransformJobStatus"] == "Failed", outcome
+    why = outcome["FailureReason"]
+    assert "the container stopped answering" in why and "GET /ping then answered" in why, why
+    assert f"s3://{settings.bucket}/raw/" not in why  # no photo is blamed for the container's death
+    assert (outcome["done"], outcome["failed"], outcome["not_sent"]) == (3, [], 27), outcome
+    assert len(answered) == 4  # the request it died on was not sent again
+    out = request["TransformOutput"]["S3OutputPath"][len(f"s3://{settings.bucket}/"):]
+    assert s3.list_objects_v2(Bucket=settings.bucket, Prefix=out).get("KeyCount") == 3
