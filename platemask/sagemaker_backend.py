@@ -31,7 +31,7 @@ import logging
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .constants import MODEL_DIR_ENV, SAGEMAKER_MODEL_DIR, TRANSFORM_JOB_ENDED
 from .detections import Plate
@@ -259,13 +259,17 @@ def _describe(hook, job: str) -> dict | None:
 _URI_END = re.compile(r"""[\s'"`,;:)\]}>]""")  # a character that ends a URI in prose
 
 
-def _named_in(reason: str, bucket: str, pending: list[dict]) -> list[dict]:
+def _named_in(reason: str, bucket: str, pending: list[dict], known: Iterable[str] = ()) -> list[dict]:
     """The photos a FailureReason names as ``s3://bucket/key``, whole: the URI must end there (the
     end of the text, whitespace or punctuation that ends a URI in prose; the local runner writes
     ``record s3://bucket/key got ...``), and where a longer pending key's URI starts at the same
     place, that one is named, not this one. ``raw/x/IMG_1`` is not named by ``.../IMG_10`` nor by
     ``.../IMG_1.jpg``, whether or not those are pending. AWS's FailureReason is free text: what
-    cannot be read as a whole key names nothing (the photo then stays in the next attempt)."""
+    cannot be read as a whole key names nothing (the photo then stays in the next attempt). ``known``:
+    the shard's other keys, also looked for as the longer key (``raw/my`` pending is not named by
+    ``.../raw/my car.jpg`` when ``raw/my car.jpg`` has output already or was left out: a space ends a
+    URI in prose, and ``raw/my`` was blamed for another record's failure)."""
+    longer = {o["key"] for o in pending} | set(known)
     out = []
     for e in pending:
         uri = f"s3://{bucket}/{e['key']}"
@@ -273,8 +277,7 @@ def _named_in(reason: str, bucket: str, pending: list[dict]) -> list[dict]:
         while at != -1:
             end = at + len(uri)
             if (end == len(reason) or _URI_END.match(reason, end)) and not any(
-                    o is not e and len(o["key"]) > len(e["key"]) and reason.startswith(f"s3://{bucket}/{o['key']}", at)
-                    for o in pending):
+                    len(o) > len(e["key"]) and reason.startswith(f"s3://{bucket}/{o}", at) for o in longer):
                 out.append(e)
                 break
             at = reason.find(uri, at + 1)
@@ -303,7 +306,7 @@ def _heads(s3, settings: Settings, entries: list[dict], cache: dict) -> None:
 
 
 def leave_out(s3, settings: Settings, desc: dict, job: str, attempt: int, pending: list[dict],
-              heads: dict) -> dict[str, dict]:
+              heads: dict, shard_keys: Iterable[str] = ()) -> dict[str, dict]:
     """The photos a failed job left without output that would fail the next attempt too, each
     with its own failure (reason, error) for the mask step: re-uploaded since the listing (another
     ETag: on AWS the usual cause is a record over MaxPayloadInMB, and those bytes would never be
@@ -328,7 +331,7 @@ def leave_out(s3, settings: Settings, desc: dict, job: str, attempt: int, pendin
             out[e["key"]] = {"reason": "source_changed", "error": f"{uri} was re-uploaded after it was listed (ETag "
                              f"{e['etag']} -> {now[0]}, {e['size']} -> {now[1]} bytes{over}) and transform job {job} "
                              f"failed ({why}): {nxt}; not published, the next run lists the new upload and masks it"}
-    for e in _named_in(why, bucket, pending):
+    for e in _named_in(why, bucket, pending, shard_keys):
         out.setdefault(e["key"], {"reason": "transform_record_failed", "error": (
             f"transform job {job} failed on s3://{bucket}/{e['key']} ({why}): {nxt}; not published; see the job's "
             f"CloudWatch logs (/aws/sagemaker/TransformJobs, {job}) for this record; the next run tries it again")})
@@ -434,7 +437,7 @@ def submit(hook, s3, settings: Settings, shard: dict, model_dir: str) -> dict:
         dropped: dict[str, dict] = {}
         if state == "Failed":
             pending = [e for e in todo if e["key"] not in have and e["key"] not in left_out]
-            dropped = leave_out(s3, settings, desc, job, attempt, pending, heads)
+            dropped = leave_out(s3, settings, desc, job, attempt, pending, heads, [e["key"] for e in entries])
         # progress: new output, or a photo S3 shows would fail the next attempt too. A photo the
         # FailureReason names alone is no reason for another attempt (a container that fails every
         # record must not cost an attempt per photo): then it fails with the rest, the job's reason
