@@ -7,7 +7,9 @@ detector fed the stored pixels finds nothing: the photo was published as "no pla
 plate readable. So the detector's view is the photo as shown on an sRGB screen; the masks are
 painted into the stored pixels at the same places (the conversion changes colours, never geometry),
 and the written photo keeps its profile, so it shows as the original did. Transparency is shown
-too: a plate drawn in the alpha channel alone (colours all black) shows on a white page.
+too: a plate drawn in the alpha channel alone (colours all black) shows on a white page; one whose
+colours are white shows on a dark page (a dark-mode page, a browser's own image view), so a photo
+with transparency is looked at over both.
 
 Profiles that show the stored values as they are (within a few levels: the sRGB profiles cameras
 and phones embed) are recognised once per distinct profile and cost nothing after; any other
@@ -29,7 +31,13 @@ from .rows import row_bands
 IDENTITY_TOLERANCE = 3
 # a PNG gAMA within this of the sRGB-like 1/2.2 (as Pillow reads it: 0.45455) is shown as stored
 GAMMA_TOLERANCE = 0.03
-BACKDROP = 128  # what a transparent pixel is shown over (see shown)
+# What a transparent pixel is shown over: a white page (``shown``'s default), and a dark one (a
+# dark-mode page, a browser's own view of an image). A single backdrop can be matched: a photo drawn
+# in the alpha alone over colours of mid-grey, the backdrop before, was flat grey to the detector and
+# to tools that drop the alpha, and showed its plate on any page (a real held-out photo: no_plate,
+# published as it was; Chromium showed its plate, which the model found at 1.0 there).
+BACKDROP = 255
+DARK_BACKDROP = 0
 # A view whose greys stay within TONE_GREY and whose every probe colour's luma within TONE_LUMA levels
 # of the stored values' only moves the gamut (Display P3, Adobe RGB: greys 0 and 9, luma 41 and 49):
 # what the stored values show, it shows. Beyond, the stored values are looked at too (may_hide).
@@ -112,14 +120,14 @@ def _gamma_lut(gamma: float) -> np.ndarray | None:
 
 
 def shown(rgb: np.ndarray, icc: bytes | None = None, png_gamma: float | None = None,
-          alpha: np.ndarray | None = None) -> np.ndarray:
+          alpha: np.ndarray | None = None, backdrop: int = BACKDROP) -> np.ndarray:
     """The uint8 RGB photo ``rgb`` as a colour-managed viewer shows it on an sRGB screen.
 
     ``icc``: the photo's ICC profile; ``png_gamma``: a PNG's gAMA (which viewers apply only without an
     ICC profile or sRGB chunk: pass None then); ``alpha``: its uint8 alpha channel, composited over
-    mid-grey (a viewer's page may be white or black: a plate drawn in the alpha alone shows on
-    either, at half its contrast here). Returns ``rgb`` itself when the view is the stored values (no
-    profile, an sRGB-like one, one that cannot be read; opaque), else a new array.
+    ``backdrop`` (a grey level: the page; a photo with transparency is looked at over BACKDROP and
+    DARK_BACKDROP). Returns ``rgb`` itself when the view is the stored values (no profile, an
+    sRGB-like one, one that cannot be read; opaque), else a new array.
     """
     rgb = _colours(rgb, icc, png_gamma)
     if alpha is None or alpha.min() == 255:
@@ -127,7 +135,7 @@ def shown(rgb: np.ndarray, icc: bytes | None = None, png_gamma: float | None = N
     out = np.empty_like(rgb)
     for band in row_bands(rgb.shape[0], rgb.shape[1] * 6):  # no full-size transients
         a = alpha[band, :, None].astype(np.uint16)
-        out[band] = (rgb[band] * a + BACKDROP * (255 - a) + 127) // 255
+        out[band] = (rgb[band] * a + backdrop * (255 - a) + 127) // 255
     return out
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
-from .colour import may_hide, shown
+from .colour import DARK_BACKDROP, may_hide, shown
 from .constants import DEFAULT_METADATA_POLICY, MetadataPolicy
 from .rows import BAND_BYTES, row_bands
 
@@ -91,7 +91,8 @@ class Decoded:
     ``pixels`` keeps the depth and channels to write back (uint8 RGB/L/RGBA/LA or uint16 L);
     ``rgb`` is the uint8 RGB view the detector sees (for uint16, by its levels: ``_view16``): the
     photo as a colour-managed viewer shows it (its ICC profile or a PNG's gAMA applied, transparency
-    over mid-grey; ``platemask.colour``), at the same pixels' positions. ``stored_rgb`` is the stored
+    over a white page; ``platemask.colour``), at the same pixels' positions; ``dark_rgb`` the same
+    over a dark page where the photo has transparency, else None. ``stored_rgb`` is the stored
     values as uint8 RGB when that view may hide what they show (``colour.may_hide``), else None: a
     tool that ignores the profile, the gamma or the alpha (many do: thumbnailers, converters, ML pipelines) shows those, so the
     detector looks at both (``detector_views``) and what either shows is masked.
@@ -108,6 +109,7 @@ class Decoded:
     # a JPEG's chroma subsampling as Pillow numbers it (0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0); -1 = none or unknown
     subsampling: int = -1
     stored_rgb: np.ndarray | None = None
+    dark_rgb: np.ndarray | None = None
     # 16-bit grey (written at 16 bits) whose content spans more than SHADOWS_SPAN levels: its shadows
     # lifted (``_shadows16``), a further view the detector looks at; else None
     shadows_rgb: np.ndarray | None = None
@@ -116,9 +118,10 @@ class Decoded:
     def detector_views(self) -> list[np.ndarray]:
         """What the detector looks at, each at the pixels' positions: the photo as shown, and its stored
         values where those differ (a profile or an alpha channel that hides a plate from viewers that
-        apply it leaves it readable to every tool that does not), and a 16-bit grey photo's shadows
+        apply it leaves it readable to every tool that does not), the photo over a dark page where it
+        has transparency (a plate drawn in the alpha over white colours shows there alone), and a 16-bit grey photo's shadows
         lifted (a plate 8 stops down is black in its view, readable in the 16-bit file once brightened)."""
-        return [v for v in (self.rgb, self.stored_rgb, self.shadows_rgb) if v is not None]
+        return [v for v in (self.rgb, self.stored_rgb, self.dark_rgb, self.shadows_rgb) if v is not None]
 
     @property
     def width(self) -> int:
@@ -252,7 +255,8 @@ def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
                 mode = img.mode
                 deep = _deep_colour(img)  # read again at 16 bits a channel beside Pillow's copy
                 # the view as shown is a copy of its own (colour.shown) where a profile, a gamma or transparency applies
-                shown_copy = (bool(img.info.get("icc_profile")) or "gamma" in img.info or "transparency" in img.info
+                transparent = "transparency" in img.info
+                shown_copy = (bool(img.info.get("icc_profile")) or "gamma" in img.info or transparent
                               or mode in ("RGBA", "RGBa", "LA", "La", "PA"))
     except MemoryError:
         raise
@@ -263,8 +267,10 @@ def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     # where the view as shown is a copy, the stored values' RGB view is kept too: the pixels themselves for
     # 8-bit RGB, a copy of its own for every other mode
     stored_copy = shown_copy and not (mode == "RGB" and not deep)
+    dark_copy = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and transparent)  # over a dark page
     return w * h * (_bytes_per_pixel(mode) + (2 * len(mode) if deep else 0) + (3 if shown_copy else 0)
-                    + (3 if stored_copy else 0) + (3 if mode in _DEEP_GREY else 0))  # the last: _shadows16's view
+                    + (3 if stored_copy else 0) + (3 if dark_copy else 0)
+                    + (3 if mode in _DEEP_GREY else 0))  # the last: _shadows16's view
 
 
 def _orientation(exif: Image.Exif) -> int:
@@ -610,10 +616,12 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     stored = _to_rgb8(pixels)
     rgb = shown(stored, icc, png_gamma, alpha)
     both = rgb is not stored and may_hide(icc, png_gamma, alpha)
+    dark = shown(stored, icc, png_gamma, alpha, DARK_BACKDROP) if alpha is not None and alpha.min() < 255 else None
     # 16-bit grey is written at 16 bits as PNG and TIFF (JPEG and WebP write the high byte the view shows)
     shadows = _shadows16(pixels) if pixels.dtype == np.uint16 and fmt in ("PNG", "TIFF") else None
     return Decoded(pixels=pixels, mode=mode, format=fmt, rgb=rgb, exif=exif, icc_profile=icc, orientation=orientation,
                    frames_dropped=frames_dropped, subsampling=subsampling, stored_rgb=stored if both else None,
+                   dark_rgb=dark,
                    shadows_rgb=None if shadows is None else np.repeat(shadows[..., None], 3, axis=2))
 
 
