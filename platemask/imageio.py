@@ -432,6 +432,21 @@ _HEIF_BRANDS = {b"heic": "HEIC (HEIF with HEVC: an iPhone's default photo format
                 b"avif": "AVIF", b"avis": "AVIF"}
 
 
+def _started_as(data: bytes) -> str:
+    """The supported format ``data`` starts as (its signature), or ''. A truncated TIFF written with
+    compression (libtiff puts the directory after the pixels) failed 'not_an_image', saying "check
+    that it is a photo, or move it out of the source": an upload cut short, reported as not a photo."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    return ""
+
+
 def _unsupported_kind(data: bytes) -> str:
     """The name of a known photo format Pillow does not read (HEIC/HEIF, AVIF, JPEG XL), or ''."""
     if data[4:8] == b"ftyp":
@@ -571,6 +586,10 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             raise ImageError("unsupported_format", f"{known} is not supported (supported: "
                              f"{', '.join([*SUPPORTED_FORMATS, *READ_AS])}); convert it to JPEG and mask that "
                              "(an iPhone saves JPEG with Settings > Camera > Formats > Most Compatible)") from None
+        started = _started_as(data)
+        if started:  # a photo's start, cut short or damaged after it (a TIFF's directory is often at its end)
+            raise ImageError("corrupt", f"starts as a {started} file but cannot be read ({len(data):,} bytes): it "
+                             "is damaged or cut short; copy or upload the original again") from None
         raise ImageError("not_an_image", "not a recognisable image file (not JPEG, PNG, WebP or TIFF data, whatever its name says): check that it is a photo, or move it out of the source") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("too_large", f"refused as a decompression bomb: its header declares more pixels than "

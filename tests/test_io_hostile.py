@@ -322,3 +322,26 @@ def test_a_progressive_jpeg_with_its_scans_repeated_fails_before_decoding():
     assert e.value.reason == "corrupt" and f"more than {MAX_JPEG_SCANS} scans" in str(e.value) and "re-save" in str(e.value)
     assert decode(data).rgb.shape == (48, 64, 3)
     assert decode(data[:-2] + data[last:-2] * 3 + b"\xff\xd9").rgb.shape == (48, 64, 3)  # a few repeats: decoded
+
+
+@pytest.mark.parametrize("compression", ["tiff_deflate", "tiff_lzw"])
+def test_a_compressed_tiff_cut_short_is_named_as_damaged_not_as_not_a_photo(compression):
+    """libtiff writes a compressed TIFF's directory after its pixels: an upload cut short anywhere
+    failed 'not_an_image' ("check that it is a photo, or move it out of the source"), which tells
+    the operator to drop a photo that only needs uploading again. It now fails 'corrupt', naming
+    what it starts as and what to do; text is still not an image."""
+    from platemask.imageio import ImageError, decode
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 96, 3), np.uint8)).save(buf, "TIFF", compression=compression)
+    data = buf.getvalue()
+    for cut in (len(data) // 3, len(data) - 20):
+        with pytest.raises(ImageError) as e:
+            decode(data[:cut])
+        assert e.value.reason == "corrupt" and "starts as a TIFF file" in str(e.value) and "upload" in str(e.value)
+    with pytest.raises(ImageError) as e:
+        decode(b"II* is how this note begins, and it is not a photo\n" * 4)
+    assert e.value.reason in ("corrupt", "not_an_image")
+    with pytest.raises(ImageError) as e:
+        decode(b"just a text file\n" * 8)
+    assert e.value.reason == "not_an_image"
