@@ -614,10 +614,16 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
     except OSError as exc:  # DST made a file, or read-only, since the check above
         _log(f"platemask: error: cannot create DST {a.dst}: {exc.strerror or exc}; pick a folder this user can write")
         return EXIT_USAGE
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         found = list(src.iter_keys())
     except FileNotFoundError as exc:
         _log(f"platemask: error: {exc}")
+        return EXIT_USAGE
+    except (ClientError, BotoCoreError) as exc:  # no such bucket, access denied, S3 out of reach: a traceback, exit 1
+        _log(f"platemask: error: cannot list SRC {a.src}: {exc}; nothing was read or written. Check the bucket's name, "
+             "the credentials and AWS_ENDPOINT_URL, then run again")
         return EXIT_USAGE
     # the folders the listing could not enter (permission denied, an I/O error): os.walk passes over them
     # without a word, and their photos got no record and no mention, exit 0

@@ -388,3 +388,15 @@ def test_a_second_run_into_the_same_s3_dst_is_refused_while_the_first_runs(s3_en
         {"run": "x", "host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "then"}).encode())
     assert main(["mask", "s3://lockbkt/raw", "s3://lockbkt/masked", "--model", str(model_dir)]) == 0
     assert s3.list_objects_v2(Bucket="lockbkt", Prefix=lock)["KeyCount"] == 0
+
+
+def test_an_s3_src_that_cannot_be_listed_is_a_usage_error_not_a_traceback(s3_env, tmp_path, model_dir, capsys):
+    """SRC in a bucket that does not exist (a typo), or that these credentials may not list: the run
+    loaded the model and then ended in botocore's traceback (exit 1, no word of what to do). Now it
+    exits 2 naming SRC, S3's answer and what to check; nothing is written."""
+    dst = tmp_path / "out"
+    assert main(["mask", "s3://no-such-bucket-here/raw", str(dst), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot list SRC s3://no-such-bucket-here/raw" in err and "NoSuchBucket" in err
+    assert "Check the bucket's name, the credentials" in err
+    assert not dst.exists() or not list(dst.iterdir())
