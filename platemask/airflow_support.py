@@ -84,20 +84,36 @@ def _run_is_live(dag_id: str) -> Callable[[dict], bool]:
 
 
 def _day_run_pending(settings: Settings, region: str) -> Callable[[Any], bool]:
-    """``day_pending(d)``: whether the region's nightly run of local day ``d`` (logical date: that day's
-    local midnight) is queued or running, e.g. a backfill's run not started yet."""
-    from datetime import datetime
+    """``day_pending(d)``: whether a run of the region's nightly DAG for local day ``d`` (logical date: that day's
+    local midnight) is queued or running (e.g. a backfill's run not started yet) and will collect the day: a dry
+    run or a ``max_images`` run (a backfill with such a --dag-run-conf) marks no day, so leaving the day to it on
+    the last night that reaches it would leave its photos unmasked, with no record."""
+    from datetime import datetime, timedelta
     from zoneinfo import ZoneInfo
 
-    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+    from airflow.sdk.execution_time import task_runner
+    from airflow.sdk.execution_time.comms import GetPreviousDagRun
 
     from .schedules import region_dag_id
 
     tz = ZoneInfo(settings.region_timezones[region])
 
     def pending(d) -> bool:
-        return RuntimeTaskInstance.get_dr_count(dag_id=region_dag_id(region), logical_dates=[
-            datetime(d.year, d.month, d.day, tzinfo=tz)], states=["queued", "running"]) > 0
+        midnight = datetime(d.year, d.month, d.day, tzinfo=tz)
+        e = d + timedelta(days=1)
+        for state in ("queued", "running"):  # the latest run in that state before the next day's midnight
+            run = task_runner.SUPERVISOR_COMMS.send(GetPreviousDagRun(
+                dag_id=region_dag_id(region), logical_date=datetime(e.year, e.month, e.day, tzinfo=tz),
+                state=state)).dag_run
+            if run is None or run.logical_date is None or run.logical_date != midnight:
+                continue
+            conf = run.conf if isinstance(run.conf, dict) else {}
+            if conf.get("dry_run") or conf.get("max_images") is not None:
+                log.info("%s %s: run %s of that day is %s but will not collect it (%s): not left to it", region, d,
+                         run.run_id, state, "dry run" if conf.get("dry_run") else f"max_images {conf['max_images']}")
+                continue
+            return True
+        return False
 
     return pending
 

@@ -184,7 +184,7 @@ def test_with_one_late_day_a_backfills_next_night_leaves_the_day_to_its_queued_r
     20th as its late photos. Guard: checked against the real backfill, it already held."""
     from datetime import date
 
-    from airflow.models.backfill import Backfill, _create_backfill
+    from airflow.models.backfill import Backfill, ReprocessBehavior, _create_backfill
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
@@ -196,7 +196,8 @@ def test_with_one_late_day_a_backfills_next_night_leaves_the_day_to_its_queued_r
     load_dag(monkeypatch).test(run_conf={"region": "TH", "dry_run": True})  # writes the DAG folder's DAGs to the DB
     start, end = backfill_bounds(date(2026, 11, 20), date(2026, 11, 21))
     bf = _create_backfill(dag_id="plate_masking_de", from_date=start, to_date=end, max_active_runs=2, reverse=True,
-                          dag_run_conf={"max_failure_rate": 0.5}, triggering_user_name="test")
+                          dag_run_conf={"max_failure_rate": 0.5}, triggering_user_name="test",
+                          reprocess_behavior=ReprocessBehavior.FAILED)  # (another test's run of the 20th: again)
     try:
         with create_session() as session:
             runs = session.query(DagRun).filter(DagRun.backfill_id == bf.id).order_by(DagRun.logical_date).all()
@@ -315,3 +316,44 @@ def test_a_collect_that_failed_for_good_after_taking_a_late_days_lock_does_not_p
     rep = _report(s3, bucket, "DE", DE_20)
     assert rep["run_id"] == night_20.run_id and rep["lock_held"]
     assert len(_asset_events(night_20.run_id)) == 4  # the cleared qa's report is the window's current one
+
+
+def test_a_day_whose_queued_run_is_a_dry_run_is_not_left_to_it_on_the_last_night_that_reaches_it(monkeypatch,
+                                                                                               bucket_env):
+    """late_days=1: the 21st's night is the last that reaches the 20th, no run of which had collected it. A run of
+    the 20th was queued, so the 20th was left to it, but that run was a dry run (a backfill with
+    --dag-run-conf '{"dry_run": true}', to see what it would do): it collects nothing for good and marks no day,
+    and no later night reaches the 20th, so its photos were never masked and had no record. Only a queued or
+    running run that will collect the day (no dry_run, no max_images) keeps it from the last night now."""
+    from datetime import date
+
+    from airflow.models.backfill import Backfill, ReprocessBehavior, _create_backfill
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    from platemask.schedules import backfill_bounds
+    from test_dag import DE_CONF, _manifest
+
+    s3, bucket, keys = bucket_env
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "1")
+    load_dag(monkeypatch).test(run_conf={"region": "TH", "dry_run": True})  # writes the DAG folder's DAGs to the DB
+    start, end = backfill_bounds(date(2026, 11, 20), date(2026, 11, 20))
+    bf = _create_backfill(dag_id="plate_masking_de", from_date=start, to_date=end, max_active_runs=1, reverse=False,
+                          dag_run_conf={"dry_run": True}, triggering_user_name="test",
+                          reprocess_behavior=ReprocessBehavior.FAILED)  # (another test's run of the 20th: again)
+    try:
+        with create_session() as session:
+            (run,) = session.query(DagRun).filter(DagRun.backfill_id == bf.id).all()
+            assert str(run.state) == "queued" and run.conf == {"dry_run": True}
+        window = "20261120T2300Z-20261121T2300Z"
+        dr = load_dag(monkeypatch).test(run_conf=dict(DE_CONF, window_start="2026-11-21", window_end="2026-11-22"))
+        assert dr.state == "success"
+        rep = _report(s3, bucket, "DE", window)
+        assert rep["late"] == 3 and rep["late_days_not_collected"] == [], rep["late_days_not_collected"]
+        assert sorted(_manifest(s3, bucket, "DE", window, dr.run_id)) == sorted(keys[("DE", "20")] + keys[("DE", "21")])
+        assert all(k.replace("raw/", "masked/", 1) in _objects(s3, bucket, "masked/") for k in keys[("DE", "20")])
+        _assert_accounted(s3, bucket, "DE", window, dr.run_id, rep)
+    finally:
+        with create_session() as session:  # no queued run of the 20th left for the next tests' late pick-up
+            session.query(Backfill).filter(Backfill.id == bf.id).update({"completed_at": datetime.now(timezone.utc)})
+            session.query(DagRun).filter(DagRun.backfill_id == bf.id).update({"state": "failed"})
