@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -432,6 +433,40 @@ _HEIF_BRANDS = {b"heic": "HEIC (HEIF with HEVC: an iPhone's default photo format
                 b"avif": "AVIF", b"avis": "AVIF"}
 
 
+_ICC_MAX = 64 << 20  # the largest ICC profile read from a PNG (Pillow refuses a larger one first)
+
+
+def _png_colour_chunks(data: bytes) -> tuple[bytes | None, bool, float | None]:
+    """A PNG's ICC profile, whether it has an sRGB chunk, and its gAMA, as browsers read them: the
+    first of each before the pixels (IDAT). Pillow keeps the last iCCP, and reads those after the
+    pixels as they load: a photo stored as 16 dark levels under a first profile that shows it at
+    full range (Chromium 156 shows it so) and a second, sRGB one before or after IDAT was seen by
+    the detector in its dark stored values (a real held-out photo: no_plate, found at 0.98 under
+    the first profile alone) and published with its plate in those levels, the sRGB profile kept."""
+    icc, srgb, gamma, seen, i = None, False, None, set(), 8
+    while i + 8 <= len(data):
+        length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        if kind in (b"IDAT", b"IEND"):
+            break
+        body = data[i + 8:i + 8 + length]
+        if kind not in seen:
+            seen.add(kind)
+            if kind == b"iCCP":
+                at = body.find(b"\0")
+                if 0 <= at and body[at + 1:at + 2] == b"\0":
+                    try:
+                        inflate = zlib.decompressobj()
+                        icc = inflate.decompress(body[at + 2:], _ICC_MAX) or None
+                    except zlib.error:  # a profile that cannot be read: viewers show the stored values
+                        icc = None
+            elif kind == b"sRGB":
+                srgb = True
+            elif kind == b"gAMA" and length == 4:
+                gamma = int.from_bytes(body, "big") / 100000.0 or None
+        i += 12 + length
+    return icc, srgb, gamma
+
+
 def _started_as(data: bytes) -> str:
     """The supported format ``data`` starts as (its signature), or ''. A truncated TIFF written with
     compression (libtiff puts the directory after the pixels) failed 'not_an_image', saying "check
@@ -610,11 +645,14 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         if fmt == "WEBP" and orientation != 1:
             raise ImageError("ambiguous_orientation", _WEBP_ORIENTATION.format(orientation))
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
-        icc = img.info.get("icc_profile")
+        if fmt == "PNG":  # as browsers read them: the first before the pixels
+            icc, srgb, gamma = _png_colour_chunks(data)
+        else:
+            icc, srgb, gamma = img.info.get("icc_profile"), "srgb" in img.info, img.info.get("gamma")
         if icc and _holds_image(icc):  # a copy of a photo planted there: never published, nor looked through
             icc = None
         # a PNG's gAMA is what viewers apply only without an ICC profile or sRGB chunk
-        png_gamma = None if (icc or "srgb" in img.info) else img.info.get("gamma")
+        png_gamma = None if (icc or srgb) else gamma
         method = _UPRIGHT.get(orientation)
         negative = _white_is_zero(img)
         if deep:

@@ -231,3 +231,42 @@ def test_a_plate_drawn_in_the_alpha_over_the_backdrops_colour_is_found_and_maske
     assert text in on_page(rgba)
     after = np.asarray(Image.open(published).convert("RGBA"))
     assert not any(text[i:i + 3] in on_page(after) for i in range(len(text) - 2))
+
+
+@pytest.mark.parametrize("second", ["before the pixels", "after the pixels"])
+def test_the_first_icc_profile_before_the_pixels_is_the_one_viewers_apply(second):
+    """A PNG with a profile that shows its 16 dark stored levels at full range, and a second, sRGB
+    iCCP chunk: browsers apply the first before the pixels (Chromium 156 shows the plate), Pillow
+    kept the last (reading one after the pixels as they load), so the detector looked only at the
+    dark stored values: a real held-out photo so made was recorded no_plate (0.98 under the first
+    profile alone) and published with its plate in those levels. The detector now sees the photo
+    as browsers show it, and the masked copy keeps the profile they apply."""
+    import zlib
+
+    from platemask.imageio import encode
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    def iccp(profile: bytes) -> bytes:
+        return chunk(b"iCCP", b"p\0\0" + zlib.compress(profile))
+
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[10:30:2, 10:50] = 15  # a plate's stripes in the top stored level
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "PNG")
+    png = buf.getvalue()
+    at, end = png.index(b"IDAT") - 4, png.rindex(b"IEND") - 4
+    first, srgb = stretching_profile(15), _SRGB.tobytes()
+    if second == "before the pixels":
+        data = png[:at] + iccp(first) + iccp(srgb) + png[at:]
+    else:
+        data = png[:at] + iccp(first) + png[at:end] + iccp(srgb) + png[end:]
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        assert img.info["icc_profile"] == srgb  # Pillow's reading
+    dec = decode(data)
+    assert dec.icc_profile == first
+    stripes = [np.abs(np.diff(v[10:30, 10:50, 0].astype(int), axis=0)).mean() for v in dec.detector_views]
+    assert max(stripes) > 200, stripes  # seen at full range, as browsers show it
+    assert Image.open(io.BytesIO(encode(dec, dec.pixels))).info.get("icc_profile") == first
