@@ -467,6 +467,37 @@ def _png_colour_chunks(data: bytes) -> tuple[bytes | None, bool, float | None]:
     return icc, srgb, gamma
 
 
+def _jpeg_icc(data: bytes) -> bytes | None:
+    """A JPEG's ICC profile as browsers read it: the first complete one of its APP2 ICC_PROFILE
+    segments (their count set by the first, each sequence number taken once, in order of number).
+    Pillow gives none when the segments are more than one profile's: a photo stored in dark levels
+    under a first profile that shows them at full range (Chromium 156 shows the plate) and a second,
+    sRGB one was seen by the detector in its dark stored values alone."""
+    chunks: dict[int, bytes] = {}
+    count, i, end = 0, 2, len(data)
+    while i + 4 <= end and data[i] == 0xFF:
+        m = data[i + 1]
+        if m == 0xFF:
+            i += 1
+            continue
+        if m in (0xDA, 0xD9):  # the pixels (or the end): the profile comes before them
+            break
+        if 0xD0 <= m <= 0xD7 or m == 0x01:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        body = data[i + 4:i + 2 + length]
+        if m == 0xE2 and body[:12] == b"ICC_PROFILE\0" and len(body) >= 14:
+            seq, n = body[12], body[13]
+            count = count or n
+            if n == count and 1 <= seq <= count and seq not in chunks:
+                chunks[seq] = body[14:]
+                if len(chunks) == count:
+                    return b"".join(chunks[k] for k in range(1, count + 1)) or None
+        i += 2 + length
+    return None
+
+
 def _started_as(data: bytes) -> str:
     """The supported format ``data`` starts as (its signature), or ''. A truncated TIFF written with
     compression (libtiff puts the directory after the pixels) failed 'not_an_image', saying "check
@@ -647,6 +678,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1
         if fmt == "PNG":  # as browsers read them: the first before the pixels
             icc, srgb, gamma = _png_colour_chunks(data)
+        elif fmt == "JPEG":  # the first complete profile, as browsers read it
+            icc, srgb, gamma = _jpeg_icc(data), False, None
         else:
             icc, srgb, gamma = img.info.get("icc_profile"), "srgb" in img.info, img.info.get("gamma")
         if icc and _holds_image(icc):  # a copy of a photo planted there: never published, nor looked through

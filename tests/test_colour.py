@@ -270,3 +270,35 @@ def test_the_first_icc_profile_before_the_pixels_is_the_one_viewers_apply(second
     stripes = [np.abs(np.diff(v[10:30, 10:50, 0].astype(int), axis=0)).mean() for v in dec.detector_views]
     assert max(stripes) > 200, stripes  # seen at full range, as browsers show it
     assert Image.open(io.BytesIO(encode(dec, dec.pixels))).info.get("icc_profile") == first
+
+
+@pytest.mark.parametrize("segments", ["two whole profiles", "a profile in two parts, then another"])
+def test_a_jpegs_first_complete_icc_profile_is_the_one_viewers_apply(segments):
+    """A JPEG with a profile that shows its dark stored levels at full range, then a second, sRGB
+    profile in APP2 segments of its own: browsers apply the first complete one (Chromium 156 shows
+    the plate), Pillow reads no profile at all (its segments are more than one profile's), so the
+    detector saw the dark stored values alone: a real held-out photo so made (16 levels) was
+    recorded no_plate, masked under the first profile alone. The detector now sees the photo as
+    browsers show it, and the masked copy keeps that profile."""
+    from platemask.imageio import encode
+
+    def app2(seq: int, count: int, body: bytes) -> bytes:
+        s = b"ICC_PROFILE\0" + bytes([seq, count]) + body
+        return b"\xff\xe2" + struct.pack(">H", len(s) + 2) + s
+
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[8:40:4, 8:56] = 15  # a plate's stripes in the top stored level
+    stored[9:40:4, 8:56] = 15
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "JPEG", quality=100, subsampling=0)
+    jpeg = buf.getvalue()
+    first, srgb = stretching_profile(15), _SRGB.tobytes()
+    half = len(first) // 2
+    parts = [app2(1, 1, first)] if segments == "two whole profiles" else [app2(2, 2, first[half:]), app2(1, 2, first[:half])]
+    data = jpeg[:2] + b"".join(parts) + app2(1, 1, srgb) + jpeg[2:]
+    assert Image.open(io.BytesIO(data)).info.get("icc_profile") is None  # Pillow's reading
+    dec = decode(data)
+    assert dec.icc_profile == first
+    stripes = [np.abs(np.diff(v[8:40, 8:56, 0].astype(int), axis=0)).mean() for v in dec.detector_views]
+    assert max(stripes) > 100, stripes  # seen at full range, as browsers show it
+    assert Image.open(io.BytesIO(encode(dec, dec.pixels))).info.get("icc_profile") == first
