@@ -433,9 +433,11 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         # read (and drop) what the client is still sending, up to a cap, so it reads this answer
         # instead of a broken pipe; past the cap the connection is cut
         # (the raw input: Werkzeug's request.stream itself refuses a body over the limit)
+        # (within the body's deadline: a client that announced 50 MB and sent nothing held this thread for good)
         n = request.content_length
         if n is not None or "wsgi.input_terminated" in request.environ:
-            drain(request.environ["wsgi.input"], DRAIN_CAP_BYTES if n is None else min(n, DRAIN_CAP_BYTES))
+            with body_deadline(request.environ.get("gunicorn.socket"), body_timeout):
+                drain(request.environ["wsgi.input"], DRAIN_CAP_BYTES if n is None else min(n, DRAIN_CAP_BYTES))
         resp.headers["Connection"] = "close"  # do not reuse the connection
         return resp
 
