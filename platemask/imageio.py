@@ -286,6 +286,30 @@ def _orientation(exif: Image.Exif) -> int:
     return int(value) if value == int(value) and 1 <= value <= 8 else 1
 
 
+def _shown_orientation(raw: bytes | None) -> int:
+    """The Orientation of EXIF ``raw`` ("Exif\\0\\0" and its TIFF structure) as browsers read it: the
+    first tag 274 of IFD0, a SHORT of count 1 (the EXIF spec's type) within 1-8, else 1. Pillow also
+    reads it from a LONG, SSHORT or SLONG, or the first of several SHORTs, which browsers ignore
+    (Chromium 156 shows such a photo as stored): a photo shown upright whose writer stored a stale
+    Orientation 3 so was turned before detection and its plate missed, as with the stale tags
+    browsers ignore elsewhere (a real held-out photo: no_plate)."""
+    t = (raw or b"")[6:]
+    order = {b"II*\x00": "little", b"MM\x00*": "big"}.get(t[:4])
+    if order is None:
+        return 1
+    at = int.from_bytes(t[4:8], order)
+    for k in range(int.from_bytes(t[at:at + 2], order) if at + 2 <= len(t) else 0):
+        entry = t[at + 2 + 12 * k:at + 14 + 12 * k]
+        if len(entry) < 12:
+            break
+        if int.from_bytes(entry[:2], order) == ExifTags.Base.Orientation:
+            if int.from_bytes(entry[2:4], order) != 3 or int.from_bytes(entry[4:8], order) != 1:
+                return 1
+            value = int.from_bytes(entry[8:10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
 _XMP_INFO = ("xmp", "XML:com.adobe.xmp")  # where Pillow's plugins put a photo's XMP packet
 
 
@@ -672,7 +696,12 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     try:
         _forget_xmp(img)  # a PNG's XMP after its pixels is read as they load
         exif = img.getexif()
-        orientation = _orientation(exif) if _exif_is_shown(img, early_exif) else 1
+        if not _exif_is_shown(img, early_exif):
+            orientation = 1
+        elif fmt in ("JPEG", "PNG"):  # read as browsers read it (a WebP's fails below, a TIFF's is Pillow's)
+            orientation = _shown_orientation(early_exif if fmt == "PNG" else img.info.get("exif"))
+        else:
+            orientation = _orientation(exif)
         if fmt == "WEBP" and orientation != 1:
             raise ImageError("ambiguous_orientation", _WEBP_ORIENTATION.format(orientation))
         subsampling = JpegImagePlugin.get_sampling(img) if isinstance(img, JpegImagePlugin.JpegImageFile) else -1

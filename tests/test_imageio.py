@@ -935,3 +935,33 @@ def test_an_exif_browsers_cannot_read_for_a_doubled_header_does_not_turn_the_pho
     for data in (in_jpeg(app1), in_png(app1[6:])):  # as the formats put it: turned, as browsers do
         dec = decode(data)
         assert dec.orientation == orientation and (dec.width, dec.height) == (w, h) and dec.rgb[y, x, 0] > 200
+
+
+@pytest.mark.parametrize("typ,count,value4", [
+    (4, 1, b"\x03\0\0\0"),  # LONG
+    (8, 1, b"\x03\0\0\0"),  # SSHORT
+    (9, 1, b"\x03\0\0\0"),  # SLONG
+    (3, 2, b"\x03\0\x01\0"),  # two SHORTs, the first 3
+], ids=["long", "sshort", "slong", "two_shorts"])
+def test_an_orientation_browsers_ignore_for_its_type_does_not_turn_the_photo(typ, count, value4):
+    """EXIF's Orientation is a SHORT of count 1. Browsers ignore one stored otherwise (Chromium 156
+    shows such a JPEG or PNG as stored), Pillow reads a LONG, SSHORT or SLONG, or the first of several
+    SHORTs: a real held-out photo shown upright with Orientation 3 written as a LONG was turned before
+    detection, recorded no_plate and published turned and unmasked. It is read as stored; a SHORT
+    still turns the photo."""
+    import struct
+
+    data = exif_orientation_jpeg(typ, count, value4)
+    assert Image.open(io.BytesIO(data)).getexif().get(ExifTags.Base.Orientation) in (3, (3, 1))  # Pillow's reading
+    dec = decode(data)
+    assert dec.orientation == 1 and np.array_equal(dec.rgb, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    tiff = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHI", 274, typ, count) + value4 + struct.pack("<I", 0)
+    png = png_bytes(_raw_with_marker())
+    at = png.index(b"IDAT") - 4
+    dec = decode(png[:at] + _png_chunk(b"eXIf", tiff) + png[at:])
+    assert dec.orientation == 1 and dec.rgb[5, 10, 0] > 200
+    short = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHI", 274, 3, 1) + b"\x03\0\0\0" + struct.pack("<I", 0)
+    x, y, w, h = _expected_position(3)
+    dec = decode(png[:at] + _png_chunk(b"eXIf", short) + png[at:])
+    assert dec.orientation == 3 and (dec.width, dec.height) == (w, h) and dec.rgb[y, x, 0] > 200
+    assert decode(exif_orientation_jpeg(3, 1, b"\x03\0\0\0")).orientation == 3
