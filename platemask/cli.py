@@ -323,6 +323,21 @@ def _lock_folder(path: str) -> tuple[list[int], str | None]:
 S3_DST_LOCK = ".platemask-mask.lock.json"
 
 
+def _process_identity(pid: int | None = None) -> dict:
+    """What tells this machine's processes apart from another's with the same host name (containers
+    with --network host share it; each has its own pid namespace) and a pid reused since: the boot,
+    the pid namespace and the process's start time (Linux; empty elsewhere)."""
+    ident = {}
+    with contextlib.suppress(OSError):
+        ident["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError):
+        ident["pid_ns"] = os.stat("/proc/self/ns/pid").st_ino
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        stat_line = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
+        ident["pid_start"] = int(stat_line.rsplit(")", 1)[1].split()[19])  # field 22: start time in ticks
+    return ident
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -353,7 +368,8 @@ def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
     parts = [s for s in posixpath.normpath("/" + prefix).split("/") if s]
     store = S3Store(bucket, "/".join(parts))
     host = socket.gethostname()
-    mine = {"run": uuid.uuid4().hex, "host": host, "pid": os.getpid(), "dst": store.uri,
+    me = _process_identity()
+    mine = {"run": uuid.uuid4().hex, "host": host, "pid": os.getpid(), "dst": store.uri, **me,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tool": "platemask mask"}
 
     def held_by(doc: dict, where: S3Store) -> str:
@@ -364,7 +380,17 @@ def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
                 f"(killed on another machine), delete {where.describe(S3_DST_LOCK)} and run again")
 
     def gone(doc: dict) -> bool:
-        return doc.get("host") == host and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"])
+        """Its run was on this machine, in this pid namespace, since this boot, and its process is gone
+        (or the pid now names a process started at another time). Another container with this host
+        name, or a lock without those marks, is never taken for gone."""
+        pid = doc.get("pid")
+        if doc.get("host") != host or not isinstance(pid, int) or any(
+                k not in me or doc.get(k) != me[k] for k in ("boot", "pid_ns")):
+            return False
+        if not _pid_alive(pid):
+            return True
+        now = _process_identity(pid).get("pid_start")
+        return "pid_start" in doc and now is not None and now != doc["pid_start"]
 
     try:
         for n in range(len(parts)):  # a run writing a prefix above DST writes DST too

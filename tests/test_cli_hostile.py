@@ -381,11 +381,18 @@ def test_a_second_run_into_the_same_s3_dst_is_refused_while_the_first_runs(s3_en
     for r in recs:  # every record describes the copy in DST
         head = s3.head_object(Bucket="lockbkt", Key="masked/" + r["key"])
         assert head["Metadata"]["sha256"] == r["output_sha256"], r["key"]
-    # a lock left by a run killed on this machine (its process is gone) does not block the next run
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    # a lock left by a run killed on this machine (its process is gone) does not block the next run;
+    # one whose pid is gone in another pid namespace (a container with this host name) does
     import socket
-    s3.put_object(Bucket="lockbkt", Key=lock, Body=json.dumps(
-        {"run": "x", "host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "then"}).encode())
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here = {"run": "x", "host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "then",
+            "boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "pid_ns": os.stat("/proc/self/ns/pid").st_ino}
+    s3.put_object(Bucket="lockbkt", Key=lock, Body=json.dumps({**here, "pid_ns": 1}).encode())
+    assert main(["mask", "s3://lockbkt/raw", "s3://lockbkt/masked", "--model", str(model_dir)]) == 2
+    assert f"pid {here['pid']}" in capsys.readouterr().err
+    s3.put_object(Bucket="lockbkt", Key=lock, Body=json.dumps(here).encode())
     assert main(["mask", "s3://lockbkt/raw", "s3://lockbkt/masked", "--model", str(model_dir)]) == 0
     assert s3.list_objects_v2(Bucket="lockbkt", Prefix=lock)["KeyCount"] == 0
 
