@@ -57,7 +57,7 @@ def acquire_lock(client, settings: Settings, spec: RunSpec, *, is_live: Callable
 
 def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live: Callable[[dict], bool],
                  log: Callable[[str], None], owner: dict | None, reclaim: bool = False,
-                 previous: list | None = None) -> dict | None:
+                 previous: list | None = None, reentered: list | None = None) -> dict | None:
     """Take the lock at ``key`` for ``spec``'s run; None when taken (or already this run's), else the live
     holder's document (``superseded`` with ``reclaim``: another run has had it since). ``previous`` gets
     the document this run's replaced (None: there was none), so a look that took nothing can put it back."""
@@ -87,6 +87,8 @@ def _acquire_one(client, settings: Settings, spec: RunSpec, key: str, *, is_live
         if held.get("state") == "held" and held.get("run_id") == spec.run_id:
             if previous is not None:  # an earlier try of this task took it: what that try replaced
                 previous.append(held.get("replaced") if isinstance(held.get("replaced"), dict) else None)
+            if reentered is not None:
+                reentered.append(True)
             return None
         if held.get("state") == "held" and is_live(held):
             return held
@@ -276,7 +278,7 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
                   hidden: list[str] | None = None, is_live: Callable[[dict], bool] | None = None,
                   owner: dict | None = None, locks: list[str] | None = None,
                   not_collected: list[str] | None = None,
-                  day_pending: Callable[[date], bool] | None = None) -> list[dict]:
+                  day_pending: Callable[[date], bool] | None = None, had: frozenset = frozenset()) -> list[dict]:
     """Photos of the ``late_days`` day partitions before the window that have no audit record (uploaded
     after their night's run, or missed by it), or whose audit record is of another upload (its
     ``source_etag`` is not the photo's ETag now: re-uploaded after its night's run, or during it,
@@ -333,8 +335,9 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
                 and (is_live is None or is_live(lock[0])) else None
         else:
             before: list = []
+            reentered: list = []
             holder = _acquire_one(client, settings, spec, key, is_live=is_live or (lambda held: True), log=log,
-                                  owner=owner, previous=before)
+                                  owner=owner, previous=before, reentered=reentered)
         if holder is not None:
             log(f"{spec.region} {d}: late photos left to run {holder.get('run_id')}, which holds that day")
             continue
@@ -366,7 +369,10 @@ def _late_entries(client, settings: Settings, spec: RunSpec, log: Callable[[str]
                 + f" under s3://{settings.bucket}/{prefix}")
         out += sorted(late + changed + retried, key=lambda e: e["key"])
         if not spec.dry_run and key not in own:
-            if late or changed or retried:
+            # ``had``: an earlier try of this run's collect kept the lock (its late photos are this run's work since,
+            # so nothing is late there now) and no other run has had it since: this run still had the day last
+            last = reentered or (before and isinstance(before[0], dict) and before[0].get("run_id") == spec.run_id)
+            if late or changed or retried or (key in had and last):
                 if locks is not None:
                     locks.append(key)
             else:
@@ -433,8 +439,11 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
         log(f"{spec.region}: listed {n_listed} objects under s3://{settings.bucket}/{prefix}")
     in_window = len(entries)
     if settings.late_days:
+        # the late days' locks an earlier try of this run's collect kept (a run cleared after it masked them)
+        had = frozenset((load_collected(client, settings, spec) or {}).get("late_locks", [])) if not spec.dry_run \
+            else frozenset()
         entries += _late_entries(client, settings, spec, log, hidden, is_live, owner, late_locks, not_collected,
-                                 day_pending)
+                                 day_pending, had)
     entries.sort(key=lambda e: e["key"])
     skipped_ext = [e["key"] for e in entries if not e["supported"]]
     # other extensions stay in the manifest: what an object holds decides, not its name (a photo named

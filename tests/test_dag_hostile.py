@@ -357,3 +357,57 @@ def test_a_day_whose_queued_run_is_a_dry_run_is_not_left_to_it_on_the_last_night
         with create_session() as session:  # no queued run of the 20th left for the next tests' late pick-up
             session.query(Backfill).filter(Backfill.id == bf.id).update({"completed_at": datetime.now(timezone.utc)})
             session.query(DagRun).filter(DagRun.backfill_id == bf.id).update({"state": "failed"})
+
+
+def test_a_whole_run_cleared_after_it_masked_a_late_photo_still_counts_as_having_had_that_day(monkeypatch,
+                                                                                             bucket_env, capfd):
+    """The 20th's run failed (car2's shard); car2 was re-uploaded and the 21st's night masked it as a late photo
+    under the 20th's lock, but its release failed (S3 refused the write), so it still held that lock. The 21st's
+    whole run was then cleared (the UI's Clear of a run): its collect found the 20th's lock its own, nothing late
+    there any more (car2 was its own work), and gave the lock back as a look that took nothing (naming no run,
+    or the 20th's). The 20th's failed mask task, cleared next as its alert says, took the lock again and masked its
+    stale manifest: car2, pinned to its old upload, failed source_changed and removed the 21st's masked copy of
+    the new upload. A run that kept a late day's lock before keeps it (it had the day)."""
+    from test_dag import DE_CONF, _clear_and_rerun, _client_error, _inject_faults
+
+    s3, bucket, keys = bucket_env
+    car2 = keys[("DE", "20")][2]  # alone in the second shard (shard_size 2)
+    broken = {"shard": True, "release": False}
+
+    def fault(op, p):
+        key = p.get("Key", "")
+        if broken["shard"] and op == "GetObject" and key.endswith("/shards/0001.jsonl"):
+            return _client_error(op, "AccessDenied", 403, "Access Denied")
+        body = p.get("Body", b"")
+        body = body.getvalue() if hasattr(body, "getvalue") else body
+        if broken["release"] and op == "PutObject" and key == "runs/DE/locks/2026-11-20.json" \
+                and json.loads(body).get("state") == "released":
+            return _client_error(op, "AccessDenied", 403, "Access Denied")
+        return None
+
+    _inject_faults(monkeypatch, fault)
+    dag_20 = load_dag(monkeypatch)
+    night_20 = dag_20.test(run_conf=DE_CONF)
+    assert night_20.state == "failed" and _ti_states(night_20)["process.mask"] == "failed,success"
+    broken.update(shard=False, release=True)
+    s3.put_object(Bucket=bucket, Key=car2, Body=s3.get_object(Bucket=bucket, Key=keys[("DE", "20")][0])["Body"].read())
+    monkeypatch.setenv("PLATEMASK_LATE_DAYS", "1")  # (the 20th's run took none of the 19th's)
+    dag_21 = load_dag(monkeypatch)
+    night_21 = dag_21.test(run_conf=dict(DE_CONF, window_start="2026-11-21", window_end="2026-11-22"))
+    assert night_21.state == "failed" and _ti_states(night_21)["release"] == "failed", _ti_states(night_21)
+    assert _report(s3, bucket, "DE", "20261120T2300Z-20261121T2300Z")["late"] == 1
+    lock = json.loads(s3.get_object(Bucket=bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
+    assert (lock["run_id"], lock["state"]) == (night_21.run_id, "held")
+    masked_car2 = _objects(s3, bucket, "masked/")[car2.replace("raw/", "masked/", 1)]
+    broken["release"] = False
+    assert _clear_and_rerun(dag_21, night_21, list(dag_21.task_ids)) == "success"
+    lock = json.loads(s3.get_object(Bucket=bucket, Key="runs/DE/locks/2026-11-20.json")["Body"].read())
+    assert (lock.get("run_id"), lock["state"]) == (night_21.run_id, "released"), lock
+    capfd.readouterr()
+    state = _clear_and_rerun(dag_20, night_20, ["process.mask", "qa", "check", "publish", "release", "watcher"])
+    assert state == "failed"
+    out = capfd.readouterr()
+    assert f"run {night_21.run_id}" in out.out + out.err and "rerun the whole window" in out.out + out.err
+    assert _objects(s3, bucket, "masked/")[car2.replace("raw/", "masked/", 1)] == masked_car2
+    audit = json.loads(s3.get_object(Bucket=bucket, Key=car2.replace("raw/", "audit/", 1) + ".json")["Body"].read())
+    assert audit["run_id"] == night_21.run_id and audit["status"] == "masked"
