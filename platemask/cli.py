@@ -543,12 +543,45 @@ def _put_back_earlier_records(det_file: "_RecordsFile | None", earlier: dict[str
     return kept
 
 
+class _StopBeforeReading:
+    """SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` from the start of the command until the job
+    starts (``restore``): a stop while the model loads or SRC is listed ends the run through its
+    ExitStack, which gives back what it holds. SIGTERM's default, dying on the spot, left the S3 DST's
+    lock document behind (a ``docker stop`` during start-up), and the next container was refused."""
+
+    def __init__(self):
+        self.previous: dict = {}
+        self.stopped = False
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._stop) for s in STOP_SIGNALS}
+
+    def _stop(self, signum, _frame):
+        for s in STOP_SIGNALS:  # a second one must not cut short the release of what the run holds
+            signal.signal(s, signal.SIG_IGN)
+        self.stopped = True
+        raise Interrupted(signum)
+
+    def restore(self) -> None:
+        if not self.stopped:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+        self.previous = {}
+
+
 def cmd_mask(a: argparse.Namespace) -> int:
     with contextlib.ExitStack() as held:  # the locks on DST, released when the run ends
-        return _cmd_mask(a, held)
+        early = _StopBeforeReading()
+        try:
+            return _cmd_mask(a, held, early)
+        except Interrupted as exc:
+            _log(f"platemask: interrupted ({signal.Signals(exc.signum).name}) before any photo was read: nothing was "
+                 "written. Run the same command again")
+            return 128 + exc.signum
+        finally:
+            early.restore()
 
 
-def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
+def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack, early: "_StopBeforeReading") -> int:
     from .mask import MaskStyle
     from .model import load_config
     from .pipeline import JobOptions, Progress, Timings, check_threshold, remove_stale_output, run_job
@@ -680,6 +713,9 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
     def detect(_keys, decoded):
         return seg.on_views([d.detector_views for d in decoded])
+
+    # from here DST and the records file change: a stop is the job's (the photos in flight finished and recorded)
+    early.restore()
 
     if not a.dst.startswith("s3://"):
         outputs = []

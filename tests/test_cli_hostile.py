@@ -407,3 +407,29 @@ def test_an_s3_src_that_cannot_be_listed_is_a_usage_error_not_a_traceback(s3_env
     assert "cannot list SRC s3://no-such-bucket-here/raw" in err and "NoSuchBucket" in err
     assert "Check the bucket's name, the credentials" in err
     assert not dst.exists() or not list(dst.iterdir())
+
+
+def test_a_run_stopped_while_it_starts_gives_back_its_s3_dst(s3_env, tmp_path, model_dir):
+    """SIGTERM while the model loads (a ``docker stop`` right after the start): the process died on the
+    spot (SIGTERM's default until the job starts), leaving the S3 DST's lock document behind, and the
+    next run, in a new container, was refused for a run that no longer existed. Now a stop before any
+    photo is read ends the run with 143, saying nothing was written, and the lock is given back."""
+    s3 = s3_env
+    s3.create_bucket(Bucket="earlystop")
+    s3.put_object(Bucket="earlystop", Key="raw/p.jpg", Body=jpeg_bytes(np.zeros((48, 64, 3), np.uint8)))
+    lock = "masked/.platemask-mask.lock.json"
+    proc = _start(["s3://earlystop/raw", "s3://earlystop/masked", "--model", model_dir])
+    try:
+        deadline = time.monotonic() + 120
+        while s3.list_objects_v2(Bucket="earlystop", Prefix=lock)["KeyCount"] == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted (SIGTERM)" in err
+    assert s3.list_objects_v2(Bucket="earlystop", Prefix=lock)["KeyCount"] == 0
+    assert s3.list_objects_v2(Bucket="earlystop", Prefix="masked/p")["KeyCount"] == 0
