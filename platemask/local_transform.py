@@ -6,8 +6,8 @@ job's ContentType and Accept, one record per request with SplitType=None, at mos
 MaxConcurrentTransforms at once, retries on 5xx and timeouts up to InvocationsMaxRetries) and
 writes the response to ``{S3OutputPath}/{key relative to the manifest prefix}.out``.
 
-A container that stops answering (a request gets no answer and /ping then answers neither, or says
-``"status": "error"``) fails
+A container that stops answering (a request gets no answer and /ping then stays unanswered for
+``DEAD_CONTAINER_GRACE_S``, or says ``"status": "error"``) fails
 the job at once, as AWS does, with a ``FailureReason`` naming the cause and no record; the records
 not yet sent are counted (``not_sent``), not each tried through the retries.
 
@@ -43,6 +43,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from .storage import parse_s3_uri
+
+
+# how long /ping may go unanswered after a request got no answer before the container counts as dead
+# (a worker gunicorn restarts after a crash answers again within seconds)
+DEAD_CONTAINER_GRACE_S = 30.0
 
 
 def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60):
@@ -174,19 +179,26 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
         waited through every retry (connection refused, or the invocation timeout, again and again),
         minutes of retries over a dead container before the job failed. A /ping that answers (200, or
         503 while a restarted worker loads) means the miss was this request's: it is tried again as before."""
+        end = time.monotonic() + DEAD_CONTAINER_GRACE_S
+        while not dead:
+            try:
+                status, body = _http("GET", ping_url, timeout=5)
+                try:
+                    broken = json.loads(body).get("status") == "error"  # the server says it cannot serve, for good
+                except (ValueError, AttributeError):
+                    broken = False
+                if not broken:  # 200, or 503 loading (a worker restarted by gunicorn): the retries ride it out
+                    return False
+                ping = f"{status} {body.decode(errors='replace')[:200]}"
+                break
+            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                ping = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > end:  # kept refusing (or not answering) for the whole grace period
+                ping += f" for {DEAD_CONTAINER_GRACE_S:g} s"
+                break
+            time.sleep(1.0)
         if dead:
             return True
-        try:
-            status, body = _http("GET", ping_url, timeout=5)
-            try:
-                broken = json.loads(body).get("status") == "error"  # the server says it cannot serve, for good
-            except (ValueError, AttributeError):
-                broken = False
-            if not broken:  # 200, or 503 loading (a worker restarted by gunicorn): the retries ride it out
-                return False
-            ping = f"{status} {body.decode(errors='replace')[:200]}"
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            ping = f"{type(exc).__name__}: {exc}"
         with dead_lock:
             if not dead:
                 dead.append(f"POST /invocations got no answer ({last[:200]}) and GET /ping then answered {ping[:200]}")

@@ -250,7 +250,8 @@ def test_a_job_this_dag_stopped_is_followed_by_an_attempt_over_the_rest_when_its
     assert set(recs) == set(photos) and all(r["status"] == "masked" for r in recs.values()), recs
 
 
-def test_a_container_that_dies_fails_its_job_at_once_naming_why_instead_of_retrying_every_record(aws_conn):
+def test_a_container_that_dies_fails_its_job_at_once_naming_why_instead_of_retrying_every_record(aws_conn,
+                                                                                                 monkeypatch):
     """The container dies part-way through a job (out of memory, a crash): every request after is refused.
     The local runner tried each remaining record through all its retries before failing the job (here 30
     records x 4 tries, minutes when each try waits out the invocation timeout), and its FailureReason
@@ -258,8 +259,10 @@ def test_a_container_that_dies_fails_its_job_at_once_naming_why_instead_of_retry
     although the photo was not the cause. AWS fails the job once the container stops answering /ping. Now
     a request without an answer is followed by one /ping: no answer there fails the job at once, naming
     both, no record named; the records not sent are counted, those answered before keep their output."""
+    import platemask.local_transform as local_transform
     from platemask.local_transform import run_local_transform
 
+    monkeypatch.setattr(local_transform, "DEAD_CONTAINER_GRACE_S", 2.0)  # how long /ping may stay unanswered
     s3 = aws_conn
     answered = []
 
