@@ -491,6 +491,24 @@ def _png_colour_chunks(data: bytes) -> tuple[bytes | None, bool, float | None]:
     return icc, srgb, gamma
 
 
+def _next_marker(data: bytes, i: int) -> int:
+    """The position (of its last 0xFF) of the first JPEG marker at or after ``i`` in ``data``, as
+    libjpeg's next_marker finds it, or len(data): bytes that are not 0xFF and stuffed FF 00 pairs are
+    skipped (extraneous data: libjpeg warns and reads on, as do Pillow and browsers; writers that
+    pad a segment leave such bytes), then fill bytes (repeated 0xFF)."""
+    end = len(data)
+    while True:
+        i = data.find(b"\xff", i)
+        if i < 0:
+            return end
+        while i + 1 < end and data[i + 1] == 0xFF:
+            i += 1
+        if i + 1 < end and data[i + 1] == 0x00:
+            i += 2
+            continue
+        return i
+
+
 def _jpeg_icc(data: bytes) -> bytes | None:
     """A JPEG's ICC profile as browsers read it: the first complete one of its APP2 ICC_PROFILE
     segments (their count set by the first, each sequence number taken once, in order of number).
@@ -499,11 +517,11 @@ def _jpeg_icc(data: bytes) -> bytes | None:
     sRGB one was seen by the detector in its dark stored values alone."""
     chunks: dict[int, bytes] = {}
     count, i, end = 0, 2, len(data)
-    while i + 4 <= end and data[i] == 0xFF:
+    while True:
+        i = _next_marker(data, i)
+        if i + 4 > end:
+            break
         m = data[i + 1]
-        if m == 0xFF:
-            i += 1
-            continue
         if m in (0xDA, 0xD9):  # the pixels (or the end): the profile comes before them
             break
         if 0xD0 <= m <= 0xD7 or m == 0x01:

@@ -302,3 +302,32 @@ def test_a_jpegs_first_complete_icc_profile_is_the_one_viewers_apply(segments):
     stripes = [np.abs(np.diff(v[8:40, 8:56, 0].astype(int), axis=0)).mean() for v in dec.detector_views]
     assert max(stripes) > 100, stripes  # seen at full range, as browsers show it
     assert Image.open(io.BytesIO(encode(dec, dec.pixels))).info.get("icc_profile") == first
+
+
+@pytest.mark.parametrize("junk", [b"\x00", b"\x00\x00\x00\x00", b"\xff\x00"])
+def test_a_jpegs_profile_after_extraneous_bytes_is_applied_and_kept(junk):
+    """Bytes that are not a marker between a JPEG's segments (writers that pad a segment leave them;
+    libjpeg warns "extraneous bytes before marker" and reads on, and so do Pillow and browsers) ended
+    the reading of its first complete profile: a Display P3 photo with a padded EXIF lost its
+    profile (published in other colours), and one stored dark under a profile that shows it at full
+    range was seen by the detector in its dark stored values, as it was before that reading (Pillow
+    applies the profile there). The segments after such bytes are read as libjpeg reads them."""
+    from platemask.imageio import encode
+
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[8:40:4, 8:56] = 15  # a plate's stripes in the top stored level
+    stored[9:40:4, 8:56] = 15
+    for profile in (stretching_profile(15), _display_p3()):
+        buf = io.BytesIO()
+        Image.fromarray(stored).save(buf, "JPEG", quality=100, subsampling=0, icc_profile=profile,
+                                     exif=Image.Exif().tobytes())
+        jpeg = buf.getvalue()
+        at = jpeg.index(b"\xff\xe2")  # the profile's APP2, after the EXIF's APP1
+        data = jpeg[:at] + junk + jpeg[at:]
+        assert Image.open(io.BytesIO(data)).info.get("icc_profile") == profile  # Pillow reads on
+        dec = decode(data)
+        assert dec.icc_profile == profile
+        assert Image.open(io.BytesIO(encode(dec, dec.pixels))).info.get("icc_profile") == profile
+        if profile != _display_p3():  # the dark plate: seen at full range, as browsers show it
+            stripes = [np.abs(np.diff(v[8:40, 8:56, 0].astype(int), axis=0)).mean() for v in dec.detector_views]
+            assert max(stripes) > 100, stripes
