@@ -591,13 +591,11 @@ def _jpeg_scans(data: bytes, cap: int = MAX_JPEG_SCANS) -> int:
     """The scans (SOS segments) of the first image in JPEG ``data``, counted up to ``cap`` + 1, walking
     its segments and skipping each scan's entropy-coded data to the next marker."""
     n, i, end = 0, 2, len(data)
-    while i + 4 <= end:
-        if data[i] != 0xFF:  # not at a marker: the decoder says what is wrong
+    while True:
+        i = _next_marker(data, i)  # past bytes that are not a marker, as libjpeg reads on past them
+        if i + 4 > end:
             return n
         m = data[i + 1]
-        if m == 0xFF:  # fill byte
-            i += 1
-            continue
         if m == 0xD9:  # EOI
             return n
         if 0xD0 <= m <= 0xD7 or m == 0x01:  # no length
@@ -619,7 +617,6 @@ def _jpeg_scans(data: bytes, cap: int = MAX_JPEG_SCANS) -> int:
                     i += 2
                 else:
                     break
-    return n
 
 
 FRAME_COUNT_CAP = 1000  # a TIFF's pages are counted up to this many (more: the count says so)

@@ -324,6 +324,30 @@ def test_a_progressive_jpeg_with_its_scans_repeated_fails_before_decoding():
     assert decode(data[:-2] + data[last:-2] * 3 + b"\xff\xd9").rgb.shape == (48, 64, 3)  # a few repeats: decoded
 
 
+@pytest.mark.parametrize("junk", [b"\x00", b"\xff\x00\x00"])
+def test_repeated_scans_behind_extraneous_bytes_still_fail_before_decoding(junk):
+    """The scan count stopped at the first byte between segments that is not a marker, which libjpeg
+    skips with a warning and reads on: one 00 byte before the first scan of the 123 KB, 12 MP photo
+    whose last scan was repeated 2,000 times counted 0 scans, and decode held a worker 24 s. Scans
+    are counted past such bytes, as libjpeg reads them; an ordinary progressive JPEG with such a
+    byte still decodes."""
+    from platemask.imageio import MAX_JPEG_SCANS, ImageError, decode
+
+    rgb = np.random.default_rng(9).integers(0, 255, (48, 64, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    first = data.index(b"\xff\xda")
+    data = data[:first] + junk + data[first:]
+    last = data.rindex(b"\xff\xda")
+    bomb = data[:-2] + data[last:-2] * MAX_JPEG_SCANS + b"\xff\xd9"
+    assert Image.open(io.BytesIO(bomb)).size == (64, 48)
+    with pytest.raises(ImageError) as e:
+        decode(bomb)
+    assert e.value.reason == "corrupt" and f"more than {MAX_JPEG_SCANS} scans" in str(e.value)
+    assert decode(data).rgb.shape == (48, 64, 3)
+
+
 @pytest.mark.parametrize("compression", ["tiff_deflate", "tiff_lzw"])
 def test_a_compressed_tiff_cut_short_is_named_as_damaged_not_as_not_a_photo(compression):
     """libtiff writes a compressed TIFF's directory after its pixels: an upload cut short anywhere
