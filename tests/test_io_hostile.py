@@ -220,6 +220,30 @@ def test_an_unmasked_copy_in_another_format_planted_in_the_icc_profile_is_not_pu
         assert payload[8:64] not in out
 
 
+def test_a_profile_of_many_base64_runs_of_image_starts_is_judged_within_the_try_budget(monkeypatch):
+    """Each run of base64 characters in an ICC profile was decoded and looked through with a budget of
+    256 tries of its own: a 4.9 KB PNG whose 1 MB profile (zlib-compressed) was 11,000 short runs,
+    each decoding to 16 TIFF starts, had 180,000 images tried, holding decode 13 s (a JPEG's 16 MB
+    profile, minutes). The runs share the profile's one budget; a profile of more tries than that is
+    left out, as one of raw starts is."""
+    import base64
+
+    from platemask import imageio
+
+    run = base64.b64encode(b"II*\x00" * 16) + b" "
+    icc = _profile_with(run * 2000)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(buf, "PNG", icc_profile=icc)
+    assert Image.open(io.BytesIO(buf.getvalue())).info["icc_profile"] == icc
+    opened = []
+    real_open = imageio.Image.open
+    monkeypatch.setattr(imageio.Image, "open", lambda fp, *a, **k: opened.append(1) or real_open(fp, *a, **k))
+    dec = imageio.decode(buf.getvalue())
+    assert len(opened) <= 256 + 1  # the photo itself, and the profile's tries
+    assert dec.icc_profile is None
+    assert imageio._holds_image(_profile_with(run * 2)) is False  # a few such runs: tried, none opens
+
+
 @pytest.mark.parametrize("fmt", ["TIFF", "WEBP", "GIF", "BMP"])
 def test_an_unmasked_copy_in_another_format_in_an_exif_value_does_not_survive_keep(fmt):
     """Under --metadata keep, EXIF values holding a JPEG or PNG were dropped, not ones holding a TIFF,
