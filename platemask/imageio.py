@@ -257,7 +257,10 @@ def decoded_nbytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
                 deep = _deep_colour(img)  # read again at 16 bits a channel beside Pillow's copy
                 # the view as shown is a copy of its own (colour.shown) where a profile, a gamma or transparency applies
                 transparent = "transparency" in img.info
-                shown_copy = (bool(img.info.get("icc_profile")) or "gamma" in img.info or transparent
+                # a JPEG's profile is its first complete one (decode's reading), which Pillow does not read
+                # where the segments are more than one profile's
+                icc = img.info.get("icc_profile") or (img.format in ("JPEG", "MPO") and _jpeg_icc(data))
+                shown_copy = (bool(icc) or "gamma" in img.info or transparent
                               or mode in ("RGBA", "RGBa", "LA", "La", "PA"))
     except MemoryError:
         raise

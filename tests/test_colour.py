@@ -331,3 +331,30 @@ def test_a_jpegs_profile_after_extraneous_bytes_is_applied_and_kept(junk):
         if profile != _display_p3():  # the dark plate: seen at full range, as browsers show it
             stripes = [np.abs(np.diff(v[8:40, 8:56, 0].astype(int), axis=0)).mean() for v in dec.detector_views]
             assert max(stripes) > 100, stripes
+
+
+@pytest.mark.parametrize("layout", ["two whole profiles", "bytes that are not a marker before it"])
+def test_the_memory_reserved_counts_the_view_of_a_jpegs_first_complete_profile(layout):
+    """The memory reserved before decoding (decoded_nbytes) counted a JPEG's profile view only where
+    Pillow reads a profile, while decode applies the first complete one, which Pillow does not read
+    where the segments are more than one profile's: such a photo held its view as shown (3 bytes a
+    pixel, 240 MB at 80 MP) beyond what was reserved for it. It is counted."""
+    def app2(seq: int, count: int, body: bytes) -> bytes:
+        s = b"ICC_PROFILE\0" + bytes([seq, count]) + body
+        return b"\xff\xe2" + struct.pack(">H", len(s) + 2) + s
+
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[8:40:2, 8:56] = 15
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "JPEG", quality=100, subsampling=0, exif=Image.Exif().tobytes())
+    jpeg = buf.getvalue()
+    at = 4 + struct.unpack(">H", jpeg[4:6])[0]  # after the EXIF's APP1
+    first = stretching_profile(15)
+    if layout == "two whole profiles":
+        data = jpeg[:at] + app2(1, 1, first) + app2(1, 1, _SRGB.tobytes()) + jpeg[at:]
+    else:
+        data = jpeg[:at] + b"\0" + app2(1, 1, first) + jpeg[at:]
+    dec = decode(data)
+    assert dec.icc_profile == first
+    held = dec.pixels.nbytes + sum(v.nbytes for v in dec.detector_views if not np.shares_memory(v, dec.pixels))
+    assert decoded_nbytes(data) >= held
