@@ -77,6 +77,13 @@ SAFE_EXIF_IFD = frozenset({
 })
 
 
+# every reason ``decode`` fails a photo with: each is a fault of the upload's bytes, so the same
+# upload fails the same way again (late pick-up leaves such a photo to a new upload: runs.UPLOAD_FAULTS)
+DECODE_FAULTS = frozenset({
+    "empty_file", "not_an_image", "unsupported_format", "unsupported_mode", "multi_page_unsupported", "corrupt",
+    "truncated", "too_large", "ambiguous_orientation"})
+
+
 class ImageError(Exception):
     """An input that cannot be processed. ``reason`` is a short machine-readable code."""
 

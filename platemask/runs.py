@@ -18,7 +18,7 @@ from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
 from .constants import DEFAULT_METADATA_POLICY
-from .imageio import ImageError, extension_supported
+from .imageio import DECODE_FAULTS, ImageError, extension_supported
 from .layout import audit_key, key_too_long, lock_keys, masked_key, qa_prefix, qa_run_prefix, run_prefix, s3_uri
 from .runspec import RunError, RunSpec
 from .settings import Settings
@@ -219,10 +219,8 @@ def day_prefix(settings: Settings, region: str, d: date) -> str:
 # failures the upload itself causes (its bytes, its size or its key): the same upload fails the same
 # way again, so late pick-up leaves them to a new upload. Any other failure (reading or writing S3, a
 # transform job, the detector, an archived photo since restored) is retried by the next nights.
-UPLOAD_FAULTS = frozenset({
-    "empty_file", "not_an_image", "unsupported_format", "unsupported_mode", "multi_page_unsupported", "corrupt",
-    "truncated", "too_large", "payload_too_large", "unsupported_media_type", "key_too_long", "unsafe_key",
-    "output_collision"})
+UPLOAD_FAULTS = DECODE_FAULTS | frozenset({
+    "payload_too_large", "unsupported_media_type", "key_too_long", "unsafe_key", "output_collision"})
 
 
 def late_days(settings: Settings, spec: RunSpec) -> list[date]:

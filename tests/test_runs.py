@@ -665,6 +665,47 @@ def test_a_photo_that_failed_for_a_reason_other_than_its_upload_is_tried_again_b
     assert c["late"] == 2 and any("2 whose last try failed" in m for m in logs), logs
 
 
+def _reasons_decode_raises() -> set[str]:
+    """Every reason platemask/imageio.py writes into an ImageError, read from its source (an ``x if c
+    else y`` of two reasons counts both)."""
+    import ast
+
+    import platemask.imageio as imageio_module
+
+    reasons = set()
+    for node in ast.walk(ast.parse(open(imageio_module.__file__, encoding="utf-8").read())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ImageError" and node.args:
+            first = node.args[0]
+            reasons |= {c.value for c in ast.walk(first) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "reason" for t in node.targets):
+            reasons |= {c.value for c in ast.walk(node.value)
+                        if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.isidentifier()}
+    return reasons
+
+
+def test_an_upload_decode_refuses_is_left_to_a_new_upload_whatever_the_reason(photos):
+    """A WebP with an EXIF orientation failed 'ambiguous_orientation' (a reason decode gained later),
+    which runs.UPLOAD_FAULTS did not list: the next late_days nights took the same upload again as
+    'failed for a reason other than the upload itself', decoded it and failed it again, each night
+    (and their logs said the failure was not the upload's). Every reason decode fails a photo with is
+    the upload's own, left to a new upload."""
+    s3, settings, keys = photos
+    reasons = _reasons_decode_raises()
+    assert {"corrupt", "ambiguous_orientation", "too_large"} <= reasons, reasons  # the source read as meant
+    _collected_by_its_run(s3, settings, 19)
+    body = s3.get_object(Bucket=settings.bucket, Key=keys[0])["Body"].read()
+    day = "raw/DE/2026/11/19/"
+    for reason in sorted(reasons):
+        s3.put_object(Bucket=settings.bucket, Key=f"{day}{reason}.jpg", Body=body)
+        etag = s3.head_object(Bucket=settings.bucket, Key=f"{day}{reason}.jpg")["ETag"].strip('"')
+        s3.put_object(Bucket=settings.bucket, Key=f"audit/DE/2026/11/19/{reason}.jpg.json",
+                      Body=json.dumps({"status": "failed", "reason": reason, "source_etag": etag}).encode())
+    c = collect(s3, settings, RunSpec(region="DE", run_id="scheduled__20", **WINDOW), log=lambda m: None)
+    manifest = [json.loads(x) for x in s3.get_object(Bucket=settings.bucket, Key=c["manifest"].split("/", 3)[3])["Body"]
+                .read().decode().splitlines()]
+    assert [e["key"] for e in manifest if e.get("late")] == [] and c["late"] == 0, manifest
+
+
 def test_late_pick_up_holds_the_days_lock_so_a_backfill_run_of_that_day_waits(photos, model_dir):
     """A backfill of never-masked days runs two nights at once. The 21st's run collected the 20th's photos as late
     (no audit records yet, the 20th's lock not yet taken) and masked them without that day's lock, while the
