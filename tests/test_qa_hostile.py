@@ -470,7 +470,7 @@ def test_a_retried_mask_task_does_not_count_its_first_tries_photos_in_the_images
     (shard,) = make_shards(s3, settings, [spec.as_dict()], log=lambda m: None)
     factory = detector_factory(settings, str(model_dir))
     mask_shard(s3, settings, shard, factory, log=lambda m: None)
-    s3.delete_object(Bucket=settings.bucket, Key=f"audit/DE/2026/11/20/car2.jpg.json")  # the worker is lost first
+    s3.delete_object(Bucket=settings.bucket, Key="audit/DE/2026/11/20/car2.jpg.json")  # the worker is lost first
     retry = mask_shard(s3, settings, shard, factory, log=lambda m: None)  # the task's retry
     retried = json.loads(_get(s3, settings, retry["summary"]))
     assert retried["processed"] == 3 and retried["images_per_second"] > 0  # (of the 1 photo it masked)
