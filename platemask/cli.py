@@ -412,6 +412,8 @@ def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
             if found is None:
                 continue  # released meanwhile: try again
             doc, etag = found
+            if isinstance(doc, dict) and doc.get("run") == mine["run"]:
+                break  # our own PUT: its answer was lost and botocore sent it again, which S3 refused
             if not (isinstance(doc, dict) and gone(doc)):
                 return None, held_by(doc if isinstance(doc, dict) else {}, store)
             try:  # its run was killed on this machine: take it over (only that version of it)

@@ -433,3 +433,42 @@ def test_a_run_stopped_while_it_starts_gives_back_its_s3_dst(s3_env, tmp_path, m
     assert "interrupted (SIGTERM)" in err
     assert s3.list_objects_v2(Bucket="earlystop", Prefix=lock)["KeyCount"] == 0
     assert s3.list_objects_v2(Bucket="earlystop", Prefix="masked/p")["KeyCount"] == 0
+
+
+def test_a_lock_put_resent_after_its_answer_was_lost_is_not_taken_for_another_run(s3_env, tmp_path, model_dir,
+                                                                                   monkeypatch, capsys):
+    """The lock's conditional PUT reached S3 but its answer was lost (a read timeout): botocore sends
+    the same PUT again, which S3 refuses (412, the lock is there: this run's own). The run read its own
+    lock document as another run's, exited 2 naming its own pid, and left the lock behind: every later
+    run into DST from another container was refused until someone deleted it. The lock this run wrote
+    is its own: the run goes on and gives it back at the end."""
+    import boto3
+
+    s3 = s3_env
+    s3.create_bucket(Bucket="lostanswer")
+    s3.put_object(Bucket="lostanswer", Key="raw/p.jpg", Body=jpeg_bytes(np.zeros((48, 64, 3), np.uint8)))
+    lock = "masked/.platemask-mask.lock.json"
+    resent = []
+
+    def resend_once(response, request_dict, **_):  # the PUT arrived; its answer did not: botocore retries it
+        if request_dict["url_path"].endswith(lock) and response and response[1]["ResponseMetadata"][
+                "HTTPStatusCode"] == 200 and not resent:
+            resent.append(request_dict["url_path"])
+            return 0
+        return None
+
+    real_client = boto3.client
+
+    def client(*args, **kwargs):
+        c = real_client(*args, **kwargs)
+        c.meta.events.register_first("needs-retry.s3.PutObject", resend_once)
+        return c
+
+    monkeypatch.setattr(boto3, "client", client)
+    code = main(["mask", "s3://lostanswer/raw", "s3://lostanswer/masked", "--model", str(model_dir)])
+    err = capsys.readouterr().err
+    assert resent, "the lock's PUT was never resent"
+    assert code == 0, err[-2000:]
+    assert f"pid {os.getpid()}" not in err
+    assert s3.list_objects_v2(Bucket="lostanswer", Prefix=lock)["KeyCount"] == 0
+    assert s3.list_objects_v2(Bucket="lostanswer", Prefix="masked/p.jpg")["KeyCount"] == 1
