@@ -318,6 +318,8 @@ def _lock_folder(path: str) -> tuple[list[int], str | None]:
     return held, None
 
 
+# what S3 answers a role that may not read (or remove) an object
+DENIED_CODES = ("AccessDenied", "403", "Forbidden")
 # the lock document a run writing an S3 DST holds in it (a hidden name: the CLI and the DAG's collect
 # pass it over as an input); written with IfNoneMatch="*", removed when the run ends
 S3_DST_LOCK = ".platemask-mask.lock.json"
@@ -408,7 +410,18 @@ def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
             except ClientError as exc:
                 if error_code(exc) not in PRECONDITION_CODES:
                     raise
-            found = store.get_json(S3_DST_LOCK)
+            try:
+                found = store.get_json(S3_DST_LOCK)
+            except ClientError as exc:
+                if error_code(exc) not in DENIED_CODES:
+                    raise
+                # a role that may only put objects in DST (a write-only delivery prefix) cannot read a lock, nor
+                # remove its own: refused here, every run after the first was refused for good. Not guarded, as
+                # on a file system without locks, and said so
+                _log(f"platemask: warning: cannot read the lock {store.describe(S3_DST_LOCK)} ({error_code(exc)}): "
+                     "another run writing DST at the same time cannot be detected, so this run is not guarded "
+                     "against one. If no other run writes DST, delete that key (or let this role read it)")
+                return (lambda: None), None
             if found is None:
                 continue  # released meanwhile: try again
             doc, etag = found
@@ -428,10 +441,21 @@ def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
         raise OSError(f"cannot write the run's lock {store.describe(S3_DST_LOCK)}: {exc}") from exc
 
     def release() -> None:
-        with contextlib.suppress(ClientError, BotoCoreError, ValueError):
-            found = store.get_json(S3_DST_LOCK)
+        try:
+            try:
+                found = store.get_json(S3_DST_LOCK)
+            except ClientError as exc:
+                if error_code(exc) not in DENIED_CODES:
+                    raise
+                # not readable by this role: while this run lives only it may hold the lock (a lock is taken
+                # over only from a run whose process is gone), so the one there is this run's
+                store.delete(S3_DST_LOCK)
+                return
             if found and isinstance(found[0], dict) and found[0].get("run") == mine["run"]:
                 store.delete(S3_DST_LOCK)
+        except (ClientError, BotoCoreError, ValueError) as exc:  # left behind: the next run is refused
+            _log(f"platemask: warning: cannot remove this run's lock {store.describe(S3_DST_LOCK)} ({exc}): a later "
+                 "run into DST will be told it is another run's; delete that key")
 
     return release, None
 

@@ -472,3 +472,43 @@ def test_a_lock_put_resent_after_its_answer_was_lost_is_not_taken_for_another_ru
     assert f"pid {os.getpid()}" not in err
     assert s3.list_objects_v2(Bucket="lostanswer", Prefix=lock)["KeyCount"] == 0
     assert s3.list_objects_v2(Bucket="lostanswer", Prefix="masked/p.jpg")["KeyCount"] == 1
+
+
+def test_runs_into_an_s3_dst_this_role_may_only_put_to_are_not_refused_after_the_first(s3_env, tmp_path, model_dir,
+                                                                                       monkeypatch, capsys):
+    """A role that may only PutObject in DST (a write-only delivery prefix: no GetObject, no DeleteObject
+    there) masked into it run after run: masking needs nothing else. Since the S3 DST lock, the first run
+    could not read its lock back to remove it (AccessDenied, passed over in silence) and left it there;
+    every later run then found a lock it could not read and exited 2, for good. Now a run that cannot
+    read or remove the lock says so and goes on unguarded (as on a file system without locks), and the
+    run that left it names the key to delete."""
+    import boto3
+    from types import SimpleNamespace
+
+    s3 = s3_env
+    s3.create_bucket(Bucket="putonly")
+    s3.put_object(Bucket="putonly", Key="raw/p.jpg", Body=jpeg_bytes(np.zeros((48, 64, 3), np.uint8)))
+
+    def denied(params, **_):  # what S3 answers this role for anything but a PUT under masked/
+        if "/putonly/masked/" in params["url_path"] or params["url_path"].startswith("/masked/"):
+            return (SimpleNamespace(status_code=403, headers={}),
+                    {"Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+                     "ResponseMetadata": {"HTTPStatusCode": 403}})
+        return None
+
+    real_client = boto3.client
+
+    def client(*args, **kwargs):
+        c = real_client(*args, **kwargs)
+        for op in ("GetObject", "HeadObject", "DeleteObject"):
+            c.meta.events.register_first(f"before-call.s3.{op}", denied)
+        return c
+
+    monkeypatch.setattr(boto3, "client", client)
+    for n in range(2):
+        code = main(["mask", "s3://putonly/raw", "s3://putonly/masked", "--model", str(model_dir),
+                     "--detections", str(tmp_path / f"run{n}.jsonl")])
+        err = capsys.readouterr().err
+        assert code == 0, (n, err[-2000:])
+        assert [r["status"] for r in _records(tmp_path / f"run{n}.jsonl")] in (["masked"], ["no_plate"]), n
+    assert "s3://putonly/masked/.platemask-mask.lock.json" in err  # named: what to delete, or what was not read
