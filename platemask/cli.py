@@ -81,6 +81,12 @@ class Interrupted(BaseException):
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
+def _stop_signals_heeded() -> tuple:
+    """The stop signals this process was not started ignoring: ``nohup`` leaves SIGHUP ignored, and a
+    run handling it anyway was stopped (exit 129) when the terminal it was started from closed."""
+    return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def _stop_signals_interrupt():
     """SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread for the block (SIGTERM's
@@ -100,7 +106,7 @@ def _stop_signals_interrupt():
         stopped.append(signum)
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, stop) for s in _stop_signals_heeded()}
     try:
         yield
     finally:
@@ -579,7 +585,7 @@ class _StopBeforeReading:
         self.previous: dict = {}
         self.stopped = False
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._stop) for s in STOP_SIGNALS}
+            self.previous = {s: signal.signal(s, self._stop) for s in _stop_signals_heeded()}
 
     def _stop(self, signum, _frame):
         for s in STOP_SIGNALS:  # a second one must not cut short the release of what the run holds

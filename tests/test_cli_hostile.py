@@ -512,3 +512,34 @@ def test_runs_into_an_s3_dst_this_role_may_only_put_to_are_not_refused_after_the
         assert code == 0, (n, err[-2000:])
         assert [r["status"] for r in _records(tmp_path / f"run{n}.jsonl")] in (["masked"], ["no_plate"]), n
     assert "s3://putonly/masked/.platemask-mask.lock.json" in err  # named: what to delete, or what was not read
+
+
+def test_a_run_started_with_nohup_is_not_stopped_when_its_terminal_closes(tmp_path, model_dir):
+    """``nohup platemask mask ... &`` and the terminal closed: SIGHUP, which nohup leaves ignored for the
+    run, stopped it (exit 129, the photos not yet done with no record): the run installed its own handler
+    for it, while the model loaded and while it masked. A stop signal this process was started ignoring
+    stays ignored."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        (src / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+
+    def nohup():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--model",
+                             str(model_dir), "--batch-size", "2", "--detections", str(tmp_path / "r.jsonl")],
+                            stderr=subprocess.PIPE, text=True, preexec_fn=nohup)
+    try:
+        time.sleep(1.5)  # starting: the model loads
+        proc.send_signal(signal.SIGHUP)
+        _wait_for_outputs(proc, dst, 3)
+        proc.send_signal(signal.SIGHUP)  # masking
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert len(_records(tmp_path / "r.jsonl")) == 40
