@@ -12,8 +12,9 @@ Contract (SageMaker hosting and Batch Transform):
                                or exceeds the pixel limit is answered 200 with a ``failed`` record
                                (reason, error): Batch Transform fails the whole job on any non-2xx
                                answer, so only contract errors are non-2xx (415 wrong type, 413
-                               body over the limit, 408 body not arrived within
-                               PLATEMASK_BODY_TIMEOUT_S, 400 body shorter than its
+                               body over the limit, 408 no byte of the body for
+                               PLATEMASK_BODY_TIMEOUT_S or the body over 10 times that,
+                               400 body shorter than its
                                Content-Length, 503 not ready); nothing takes the server down
 
 Gunicorn runs ``SAGEMAKER_MODEL_SERVER_WORKERS`` workers (default: one per 2 cores, at least 1)
@@ -64,6 +65,11 @@ THREADS_ENV = "PLATEMASK_SERVER_THREADS"
 TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
 BODY_TIMEOUT_ENV = "PLATEMASK_BODY_TIMEOUT_S"
 DEFAULT_BODY_TIMEOUT_S = 60.0  # SageMaker's agent sends a whole body (at most 100 MB) from the same host
+# the longest a whole body may take, in PLATEMASK_BODY_TIMEOUT_S: 10 min at the default (a 100 MB
+# body at 170 KB/s; SageMaker's InvocationsTimeoutInSeconds defaults to 600); past it a body that
+# still trickles in is cut as one that stalled is
+BODY_TOTAL_FACTOR = 10
+BODY_READ_CHUNK = 64 << 10  # each read a body arrives by: the stall deadline counts from the last one
 DEFAULT_SERVER_THREADS = 8
 DEFAULT_PAYLOAD_MB = 6.0  # SageMaker's default MaxPayloadInMB
 PAYLOAD_MB_RANGE = (1, 100)  # SageMaker's MaxPayloadInMB range (its 0, "unlimited, chunked", is not supported)
@@ -75,15 +81,17 @@ def _json(obj, status=200) -> Response:
     return Response(json.dumps(obj), status=status, mimetype="application/json")
 
 
-def read_body(stream, limit: int, chunk: int = 1 << 20) -> bytes:
-    """The whole request body, read ``chunk`` bytes at a time; RequestEntityTooLarge (413) as soon
-    as it passes ``limit`` bytes, having buffered at most ``limit + 1``. For chunked uploads (no
-    Content-Length), which Werkzeug's ``get_data`` silently cut at the limit."""
+def read_body(stream, limit: int, chunk: int = BODY_READ_CHUNK, progress=lambda: None) -> bytes:
+    """The whole request body, read ``chunk`` bytes at a time (``progress()`` after each read);
+    RequestEntityTooLarge (413) as soon as it passes ``limit`` bytes, having buffered at most
+    ``limit + 1``. For chunked uploads (no Content-Length), which Werkzeug's ``get_data`` silently cut
+    at the limit."""
     buf = bytearray()
     while True:
         part = stream.read(min(chunk, limit + 1 - len(buf)))
         if not part:
             return bytes(buf)
+        progress()
         buf += part
         if len(buf) > limit:
             raise RequestEntityTooLarge()
@@ -92,44 +100,70 @@ def read_body(stream, limit: int, chunk: int = 1 << 20) -> bytes:
 DRAIN_CAP_BYTES = 64 << 20  # an over-limit body is read and dropped up to this, then the connection is cut
 
 
-def drain(stream, cap: int, chunk: int = 1 << 20) -> int:
-    """Read and drop up to ``cap`` bytes of ``stream`` (never holding more than ``chunk``)."""
+def drain(stream, cap: int, chunk: int = BODY_READ_CHUNK, progress=lambda: None) -> int:
+    """Read and drop up to ``cap`` bytes of ``stream`` (never holding more than ``chunk``;
+    ``progress()`` after each read)."""
     n = 0
     try:
         while n < cap:
             part = stream.read(min(chunk, cap - n))
             if not part:
                 break
+            progress()
             n += len(part)
     except (OSError, ValueError):  # the client went away: nothing more to read
         pass
     return n
 
 
-@contextlib.contextmanager
-def body_deadline(sock, seconds: float):
-    """Cut the reading of a request's body short after ``seconds``: at the deadline the socket's
-    read side is shut, so the read waiting on it ends (the answer can still be sent). Yields an Event
-    set when that happened. A request whose Content-Length was larger than the body it sent (or a
-    chunked body that never ended) held a server thread for good: gunicorn's worker timeout never
-    fires while its main loop runs, so a few such requests took every thread and /ping timed out.
-    Without a socket (Flask's test client) nothing is cut."""
-    late = threading.Event()
+class BodyDeadline:
+    """What ``body_deadline`` yields: ``progress()`` after each read of the body; ``is_set()`` once
+    the body was cut (it stalled, or took longer than its total)."""
 
-    def cut():
-        late.set()
+    def __init__(self):
+        self.late = threading.Event()
+        self.last = time.monotonic()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def is_set(self) -> bool:
+        return self.late.is_set()
+
+
+@contextlib.contextmanager
+def body_deadline(sock, seconds: float, total: float | None = None):
+    """Cut the reading of a request's body short when no byte of it came for ``seconds`` (counted from
+    the last ``progress()``) or it took ``total`` (default ``BODY_TOTAL_FACTOR`` times ``seconds``):
+    the socket's read side is shut, so the read waiting on it ends (the answer can still be sent).
+    A request whose Content-Length was larger than the body it sent (or a chunked body that never
+    ended) held a server thread for good: gunicorn's worker timeout never fires while its main loop
+    runs, so a few such requests took every thread and /ping timed out. A body that keeps arriving is
+    not cut at ``seconds``: a 100 MB record from a slower sender is a record, not an attack. Without a
+    socket (Flask's test client) nothing is cut."""
+    deadline, done = BodyDeadline(), threading.Event()
+    total = BODY_TOTAL_FACTOR * seconds if total is None else total
+    start = deadline.last
+
+    def watch():
+        while True:
+            now = time.monotonic()
+            wait = min(deadline.last + seconds, start + total) - now
+            if wait <= 0:
+                break
+            if done.wait(wait):
+                return
+        deadline.late.set()
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RD)
 
-    timer = threading.Timer(seconds, cut) if sock is not None else None
-    if timer:
-        timer.daemon = True
-        timer.start()
+    watcher = threading.Thread(target=watch, name="platemask-body-deadline", daemon=True) if sock is not None else None
+    if watcher:
+        watcher.start()
     try:
-        yield late
+        yield deadline
     finally:
-        if timer:
-            timer.cancel()
+        done.set()
 
 
 class ModelHolder:
@@ -385,15 +419,17 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         raw = "wsgi.input_terminated" in request.environ and request.content_length is None
         with body_deadline(request.environ.get("gunicorn.socket"), body_timeout) as late:
             try:
-                data = read_body(request.environ["wsgi.input"] if raw else request.stream, max_payload)
+                data = read_body(request.environ["wsgi.input"] if raw else request.stream, max_payload,
+                                 progress=late.progress)
             except Exception:  # noqa: BLE001 - cut short at the deadline, or the client went away
                 if not late.is_set():
                     raise
                 data = None
         if data is None or late.is_set():  # gunicorn hands over the bytes that came, short, without an error
-            resp = _json({"error": f"the request's body did not arrive within {body_timeout:g} s ({BODY_TIMEOUT_ENV}): "
-                                   f"fewer bytes came than its Content-Length says, or a chunked body never ended; "
-                                   "send the whole body with a Content-Length that matches it",
+            resp = _json({"error": f"no byte of the request's body came for {body_timeout:g} s ({BODY_TIMEOUT_ENV}), or "
+                                   f"the whole body took over {BODY_TOTAL_FACTOR * body_timeout:g} s: fewer bytes came "
+                                   "than its Content-Length says, or a chunked body never ended; send the whole body "
+                                   "with a Content-Length that matches it",
                           "reason": "body_timeout"}, 408)
             resp.headers["Connection"] = "close"
             return resp
@@ -436,8 +472,9 @@ def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = N
         # (within the body's deadline: a client that announced 50 MB and sent nothing held this thread for good)
         n = request.content_length
         if n is not None or "wsgi.input_terminated" in request.environ:
-            with body_deadline(request.environ.get("gunicorn.socket"), body_timeout):
-                drain(request.environ["wsgi.input"], DRAIN_CAP_BYTES if n is None else min(n, DRAIN_CAP_BYTES))
+            with body_deadline(request.environ.get("gunicorn.socket"), body_timeout) as late:
+                drain(request.environ["wsgi.input"], DRAIN_CAP_BYTES if n is None else min(n, DRAIN_CAP_BYTES),
+                      progress=late.progress)
         resp.headers["Connection"] = "close"  # do not reuse the connection
         return resp
 

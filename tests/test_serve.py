@@ -485,3 +485,89 @@ def test_requests_that_stop_sending_part_way_do_not_take_the_servers_threads(mod
             c.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_body_that_keeps_arriving_is_not_cut_at_the_stall_deadline(model_dir, tmp_path, scene):
+    """PLATEMASK_BODY_TIMEOUT_S bounded a body's whole arrival, not its silences: a photo sent steadily
+    (never quiet for more than a tenth of a second) over longer than that deadline was answered 408
+    body_timeout, and a 408 fails the whole Batch Transform job. At the default 60 s a 100 MB record
+    (MaxPayloadInMB's top) had to come at 1.7 MB/s. Now the deadline counts from the body's last bytes
+    (and the whole body may take ten times it): the steady photo is masked on the real gunicorn server,
+    and a body that stops still gets its 408."""
+    import socket
+
+    port = _free_port()
+    env = dict(os.environ, SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+               PLATEMASK_SERVER_THREADS="2", PLATEMASK_MODEL_DIR=str(model_dir), PLATEMASK_DEVICE="cpu",
+               PLATEMASK_BODY_TIMEOUT_S="2")
+    url, proc, _ = start_server(env, port, tmp_path / "server.log")
+    body = jpeg_bytes(scene[0])
+    assert call(url + "/ping", timeout=30)[0] == 200
+
+    def answer_to(pieces, pause):
+        c = socket.create_connection(("127.0.0.1", port))
+        try:
+            c.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode())
+            for piece in pieces:
+                c.sendall(piece)
+                time.sleep(pause)
+            c.settimeout(120)
+            got = b""
+            while b"}" not in got.partition(b"\r\n\r\n")[2]:
+                part = c.recv(65536)
+                assert part, got
+                got += part
+            status, _, rest = got.partition(b"\r\n\r\n")
+            return status.split(b"\r\n")[0], json.loads(rest)
+        finally:
+            c.close()
+
+    try:
+        step = max(1, len(body) // 50)
+        pieces = [body[i:i + step] for i in range(0, len(body), step)]
+        started = time.monotonic()
+        status, rec = answer_to(pieces, 0.1)  # ~5 s of steady sending against a 2 s deadline
+        assert time.monotonic() - started > 4, "the photo was not sent over longer than the deadline"
+        assert status.startswith(b"HTTP/1.1 200") and rec["status"] == "masked", (status, rec)
+        status, rec = answer_to([body[:len(body) // 2]], 0)  # then silence: still cut
+        assert status.startswith(b"HTTP/1.1 408") and rec["reason"] == "body_timeout", (status, rec)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_body_deadline_counts_silences_and_bounds_the_whole_body():
+    """body_deadline on a real socket pair: a reader fed a byte every 0.1 s is cut at its total (1 s),
+    not at its 0.4 s stall deadline; one fed nothing is cut at the stall deadline."""
+    import socket
+    import threading
+
+    from platemask.serve import body_deadline
+
+    def read_until_cut(feed_every):
+        a, b = socket.socketpair()
+        stop = threading.Event()
+
+        def feed():
+            while feed_every and not stop.wait(feed_every):
+                with __import__("contextlib").suppress(OSError):
+                    b.sendall(b"x")
+
+        t = threading.Thread(target=feed, daemon=True)
+        t.start()
+        started = time.monotonic()
+        try:
+            with body_deadline(a, 0.4, total=1.0) as late:
+                while a.recv(1):
+                    late.progress()
+            return time.monotonic() - started, late.is_set()
+        finally:
+            stop.set()
+            a.close()
+            b.close()
+
+    took, cut = read_until_cut(0.1)
+    assert cut and 0.9 <= took < 3.0, took
+    took, cut = read_until_cut(0)
+    assert cut and 0.35 <= took < 0.9, took
