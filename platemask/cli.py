@@ -23,7 +23,6 @@ import os
 import posixpath
 import urllib.parse
 from pathlib import Path
-from typing import Callable
 
 from .constants import (DEFAULT_MASK_MODE, DEFAULT_METADATA_POLICY, MASK_MODES, METADATA_POLICIES,
                         MODEL_DIR_ENV, OVERLAY_STYLES, REPO_MODEL_DIR, RUNTIMES, DEFAULT_RUNTIME, resolve_device)
@@ -329,6 +328,12 @@ DENIED_CODES = ("AccessDenied", "403", "Forbidden")
 # the lock document a run writing an S3 DST holds in it (a hidden name: the CLI and the DAG's collect
 # pass it over as an input); written with IfNoneMatch="*", removed when the run ends
 S3_DST_LOCK = ".platemask-mask.lock.json"
+# a run holding an S3 DST rewrites its lock every LOCK_REFRESH_S seconds (a conditional PUT on the lock's
+# ETag, from a background thread); a lock S3 has kept unchanged for longer than LOCK_LEASE_S (S3's own clock:
+# the Date of its answer against the lock's LastModified) is a killed run's (SIGKILL, an OOM kill, a lost
+# pod, a reboot) and is taken over
+LOCK_REFRESH_S = 30.0
+LOCK_LEASE_S = 6 * LOCK_REFRESH_S
 
 
 def _process_identity(pid: int | None = None) -> dict:
@@ -356,15 +361,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
+def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
     """Hold the S3 DST ``dst`` for this run: a lock document ``<DST>/.platemask-mask.lock.json``
     written only if none is there (S3's conditional write, ``IfNoneMatch="*"``), after checking that
     no prefix above DST is another run's DST (their lock documents). Two runs into one S3 DST at once
     (two cron jobs, two machines) each masked every photo and wrote it there: the copies in DST were
     whichever run wrote last, so the other run's records and report described copies that were not
-    there (60 of 60 records naming another SHA-256). Returns (release, None), or (None, why another
-    run holds it and what to do). A lock left by a run that was killed (SIGKILL, a power cut) on this
-    machine is taken over (its process is gone); one from another machine is named with how to remove it."""
+    there (60 of 60 records naming another SHA-256). Returns None (the lock's release is on ``held``
+    from before its first PUT: a stop signal the moment that PUT lands still gives it back), or why another
+    run holds it and what to do. The run refreshes its lock every ``LOCK_REFRESH_S`` (a lease): a lock
+    S3 has seen unchanged for longer than ``LOCK_LEASE_S`` (a run killed anywhere: SIGKILL, an OOM kill, a
+    lost pod, a reboot, a power cut) is taken over, naming its run; a lock whose run was killed on this
+    machine (same boot and pid namespace, its process gone) is taken over at once."""
     import socket
     import uuid
 
@@ -378,14 +386,44 @@ def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
     host = socket.gethostname()
     me = _process_identity()
     mine = {"run": uuid.uuid4().hex, "host": host, "pid": os.getpid(), "dst": store.uri, **me,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tool": "platemask mask"}
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tool": "platemask mask",
+            "refreshes": 0, "refresh_s": LOCK_REFRESH_S}
 
-    def held_by(doc: dict, where: S3Store) -> str:
+    def held_by(doc: dict, where: S3Store, age: float | None = None) -> str:
         return (f"another platemask mask run (host {doc.get('host')!r}, pid {doc.get('pid')}, started "
                 f"{doc.get('started_at')}) is writing {where.uri}" + ("" if where is store else ", a prefix that holds DST")
                 + " (two runs at once overwrite each other's masked copies, so one run's records and report describe "
                 "copies that are not there). Wait for it to end, or give this run a DST of its own; if that run is gone "
-                f"(killed on another machine), delete {where.describe(S3_DST_LOCK)} and run again")
+                f"(killed on another machine), a later run takes its lock over once S3 has kept it unrefreshed for "
+                f"{LOCK_LEASE_S:g} s" + (f" (it was last refreshed {age:.0f} s ago)" if age is not None else "")
+                + f", or delete {where.describe(S3_DST_LOCK)} and run again")
+
+    def lock_age(where: S3Store, etag: str) -> float | None:
+        """How long S3 has kept the lock version ``etag`` unchanged, by S3's own clock (the Date of its
+        answer against the lock's LastModified); None when it is another version now or S3 said no Date."""
+        from email.utils import parsedate_to_datetime
+
+        head = where.head(S3_DST_LOCK)
+        if head is None or head.get("ETag") != etag or head.get("LastModified") is None:
+            return None
+        date = (head.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+        try:
+            return (parsedate_to_datetime(date) - head["LastModified"]).total_seconds()
+        except (TypeError, ValueError):
+            return None
+
+    def stale(doc: dict, where: S3Store, etag: str) -> tuple[bool, float | None]:
+        try:
+            age = lock_age(where, etag)
+        except ClientError as exc:
+            if error_code(exc) not in DENIED_CODES:
+                raise
+            return False, None
+        return age is not None and age > LOCK_LEASE_S, age
+
+    def named(doc: dict) -> str:
+        return (f"run {doc.get('run')!r} (host {doc.get('host')!r}, pid {doc.get('pid')}, started "
+                f"{doc.get('started_at')})")
 
     def gone(doc: dict) -> bool:
         """Its run was on this machine, in this pid namespace, since this boot, and its process is gone
@@ -400,53 +438,13 @@ def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
         now = _process_identity(pid).get("pid_start")
         return "pid_start" in doc and now is not None and now != doc["pid_start"]
 
-    try:
-        for n in range(len(parts)):  # a run writing a prefix above DST writes DST too
-            above = S3Store(bucket, "/".join(parts[:n]))
-            try:
-                found = above.get_json(S3_DST_LOCK)
-            except (ClientError, ValueError):  # not ours to read (a role limited to DST), or not a lock
-                continue
-            if found and isinstance(found[0], dict) and not gone(found[0]):
-                return None, held_by(found[0], above)
-        for _ in range(3):
-            try:
-                store.put_json_conditional(S3_DST_LOCK, mine, if_none_match=True)
-                break
-            except ClientError as exc:
-                if error_code(exc) not in PRECONDITION_CODES:
-                    raise
-            try:
-                found = store.get_json(S3_DST_LOCK)
-            except ClientError as exc:
-                if error_code(exc) not in DENIED_CODES:
-                    raise
-                # a role that may only put objects in DST (a write-only delivery prefix) cannot read a lock, nor
-                # remove its own: refused here, every run after the first was refused for good. Not guarded, as
-                # on a file system without locks, and said so
-                _log(f"platemask: warning: cannot read the lock {store.describe(S3_DST_LOCK)} ({error_code(exc)}): "
-                     "another run writing DST at the same time cannot be detected, so this run is not guarded "
-                     "against one. If no other run writes DST, delete that key (or let this role read it)")
-                return (lambda: None), None
-            if found is None:
-                continue  # released meanwhile: try again
-            doc, etag = found
-            if isinstance(doc, dict) and doc.get("run") == mine["run"]:
-                break  # our own PUT: its answer was lost and botocore sent it again, which S3 refused
-            if not (isinstance(doc, dict) and gone(doc)):
-                return None, held_by(doc if isinstance(doc, dict) else {}, store)
-            try:  # its run was killed on this machine: take it over (only that version of it)
-                store.put_json_conditional(S3_DST_LOCK, {**mine, "took_over_from": doc}, if_match=etag)
-                break
-            except ClientError as exc:
-                if error_code(exc) not in PRECONDITION_CODES + MISSING_CODES:
-                    raise
-        else:
-            return None, f"the lock {store.describe(S3_DST_LOCK)} kept changing: another run is starting there. Run again"
-    except (ClientError, BotoCoreError) as exc:
-        raise OSError(f"cannot write the run's lock {store.describe(S3_DST_LOCK)}: {exc}") from exc
+    state = {"put": False, "unguarded": False, "lease": None}
 
     def release() -> None:
+        if state["lease"] is not None:
+            state["lease"].stop()
+        if not state["put"] or state["unguarded"]:
+            return  # nothing of this run's there
         try:
             try:
                 found = store.get_json(S3_DST_LOCK)
@@ -463,7 +461,146 @@ def _lock_s3_dst(dst: str) -> tuple[Callable[[], None] | None, str | None]:
             _log(f"platemask: warning: cannot remove this run's lock {store.describe(S3_DST_LOCK)} ({exc}): a later "
                  "run into DST will be told it is another run's; delete that key")
 
-    return release, None
+    held.callback(release)
+    try:
+        for n in range(len(parts)):  # a run writing a prefix above DST writes DST too
+            above = S3Store(bucket, "/".join(parts[:n]))
+            try:
+                found = above.get_json(S3_DST_LOCK)
+            except (ClientError, ValueError):  # not ours to read (a role limited to DST), or not a lock
+                continue
+            if found and isinstance(found[0], dict) and not gone(found[0]):
+                old, age = stale(found[0], above, found[1])
+                if not old:
+                    return held_by(found[0], above, age)
+                _log(f"platemask: {above.describe(S3_DST_LOCK)} is the lock of {named(found[0])}, not refreshed for "
+                     f"{age:.0f} s (S3's clock; a live run refreshes it every {LOCK_REFRESH_S:g} s): that run is gone. "
+                     "Passed over; delete that key")
+        for _ in range(3):
+            try:
+                state["put"] = True  # from here the lock there may be this run's
+                store.put_json_conditional(S3_DST_LOCK, mine, if_none_match=True)
+                break
+            except ClientError as exc:
+                if error_code(exc) not in PRECONDITION_CODES:
+                    raise
+            try:
+                found = store.get_json(S3_DST_LOCK)
+            except ClientError as exc:
+                if error_code(exc) not in DENIED_CODES:
+                    raise
+                # a role that may only put objects in DST (a write-only delivery prefix) cannot read a lock, nor
+                # remove its own: refused here, every run after the first was refused for good. Not guarded, as
+                # on a file system without locks, and said so
+                _log(f"platemask: warning: cannot read the lock {store.describe(S3_DST_LOCK)} ({error_code(exc)}): "
+                     "another run writing DST at the same time cannot be detected, so this run is not guarded "
+                     "against one. If no other run writes DST, delete that key (or let this role read it)")
+                state["unguarded"] = True
+                return None
+            if found is None:
+                continue  # released meanwhile: try again
+            doc, etag = found
+            if isinstance(doc, dict) and doc.get("run") == mine["run"]:
+                break  # our own PUT: its answer was lost and botocore sent it again, which S3 refused
+            if not (isinstance(doc, dict) and gone(doc)):
+                old, age = stale(doc, store, etag)
+                if not old:
+                    return held_by(doc if isinstance(doc, dict) else {}, store, age)
+                _log(f"platemask: taking over the lock {store.describe(S3_DST_LOCK)} of "
+                     f"{named(doc if isinstance(doc, dict) else {})}: not refreshed for {age:.0f} s (S3's clock; a live "
+                     f"run refreshes it every {LOCK_REFRESH_S:g} s), so that run is gone")
+            try:  # its run is gone (killed here, or its lease ran out): take it over (only that version of it)
+                store.put_json_conditional(S3_DST_LOCK, {**mine, "took_over_from": doc}, if_match=etag)
+                mine["took_over_from"] = doc
+                break
+            except ClientError as exc:
+                if error_code(exc) not in PRECONDITION_CODES + MISSING_CODES:
+                    raise
+        else:
+            return f"the lock {store.describe(S3_DST_LOCK)} kept changing: another run is starting there. Run again"
+    except (ClientError, BotoCoreError) as exc:
+        if isinstance(exc, ClientError) and error_code(exc) in DENIED_CODES:
+            state["put"] = False  # refused by S3: nothing of this run's there to remove
+        raise OSError(f"cannot write the run's lock {store.describe(S3_DST_LOCK)}: {exc}") from exc
+
+    state["lease"] = _LockLease(store, mine)
+    state["lease"].start()
+    return None
+
+
+class _LockLease(threading.Thread):
+    """Refreshes this run's S3 DST lock every ``LOCK_REFRESH_S`` while the run lives: a PUT of the lock
+    with its ``refreshes`` counted up, only over the version this run wrote last (If-Match its ETag), so
+    that S3's LastModified of a live run's lock is never older than that, and a killed run's lock grows
+    old on S3's clock. A lock another run took over (this run was judged gone: S3 out of reach for longer
+    than the lease) is not written over: said, and the refreshes end. A role that may not read the lock
+    (no ETag to match) refreshes it unconditionally."""
+
+    def __init__(self, store, mine: dict):
+        super().__init__(name="platemask-lock-lease", daemon=True)
+        self.store, self.doc = store, dict(mine)
+        self.halt = threading.Event()
+        self.etag: str | None = None  # of this run's lock as S3 holds it; None: to be read
+        self.readable = True  # False: this role may not read the lock (refreshed without a condition)
+
+    def _find_mine(self) -> bool:
+        """Read the lock's ETag back; False when it is no longer this run's (said, and the refreshes end)."""
+        from botocore.exceptions import ClientError
+
+        from .storage import error_code
+
+        try:
+            found = self.store.get_json(S3_DST_LOCK)
+        except ClientError as exc:
+            if error_code(exc) not in DENIED_CODES:
+                raise
+            self.readable = False
+            return True
+        if found and isinstance(found[0], dict) and found[0].get("run") == self.doc["run"]:
+            self.doc, self.etag = found[0], found[1]  # this run's (the last refresh landed, or not)
+            return True
+        other = found[0] if found and isinstance(found[0], dict) else {}
+        _log(f"platemask: warning: this run's lock {self.store.describe(S3_DST_LOCK)} is "
+             + (f"now run {other.get('run')!r}'s (host {other.get('host')!r}, pid {other.get('pid')})" if found else "gone")
+             + f": S3 did not see it refreshed for {LOCK_LEASE_S:g} s (out of reach?) and another run took DST over, "
+             "so two runs may be writing DST. Stop one and run it again when the other has ended")
+        return False
+
+    def run(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from .storage import PRECONDITION_CODES, error_code
+
+        while True:
+            try:
+                if self.readable and self.etag is None and not self._find_mine():
+                    return
+            except (ClientError, BotoCoreError, ValueError) as exc:  # tried again at the next refresh
+                _log(f"platemask: warning: cannot read this run's lock {self.store.describe(S3_DST_LOCK)} ({exc})")
+            if self.halt.wait(LOCK_REFRESH_S):
+                return
+            if self.readable and self.etag is None:
+                continue
+            doc = {**self.doc, "refreshes": int(self.doc.get("refreshes") or 0) + 1}
+            try:
+                self.store.put_json_conditional(S3_DST_LOCK, doc, if_match=self.etag)
+                self.doc = doc
+            except ClientError as exc:
+                if not (self.readable and error_code(exc) in PRECONDITION_CODES):
+                    _log(f"platemask: warning: cannot refresh this run's lock {self.store.describe(S3_DST_LOCK)} "
+                         f"({exc}); if this lasts {LOCK_LEASE_S:g} s another run may take DST over")
+                # refused: this PUT resent after its answer was lost (the lock is this run's), or another run's now
+            except BotoCoreError as exc:
+                _log(f"platemask: warning: cannot refresh this run's lock {self.store.describe(S3_DST_LOCK)} "
+                     f"({exc}); if this lasts {LOCK_LEASE_S:g} s another run may take DST over")
+            self.etag = None  # read back before the next refresh
+
+    def stop(self) -> None:
+        """No refresh after this returns, but for one still in flight after 10 s (S3 out of reach): that one
+        is conditional on the lock's ETag, so it fails once the lock is removed."""
+        self.halt.set()
+        if self.ident is not None:  # started
+            self.join(timeout=10)
 
 
 class _RecordsFile:
@@ -653,14 +790,13 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack, early: "_StopBe
             return EXIT_USAGE
     else:  # an S3 DST: held by a lock document in it (a conditional write), also before the model loads
         try:
-            release, busy = _lock_s3_dst(a.dst)
+            busy = _lock_s3_dst(a.dst, held)
         except OSError as exc:
             _log(f"platemask: error: {exc}; check the credentials and that this user may write DST {a.dst}")
             return EXIT_USAGE
         if busy:
             _log(f"platemask: error: {busy}")
             return EXIT_USAGE
-        held.callback(release)
     # Both files are opened (and held: one run at a time) before the model loads: a path that cannot be
     # written is a usage error now, not a traceback after the whole run (exit 1, no summary), and a
     # report an earlier run left there never outlives this run (emptied when the job starts, written

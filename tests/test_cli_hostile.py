@@ -543,3 +543,80 @@ def test_a_run_started_with_nohup_is_not_stopped_when_its_terminal_closes(tmp_pa
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert len(_records(tmp_path / "r.jsonl")) == 40
+
+
+def test_a_lock_left_by_a_run_killed_on_another_host_is_taken_over_once_its_lease_runs_out(s3_env, tmp_path, model_dir,
+                                                                                          monkeypatch, capsys):
+    """A run into an S3 DST killed without a word (SIGKILL: an OOM kill, a ``docker stop`` whose grace ran out,
+    a cancelled CI job, a lost pod, a reboot) left its lock document there. It was taken over only from a run
+    on this host, boot and pid namespace whose pid was gone, so every later run in a new container exited 2
+    for good, until someone deleted the key by hand. A run now refreshes its lock (a lease); a lock S3 has kept
+    unrefreshed for longer than the lease is taken over, naming the run that left it."""
+    import platemask.cli as cli
+
+    s3 = s3_env
+    s3.create_bucket(Bucket="stalelock")
+    s3.put_object(Bucket="stalelock", Key="raw/p.jpg", Body=jpeg_bytes(np.zeros((48, 64, 3), np.uint8)))
+    lock = "masked/.platemask-mask.lock.json"
+    monkeypatch.setattr(cli, "LOCK_REFRESH_S", 0.5)
+    monkeypatch.setattr(cli, "LOCK_LEASE_S", 600.0)
+    s3.put_object(Bucket="stalelock", Key=lock,
+                  Body=json.dumps({"run": "x", "host": "other-pod", "pid": 1, "started_at": "then"}).encode())
+    args = ["mask", "s3://stalelock/raw", "s3://stalelock/masked", "--model", str(model_dir),
+            "--detections", str(tmp_path / "run.jsonl")]
+    assert main(args) == 2  # within its lease: that run may still be writing
+    err = capsys.readouterr().err
+    assert "host 'other-pod', pid 1" in err and "once S3 has kept it unrefreshed for 600 s" in err, err
+    assert s3.list_objects_v2(Bucket="stalelock", Prefix="masked/p")["KeyCount"] == 0
+    monkeypatch.setattr(cli, "LOCK_LEASE_S", 3.0)
+    time.sleep(4.5)  # S3's clock: its LastModified is now more than a lease ago
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    assert "taking over the lock s3://stalelock/masked/.platemask-mask.lock.json of run 'x' (host 'other-pod', pid 1" in err
+    assert [r["status"] for r in _records(tmp_path / "run.jsonl")] in (["masked"], ["no_plate"])
+    assert s3.list_objects_v2(Bucket="stalelock", Prefix=lock)["KeyCount"] == 0  # given back at the end
+
+
+def test_a_live_runs_s3_dst_lock_is_refreshed_and_never_taken_over_after_the_lease(s3_env, tmp_path, model_dir,
+                                                                                  monkeypatch, capsys):
+    """The other side of the lease: a run still writing DST keeps its lock fresh (S3's LastModified moves on
+    while it runs), so a second run started long after a lease's worth of time is still refused, naming it."""
+    import platemask.cli as cli
+
+    s3 = s3_env
+    s3.create_bucket(Bucket="livelock")
+    rng = np.random.default_rng(7)
+    for i in range(300):
+        s3.put_object(Bucket="livelock", Key=f"raw/p{i:03d}.jpg",
+                      Body=jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    lock = "masked/.platemask-mask.lock.json"
+    monkeypatch.setattr(cli, "LOCK_REFRESH_S", 0.5)
+    monkeypatch.setattr(cli, "LOCK_LEASE_S", 2.0)
+    code = ("import sys, platemask.cli as c; c.LOCK_REFRESH_S = 0.5; c.LOCK_LEASE_S = 2.0; "
+            "sys.exit(c.main(['mask'] + sys.argv[1:]))")
+    first = subprocess.Popen([sys.executable, "-c", code, "s3://livelock/raw", "s3://livelock/masked", "--model",
+                              str(model_dir), "--batch-size", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while s3.list_objects_v2(Bucket="livelock", Prefix="masked/p").get("KeyCount", 0) < 1:
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        seen = {s3.head_object(Bucket="livelock", Key=lock)["LastModified"]}
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5:  # more than two leases
+            seen.add(s3.head_object(Bucket="livelock", Key=lock)["LastModified"])
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before the lease was tested: give it more photos"
+        assert len(seen) >= 3, seen  # refreshed while it ran
+        assert main(["mask", "s3://livelock/raw", "s3://livelock/masked", "--model", str(model_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {first.pid}" in err and "taking over" not in err, err
+        assert first.poll() is None
+        assert json.loads(s3.get_object(Bucket="livelock", Key=lock)["Body"].read())["pid"] == first.pid
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert s3.list_objects_v2(Bucket="livelock", Prefix=lock)["KeyCount"] == 0
