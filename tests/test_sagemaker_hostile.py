@@ -59,6 +59,18 @@ class _Container:
         self.server.shutdown()
 
 
+def _transform_of(s3, settings: Settings, keys: list[str], job: str) -> tuple[list[dict], dict]:
+    """``keys`` put in the settings' bucket (small bodies: these tests' containers read none), their
+    manifest, and the transform request of job ``job`` over them: (entries, request)."""
+    entries = []
+    for i, key in enumerate(keys):
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=b"photo %d" % i)
+        entries.append({"key": key, "size": 7, "etag": s3.head_object(Bucket=settings.bucket, Key=key)["ETag"]})
+    s3.put_object(Bucket=settings.bucket, Key="m.manifest", Body=json.dumps(manifest_document(settings, entries)).encode())
+    return entries, transform_request(settings, SPEC, job=job, model="platemask-m", entries=entries,
+                                      manifest_uri=f"s3://{settings.bucket}/m.manifest")
+
+
 def _describe_until(hook, job: str, states: tuple[str, ...], timeout: float = 60) -> dict:
     end = time.monotonic() + timeout
     while True:
@@ -80,16 +92,8 @@ def test_a_stopped_local_job_stops_starting_records_and_ends_stopped(aws_conn):
         settings = Settings(bucket=f"hs-{uuid.uuid4().hex[:8]}", sagemaker_local_endpoint=container.url,
                             sagemaker_max_concurrent=2)
         s3.create_bucket(Bucket=settings.bucket)
-        entries = []
-        for i in range(8):
-            key = f"raw/DE/2026/11/20/car {i}+%#é.jpg"
-            s3.put_object(Bucket=settings.bucket, Key=key, Body=b"photo %d" % i)
-            entries.append({"key": key, "size": 7, "etag": s3.head_object(Bucket=settings.bucket, Key=key)["ETag"]})
-        s3.put_object(Bucket=settings.bucket, Key="m.manifest",
-                      Body=json.dumps(manifest_document(settings, entries)).encode())
         job = f"pm-stop-{uuid.uuid4().hex[:8]}-a0"
-        request = transform_request(settings, SPEC, job=job, model="platemask-m", entries=entries,
-                                    manifest_uri=f"s3://{settings.bucket}/m.manifest")
+        entries, request = _transform_of(s3, settings, [f"raw/DE/2026/11/20/car {i}+%#é.jpg" for i in range(8)], job)
         assert request["MaxConcurrentTransforms"] == 2
         hook = sagemaker_hook(settings, s3)
         hook.create_transform_job(request, wait_for_completion=False)
@@ -295,14 +299,8 @@ def test_a_container_that_dies_fails_its_job_at_once_naming_why_instead_of_retry
     settings = Settings(bucket=f"hd-{uuid.uuid4().hex[:8]}", sagemaker_max_concurrent=1,
                         sagemaker_local_endpoint=f"http://127.0.0.1:{server.server_address[1]}")
     s3.create_bucket(Bucket=settings.bucket)
-    entries = []
-    for i in range(30):
-        key = f"raw/DE/2026/11/20/car{i:02d}.jpg"
-        s3.put_object(Bucket=settings.bucket, Key=key, Body=b"photo %d" % i)
-        entries.append({"key": key, "size": 7, "etag": s3.head_object(Bucket=settings.bucket, Key=key)["ETag"]})
-    s3.put_object(Bucket=settings.bucket, Key="m.manifest", Body=json.dumps(manifest_document(settings, entries)).encode())
-    request = transform_request(settings, SPEC, job=f"pm-dead-{uuid.uuid4().hex[:8]}-a0", model="platemask-m",
-                                entries=entries, manifest_uri=f"s3://{settings.bucket}/m.manifest")
+    _, request = _transform_of(s3, settings, [f"raw/DE/2026/11/20/car{i:02d}.jpg" for i in range(30)],
+                               f"pm-dead-{uuid.uuid4().hex[:8]}-a0")
     outcome = run_local_transform(request, settings.sagemaker_local_endpoint, s3, log=lambda m: None)
     assert outcome["TransformJobStatus"] == "Failed", outcome
     why = outcome["FailureReason"]
