@@ -24,9 +24,18 @@ def _photos(folder: Path, n: int, seed: int = 3, size=(48, 64)) -> None:
         (folder / f"p{i:03d}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (*size, 3), dtype=np.uint8)))
 
 
-def _start(args, **kw) -> subprocess.Popen:
+def _s3_photos(s3, bucket: str, n: int, seed: int) -> None:
+    """``_photos`` in an S3 bucket of its own: ``raw/p000.jpg`` …"""
+    s3.create_bucket(Bucket=bucket)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        s3.put_object(Bucket=bucket, Key=f"raw/p{i:03d}.jpg",
+                      Body=jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+
+
+def _start(args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "platemask.cli", "mask", *map(str, args)], stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+                            text=True, preexec_fn=preexec_fn, **kw)
 
 
 def _wait_for_outputs(proc: subprocess.Popen, dst: Path, n: int, timeout: float = 240) -> None:
@@ -349,11 +358,7 @@ def test_a_second_run_into_the_same_s3_dst_is_refused_while_the_first_runs(s3_en
     exits 2 before writing, naming the run and what to do; the lock goes when the run ends, and a lock
     whose run was killed on this machine is taken over."""
     s3 = s3_env
-    s3.create_bucket(Bucket="lockbkt")
-    rng = np.random.default_rng(5)
-    for i in range(150):
-        s3.put_object(Bucket="lockbkt", Key=f"raw/p{i:03d}.jpg",
-                      Body=jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    _s3_photos(s3, "lockbkt", 150, seed=5)
     lock = "masked/.platemask-mask.lock.json"
     first = _start(["s3://lockbkt/raw", "s3://lockbkt/masked", "--model", model_dir, "--batch-size", "2",
                     "--detections", tmp_path / "first.jsonl"])
@@ -520,18 +525,14 @@ def test_a_run_started_with_nohup_is_not_stopped_when_its_terminal_closes(tmp_pa
     for it, while the model loaded and while it masked. A stop signal this process was started ignoring
     stays ignored."""
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    rng = np.random.default_rng(3)
-    for i in range(40):
-        (src / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    _photos(src, 40)
 
     def nohup():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    proc = subprocess.Popen([sys.executable, "-m", "platemask.cli", "mask", str(src), str(dst), "--model",
-                             str(model_dir), "--batch-size", "2", "--detections", str(tmp_path / "r.jsonl")],
-                            stderr=subprocess.PIPE, text=True, preexec_fn=nohup)
+    proc = _start([src, dst, "--model", model_dir, "--batch-size", "2", "--detections", tmp_path / "r.jsonl"],
+                  preexec_fn=nohup)
     try:
         time.sleep(1.5)  # starting: the model loads
         proc.send_signal(signal.SIGHUP)
@@ -585,11 +586,7 @@ def test_a_live_runs_s3_dst_lock_is_refreshed_and_never_taken_over_after_the_lea
     import platemask.cli as cli
 
     s3 = s3_env
-    s3.create_bucket(Bucket="livelock")
-    rng = np.random.default_rng(7)
-    for i in range(300):
-        s3.put_object(Bucket="livelock", Key=f"raw/p{i:03d}.jpg",
-                      Body=jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    _s3_photos(s3, "livelock", 300, seed=7)
     lock = "masked/.platemask-mask.lock.json"
     monkeypatch.setattr(cli, "LOCK_REFRESH_S", 0.5)
     monkeypatch.setattr(cli, "LOCK_LEASE_S", 2.0)
