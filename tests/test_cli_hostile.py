@@ -367,13 +367,19 @@ def test_a_second_run_into_the_same_s3_dst_is_refused_while_the_first_runs(s3_en
         while s3.list_objects_v2(Bucket="lockbkt", Prefix="masked/p").get("KeyCount", 0) < 3:
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
             time.sleep(0.05)
-        for other in ("s3://lockbkt/masked", "s3://lockbkt/masked/", "s3://lockbkt/masked/sub"):
-            assert main(["mask", "s3://lockbkt/raw", other, "--model", str(model_dir),
-                         "--detections", str(tmp_path / "second.jsonl")]) == 2, other
-            err = capsys.readouterr().err
-            assert f"pid {first.pid}" in err and "is writing s3://lockbkt/masked" in err, err
-            assert f"delete s3://lockbkt/masked/{lock.rsplit('/', 1)[1]}" in err
-            assert first.poll() is None  # refused while the first run was still writing
+        # held part-way (it would otherwise finish the 150 tiny photos within seconds on an idle machine, before
+        # the second runs are tried); its lock stays, well inside its lease
+        first.send_signal(signal.SIGSTOP)
+        try:
+            for other in ("s3://lockbkt/masked", "s3://lockbkt/masked/", "s3://lockbkt/masked/sub"):
+                assert main(["mask", "s3://lockbkt/raw", other, "--model", str(model_dir),
+                             "--detections", str(tmp_path / "second.jsonl")]) == 2, other
+                err = capsys.readouterr().err
+                assert f"pid {first.pid}" in err and "is writing s3://lockbkt/masked" in err, err
+                assert f"delete s3://lockbkt/masked/{lock.rsplit('/', 1)[1]}" in err
+                assert first.poll() is None  # refused while the first run was still writing
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert not (tmp_path / "second.jsonl").exists()
         err = first.communicate(timeout=300)[1]
     finally:
