@@ -24,13 +24,13 @@ def _photos(folder: Path, n: int, seed: int = 3, size=(48, 64)) -> None:
         (folder / f"p{i:03d}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (*size, 3), dtype=np.uint8)))
 
 
-def _s3_photos(s3, bucket: str, n: int, seed: int) -> None:
+def _s3_photos(s3, bucket: str, n: int, seed: int, size=(48, 64)) -> None:
     """``_photos`` in an S3 bucket of its own: ``raw/p000.jpg`` …"""
     s3.create_bucket(Bucket=bucket)
     rng = np.random.default_rng(seed)
     for i in range(n):
         s3.put_object(Bucket=bucket, Key=f"raw/p{i:03d}.jpg",
-                      Body=jpeg_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+                      Body=jpeg_bytes(rng.integers(0, 255, (*size, 3), dtype=np.uint8)))
 
 
 def _start(args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw) -> subprocess.Popen:
@@ -592,7 +592,9 @@ def test_a_live_runs_s3_dst_lock_is_refreshed_and_never_taken_over_after_the_lea
     import platemask.cli as cli
 
     s3 = s3_env
-    _s3_photos(s3, "livelock", 300, seed=7)
+    # photos big enough that the first run is still masking well after the 5 s below on a fast idle machine
+    # (48 x 64 ones took it ~9 s in all here); it is stopped once the lease is tested
+    _s3_photos(s3, "livelock", 300, seed=7, size=(144, 192))
     lock = "masked/.platemask-mask.lock.json"
     monkeypatch.setattr(cli, "LOCK_REFRESH_S", 0.5)
     monkeypatch.setattr(cli, "LOCK_LEASE_S", 2.0)
