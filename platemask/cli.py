@@ -412,7 +412,7 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
         except (TypeError, ValueError):
             return None
 
-    def stale(doc: dict, where: S3Store, etag: str) -> tuple[bool, float | None]:
+    def stale(where: S3Store, etag: str) -> tuple[bool, float | None]:
         try:
             age = lock_age(where, etag)
         except ClientError as exc:
@@ -470,7 +470,7 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
             except (ClientError, ValueError):  # not ours to read (a role limited to DST), or not a lock
                 continue
             if found and isinstance(found[0], dict) and not gone(found[0]):
-                old, age = stale(found[0], above, found[1])
+                old, age = stale(above, found[1])
                 if not old:
                     return held_by(found[0], above, age)
                 _log(f"platemask: {above.describe(S3_DST_LOCK)} is the lock of {named(found[0])}, not refreshed for "
@@ -503,7 +503,7 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
             if isinstance(doc, dict) and doc.get("run") == mine["run"]:
                 break  # our own PUT: its answer was lost and botocore sent it again, which S3 refused
             if not (isinstance(doc, dict) and gone(doc)):
-                old, age = stale(doc, store, etag)
+                old, age = stale(store, etag)
                 if not old:
                     return held_by(doc if isinstance(doc, dict) else {}, store, age)
                 _log(f"platemask: taking over the lock {store.describe(S3_DST_LOCK)} of "
@@ -585,14 +585,12 @@ class _LockLease(threading.Thread):
             try:
                 self.store.put_json_conditional(S3_DST_LOCK, doc, if_match=self.etag)
                 self.doc = doc
-            except ClientError as exc:
-                if not (self.readable and error_code(exc) in PRECONDITION_CODES):
+            except (ClientError, BotoCoreError) as exc:
+                # a refused If-Match is not said: this PUT resent after its answer was lost (the lock is this
+                # run's), or the lock another run's now (the read-back before the next refresh says so)
+                if not (isinstance(exc, ClientError) and self.readable and error_code(exc) in PRECONDITION_CODES):
                     _log(f"platemask: warning: cannot refresh this run's lock {self.store.describe(S3_DST_LOCK)} "
                          f"({exc}); if this lasts {LOCK_LEASE_S:g} s another run may take DST over")
-                # refused: this PUT resent after its answer was lost (the lock is this run's), or another run's now
-            except BotoCoreError as exc:
-                _log(f"platemask: warning: cannot refresh this run's lock {self.store.describe(S3_DST_LOCK)} "
-                     f"({exc}); if this lasts {LOCK_LEASE_S:g} s another run may take DST over")
             self.etag = None  # read back before the next refresh
 
     def stop(self) -> None:
