@@ -790,7 +790,8 @@ def _no_images(tags: dict) -> dict:
     """``tags`` but those whose value holds an embedded image."""
     def holds_image(v) -> bool:
         if isinstance(v, str):  # Pillow reads a text tag's bytes as latin-1: those are the original's
-            return any(holds_image(v.encode(codec, "replace")) for codec in ("latin-1", "utf-8"))
+            # (an ASCII text is the same bytes in both: looked through once)
+            return any(holds_image(b) for b in {v.encode(codec, "replace") for codec in ("latin-1", "utf-8")})
         return isinstance(v, (bytes, bytearray)) and (any(start in v for start in _IMAGE_STARTS)
                                                        or _holds_image(bytes(v)))
     return {k: v for k, v in tags.items() if not holds_image(v)}
