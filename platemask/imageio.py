@@ -519,6 +519,27 @@ def _next_marker(data: bytes, i: int) -> int:
         return i
 
 
+def _jpeg_segments(data: bytes):
+    """(marker, position of its 0xFF, length) of each segment of JPEG ``data`` that has a length, in
+    order, as libjpeg walks them (``_next_marker``: past bytes that are no marker, such as a scan's
+    entropy-coded data, its stuffed FF 00 pairs and fill bytes), to the end of the image (EOI) or of
+    the data; markers without a length (restarts RSTn, TEM) are stepped over."""
+    i, end = 2, len(data)
+    while True:
+        i = _next_marker(data, i)
+        if i + 4 > end:
+            return
+        m = data[i + 1]
+        if m == 0xD9:  # EOI
+            return
+        if 0xD0 <= m <= 0xD7 or m == 0x01:  # no length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        yield m, i, length
+        i += 2 + length
+
+
 def _jpeg_icc(data: bytes) -> bytes | None:
     """A JPEG's ICC profile as browsers read it: the first complete one of its APP2 ICC_PROFILE
     segments (their count set by the first, each sequence number taken once, in order of number).
@@ -526,18 +547,10 @@ def _jpeg_icc(data: bytes) -> bytes | None:
     under a first profile that shows them at full range (Chromium 156 shows the plate) and a second,
     sRGB one was seen by the detector in its dark stored values alone."""
     chunks: dict[int, bytes] = {}
-    count, i, end = 0, 2, len(data)
-    while True:
-        i = _next_marker(data, i)
-        if i + 4 > end:
+    count = 0
+    for m, i, length in _jpeg_segments(data):
+        if m == 0xDA:  # the pixels: the profile comes before them
             break
-        m = data[i + 1]
-        if m in (0xDA, 0xD9):  # the pixels (or the end): the profile comes before them
-            break
-        if 0xD0 <= m <= 0xD7 or m == 0x01:
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
         body = data[i + 4:i + 2 + length]
         if m == 0xE2 and body[:12] == b"ICC_PROFILE\0" and len(body) >= 14:
             seq, n = body[12], body[13]
@@ -546,7 +559,6 @@ def _jpeg_icc(data: bytes) -> bytes | None:
                 chunks[seq] = body[14:]
                 if len(chunks) == count:
                     return b"".join(chunks[k] for k in range(1, count + 1)) or None
-        i += 2 + length
     return None
 
 
@@ -599,34 +611,14 @@ MAX_JPEG_SCANS = 256
 
 def _jpeg_scans(data: bytes, cap: int = MAX_JPEG_SCANS) -> int:
     """The scans (SOS segments) of the first image in JPEG ``data``, counted up to ``cap`` + 1, walking
-    its segments and skipping each scan's entropy-coded data to the next marker."""
-    n, i, end = 0, 2, len(data)
-    while True:
-        i = _next_marker(data, i)  # past bytes that are not a marker, as libjpeg reads on past them
-        if i + 4 > end:
-            return n
-        m = data[i + 1]
-        if m == 0xD9:  # EOI
-            return n
-        if 0xD0 <= m <= 0xD7 or m == 0x01:  # no length
-            i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    its segments (a scan's entropy-coded data is passed over as bytes that are no marker)."""
+    n = 0
+    for m, _, _ in _jpeg_segments(data):
         if m == 0xDA:
             n += 1
             if n > cap:
-                return n
-            while True:  # entropy-coded data: to the next marker that is not a stuffed FF 00 or a restart
-                i = data.find(b"\xff", i)
-                if i < 0 or i + 1 >= end:
-                    return n
-                nxt = data[i + 1]
-                if nxt == 0xFF:
-                    i += 1
-                elif nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
-                    i += 2
-                else:
-                    break
+                break
+    return n
 
 
 FRAME_COUNT_CAP = 1000  # a TIFF's pages are counted up to this many (more: the count says so)
