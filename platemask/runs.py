@@ -120,7 +120,7 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
     if late:
         # a late day's lock that collect did not keep (it failed for good while it looked there) goes back as it
         # was, with who looked: released in this run's name it would read as a run that had the day since
-        kept = set((load_collected(client, settings, spec) or {}).get("late_locks", []))
+        kept = _kept_late_locks(client, settings, spec)
         for key in late:
             if key in kept:
                 released.append(_release_one(client, settings, spec, key, log))
@@ -129,6 +129,11 @@ def release_lock(client, settings: Settings, spec: RunSpec, log: Callable[[str],
                 _give_back_unused(client, settings, spec, key, before if isinstance(before, dict) else None, log)
                 released.append(True)
     return any(released)
+
+
+def _kept_late_locks(client, settings: Settings, spec: RunSpec) -> frozenset:
+    """The late days' locks this run's collect kept (its collected.json; none before collect ran)."""
+    return frozenset((load_collected(client, settings, spec) or {}).get("late_locks", []))
 
 
 def _give_back_unused(client, settings: Settings, spec: RunSpec, key: str, before: dict | None,
@@ -438,8 +443,7 @@ def collect(client, settings: Settings, spec: RunSpec, log: Callable[[str], None
     in_window = len(entries)
     if settings.late_days:
         # the late days' locks an earlier try of this run's collect kept (a run cleared after it masked them)
-        had = frozenset((load_collected(client, settings, spec) or {}).get("late_locks", [])) if not spec.dry_run \
-            else frozenset()
+        had = _kept_late_locks(client, settings, spec) if not spec.dry_run else frozenset()
         entries += _late_entries(client, settings, spec, log, hidden, is_live, owner, late_locks, not_collected,
                                  day_pending, had)
     entries.sort(key=lambda e: e["key"])
