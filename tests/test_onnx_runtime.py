@@ -38,22 +38,51 @@ def test_shipped_model_ships_graphs_of_its_own_weights(model_dir):
     assert cfg.onnx.get("trunk"), "the shipped model has no ONNX trunk: run 'platemask export-onnx'"
     assert cfg.onnx["trunk"]["weights_sha256"] == cfg.weights_sha256
     assert cfg.onnx["verifier"]["weights_sha256"] == cfg.verifier["weights_sha256"]
-    for part in ("trunk", "verifier"):
+    assert cfg.onnx["orientation"]["weights_sha256"] == cfg.orientation["weights_sha256"]
+    for part in ("trunk", "verifier", "orientation"):
         assert (model_dir / cfg.onnx[part]["file"]).is_file()
 
 
-def test_re_exporting_the_shipped_weights_gives_the_shipped_graphs_byte_for_byte(model_dir, tmp_path):
+def _same_graph(shipped, exported) -> None:
+    """The same graph: nodes, inputs, outputs and opsets identical, every initializer equal to within
+    float32 rounding. Folding batch norm into the convolutions is float arithmetic whose last bit
+    depends on the CPU's kernels (a host with AVX-512 FP16 differed from the one that exported the
+    shipped graphs in 85 of 120 trunk initializers, by at most 2e-7 relative), so the bytes may differ
+    by host while the graph is the same."""
+    import onnx
+    from onnx import numpy_helper
+
+    a, b = onnx.load(str(shipped)), onnx.load(str(exported))
+    assert a.opset_import == b.opset_import
+    assert [(n.op_type, list(n.input), list(n.output), [x.SerializeToString() for x in n.attribute]) for n in a.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output), [x.SerializeToString() for x in n.attribute]) for n in b.graph.node]
+    assert [i.SerializeToString() for i in a.graph.input] == [i.SerializeToString() for i in b.graph.input]
+    assert [o.SerializeToString() for o in a.graph.output] == [o.SerializeToString() for o in b.graph.output]
+    theirs = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert sorted(theirs) == sorted(i.name for i in a.graph.initializer)
+    for init in a.graph.initializer:
+        x, y = numpy_helper.to_array(init), theirs[init.name]
+        assert x.dtype == y.dtype and x.shape == y.shape, init.name
+        if x.dtype.kind == "f":
+            scale = max(float(np.abs(x).max()), 1e-30)
+            assert float(np.abs(x.astype(np.float64) - y).max()) <= 1e-6 * scale, init.name
+        else:
+            assert np.array_equal(x, y), init.name
+
+
+def test_re_exporting_the_shipped_weights_gives_the_shipped_graphs(model_dir, tmp_path):
     pytest.importorskip("onnx")
     cfg = load_config(model_dir)
     if cfg.onnx.get("exported_with_torch") != torch.__version__.split("+")[0]:
         pytest.skip(f"trunk exported with torch {cfg.onnx.get('exported_with_torch')}, this is {torch.__version__}")
     copy = tmp_path / "m"
     shutil.copytree(model_dir, copy)
-    (copy / TRUNK_FILE).unlink()
-    (copy / VERIFIER_FILE).unlink()
+    for part in ("trunk", "verifier", "orientation"):
+        (copy / cfg.onnx[part]["file"]).unlink()
     entry = write_onnx(copy)
-    assert entry["trunk"]["sha256"] == cfg.onnx["trunk"]["sha256"]
-    assert entry["verifier"]["sha256"] == cfg.onnx["verifier"]["sha256"]
+    for part in ("trunk", "verifier", "orientation"):
+        assert entry[part]["weights_sha256"] == cfg.onnx[part]["weights_sha256"]
+        _same_graph(model_dir / cfg.onnx[part]["file"], copy / entry[part]["file"])
 
 
 def test_onnx_and_torch_find_the_same_plates(model_dir):
