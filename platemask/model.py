@@ -88,15 +88,19 @@ class ModelConfig:
     weights: str = "weights.pt"
     weights_sha256: str = ""
     verifier: dict[str, Any] = field(default_factory=dict)  # second-look classifier (platemask.verify); {} = none
+    # which landscape photos also get the turned view (platemask.orientation); {} = none: portrait ones only
+    orientation: dict[str, Any] = field(default_factory=dict)
     onnx: dict[str, Any] = field(default_factory=dict)  # graphs for ONNX Runtime (platemask.onnx_runtime); {} = none
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, *, verify: bool = True) -> dict[str, str]:
-        """What detection records name as their model: the detector's weights, and the verifier's when used
-        (a run skips an image only when both match what masked it before)."""
+        """What detection records name as their model: the detector's weights, and the verifier's and the
+        orientation classifier's when used (a run skips an image only when all match what masked it before)."""
         info = {"name": self.name, "weights_sha256": self.weights_sha256}
         if verify and self.verifier:
             info["verifier_sha256"] = self.verifier.get("weights_sha256", "")
+        if self.turned_view and self.orientation:  # it decides which photos also run turned
+            info["orientation_sha256"] = self.orientation.get("weights_sha256", "")
         return info
 
     def to_json(self) -> str:

@@ -1,4 +1,5 @@
-"""Writing a model folder's ONNX graphs (``platemask export-onnx``): the detector's trunk and the verifier.
+"""Writing a model folder's ONNX graphs (``platemask export-onnx``): the detector's trunk, the verifier and
+the orientation classifier.
 
 The file names, the trunk's output order and the checks that tie each graph to its weights live in
 :mod:`platemask.onnx_runtime` (the inference side, which never imports this module).
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from .model import fuse_frozen_bn, load_model, sha256_file
-from .onnx_runtime import INPUT_NAME, LEVELS, OPSET, TRUNK_FILE, VERIFIER_FILE
+from .onnx_runtime import INPUT_NAME, LEVELS, OPSET, ORIENTATION_FILE, TRUNK_FILE, VERIFIER_FILE
+from .orientation import INPUT_SIDE, load_orientation
 from .verify import INPUT_HW, load_verifier
 
 
@@ -59,9 +61,14 @@ def export_verifier(net: nn.Module, path: str | Path) -> None:
     _export(net, torch.rand(2, 3, *INPUT_HW), Path(path), ["logit"], {INPUT_NAME: {0: "n"}, "logit": {0: "n"}})
 
 
+def export_orientation(net: nn.Module, path: str | Path) -> None:
+    """Write the orientation classifier to ``path`` (dynamic batch of letterboxed photos)."""
+    _export(net, torch.rand(2, 3, INPUT_SIDE, INPUT_SIDE), Path(path), ["logits"], {INPUT_NAME: {0: "n"}, "logits": {0: "n"}})
+
+
 def write_onnx(model_dir: str | Path) -> dict:
-    """Export the folder's detector trunk (and its verifier, when it has one) and record them in
-    ``config.json``; returns the ``onnx`` entry."""
+    """Export the folder's detector trunk (and its verifier and orientation classifier, when it has
+    them) and record them in ``config.json``; returns the ``onnx`` entry."""
     model_dir = Path(model_dir)
     model, cfg = load_model(model_dir)
     fuse_frozen_bn(model)
@@ -74,6 +81,11 @@ def write_onnx(model_dir: str | Path) -> dict:
         export_verifier(verifier.net.to(memory_format=torch.contiguous_format), model_dir / VERIFIER_FILE)
         entry["verifier"] = {"file": VERIFIER_FILE, "sha256": sha256_file(model_dir / VERIFIER_FILE),
                              "weights_sha256": cfg.verifier.get("weights_sha256", "")}
+    if cfg.orientation:
+        classifier = load_orientation(model_dir, cfg.orientation, runtime="torch")
+        export_orientation(classifier.net.to(memory_format=torch.contiguous_format), model_dir / ORIENTATION_FILE)
+        entry["orientation"] = {"file": ORIENTATION_FILE, "sha256": sha256_file(model_dir / ORIENTATION_FILE),
+                                "weights_sha256": cfg.orientation.get("weights_sha256", "")}
     cfg.onnx = entry
     (model_dir / "config.json").write_text(cfg.to_json())
     return entry

@@ -27,6 +27,7 @@ from torch import nn
 
 TRUNK_FILE = "trunk.onnx"
 VERIFIER_FILE = "verifier.onnx"
+ORIENTATION_FILE = "orientation.onnx"
 OPSET = 17
 INPUT_NAME = "images"
 # output order of the trunk graph: FPN levels, then RPN objectness per level, then box deltas per level

@@ -23,6 +23,7 @@ def package_model(model_dir: str | Path, out: str | Path | None = None) -> tuple
     cfg = load_config(model_dir)
     names = sorted({*(f for f in FILES if (model_dir / f).is_file()), cfg.weights,
                     *([cfg.verifier.get("weights", "verifier.pt")] if cfg.verifier else []),
+                    *([cfg.orientation.get("weights", "orientation.pt")] if cfg.orientation else []),
                     *(v["file"] for v in cfg.onnx.values() if isinstance(v, dict) and v.get("file"))})
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:

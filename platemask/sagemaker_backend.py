@@ -679,7 +679,7 @@ def transform_detector(settings: Settings, spec: RunSpec, entries: list[dict], m
         if not isinstance(seen, dict):
             raise ValueError(f"its model is {type(seen).__name__}, not an object")
         # every hash this model folder has must be the record's: an empty one is no match
-        wrong = [k for k in ("weights_sha256", "verifier_sha256") if k in identity and seen.get(k) != identity[k]]
+        wrong = [k for k in ("weights_sha256", "verifier_sha256", "orientation_sha256") if k in identity and seen.get(k) != identity[k]]
         if wrong:
             return ImageError("detection_mismatch", f"{where.get(key, key)} is not from this model ({', '.join(wrong)} "
                               "differ); not masking with it, not published; the next run redoes it")

@@ -23,6 +23,7 @@ from .constants import DEFAULT_RUNTIME
 from .geometry import failsafe_polygon, grow_polygon, intersection_over_smaller
 from .model import ModelConfig, fuse_frozen_bn, load_model
 from .onnx_runtime import attach_trunk, choose_runtime
+from .orientation import load_orientation
 from .verify import LEGACY_FUSION, fuse, load_verifier
 
 
@@ -209,6 +210,11 @@ class Segmenter:
         if verify and self.cfg.verifier:
             self.verifier = load_verifier(self.model_dir, self.cfg.verifier, device=self.device, runtime=self.runtime,
                                           onnx=self.cfg.onnx.get("verifier"), threads=threads)
+        # which landscape photos lie on their side and also get the turned view (portrait ones always do)
+        self.orientation = None
+        if self.cfg.turned_view and self.cfg.orientation:
+            self.orientation = load_orientation(self.model_dir, self.cfg.orientation, device=self.device,
+                                                runtime=self.runtime, onnx=self.cfg.onnx.get("orientation"), threads=threads)
 
     @property
     def model_info(self) -> dict:
@@ -276,18 +282,32 @@ class Segmenter:
             i += len(vs)
         return out
 
+    def turned(self, images: list[np.ndarray]) -> list[int]:
+        """Which photos also run turned a quarter: every portrait one (taller than wide: what a landscape
+        photo lying on its side is), and the landscape ones the orientation classifier finds lying on
+        their side (what a portrait photo whose EXIF Orientation was stripped is); none when the
+        model's config turns the view off."""
+        if not self.cfg.turned_view:
+            return []
+        turn = [i for i, rgb in enumerate(images) if rgb.shape[0] > rgb.shape[1]]
+        if self.orientation is not None:
+            wide = [i for i, rgb in enumerate(images) if rgb.shape[0] <= rgb.shape[1]]
+            if wide:
+                turn += [i for i, side in zip(wide, self.orientation.sideways([images[i] for i in wide])) if side]
+        return sorted(turn)
+
     def with_turned_view(self, images: list[np.ndarray], plates: list[list[Plate]]) -> list[list[Plate]]:
-        """``plates`` (verified) of each portrait photo united with those found in it turned a quarter
-        clockwise (detected and verified there, mapped back): see ``ModelConfig.turned_view``.
-        Landscape photos, and every photo when the model's config turns it off, are left as they are."""
-        portrait = [i for i, rgb in enumerate(images) if rgb.shape[0] > rgb.shape[1]] if self.cfg.turned_view else []
-        if not portrait:
+        """``plates`` (verified) of each photo that :meth:`turned` picks united with those found in it
+        turned a quarter clockwise (detected and verified there, mapped back): see
+        ``ModelConfig.turned_view``. The other photos are left as they are."""
+        chosen = self.turned(images)
+        if not chosen:
             return plates
         # views, not copies: each detector view and verifier window is cut out of them as out of an
         # upright photo, and they go through the detector in batches like the upright ones
-        turned = [np.rot90(images[i], -1) for i in portrait]
+        turned = [np.rot90(images[i], -1) for i in chosen]
         out = list(plates)
-        for i, found in zip(portrait, self.verify_many(turned, self.detect(turned))):
+        for i, found in zip(chosen, self.verify_many(turned, self.detect(turned))):
             if found:
                 # joined to the upright plates, which stay apart from each other as detect left them
                 out[i] = merge_plates([Plate(p.score, unturn(p.polygon, images[i].shape[0])) for p in found], into=out[i])

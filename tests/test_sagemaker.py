@@ -36,8 +36,8 @@ def test_model_package_round_trip(model_dir, tmp_path):
     assert sha1 == sha2 and blob1 == blob2  # reproducible: content-addressed key, uploaded once
     out = tmp_path / "opt-ml-model"
     with tarfile.open(fileobj=io.BytesIO(blob1)) as tar:
-        assert sorted(tar.getnames()) == ["MODEL_CARD.md", "config.json", "trunk.onnx", "verifier.onnx", "verifier.pt",
-                                          "weights.pt"]
+        assert sorted(tar.getnames()) == ["MODEL_CARD.md", "config.json", "orientation.onnx", "orientation.pt", "trunk.onnx",
+                                          "verifier.onnx", "verifier.pt", "weights.pt"]
         # the "data" filter (no links out, no absolute paths) exists from Python 3.11.4 on
         tar.extractall(out, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     _, cfg = load_model(out)
@@ -46,8 +46,8 @@ def test_model_package_round_trip(model_dir, tmp_path):
 
     seg = Segmenter(out)
     assert seg.model_info == cfg.identity()  # the unpacked folder runs with its verifier
-    assert (seg.runtime, seg.verifier.runtime) == ("onnx", "onnx")  # and with its ONNX graphs
-    assert "verifier_sha256" in cfg.identity()
+    assert (seg.runtime, seg.verifier.runtime, seg.orientation.runtime) == ("onnx", "onnx", "onnx")  # and its ONNX graphs
+    assert "verifier_sha256" in cfg.identity() and "orientation_sha256" in cfg.identity()
 
 
 def test_job_names_are_valid_deterministic_and_content_bound():

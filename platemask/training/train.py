@@ -306,10 +306,11 @@ def train(
 
 
 def _named_files(config_json: Path) -> set[str]:
-    """The files a model folder's config.json names (weights, verifier, ONNX graphs); none if unreadable."""
+    """The files a model folder's config.json names (weights, verifier, orientation classifier, ONNX
+    graphs); none if unreadable."""
     try:
         doc = json.loads(config_json.read_text())
-        names = {doc.get("weights"), (doc.get("verifier") or {}).get("weights")}
+        names = {doc.get("weights"), (doc.get("verifier") or {}).get("weights"), (doc.get("orientation") or {}).get("weights")}
         names |= {part.get("file") for part in (doc.get("onnx") or {}).values() if isinstance(part, dict)}
     except (OSError, ValueError, AttributeError):
         return set()
@@ -350,5 +351,5 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, name: str, log=print,
         (out / n).unlink(missing_ok=True)
     if stale:
         log(f"removed from {out} what its previous model named and this one does not: {', '.join(stale)} "
-            "(fitted to the previous detector; train-verifier and export-onnx make this model's)")
+            "(parts of the previous model; train-verifier, train-orientation and export-onnx make this model's)")
     return cfg
