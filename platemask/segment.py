@@ -315,15 +315,18 @@ class Segmenter:
 
     def warm_up(self, width: int = 1280, height: int = 720) -> float:
         """One pass over a generated photo of ``width`` x ``height`` (noise: its results are thrown
-        away) and one verifier call, so that the first real batch does not pay for the runtimes'
-        first-call set-up (memory arenas, kernel choice; on the 2-core CPU the first batch of 4 took
-        about 250 ms a photo against 190-210 after, and 210 after a warm-up of 0.27 s; CUDA's is
-        larger). Callers run it while loading, where start-up is counted. Returns seconds."""
+        away), one verifier call and one orientation classifier call, so that the first real batch
+        does not pay for the runtimes' first-call set-up (memory arenas, kernel choice; on the 2-core
+        CPU the first batch of 4 took about 250 ms a photo against 190-210 after, and 210 after a
+        warm-up of 0.27 s; CUDA's is larger). Callers run it while loading, where start-up is
+        counted. Returns seconds."""
         t0 = time.perf_counter()
         rgb = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         self.detect([rgb])
         if self.verifier is not None:
             self.verifier(rgb, [[width * 0.4, height * 0.45, width * 0.6, height * 0.55]])
+        if self.orientation is not None:
+            self.orientation.p_sideways([rgb])
         return time.perf_counter() - t0
 
     def detect(self, images: list[np.ndarray]) -> list[list[Plate]]:
