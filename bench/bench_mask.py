@@ -14,7 +14,11 @@ car scenes (crude drawings: out of the model's domain, so their detection counts
 2. pipeline: the real CLI in a subprocess. Its report's masking-loop wall time is the pipeline time;
    start-up and model load are the rest of the command's wall time, reported apart.
 3. overhead = pipeline / model-only - 1 (what reading, decoding, masking, encoding and writing add
-   beside the model on these cores). Peak RSS is the CLI process's maximum resident set.
+   beside the model on these cores). Peak RSS is the CLI process's maximum resident set, with the
+   peaks of its two parts (anonymous: the process's own memory; file-backed: mostly the mapped
+   pages of torch's, torchvision's and ONNX Runtime's libraries, which a newer kernel maps in
+   large folios: ``import torch`` alone was 691 MB resident on a 6.18 kernel, 420 MB of it
+   file-backed).
 
 The two are run in turn, ``--rounds`` times (CLI, model, CLI, model, ...), and the medians are
 reported with each round's pair: on a shared virtual machine the speed of both drifts by 10-20 %
@@ -102,18 +106,44 @@ def _time_segmenter(seg, imgs: list[np.ndarray], batch_size: int) -> tuple[float
     return 1000 * (time.perf_counter() - t0) / len(imgs), plates
 
 
-def run_cli(cmd: list[str], report: Path, dst: Path) -> tuple[float, dict, float]:
-    """One CLI run into an empty ``dst``: its whole wall time, its report and its peak RSS (MB)."""
+def _rss_parts(pid: int) -> tuple[int, int]:
+    """The process's resident anonymous and file-backed memory now (kB), from /proc (0, 0 elsewhere)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return int(fields["RssAnon"].split()[0]), int(fields["RssFile"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def run_cli(cmd: list[str], report: Path, dst: Path) -> tuple[float, dict, float, tuple[float, float]]:
+    """One CLI run into an empty ``dst``: its whole wall time, its report, its peak RSS (MB) and the
+    peaks of its anonymous and file-backed resident memory (MB, sampled every 20 ms: the file-backed
+    part is mostly torch's and ONNX Runtime's shared libraries, which the kernel maps in pages or in
+    large folios depending on its version, and which other processes share)."""
+    import threading
+
     if dst.exists():
         shutil.rmtree(dst)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, cwd=ROOT)
+    peaks = [0, 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            anon, file = _rss_parts(proc.pid)
+            peaks[0], peaks[1] = max(peaks[0], anon), max(peaks[1], file)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    sampler.join()
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"the CLI failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return wall, json.loads(report.read_text()), usage.ru_maxrss / 1024
+    return wall, json.loads(report.read_text()), usage.ru_maxrss / 1024, (peaks[0] / 1024, peaks[1] / 1024)
 
 
 def main() -> None:
@@ -141,9 +171,9 @@ def main() -> None:
             cmd += ["--model", a.model]
         rounds = []
         for i in range(max(1, a.rounds)):
-            wall, r, rss_mb = run_cli(cmd, report, dst)
+            wall, r, rss_mb, parts = run_cli(cmd, report, dst)
             model_ms, plates, runtime = model_only(src, a)
-            rounds.append((1000 * r["wall_seconds"] / a.images, model_ms, wall - r["wall_seconds"], r, rss_mb))
+            rounds.append((1000 * r["wall_seconds"] / a.images, model_ms, wall - r["wall_seconds"], r, rss_mb, parts))
             print(f"round {i + 1}: pipeline {rounds[-1][0]:6.1f} ms/photo, model only {model_ms:6.1f}, "
                   f"ratio {rounds[-1][0] / model_ms:.2f}", flush=True)
         peak_mb = max(x[4] for x in rounds)
@@ -161,7 +191,8 @@ def main() -> None:
     print(f"start-up and model load (apart):   {startup:7.1f} s; whole command "
           f"{a.images / (startup + pipe_ms * a.images / 1000):.2f} images/s")
     print(f"peak RSS of the CLI process:       {peak_mb:7.0f} MB (max of {len(rounds)} runs: "
-          f"{', '.join(str(round(x[4])) for x in rounds)})")
+          f"{', '.join(str(round(x[4])) for x in rounds)}); of it at most {max(x[5][0] for x in rounds):.0f} MB "
+          f"anonymous and {max(x[5][1] for x in rounds):.0f} MB file-backed (shared libraries; sampled every 20 ms)")
     print("CLI ms per photo by stage, median run (threads overlap, so these add up to more than the loop):")
     for k, v in sorted(r["timings_ms_per_image"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:12s} {v:8.1f}")
