@@ -133,10 +133,12 @@ def test_an_export_cut_short_leaves_the_model_folder_loadable_and_a_whole_one_le
     said = []
     cfg = export(ckpt, folder, name="new", log=said.append)
     assert M.load_model(folder)[1].weights_sha256 == cfg.weights_sha256 != before
-    # no leftovers: neither the staging folder nor the verifier and ONNX graphs of the model exported
-    # over, which the new config.json does not name (they were left beside it, fitted to another detector)
+    # no leftovers: neither the staging folder nor the verifier, orientation classifier and ONNX graphs
+    # of the model exported over, which the new config.json does not name (they were left beside it,
+    # parts of another model)
     old = M.load_config(model_dir)
-    stale = {old.verifier["weights"], *(part["file"] for part in old.onnx.values() if isinstance(part, dict))}
+    stale = {old.verifier["weights"], old.orientation["weights"],
+             *(part["file"] for part in old.onnx.values() if isinstance(part, dict))}
     assert stale and not stale & {cfg.weights, "config.json"}
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in model_dir.iterdir() if p.name not in stale)
     assert all(n in said[-1] for n in stale), said
