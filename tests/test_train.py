@@ -82,3 +82,30 @@ def test_train_checkpoint_resume_export(tiny_coco, tmp_path):
     shipped = torch.load(tmp_path / "model" / "weights.pt")
     name = "roi_heads.box_predictor.cls_score.weight"
     assert torch.allclose(state["model"][name], shipped[name].float())  # lr 0: the weights are the shipped ones
+
+
+def test_train_orientation_resumes_and_writes_a_classifier_the_segmenter_runs(tiny_coco, tmp_path, model_dir, capsys):
+    """``platemask train-orientation``: a run its time budget stops writes nothing and resumes from its
+    checkpoint; the finished run records the classifier (weights hash, threshold, the rates it was
+    chosen and checked on) in config.json, drops the ONNX graph of the weights it replaced, and the
+    Segmenter loads it."""
+    import shutil
+
+    from platemask.model import load_config, sha256_file
+    from platemask.training.orientation import train_orientation
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    old = load_config(folder).orientation["weights_sha256"]
+    work = tmp_path / "w"
+    assert train_orientation(folder, [tiny_coco], work, epochs=2, batch_size=4, max_minutes=1e-9, val_fraction=0.5) == {}
+    assert (work / "orientation-checkpoint.pt").is_file() and load_config(folder).orientation["weights_sha256"] == old
+    spec = train_orientation(folder, [tiny_coco], work, epochs=2, batch_size=4, val_fraction=0.5)
+    assert "resumed at epoch 1" in capsys.readouterr().out
+    cfg = load_config(folder)
+    assert cfg.orientation == spec and spec["weights_sha256"] == sha256_file(folder / "orientation.pt") != old
+    assert 0.0 <= spec["threshold"] <= 1.0 and set(spec["held_out"]) == {"sideways", "sideways_caught", "upright", "upright_turned"}
+    assert "orientation" not in cfg.onnx  # the graph of the replaced weights is not kept beside them
+    seg = Segmenter(folder)
+    assert seg.orientation is not None and seg.orientation.runtime == "torch"
+    assert seg.model_info["orientation_sha256"] == spec["weights_sha256"]

@@ -214,7 +214,7 @@ def train_orientation(model_dir: str | Path, data: Sequence[str | Path], workdir
             sched.step()
             seen += len(idx)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             if (s + 1) % 20 == 0:
                 print(f"  epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {loss_sum / seen:.3f} "
                       f"acc {correct / seen:.3f} ({seen / (time.time() - t0):.0f} photos/s)", flush=True)
