@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -103,6 +104,25 @@ class OnnxNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {INPUT_NAME: x.float().contiguous().numpy()})[0])
+
+
+def load_classifier_net(build: Callable[[], nn.Module], path: str | Path, *, device: torch.device,
+                        onnx_path: str | Path | None = None, threads: int | None = None) -> tuple[nn.Module, str]:
+    """A small second-look network (the verifier, the orientation classifier) ready for inference, and
+    its runtime: on ONNX Runtime (CPU) from ``onnx_path`` when given, else ``build()`` with the fp16
+    state dict at ``path`` loaded in float32, batch norm folded, on ``device`` (channels-last on a CPU)."""
+    if onnx_path:
+        return OnnxNet(onnx_path, threads), "onnx"
+    from .model import fuse_frozen_bn
+
+    net = build()
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    fuse_frozen_bn(net)
+    net.eval().to(device)
+    if device.type == "cpu":
+        net.to(memory_format=torch.channels_last)
+    return net, "torch"
 
 
 def checked_path(model_dir: str | Path, spec: dict, *, part: str, default_file: str, weights_sha256: str) -> Path:

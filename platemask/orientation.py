@@ -81,24 +81,13 @@ class OrientationClassifier:
 
     def __init__(self, path: str | Path, *, threshold: float, device: torch.device | str = "cpu", batch_size: int = 32,
                  onnx_path: str | Path | None = None, threads: int | None = None):
-        from .model import fuse_frozen_bn
+        from .onnx_runtime import load_classifier_net
 
         self.threshold = float(threshold)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.runtime = "onnx" if onnx_path else "torch"
-        if onnx_path:
-            from .onnx_runtime import OnnxNet
-
-            self.net = OnnxNet(onnx_path, threads)
-            return
-        self.net = build_orientation_net()
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        self.net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        fuse_frozen_bn(self.net)
-        self.net.eval().to(self.device)
-        if self.device.type == "cpu":
-            self.net.to(memory_format=torch.channels_last)
+        self.net, self.runtime = load_classifier_net(build_orientation_net, path, device=self.device,
+                                                     onnx_path=onnx_path, threads=threads)
 
     @torch.inference_mode()
     def p_sideways(self, images: Sequence[np.ndarray]) -> list[float]:

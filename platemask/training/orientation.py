@@ -141,25 +141,9 @@ def rates(net: nn.Module, sets: dict[str, list[np.ndarray]], threshold: float) -
 
 def save_orientation(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
     """Write ``orientation.pt`` (fp16) into ``model_dir`` and record it in its ``config.json``."""
-    from ..model import load_config, sha256_file
+    from .parts import save_part
 
-    model_dir = Path(model_dir)
-    path = model_dir / "orientation.pt"
-    tmp = model_dir / "orientation.pt.tmp"
-    try:
-        torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    cfg = load_config(model_dir)
-    cfg.orientation = {"weights": path.name, "weights_sha256": sha256_file(tmp), "input_side": INPUT_SIDE, **info}
-    if cfg.onnx.get("orientation"):  # exported from the previous weights
-        cfg.onnx = {k: v for k, v in cfg.onnx.items() if k != "orientation"}
-    cfg_tmp = model_dir / "config.json.tmp"
-    cfg_tmp.write_text(cfg.to_json())
-    tmp.replace(path)
-    cfg_tmp.replace(model_dir / "config.json")
-    return cfg.orientation
+    return save_part(net, model_dir, field="orientation", file="orientation.pt", spec={"input_side": INPUT_SIDE, **info})
 
 
 def train_orientation(model_dir: str | Path, data: Sequence[str | Path], workdir: str | Path, *, epochs: int = 12,

@@ -335,30 +335,10 @@ def predict(net: nn.Module, rgbs: Sequence[np.ndarray], examples: Sequence[Examp
 
 def save_verifier(net: nn.Module, model_dir: str | Path, info: dict) -> dict:
     """Write ``verifier.pt`` (fp16) into ``model_dir`` and record it in its ``config.json``."""
-    from ..model import load_config, sha256_file
+    from .parts import save_part
 
-    model_dir = Path(model_dir)
-    path = model_dir / "verifier.pt"
-    # written beside and renamed: a kill or a full disk mid-write leaves the old verifier.pt, which
-    # still matches config.json, so the model folder keeps loading
-    tmp = model_dir / "verifier.pt.tmp"
-    try:
-        torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    cfg = load_config(model_dir)
-    cfg.verifier = {"weights": path.name, "weights_sha256": sha256_file(tmp), "input_hw": list(INPUT_HW),
-                    "context": CONTEXT, "fusion": DEFAULT_FUSION, **info}
-    if cfg.onnx.get("verifier"):
-        # the exported graph is of the previous weights: drop it (the verifier runs on PyTorch until
-        # 'platemask export-onnx' exports the new one)
-        cfg.onnx = {k: v for k, v in cfg.onnx.items() if k != "verifier"}
-    cfg_tmp = model_dir / "config.json.tmp"
-    cfg_tmp.write_text(cfg.to_json())
-    tmp.replace(path)  # from here to the next line the folder is refused (hash mismatch), never loaded mixed
-    cfg_tmp.replace(model_dir / "config.json")
-    return cfg.verifier
+    return save_part(net, model_dir, field="verifier", file="verifier.pt",
+                     spec={"input_hw": list(INPUT_HW), "context": CONTEXT, "fusion": DEFAULT_FUSION, **info})
 
 
 def train_for_model(model_dir: str | Path, data: str | Path, workdir: str | Path, *, epochs: int = 8,
