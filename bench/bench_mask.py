@@ -88,9 +88,10 @@ def model_only(src: Path, a: argparse.Namespace) -> tuple[float, int, str]:
 
 
 def _model_only_child(src: Path, a: argparse.Namespace) -> None:
-    from platemask.allocator import return_freed_memory_to_os
+    from platemask.allocator import keep_triton_out, return_freed_memory_to_os
 
     return_freed_memory_to_os()  # the allocator as the CLI sets it: the ratio is then the I/O work's alone
+    keep_triton_out()  # and the same libraries loaded
     seg = load_segmenter(a)
     imgs = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(src.iterdir())]
     ms, plates = _time_segmenter(seg, imgs, a.batch_size)

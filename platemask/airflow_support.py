@@ -244,6 +244,9 @@ def detector_factory(settings: Settings, model_dir: str | None = None) -> Callab
 
     def factory(spec, entries, shard):
         if spec.backend == "local":
+            from .allocator import keep_triton_out
+
+            keep_triton_out()  # a task's process imports torch here first (platemask.allocator)
             from .segment import Segmenter
 
             seg = Segmenter(model_dir or settings.model_dir, device=_device(settings), batch_size=settings.batch_size,

@@ -1,13 +1,18 @@
-"""glibc's allocator set for photo-sized buffers beside a model.
+"""A process's memory set-up, done by its entry point before the heavy imports.
 
-Called first by every entry point (the CLI's ``main``, the container's ``create_app``) and again
-by :func:`platemask.pipeline.run_job` (for callers such as the Airflow workers): the arena limit
-only binds threads that have not allocated yet, so the earlier the better. Nothing else here: no
-torch, no numpy, so calling it costs nothing before the heavy imports.
+* glibc's allocator set for photo-sized buffers beside a model (:func:`return_freed_memory_to_os`):
+  called first by every entry point (the CLI's ``main``, the container's ``create_app``) and again
+  by :func:`platemask.pipeline.run_job` (for callers such as the Airflow workers): the arena limit
+  only binds threads that have not allocated yet, so the earlier the better.
+* Triton kept out (:func:`keep_triton_out`): called by the same entry points and by the Airflow
+  workers' detector before torch is first imported.
+
+Nothing else here: no torch, no numpy, so calling it costs nothing before the heavy imports.
 """
 from __future__ import annotations
 
 import ctypes
+import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 
@@ -41,3 +46,25 @@ def return_freed_memory_to_os(mmap_threshold: int = 4 << 20, trim_threshold: int
     done = [mallopt(param, int(value)) for param, value in
             ((M_ARENA_MAX, arenas), (M_TRIM_THRESHOLD, trim_threshold), (M_MMAP_THRESHOLD, mmap_threshold))]
     return all(done)
+
+
+def keep_triton_out() -> bool:
+    """Keep torch from importing Triton in this process; idempotent. True when Triton is kept out.
+
+    torchvision's import pulls in ``torch._dynamo``, which imports Triton (a GPU kernel compiler the
+    CUDA wheels install) only to learn whether it is installed; torch then maps Triton's compiler and
+    the CUDA libraries it loads: 75-90 MB resident on a CPU (``import torchvision`` 672 MB with it,
+    595 MB without, 2026-11-28). platemask never compiles a model (no ``torch.compile``, no Inductor):
+    inference and training run torch's own kernels, on a CPU and on a GPU (where torch then keeps its
+    native kernels for the few operators it would otherwise route to Triton). Marked absent in
+    ``sys.modules``, ``import triton`` fails and torch answers "no Triton" everywhere.
+
+    Only before torch is imported (afterwards torch has already decided, and what it loaded stays),
+    and never over a Triton already imported.
+    """
+    if "triton" in sys.modules:
+        return sys.modules["triton"] is None
+    if "torch" in sys.modules:
+        return False
+    sys.modules["triton"] = None
+    return True

@@ -358,9 +358,10 @@ def _device() -> str:
 
 def create_app(model_dir: str | None = None, *, max_payload_mb: float | None = None, load: bool = True,
                workers: int | None = None) -> Flask:
-    from .allocator import return_freed_memory_to_os
+    from .allocator import keep_triton_out, return_freed_memory_to_os
 
     return_freed_memory_to_os()  # before the model's threads start (platemask.allocator)
+    keep_triton_out()  # before torch is imported (platemask.allocator)
     from .detections import record
     from .imageio import decode, decode_failure, decoded_nbytes
     from .pipeline import PixelBudget, build_record

@@ -4,6 +4,7 @@ A small budget (a few photos' worth) stands in for a big one with 79 MP photos; 
 instrumented so the test sees every reservation, and a slow destination keeps photos waiting in the
 writer stage, where they used to pile up.
 """
+import json
 import os
 import subprocess
 import sys
@@ -260,3 +261,50 @@ def test_view_size_is_the_tensor_the_detector_sees():
         assert views
         for v in views:
             assert tuple(prepare(rgb, v.x0, v.y0, v.x1, v.y1, v.scale).shape[1:]) == v.size
+
+
+TRITON_PROBE = r"""
+import json, sys
+import numpy as np
+from PIL import Image
+from platemask.cli import main
+
+src, dst = sys.argv[1], sys.argv[2]
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (360, 640, 3), dtype=np.uint8)).save(src + "/a.jpg")
+rc = main(["mask", src, dst, "--model", sys.argv[3]])
+import torch.utils._triton as tt
+print(json.dumps({"rc": rc, "triton": repr(sys.modules.get("triton", "never asked for")),
+                  "torch_sees_triton": tt.has_triton_package()}))
+"""
+
+
+def test_the_cli_masks_without_loading_triton(tmp_path, model_dir):
+    """A `platemask mask` process never imports Triton: torchvision's import of torch._dynamo asked
+    for it only to learn whether it is installed, which mapped its compiler and CUDA libraries
+    (75-90 MB resident on a CPU, never used: platemask compiles nothing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed here: there is nothing to keep out")
+    (tmp_path / "src").mkdir()
+    out = subprocess.run([sys.executable, "-c", TRITON_PROBE, str(tmp_path / "src"), str(tmp_path / "dst"),
+                          str(model_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["rc"] == 0 and (tmp_path / "dst" / "a.jpg").is_file()
+    assert got["triton"] == "None" and got["torch_sees_triton"] is False, got
+
+
+def test_keeping_triton_out_never_overrides_what_torch_already_chose():
+    """After torch is imported, or with Triton already loaded, the call changes nothing and says so."""
+    probe = ("import sys, torch\nfrom platemask.allocator import keep_triton_out\n"
+             "print(keep_triton_out(), 'triton' in sys.modules and sys.modules['triton'] is None)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.split()
+    assert out == ["False", "False"]
+    probe = ("import sys\nfrom platemask.allocator import keep_triton_out\n"
+             "print(keep_triton_out(), keep_triton_out(), sys.modules['triton'] is None)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.split()
+    assert out == ["True", "True", "True"]
