@@ -328,6 +328,9 @@ DENIED_CODES = ("AccessDenied", "403", "Forbidden")
 # the lock document a run writing an S3 DST holds in it (a hidden name: the CLI and the DAG's collect
 # pass it over as an input); written with IfNoneMatch="*", removed when the run ends
 S3_DST_LOCK = ".platemask-mask.lock.json"
+# a run holding an S3 DST also leaves a note in every prefix above it, ``<prefix>/.platemask-mask.inner.<run>.json``
+# naming its lock: a run into one of those prefixes (which would write DST too) finds it with one listing
+S3_INNER_NOTE = ".platemask-mask.inner."
 # a run holding an S3 DST rewrites its lock every LOCK_REFRESH_S seconds (a conditional PUT on the lock's
 # ETag, from a background thread); a lock S3 has kept unchanged for longer than LOCK_LEASE_S (S3's own clock:
 # the Date of its answer against the lock's LastModified) is a killed run's (SIGKILL, an OOM kill, a lost
@@ -364,7 +367,11 @@ def _pid_alive(pid: int) -> bool:
 def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
     """Hold the S3 DST ``dst`` for this run: a lock document ``<DST>/.platemask-mask.lock.json``
     written only if none is there (S3's conditional write, ``IfNoneMatch="*"``), after checking that
-    no prefix above DST is another run's DST (their lock documents). Two runs into one S3 DST at once
+    no prefix above DST is another run's DST (their lock documents). Then a note naming the lock in
+    every prefix above DST (``S3_INNER_NOTE``), the prefixes above checked again, and the notes in DST
+    listed: no prefix inside DST is another live run's DST either (a run into ``masked/`` and one into
+    ``masked/de/`` both wrote ``masked/de/…``; each now writes before it looks, so of two starting at
+    once at least one sees the other). Two runs into one S3 DST at once
     (two cron jobs, two machines) each masked every photo and wrote it there: the copies in DST were
     whichever run wrote last, so the other run's records and report described copies that were not
     there (60 of 60 records naming another SHA-256). Returns None (the lock's release is on ``held``
@@ -389,9 +396,10 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tool": "platemask mask",
             "refreshes": 0, "refresh_s": LOCK_REFRESH_S}
 
-    def held_by(doc: dict, where: S3Store, age: float | None = None) -> str:
+    def held_by(doc: dict, where: S3Store, age: float | None = None, inside: bool = False) -> str:
         return (f"another platemask mask run (host {doc.get('host')!r}, pid {doc.get('pid')}, started "
-                f"{doc.get('started_at')}) is writing {where.uri}" + ("" if where is store else ", a prefix that holds DST")
+                f"{doc.get('started_at')}) is writing {where.uri}"
+                + ("" if where is store else ", a prefix inside DST" if inside else ", a prefix that holds DST")
                 + " (two runs at once overwrite each other's masked copies, so one run's records and report describe "
                 "copies that are not there). Wait for it to end, or give this run a DST of its own; if that run is gone "
                 f"(killed on another machine), a later run takes its lock over once S3 has kept it unrefreshed for "
@@ -438,11 +446,15 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
         now = _process_identity(pid).get("pid_start")
         return "pid_start" in doc and now is not None and now != doc["pid_start"]
 
-    state = {"put": False, "unguarded": False, "lease": None}
+    state = {"put": False, "unguarded": False, "lease": None, "notes": []}
+    note_name = f"{S3_INNER_NOTE}{mine['run']}.json"
 
     def release() -> None:
         if state["lease"] is not None:
             state["lease"].stop()
+        for above in state["notes"]:  # a note left behind names a lock that is gone: passed over
+            with contextlib.suppress(ClientError, BotoCoreError):
+                above.delete(note_name)
         if not state["put"] or state["unguarded"]:
             return  # nothing of this run's there
         try:
@@ -461,8 +473,7 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
             _log(f"platemask: warning: cannot remove this run's lock {store.describe(S3_DST_LOCK)} ({exc}): a later "
                  "run into DST will be told it is another run's; delete that key")
 
-    held.callback(release)
-    try:
+    def busy_above(warn: bool) -> str | None:
         for n in range(len(parts)):  # a run writing a prefix above DST writes DST too
             above = S3Store(bucket, "/".join(parts[:n]))
             try:
@@ -473,9 +484,42 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
                 old, age = stale(above, found[1])
                 if not old:
                     return held_by(found[0], above, age)
-                _log(f"platemask: {above.describe(S3_DST_LOCK)} is the lock of {named(found[0])}, not refreshed for "
-                     f"{age:.0f} s (S3's clock; a live run refreshes it every {LOCK_REFRESH_S:g} s): that run is gone. "
-                     "Passed over; delete that key")
+                if warn:
+                    _log(f"platemask: {above.describe(S3_DST_LOCK)} is the lock of {named(found[0])}, not refreshed "
+                         f"for {age:.0f} s (S3's clock; a live run refreshes it every {LOCK_REFRESH_S:g} s): that run is "
+                         "gone. Passed over; delete that key")
+        return None
+
+    def busy_inside() -> str | None:
+        """A live run whose DST is inside this one: its note here names its lock, still its own."""
+        root = S3Store(bucket, "")
+        try:
+            notes = [o["Key"] for o in store.iter_objects(S3_INNER_NOTE)]
+        except ClientError as exc:
+            if error_code(exc) not in DENIED_CODES:
+                raise
+            return None  # a role that may not list DST: as for the locks above it, not guarded
+        for key in notes:
+            if key.endswith(note_name):
+                continue
+            try:
+                note = root.get_json(key)
+                lock_key = note[0]["lock"] if note and isinstance(note[0], dict) else None
+                found = root.get_json(lock_key) if isinstance(lock_key, str) else None
+            except (ClientError, ValueError, KeyError):
+                continue
+            if not (found and isinstance(found[0], dict) and found[0].get("run") == note[0].get("run")):
+                continue  # its run ended (or its lock was taken over since): a note left behind
+            inner = S3Store(bucket, lock_key[: -len(S3_DST_LOCK)].rstrip("/"))
+            if not gone(found[0]) and not stale(inner, found[1])[0]:
+                return held_by(found[0], inner, inside=True)
+        return None
+
+    held.callback(release)
+    try:
+        busy = busy_above(warn=True)
+        if busy:
+            return busy
         for _ in range(3):
             try:
                 state["put"] = True  # from here the lock there may be this run's
@@ -522,6 +566,26 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
         if isinstance(exc, ClientError) and error_code(exc) in DENIED_CODES:
             state["put"] = False  # refused by S3: nothing of this run's there to remove
         raise OSError(f"cannot write the run's lock {store.describe(S3_DST_LOCK)}: {exc}") from exc
+    # the lock is this run's: a note in every prefix above, then both directions checked (written before
+    # looked: of two runs starting at once, at least one finds the other's lock or note)
+    note = {"run": mine["run"], "lock": "/".join(parts + [S3_DST_LOCK]), "dst": store.uri}
+    for n in range(len(parts)):
+        above = S3Store(bucket, "/".join(parts[:n]))
+        try:
+            above.put_json(note_name, note)
+            state["notes"].append(above)
+        except ClientError as exc:
+            if error_code(exc) not in DENIED_CODES:
+                raise OSError(f"cannot write the run's note {above.describe(note_name)}: {exc}") from exc
+            # a role limited to DST: a run into a prefix above cannot see this one, as this one cannot see it
+        except BotoCoreError as exc:
+            raise OSError(f"cannot write the run's note {above.describe(note_name)}: {exc}") from exc
+    try:
+        busy = busy_above(warn=False) or busy_inside()
+    except (ClientError, BotoCoreError) as exc:
+        raise OSError(f"cannot check the prefixes around DST {store.uri}: {exc}") from exc
+    if busy:
+        return busy
 
     state["lease"] = _LockLease(store, mine)
     state["lease"].start()

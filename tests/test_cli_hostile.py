@@ -408,6 +408,50 @@ def test_a_second_run_into_the_same_s3_dst_is_refused_while_the_first_runs(s3_en
     assert s3.list_objects_v2(Bucket="lockbkt", Prefix=lock)["KeyCount"] == 0
 
 
+def test_a_run_into_an_s3_prefix_around_a_running_runs_dst_is_refused(s3_env, tmp_path, model_dir, capsys):
+    """A run into ``masked/de`` running, a second run into ``masked`` (or the bucket's root): that one writes
+    ``masked/de/…`` too, so the two overwrote each other's copies there; only a DST inside a running one
+    was refused (the lock documents above it), not one around it. Now a run leaves a note naming its
+    lock in every prefix above its DST, and a run lists the notes in its own DST: refused, exit 2, naming
+    the run, before writing anything. The notes go when the run ends; a note left by a run that is over
+    (its lock gone) blocks nothing."""
+    s3 = s3_env
+    _s3_photos(s3, "nestsrc", 150, seed=6)
+    s3.create_bucket(Bucket="nestbkt")
+    first = _start(["s3://nestsrc/raw", "s3://nestbkt/masked/de", "--model", model_dir, "--batch-size", "2",
+                    "--detections", tmp_path / "first.jsonl"])
+    try:
+        deadline = time.monotonic() + 240
+        while s3.list_objects_v2(Bucket="nestbkt", Prefix="masked/de/p").get("KeyCount", 0) < 3:
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # held part-way, well inside its lease
+        try:
+            for other in ("s3://nestbkt/masked", "s3://nestbkt/masked/", "s3://nestbkt"):
+                assert main(["mask", "s3://nestsrc/raw", other, "--model", str(model_dir),
+                             "--detections", str(tmp_path / "second.jsonl")]) == 2, other
+                err = capsys.readouterr().err
+                assert f"pid {first.pid}" in err and "is writing s3://nestbkt/masked/de, a prefix inside DST" in err, err
+                assert first.poll() is None
+            # a DST beside it is not its business
+            assert main(["mask", "s3://nestsrc/raw", "s3://nestbkt/masked/fr", "--model", str(model_dir)]) == 0
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert not (tmp_path / "second.jsonl").exists()
+        err = first.communicate(timeout=300)[1]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-2000:]
+    left = [o["Key"] for o in s3.list_objects_v2(Bucket="nestbkt").get("Contents", []) if ".platemask-mask" in o["Key"]]
+    assert left == []  # its lock and its notes, and the run beside it's, went with them
+    assert {r["status"] for r in _records(tmp_path / "first.jsonl")} <= {"masked", "no_plate"}
+    # a note whose run is over (no lock there any more) does not block
+    s3.put_object(Bucket="nestbkt", Key="masked/.platemask-mask.inner.old.json",
+                  Body=json.dumps({"run": "old", "lock": "masked/it/.platemask-mask.lock.json"}).encode())
+    assert main(["mask", "s3://nestsrc/raw", "s3://nestbkt/masked", "--model", str(model_dir)]) == 0
+
+
 def test_an_s3_src_that_cannot_be_listed_is_a_usage_error_not_a_traceback(s3_env, tmp_path, model_dir, capsys):
     """SRC in a bucket that does not exist (a typo), or that these credentials may not list: the run
     loaded the model and then ended in botocore's traceback (exit 1, no word of what to do). Now it
