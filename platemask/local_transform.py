@@ -63,16 +63,20 @@ class ContainerUnhealthy(RuntimeError):
     """/ping reports an error for good (model failed to load, CUDA required but unusable)."""
 
 
-def wait_ready(endpoint: str, timeout: float = 180.0) -> None:
-    """Until /ping answers 200; a container that reports ``"status": "error"`` fails at once
-    (SageMaker would fail the job at its health-check timeout; the outcome is the same)."""
+def wait_ready(endpoint: str, timeout: float = 180.0, stopped: Callable[[], bool] | None = None) -> bool:
+    """Until /ping answers 200 (True); a container that reports ``"status": "error"`` fails at once
+    (SageMaker would fail the job at its health-check timeout; the outcome is the same). False as
+    soon as ``stopped()`` says the job was stopped meanwhile: a StopTransformJob while the instance
+    starts ends the job Stopped, as on AWS, not at the health check's timeout minutes later."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while True:
+        if stopped is not None and stopped():
+            return False
         try:
             status, body = _http("GET", endpoint.rstrip("/") + "/ping", timeout=2)
             if status == 200:
-                return
+                return True
             last = f"{status} {body.decode(errors='replace')[:300]}"
             try:
                 if json.loads(body).get("status") == "error":
@@ -156,12 +160,16 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
                     stop_seen.set()
         return stop_seen.is_set()
     try:
-        wait_ready(endpoint)
+        ready = wait_ready(endpoint, stopped=is_stopped)
     except (TimeoutError, ContainerUnhealthy) as exc:  # SageMaker: the container failed its ping health check
         reason = f"ClientError: the container did not pass the /ping health check: {exc}"
         log(f"local transform {name}: Failed ({reason})")
         return {"TransformJobStatus": "Failed", "FailureReason": reason, "records": len(rel_keys), "done": 0,
                 "failed": [], "not_started": len(rel_keys), "seconds": round(time.perf_counter() - t0, 3)}
+    if not ready:  # stopped before the container was up: no record sent, none stored
+        log(f"local transform {name}: Stopped before the container passed its health check")
+        return {"TransformJobStatus": "Stopped", "records": len(rel_keys), "done": 0, "failed": [],
+                "not_started": len(rel_keys), "not_sent": 0, "seconds": round(time.perf_counter() - t0, 3)}
     status, body = _http("GET", endpoint.rstrip("/") + "/execution-parameters")
     if status == 200 and not request.get("MaxConcurrentTransforms"):
         concurrency = int(json.loads(body).get("MaxConcurrentTransforms", 1))

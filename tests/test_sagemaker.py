@@ -8,6 +8,7 @@ import io
 import json
 import re
 import tarfile
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -505,9 +506,15 @@ def test_a_failed_job_keeps_its_output_and_only_the_rest_is_resubmitted(aws_conn
     assert "b2.png" in b2["error"] and first["TransformJobName"] in b2["error"] and "CloudWatch" in b2["error"]
     assert _published(s3, settings) == {f"masked/DE/2026/11/20/{k}" for k in ("a0.jpg", "a1.jpg", "c3.jpg")}
     # the next run submits only what is still to do
-    again = submit(sagemaker_hook(settings, s3), s3, settings, _shard_of(s3, settings, dict.fromkeys(photos), run_id="r2"),
-                   str(model_dir))
+    from platemask.sagemaker_backend import stop
+
+    again = submit(hook, s3, settings, _shard_of(s3, settings, dict.fromkeys(photos), run_id="r2"), str(model_dir))
     assert again["transform"]["photos"] == 1
+    stop(hook, again)  # its container is gone: the job ends Stopped, its runner thread with it
+    deadline = time.monotonic() + 30
+    while hook.describe_transform_job(again["transform"]["job"])["TransformJobStatus"] != "Stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
 
 
 def test_a_record_the_container_rejects_fails_alone_and_its_job_still_masks_the_others(aws_conn, model_dir,

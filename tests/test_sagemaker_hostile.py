@@ -80,6 +80,42 @@ def _describe_until(hook, job: str, states: tuple[str, ...], timeout: float = 60
         time.sleep(0.1)
 
 
+def test_a_job_stopped_while_its_container_starts_ends_stopped_at_once(aws_conn):
+    """StopTransformJob while the instance starts (no container answers /ping yet): the local runner
+    only looked for a stop between records, so the job sat InProgress, then Stopping, for the whole
+    180 s health-check wait, then ended Failed, not Stopped; its thread outlived the test that started
+    it (a pytest run then waited minutes at exit). Now it ends Stopped within the runner's 1 s look,
+    with no record sent and no output."""
+    from conftest import _free_port
+
+    from platemask.airflow_support import sagemaker_hook
+
+    s3 = aws_conn
+    settings = Settings(bucket=f"hs-{uuid.uuid4().hex[:8]}", sagemaker_local_endpoint=f"http://127.0.0.1:{_free_port()}")
+    s3.create_bucket(Bucket=settings.bucket)
+    job = f"pm-stopearly-{uuid.uuid4().hex[:8]}-a0"
+    _, request = _transform_of(s3, settings, [f"raw/DE/2026/11/20/car{i}.jpg" for i in range(3)], job)
+    hook = sagemaker_hook(settings, s3)
+    hook.create_transform_job(request, wait_for_completion=False)
+    time.sleep(1.0)
+    assert hook.describe_transform_job(job)["TransformJobStatus"] == "InProgress"  # waiting for /ping
+    stop(hook, {"transform": {"job": job, "attempt": 0}})
+    desc = _describe_until(hook, job, ("Completed", "Failed", "Stopped"), timeout=20)
+    assert desc["TransformJobStatus"] == "Stopped" and not desc.get("FailureReason"), desc
+    out = request["TransformOutput"]["S3OutputPath"][len(f"s3://{settings.bucket}/"):]
+    assert s3.list_objects_v2(Bucket=settings.bucket, Prefix=out).get("KeyCount", 0) == 0
+    assert _thread_ends(f"local-transform-{job}")  # the runner's thread is done too
+
+
+def _thread_ends(name: str, timeout: float = 5) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not [t for t in threading.enumerate() if t.name == name and t.is_alive()]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_a_stopped_local_job_stops_starting_records_and_ends_stopped(aws_conn):
     """The DAG's on_failure_callback (``sagemaker_backend.stop``) stops a job past its deadline. moto
     has no StopTransformJob: the local runner went on, wrote every ``.out`` and said Completed, so
