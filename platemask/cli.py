@@ -502,10 +502,13 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
         for key in notes:
             if key.endswith(note_name):
                 continue
+            inside = f"{store.prefix}/" if store.prefix else ""
             try:
                 note = root.get_json(key)
                 lock_key = note[0]["lock"] if note and isinstance(note[0], dict) else None
-                found = root.get_json(lock_key) if isinstance(lock_key, str) else None
+                if not (isinstance(lock_key, str) and lock_key.startswith(inside) and lock_key.endswith(S3_DST_LOCK)):
+                    continue  # not a lock inside DST (a note copied or written by hand): not this run's business
+                found = root.get_json(lock_key)
             except (ClientError, ValueError, KeyError):
                 continue
             if not (found and isinstance(found[0], dict) and found[0].get("run") == note[0].get("run")):

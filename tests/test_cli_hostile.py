@@ -446,9 +446,14 @@ def test_a_run_into_an_s3_prefix_around_a_running_runs_dst_is_refused(s3_env, tm
     left = [o["Key"] for o in s3.list_objects_v2(Bucket="nestbkt").get("Contents", []) if ".platemask-mask" in o["Key"]]
     assert left == []  # its lock and its notes, and the run beside it's, went with them
     assert {r["status"] for r in _records(tmp_path / "first.jsonl")} <= {"masked", "no_plate"}
-    # a note whose run is over (no lock there any more) does not block
+    # a note whose run is over (no lock there any more) does not block, nor one naming a live run's lock outside
+    # DST (copied or written by hand)
     s3.put_object(Bucket="nestbkt", Key="masked/.platemask-mask.inner.old.json",
                   Body=json.dumps({"run": "old", "lock": "masked/it/.platemask-mask.lock.json"}).encode())
+    s3.put_object(Bucket="nestbkt", Key="elsewhere/.platemask-mask.lock.json",
+                  Body=json.dumps({"run": "live", "host": "another-host", "pid": 1, "started_at": "now"}).encode())
+    s3.put_object(Bucket="nestbkt", Key="masked/.platemask-mask.inner.live.json",
+                  Body=json.dumps({"run": "live", "lock": "elsewhere/.platemask-mask.lock.json"}).encode())
     assert main(["mask", "s3://nestsrc/raw", "s3://nestbkt/masked", "--model", str(model_dir)]) == 0
 
 
