@@ -452,9 +452,12 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
     def release() -> None:
         if state["lease"] is not None:
             state["lease"].stop()
-        for above in state["notes"]:  # a note left behind names a lock that is gone: passed over
-            with contextlib.suppress(ClientError, BotoCoreError):
+        for above in state["notes"]:  # a note left behind names a lock that is gone: passed over, then removed
+            try:
                 above.delete(note_name)
+            except (ClientError, BotoCoreError) as exc:
+                _log(f"platemask: warning: cannot remove this run's note {above.describe(note_name)} ({exc}); a later "
+                     "run into that prefix passes over it and removes it, or delete that key")
         if not state["put"] or state["unguarded"]:
             return  # nothing of this run's there
         try:
@@ -478,8 +481,13 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
             above = S3Store(bucket, "/".join(parts[:n]))
             try:
                 found = above.get_json(S3_DST_LOCK)
-            except (ClientError, ValueError):  # not ours to read (a role limited to DST), or not a lock
+            except ValueError:  # not a lock document
                 continue
+            except ClientError as exc:
+                if error_code(exc) in DENIED_CODES:
+                    continue  # not ours to read (a role limited to DST)
+                raise OSError(f"cannot read {above.describe(S3_DST_LOCK)}, which says whether another run is writing "
+                              f"a prefix that holds DST ({exc}); nothing was written. Run again") from exc
             if found and isinstance(found[0], dict) and not gone(found[0]):
                 old, age = stale(above, found[1])
                 if not old:
@@ -498,21 +506,31 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
         except ClientError as exc:
             if error_code(exc) not in DENIED_CODES:
                 raise
-            return None  # a role that may not list DST: as for the locks above it, not guarded
+            _log(f"platemask: warning: cannot list {store.uri} ({error_code(exc)}): a run writing a prefix inside DST at "
+                 "the same time cannot be detected, so this run is not guarded against one")
+            return None
+        inside = f"{store.prefix}/" if store.prefix else ""
         for key in notes:
             if key.endswith(note_name):
                 continue
-            inside = f"{store.prefix}/" if store.prefix else ""
             try:
                 note = root.get_json(key)
                 lock_key = note[0]["lock"] if note and isinstance(note[0], dict) else None
                 if not (isinstance(lock_key, str) and lock_key.startswith(inside) and lock_key.endswith(S3_DST_LOCK)):
                     continue  # not a lock inside DST (a note copied or written by hand): not this run's business
                 found = root.get_json(lock_key)
-            except (ClientError, ValueError, KeyError):
+            except (ValueError, KeyError):  # not a note, or its lock not a lock document
                 continue
+            except ClientError as exc:
+                if error_code(exc) in DENIED_CODES:
+                    continue  # a lock this role may not read: as for the locks above, not guarded
+                raise
             if not (found and isinstance(found[0], dict) and found[0].get("run") == note[0].get("run")):
-                continue  # its run ended (or its lock was taken over since): a note left behind
+                # its run ended (or was taken over: a run writes its lock before its notes): a note left
+                # behind by a killed run, removed so that later runs do not read it again
+                with contextlib.suppress(ClientError, BotoCoreError):
+                    root.delete(key)
+                continue
             inner = S3Store(bucket, lock_key[: -len(S3_DST_LOCK)].rstrip("/"))
             if not gone(found[0]) and not stale(inner, found[1])[0]:
                 return held_by(found[0], inner, inside=True)
@@ -571,28 +589,30 @@ def _lock_s3_dst(dst: str, held: contextlib.ExitStack) -> str | None:
         raise OSError(f"cannot write the run's lock {store.describe(S3_DST_LOCK)}: {exc}") from exc
     # the lock is this run's: a note in every prefix above, then both directions checked (written before
     # looked: of two runs starting at once, at least one finds the other's lock or note)
+    state["lease"] = _LockLease(store, mine)  # refreshed from now on, however long the checks below take
+    state["lease"].start()
     note = {"run": mine["run"], "lock": "/".join(parts + [S3_DST_LOCK]), "dst": store.uri}
+    denied = []
     for n in range(len(parts)):
         above = S3Store(bucket, "/".join(parts[:n]))
+        state["notes"].append(above)  # before the PUT: one whose answer was lost may still have landed
         try:
             above.put_json(note_name, note)
-            state["notes"].append(above)
         except ClientError as exc:
             if error_code(exc) not in DENIED_CODES:
                 raise OSError(f"cannot write the run's note {above.describe(note_name)}: {exc}") from exc
-            # a role limited to DST: a run into a prefix above cannot see this one, as this one cannot see it
+            state["notes"].pop()
+            denied.append(above.uri)
         except BotoCoreError as exc:
             raise OSError(f"cannot write the run's note {above.describe(note_name)}: {exc}") from exc
+    if denied:  # a role limited to DST: a run into a prefix above cannot see this one, as this one cannot see it
+        _log(f"platemask: warning: cannot leave a note in {', '.join(denied)} (access denied): a run writing one of "
+             "those prefixes at the same time cannot see this one")
     try:
         busy = busy_above(warn=False) or busy_inside()
     except (ClientError, BotoCoreError) as exc:
         raise OSError(f"cannot check the prefixes around DST {store.uri}: {exc}") from exc
-    if busy:
-        return busy
-
-    state["lease"] = _LockLease(store, mine)
-    state["lease"].start()
-    return None
+    return busy
 
 
 class _LockLease(threading.Thread):

@@ -165,7 +165,7 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
         reason = f"ClientError: the container did not pass the /ping health check: {exc}"
         log(f"local transform {name}: Failed ({reason})")
         return {"TransformJobStatus": "Failed", "FailureReason": reason, "records": len(rel_keys), "done": 0,
-                "failed": [], "not_started": len(rel_keys), "seconds": round(time.perf_counter() - t0, 3)}
+                "failed": [], "not_started": len(rel_keys), "not_sent": 0, "seconds": round(time.perf_counter() - t0, 3)}
     if not ready:  # stopped before the container was up: no record sent, none stored
         log(f"local transform {name}: Stopped before the container passed its health check")
         return {"TransformJobStatus": "Stopped", "records": len(rel_keys), "done": 0, "failed": [],

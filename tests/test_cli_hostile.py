@@ -455,6 +455,8 @@ def test_a_run_into_an_s3_prefix_around_a_running_runs_dst_is_refused(s3_env, tm
     s3.put_object(Bucket="nestbkt", Key="masked/.platemask-mask.inner.live.json",
                   Body=json.dumps({"run": "live", "lock": "elsewhere/.platemask-mask.lock.json"}).encode())
     assert main(["mask", "s3://nestsrc/raw", "s3://nestbkt/masked", "--model", str(model_dir)]) == 0
+    notes = [o["Key"] for o in s3.list_objects_v2(Bucket="nestbkt", Prefix="masked/.platemask-mask.inner.")["Contents"]]
+    assert notes == ["masked/.platemask-mask.inner.live.json"]  # the ended run's note was removed on the way
 
 
 def test_an_s3_src_that_cannot_be_listed_is_a_usage_error_not_a_traceback(s3_env, tmp_path, model_dir, capsys):
