@@ -331,6 +331,7 @@ S3_DST_LOCK = ".platemask-mask.lock.json"
 # a run holding an S3 DST also leaves a note in every prefix above it, ``<prefix>/.platemask-mask.inner.<run>.json``
 # naming its lock: a run into one of those prefixes (which would write DST too) finds it with one listing
 S3_INNER_NOTE = ".platemask-mask.inner."
+PLATEMASK_FILES = ".platemask-mask."  # what both names start with
 # a run holding an S3 DST rewrites its lock every LOCK_REFRESH_S seconds (a conditional PUT on the lock's
 # ETag, from a background thread); a lock S3 has kept unchanged for longer than LOCK_LEASE_S (S3's own clock:
 # the Date of its answer against the lock's LastModified) is a killed run's (SIGKILL, an OOM kill, a lost
@@ -952,6 +953,11 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack, early: "_StopBe
     special = {} if a.src.startswith("s3://") else {
         k: what for k in keys if (what := _special_file(a.src, k))}
     keys = [k for k in keys if k not in special]
+    own = [k for k in hidden if k.rsplit("/", 1)[-1].startswith(PLATEMASK_FILES)]
+    if own:  # another run's lock or notes (SRC holds its DST): not photos, nothing to rename
+        _log(f"platemask: {len(own)} lock file(s) or note(s) of platemask mask runs skipped: "
+             f"{', '.join(repr(k) for k in own[:5])}{' ...' if len(own) > 5 else ''}")
+        hidden = [k for k in hidden if not k.rsplit("/", 1)[-1].startswith(PLATEMASK_FILES)]
     if hidden:  # .DS_Store and the like: not inputs, but never left out silently
         _log(f"platemask: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, nothing "
              f"written): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "

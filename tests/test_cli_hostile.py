@@ -433,8 +433,11 @@ def test_a_run_into_an_s3_prefix_around_a_running_runs_dst_is_refused(s3_env, tm
                 err = capsys.readouterr().err
                 assert f"pid {first.pid}" in err and "is writing s3://nestbkt/masked/de, a prefix inside DST" in err, err
                 assert first.poll() is None
-            # a DST beside it is not its business
-            assert main(["mask", "s3://nestsrc/raw", "s3://nestbkt/masked/fr", "--model", str(model_dir)]) == 0
+            # a DST beside it is not its business; a SRC that holds the running run's DST reads its lock and notes
+            # as that run's files, not as hidden photos to rename
+            assert main(["mask", "s3://nestbkt/masked", "s3://nestbkt/masked-fr", "--model", str(model_dir)]) == 0
+            err = capsys.readouterr().err
+            assert "2 lock file(s) or note(s) of platemask mask runs skipped" in err and "rename" not in err, err
         finally:
             first.send_signal(signal.SIGCONT)
         assert not (tmp_path / "second.jsonl").exists()
