@@ -57,7 +57,13 @@ def view_pixels(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: floa
     if scale != 1.0:
         h, w = _scaled(x0, y0, x1, y1, scale)
         crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(crop)
+    out = np.ascontiguousarray(crop)
+    if any(st < 0 for st in out.strides):
+        # numpy takes an array with a side of 1 pixel for contiguous whatever its strides, and leaves a photo
+        # turned by np.rot90 (a view) with a negative one, which torch refuses: a 1 x 2 photo on its side
+        # failed its whole batch (every photo read with it: detector_error)
+        out = out.copy()
+    return out
 
 
 def prepare(rgb: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float,

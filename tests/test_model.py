@@ -132,6 +132,32 @@ def test_batching_views_of_mixed_sizes_keeps_each_image_its_own_plates(model_dir
             assert np.abs(p.polygon.mean(axis=0) - q.polygon.mean(axis=0)).max() < 4
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1), (1, 7)])
+def test_a_view_of_a_photo_turned_a_quarter_is_a_tensor_whatever_its_size(shape):
+    """np.rot90 turns a photo as a view with a negative stride; numpy takes an array with a side of one
+    pixel for contiguous whatever its strides, so ``view_pixels`` passed that view on and torch
+    refused it: a 1 x 2 photo the orientation classifier sent through the turned view failed its
+    whole batch (the CLI: every photo read with it failed detector_error)."""
+    from platemask.segment import prepare
+
+    rgb = np.arange(shape[0] * shape[1] * 3, dtype=np.uint8).reshape(*shape, 3)
+    turned = np.rot90(rgb, -1)
+    t = prepare(turned, 0, 0, turned.shape[1], turned.shape[0], 1.0)
+    assert tuple(t.shape) == (3, *turned.shape[:2])
+    assert np.array_equal((t.permute(1, 2, 0) * 255).round().byte().numpy(), turned)
+
+
+def test_photos_of_a_pixel_or_two_are_their_own_results_not_their_batchs_failure(model_dir, scene):
+    """Tiny photos beside a real one, through the whole Segmenter (the turned view included): each gets
+    its own result; the real one keeps its plates."""
+    img, _, _ = scene
+    seg = Segmenter(model_dir, batch_size=4)
+    tiny = [np.full(s + (3,), 90, np.uint8) for s in ((1, 1), (1, 2), (2, 1), (3, 3))]
+    out = seg(tiny + [img])
+    assert [o for o in out[:4]] == [[], [], [], []]
+    assert len(out[4]) == len(seg([img])[0]) >= 1
+
+
 def test_fusing_batch_norm_keeps_the_outputs(model_dir):
     import copy
 
