@@ -1,5 +1,6 @@
 """`platemask mask` run by a hostile operator on hostile inputs: the promises hold (no plate leaves
 unmasked, originals untouched, every input exactly one record, honest exit codes and summaries)."""
+import contextlib
 import json
 import os
 import signal
@@ -43,6 +44,29 @@ def _wait_for_outputs(proc: subprocess.Popen, dst: Path, n: int, timeout: float 
     while time.monotonic() < deadline and (not dst.is_dir() or len(list(dst.iterdir())) < n):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _held_part_way(s3, args, bucket: str, written: str, outputs: int = 3):
+    """A ``platemask mask`` run (``args``) stopped with SIGSTOP once ``outputs`` masked copies are under
+    ``written`` in ``bucket`` (it would otherwise finish tiny photos within seconds on an idle machine,
+    before a second run is tried); its lock stays, well inside its lease. On leaving, it is resumed and
+    waited for (its stderr as ``.err``), or killed if the body failed."""
+    proc = _start(args)
+    try:
+        deadline = time.monotonic() + 240
+        while s3.list_objects_v2(Bucket=bucket, Prefix=written).get("KeyCount", 0) < outputs:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        proc.err = proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def _records(path):
@@ -360,32 +384,17 @@ def test_a_second_run_into_the_same_s3_dst_is_refused_while_the_first_runs(s3_en
     s3 = s3_env
     _s3_photos(s3, "lockbkt", 150, seed=5)
     lock = "masked/.platemask-mask.lock.json"
-    first = _start(["s3://lockbkt/raw", "s3://lockbkt/masked", "--model", model_dir, "--batch-size", "2",
-                    "--detections", tmp_path / "first.jsonl"])
-    try:
-        deadline = time.monotonic() + 240
-        while s3.list_objects_v2(Bucket="lockbkt", Prefix="masked/p").get("KeyCount", 0) < 3:
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
-            time.sleep(0.05)
-        # held part-way (it would otherwise finish the 150 tiny photos within seconds on an idle machine, before
-        # the second runs are tried); its lock stays, well inside its lease
-        first.send_signal(signal.SIGSTOP)
-        try:
-            for other in ("s3://lockbkt/masked", "s3://lockbkt/masked/", "s3://lockbkt/masked/sub"):
-                assert main(["mask", "s3://lockbkt/raw", other, "--model", str(model_dir),
-                             "--detections", str(tmp_path / "second.jsonl")]) == 2, other
-                err = capsys.readouterr().err
-                assert f"pid {first.pid}" in err and "is writing s3://lockbkt/masked" in err, err
-                assert f"delete s3://lockbkt/masked/{lock.rsplit('/', 1)[1]}" in err
-                assert first.poll() is None  # refused while the first run was still writing
-        finally:
-            first.send_signal(signal.SIGCONT)
-        assert not (tmp_path / "second.jsonl").exists()
-        err = first.communicate(timeout=300)[1]
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 0, err[-2000:]
+    with _held_part_way(s3, ["s3://lockbkt/raw", "s3://lockbkt/masked", "--model", model_dir, "--batch-size", "2",
+                             "--detections", tmp_path / "first.jsonl"], "lockbkt", "masked/p") as first:
+        for other in ("s3://lockbkt/masked", "s3://lockbkt/masked/", "s3://lockbkt/masked/sub"):
+            assert main(["mask", "s3://lockbkt/raw", other, "--model", str(model_dir),
+                         "--detections", str(tmp_path / "second.jsonl")]) == 2, other
+            err = capsys.readouterr().err
+            assert f"pid {first.pid}" in err and "is writing s3://lockbkt/masked" in err, err
+            assert f"delete s3://lockbkt/masked/{lock.rsplit('/', 1)[1]}" in err
+            assert first.poll() is None  # refused while the first run was still writing
+    assert not (tmp_path / "second.jsonl").exists()
+    assert first.returncode == 0, first.err[-2000:]
     assert s3.list_objects_v2(Bucket="lockbkt", Prefix=lock)["KeyCount"] == 0  # released at the end
     recs = _records(tmp_path / "first.jsonl")
     assert len(recs) == 150
@@ -418,34 +427,21 @@ def test_a_run_into_an_s3_prefix_around_a_running_runs_dst_is_refused(s3_env, tm
     s3 = s3_env
     _s3_photos(s3, "nestsrc", 150, seed=6)
     s3.create_bucket(Bucket="nestbkt")
-    first = _start(["s3://nestsrc/raw", "s3://nestbkt/masked/de", "--model", model_dir, "--batch-size", "2",
-                    "--detections", tmp_path / "first.jsonl"])
-    try:
-        deadline = time.monotonic() + 240
-        while s3.list_objects_v2(Bucket="nestbkt", Prefix="masked/de/p").get("KeyCount", 0) < 3:
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
-            time.sleep(0.05)
-        first.send_signal(signal.SIGSTOP)  # held part-way, well inside its lease
-        try:
-            for other in ("s3://nestbkt/masked", "s3://nestbkt/masked/", "s3://nestbkt"):
-                assert main(["mask", "s3://nestsrc/raw", other, "--model", str(model_dir),
-                             "--detections", str(tmp_path / "second.jsonl")]) == 2, other
-                err = capsys.readouterr().err
-                assert f"pid {first.pid}" in err and "is writing s3://nestbkt/masked/de, a prefix inside DST" in err, err
-                assert first.poll() is None
-            # a DST beside it is not its business; a SRC that holds the running run's DST reads its lock and notes
-            # as that run's files, not as hidden photos to rename
-            assert main(["mask", "s3://nestbkt/masked", "s3://nestbkt/masked-fr", "--model", str(model_dir)]) == 0
+    with _held_part_way(s3, ["s3://nestsrc/raw", "s3://nestbkt/masked/de", "--model", model_dir, "--batch-size", "2",
+                             "--detections", tmp_path / "first.jsonl"], "nestbkt", "masked/de/p") as first:
+        for other in ("s3://nestbkt/masked", "s3://nestbkt/masked/", "s3://nestbkt"):
+            assert main(["mask", "s3://nestsrc/raw", other, "--model", str(model_dir),
+                         "--detections", str(tmp_path / "second.jsonl")]) == 2, other
             err = capsys.readouterr().err
-            assert "2 lock file(s) or note(s) of platemask mask runs skipped" in err and "rename" not in err, err
-        finally:
-            first.send_signal(signal.SIGCONT)
-        assert not (tmp_path / "second.jsonl").exists()
-        err = first.communicate(timeout=300)[1]
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 0, err[-2000:]
+            assert f"pid {first.pid}" in err and "is writing s3://nestbkt/masked/de, a prefix inside DST" in err, err
+            assert first.poll() is None
+        # a DST beside it is not its business; a SRC that holds the running run's DST reads its lock and notes
+        # as that run's files, not as hidden photos to rename
+        assert main(["mask", "s3://nestbkt/masked", "s3://nestbkt/masked-fr", "--model", str(model_dir)]) == 0
+        err = capsys.readouterr().err
+        assert "2 lock file(s) or note(s) of platemask mask runs skipped" in err and "rename" not in err, err
+    assert not (tmp_path / "second.jsonl").exists()
+    assert first.returncode == 0, first.err[-2000:]
     left = [o["Key"] for o in s3.list_objects_v2(Bucket="nestbkt").get("Contents", []) if ".platemask-mask" in o["Key"]]
     assert left == []  # its lock and its notes, and the run beside it's, went with them
     assert {r["status"] for r in _records(tmp_path / "first.jsonl")} <= {"masked", "no_plate"}
