@@ -159,17 +159,20 @@ def run_local_transform(request: dict, endpoint: str, s3, *, log: Callable[[str]
                 if (stopped or (lambda: stop_requested(s3, request["TransformOutput"]["S3OutputPath"])))():
                     stop_seen.set()
         return stop_seen.is_set()
+    def none_started(state: str, **reason) -> dict:
+        """The outcome of a job that ended before its first record: nothing sent, nothing stored."""
+        return {"TransformJobStatus": state, **reason, "records": len(rel_keys), "done": 0, "failed": [],
+                "not_started": len(rel_keys), "not_sent": 0, "seconds": round(time.perf_counter() - t0, 3)}
+
     try:
         ready = wait_ready(endpoint, stopped=is_stopped)
     except (TimeoutError, ContainerUnhealthy) as exc:  # SageMaker: the container failed its ping health check
         reason = f"ClientError: the container did not pass the /ping health check: {exc}"
         log(f"local transform {name}: Failed ({reason})")
-        return {"TransformJobStatus": "Failed", "FailureReason": reason, "records": len(rel_keys), "done": 0,
-                "failed": [], "not_started": len(rel_keys), "not_sent": 0, "seconds": round(time.perf_counter() - t0, 3)}
-    if not ready:  # stopped before the container was up: no record sent, none stored
+        return none_started("Failed", FailureReason=reason)
+    if not ready:  # stopped before the container was up
         log(f"local transform {name}: Stopped before the container passed its health check")
-        return {"TransformJobStatus": "Stopped", "records": len(rel_keys), "done": 0, "failed": [],
-                "not_started": len(rel_keys), "not_sent": 0, "seconds": round(time.perf_counter() - t0, 3)}
+        return none_started("Stopped")
     status, body = _http("GET", endpoint.rstrip("/") + "/execution-parameters")
     if status == 200 and not request.get("MaxConcurrentTransforms"):
         concurrency = int(json.loads(body).get("MaxConcurrentTransforms", 1))
