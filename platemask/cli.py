@@ -953,11 +953,12 @@ def _cmd_mask(a: argparse.Namespace, held: contextlib.ExitStack, early: "_StopBe
     special = {} if a.src.startswith("s3://") else {
         k: what for k in keys if (what := _special_file(a.src, k))}
     keys = [k for k in keys if k not in special]
-    own = [k for k in hidden if k.rsplit("/", 1)[-1].startswith(PLATEMASK_FILES)]
+    own = {k for k in hidden if k.rsplit("/", 1)[-1].startswith(PLATEMASK_FILES)}
     if own:  # another run's lock or notes (SRC holds its DST): not photos, nothing to rename
+        named_own = [k for k in hidden if k in own]
         _log(f"platemask: {len(own)} lock file(s) or note(s) of platemask mask runs skipped: "
-             f"{', '.join(repr(k) for k in own[:5])}{' ...' if len(own) > 5 else ''}")
-        hidden = [k for k in hidden if not k.rsplit("/", 1)[-1].startswith(PLATEMASK_FILES)]
+             f"{', '.join(repr(k) for k in named_own[:5])}{' ...' if len(own) > 5 else ''}")
+        hidden = [k for k in hidden if k not in own]
     if hidden:  # .DS_Store and the like: not inputs, but never left out silently
         _log(f"platemask: {len(hidden)} hidden file(s) skipped (names starting with '.'; no record, nothing "
              f"written): {', '.join(repr(k) for k in hidden[:5])}{' ...' if len(hidden) > 5 else ''}; "
